@@ -1,0 +1,134 @@
+"""The NVFP4 reference codec: the exact numerics every other part of adaq reproduces.
+
+Layout (the one compressed-tensors writes and vLLM reads):
+- values: E2M1, codes 0..15; the low 3 bits index E2M1_GRID, bit 3 is the sign;
+- packing along K: element 2j in the low nibble, 2j+1 in the high nibble -> uint8 [N, K/2];
+- block scales: one float8_e4m3fn per 16 consecutive values of a row -> [N, K/16];
+- global scale: one float32 *divisor* per tensor, W = e2m1 * float(block_scale) / global_scale.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZE = 16
+FP4_MAX = 6.0
+FP8_MAX = 448.0
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring grid values; ties go to the even code (0.25->0, 0.75->1, 1.25->1, ...)
+_TIE_TO_LOWER = (True, False, True, False, True, False, True)
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+@dataclass
+class NVFP4Weight:
+    """One quantized Linear weight [N, K] in NVFP4."""
+
+    packed: torch.Tensor  # uint8 [N, K/2]
+    block_scale: torch.Tensor  # float8_e4m3fn [N, K/16]
+    global_scale: torch.Tensor  # float32 [1], the divisor
+    input_global_scale: torch.Tensor | None = None  # float32 [1], W4A4 only
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1] * 2
+
+    @property
+    def global_multiplier(self) -> torch.Tensor:
+        """1 / global_scale in fp32: what kernels multiply by (ModelOpt's weight_scale_2)."""
+        return 1.0 / self.global_scale.float()
+
+    def to(self, device: torch.device | str) -> "NVFP4Weight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NVFP4Weight(move(self.packed), move(self.block_scale), move(self.global_scale),
+                           move(self.input_global_scale))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.block_scale.numel() + 4
+
+
+def e2m1_grid(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 E2M1 values indexed by code (codes 8..15 negative)."""
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=device)
+    return torch.cat([grid, -grid])
+
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value (ties to even, values past 6 saturate) and return uint8 codes."""
+    magnitude = x.abs().float()
+    code = torch.zeros_like(magnitude, dtype=torch.uint8)
+    for midpoint, tie_to_lower in zip(_MIDPOINTS, _TIE_TO_LOWER):
+        above = magnitude > midpoint if tie_to_lower else magnitude >= midpoint
+        code += above.to(torch.uint8)
+    negative = (x < 0) & (code > 0)
+    return code | (negative.to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    return e2m1_grid(codes.device)[codes.long()]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[..., K] codes -> [..., K/2] bytes, element 2j in the low nibble."""
+    return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] bytes -> [..., K] codes."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """448 * 6 / amax: maps the tensor's largest block to the top of the E4M3 range."""
+    amax = amax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = FP8_MAX * FP4_MAX / amax
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
+
+
+def block_scales(weight: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 scale per 16 values: e4m3(global_scale * amax(block) / 6), zero replaced by E4M3's 0.125 floor."""
+    blocks = weight.float().unflatten(-1, (-1, GROUP_SIZE))
+    scale = global_scale.float() * blocks.abs().amax(dim=-1) / FP4_MAX
+    scale = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    scale = torch.where(scale == 0, torch.full_like(scale, 0.125), scale)
+    return scale.to(torch.float8_e4m3fn)
+
+
+def effective_scales(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """float(block_scale) / global_scale in fp32, the per-block step size (compressed-tensors order)."""
+    return block_scale.float() / global_scale.float()
+
+
+def quantize(weight: torch.Tensor, global_scale: torch.Tensor | None = None) -> NVFP4Weight:
+    """Round-to-nearest NVFP4 of a [N, K] weight; K must be a multiple of 16."""
+    check_quantizable(weight)
+    if global_scale is None:
+        global_scale = global_scale_from_amax(weight.abs().amax())
+    global_scale = global_scale.float().reshape(1).to(weight.device)
+    scale = block_scales(weight, global_scale)
+    step = effective_scales(scale, global_scale).unsqueeze(-1)
+    codes = e2m1_encode(weight.float().unflatten(-1, (-1, GROUP_SIZE)) / step).flatten(-2)
+    return NVFP4Weight(pack_nibbles(codes), scale, global_scale)
+
+
+def dequantize(w: NVFP4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Exact NVFP4 -> dtype: e2m1 * (float(scale) / global_scale) in fp32, then one rounding to dtype."""
+    values = e2m1_decode(unpack_nibbles(w.packed)).unflatten(-1, (-1, GROUP_SIZE))
+    step = effective_scales(w.block_scale, w.global_scale).unsqueeze(-1)
+    return (values * step).flatten(-2).to(dtype)
+
+
+def check_quantizable(weight: torch.Tensor) -> None:
+    from adaq.errors import AdaqError
+
+    if weight.ndim != 2:
+        raise AdaqError(f"NVFP4 quantizes 2-D weights, got shape {tuple(weight.shape)}")
+    if weight.shape[1] % GROUP_SIZE:
+        raise AdaqError(f"NVFP4 needs K (in_features) to be a multiple of {GROUP_SIZE}, got {weight.shape[1]}")
+    if not torch.isfinite(weight).all():
+        raise AdaqError("weight holds NaN or inf values")
