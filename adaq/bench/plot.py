@@ -1,0 +1,72 @@
+"""`--plot FILE.png`: decode tok/s against batch size per variant (with each variant's roofline bound), and
+peak VRAM bars per variant and batch."""
+
+from pathlib import Path
+
+COLORS = {"nvfp4": "#76b900", "bf16": "#1f77b4", "hf": "#ff7f0e"}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [variant for variant in report["variants"] if variant["results"]]
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    draw_speed(speed, variants)
+    draw_memory(memory, variants, report["on_cpu"])
+    figure.suptitle(title(report), fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temp, dpi=130)
+    plt.close(figure)
+    temp.replace(path)
+
+
+def title(report: dict) -> str:
+    model, workload = report["model"], report["workload"]
+    bandwidth = report.get("copy_bandwidth_bytes_per_s")
+    where = report["device"]["name"] + (f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else " (CPU, no roofline)")
+    return (f"adaq bench: {model['name']} ({'random weights' if model['synthetic'] else 'checkpoint'}) on {where}; "
+            f"prompt {workload['input_len']}, {workload['output_len']} new tokens")
+
+
+def draw_speed(axes, variants: list[dict]) -> None:
+    for variant in variants:
+        batches = [result["batch"] for result in variant["results"]]
+        color = COLORS.get(variant["variant"])
+        axes.plot(batches, [result["decode_tokens_per_s"] for result in variant["results"]], "o-", color=color,
+                  label=variant["variant"])
+        bounds = [result.get("bound_tokens_per_s") for result in variant["results"]]
+        if all(bounds) and variant["variant"] != "hf":
+            axes.plot(batches, bounds, "--", color=color, alpha=0.5, label=f"{variant['variant']} roofline")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    batches = sorted({result["batch"] for variant in variants for result in variant["results"]})
+    axes.set_xticks(batches, [str(batch) for batch in batches])
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("decode tokens/s (all sequences)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def draw_memory(axes, variants: list[dict], on_cpu: bool) -> None:
+    if on_cpu:
+        axes.text(0.5, 0.5, "CPU run: no GPU memory figures", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return
+    batches = sorted({result["batch"] for variant in variants for result in variant["results"]})
+    width = 0.8 / max(len(variants), 1)
+    for index, variant in enumerate(variants):
+        peaks = {result["batch"]: (result.get("peak_allocated_bytes") or 0) / 1e9 for result in variant["results"]}
+        positions = [slot + (index - (len(variants) - 1) / 2) * width for slot in range(len(batches))]
+        bars = axes.bar(positions, [peaks.get(batch, 0) for batch in batches], width,
+                        color=COLORS.get(variant["variant"]), label=variant["variant"])
+        axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    axes.set_xticks(range(len(batches)), [str(batch) for batch in batches])
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("peak GPU memory, allocator (GB)")
+    axes.legend(fontsize=8)

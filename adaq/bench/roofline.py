@@ -1,0 +1,202 @@
+"""What the hardware allows: the bytes a decode step must move, and the memory bandwidth measured by a copy.
+
+A decode step reads every weight it uses once (all dense weights, the routed experts of MoE layers, the whole
+output layer, one embedding row per sequence) and, per sequence and layer, the K and V of every cached token in
+the attention window, and writes the new token's K and V. Activations are left out: the figure is a lower bound,
+and `bytes / bandwidth` is the fastest a step can be.
+"""
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adaq.bench.shapes import TensorSpec, head_dim, layer_windows, text_config
+from adaq.formats.nvfp4 import GROUP_SIZE
+
+NVFP4_GLOBAL_SCALE_BYTES = 4
+FP8_KV_SCALE_BYTES = 4  # one fp32 scale per (token, KV head) for each of K and V
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
+               "I64": 8, "BOOL": 1, "U16": 2, "I16": 2}
+KV_ELEMENT_BYTES = {"fp8": 1, "bf16": 2}
+RTX_4090_BANDWIDTH = 1.008e12  # bytes/s, datasheet: the copy-measured figure there is a little lower
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Stored bytes of a language model's weights, by role."""
+
+    linear: int  # dense Linear layers (attention, MLPs), as stored: NVFP4 or bf16
+    expert: int  # all MoE experts of all layers
+    router: int
+    lm_head: int  # the output layer; a tied embedding is read in full here
+    embedding: int  # the whole input embedding table (a step gathers one row per sequence)
+    embedding_row: int
+    norm: int
+    num_experts: int = 0
+    experts_per_token: int = 0
+    tied: bool = False  # the output layer is the embedding table: stored once, read in full by the output layer
+
+    @property
+    def total(self) -> int:
+        """The whole checkpoint: what a model's size on disk (and its weight memory) is."""
+        output_layer = 0 if self.tied else self.lm_head
+        return self.linear + self.expert + self.router + output_layer + self.embedding + self.norm
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """Bytes of one decode step of a batch, averaged over the decode steps of a request."""
+
+    weights: float
+    kv_read: float
+    kv_write: float
+    batch: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_read + self.kv_write
+
+    def bound_step_seconds(self, bandwidth: float) -> float:
+        return self.total / bandwidth
+
+    def bound_tokens_per_second(self, bandwidth: float) -> float:
+        return self.batch * bandwidth / self.total
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def nvfp4_bytes(rows: int, cols: int) -> int:
+    """packed E2M1 (half a byte per value) + one E4M3 scale per 16 values + the fp32 global scale."""
+    return rows * cols // 2 + rows * cols // GROUP_SIZE + NVFP4_GLOBAL_SCALE_BYTES
+
+
+def weight_bytes(specs: list[TensorSpec], config: dict, *, quantized: bool, dtype_bytes: int = 2) -> WeightBytes:
+    """Bytes by role for a model stored as NVFP4 Linear layers (quantized) or entirely in a 16-bit dtype."""
+    def stored(spec: TensorSpec) -> int:
+        if quantized and spec.quantizable:
+            return nvfp4_bytes(*spec.shape)
+        return spec.numel * dtype_bytes
+
+    by_role: dict[str, int] = {}
+    for spec in specs:
+        by_role[spec.role] = by_role.get(spec.role, 0) + stored(spec)
+    return _assemble(by_role, config, dtype_bytes)
+
+
+def checkpoint_weight_bytes(folder: Path, config: dict) -> WeightBytes:
+    """Bytes by role of a real checkpoint, read from its safetensors headers (no tensor is loaded)."""
+    by_role: dict[str, int] = {}
+    embedding_dtype_bytes = 2
+    for name, dtype, shape in _safetensors_entries(folder):
+        role = tensor_role(name)
+        if role is None:
+            continue
+        count = 1
+        for size in shape:
+            count *= size
+        by_role[role] = by_role.get(role, 0) + count * DTYPE_BYTES.get(dtype, 2)
+        if role == "embedding":
+            embedding_dtype_bytes = DTYPE_BYTES.get(dtype, 2)
+    return _assemble(by_role, config, embedding_dtype_bytes)
+
+
+def tensor_role(name: str) -> str | None:
+    """The role of a stored tensor (any of a quantized Linear's parts); None for what the language model never reads."""
+    if any(part in name for part in ("vision_tower", "multi_modal_projector", "vision_model", "audio")):
+        return None
+    if "embed_tokens" in name:
+        return "embedding"
+    if name.startswith("lm_head") or ".lm_head." in name:
+        return "lm_head"
+    if ".mlp.experts." in name:
+        return "expert"
+    if name.endswith("mlp.gate.weight"):
+        return "router"
+    parts = name.rsplit(".", 2)
+    if len(parts) > 1 and "norm" in parts[-2]:
+        return "norm"
+    return "linear"
+
+
+def _assemble(by_role: dict[str, int], config: dict, embedding_dtype_bytes: int) -> WeightBytes:
+    text = text_config(config)
+    embedding = by_role.get("embedding", 0)
+    tied = "lm_head" not in by_role
+    return WeightBytes(
+        linear=by_role.get("linear", 0), expert=by_role.get("expert", 0), router=by_role.get("router", 0),
+        lm_head=embedding if tied else by_role["lm_head"], embedding=embedding,
+        embedding_row=text["hidden_size"] * embedding_dtype_bytes, norm=by_role.get("norm", 0),
+        num_experts=text.get("num_experts", 0) or 0, experts_per_token=text.get("num_experts_per_tok", 0) or 0,
+        tied=tied)
+
+
+def expected_active_experts(num_experts: int, experts_per_token: int, batch: int) -> float:
+    """Distinct experts a layer reads for `batch` tokens under uniform routing: E * (1 - (1 - k/E)^B)."""
+    if num_experts == 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - experts_per_token / num_experts) ** batch)
+
+
+def step_weight_bytes(weights: WeightBytes, batch: int) -> float:
+    expert_share = expected_active_experts(weights.num_experts, weights.experts_per_token, batch) / max(
+        weights.num_experts, 1)
+    return (weights.linear + weights.expert * expert_share + weights.router + weights.lm_head + weights.norm
+            + batch * weights.embedding_row)
+
+
+def kv_bytes_per_token_per_layer(config: dict, kv_cache_dtype: str) -> int:
+    """K and V of one token in one layer: head_dim values per KV head, plus the FP8 scheme's fp32 scales."""
+    text = text_config(config)
+    element = KV_ELEMENT_BYTES[kv_cache_dtype]
+    scale = FP8_KV_SCALE_BYTES if kv_cache_dtype == "fp8" else 0
+    return 2 * text["num_key_value_heads"] * (head_dim(config) * element + scale)
+
+
+def decode_traffic(weights: WeightBytes, config: dict, *, batch: int, input_len: int, output_len: int,
+                   kv_cache_dtype: str) -> StepTraffic:
+    """Mean bytes per decode step: decode step j (1 .. output_len-1) attends over input_len + j cached tokens."""
+    steps = max(output_len - 1, 1)
+    per_token = kv_bytes_per_token_per_layer(config, kv_cache_dtype)
+    windows = layer_windows(config)
+    read_tokens = sum(min(input_len + step, window or input_len + step)
+                      for step in range(1, steps + 1) for window in windows)
+    kv_read = batch * per_token * read_tokens / steps
+    kv_write = batch * per_token * len(windows)
+    return StepTraffic(step_weight_bytes(weights, batch), kv_read, kv_write, batch)
+
+
+def kv_cache_bytes(config: dict, kv_cache_dtype: str, tokens: int) -> int:
+    return kv_bytes_per_token_per_layer(config, kv_cache_dtype) * text_config(config)["num_hidden_layers"] * tokens
+
+
+def _safetensors_entries(folder: Path):
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with shard.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                yield name, entry["dtype"], entry["shape"]
+
+
+def measure_copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of `repeats` timed copies."""
+    import torch
+
+    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * nbytes / sorted(times)[len(times) // 2]

@@ -1,0 +1,148 @@
+"""The tensors of a model as its checkpoint stores them, from config.json alone: names, shapes and roles.
+
+The synthetic weight source makes exactly these tensors, and the roofline counts their bytes, so both agree with
+what a real checkpoint of the same architecture holds (per-expert MoE weights, tied embeddings, Gemma's four norms).
+"""
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from adaq.errors import AdaqError, UnsupportedArchitecture
+
+# Roles: "linear" and "expert" are the Linear weights NVFP4 quantizes; the rest stay in the model dtype.
+QUANTIZABLE_ROLES = ("linear", "expert")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One weight: `name` is the Linear's prefix for quantizable roles, the full tensor name otherwise."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str  # linear | expert | embedding | lm_head | norm | router
+    layer: int | None = None
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def quantizable(self) -> bool:
+        return self.role in QUANTIZABLE_ROLES
+
+
+def bundled_names() -> list[str]:
+    folder = resources.files("adaq.bench") / "configs"
+    return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def load_model_config(name_or_path: str) -> dict:
+    """A bundled config by name (`qwen3-8b`) or any config.json path; `_adaq*` keys are documentation, dropped."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        if name_or_path not in bundled_names():
+            raise AdaqError(f"unknown synthetic model {name_or_path!r}: choose one of {', '.join(bundled_names())} "
+                            "or give a config.json path")
+        path = Path(str(resources.files("adaq.bench") / "configs" / f"{name_or_path}.json"))
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdaqError(f"{path}: not valid JSON ({error})") from None
+    return {key: value for key, value in config.items() if not key.startswith("_adaq")}
+
+
+def text_config(config: dict) -> dict:
+    """The language model's config: multimodal configs (Gemma3ForConditionalGeneration) nest it in text_config."""
+    if "text_config" not in config:
+        return config
+    merged = {key: value for key, value in config.items() if key != "text_config"}
+    merged.update(config["text_config"])
+    return merged
+
+
+def model_family(config: dict) -> str:
+    model_type = text_config(config).get("model_type", "")
+    for family in ("qwen3_moe", "qwen3", "gemma3"):
+        if model_type.startswith(family):
+            return family
+    raise UnsupportedArchitecture(f"bench knows Qwen3, Qwen3-MoE and Gemma3 shapes, not model_type {model_type!r}")
+
+
+def head_dim(config: dict) -> int:
+    config = text_config(config)
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def model_tensors(config: dict) -> list[TensorSpec]:
+    """Every weight of the language model, in checkpoint order."""
+    family = model_family(config)
+    config = text_config(config)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), "embedding")]
+    for layer in range(config["num_hidden_layers"]):
+        specs += _attention(config, layer)
+        specs += _moe(config, layer) if family == "qwen3_moe" else _mlp(config, layer)
+        specs += _layer_norms(config, layer, family)
+    specs.append(TensorSpec("model.norm.weight", (hidden,), "norm"))
+    if not config.get("tie_word_embeddings", False):
+        specs.append(TensorSpec("lm_head.weight", (vocab, hidden), "lm_head"))
+    return specs
+
+
+def _attention(config: dict, layer: int) -> list[TensorSpec]:
+    hidden, dim = config["hidden_size"], head_dim(config)
+    q_out, kv_out = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
+    prefix = f"model.layers.{layer}.self_attn"
+    shapes = {"q_proj": (q_out, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden),
+              "o_proj": (hidden, q_out)}
+    specs = [TensorSpec(f"{prefix}.{name}", shape, "linear", layer) for name, shape in shapes.items()]
+    specs += [TensorSpec(f"{prefix}.{name}.weight", (dim,), "norm", layer) for name in ("q_norm", "k_norm")]
+    return specs
+
+
+def _mlp(config: dict, layer: int) -> list[TensorSpec]:
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    prefix = f"model.layers.{layer}.mlp"
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return [TensorSpec(f"{prefix}.{name}", shape, "linear", layer) for name, shape in shapes.items()]
+
+
+def _moe(config: dict, layer: int) -> list[TensorSpec]:
+    if layer in config.get("mlp_only_layers", []) or (layer + 1) % config.get("decoder_sparse_step", 1):
+        return _mlp(config, layer)
+    hidden, inter, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    prefix = f"model.layers.{layer}.mlp"
+    specs = [TensorSpec(f"{prefix}.gate.weight", (experts, hidden), "router", layer)]
+    for expert in range(experts):
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        specs += [TensorSpec(f"{prefix}.experts.{expert}.{name}", shape, "expert", layer)
+                  for name, shape in shapes.items()]
+    return specs
+
+
+def _layer_norms(config: dict, layer: int, family: str) -> list[TensorSpec]:
+    names = ["input_layernorm", "post_attention_layernorm"]
+    if family == "gemma3":
+        names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    return [TensorSpec(f"model.layers.{layer}.{name}.weight", (config["hidden_size"],), "norm", layer)
+            for name in names]
+
+
+def layer_windows(config: dict) -> list[int | None]:
+    """The attention window of each layer (None = full attention): what the KV bytes of a decode step depend on."""
+    config = text_config(config)
+    layers = config["num_hidden_layers"]
+    if model_family(config) != "gemma3":
+        window = config.get("sliding_window") if config.get("use_sliding_window") else None
+        return [window] * layers
+    types = config.get("layer_types") or [
+        "full_attention" if (i + 1) % config.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
+        for i in range(layers)]
+    return [config["sliding_window"] if kind == "sliding_attention" else None for kind in types]

@@ -1,0 +1,121 @@
+"""`adaq bench` as a library call: NVFP4 and its baselines on one workload, with the roofline beside each figure."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from adaq.bench import roofline
+from adaq.bench.environment import describe
+from adaq.bench.runner import BASELINES, VariantOutcome, VariantSpec, Workload, run_isolated
+from adaq.bench.shapes import load_model_config, model_tensors, text_config
+from adaq.errors import AdaqError
+
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str  # checkpoint folder, or a synthetic model (bundled name or config.json path)
+    synthetic: bool
+    workload: Workload
+    baselines: tuple[str, ...] = BASELINES
+    backend: str = "auto"
+    kv_cache_dtype: str = "fp8"
+    device: str | None = None
+
+    def __post_init__(self):
+        unknown = [name for name in self.baselines if name not in BASELINES]
+        if unknown:
+            raise AdaqError(f"unknown baseline {unknown[0]!r} in --baselines: choose from {', '.join(BASELINES)}")
+        if self.kv_cache_dtype not in roofline.KV_ELEMENT_BYTES:
+            raise AdaqError(f"invalid --kv-cache-dtype {self.kv_cache_dtype}: choose fp8 or bf16")
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def variants(self) -> list[str]:
+        return ["nvfp4", *self.baselines]
+
+
+def run_bench(options: BenchOptions, on_variant=lambda variant: None) -> dict:
+    """Run every variant; return the report (JSON-ready dict). `on_variant(name)` is told before each one runs."""
+    device = options.resolved_device()
+    config = model_config(options)
+    environment = describe(device)
+    bandwidth = roofline.measure_copy_bandwidth(device) if device.type == "cuda" else None
+    outcomes = []
+    for variant in options.variants:
+        on_variant(variant)
+        spec = VariantSpec(variant, options.model, options.synthetic, options.workload, options.backend,
+                           options.kv_cache_dtype, str(device))
+        outcome = run_isolated(spec)
+        add_roofline(outcome, config, options, bandwidth)
+        outcomes.append(outcome)
+    add_speedups(outcomes)
+    return assemble(options, config, environment, bandwidth, outcomes, device)
+
+
+def model_config(options: BenchOptions) -> dict:
+    if options.synthetic:
+        return load_model_config(options.model)
+    from adaq.formats.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(options.model)
+    if not checkpoint.quantized_prefixes():
+        raise AdaqError(f"{options.model}: not an NVFP4 checkpoint; quantize it first (adaq quantize) or bench a "
+                        f"synthetic model (--synthetic)")
+    return checkpoint.config
+
+
+def variant_weights(variant: str, config: dict, options: BenchOptions) -> roofline.WeightBytes:
+    if variant == "nvfp4" and not options.synthetic:
+        from pathlib import Path
+
+        return roofline.checkpoint_weight_bytes(Path(options.model), config)
+    return roofline.weight_bytes(model_tensors(config), config, quantized=variant == "nvfp4")
+
+
+def add_roofline(outcome: VariantOutcome, config: dict, options: BenchOptions, bandwidth: float | None) -> None:
+    from adaq.bench.runner import attach_roofline
+
+    weights = variant_weights(outcome.variant, config, options)
+    outcome.weight_bytes = outcome.weight_bytes or asdict(weights)
+    kv_dtype = options.kv_cache_dtype if outcome.variant == "nvfp4" else "bf16"
+    for result in outcome.results:
+        traffic = roofline.decode_traffic(weights, config, batch=result.batch, input_len=result.input_len,
+                                          output_len=result.output_len, kv_cache_dtype=kv_dtype)
+        attach_roofline(result, traffic, bandwidth)
+
+
+def add_speedups(outcomes: list[VariantOutcome]) -> None:
+    """Decode and end-to-end tok/s of each variant over each other variant that ran the same batch."""
+    by_batch = {(outcome.variant, result.batch): result for outcome in outcomes for result in outcome.results}
+    for (variant, batch), result in by_batch.items():
+        for baseline in BASELINES:
+            other = by_batch.get((baseline, batch))
+            if baseline == variant or other is None:
+                continue
+            result.speedup[baseline] = {"decode": result.decode_tokens_per_s / other.decode_tokens_per_s,
+                                        "total": result.total_tokens_per_s / other.total_tokens_per_s}
+
+
+def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: float | None,
+             outcomes: list[VariantOutcome], device: torch.device) -> dict:
+    text = text_config(config)
+    return {
+        "report": "adaq bench", "version": REPORT_VERSION, **environment,
+        "model": {"name": options.model, "synthetic": options.synthetic,
+                  "architecture": (config.get("architectures") or ["?"])[0],
+                  "layers": text["num_hidden_layers"], "hidden_size": text["hidden_size"],
+                  "vocab_size": text["vocab_size"]},
+        "workload": {**asdict(options.workload), "batches": list(options.workload.batches),
+                     "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype},
+        "on_cpu": device.type != "cuda",
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.008 TB/s "
+                         "(datasheet): a roofline bound, not a measurement",
+        "variants": [outcome.to_dict() for outcome in outcomes],
+    }

@@ -1,0 +1,136 @@
+"""Random weights in the shapes of a real model, made directly on the GPU: a weight source with the Checkpoint interface.
+
+NVFP4 weights are drawn as what round-to-nearest NVFP4 makes of Gaussian weights (std = initializer_range): codes
+with that distribution, block scales from the distribution of a 16-value block's amax, one global scale per tensor
+shared by q/k/v and by gate/up as llm-compressor links them. No bf16 copy of the model ever exists. The dense
+source draws bf16 N(0, std) weights for the baseline. Every tensor is seeded by its name, so a tensor is the same
+whenever and wherever it is asked for, and no two tensors are alike.
+"""
+
+import functools
+import zlib
+
+import torch
+
+from adaq.bench.shapes import TensorSpec, model_family, model_tensors, text_config
+from adaq.formats.nvfp4 import FP4_MAX, FP8_MAX, GROUP_SIZE, NVFP4Weight, quantize, unpack_nibbles
+
+# A Gaussian block of 16 has amax ~ exp(N(0.70, 0.23)) standard deviations (measured on 16M values), and a tensor
+# of tens of millions Gaussian values tops out near 6 standard deviations: the global scale maps that to 448 * 6.
+BLOCK_AMAX_LOG_MEAN, BLOCK_AMAX_LOG_STD = 0.70, 0.23
+TENSOR_AMAX_STDS = 6.0
+
+
+class SyntheticCheckpoint:
+    """A Checkpoint look-alike (adaq.formats.checkpoint) whose tensors are generated on `device` when read."""
+
+    def __init__(self, config: dict, *, quantized: bool, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.bfloat16, seed: int = 0, name: str = "synthetic"):
+        self.path = f"synthetic:{name}"
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.seed = seed
+        self.quantized = quantized
+        self.format = "synthetic-nvfp4" if quantized else "synthetic-dense"
+        self.specs = model_tensors(config)
+        self._by_name = {spec.name: spec for spec in self.specs}
+        self.config = _with_quantization_config(config) if quantized else dict(config)
+        self._std = float(text_config(config).get("initializer_range", 0.02))
+        self._norm_offset = 0.0 if model_family(config) == "gemma3" else 1.0  # Gemma stores norm weights as w - 1
+
+    @property
+    def scheme(self) -> str | None:
+        return "nvfp4a16" if self.quantized else None
+
+    def quantized_prefixes(self) -> list[str]:
+        return [spec.name for spec in self.specs if spec.quantizable] if self.quantized else []
+
+    def tensor_names(self) -> list[str]:
+        return [self._tensor_name(spec) for spec in self.specs if not (self.quantized and spec.quantizable)]
+
+    def nvfp4(self, prefix: str) -> NVFP4Weight:
+        spec = self._by_name.get(prefix)
+        if not self.quantized or spec is None or not spec.quantizable:
+            raise KeyError(f"{self.path}: {prefix} is not a quantized Linear")
+        return random_nvfp4(spec.shape, self._std, self._generator(prefix), self.device)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        spec = self._by_name.get(name.removesuffix(".weight")) or self._by_name.get(name)
+        if spec is None or (self.quantized and spec.quantizable):
+            raise KeyError(f"{self.path}: no tensor {name}")
+        generator = self._generator(name)
+        if spec.role == "norm":
+            noise = torch.randn(spec.shape, generator=generator, device=self.device) * 0.05
+            return (noise + self._norm_offset).to(self.dtype)
+        return (torch.randn(spec.shape, generator=generator, device=self.device) * self._std).to(self.dtype)
+
+    def _tensor_name(self, spec: TensorSpec) -> str:
+        return f"{spec.name}.weight" if spec.quantizable else spec.name
+
+    def _generator(self, name: str) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(zlib.crc32(name.encode()) + (self.seed << 32))
+
+
+def random_nvfp4(shape: tuple[int, int], std: float, generator: torch.Generator,
+                 device: torch.device) -> NVFP4Weight:
+    """An NVFP4 weight [N, K] as round-to-nearest would make it from N(0, std) values, drawn without them: codes
+    from the distribution quantized Gaussian blocks have, each block holding its amax at +-6, and E4M3 block scales
+    from the distribution of a 16-value block's amax."""
+    rows, cols = shape
+    lut = _byte_table(device)
+    draws = torch.randint(0, lut.numel(), (rows, cols // 2), generator=generator, device=device, dtype=torch.int32)
+    packed = _with_block_maxima(lut[draws], generator)
+    global_scale = torch.tensor([FP8_MAX * FP4_MAX / (TENSOR_AMAX_STDS * std)], device=device)
+    global_scale = global_scale.to(torch.bfloat16).float()  # stored scales are rounded through the model dtype
+    log_amax = torch.randn((rows, cols // GROUP_SIZE), generator=generator, device=device)
+    block_amax = (log_amax * BLOCK_AMAX_LOG_STD + BLOCK_AMAX_LOG_MEAN).exp().clamp(max=TENSOR_AMAX_STDS) * std
+    block_scale = (global_scale * block_amax / FP4_MAX).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    return NVFP4Weight(packed, block_scale, global_scale)
+
+
+def _with_block_maxima(packed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Put a +-6 code at a random place in every block of 16: a quantizer maps each block's amax there, which makes
+    the block scales consistent with the codes (quantizing the dequantized weights gives them back)."""
+    device = packed.device
+    blocks = packed.numel() * 2 // GROUP_SIZE
+    place = torch.randint(0, GROUP_SIZE, (blocks,), generator=generator, device=device)
+    sign = torch.randint(0, 2, (blocks,), generator=generator, device=device, dtype=torch.uint8)
+    code = (7 | (sign << 3)).to(torch.uint8)
+    byte = torch.arange(blocks, device=device) * (GROUP_SIZE // 2) + place // 2
+    shift = ((place % 2) * 4).to(torch.uint8)
+    flat = packed.view(-1)
+    kept = flat[byte] & (0xF0 >> shift)
+    flat[byte] = kept | (code << shift)
+    return packed
+
+
+@functools.cache
+def _code_probabilities() -> torch.Tensor:
+    """How often round-to-nearest NVFP4 of Gaussian weights gives each of the 16 codes (-0 never)."""
+    generator = torch.Generator().manual_seed(0)
+    sample = quantize(torch.randn(512, 1024, generator=generator))
+    counts = torch.bincount(unpack_nibbles(sample.packed).flatten().long(), minlength=16).double()
+    return counts / counts.sum()
+
+
+@functools.cache
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """A 65536-entry table mapping a uniform 16-bit draw to a packed byte of two independent codes."""
+    cumulative = _code_probabilities().cumsum(0)
+    uniform = (torch.arange(256, dtype=torch.float64) + 0.5) / 256
+    nibble = torch.searchsorted(cumulative, uniform).clamp(max=15).to(torch.uint8)
+    low, high = nibble.repeat(256), nibble.repeat_interleave(256)
+    return (low | (high << 4)).to(device)
+
+
+def _with_quantization_config(config: dict) -> dict:
+    """The quantization_config llm-compressor writes for NVFP4A16 (weights only; lm_head and MoE routers kept)."""
+    ignore = ["lm_head"]
+    if model_family(config) == "qwen3_moe":
+        ignore.append("re:.*mlp.gate$")
+    weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": GROUP_SIZE,
+               "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+    scheme = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}
+    quantization = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+                    "quantization_status": "compressed", "config_groups": {"group_0": scheme}, "ignore": ignore}
+    return {**config, "quantization_config": quantization}

@@ -1,0 +1,108 @@
+"""`adaq bench`: NVFP4 against its baselines on one workload (tok/s, TTFT, ITL, VRAM, roofline), and
+`adaq bench kernels`: each kernel against the hardware's measured ceilings and the bf16 reference kernels."""
+
+import typer
+from typer.core import TyperGroup
+
+from adaq.errors import AdaqError
+
+
+class _BenchGroup(TyperGroup):
+    """`adaq bench [CKPT]` and `adaq bench kernels`: a first argument naming a subcommand is that subcommand,
+    never a checkpoint (click would otherwise give it to the optional CKPT argument)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in self.commands:
+            declared = self.params
+            arguments = [param for param in declared if param.param_type_name == "argument"]
+            self.params = [param for param in declared if param.param_type_name != "argument"]
+            try:
+                rest = super().parse_args(ctx, args)
+            finally:
+                self.params = declared
+            ctx.params.update({param.name: None for param in arguments})
+            return rest
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_BenchGroup, invoke_without_command=True,
+                  help="Benchmark NVFP4 against bf16 and transformers side by side: tok/s, TTFT, inter-token "
+                       "latency, peak VRAM and % of the memory-bandwidth roofline. `adaq bench kernels` times each "
+                       "kernel.")
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise AdaqError(f"invalid --batch {text!r}: give a batch size or a comma-separated list, e.g. 1,4,16") from None
+    if not batches or min(batches) < 1:
+        raise AdaqError(f"invalid --batch {text!r}: batch sizes must be >= 1")
+    return tuple(sorted(set(batches)))
+
+
+def parse_baselines(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
+
+
+@app.callback()
+def bench(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(None, metavar="[CKPT]", help="NVFP4 checkpoint folder to benchmark"),
+    synthetic: str = typer.Option(None, help="random weights in a real model's shapes, made on the GPU: "
+                                             "qwen3-8b, qwen3-30b-a3b, gemma3-4b, gemma3-27b, ... or a config.json"),
+    batch: str = typer.Option("1,4,16", help="batch size, or a comma-separated list"),
+    input_len: int = typer.Option(128, help="prompt tokens per request"),
+    output_len: int = typer.Option(256, help="generated tokens per request (EOS ignored)"),
+    kv_cache_dtype: str = typer.Option("fp8", help="KV cache of the NVFP4 variant: fp8 or bf16 (baselines: bf16)"),
+    repeats: int = typer.Option(3, help="timed runs per batch size after one warm-up; figures are medians"),
+    baselines: str = typer.Option("bf16,hf", help="comma-separated: bf16 (our engine, bf16 weights, cuBLAS), "
+                                                  "hf (transformers generate, static cache), or none"),
+    backend: str = typer.Option("auto", help="engine backend: auto, cuda or reference"),
+    device: str = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)"),
+    json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),
+    plot_path: str = typer.Option(None, "--plot", help="write a PNG: tok/s against batch per variant, VRAM bars"),
+):
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    from adaq.bench import report as bench_report
+    from adaq.bench.runner import Workload
+    from adaq.bench.suite import BenchOptions, run_bench
+
+    if (checkpoint is None) == (synthetic is None):
+        raise AdaqError("give either a checkpoint folder (adaq bench CKPT) or --synthetic NAME, not both or neither")
+    workload = Workload(parse_batches(batch), input_len, output_len, repeats)
+    options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
+                           backend, kv_cache_dtype, device)
+    errors = Console(stderr=True)
+    with errors.status("measuring copy bandwidth") as status:
+        result = run_bench(options, on_variant=lambda name: status.update(f"running {name}: load, warm up, "
+                                                                          f"{repeats} timed runs per batch"))
+    bench_report.render(result)
+    if json_path:
+        bench_report.write_json(result, json_path)
+        errors.print(f"wrote {json_path}")
+    if plot_path:
+        from adaq.bench.plot import plot
+
+        plot(result, plot_path)
+        errors.print(f"wrote {plot_path}")
+
+
+@app.command("kernels")
+def kernels(
+    json_path: str = typer.Option(None, "--json", help="write every measurement as JSON"),
+    quick: bool = typer.Option(False, help="fewer shapes and repeats"),
+):
+    """Each kernel by shape (GEMMs by M/N/K, attention by context): time, % of the measured copy bandwidth or
+    tensor-core peak, against the bf16 reference kernels (cuBLAS); RTX 4090 figures are labelled projections."""
+    from adaq.bench import kernels as kernel_bench
+
+    result = kernel_bench.run(quick=quick)
+    kernel_bench.render(result)
+    if json_path:
+        from adaq.bench.report import write_json
+
+        write_json(result, json_path)

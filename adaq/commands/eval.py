@@ -1,0 +1,153 @@
+"""`adaq eval`: MMLU-Pro through lm-eval and windowed perplexity, a checkpoint beside its baseline, offline."""
+
+import os
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Accuracy of a checkpoint next to its baseline: MMLU-Pro (lm-eval) and perplexity, offline.",
+                  no_args_is_help=True)
+
+RUNNER_HELP = "engine: adaq's engine (the default); transformers: cross-check through transformers"
+
+
+def _engine_settings(backend, kv_cache_dtype, dtype, max_model_len) -> dict:
+    return {"backend": backend, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "max_model_len": max_model_len}
+
+
+def _label(source: str) -> str:
+    from adaq.formats.checkpoint import open_checkpoint
+
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        scheme = open_checkpoint(path).scheme
+        return scheme or "bf16"
+    return "bf16"
+
+
+def _labels(checkpoint: str, baseline: str | None) -> list[tuple[str, str]]:
+    label = _label(checkpoint)
+    if baseline is None:
+        return [(label, checkpoint)]
+    return [("baseline", baseline), (label if label != "bf16" else "model", checkpoint)]
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn())
+
+
+class _Bar:
+    """The progress interface adaq.eval expects (start(total), advance(n)) on a rich progress bar."""
+
+    def __init__(self, progress, description: str):
+        self.progress, self.description, self.task = progress, description, None
+
+    def start(self, total: int) -> None:
+        self.task = self.progress.add_task(self.description, total=total)
+
+    def advance(self, amount: int) -> None:
+        self.progress.advance(self.task, amount)
+
+
+def _emit(report: dict, table, json_path: str | None) -> None:
+    from rich.console import Console
+
+    from adaq.eval.report import write_json
+
+    Console().print(table)
+    if json_path:
+        write_json(json_path, report)
+        Console(stderr=True).print(f"wrote {json_path}")
+
+
+@app.command("mmlu-pro")
+def mmlu_pro(
+    checkpoint: str = typer.Argument(..., help="NVFP4 checkpoint folder (or any HF folder / .gguf)"),
+    baseline: str = typer.Option(None, help="baseline to compare with: bf16/fp16 HF folder or .gguf"),
+    variant: str = typer.Option("loglikelihood", help="loglikelihood (leaderboard, one pass per question) or cot"),
+    limit: int = typer.Option(None, help="number of test questions, spread evenly over the categories"),
+    categories: str = typer.Option(None, help="comma-separated categories, e.g. 'math,computer science'"),
+    num_fewshot: int = typer.Option(5, help="few-shot examples (0-5)"),
+    data_dir: str = typer.Option(None, help="folder with MMLU-Pro's parquet files [env ADAQ_DATA_DIR; "
+                                            "default ../shared/data/mmlu_pro]"),
+    samples: Path = typer.Option(None, help="per-question JSONL; an interrupted run resumes from it"),
+    json_path: str = typer.Option(None, "--json", help="write the results as JSON to this file"),
+    runner: str = typer.Option("engine", help=RUNNER_HELP),
+    backend: str = typer.Option(None, help="engine backend: auto, reference, cuda"),
+    kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8 or bf16"),
+    dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
+    max_model_len: int = typer.Option(None, help="context length for the engine"),
+    batch_size: int = typer.Option(64, help="requests handed to the engine at once"),
+    chunk_size: int = typer.Option(16, help="questions per lm-eval call (samples are saved after each)"),
+):
+    """MMLU-Pro accuracy of CHECKPOINT (and of --baseline on the same questions), through lm-eval, offline."""
+    os.environ["TQDM_DISABLE"] = "1"
+    from adaq.eval.data import go_offline
+
+    go_offline()
+    from adaq.eval.mmlu_pro import MMLUProRun, ModelUnderTest, run_mmlu_pro
+    from adaq.eval.report import mmlu_pro_json, mmlu_pro_table
+
+    run = MMLUProRun(variant=variant, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, samples_path=samples,
+                     categories=[c for c in categories.split(",") if c.strip()] if categories else None,
+                     chunk_size=chunk_size)
+    settings = _engine_settings(backend, kv_cache_dtype, dtype, max_model_len)
+    models = [ModelUnderTest(label, source, _lm_factory(source, runner, batch_size, settings))
+              for label, source in _labels(checkpoint, baseline)]
+    started = time.perf_counter()
+    with _progress() as progress:
+        question_ids, scores = run_mmlu_pro(models, run, _Bar(progress, f"MMLU-Pro {variant}"))
+    report = mmlu_pro_json(question_ids, scores, variant, num_fewshot, samples, time.perf_counter() - started)
+    _emit(report, mmlu_pro_table(report), json_path)
+
+
+def _lm_factory(source: str, runner: str, batch_size: int, settings: dict):
+    def make(progress):
+        from adaq.eval.lm_backend import AdaqLM
+        from adaq.eval.sources import load_scorer
+
+        return AdaqLM(scorer=load_scorer(source, runner=runner, **settings), batch_size=batch_size, progress=progress)
+
+    return make
+
+
+@app.command("ppl")
+def ppl(
+    checkpoint: str = typer.Argument(..., help="NVFP4 checkpoint folder (or any HF folder / .gguf)"),
+    text: str = typer.Option(..., help="plain-text file, e.g. ../shared/data/wikitext-2/test.txt"),
+    baseline: str = typer.Option(None, help="baseline to compare with: bf16/fp16 HF folder or .gguf"),
+    window: int = typer.Option(512, help="tokens per window (BOS + window-1 text tokens)"),
+    max_windows: int = typer.Option(None, help="score only the first N windows (data/README.md's anchors: 64)"),
+    json_path: str = typer.Option(None, "--json", help="write the results as JSON to this file"),
+    runner: str = typer.Option("engine", help=RUNNER_HELP),
+    backend: str = typer.Option(None, help="engine backend: auto, reference, cuda"),
+    kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8 or bf16"),
+    dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
+    batch_size: int = typer.Option(8, help="windows handed to the engine at once"),
+):
+    """Perplexity over fixed non-overlapping windows (data/README.md's protocol), CHECKPOINT beside --baseline."""
+    from adaq.eval.data import go_offline, read_text
+
+    go_offline()
+    from adaq.eval.perplexity import make_windows, perplexity
+    from adaq.eval.report import perplexity_json, perplexity_table
+    from adaq.eval.sources import load_scorer
+
+    body = read_text(text)
+    settings = _engine_settings(backend, kv_cache_dtype, dtype, max(window, 2))
+    started = time.perf_counter()
+    results = {}
+    with _progress() as progress:
+        for label, source in _labels(checkpoint, baseline):
+            scorer = load_scorer(source, runner=runner, **settings)
+            total = len(make_windows(scorer.tokenizer, body, window, max_windows))
+            bar = progress.add_task(f"perplexity {label}", total=total)
+            results[label] = (source, perplexity(scorer, body, window, max_windows, batch_size,
+                                                 lambda n, bar=bar: progress.advance(bar, n)))
+            del scorer
+    report = perplexity_json(results, text, time.perf_counter() - started)
+    _emit(report, perplexity_table(report), json_path)

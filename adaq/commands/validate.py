@@ -1,0 +1,150 @@
+"""`adaq validate CKPT`: check an NVFP4 checkpoint against the sm_89 kernels' rules and plan its VRAM."""
+
+import json
+from pathlib import Path
+
+import typer
+
+from adaq.errors import CheckpointError
+
+MAX_FINDINGS_SHOWN = 40
+
+
+def validate(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder (config.json + *.safetensors)."),
+    arch: str = typer.Option("sm_89", help="Target of the kernels' layout rules: sm_89 (Ada) or sm_90."),
+    gpu: str = typer.Option("rtx4090", help="GPU for the VRAM budget: rtx4090, rtx4080, l40s, h100 or a size in GiB."),
+    batch: int = typer.Option(1, help="Concurrent sequences for the VRAM budget."),
+    context: int = typer.Option(None, help="Tokens per sequence (prompt + output); default min(4096, model max)."),
+    kv_cache_dtype: str = typer.Option("fp8", help="KV cache dtype: fp8 (E4M3 + fp32 scales) or bf16."),
+    gpu_memory_utilization: float = typer.Option(0.9, help="Share of GPU memory the engine may use (as `adaq run`)."),
+    compile: bool = typer.Option(False, "--compile", help="Also compile the CUDA kernels for --arch with nvcc."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every quantized tensor's layout and scales for the sm_89 kernels and say whether the model fits.
+
+    Exit 0 when valid, 1 when not (each problem names its tensor and rule)."""
+    from adaq.validate import validate_checkpoint
+
+    try:
+        report = validate_checkpoint(ckpt, arch=arch, gpu=gpu, batch=batch, context=context,
+                                     kv_cache_dtype=kv_cache_dtype, compile=compile,
+                                     utilization=gpu_memory_utilization)
+    except CheckpointError as error:
+        if as_json:
+            typer.echo(json.dumps({"path": str(ckpt), "valid": False, "error": str(error)}))
+        raise CheckpointError(str(error), exit_code=1) from None
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        render(report)
+    if not report.valid:
+        raise typer.Exit(1)
+
+
+def render(report) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(summary_table(report))
+    console.print(rules_table(report))
+    if report.findings:
+        console.print(findings_table(report))
+    if report.budget:
+        console.print(budget_table(report.budget))
+    if report.compile is not None:
+        console.print(compile_table(report.compile))
+    console.print(verdict(report), soft_wrap=True)
+
+
+def summary_table(report):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"adaq validate {report.path}"), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("format", f"{report.format}" + (f" ({report.scheme})" if report.scheme else ""))
+    table.add_row("architecture", escape(report.architecture))
+    table.add_row("kernel target", report.arch)
+    table.add_row("quantized linears", str(report.quantized_linears))
+    table.add_row("tensors", str(report.tensors))
+    return table
+
+
+def rules_table(report):
+    from rich.table import Table
+
+    from adaq.validate.rules import RULES
+
+    table = Table(title="rules")
+    for column in ("rule", "demands", "checked", "failed"):
+        table.add_column(column, justify="right" if column in ("checked", "failed") else "left")
+    for rule, description in RULES.items():
+        if report.rules_applied[rule]:
+            failed = report.failed(rule)
+            table.add_row(rule, description, str(report.rules_applied[rule]),
+                          f"[red]{failed}[/red]" if failed else "0")
+    return table
+
+
+def findings_table(report):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"findings ({len(report.errors)} errors, {len(report.warnings)} warnings)")
+    for column in ("", "rule", "tensor", "problem"):
+        table.add_column(column)
+    for finding in report.findings[:MAX_FINDINGS_SHOWN]:
+        mark = "[red]error[/red]" if finding.severity == "error" else "[yellow]warning[/yellow]"
+        table.add_row(mark, finding.rule, escape(finding.tensor), escape(finding.message))
+    hidden = len(report.findings) - MAX_FINDINGS_SHOWN
+    if hidden > 0:
+        table.add_row("", "", f"… and {hidden} more", "(--json lists all)")
+    return table
+
+
+def budget_table(budget):
+    from rich.table import Table
+
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    table = Table(title=f"VRAM on {budget.gpu.name}: batch {budget.batch} × context {budget.context}, "
+                        f"KV {budget.kv_dtype}")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    table.add_row("weights, quantized (NVFP4)", gib(budget.weights.quantized))
+    table.add_row("weights, kept (bf16)", gib(budget.weights.kept))
+    table.add_row(f"KV cache ({budget.kv_per_token:,} B/token)", gib(budget.kv_cache))
+    table.add_row("activations + workspace", gib(sum(budget.activations.values())))
+    table.add_row("CUDA context", gib(budget.cuda_context))
+    table.add_row("[bold]total[/bold]", f"[bold]{gib(budget.total)}[/bold]")
+    table.add_row(f"usable ({budget.utilization:g} × {gib(budget.gpu.memory)})", gib(budget.usable))
+    table.add_row("fits", "[green]yes[/green]" if budget.fits else "[red]no[/red]")
+    table.add_row(f"largest batch at context {budget.context}", str(budget.max_batch))
+    capped = " (model max)" if budget.max_context_capped else ""
+    table.add_row(f"largest context at batch {budget.batch}", f"{budget.max_context}{capped}")
+    table.caption = "; ".join(budget.notes)
+    return table
+
+
+def compile_table(result: dict):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="compile check", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in result.items():
+        table.add_row(escape(str(key)), escape(value if isinstance(value, str) else json.dumps(value)))
+    return table
+
+
+def verdict(report) -> str:
+    from rich.markup import escape
+
+    if report.valid:
+        warned = f" ({len(report.warnings)} warnings)" if report.warnings else ""
+        return f"[bold green]valid[/bold green]{warned}: {escape(str(report.path))}"
+    first = escape(report.errors[0].line())
+    more = f" (+{len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+    return f"[bold red]invalid[/bold red]: {first}{more}"

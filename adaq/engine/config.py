@@ -1,0 +1,92 @@
+"""Engine settings, validated on creation; every error names the setting (and its command-line flag)."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaq.errors import AdaqError
+
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+MODEL_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                "fp32": torch.float32, "float32": torch.float32}
+BACKENDS = ("auto", "reference", "cuda")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path
+    backend: str = "auto"
+    kv_cache_dtype: str = "fp8"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int | None = None  # None: 256 on GPU, 32 on CPU
+    max_num_batched_tokens: int | None = None  # None: 8192 on GPU, 2048 on CPU
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | str | None = None  # bytes, or "4GiB"; CPU default: see ModelRunner
+    num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory rules
+    block_size: int = 16
+    dtype: str | torch.dtype | None = None  # None: bf16 on GPU, fp32 on CPU
+    device: str | torch.device | None = None  # None: cuda when available
+    skip_tokenizer: bool = False
+
+    def __post_init__(self):
+        self.model = Path(self.model)
+        self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = self._resolve_dtype()
+        self.kv_cache_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
+        on_gpu = self.device.type == "cuda"
+        self.max_num_seqs = self.max_num_seqs or (256 if on_gpu else 32)
+        self.max_num_batched_tokens = self.max_num_batched_tokens or (8192 if on_gpu else 2048)
+        self._check()
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        _require(self.dtype in MODEL_DTYPES, "dtype", self.dtype, f"one of {', '.join(MODEL_DTYPES)}")
+        return MODEL_DTYPES[self.dtype]
+
+    def _check(self) -> None:
+        _require(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv-cache-dtype", self.kv_cache_dtype,
+                 f"one of {', '.join(KV_CACHE_DTYPES)}")
+        _require(self.max_model_len is None or self.max_model_len >= 1, "max-model-len", self.max_model_len, ">= 1")
+        _require(self.max_num_seqs >= 1, "max-num-seqs", self.max_num_seqs, ">= 1")
+        _require(self.max_num_batched_tokens >= 1, "max-num-batched-tokens", self.max_num_batched_tokens, ">= 1")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu-memory-utilization", self.gpu_memory_utilization,
+                 "in (0, 1]")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num-kv-blocks", self.num_kv_blocks, ">= 1")
+        _require(self.block_size >= 1, "block-size", self.block_size, ">= 1")
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 1073741824, "1GiB", "512MB" or "1.5g"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if unit not in _SIZE_UNITS:
+            raise AdaqError(f"invalid size {value!r} for --kv-cache-memory: write bytes or e.g. 512MiB, 4GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise AdaqError(f"invalid size {value!r} for --kv-cache-memory: must be > 0")
+    return size
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of an HF config (multimodal configs nest it under text_config)."""
+    return config.get("text_config") or config
+
+
+def _require(condition: bool, name: str, value, expected: str) -> None:
+    if not condition:
+        raise AdaqError(f"invalid setting --{name} {value}: must be {expected}")

@@ -1,0 +1,69 @@
+"""The step context: what the model runner tells attention about the packed tokens of one step.
+
+The runner calls `set_context(...)` before a forward and `reset_context()` after it; attention layers read
+`get_context()`. Model code never builds or changes it.
+
+Token layout of a step: the T query tokens of B sequences, packed one sequence after another.
+- `cu_seqlens_q` [B + 1] int32: query token offsets of each sequence (prefill; decode may leave it None: one
+  query per sequence).
+- `context_lens` [B] int32: tokens of each sequence in the KV cache *after* this step's tokens are stored, so a
+  sequence's queries sit at positions `context_lens[b] - q_len_b ... context_lens[b] - 1` (chunked prefill: a
+  cached prefix before them).
+- `slot_mapping` [T] int64: cache slot (block * block_size + offset) of each token's K/V; -1 = do not store.
+- `block_tables` [B, max_blocks] int32: the cache blocks of each sequence, padded with -1.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    is_prefill: bool = False
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    context_lens: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    max_context_len: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        if self.context_lens is not None:
+            return self.context_lens.numel()
+        return 0 if self.cu_seqlens_q is None else self.cu_seqlens_q.numel() - 1
+
+    def query_offsets(self) -> torch.Tensor:
+        """[B + 1] query offsets; decode without cu_seqlens_q means one query per sequence."""
+        if self.cu_seqlens_q is not None:
+            return self.cu_seqlens_q
+        device = self.context_lens.device
+        return torch.arange(self.num_seqs + 1, dtype=torch.int32, device=device)
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(
+    is_prefill: bool,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    context_lens: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    block_tables: torch.Tensor | None = None,
+    max_context_len: int = 0,
+) -> Context:
+    global _CONTEXT
+    _CONTEXT = Context(is_prefill, cu_seqlens_q, max_seqlen_q, context_lens, slot_mapping, block_tables,
+                       max_context_len)
+    return _CONTEXT
+
+
+def reset_context() -> None:
+    global _CONTEXT
+    _CONTEXT = Context()

@@ -1,0 +1,296 @@
+"""The engine loop: requests in, one scheduled step at a time, outputs (with text deltas) out.
+
+`add_request` and `abort_request` may be called from another thread than `step` (a server's event loop against
+a worker thread that steps): they only validate and enqueue; `step` takes the queued work at its start.
+"""
+
+import itertools
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adaq.engine.block_manager import BlockManager
+from adaq.engine.config import EngineConfig, text_config
+from adaq.engine.model_runner import ModelRunner
+from adaq.engine.sampling_params import SamplingParams
+from adaq.engine.scheduler import Scheduler
+from adaq.engine.sequence import RequestMetrics, Sequence, SequenceStatus
+from adaq.errors import AdaqError
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str  # the output text so far (stop strings trimmed; while streaming, minus a possible partial stop)
+    token_ids: list[int]  # the output tokens so far
+    new_text: str  # text since this request's previous output
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort"
+    stop_reason: str | int | None  # the stop string or stop token that ended it
+    metrics: RequestMetrics
+    prompt_logprobs: torch.Tensor | None = None
+    prompt_greedy: torch.Tensor | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started: tokens and seconds spent in prefill steps and in decode steps."""
+
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    decode_tokens: int = 0
+    decode_time: float = 0.0
+    steps: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    step_times: list[float] = field(default_factory=list, repr=False)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None, model_config: dict | None = None,
+                 tokenizer=None):
+        self.config = config
+        self.model_config = model_config if model_config is not None else _read_model_config(config.model)
+        self.tokenizer = tokenizer if tokenizer is not None or config.skip_tokenizer else load_tokenizer(config.model)
+        self.model_max_len = _model_max_len(self.model_config)
+        config.max_model_len = self._resolve_max_model_len()
+        if model is None:
+            model = load_model(self.model_config, config)
+        self.runner = ModelRunner(model, self.model_config, config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = _eos_token_ids(config.model, self.model_config, self.tokenizer)
+        self.stats = EngineStats()
+        self._requests: dict[str, Sequence] = {}
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def _resolve_max_model_len(self) -> int:
+        asked = self.config.max_model_len
+        if asked is None:
+            return self.model_max_len
+        if asked > self.model_max_len:
+            raise AdaqError(f"--max-model-len {asked} is longer than the model's context "
+                            f"(max_position_embeddings {self.model_max_len}): use at most {self.model_max_len}")
+        return asked
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise AdaqError(f"{self.config.model}: no tokenizer loaded; pass token ids instead of text")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (text or token ids); returns its id. Raises AdaqError for a prompt that cannot run."""
+        params = params or SamplingParams()
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
+        self._check_prompt(token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seq = Sequence(request_id, token_ids, params, prompt=prompt if isinstance(prompt, str) else None)
+        seq.max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        self._inbox.append(seq)
+        return request_id
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise AdaqError("the prompt is empty")
+        room = 1 if params.max_tokens > 0 else 0
+        if len(token_ids) + room > self.max_model_len:
+            raise AdaqError(f"the prompt has {len(token_ids)} tokens, more than the context allows "
+                            f"(--max-model-len {self.max_model_len}, up to {self.model_max_len} for this model): "
+                            f"shorten the prompt or raise --max-model-len")
+        vocab = text_config(self.model_config).get("vocab_size")
+        if vocab and not all(0 <= token < vocab for token in token_ids):
+            raise AdaqError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
+        if params.prompt_logprobs and len(token_ids) < 2:
+            raise AdaqError("prompt log-probabilities need a prompt of at least 2 tokens")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks (at the start of the next step)."""
+        self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_unfinished())
+
+    def num_unfinished(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return an output for every request that produced tokens or finished."""
+        outputs = self._take_inbox()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs
+        started = time.perf_counter()
+        for seq in batch.seqs:
+            seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or started
+        tokens = self.runner.run(batch)
+        self._count_step(batch, time.perf_counter() - started)
+        for seq, count, token in zip(batch.seqs, batch.num_new_tokens, tokens):
+            seq.num_computed_tokens += count
+            if token is not None:
+                self._append_token(seq, token)
+            elif not seq.wants_tokens and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                seq.finish("length")
+            if token is not None or seq.is_finished:
+                outputs.append(self._output(seq))
+            if seq.is_finished:
+                self._retire(seq)
+        return outputs
+
+    def _take_inbox(self) -> list[RequestOutput]:
+        while self._inbox:
+            seq = self._inbox.popleft()
+            self._requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+        outputs = []
+        while self._aborts:
+            seq = self._requests.get(self._aborts.popleft())
+            if seq is None or seq.is_finished:
+                continue
+            seq.finish("abort")
+            self.stats.aborted_requests += 1
+            self._retire(seq)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._requests.pop(seq.request_id, None)
+        self.stats.finished_requests += seq.finish_reason != "abort"
+
+    def _count_step(self, batch, elapsed: float) -> None:
+        self.stats.steps += 1
+        if batch.is_decode:
+            self.stats.decode_tokens += batch.num_tokens
+            self.stats.decode_time += elapsed
+        else:
+            self.stats.prompt_tokens += batch.num_tokens
+            self.stats.prompt_time += elapsed
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        metrics = seq.metrics
+        metrics.num_output_tokens = seq.num_output_tokens
+        metrics.first_token_time = metrics.first_token_time or time.perf_counter()
+        params = seq.params
+        if self.tokenizer is not None:
+            seq.output_text += seq.detokenizer.step(self.tokenizer, seq.token_ids, params.skip_special_tokens)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop", token)
+        elif token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif params.stop and self._hit_stop_string(seq):
+            pass
+        elif seq.num_output_tokens >= seq.max_tokens:
+            seq.finish("length")
+        ended_on_token = seq.is_finished and not isinstance(seq.stop_reason, str)
+        if ended_on_token and self.tokenizer is not None:
+            seq.output_text += seq.detokenizer.flush(self.tokenizer, seq.token_ids, params.skip_special_tokens)
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        params = seq.params
+        search_from = max(0, seq.emitted_text_len - params.max_stop_len)
+        hits = [(seq.output_text.find(stop, search_from), stop) for stop in params.stop]
+        hits = [(index, stop) for index, stop in hits if index >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.output_text = seq.output_text[:index + len(stop) if params.include_stop_str_in_output else index]
+        seq.finish("stop", stop)
+        return True
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        visible = len(seq.output_text)
+        if not seq.is_finished and seq.params.stop:
+            visible = max(seq.emitted_text_len, visible - seq.params.max_stop_len + 1)
+        new_text = seq.output_text[seq.emitted_text_len:visible]
+        new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.emitted_token_count:]
+        seq.emitted_text_len, seq.emitted_token_count = visible, seq.num_output_tokens
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_text[:visible],
+                             seq.output_token_ids, new_text, new_tokens, seq.is_finished, seq.finish_reason,
+                             seq.stop_reason, seq.metrics, seq.prompt_logprobs, seq.prompt_greedy)
+
+    # ---- state for servers and benchmarks -------------------------------------------------------------------
+    def kv_usage(self) -> float:
+        return self.block_manager.usage
+
+    def queue_lengths(self) -> tuple[int, int]:
+        """(waiting, running) sequences."""
+        return len(self._inbox) + len(self.scheduler.waiting), len(self.scheduler.running)
+
+    def default_sampling_params(self) -> dict:
+        """The sampling defaults the model's generation_config.json recommends (temperature, top_p, top_k, min_p)."""
+        generation = _read_json(Path(self.config.model) / "generation_config.json")
+        keys = ("temperature", "top_p", "top_k", "min_p")
+        return {key: generation[key] for key in keys if generation.get(key) is not None}
+
+
+def load_model(model_config: dict, config: EngineConfig) -> torch.nn.Module:
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.layers.backend import get_backend
+    from adaq.models import build_model, load_weights
+
+    source = open_checkpoint(config.model)
+    backend = get_backend(config.backend, config.device)
+    model = build_model(model_config, backend, config.dtype, config.device)
+    load_weights(model, source)
+    return model
+
+
+def load_tokenizer(path: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(path) / name).is_file() for name in names):
+        raise AdaqError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json); copy the tokenizer files "
+                        f"of the source model into the checkpoint folder")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as error:  # transformers raises many kinds; the user needs one line
+        raise AdaqError(f"{path}: cannot load the tokenizer ({type(error).__name__}: {error})") from None
+
+
+def _read_model_config(path: Path) -> dict:
+    from adaq.formats.checkpoint import read_config
+
+    return read_config(Path(path))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise AdaqError(f"{path}: not valid JSON ({error})") from None
+
+
+def _model_max_len(model_config: dict) -> int:
+    text = text_config(model_config)
+    return int(text.get("max_position_embeddings") or model_config.get("max_position_embeddings") or 2048)
+
+
+def _eos_token_ids(path: Path, model_config: dict, tokenizer) -> set[int]:
+    candidates = [_read_json(Path(path) / "generation_config.json").get("eos_token_id"),
+                  text_config(model_config).get("eos_token_id"), model_config.get("eos_token_id"),
+                  getattr(tokenizer, "eos_token_id", None)]
+    ids = set()
+    for value in candidates:
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
+
+
+__all__ = ["LLMEngine", "RequestOutput", "EngineStats", "SequenceStatus"]

@@ -1,0 +1,262 @@
+"""Runs the model for one scheduled batch: packs the tokens, sets the step context, owns the KV cache.
+
+The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_size, kv_heads, head_dim]` in the
+cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
+docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
+activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
+fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
+
+Logits are computed only where they are needed: the last token of each sequence that samples in this step, and
+every prompt position of a request that asked for prompt log-probabilities (in slices, so a long prompt never
+holds a full [T, vocab] tensor).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from adaq.engine.config import EngineConfig, text_config
+from adaq.engine.context import reset_context, set_context
+from adaq.engine.sampler import Sampler
+from adaq.engine.sampling_params import SamplingParams
+from adaq.engine.scheduler import ScheduledBatch
+from adaq.engine.sequence import Sequence
+from adaq.errors import AdaqError
+
+CPU_DEFAULT_KV_BYTES = 2**30
+LOGPROB_SLICE_ROWS = 512
+
+
+@dataclass
+class KVGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def has_scales(self) -> bool:
+        return self.dtype == torch.float8_e4m3fn
+
+    def bytes_per_block(self) -> int:
+        values = self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        scales = self.num_kv_heads * 4 if self.has_scales else 0
+        return 2 * self.num_layers * self.block_size * (values + scales)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    sample_rows: list[int]  # index in the batch of each sequence that samples
+    sample_token_index: list[int]  # its last token's index in the packed T tokens
+    score_rows: list[tuple[int, int, int, int]]  # (batch index, first packed index, first position, count)
+
+
+class ModelRunner:
+    """Owns the model, its KV cache and the sampler.
+
+    CUDA-graph seam: a decode step (every sequence computes one token) goes through `self.decode_graphs` when it is
+    set: an object with `run(input_ids, positions) -> hidden | None` that reads the step context (already set),
+    copies into its static buffers and replays (None: no graph for this batch, run eagerly).
+    """
+
+    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self.device = config.device
+        self.attention_layers = [module for module in model.modules() if hasattr(module, "k_cache")]
+        if not self.attention_layers:
+            raise AdaqError("the model has no attention layers with a k_cache attribute: cannot attach a KV cache")
+        self.geometry = _kv_geometry(model_config, self.attention_layers, config)
+        self.max_model_len = config.max_model_len
+        self.sampler = Sampler()
+        self.decode_graphs = None
+        self.kv_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None
+        self.num_blocks = self._plan_num_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+
+    # ---- KV cache -------------------------------------------------------------------------------------------
+    def _plan_num_blocks(self) -> int:
+        block_bytes = self.geometry.bytes_per_block()
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        elif self.config.kv_cache_memory is not None:
+            num_blocks = self.config.kv_cache_memory // block_bytes
+        elif self.device.type == "cuda":
+            num_blocks = self._gpu_free_bytes_after_warmup() // block_bytes
+        else:
+            num_blocks = self._cpu_default_blocks(block_bytes)
+        self._check_capacity(num_blocks)
+        return num_blocks
+
+    def _cpu_default_blocks(self, block_bytes: int) -> int:
+        blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
+        affordable = CPU_DEFAULT_KV_BYTES // block_bytes
+        return max(blocks_per_seq, min(affordable, blocks_per_seq * self.config.max_num_seqs))
+
+    def _check_capacity(self, num_blocks: int) -> None:
+        capacity = num_blocks * self.geometry.block_size
+        if capacity >= self.max_model_len:
+            return
+        if self.config.num_kv_blocks is not None:
+            knob = "raise --num-kv-blocks"
+        elif self.config.kv_cache_memory is not None or self.device.type != "cuda":
+            knob = "raise --kv-cache-memory"
+        else:
+            knob = f"raise --gpu-memory-utilization (now {self.config.gpu_memory_utilization})"
+        raise AdaqError(f"the KV cache holds {capacity} tokens, fewer than one sequence of --max-model-len "
+                        f"{self.max_model_len}: {knob} or lower --max-model-len")
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        g = self.geometry
+        shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=g.dtype, device=self.device)
+        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if g.has_scales else None
+        self._attach_cache(self.kv_cache, self.kv_scales)
+
+    def _attach_cache(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
+        for index, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = kv_cache[0, index], kv_cache[1, index]
+            layer.k_scale = None if kv_scales is None else kv_scales[0, index]
+            layer.v_scale = None if kv_scales is None else kv_scales[1, index]
+
+    def _gpu_free_bytes_after_warmup(self) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.warmup()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        budget = int(total * self.config.gpu_memory_utilization - (total - free) - (peak - current))
+        if budget <= 0:
+            used_gib = (total - free + peak - current) / 2**30
+            raise AdaqError(f"no GPU memory left for the KV cache: weights and activations take {used_gib:.1f} GiB "
+                            f"of {total / 2**30:.1f} GiB; raise --gpu-memory-utilization (now "
+                            f"{self.config.gpu_memory_utilization}) or lower --max-num-batched-tokens")
+        return budget
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One step as large as the scheduler allows, against a one-block cache that every sequence aliases:
+        it measures the activation peak before the real cache exists."""
+        num_seqs = max(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens))
+        seq_len = max(1, min(self.config.max_num_batched_tokens // num_seqs, self.max_model_len))
+        g = self.geometry
+        dummy = torch.zeros((2, g.num_layers, 1, g.block_size, g.num_kv_heads, g.head_dim), dtype=g.dtype,
+                            device=self.device)
+        dummy_scales = torch.ones(dummy.shape[:-1], device=self.device) if g.has_scales else None
+        self._attach_cache(dummy, dummy_scales)
+        num_tokens = num_seqs * seq_len
+        lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device=self.device)
+        set_context(is_prefill=True, cu_seqlens_q=_offsets(lens), max_seqlen_q=seq_len, context_lens=lens,
+                    slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+                    block_tables=torch.zeros((num_seqs, -(-seq_len // g.block_size)), dtype=torch.int32,
+                                             device=self.device),
+                    max_context_len=seq_len)
+        try:
+            input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+            positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+            hidden = self.model(input_ids, positions)
+            logits = self.model.compute_logits(hidden[seq_len - 1::seq_len])
+            warm_params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05)
+            self.sampler(logits, [Sequence(f"warmup-{i}", [0], warm_params) for i in range(num_seqs)])
+        finally:
+            reset_context()
+        del dummy, dummy_scales
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        """Compute the batch's tokens; return the sampled token of each sequence (None where nothing is sampled).
+        Prompt log-probabilities are written into the sequences' own tensors."""
+        inputs = self._prepare(batch)
+        try:
+            hidden = self._forward(inputs.input_ids, inputs.positions, batch.is_decode)
+            tokens: list[int | None] = [None] * len(batch.seqs)
+            if inputs.sample_rows:
+                index = torch.tensor(inputs.sample_token_index, device=self.device)
+                logits = self.model.compute_logits(hidden[index])
+                sampled = self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows]).tolist()
+                for row, token in zip(inputs.sample_rows, sampled):
+                    tokens[row] = token
+            for row, first, position, count in inputs.score_rows:
+                self._score_prompt(batch.seqs[row], hidden[first:first + count], position)
+        finally:
+            reset_context()
+        return tokens
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, is_decode: bool) -> torch.Tensor:
+        if is_decode and self.decode_graphs is not None:
+            hidden = self.decode_graphs.run(input_ids, positions)
+            if hidden is not None:
+                return hidden
+        return self.model(input_ids, positions)
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, first_position: int) -> None:
+        """log p(token[p + 1] | tokens[:p + 1]) and whether it was the argmax, for the given prompt positions."""
+        for start in range(0, hidden.shape[0], LOGPROB_SLICE_ROWS):
+            rows = hidden[start:start + LOGPROB_SLICE_ROWS]
+            position = first_position + start
+            targets = torch.tensor(seq.token_ids[position + 1:position + 1 + rows.shape[0]], device=self.device)
+            logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
+            chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+            seq.prompt_logprobs[position:position + rows.shape[0]] = chosen.cpu()
+            seq.prompt_greedy[position:position + rows.shape[0]] = (logprobs.argmax(dim=-1) == targets).cpu()
+
+    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.geometry.block_size
+        input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        sample_rows, sample_index, score_rows = [], [], []
+        for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + count
+            first = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(count)
+            context_lens.append(end)
+            if end == seq.num_tokens and seq.wants_tokens:
+                sample_rows.append(row)
+                sample_index.append(first + count - 1)
+            scored_end = min(end, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs and start < scored_end:
+                score_rows.append((row, first, start, scored_end - start))
+        self._set_step_context(batch, query_lens, context_lens, slots)
+        return StepInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+                          sample_rows, sample_index, score_rows)
+
+    def _set_step_context(self, batch: ScheduledBatch, query_lens: list[int], context_lens: list[int],
+                          slots: list[int]) -> None:
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs]
+        lens = self._to_device(context_lens, torch.int32)
+        decode = batch.is_decode
+        set_context(is_prefill=not decode,
+                    cu_seqlens_q=None if decode else _offsets(self._to_device(query_lens, torch.int32)),
+                    max_seqlen_q=max(query_lens), context_lens=lens,
+                    slot_mapping=self._to_device(slots, torch.int64),
+                    block_tables=self._to_device(tables, torch.int32), max_context_len=max(context_lens))
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _kv_geometry(model_config: dict, layers: list[torch.nn.Module], config: EngineConfig) -> KVGeometry:
+    """Cache geometry from the attention layers themselves (num_kv_heads, head_dim), else from config.json."""
+    text = text_config(model_config)
+    num_heads = text["num_attention_heads"]
+    head_dim = getattr(layers[0], "head_dim", None) or text.get("head_dim") or text["hidden_size"] // num_heads
+    num_kv_heads = getattr(layers[0], "num_kv_heads", None) or text.get("num_key_value_heads") or num_heads
+    return KVGeometry(len(layers), num_kv_heads, head_dim, config.block_size, config.kv_dtype)

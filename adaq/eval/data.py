@@ -1,0 +1,110 @@
+"""Where the evaluation data live, and how lm-eval reads them without touching the network."""
+
+import os
+from functools import lru_cache
+from itertools import zip_longest
+from pathlib import Path
+
+from adaq.errors import AdaqError
+
+DATA_DIR_ENV = "ADAQ_DATA_DIR"
+MMLU_PRO_FILES = {"test": "test-00000-of-00001.parquet", "validation": "validation-00000-of-00001.parquet"}
+MMLU_PRO_CATEGORIES = (
+    "biology", "business", "chemistry", "computer science", "economics", "engineering", "health",
+    "history", "law", "math", "other", "philosophy", "physics", "psychology",
+)  # fmt: skip
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def go_offline() -> None:
+    """Nothing in an evaluation may reach a hub: datasets and transformers must fail rather than download."""
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[variable] = "1"
+
+
+def _candidates(flag: str | Path | None) -> list[Path]:
+    if flag:
+        return [Path(flag)]
+    if os.environ.get(DATA_DIR_ENV):
+        return [Path(os.environ[DATA_DIR_ENV])]
+    return [PROJECT_ROOT.parent / "shared" / "data" / "mmlu_pro", Path.cwd().parent / "shared" / "data" / "mmlu_pro"]
+
+
+def _holds_mmlu_pro(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in MMLU_PRO_FILES.values())
+
+
+def resolve_mmlu_pro_dir(flag: str | Path | None = None) -> Path:
+    """The folder holding MMLU-Pro's two parquet files: --data-dir, else $ADAQ_DATA_DIR, else ../shared/data/mmlu_pro.
+
+    A data root that holds an `mmlu_pro/` folder is accepted too."""
+    candidates = _candidates(flag)
+    for folder in candidates:
+        for option in (folder, folder / "mmlu_pro"):
+            if _holds_mmlu_pro(option):
+                return option.resolve()
+    where = candidates[0]
+    files = " and ".join(MMLU_PRO_FILES.values())
+    raise AdaqError(
+        f"MMLU-Pro data not found: put {files} (the parquet files of the Hugging Face dataset TIGER-Lab/MMLU-Pro, "
+        f"folder data/) into {where}, or point --data-dir or ${DATA_DIR_ENV} at the folder that holds them"
+    )
+
+
+@lru_cache(maxsize=4)
+def _read_split(path: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def read_mmlu_pro(data_dir: str | Path, split: str):
+    """One split as a pyarrow table (cached: chunked runs read each file once)."""
+    return _read_split(str(Path(data_dir) / MMLU_PRO_FILES[split]))
+
+
+def select_questions(data_dir: Path, limit: int | None, categories: list[str] | None) -> list[int]:
+    """question_ids of the test questions to evaluate, in test order.
+
+    With a limit, categories take turns (round robin in test order), so any limit covers every selected category
+    evenly instead of the first category of a test split that is sorted by category."""
+    table = read_mmlu_pro(data_dir, "test").select(["question_id", "category"]).to_pydict()
+    wanted = set(check_categories(categories)) if categories else set(MMLU_PRO_CATEGORIES)
+    by_category: dict[str, list[int]] = {}
+    for question_id, category in zip(table["question_id"], table["category"]):
+        if category in wanted:
+            by_category.setdefault(category, []).append(question_id)
+    interleaved = [qid for turn in zip_longest(*by_category.values()) for qid in turn if qid is not None]
+    chosen = set(interleaved[:limit] if limit else interleaved)
+    return [qid for qid in table["question_id"] if qid in chosen]
+
+
+def check_categories(categories: list[str]) -> list[str]:
+    names = [name.strip().replace("_", " ").lower() for name in categories]
+    unknown = [name for name in names if name not in MMLU_PRO_CATEGORIES]
+    if unknown:
+        raise AdaqError(f"unknown MMLU-Pro categories {unknown}; choose from {', '.join(MMLU_PRO_CATEGORIES)}")
+    return names
+
+
+def load_mmlu_pro(data_dir: str | None = None, question_ids: list[int] | None = None, **_ignored):
+    """`custom_dataset` of adaq's MMLU-Pro task YAMLs: the local parquet files as a DatasetDict.
+
+    lm-eval passes the task metadata here: `data_dir` (else $ADAQ_DATA_DIR, else ../shared/data/mmlu_pro) and
+    optionally `question_ids`, the test questions to keep (adaq eval uses it to resume and to share questions)."""
+    import datasets
+
+    go_offline()
+    folder = resolve_mmlu_pro_dir(data_dir)
+    splits = {split: datasets.Dataset(read_mmlu_pro(folder, split)) for split in MMLU_PRO_FILES}
+    if question_ids is not None:
+        keep = set(question_ids)
+        splits["test"] = splits["test"].filter(lambda row: row["question_id"] in keep)
+    return datasets.DatasetDict(splits)
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise AdaqError(f"{path}: no such text file (wikitext-2's test.txt lives in ../shared/data/wikitext-2/)")
+    return path.read_text(encoding="utf-8")

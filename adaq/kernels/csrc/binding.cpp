@@ -1,0 +1,269 @@
+// Thin torch binding: checks tensors, allocates outputs/workspaces from torch's allocator (graph-capturable),
+// launches on torch's current stream, and turns launcher status codes into errors that name the shapes.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <torch/extension.h>
+
+namespace adaq {
+int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override,
+                         long long* partial_floats, int* counters);
+int nvfp4_gemm(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
+               const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, float* partial, long long partial_floats,
+               int* counters, int num_counters, int M, int N, int K, int splits_override, cudaStream_t stream);
+int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                       const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                       __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                       int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                       const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                       int splits_override, cudaStream_t stream);
+int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
+             void* k_cache, void* v_cache, float* k_scale, float* v_scale, const long long* slots, int tokens,
+             int kv_heads, int head_dim, bool fp8, cudaStream_t stream);
+int attention_splits(int tokens, int kv_heads, int max_context);
+int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_cache, const void* v_cache,
+                    const float* k_scale, const float* v_scale, bool fp8, const int* block_tables, int table_stride,
+                    const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
+                    float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
+                    int block_size, int splits, int window, float scale, float softcap, cudaStream_t stream);
+int rms_norm(const __nv_bfloat16* x, long long outer_stride, long long inner_stride, int inner,
+             const __nv_bfloat16* w, __nv_bfloat16* y, int rows, int dim, float eps, bool unit_offset,
+             cudaStream_t stream);
+int gated_activation(const __nv_bfloat16* x, long long ldx, __nv_bfloat16* y, int rows, int inter, int kind,
+                     cudaStream_t stream);
+int rotary(const __nv_bfloat16* q, const __nv_bfloat16* k, __nv_bfloat16* q_out, __nv_bfloat16* k_out,
+           const long long* positions, const float* inv_freq, int tokens, int heads, int kv_heads, int dim,
+           cudaStream_t stream);
+int router_topk(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
+                __nv_bfloat16* weights, int* ids, cudaStream_t stream);
+int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* group_expert, int* row_ids,
+              int* num_groups, cudaStream_t stream);
+int moe_combine(const __nv_bfloat16* y, const __nv_bfloat16* w, const int* ids, __nv_bfloat16* out, int tokens,
+                int top_k, int hidden, cudaStream_t stream);
+}  // namespace adaq
+
+namespace {
+
+const char* status_text(int status) {
+  switch (status) {
+    case 1: return "shape not supported by the kernel";
+    case 2: return "tensor not 16-byte aligned";
+    case 3: return "workspace too small";
+    default: return "CUDA launch failed";
+  }
+}
+
+#define ADAQ_CHECK_STATUS(status, what)                                                                    \
+  TORCH_CHECK((status) == 0, "adaq kernel ", what, ": ", status_text(status),                              \
+              (status) == 4 ? std::string(" (") + cudaGetErrorString(cudaGetLastError()) + ")" : std::string())
+
+#define ADAQ_CHECK_BF16(t) TORCH_CHECK((t).scalar_type() == at::kBFloat16, #t " must be bfloat16, got ", (t).scalar_type())
+#define ADAQ_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor")
+
+const __nv_bfloat16* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr()); }
+__nv_bfloat16* bf16_mut(torch::Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data_ptr()); }
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
+                   c10::optional<torch::Tensor> bias, torch::Tensor counters, int64_t N, int64_t K,
+                   int64_t splits_override) {
+  ADAQ_CHECK_CUDA(x);
+  ADAQ_CHECK_BF16(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [M, ", K, "] with unit column stride");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  long long partial_floats = 0;
+  int num_counters = 0;
+  adaq::nvfp4_gemm_workspace(M, M, N, K, 1, splits_override, &partial_floats, &num_counters);
+  TORCH_CHECK(num_counters <= counters.numel(), "GEMM needs ", num_counters, " counters");
+  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  const int status = adaq::nvfp4_gemm(bf16_ptr(x), x.stride(0), wq.data_ptr(), ws.data_ptr(), colscale.data_ptr<float>(),
+                                      bias ? bf16_ptr(*bias) : nullptr, bf16_mut(y), N, partial.data_ptr<float>(),
+                                      partial_floats, counters.data_ptr<int>(), counters.numel(), M, N, K,
+                                      splits_override, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_gemm M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  return y;
+}
+
+torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
+                           torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
+                           torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
+                           int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
+                           int64_t splits_override) {
+  ADAQ_CHECK_CUDA(x);
+  ADAQ_CHECK_BF16(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
+  TORCH_CHECK(wq.dim() == 2 && ws.dim() == 2 && colscale.dim() == 2, "expert weights must be stacked [E, ...]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({out_rows, N}, x.options());
+  if (out_rows == 0) return y;
+  long long partial_floats = 0;
+  int num_counters = 0;
+  adaq::nvfp4_gemm_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, &partial_floats,
+                             &num_counters);
+  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
+  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  const int status = adaq::nvfp4_gemm_grouped(
+      bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
+      colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N, partial.data_ptr<float>(), partial_floats,
+      counters.data_ptr<int>(), counters.numel(), group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
+      row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups, max_rows_per_group, out_rows, N, K,
+      splits_override, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_gemm_grouped rows=" + std::to_string(out_rows) + " N=" + std::to_string(N) +
+                                " K=" + std::to_string(K));
+  return y;
+}
+
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor slots) {
+  ADAQ_CHECK_BF16(k);
+  ADAQ_CHECK_BF16(v);
+  TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2), "k must be [T, Hkv, D] with dense heads");
+  TORCH_CHECK(v.dim() == 3 && v.stride(2) == 1 && v.stride(1) == v.size(2), "v must be [T, Hkv, D] with dense heads");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), "slot_mapping must be int64 [T]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(fp8 || k_cache.scalar_type() == at::kBFloat16, "KV cache must be float8_e4m3fn or bfloat16");
+  TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
+  const c10::cuda::CUDAGuard guard(k.device());
+  const int status = adaq::store_kv(bf16_ptr(k), bf16_ptr(v), k.stride(0), v.stride(0), k_cache.data_ptr(),
+                                    v_cache.data_ptr(), fp8 ? k_scale->data_ptr<float>() : nullptr,
+                                    fp8 ? v_scale->data_ptr<float>() : nullptr, slots.data_ptr<int64_t>(), k.size(0),
+                                    k.size(1), k.size(2), fp8, stream());
+  ADAQ_CHECK_STATUS(status, "store_kv head_dim=" + std::to_string(k.size(2)));
+}
+
+int64_t attention_splits(int64_t tokens, int64_t kv_heads, int64_t max_context) {
+  return adaq::attention_splits(tokens, kv_heads, max_context);
+}
+
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                              torch::Tensor block_tables, torch::Tensor context_lens,
+                              c10::optional<torch::Tensor> query_seq, c10::optional<torch::Tensor> query_ctx,
+                              int64_t splits, int64_t window, double scale, double softcap) {
+  ADAQ_CHECK_BF16(q);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, H, D] with dense heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: [blocks, bs, Hkv, D]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "block_tables and context_lens must be int32");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  auto out = torch::empty({T, H, D}, q.options());
+  torch::Tensor part_out, part_lse;
+  if (splits > 1) {
+    part_out = torch::empty({T, H, splits, D}, q.options().dtype(at::kFloat));
+    part_lse = torch::empty({T, H, splits}, q.options().dtype(at::kFloat));
+  }
+  const int status = adaq::paged_attention(
+      bf16_ptr(q), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), fp8 ? k_scale->data_ptr<float>() : nullptr,
+      fp8 ? v_scale->data_ptr<float>() : nullptr, fp8, block_tables.data_ptr<int>(), block_tables.stride(0),
+      context_lens.data_ptr<int>(), query_seq ? query_seq->data_ptr<int>() : nullptr,
+      query_ctx ? query_ctx->data_ptr<int>() : nullptr, bf16_mut(out), splits > 1 ? part_out.data_ptr<float>() : nullptr,
+      splits > 1 ? part_lse.data_ptr<float>() : nullptr, T, H, Hkv, D, k_cache.size(1), splits, window, scale, softcap,
+      stream());
+  ADAQ_CHECK_STATUS(status, "paged_attention heads=" + std::to_string(H) + " kv_heads=" + std::to_string(Hkv) +
+                                " head_dim=" + std::to_string(D));
+  return out;
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, bool unit_offset) {
+  ADAQ_CHECK_BF16(x);
+  ADAQ_CHECK_BF16(w);
+  TORCH_CHECK(x.stride(-1) == 1, "rms_norm needs a unit last-dim stride");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int dim = x.size(-1);
+  torch::Tensor x3 = x.dim() == 3 ? x : x.reshape({-1, 1, dim});
+  TORCH_CHECK(x3.dim() == 3 && w.numel() == dim, "rms_norm: x [.., ", dim, "] and weight [", dim, "]");
+  const int rows = x3.size(0) * x3.size(1);
+  auto y = torch::empty(x.sizes(), x.options());
+  const int status = adaq::rms_norm(bf16_ptr(x3), x3.stride(0), x3.stride(1), x3.size(1), bf16_ptr(w), bf16_mut(y),
+                                    rows, dim, eps, unit_offset, stream());
+  ADAQ_CHECK_STATUS(status, "rms_norm dim=" + std::to_string(dim));
+  return y;
+}
+
+torch::Tensor gated_activation(torch::Tensor x, int64_t kind) {
+  ADAQ_CHECK_BF16(x);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "gated activation needs [T, 2I]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int inter = x.size(1) / 2;
+  auto y = torch::empty({x.size(0), inter}, x.options());
+  const int status = adaq::gated_activation(bf16_ptr(x), x.stride(0), bf16_mut(y), x.size(0), inter, kind, stream());
+  ADAQ_CHECK_STATUS(status, "gated_activation I=" + std::to_string(inter));
+  return y;
+}
+
+std::vector<torch::Tensor> rotary(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor inv_freq) {
+  ADAQ_CHECK_BF16(q);
+  ADAQ_CHECK_BF16(k);
+  q = q.contiguous();
+  k = k.contiguous();
+  positions = positions.to(at::kLong).contiguous();
+  inv_freq = inv_freq.to(at::kFloat).contiguous();
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto q_out = torch::empty_like(q), k_out = torch::empty_like(k);
+  const int status = adaq::rotary(bf16_ptr(q), bf16_ptr(k), bf16_mut(q_out), bf16_mut(k_out),
+                                  positions.data_ptr<int64_t>(), inv_freq.data_ptr<float>(), q.size(0), q.size(1),
+                                  k.size(1), q.size(2), stream());
+  ADAQ_CHECK_STATUS(status, "rotary head_dim=" + std::to_string(q.size(2)));
+  return {q_out, k_out};
+}
+
+std::vector<torch::Tensor> router_topk(torch::Tensor logits, int64_t top_k, bool renormalize) {
+  ADAQ_CHECK_BF16(logits);
+  logits = logits.contiguous();
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int T = logits.size(0), E = logits.size(1);
+  auto weights = torch::empty({T, top_k}, logits.options());
+  auto ids = torch::empty({T, top_k}, logits.options().dtype(at::kInt));
+  const int status = adaq::router_topk(bf16_ptr(logits), T, E, top_k, renormalize, bf16_mut(weights),
+                                       ids.data_ptr<int>(), stream());
+  ADAQ_CHECK_STATUS(status, "router_topk experts=" + std::to_string(E) + " top_k=" + std::to_string(top_k));
+  return {weights, ids};
+}
+
+std::vector<torch::Tensor> moe_align(torch::Tensor ids, int64_t experts, int64_t max_groups) {
+  const c10::cuda::CUDAGuard guard(ids.device());
+  const int rows = ids.numel();
+  auto opts = ids.options().dtype(at::kInt);
+  auto offsets = torch::empty({max_groups + 1}, opts), group_expert = torch::empty({max_groups}, opts);
+  auto row_ids = torch::empty({rows}, opts), num_groups = torch::empty({1}, opts);
+  const int status = adaq::moe_align(ids.data_ptr<int>(), rows, experts, offsets.data_ptr<int>(),
+                                     group_expert.data_ptr<int>(), row_ids.data_ptr<int>(), num_groups.data_ptr<int>(),
+                                     stream());
+  ADAQ_CHECK_STATUS(status, "moe_align experts=" + std::to_string(experts));
+  return {offsets, group_expert, row_ids, num_groups};
+}
+
+torch::Tensor moe_combine(torch::Tensor y, torch::Tensor w, torch::Tensor ids) {
+  ADAQ_CHECK_BF16(y);
+  ADAQ_CHECK_BF16(w);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const int T = w.size(0), k = w.size(1), hidden = y.size(1);
+  auto out = torch::empty({T, hidden}, y.options());
+  const int status = adaq::moe_combine(bf16_ptr(y), bf16_ptr(w), ids.data_ptr<int>(), bf16_mut(out), T, k, hidden,
+                                       stream());
+  ADAQ_CHECK_STATUS(status, "moe_combine top_k=" + std::to_string(k));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gemm);
+  m.def("gemm_grouped", &gemm_grouped);
+  m.def("store_kv", &store_kv);
+  m.def("attention_splits", &attention_splits);
+  m.def("paged_attention", &paged_attention);
+  m.def("rms_norm", &rms_norm);
+  m.def("gated_activation", &gated_activation);
+  m.def("rotary", &rotary);
+  m.def("router_topk", &router_topk);
+  m.def("moe_align", &moe_align);
+  m.def("moe_combine", &moe_combine);
+}

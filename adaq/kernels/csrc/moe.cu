@@ -1,0 +1,149 @@
+// MoE decode helpers: the fused router (softmax + top-k + renormalise), the grouping of (token, slot) rows by
+// expert that the grouped NVFP4 GEMM reads, and the weighted combine. All device-side: no host sync, so a MoE
+// decode step can be captured in a CUDA graph.
+#include "common.cuh"
+
+namespace adaq {
+
+constexpr int kMaxExperts = 512;
+constexpr int kMaxTopK = 16;
+
+// One warp per token: softmax in fp32 over E logits, then top_k rounds of warp argmax (ties: lowest expert, as
+// torch.topk returns them), renormalised in fp32 when asked, weights rounded to bf16 like the reference.
+__global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int tokens, int experts, int top_k,
+                                   bool renormalize, __nv_bfloat16* __restrict__ weights, int* __restrict__ ids) {
+  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (t >= tokens) return;
+  constexpr int kPerLane = kMaxExperts / 32;
+  float p[kPerLane];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int e = lane + 32 * i;
+    p[i] = e < experts ? __bfloat162float(logits[static_cast<long long>(t) * experts + e]) : -INFINITY;
+    mx = fmaxf(mx, p[i]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.f;
+    sum += p[i];
+  }
+  sum = warp_sum(sum);
+  float chosen_w[kMaxTopK];
+  int chosen_e[kMaxTopK];
+  float total = 0.f;
+  for (int j = 0; j < top_k; ++j) {
+    float best = -1.f;
+    int best_e = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (e < experts && (p[i] > best || (p[i] == best && e < best_e))) { best = p[i]; best_e = e; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+      if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (lane + 32 * i == best_e) p[i] = -2.f;  // taken
+    chosen_w[j] = best / sum;
+    chosen_e[j] = best_e;
+    total += chosen_w[j];
+  }
+  if (lane == 0) {
+    for (int j = 0; j < top_k; ++j) {
+      const float w = renormalize ? chosen_w[j] / total : chosen_w[j];
+      weights[static_cast<long long>(t) * top_k + j] = __float2bfloat16_rn(w);
+      ids[static_cast<long long>(t) * top_k + j] = chosen_e[j];
+    }
+  }
+}
+
+// One block: counts per expert, the list of experts in use (ascending), their row ranges, and the rows (t * k + j)
+// sorted by expert, ascending row order within an expert (a stable order keeps runs reproducible).
+__global__ void moe_align_kernel(const int* __restrict__ ids, int rows, int experts, int* __restrict__ group_offsets,
+                                 int* __restrict__ group_expert, int* __restrict__ row_ids, int* __restrict__ num_groups) {
+  __shared__ int count[kMaxExperts], start[kMaxExperts];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
+  __syncthreads();
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) atomicAdd(&count[ids[r]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int offset = 0, groups = 0;
+    for (int e = 0; e < experts; ++e) {
+      start[e] = offset;
+      if (count[e] > 0) {
+        group_offsets[groups] = offset;
+        group_expert[groups] = e;
+        ++groups;
+      }
+      offset += count[e];
+    }
+    group_offsets[groups] = offset;
+    *num_groups = groups;
+  }
+  __syncthreads();
+  // Stable placement: row r's rank among earlier rows of its expert (rows <= a few thousand in decode).
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    const int e = ids[r];
+    int rank = 0;
+    for (int q = 0; q < r; ++q) rank += ids[q] == e;
+    row_ids[start[e] + rank] = r;
+  }
+}
+
+// out[t] = sum over the token's k experts in ascending expert order of bf16(y[t*k+j] * w[t,j]), accumulated in
+// bf16 as the reference's index_add_ into a bf16 tensor does.
+__global__ void moe_combine_kernel(const __nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ w,
+                                   const int* __restrict__ ids, __nv_bfloat16* __restrict__ out, int tokens, int top_k,
+                                   int hidden) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long long>(tokens) * hidden) return;
+  const int t = i / hidden, h = i % hidden;
+  int order[kMaxTopK];
+  for (int j = 0; j < top_k; ++j) order[j] = j;
+  for (int a = 1; a < top_k; ++a)  // insertion sort by expert id (k <= 16)
+    for (int b = a; b > 0 && ids[t * top_k + order[b]] < ids[t * top_k + order[b - 1]]; --b) {
+      const int tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
+    }
+  float acc = 0.f;
+  for (int j = 0; j < top_k; ++j) {
+    const int slot = order[j];
+    const float prod = __bfloat162float(__float2bfloat16_rn(
+        __bfloat162float(y[(static_cast<long long>(t) * top_k + slot) * hidden + h]) *
+        __bfloat162float(w[t * top_k + slot])));
+    acc = __bfloat162float(__float2bfloat16_rn(acc + prod));
+  }
+  out[i] = __float2bfloat16_rn(acc);
+}
+
+int router_topk(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
+                __nv_bfloat16* weights, int* ids, cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  if (experts > kMaxExperts || top_k > kMaxTopK || top_k > experts) return kUnsupportedShape;
+  router_topk_kernel<<<ceil_div(tokens, 4), 128, 0, stream>>>(logits, tokens, experts, top_k, renormalize, weights, ids);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* group_expert, int* row_ids,
+              int* num_groups, cudaStream_t stream) {
+  if (experts > kMaxExperts) return kUnsupportedShape;
+  moe_align_kernel<<<1, 512, 0, stream>>>(ids, rows, experts, group_offsets, group_expert, row_ids, num_groups);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+int moe_combine(const __nv_bfloat16* y, const __nv_bfloat16* w, const int* ids, __nv_bfloat16* out, int tokens,
+                int top_k, int hidden, cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  if (top_k > kMaxTopK) return kUnsupportedShape;
+  const long long n = static_cast<long long>(tokens) * hidden;
+  moe_combine_kernel<<<static_cast<int>((n + 255) / 256), 256, 0, stream>>>(y, w, ids, out, tokens, top_k, hidden);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+}  // namespace adaq

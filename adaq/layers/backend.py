@@ -1,0 +1,152 @@
+"""Backends: one object the layers call for every op a GPU kernel may replace.
+
+`ReferenceBackend` is plain PyTorch on any device and *is* the numerical spec: NVFP4 linears are exact
+dequantize-then-matmul (optionally with W4A4 activation emulation), the KV cache is rounded to FP8 exactly as
+`adaq.layers.attention.quantize_kv_fp8` says, attention is fp32 softmax over the paged cache. The `cuda` backend
+(adaq.kernels.backend_cuda) subclasses it and overrides the ops it has kernels for.
+"""
+
+import os
+
+import torch
+
+from adaq.errors import AdaqError
+from adaq.formats import nvfp4
+from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.layers import activation, attention, moe, norm, rotary
+from adaq.layers.linear import LinearHandle, Weight, can_fuse, check_shapes, fuse, quantize_activation_nvfp4
+
+BACKENDS = ("reference", "cuda", "auto")
+DEQUANT_CACHE_FRACTION = 0.4  # of the memory free when the backend is made
+
+
+class ReferenceBackend:
+    """Plain PyTorch. Options:
+
+    - activation_quant: emulate NVFP4 activations (compressed-tensors' W4A4 forward) for weights that carry an
+      input_global_scale; False runs such checkpoints weight-only.
+    - dequant_cache_bytes: how many bytes of dequantized weights (in the compute dtype) may be kept, so a linear
+      is a plain matmul; None = 40% of the memory free now. 0 dequantizes on every call.
+    """
+
+    name = "reference"
+
+    def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
+                 dequant_cache_bytes: int | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.activation_quant = activation_quant
+        self.dequant_cache_bytes = free_memory(self.device) * DEQUANT_CACHE_FRACTION \
+            if dequant_cache_bytes is None else dequant_cache_bytes
+        self.dequant_cached_bytes = 0
+
+    # Linear layers
+    def prepare_linear(self, weight: Weight, *, dtype: torch.dtype) -> LinearHandle:
+        if isinstance(weight, torch.Tensor):
+            dense = weight.to(device=self.device, dtype=dtype)
+            return LinearHandle(dense.shape[0], dense.shape[1], dtype, dense=dense)
+        packed = weight.to(self.device)
+        handle = LinearHandle(weight.out_features, weight.in_features, dtype, packed=packed)
+        if self.activation_quant and weight.input_global_scale is not None:
+            handle.input_global_scale = weight.input_global_scale.float().reshape(1).to(self.device)
+        nbytes = handle.out_features * handle.in_features * dtype.itemsize
+        if self.dequant_cached_bytes + nbytes <= self.dequant_cache_bytes:
+            handle.dense = nvfp4.dequantize(packed, dtype)
+            self.dequant_cached_bytes += nbytes
+        return handle
+
+    def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if handle.input_global_scale is not None:
+            x = quantize_activation_nvfp4(x, handle.input_global_scale)
+        return torch.nn.functional.linear(x, handle.weight(), bias)
+
+    # Mixture of experts
+    def prepare_experts(self, gate_up: list[list[Weight]], down: list[Weight], *,
+                        dtype: torch.dtype) -> moe.ExpertsHandle:
+        intermediate = weight_rows(gate_up[0][0])
+        hidden = weight_cols(gate_up[0][0])
+        handles_gate_up, handles_down = [], []
+        for pair, down_weight in zip(gate_up, down):
+            check_shapes(pair, hidden, [intermediate, intermediate])
+            check_shapes([down_weight], intermediate, [hidden])
+            pair = [fuse(pair)] if can_fuse(pair) else pair
+            handles_gate_up.append([self.prepare_linear(w, dtype=dtype) for w in pair])
+            handles_down.append(self.prepare_linear(down_weight, dtype=dtype))
+        return moe.ExpertsHandle(handles_gate_up, handles_down, intermediate)
+
+    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: moe.ExpertsHandle, top_k: int,
+            renormalize: bool) -> torch.Tensor:
+        return moe.moe_reference(self, x, router_logits, experts, top_k, renormalize)
+
+    # KV cache and attention
+    def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
+        attention.store_kv_reference(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, k_scale, v_scale, ctx, *, scale: float,
+                  sliding_window: int | None = None, softcap: float | None = None, k=None, v=None) -> torch.Tensor:
+        return attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
+                                             sliding_window=sliding_window, softcap=softcap, k=k, v=v)
+
+    # Element-wise ops
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, *, unit_offset: bool = False):
+        return norm.rms_norm(x, weight, eps, unit_offset)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return activation.silu_and_mul(x)
+
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return activation.gelu_tanh_and_mul(x)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+        return rotary.apply_rotary(q, k, positions, inv_freq)
+
+
+Backend = ReferenceBackend  # the interface: every backend is a ReferenceBackend with some ops overridden
+
+
+def weight_rows(weight: Weight) -> int:
+    return weight.out_features if isinstance(weight, NVFP4Weight) else weight.shape[0]
+
+
+def weight_cols(weight: Weight) -> int:
+    return weight.in_features if isinstance(weight, NVFP4Weight) else weight.shape[1]
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def cuda_backend_class():
+    """The kernel backend's class, or None when CUDA or the compiled extension is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from adaq.kernels import available
+        from adaq.kernels.backend_cuda import CudaBackend
+    except ImportError:
+        return None
+    return CudaBackend if available() else None
+
+
+def get_backend(name: str = "auto", device: torch.device | str | None = None, **options) -> ReferenceBackend:
+    """'reference', 'cuda' (error when it cannot run) or 'auto' (cuda when a GPU and the kernels are there)."""
+    if name not in BACKENDS:
+        raise AdaqError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
+    if name == "reference":
+        return ReferenceBackend(device, **options)
+    cuda_class = cuda_backend_class()
+    if cuda_class is not None:
+        return cuda_class(device or "cuda", **options)
+    if name == "cuda":
+        reason = "no CUDA GPU is visible" if not torch.cuda.is_available() else "adaq's CUDA kernels are not built"
+        raise AdaqError(f"backend 'cuda' cannot run: {reason}; use --backend reference")
+    return ReferenceBackend(device, **options)
+
+
+__all__ = ["Backend", "ReferenceBackend", "get_backend", "BACKENDS"]

@@ -1,0 +1,36 @@
+"""RMSNorm, in the two flavours the supported models use."""
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """Normalise in fp32. Qwen3: w * normed.to(dtype). Gemma3 (unit_offset): (normed * (1 + w)) in fp32, then dtype.
+
+    The two orders of rounding are the ones transformers uses; they differ only in bf16.
+    """
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, backend, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.backend = backend
+        self.dim = dim
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight: torch.Tensor | None = None
+
+    def load(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        if tuple(weight.shape) != (self.dim,):
+            from adaq.errors import CheckpointError
+
+            raise CheckpointError(f"norm weight of shape {tuple(weight.shape)} where ({self.dim},) was expected")
+        self.weight = weight.to(device=self.backend.device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset)

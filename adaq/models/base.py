@@ -1,0 +1,83 @@
+"""What every model shares: the CausalLM interface the engine drives, and the reader that feeds weights in."""
+
+import torch
+from torch import nn
+
+from adaq.errors import CheckpointError
+from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.layers.attention import PagedAttention
+from adaq.layers.linear import Weight
+
+# Where the decoder's weights sit: text-only checkpoints, and Gemma3's multimodal ones (transformers 5, then 4).
+DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+class WeightReader:
+    """Reads a checkpoint (or any source with its methods) by module prefix, in the model's compute dtype."""
+
+    def __init__(self, source, dtype: torch.dtype):
+        self.source = source
+        self.dtype = dtype
+        self.quantized = set(source.quantized_prefixes())
+        self.names = set(source.tensor_names())
+        self.where = getattr(source, "path", "checkpoint")
+
+    def linear(self, prefix: str) -> Weight:
+        if prefix in self.quantized:
+            return self.source.nvfp4(prefix)
+        return self.tensor(f"{prefix}.weight")
+
+    def nvfp4(self, prefix: str) -> NVFP4Weight:
+        return self.source.nvfp4(prefix)
+
+    def bias(self, prefix: str) -> torch.Tensor | None:
+        name = f"{prefix}.bias"
+        return self.source.tensor(name) if name in self.names else None
+
+    def has(self, name: str) -> bool:
+        return name in self.names or name.removesuffix(".weight") in self.quantized
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise CheckpointError(f"{self.where}: tensor {name} is missing")
+        return self.source.tensor(name)
+
+    def decoder_prefix(self) -> str:
+        for prefix in DECODER_PREFIXES:
+            if f"{prefix}embed_tokens.weight" in self.names:
+                return prefix.removesuffix(".")
+        raise CheckpointError(f"{self.where}: no embed_tokens.weight under {', '.join(DECODER_PREFIXES)}")
+
+
+class CausalLM(nn.Module):
+    """forward(input_ids [T], positions [T]) -> hidden [T, H] over the packed tokens of a step (the step context
+    tells attention where each sequence starts and which cache slots it owns); compute_logits(hidden [S, H]) ->
+    fp32 [S, V]."""
+
+    def __init__(self, config, backend, dtype: torch.dtype):
+        super().__init__()
+        self.config = config  # the transformers config object (text config for multimodal checkpoints)
+        self.backend = backend
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.config.max_position_embeddings
+
+    def attention_layers(self) -> list[PagedAttention]:
+        """One per decoder layer, in order: the runner sets their k_cache/v_cache (and FP8 scales)."""
+        return [module for module in self.modules() if isinstance(module, PagedAttention)]
+
+    def load(self, reader: WeightReader) -> None:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,76 @@
+"""Gemma3 text: local sliding-window and global layers (`layer_types`), a RoPE base per layer type, (1 + w)
+RMSNorm everywhere (q/k norms too), norms before and after attention and MLP, gelu-tanh MLP, embedding scaled by
+sqrt(hidden) in the model dtype, tied output layer, attention scale query_pre_attn_scalar^-0.5, final logit softcap when set.
+`attn_logit_softcapping` is ignored, as transformers' Gemma3 ignores it (every released Gemma3 sets it null)."""
+
+import torch
+from torch import nn
+
+from adaq.layers.attention import SelfAttention
+from adaq.layers.embedding import Embedding, LMHead
+from adaq.layers.mlp import GatedMLP
+from adaq.layers.norm import RMSNorm
+from adaq.layers.rotary import inverse_frequencies
+from adaq.models.base import CausalLM, WeightReader
+from adaq.models.qwen3 import head_dim_of, sliding_window_of
+
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def rope_of(config, layer_type: str) -> dict:
+    """transformers 5 keeps one rope_parameters entry per layer type; older configs had rope_theta and
+    rope_local_base_freq (normalised into rope_parameters when the config object is built)."""
+    params = config.rope_parameters
+    return params[layer_type] if layer_type in params else params
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config, backend, layer_idx: int):
+        super().__init__()
+        head_dim = head_dim_of(config)
+        eps = config.rms_norm_eps
+        layer_type = config.layer_types[layer_idx]
+        for name in NORMS:
+            setattr(self, name, RMSNorm(backend, config.hidden_size, eps, unit_offset=True))
+        self.self_attn = SelfAttention(
+            backend, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
+            inverse_frequencies(head_dim, rope_of(config, layer_type)), eps, config.query_pre_attn_scalar ** -0.5,
+            unit_offset_norm=True, sliding_window=sliding_window_of(config, layer_idx))
+        self.mlp = GatedMLP(backend, config.hidden_size, config.intermediate_size, config.hidden_activation)
+
+    def load(self, reader: WeightReader, prefix: str) -> None:
+        for name in NORMS:
+            getattr(self, name).load(reader.tensor(f"{prefix}.{name}.weight"), reader.dtype)
+        self.self_attn.load(reader, f"{prefix}.self_attn")
+        self.mlp.load(reader, f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(positions, self.input_layernorm(hidden))
+        hidden = hidden + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
+        return hidden + self.post_feedforward_layernorm(mlp)
+
+
+class Gemma3ForCausalLM(CausalLM):
+    def __init__(self, config, backend, dtype: torch.dtype):
+        super().__init__(config, backend, dtype)
+        self.embed_tokens = Embedding(backend, config.vocab_size, config.hidden_size,
+                                      scale=config.hidden_size ** 0.5)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, backend, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps, unit_offset=True)
+        self.lm_head = LMHead(backend, config.hidden_size, config.vocab_size, config.final_logit_softcapping)
+
+    def load(self, reader: WeightReader) -> None:
+        prefix = reader.decoder_prefix()
+        self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
+        for i, layer in enumerate(self.layers):
+            layer.load(reader, f"{prefix}.layers.{i}")
+        self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
+        tied = getattr(self.config, "tie_word_embeddings", True)
+        self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)

@@ -1,0 +1,53 @@
+"""config.json -> our model class; weights from a checkpoint (or any source with the same methods)."""
+
+import torch
+
+from adaq.errors import AdaqError
+from adaq.formats.architectures import SUPPORTED_ARCHITECTURES, architecture_of
+from adaq.models.base import CausalLM, WeightReader
+from adaq.models.gemma3 import Gemma3ForCausalLM
+from adaq.models.qwen3 import Qwen3ForCausalLM
+from adaq.models.qwen3_moe import Qwen3MoeForCausalLM
+
+MODEL_CLASSES = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
+}
+assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def text_config(config: dict):
+    """The transformers config object of the text decoder; it normalises legacy fields (rope_theta,
+    rope_local_base_freq, rope_scaling, sliding_window_pattern, num_local_experts) the way transformers does."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+    try:
+        parsed = AutoConfig.for_model(config.get("model_type"), **fields)
+    except (ValueError, TypeError, KeyError) as error:
+        raise AdaqError(f"config.json cannot be read as model_type {config.get('model_type')!r}: {error}") from None
+    return getattr(parsed, "text_config", None) or parsed
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_model(config: dict, backend, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+    """An empty model (no weights yet) for config.json's architecture; compute dtype defaults to bf16 on a GPU
+    and fp32 on the CPU. `device` must agree with the backend's (the backend places every tensor)."""
+    if device is not None and torch.device(device).type != backend.device.type:
+        raise AdaqError(f"device {device} differs from the backend's device {backend.device}")
+    model_class = MODEL_CLASSES[architecture_of(config)]
+    model = model_class(text_config(config), backend, dtype or default_dtype(backend.device))
+    return model.eval()
+
+
+def load_weights(model: CausalLM, source) -> CausalLM:
+    """Fill the model from a Checkpoint (adaq.formats.checkpoint) or anything with quantized_prefixes(),
+    nvfp4(prefix), tensor_names(), tensor(name): NVFP4 linears stay NVFP4, other tensors load in the model dtype."""
+    with torch.no_grad():
+        model.load(WeightReader(source, model.dtype))
+    return model

@@ -1,0 +1,211 @@
+"""VRAM budget of serving a checkpoint on a GPU: weights + KV cache + activations/workspace + CUDA context.
+
+Every figure is in bytes and follows a stated formula, so a user can redo it by hand:
+- weights: as stored (quantized Linears: packed + block scales + global scales) and kept tensors at bf16;
+- KV cache: batch × context rounded up to KV_BLOCK_SIZE × layers × 2 (K and V) × kv_heads × head_dim × bytes
+  per value, plus for FP8 one fp32 scale per (token, kv head) for K and for V (docs/ARCHITECTURE.md); every
+  layer holds the full context (the engine allocates Gemma3's sliding-window layers that way too);
+- activations/workspace at the largest step the engine runs (see activation_bytes);
+- CUDA context: the driver context, torch's kernels and cuBLAS workspace, a constant measured on a GPU.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from adaq.errors import AdaqError
+from adaq.formats.nvfp4 import GROUP_SIZE
+from adaq.validate.shapes import ModelShape
+
+GiB = 1024**3
+MiB = 1024**2
+KV_BLOCK_SIZE = 16  # tokens per paged KV block
+KV_BYTES = {"fp8": 1, "bf16": 2}
+KV_SCALE_BYTES = {"fp8": 4, "bf16": 0}  # fp32 scale per (token, kv head), for K and for V
+MAX_BATCHED_TOKENS = 8192  # tokens the engine prefills in one step (at least one whole prompt)
+DECODE_SPLITS = 16  # flash-decoding partial results per (sequence, head)
+CUDA_CONTEXT_BYTES = 512 * MiB
+DEFAULT_UTILIZATION = 0.9  # adaq.engine.LLM's gpu_memory_utilization default
+MAX_SEARCH = 1 << 24
+
+# Total memory as nvidia-smi reports it (MiB), which is what a process can see.
+GPUS = {"rtx4090": 24564 * MiB, "rtx4080": 16376 * MiB, "l40s": 46068 * MiB, "h100": 81559 * MiB}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory: int  # bytes
+
+    @classmethod
+    def parse(cls, spec: str) -> "Gpu":
+        """A preset name (rtx4090, rtx4080, l40s, h100) or a size in GiB ("24", "11.5")."""
+        key = spec.strip().lower().replace("-", "").replace(" ", "")
+        if key in GPUS:
+            return cls(key, GPUS[key])
+        try:
+            gib = float(key.removesuffix("gib").removesuffix("gb"))
+        except ValueError:
+            gib = 0.0
+        if not (0 < gib < 1e5):
+            raise AdaqError(f"--gpu {spec!r}: give one of {', '.join(GPUS)} or a memory size in GiB")
+        return cls(f"{gib:g} GiB", int(gib * GiB))
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    quantized: int  # NVFP4 Linears as stored (0 for a dense checkpoint)
+    kept: int  # everything else (embeddings, lm_head unless tied, norms, routers, dense Linears) at bf16
+
+    @property
+    def total(self) -> int:
+        return self.quantized + self.kept
+
+
+def nvfp4_linear_bytes(n: int, k: int, input_scale: bool = False) -> int:
+    """Packed E2M1 (half a byte per weight) + one E4M3 scale per 16 + the fp32 global scale(s)."""
+    return n * k // 2 + n * k // GROUP_SIZE + 4 + (4 if input_scale else 0)
+
+
+def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale: bool = False) -> WeightBytes:
+    """Weights from the config alone: every attention/MLP/expert Linear in NVFP4 (or bf16), the rest in bf16."""
+    linears = [*shape.layer_linears().values()] * shape.layers
+    if shape.moe_layers:
+        attention = list(shape.layer_linears().values())[:4]
+        dense_mlp = list(shape.layer_linears().values())[4:]
+        linears = attention * shape.layers + dense_mlp * shape.dense_layers
+        linears += [*shape.expert_linears().values()] * shape.experts * shape.moe_layers
+    linear_params = sum(n * k for n, k in linears)
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+    norms = shape.norms_per_layer * shape.layers + shape.hidden
+    routers = shape.experts * shape.hidden * shape.moe_layers
+    kept = 2 * (embeddings + norms + routers)
+    if not quantized:
+        return WeightBytes(0, kept + 2 * linear_params)
+    return WeightBytes(sum(nvfp4_linear_bytes(n, k, input_scale) for n, k in linears), kept)
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
+    """One token's K and V in every layer, with the FP8 scheme's fp32 scale per (token, kv head)."""
+    per_layer = 2 * shape.kv_heads * (shape.head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
+    return per_layer * shape.layers
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str) -> int:
+    tokens = math.ceil(context / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+    return batch * tokens * kv_bytes_per_token(shape, kv_dtype)
+
+
+def step_tokens(batch: int, context: int) -> int:
+    """Tokens in the largest step: a prefill batch of up to MAX_BATCHED_TOKENS, never less than one prompt."""
+    return min(batch * context, max(context, MAX_BATCHED_TOKENS))
+
+
+def activation_bytes(shape: ModelShape, batch: int, context: int) -> dict[str, int]:
+    """Peak activations and workspace of one step with T = step_tokens(batch, context), bf16 = 2 bytes:
+    residual stream 2·T·H·2; the wider of attention T·(2·Hq + 2·Hkv)·D·2 (q/k/v and attention output) and
+    MLP T·3·I·2 (gate/up output + activated; I = top-k × expert width for MoE, plus fp32 router logits T·E·4);
+    the FP8 copy of a GEMM input T·Kmax + T·4; one NVFP4 weight expanded to FP8 for the prefill GEMM, fused
+    gate/up or q/k/v, N·K + N·4; fp32 logits and sampling probabilities of the last token of each sequence
+    2·B·V·4; flash-decoding partials B·Hq·DECODE_SPLITS·(D + 2)·4. Attention is fused (no T×T scores)."""
+    t = step_tokens(batch, context)
+    attention = t * (2 * shape.q_width + 2 * shape.kv_width) * 2
+    mlp = t * 3 * shape.mlp_width * 2 + t * shape.experts * 4
+    k_max = max(shape.hidden, shape.q_width, shape.dense_intermediate, shape.moe_intermediate)
+    fused = [(shape.q_width + 2 * shape.kv_width, shape.hidden), (shape.hidden, k_max),
+             (2 * max(shape.dense_intermediate, shape.moe_intermediate), shape.hidden)]
+    n, k = max(fused, key=lambda nk: nk[0] * nk[1])
+    return {
+        "residual stream": 2 * t * shape.hidden * 2,
+        "attention or MLP": max(attention, mlp),
+        "FP8 GEMM input": t * k_max + t * 4,
+        "weight workspace": n * k + n * 4,
+        "logits": 2 * batch * shape.vocab * 4,
+        "decode partials": batch * shape.heads * DECODE_SPLITS * (shape.head_dim + 2) * 4,
+    }
+
+
+@dataclass
+class Budget:
+    gpu: Gpu
+    utilization: float
+    batch: int
+    context: int
+    kv_dtype: str
+    weights: WeightBytes
+    kv_cache: int
+    kv_per_token: int
+    activations: dict[str, int]
+    cuda_context: int
+    max_batch: int  # at this context
+    max_context: int  # at this batch
+    max_context_capped: bool  # max_context stopped at the model's max_position_embeddings
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return int(self.gpu.memory * self.utilization)
+
+    @property
+    def total(self) -> int:
+        return self.weights.total + self.kv_cache + sum(self.activations.values()) + self.cuda_context
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+    def as_dict(self) -> dict:
+        return {
+            "gpu": self.gpu.name, "gpu_memory_bytes": self.gpu.memory, "gpu_memory_utilization": self.utilization,
+            "usable_bytes": self.usable, "batch": self.batch, "context": self.context, "kv_cache_dtype": self.kv_dtype,
+            "weights_quantized_bytes": self.weights.quantized, "weights_kept_bytes": self.weights.kept,
+            "kv_cache_bytes": self.kv_cache, "kv_bytes_per_token": self.kv_per_token,
+            "activations_bytes": sum(self.activations.values()), "activations": self.activations,
+            "cuda_context_bytes": self.cuda_context, "total_bytes": self.total, "fits": self.fits,
+            "max_batch_at_context": self.max_batch, "max_context_at_batch": self.max_context,
+            "max_context_capped_by_model": self.max_context_capped, "notes": self.notes,
+        }
+
+
+def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str) -> int:
+    return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype)
+            + sum(activation_bytes(shape, batch, context).values()) + CUDA_CONTEXT_BYTES)
+
+
+def largest(fits, limit: int = MAX_SEARCH) -> int:
+    """Largest x in [0, limit] with fits(x), for a fits that holds up to some point and fails after it."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context: int, kv_dtype: str = "fp8",
+         utilization: float = DEFAULT_UTILIZATION) -> Budget:
+    if kv_dtype not in KV_BYTES:
+        raise AdaqError(f"--kv-cache-dtype {kv_dtype}: choose one of {', '.join(KV_BYTES)}")
+    if batch < 1 or context < 1:
+        raise AdaqError(f"--batch and --context must be at least 1 (got {batch} and {context})")
+    if not 0 < utilization <= 1:
+        raise AdaqError(f"--gpu-memory-utilization {utilization}: must be in (0, 1]")
+    usable = int(gpu.memory * utilization)
+    fits = lambda b, t: total_bytes(shape, weights, b, t, kv_dtype) <= usable  # noqa: E731
+    context_limit = shape.max_position or MAX_SEARCH
+    max_context = largest(lambda t: t == 0 or fits(batch, t), context_limit)
+    return Budget(
+        gpu=gpu, utilization=utilization, batch=batch, context=context, kv_dtype=kv_dtype, weights=weights,
+        kv_cache=kv_cache_bytes(shape, batch, context, kv_dtype), kv_per_token=kv_bytes_per_token(shape, kv_dtype),
+        activations=activation_bytes(shape, batch, context), cuda_context=CUDA_CONTEXT_BYTES,
+        max_batch=largest(lambda b: b == 0 or fits(b, context)),
+        max_context=max_context, max_context_capped=max_context == context_limit and shape.max_position is not None,
+        notes=budget_notes(shape),
+    )
+
+
+def budget_notes(shape: ModelShape) -> list[str]:
+    notes = [f"activations at up to {MAX_BATCHED_TOKENS} prefill tokens per step (never less than one prompt); "
+             f"CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
+    if shape.sliding_layers:
+        notes.append(f"KV at full context in all {shape.layers} layers: the engine allocates the "
+                     f"{shape.sliding_layers} sliding-window layers (window {shape.sliding_window}) like the others")
+    return notes

@@ -1,0 +1,128 @@
+"""The layer shapes of a model, read from its config.json: what the VRAM budget and shape checks work from."""
+
+import re
+from dataclasses import dataclass
+
+from adaq.errors import CheckpointError
+
+# Per-family defaults for keys a config may leave out (the transformers config classes' defaults).
+TIED_BY_DEFAULT = {"Gemma3ForCausalLM": True, "Gemma3ForConditionalGeneration": True}
+NORMS_PER_LAYER = {"Gemma3": 4}  # hidden-sized norms per layer: Gemma3 adds pre/post-feedforward norms
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # dense MLP width (0 when every layer is MoE)
+    vocab: int
+    tied_embeddings: bool
+    max_position: int | None = None
+    dense_layers: int = 0
+    moe_layers: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate: int = 0
+    sliding_window: int | None = None
+    sliding_layers: int = 0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        architecture = (config.get("architectures") or ["?"])[0]
+        text = {**config, **config.get("text_config", {})}
+        need = lambda key: required(text, key)  # noqa: E731
+        heads, layers = need("num_attention_heads"), need("num_hidden_layers")
+        moe = moe_layer_count(text, layers)
+        sliding = sliding_layer_count(text, layers)
+        return cls(
+            architecture=architecture,
+            hidden=need("hidden_size"), layers=layers, heads=heads,
+            kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or need("hidden_size") // heads,
+            intermediate=text.get("intermediate_size") or 0, vocab=need("vocab_size"),
+            tied_embeddings=text.get("tie_word_embeddings", config.get(
+                "tie_word_embeddings", TIED_BY_DEFAULT.get(architecture, False))),
+            max_position=text.get("max_position_embeddings"),
+            dense_layers=layers - moe, moe_layers=moe,
+            experts=text.get("num_experts", 0) if moe else 0,
+            experts_per_token=text.get("num_experts_per_tok", 0) if moe else 0,
+            moe_intermediate=text.get("moe_intermediate_size", 0) if moe else 0,
+            sliding_window=text.get("sliding_window") if sliding else None, sliding_layers=sliding,
+        )
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def norms_per_layer(self) -> int:
+        hidden_norms = NORMS_PER_LAYER.get(self.architecture[:6], 2)
+        return hidden_norms * self.hidden + 2 * self.head_dim  # + q_norm, k_norm
+
+    @property
+    def dense_intermediate(self) -> int:
+        """Dense MLP width, 0 when every layer is MoE (a MoE config may still carry intermediate_size)."""
+        return self.intermediate if self.dense_layers else 0
+
+    @property
+    def mlp_width(self) -> int:
+        """Widest MLP intermediate a token passes through in one layer (top-k experts for MoE)."""
+        return max(self.dense_intermediate, self.experts_per_token * self.moe_intermediate)
+
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of each Linear of a dense layer's attention and MLP; experts are in expert_linears()."""
+        linears = {
+            "self_attn.q_proj": (self.q_width, self.hidden), "self_attn.k_proj": (self.kv_width, self.hidden),
+            "self_attn.v_proj": (self.kv_width, self.hidden), "self_attn.o_proj": (self.hidden, self.q_width),
+        }
+        if self.intermediate:
+            linears |= {"mlp.gate_proj": (self.intermediate, self.hidden),
+                        "mlp.up_proj": (self.intermediate, self.hidden),
+                        "mlp.down_proj": (self.hidden, self.intermediate)}
+        return linears
+
+    def expert_linears(self) -> dict[str, tuple[int, int]]:
+        width = self.moe_intermediate
+        return {"gate_proj": (width, self.hidden), "up_proj": (width, self.hidden), "down_proj": (self.hidden, width)}
+
+    def expected_linear_shape(self, prefix: str) -> tuple[int, int] | None:
+        """(N, K) this config gives the Linear named prefix, or None for a name it does not describe."""
+        expert = re.search(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$", prefix)
+        if expert and self.moe_layers:
+            return self.expert_linears()[expert.group(1)]
+        attention_or_mlp = re.search(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$", prefix)
+        return self.layer_linears().get(attention_or_mlp.group(1)) if attention_or_mlp else None
+
+
+def required(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"config.json: {key} is missing or not a positive integer (got {value!r})")
+    return value
+
+
+def moe_layer_count(config: dict, layers: int) -> int:
+    if not config.get("num_experts"):
+        return 0
+    step = config.get("decoder_sparse_step") or 1
+    dense_only = set(config.get("mlp_only_layers") or [])
+    return sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+
+
+def sliding_layer_count(config: dict, layers: int) -> int:
+    if not config.get("sliding_window") or config.get("use_sliding_window") is False:
+        return 0
+    if config.get("layer_types"):
+        return sum(1 for kind in config["layer_types"] if kind == "sliding_attention")
+    pattern = config.get("sliding_window_pattern")
+    if pattern:
+        return sum(1 for i in range(layers) if (i + 1) % pattern)
+    return layers

@@ -1,0 +1,195 @@
+"""`adaq validate` as a library call: is this checkpoint runnable by adaq's sm_89 kernels, and does it fit?"""
+
+import math
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
+from adaq.formats.architectures import architecture_of
+from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
+from adaq.validate.budget import DEFAULT_UTILIZATION, Budget, Gpu, WeightBytes, plan
+from adaq.validate.rules import FORMAT_ROLES, tile_rules
+from adaq.validate.shapes import ModelShape
+from adaq.validate.tensors import Finding, Checks, TensorIndex, check_linears
+
+DEFAULT_CONTEXT = 4096
+NVFP4_CT_FORMAT = "nvfp4-pack-quantized"
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    format: str
+    scheme: str | None
+    architecture: str
+    arch: str
+    quantized_linears: int
+    tensors: int
+    findings: list[Finding] = field(default_factory=list)
+    rules_applied: Counter = field(default_factory=Counter)
+    budget: Budget | None = None
+    compile: dict | None = None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors
+
+    def as_dict(self) -> dict:
+        return {
+            "path": str(self.path), "valid": self.valid, "format": self.format, "scheme": self.scheme,
+            "architecture": self.architecture, "arch": self.arch,
+            "quantized_linears": self.quantized_linears, "tensors": self.tensors,
+            "errors": len(self.errors), "warnings": len(self.warnings),
+            "findings": [vars(f) for f in self.findings],
+            "rules": {rule: {"checked": self.rules_applied[rule], "failed": self.failed(rule)}
+                      for rule in sorted(self.rules_applied)},
+            "budget": self.budget.as_dict() if self.budget else None,
+            "compile": self.compile,
+        }
+
+    def failed(self, rule: str) -> int:
+        return sum(1 for f in self.findings if f.rule == rule)
+
+
+def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx4090", batch: int = 1,
+                        context: int | None = None, kv_cache_dtype: str = "fp8", compile: bool = False,
+                        utilization: float = DEFAULT_UTILIZATION) -> ValidationReport:
+    """Check a checkpoint folder's layout and scales for `arch` and plan its VRAM on `gpu`.
+
+    Raises CheckpointError for a folder that cannot be read at all (corrupt safetensors, no config.json);
+    everything else becomes a Finding in the report."""
+    from adaq.formats.checkpoint import open_checkpoint
+
+    path = Path(path)
+    tiles, target = tile_rules(arch), Gpu.parse(gpu)
+    require_folder(path)
+    headers = check_safetensors_folder(path)
+    checkpoint = open_checkpoint(path)
+    index = TensorIndex.from_headers(headers)
+    prefixes = checkpoint.quantized_prefixes()
+    checks = Checks()
+    architecture = check_architecture(checks, checkpoint.config)
+    shape = model_shape(checks, checkpoint.config)
+    check_quantization_config(checks, checkpoint, index)
+    if checkpoint.format in FORMAT_ROLES:
+        checks.merge(check_linears(prefixes, index, FORMAT_ROLES[checkpoint.format], tiles, shape,
+                                   needs_input_scale=checkpoint.scheme == "nvfp4"))
+    budget = None
+    if shape is not None:
+        context = context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
+        budget = plan(shape, weights_from_index(index, prefixes), target, batch, context, kv_cache_dtype, utilization)
+        check_budget(checks, budget, shape)
+    compiled = compile_check(checks, arch) if compile else None
+    return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
+                            len(index.entries), checks.findings, checks.applied, budget, compiled)
+
+
+def require_folder(path: Path) -> None:
+    if path.is_dir():
+        return
+    refuse_pickle(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    raise CheckpointError(f"{path}: not a checkpoint folder (give the folder holding config.json and *.safetensors)")
+
+
+def check_architecture(checks: Checks, config: dict) -> str:
+    try:
+        name = architecture_of(config)
+    except UnsupportedArchitecture as error:
+        checks.check("architecture", False, "", str(error))
+        return ", ".join(config.get("architectures") or ["?"])
+    checks.check("architecture", True, "", "")
+    return name
+
+
+def model_shape(checks: Checks, config: dict) -> ModelShape | None:
+    try:
+        shape = ModelShape.from_config(config)
+    except CheckpointError as error:
+        checks.check("config", False, "", str(error))
+        return None
+    checks.check("config", True, "", "")
+    return shape
+
+
+def check_quantization_config(checks: Checks, checkpoint, index: TensorIndex) -> None:
+    if checkpoint.format == "dense":
+        packed = [name for name in index.entries if name.endswith(".weight_packed")]
+        checks.check("config", not packed, packed[0] if packed else "",
+                     "looks like compressed-tensors NVFP4, but config.json has no quantization_config "
+                     "with quant_method compressed-tensors")
+        return
+    if checkpoint.format != "compressed-tensors":
+        return
+    quantization = checkpoint.config["quantization_config"]
+    fmt = quantization.get("format")
+    checks.check("config", fmt in (None, NVFP4_CT_FORMAT), "",
+                 f"compressed-tensors format {fmt!r} is not NVFP4 ({NVFP4_CT_FORMAT})")
+    for name, group in (quantization.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        nvfp4 = (weights.get("num_bits"), weights.get("type"), weights.get("group_size")) == (4, "float", 16)
+        checks.check("config", nvfp4, "", f"quantization_config group {name} is not NVFP4 "
+                     f"(weights num_bits {weights.get('num_bits')}, type {weights.get('type')}, "
+                     f"group_size {weights.get('group_size')}; NVFP4 is 4, float, 16)")
+    checks.check("tensors-present", bool(checkpoint.quantized_prefixes()), "",
+                 "config.json says compressed-tensors but no tensor ends in .weight_packed")
+
+
+def weights_from_index(index: TensorIndex, prefixes: list[str]) -> WeightBytes:
+    """Quantized Linears as stored; every other floating tensor at bf16 (the engine's GPU dtype)."""
+    quantized_prefixes = set(prefixes)
+    quantized = kept = 0
+    for name, entry in index.entries.items():
+        if name.rpartition(".")[0] in quantized_prefixes:
+            quantized += tensor_nbytes(entry)
+        elif entry["dtype"] in FLOAT_DTYPES:
+            kept += 2 * math.prod(entry["shape"])
+        else:
+            kept += tensor_nbytes(entry)
+    return WeightBytes(quantized, kept)
+
+
+def check_budget(checks: Checks, budget: Budget, shape: ModelShape) -> None:
+    if shape.max_position:
+        checks.check("context", budget.context <= shape.max_position, "",
+                     f"--context {budget.context} exceeds the model's max_position_embeddings {shape.max_position}")
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    checks.check("fits", budget.fits, "",
+                 f"needs {gib(budget.total)} but {budget.gpu.name} offers {gib(budget.usable)} at "
+                 f"gpu_memory_utilization {budget.utilization}; at --context {budget.context} the largest batch "
+                 f"is {budget.max_batch}, at --batch {budget.batch} the largest context is {budget.max_context}")
+
+
+def compile_check(checks: Checks, arch: str) -> dict:
+    """Delegate to adaq.kernels.build.compile_check; say plainly when it or nvcc is missing."""
+    if shutil.which("nvcc") is None:
+        message = ("nvcc not found on PATH: install the CUDA toolkit 12.4 or newer (e.g. `apt install cuda-nvcc-12-8` "
+                   "or `pip install nvidia-cuda-nvcc-cu12`) to compile for sm_89")
+        checks.check("compile", False, "", message)
+        return {"ok": False, "error": message}
+    try:
+        from adaq.kernels.build import compile_check as kernels_compile_check
+    except ImportError:
+        message = "this adaq has no adaq.kernels.build.compile_check: its CUDA kernels are not part of this install"
+        checks.check("compile", False, "", message)
+        return {"ok": False, "error": message}
+    try:
+        result = dict(kernels_compile_check(arch=arch))
+    except (AdaqError, OSError) as error:
+        checks.check("compile", False, "", str(error))
+        return {"ok": False, "error": str(error)}
+    ok = result.get("ok")
+    checks.check("compile", ok is True, "", result.get("error") or f"compile check for {arch} did not pass: {result}")
+    return result

@@ -1,0 +1,71 @@
+"""A minimal stand-in for the engine's model runner: a paged KV cache per layer and hand-built step contexts.
+
+Sequence b owns blocks [b * blocks_per_seq, (b + 1) * blocks_per_seq), listed in reverse order in its block table
+so that a gather that ignores the table would read the wrong tokens.
+"""
+
+import torch
+
+from adaq.engine.context import reset_context, set_context
+
+
+class PagedRunner:
+    def __init__(self, model, num_seqs: int, max_len: int, block_size: int = 4,
+                 kv_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.block_size = block_size
+        self.blocks_per_seq = -(-max_len // block_size)
+        num_blocks = num_seqs * self.blocks_per_seq
+        self.block_tables = torch.tensor(
+            [list(reversed(range(b * self.blocks_per_seq, (b + 1) * self.blocks_per_seq))) for b in range(num_seqs)],
+            dtype=torch.int32)
+        self.cached = [0] * num_seqs
+        for layer in model.attention_layers():
+            shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=kv_dtype)
+            layer.v_cache = torch.zeros(shape, dtype=kv_dtype)
+            fp8 = kv_dtype == torch.float8_e4m3fn
+            layer.k_scale = torch.zeros(shape[:-1]) if fp8 else None
+            layer.v_scale = torch.zeros(shape[:-1]) if fp8 else None
+
+    def slot(self, seq: int, position: int) -> int:
+        block = int(self.block_tables[seq, position // self.block_size])
+        return block * self.block_size + position % self.block_size
+
+    @torch.no_grad()
+    def step(self, chunks: dict[int, list[int]], logits_for_all: bool = False) -> torch.Tensor:
+        """Run one step with `chunks[seq]` = the next tokens of each listed sequence; fp32 logits of every token
+        (logits_for_all) or of each sequence's last token."""
+        seqs = list(chunks)
+        ids, positions, slots, lens = [], [], [], []
+        for seq in seqs:
+            start = self.cached[seq]
+            tokens = chunks[seq]
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            slots += [self.slot(seq, p) for p in range(start, start + len(tokens))]
+            lens.append(len(tokens))
+            self.cached[seq] += len(tokens)
+        q_lens = torch.tensor(lens, dtype=torch.int32)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu[1:] = q_lens.cumsum(0)
+        context_lens = torch.tensor([self.cached[s] for s in seqs], dtype=torch.int32)
+        decode = all(n == 1 for n in lens)
+        set_context(is_prefill=not decode, cu_seqlens_q=None if decode else cu, max_seqlen_q=max(lens),
+                    context_lens=context_lens, slot_mapping=torch.tensor(slots, dtype=torch.int64),
+                    block_tables=self.block_tables[seqs], max_context_len=int(context_lens.max()))
+        try:
+            hidden = self.model(torch.tensor(ids), torch.tensor(positions))
+        finally:
+            reset_context()
+        rows = torch.arange(len(ids)) if logits_for_all else cu[1:].long() - 1
+        return self.model.compute_logits(hidden[rows])
+
+
+def prefill_logits(model, tokens: list[int], block_size: int = 4, kv_dtype: torch.dtype = torch.float32,
+                   chunk: int | None = None) -> torch.Tensor:
+    """Logits [len(tokens), V] of one sequence run through the paged cache, in chunks of `chunk` tokens."""
+    runner = PagedRunner(model, 1, len(tokens), block_size, kv_dtype)
+    chunk = chunk or len(tokens)
+    pieces = [runner.step({0: tokens[i:i + chunk]}, logits_for_all=True) for i in range(0, len(tokens), chunk)]
+    return torch.cat(pieces)

@@ -1,0 +1,141 @@
+"""Tiny random Qwen3 / Qwen3-MoE / Gemma3 checkpoints for CPU tests.
+
+`make_checkpoint(arch, folder, scheme)` writes three folders under `folder`:
+- `dense/`: the random model as transformers saves it (fp32);
+- `nvfp4/`: a compressed-tensors NVFP4 (scheme "nvfp4a16") or W4A4 (scheme "nvfp4") checkpoint of it, q/k/v and
+  gate/up sharing their global scales as llm-compressor writes them;
+- `decompressed/`: the dense model with every quantized Linear replaced by its exact dequantized weight, i.e. what
+  transformers' forward on the decompressed weights should equal.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaq.formats import nvfp4
+
+VOCAB = 256
+
+CONFIGS = {
+    "qwen3": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, tie_word_embeddings=False, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 10000.0}),
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=512, tie_word_embeddings=False),
+    "gemma3": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=8,
+        query_pre_attn_scalar=24, max_position_embeddings=512, final_logit_softcapping=3.0,
+        attn_logit_softcapping=2.0, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}),
+}
+
+QUANTIZED = re.compile(r".*layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def hf_config(arch: str, **overrides):
+    from transformers import AutoConfig
+
+    fields = {**CONFIGS[arch], **overrides}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def random_model(arch: str, seed: int = 0, **overrides):
+    """A transformers model with weights large enough that attention and routing are not trivial."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                offset = 0.0 if arch == "gemma3" else 1.0  # Gemma's norms are (1 + w)
+                param.copy_(offset + 0.2 * torch.randn_like(param))
+            elif "embed_tokens" in name:
+                param.normal_(0, 0.5 if arch == "gemma3" else 1.0)
+            else:
+                param.normal_(0, 0.15)
+    return model.eval()
+
+
+def quantize_group(weights: dict[str, torch.Tensor]) -> dict[str, nvfp4.NVFP4Weight]:
+    """One global scale for the whole group (q/k/v or gate/up), as llm-compressor links them."""
+    amax = max(w.abs().amax() for w in weights.values())
+    shared = nvfp4.global_scale_from_amax(amax).to(torch.bfloat16).float()
+    return {name: nvfp4.quantize(w, shared) for name, w in weights.items()}
+
+
+def sibling_groups(names: list[str]) -> list[list[str]]:
+    """Weight names grouped with the projections they fuse with."""
+    groups, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        group = [name]
+        for members in FUSED_GROUPS:
+            member = next((m for m in members if f".{m}.weight" in name), None)
+            if member:
+                group = [name.replace(f".{member}.", f".{m}.") for m in members]
+                break
+        seen.update(group)
+        groups.append(group)
+    return groups
+
+
+def input_global_scale(prefix: str) -> torch.Tensor:
+    """A made-up but deterministic calibration: activations of amax 4 to 8 depending on the module."""
+    amax = 4.0 + (sum(map(ord, prefix.split(".")[-1])) % 5)
+    return torch.tensor([nvfp4.FP8_MAX * nvfp4.FP4_MAX / amax], dtype=torch.float32)
+
+
+def quantization_config(scheme: str, ignore: list[str]) -> dict:
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    preset = {"nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16"}[scheme]
+    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
+                                format="nvfp4-pack-quantized", ignore=ignore, quantization_status="compressed")
+    return json.loads(config.model_dump_json())
+
+
+def write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def make_checkpoint(arch: str, folder: Path, scheme: str = "nvfp4a16", seed: int = 0, **overrides) -> Path:
+    folder = Path(folder)
+    model = random_model(arch, seed, **overrides)
+    model.save_pretrained(folder / "dense")
+    config = json.loads((folder / "dense" / "config.json").read_text())
+    state = load_file(folder / "dense" / "model.safetensors")
+    quantized_names = [n for n in state if QUANTIZED.match(n)]
+    packed, decompressed = {}, dict(state)
+    for group in sibling_groups(quantized_names):
+        for name, weight in quantize_group({n: state[n] for n in group}).items():
+            prefix = name.removesuffix(".weight")
+            del decompressed[name]
+            decompressed[name] = nvfp4.dequantize(weight, torch.float32)
+            packed[f"{prefix}.weight_packed"] = weight.packed
+            packed[f"{prefix}.weight_scale"] = weight.block_scale
+            packed[f"{prefix}.weight_global_scale"] = weight.global_scale
+            if scheme == "nvfp4":
+                packed[f"{prefix}.input_global_scale"] = input_global_scale(prefix)
+    kept = {n: t for n, t in state.items() if n not in quantized_names}
+    ignore = ["lm_head", "re:.*mlp.gate$"]
+    write_folder(folder / "nvfp4", {**kept, **packed}, {**config, "quantization_config":
+                                                        quantization_config(scheme, ignore)})
+    write_folder(folder / "decompressed", decompressed, config)
+    return folder

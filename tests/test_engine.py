@@ -1,0 +1,246 @@
+"""The engine end to end on tiny random NVFP4 checkpoints (reference backend, CPU), against transformers."""
+
+import sys
+
+import pytest
+import torch
+from helpers.tiny_models import make_checkpoint
+from helpers.tiny_tokenizer import write_tokenizer
+
+from adaq.engine.api import LLM
+from adaq.engine.sampling_params import InvalidSamplingParams, SamplingParams
+from adaq.errors import AdaqError, UnsupportedArchitecture
+
+DECODE_STEPS = 32
+PROMPT = [249, 17, 200, 3, 96, 45, 150, 7, 88, 230, 61, 12, 5, 140]  # 14 tokens: past Gemma's window of 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folders = {}
+    for arch in ("qwen3", "qwen3_moe", "gemma3"):
+        root = make_checkpoint(arch, tmp_path_factory.mktemp(arch))
+        write_tokenizer(root / "nvfp4")
+        folders[arch] = root
+    return folders
+
+
+def make_llm(folder, **settings) -> LLM:
+    defaults = dict(backend="reference", kv_cache_dtype="bf16", dtype="fp32", device="cpu", block_size=4,
+                    max_model_len=128)
+    return LLM(folder, **{**defaults, **settings})
+
+
+def record_logits(llm: LLM) -> list[torch.Tensor]:
+    """Every logits row the engine computes, in order (the model's compute_logits, wrapped)."""
+    rows = []
+    model = llm.engine.runner.model
+    compute = model.compute_logits
+
+    def recording(hidden):
+        logits = compute(hidden)
+        rows.extend(logits.detach().clone())
+        return logits
+
+    model.compute_logits = recording
+    return rows
+
+
+def bf16_kv_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own eager attention with K and V rounded through bf16, as a bf16 KV cache stores them."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key.bfloat16().float(), value.bfloat16().float(), attention_mask, **kwargs)
+
+
+def transformers_logits(folder, token_ids: list[int], kv_bf16: bool = True) -> torch.Tensor:
+    """fp32 logits of transformers' forward; kv_bf16: K/V rounded to bf16 (what the engine's bf16 cache does)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register("adaq_bf16_kv", bf16_kv_attention)
+    AttentionMaskInterface.register("adaq_bf16_kv", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    attention = "adaq_bf16_kv" if kv_bf16 else "eager"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention).eval()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()
+
+
+def greedy(max_tokens: int, **extra) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **extra)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "gemma3"])
+def test_prefill_and_decode_match_transformers(checkpoints, arch):
+    # Chunks of 5 tokens: the prompt's later chunks read the earlier ones from the paged cache.
+    llm = make_llm(checkpoints[arch] / "nvfp4", max_num_batched_tokens=5)
+    rows = record_logits(llm)
+    out = llm.generate(PROMPT, greedy(DECODE_STEPS + 1))[0]
+    assert len(rows) == DECODE_STEPS + 1
+    reference = transformers_logits(checkpoints[arch] / "decompressed", PROMPT + out.token_ids[:-1])
+    expected = reference[len(PROMPT) - 1:]
+    error = (torch.stack(rows) - expected).abs().max() / expected.abs().max()
+    assert error <= 1e-3, f"{arch}: max |dlogit| / max |logit| = {error:.2e}"
+    assert out.token_ids == expected.argmax(-1).tolist()
+
+
+def test_batch_invariance_with_preemption(checkpoints):
+    target = PROMPT[:9]
+    alone = make_llm(checkpoints["qwen3"] / "nvfp4").generate(target, greedy(24))[0].token_ids
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4", num_kv_blocks=40, max_model_len=64, max_num_batched_tokens=16)
+    engine = llm.engine
+    others = [[(7 * i + j) % 240 + 1 for j in range(5 + 3 * i)] for i in range(7)]
+    ids = {engine.add_request(others[0], greedy(30)): None}
+    target_id = engine.add_request(target, greedy(24))
+    finished = {}
+    step = 0
+    while engine.has_unfinished():
+        if step < len(others) - 1 and step % 1 == 0:
+            ids[engine.add_request(others[step + 1], greedy(20 + step))] = None
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        step += 1
+    assert engine.scheduler.num_preemptions > 0, "the tiny cache should have forced preemption"
+    assert finished[target_id].token_ids == alone
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_fp8_kv_cache_error_is_bounded(checkpoints, arch, capsys):
+    """Teacher-forced logits at 53 positions (prefill in chunks of 8, so most keys come from the cache) against
+    transformers in fp32 with an unrounded cache: E4M3 keeps 3 mantissa bits to bf16's 8, so its error may be up
+    to 2^5 times bf16's (twice that as slack), and stays under an absolute bound."""
+    folder = checkpoints[arch]
+    tokens = PROMPT + [(31 * i + 7) % 240 + 1 for i in range(40)]
+    reference = transformers_logits(folder / "decompressed", tokens, kv_bf16=False)[:-1]
+    errors, agreement = {}, {}
+    for kv_dtype in ("bf16", "fp8"):
+        llm = make_llm(folder / "nvfp4", kv_cache_dtype=kv_dtype, max_num_batched_tokens=8)
+        rows = record_logits(llm)
+        llm.prompt_logprobs([tokens])
+        logits = torch.stack(rows)
+        errors[kv_dtype] = ((logits - reference).abs().max() / reference.abs().max()).item()
+        agreement[kv_dtype] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    with capsys.disabled():
+        print(f"\n{arch}: max |dlogit| / max |logit| against transformers fp32: bf16 KV {errors['bf16']:.2e}, "
+              f"fp8 KV {errors['fp8']:.2e}; top-1 agreement bf16 {agreement['bf16']:.1%}, fp8 {agreement['fp8']:.1%}")
+    assert errors["bf16"] <= 1e-2
+    assert errors["bf16"] < errors["fp8"] <= min(64 * errors["bf16"], 0.15)
+    assert agreement["fp8"] >= 0.9
+
+
+def test_prompt_logprobs_match_transformers(checkpoints):
+    folder = checkpoints["qwen3"]
+    lists = [PROMPT, PROMPT[:5], [249, 100, 101, 102] * 10]
+    llm = make_llm(folder / "nvfp4", max_num_batched_tokens=16)
+    results = llm.prompt_logprobs(lists, with_greedy=True)
+    for tokens, (logprobs, is_greedy) in zip(lists, results):
+        reference = transformers_logits(folder / "decompressed", tokens).log_softmax(-1)[:-1]
+        expected = reference.gather(1, torch.tensor(tokens[1:]).unsqueeze(1)).squeeze(1)
+        assert logprobs.shape == (len(tokens) - 1,)
+        assert (logprobs - expected).abs().max() < 1e-3
+        assert torch.equal(is_greedy, reference.argmax(-1) == torch.tensor(tokens[1:]))
+
+
+def test_stop_strings_stop_ids_and_streaming(checkpoints):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4")
+    free = llm.engine.block_manager.num_free_blocks
+    full = llm.generate("Hello", greedy(40))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 40
+    assert "".join(llm.stream("Hello", greedy(40))) == full.text
+    start = next(k for k in range(3, len(full.text) - 2) if full.text[k:k + 2].isascii()
+                 and full.text[k:k + 2].isprintable() and full.text.find(full.text[k:k + 2]) == k)
+    stop = full.text[start:start + 2]
+    stopped = llm.generate("Hello", greedy(40, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    assert stopped.text == full.text[:start]
+    assert "".join(llm.stream("Hello", greedy(40, stop=[stop]))) == stopped.text
+    by_id = llm.generate("Hello", greedy(40, stop_token_ids=[full.token_ids[5]]))[0]
+    first = full.token_ids.index(full.token_ids[5])
+    assert by_id.token_ids == full.token_ids[:first + 1] and by_id.stop_reason == full.token_ids[5]
+    assert llm.engine.block_manager.num_free_blocks == free
+
+
+def test_eos_ends_generation_unless_ignored(checkpoints):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4")
+    full = llm.generate("Hi", greedy(30))[0]
+    llm.engine.eos_token_ids = {full.token_ids[3]}
+    first = full.token_ids.index(full.token_ids[3])
+    stopped = llm.generate("Hi", SamplingParams(max_tokens=30, temperature=0))[0]
+    assert stopped.token_ids == full.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    assert llm.generate("Hi", greedy(30))[0].token_ids == full.token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(checkpoints):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4")
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, min_p=0.01, seed=123,
+                            ignore_eos=True)
+    alone = llm.generate("Hello", params)[0].token_ids
+    crowd = llm.generate(["Hello", "Other prompt", "Hello"],
+                         [params, SamplingParams(max_tokens=25, seed=5, ignore_eos=True),
+                          SamplingParams(max_tokens=20, temperature=0.9, seed=124, ignore_eos=True)])
+    assert crowd[0].token_ids == alone
+    assert crowd[2].token_ids != alone
+
+
+def test_abort_frees_blocks(checkpoints):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4")
+    engine = llm.engine
+    request_id = engine.add_request("Hello there", greedy(50))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    engine.abort_request(request_id)
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [(request_id, "abort")]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.has_unfinished()
+
+
+def test_chat_uses_the_tokenizer_template(checkpoints):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4")
+    out = llm.chat([{"role": "user", "content": "hi"}], greedy(4))[0]
+    expected = llm.tokenizer.encode("<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>assistant\n",
+                                    add_special_tokens=False)
+    assert out.prompt_token_ids == expected
+
+
+def test_max_model_len_caps_generation(checkpoints):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4", max_model_len=20)
+    out = llm.generate(PROMPT, greedy(100))[0]
+    assert len(out.token_ids) == 20 - len(PROMPT) and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(num_kv_blocks=2, max_model_len=64), "--num-kv-blocks"),
+    (dict(kv_cache_memory="1KiB", max_model_len=64), "--kv-cache-memory"),
+    (dict(max_model_len=100_000), "--max-model-len"),
+    (dict(kv_cache_dtype="int4"), "--kv-cache-dtype"),
+])
+def test_bad_settings_name_the_setting(checkpoints, settings, match):
+    with pytest.raises(AdaqError, match=match):
+        make_llm(checkpoints["qwen3"] / "nvfp4", **settings)
+
+
+def test_bad_requests(checkpoints, tmp_path):
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4", max_model_len=32)
+    with pytest.raises(AdaqError, match="--max-model-len"):
+        llm.generate("x" * 40)
+    with pytest.raises(AdaqError, match="empty"):
+        llm.generate([[]])
+    with pytest.raises(InvalidSamplingParams, match="top_p"):
+        llm.generate("x", SamplingParams(top_p=2))
+    assert not llm.engine.has_unfinished()
+
+
+def test_missing_tokenizer_and_unsupported_architecture(checkpoints, tmp_path):
+    with pytest.raises(AdaqError, match="no tokenizer"):
+        make_llm(checkpoints["qwen3"] / "decompressed")
+    import json
+    import shutil
+
+    folder = shutil.copytree(checkpoints["qwen3"] / "nvfp4", tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM"):
+        make_llm(folder)

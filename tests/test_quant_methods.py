@@ -1,0 +1,141 @@
+"""Quantization methods beyond round-to-nearest: scale search, activation-aware search, GPTQ (issue 7)."""
+
+import pytest
+import torch
+
+from adaq.errors import AdaqError
+from adaq.formats import nvfp4
+from adaq.quant import gptq, scale_search
+from adaq.quant.scale_search import SearchConfig
+
+SHAPES = [(1, 16), (7, 48), (64, 256), (33, 640)]
+
+
+def _weight(shape, seed=0, outliers=True):
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=generator) * torch.rand(shape[0], 1, generator=generator) * 0.05
+    if outliers:
+        mask = torch.rand(shape, generator=generator) < 0.01
+        w = torch.where(mask, w * 20, w)
+    return w
+
+
+def _reference_block_errors(weight, q, importance=None):
+    error = (nvfp4.dequantize(q) - weight).square()
+    if importance is not None:
+        error = error * importance
+    return error.unflatten(-1, (-1, 16)).sum(-1)
+
+
+def test_e2m1_round_matches_reference_codec_including_ties():
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.5, 100.0, 0.0, -0.0])
+    x = torch.cat([torch.randn(50_000) * 3, ties, -ties, torch.nextafter(ties, torch.zeros_like(ties))])
+    assert torch.equal(scale_search.e2m1_round(x), nvfp4.e2m1_decode(nvfp4.e2m1_encode(x)))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_errors_match_reference_dequantization(shape):
+    w = _weight(shape)
+    q = nvfp4.quantize(w)
+    got = scale_search.block_errors(w, q.block_scale, q.global_scale)
+    torch.testing.assert_close(got, _reference_block_errors(w, q), rtol=1e-5, atol=1e-12)
+
+
+def test_encode_with_rtn_scales_is_byte_identical_to_reference_quantize():
+    w = _weight((64, 256))
+    ref = nvfp4.quantize(w)
+    ours = scale_search.encode(w, ref.block_scale, ref.global_scale)
+    assert torch.equal(ours.packed, ref.packed)
+    assert torch.equal(ours.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_search_never_worse_than_rtn_on_any_block(shape, weighted):
+    w = _weight(shape, seed=shape[0])
+    importance = torch.rand(shape[1]) ** 4 * 10 if weighted else None
+    rtn = nvfp4.quantize(w)
+    searched = scale_search.quantize_searched(w, rtn.global_scale, importance)
+    rtn_err = _reference_block_errors(w, rtn, importance)
+    ours = _reference_block_errors(w, searched, importance)
+    assert (ours <= rtn_err).all()
+    assert torch.equal(searched.global_scale, rtn.global_scale)
+    if shape[0] * shape[1] >= 4096:
+        assert ours.sum() < 0.97 * rtn_err.sum()
+
+
+def test_search_handles_zero_blocks_and_tiny_blocks():
+    w = _weight((8, 64))
+    w[0] = 0.0
+    w[1, :16] = 1e-30
+    rtn = nvfp4.quantize(w)
+    searched = scale_search.quantize_searched(w, rtn.global_scale)
+    assert (_reference_block_errors(w, searched) <= _reference_block_errors(w, rtn)).all()
+    assert torch.isfinite(nvfp4.dequantize(searched)).all()
+    assert (searched.block_scale.float() > 0).all()
+
+
+def test_search_is_deterministic():
+    w, importance = _weight((40, 320), seed=3), torch.rand(320, generator=torch.Generator().manual_seed(1))
+    a = scale_search.quantize_searched(w, importance=importance)
+    b = scale_search.quantize_searched(w.clone(), importance=importance.clone())
+    assert torch.equal(a.packed, b.packed)
+    assert torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+
+
+def test_global_scale_search_never_increases_total_error():
+    ws = [_weight((32, 128), seed=s) for s in range(3)]
+    base = scale_search.rtn_global_scale(ws)
+    config = SearchConfig(global_steps=4)
+    chosen = scale_search.search_global_scale(ws, base, config=config)
+    total = lambda g: sum(scale_search.search_block_scales(w, g, None, config)[1].sum() for w in ws)  # noqa: E731
+    assert total(chosen) <= total(base)
+    assert chosen.to(torch.bfloat16).float().item() == chosen.item() or chosen.item() == base.item()
+
+
+def test_search_config_rejects_bad_fields():
+    with pytest.raises(AdaqError, match="codes_above"):
+        SearchConfig(codes_above=-1)
+    with pytest.raises(AdaqError, match="global_steps"):
+        SearchConfig(global_steps=0)
+
+
+def _correlated_inputs(k, rows=2048, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=generator) / k ** 0.5 + torch.eye(k)
+    scale = torch.rand(k, generator=generator) ** 3 * 4 + 0.1
+    return (torch.randn(rows, k, generator=generator) @ mixing) * scale
+
+
+def test_gptq_lowers_output_error_below_rtn_and_weighted_search():
+    w = _weight((48, 128), seed=5, outliers=False)
+    x = _correlated_inputs(128)
+    hessian = x.T @ x / len(x)
+    g = scale_search.rtn_global_scale([w])
+    out_error = lambda q: ((nvfp4.dequantize(q) - w) @ x.T).square().sum().item()  # noqa: E731
+    rtn = out_error(nvfp4.quantize(w, g))
+    weighted_search = out_error(scale_search.quantize_searched(w, g, torch.diag(hessian)))
+    gptq_rtn_scales = out_error(gptq.gptq_quantize(w, hessian, g, gptq.GPTQConfig(search=None)))
+    gptq_searched = out_error(gptq.gptq_quantize(w, hessian, g))
+    assert gptq_rtn_scales < 0.8 * rtn
+    assert weighted_search < rtn
+    assert gptq_searched < min(weighted_search, gptq_rtn_scales)
+
+
+def test_gptq_group_shares_global_scale_and_is_deterministic():
+    ws = [_weight((16, 64), seed=s) for s in range(3)]
+    x = _correlated_inputs(64)
+    hessian = x.T @ x / len(x)
+    g = scale_search.rtn_global_scale(ws)
+    first = gptq.gptq_quantize_group(ws, hessian, g)
+    second = gptq.gptq_quantize_group([w.clone() for w in ws], hessian.clone(), g)
+    for a, b, w in zip(first, second, ws):
+        assert a.packed.shape == (w.shape[0], w.shape[1] // 2)
+        assert torch.equal(a.global_scale, g.reshape(1))
+        assert torch.equal(a.packed, b.packed)
+        assert torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+
+
+def test_gptq_rejects_mismatched_hessian():
+    with pytest.raises(AdaqError, match="Hessian"):
+        gptq.gptq_quantize(torch.randn(4, 32), torch.eye(16), torch.ones(1))
