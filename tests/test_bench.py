@@ -162,10 +162,10 @@ def test_synthetic_nvfp4_looks_like_quantized_gaussian_weights():
     weights = nvfp4.dequantize(big)
     assert weights.std().item() == pytest.approx(0.02, rel=0.15)  # initializer_range
     codes = torch.bincount(nvfp4.unpack_nibbles(big.packed).flatten().long(), minlength=16)
-    assert codes[8] == 0 and (codes[[i for i in range(16) if i != 8]] > 0).all()
+    assert (codes > 0).all()  # -0 too: llm-compressor's quantizer writes it for small negative weights
     assert big.block_scale.float().min() > 0 and big.block_scale.float().max() <= 448
     requantized = nvfp4.quantize(weights, big.global_scale)  # a real quantizer finds the same codes and scales
-    assert torch.equal(requantized.packed, big.packed)
+    assert torch.equal(nvfp4.dequantize(requantized), weights)
     assert torch.equal(requantized.block_scale.view(torch.uint8), big.block_scale.view(torch.uint8))
 
 

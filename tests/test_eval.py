@@ -79,7 +79,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     tokenizer = _tokenizer()
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                          bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
     model = Qwen3ForCausalLM(config)
     for parameter in model.parameters():  # larger weights than the default init: peaked, varied distributions
@@ -111,7 +111,8 @@ def _engine_lm(folder: Path, **kwargs):
     from adaq.eval.lm_backend import AdaqLM
     from adaq.eval.scoring import EngineScorer
 
-    llm = LLM(str(folder), backend="reference", kv_cache_dtype="bf16", dtype="fp32", max_num_batched_tokens=256)
+    llm = LLM(str(folder), backend="reference", kv_cache_dtype="bf16", dtype="fp32", max_model_len=129,
+              max_num_batched_tokens=256)
     return AdaqLM(scorer=EngineScorer(llm), **kwargs)
 
 
@@ -135,7 +136,8 @@ def test_loglikelihoods_equal_hflm(tiny):
 
     hf = HFLM(pretrained=_decompressed_hf_model(tiny["nvfp4a16"]), tokenizer=str(tiny["nvfp4a16"]), device="cpu",
               batch_size=4, max_length=128)
-    ours = _engine_lm(tiny["nvfp4a16"], max_length=128)
+    ours = _engine_lm(tiny["nvfp4a16"])
+    assert ours.max_length == 128
     expected = hf.loglikelihood(_instances("loglikelihood", LOGLIKELIHOOD_REQUESTS))
     got = ours.loglikelihood(_instances("loglikelihood", LOGLIKELIHOOD_REQUESTS))
     for (context, continuation), (ll_hf, greedy_hf), (ll, greedy) in zip(LOGLIKELIHOOD_REQUESTS, expected, got):
@@ -152,17 +154,18 @@ def test_loglikelihoods_equal_hflm(tiny):
 def test_generate_until_honours_stop_and_max_tokens(tiny):
     from lm_eval.models.huggingface import HFLM
 
-    ours = _engine_lm(tiny["dense"], max_length=128)
+    ours = _engine_lm(tiny["dense"])
     prompt = "Question: what is 2 + 2? Answer:"
     free = ours.generate_until(_instances("generate_until", [(prompt, {"until": [], "max_gen_toks": 24})]))[0]
-    generated = ours.tok_encode(free, add_special_tokens=False)
-    assert 0 < len(generated) <= 24 + 1  # re-encoding decoded text may merge or split one token
+    tokens = ours.scorer.generate([ours.tok_encode(prompt)], [], 24)  # the same request, seen as tokens below
+    assert free == tokens[0]
+    capped = ours.generate_until(_instances("generate_until", [(prompt, {"until": [], "max_gen_toks": 3})]))[0]
+    assert free.startswith(capped) and 0 < len(capped) < len(free)
+    assert len(ours.tok_encode(capped, add_special_tokens=False)) <= 3 + 1  # re-encoding may split one token
     stop = free[len(free) // 2:len(free) // 2 + 2]
     assert stop.strip() and free.index(stop) > 0
     short = ours.generate_until(_instances("generate_until", [(prompt, {"until": [stop], "max_gen_toks": 24})]))[0]
     assert short == free[:free.index(stop)]
-    capped = ours.generate_until(_instances("generate_until", [(prompt, {"until": [], "max_gen_toks": 3})]))[0]
-    assert free.startswith(capped) and len(capped) < len(free)
     hf = HFLM(pretrained=str(tiny["dense"]), device="cpu", dtype="float32", batch_size=2, max_length=128)
     both = [(prompt, {"until": [stop], "max_gen_toks": 24}), ("The quick brown", {"until": ["."], "max_gen_toks": 8})]
     assert ours.generate_until(_instances("generate_until", both)) == hf.generate_until(

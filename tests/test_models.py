@@ -140,11 +140,11 @@ def test_w4a4_matches_compressed_tensors_forward(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_dtype_error_is_bounded(checkpoints, arch):
     """Logits with FP8 (E4M3, scale per token and head) and bf16 KV against an fp32 cache. Measured on these
-    models: bf16 ~1e-3 and fp8 ~1e-2 of max |logit| (printed with -s)."""
+    models: bf16 5e-4 to 8e-4 and fp8 6e-3 to 1e-2 of max |logit| (printed with -s)."""
     model = ours(checkpoints[arch] / "nvfp4")
     exact = prefill_logits(model, PROMPT, kv_dtype=torch.float32)
-    bf16 = assert_close(prefill_logits(model, PROMPT, kv_dtype=torch.bfloat16), exact, 1e-2)
-    fp8 = assert_close(prefill_logits(model, PROMPT, kv_dtype=torch.float8_e4m3fn), exact, 6e-2)
+    bf16 = assert_close(prefill_logits(model, PROMPT, kv_dtype=torch.bfloat16), exact, 2e-3)
+    fp8 = assert_close(prefill_logits(model, PROMPT, kv_dtype=torch.float8_e4m3fn), exact, 2.5e-2)
     print(f"{arch}: KV bf16 {bf16:.2e}, KV fp8 {fp8:.2e} of max |logit|")
     assert fp8 > 0 and bf16 > 0
 

@@ -19,9 +19,10 @@ from adaq.validate.budget import activation_bytes, kv_bytes_per_token
 FIXTURES = Path(__file__).parent / "fixtures"
 GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gu", "up_proj": "gu",
           "down_proj": "down"}
+# Every K a multiple of 128 and N of 8: the decode kernel's tile, so no padding warnings.
 TINY_QWEN3 = dict(
-    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256, hidden_size=128, intermediate_size=256,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
     tie_word_embeddings=False, torch_dtype="bfloat16")
 
 
@@ -152,10 +153,9 @@ def test_valid_checkpoint_json(tiny, capsys):
     assert report["rules"]["fused-group"] == {"checked": 4, "failed": 0}
     budget = report["budget"]
     assert budget["fits"] and budget["context"] == 512 and budget["max_context_capped_by_model"]
-    assert budget["weights_quantized_bytes"] == sum(
-        n * k // 2 + n * k // 16 + 4 for n, k in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64),
-                                                  (64, 128)]) * 2
-    assert budget["weights_kept_bytes"] == 2 * (2 * 256 * 64 + 64 + 2 * (2 * 64 + 2 * 16))
+    linears = [(128, 128), (64, 128), (64, 128), (128, 128), (256, 128), (256, 128), (128, 256)]  # q k v o gate up down
+    assert budget["weights_quantized_bytes"] == 2 * sum(n * k // 2 + n * k // 16 + 4 * n for n, k in linears)
+    assert budget["weights_kept_bytes"] == 2 * (2 * 256 * 128 + 128 + 2 * (2 * 128 + 2 * 32))
 
 
 def test_w4a4_checkpoint_needs_its_input_scales(tmp_path, capsys):
@@ -261,11 +261,11 @@ def test_header_lying_about_sizes(tiny, tmp_path, capsys):
     raw = shard.read_bytes()
     length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + length])
-    header[f"{Q}.weight_packed"]["shape"] = [64, 64]  # the span holds [64, 32]
+    header[f"{Q}.weight_packed"]["shape"] = [128, 128]  # the span holds [128, 64]
     body = json.dumps(header, separators=(",", ":")).encode().ljust(length)
     assert len(body) == length
     shard.write_bytes(raw[:8] + body + raw[8 + length:])
-    expect_error_line(capsys, folder, f"tensor {Q}.weight_packed", "needs 4096 bytes", "span 2048")
+    expect_error_line(capsys, folder, f"tensor {Q}.weight_packed", "needs 16384 bytes", "span 8192")
 
 
 def test_pickle_checkpoint_is_refused(tmp_path, capsys):
@@ -302,12 +302,12 @@ def test_wrong_dtype(tiny, tmp_path, capsys):
 
 def test_wrong_block_scale_shape(tiny, tmp_path, capsys):
     folder = mutated(tiny, tmp_path, set_tensor(f"{Q}.weight_scale", lambda t: t[:, :2].contiguous()))
-    expect_invalid(capsys, folder, "shape", f"{Q}.weight_scale", "[64, 2]", "expected [64, 4]")
+    expect_invalid(capsys, folder, "shape", f"{Q}.weight_scale", "[128, 2]", "expected [128, 8]")
 
 
 def test_shape_disagreeing_with_config(tiny, tmp_path, capsys):
     folder = mutated(tiny, tmp_path, change_config=lambda c: c.update(num_key_value_heads=4))
-    expect_invalid(capsys, folder, "shape-vs-config", "model.layers.0.self_attn.k_proj", "[32, 64]", "[64, 64]")
+    expect_invalid(capsys, folder, "shape-vs-config", "model.layers.0.self_attn.k_proj", "[64, 128]", "[128, 128]")
 
 
 @pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "inf"), (0.0, "zero"),
@@ -345,21 +345,42 @@ def test_k_not_a_multiple_of_16(tmp_path, capsys):
     expect_invalid(capsys, folder, "k-multiple-of-16", Q, "K = 24")
 
 
-def test_tile_alignment_for_sm89(tmp_path, capsys):
-    """K = 48 is valid NVFP4 but not a multiple of the decode kernel's K tile (64); N = 36 not of its row tile (8)."""
-    shape = dict(TINY_QWEN3, hidden_size=48, num_attention_heads=3, num_key_value_heads=1, intermediate_size=64)
-    config = {**shape, "quantization_config": quantization_config("nvfp4a16")}
-    tensors = tiny_tensors(shape, "nvfp4a16")
+ODD_QWEN3 = dict(TINY_QWEN3, hidden_size=96, num_attention_heads=3, num_key_value_heads=1, intermediate_size=128)
+
+
+def test_off_tile_shapes_are_padded_by_the_kernel(tmp_path, capsys):
+    """K = 96 is valid NVFP4; the decode kernel (adaq.kernels.layout) pads it to its 128-wide tile at load."""
+    pytest.importorskip("adaq.kernels.layout")
+    config = {**ODD_QWEN3, "quantization_config": quantization_config("nvfp4a16")}
+    folder = write_checkpoint(tmp_path / "odd", tiny_tensors(ODD_QWEN3, "nvfp4a16"), config)
+    code, report = json_report(capsys, folder)
+    assert code == 0 and report["rules"]["tile-k"] == {"checked": 14, "failed": 12}  # all but down_proj
+    finding = next(f for f in report["findings"] if f["rule"] == "tile-k")
+    assert finding["severity"] == "warning" and "K = 96 is not a multiple of 128" in finding["message"]
+    assert "zero-padded to 128 at load" in finding["message"]
+    # padded shapes: q/o [96, 96] -> [96, 128], k/v [32, 96] -> [32, 128], gate/up [128, 96] -> [128, 128]
+    padded = [(96, 128), (32, 128), (32, 128), (96, 128), (128, 128), (128, 128), (96, 128)]
+    assert report["budget"]["weights_quantized_bytes"] == 2 * sum(n * k * 9 // 16 + 4 * n for n, k in padded)
+
+
+def test_off_tile_shapes_without_padding_are_errors(tmp_path, capsys, monkeypatch):
+    """Without the kernels' layout module, validate falls back to the unpadded tile: N % 8, K % 64."""
+    from adaq.validate import rules
+
+    monkeypatch.setattr(rules, "kernel_tiles", lambda: rules.FALLBACK_TILES)
+    monkeypatch.setattr("adaq.validate.budget.kernel_tiles", lambda: rules.FALLBACK_TILES)
+    config = {**ODD_QWEN3, "quantization_config": quantization_config("nvfp4a16")}
+    tensors = tiny_tensors(ODD_QWEN3, "nvfp4a16")
     gate = "model.layers.1.mlp.gate_proj"
-    narrow = nvfp4.quantize(torch.randn(36, 48), tensors[f"{gate}.weight_global_scale"])
+    narrow = nvfp4.quantize(torch.randn(36, 96), tensors[f"{gate}.weight_global_scale"])
     tensors |= {f"{gate}.weight_packed": narrow.packed, f"{gate}.weight_scale": narrow.block_scale}
     folder = write_checkpoint(tmp_path / "odd", tensors, config)
-    report = expect_invalid(capsys, folder, "tile-k", "model.layers.0.mlp.gate_proj.weight_packed", "K = 48",
-                            "multiple of 64")
-    assert ("tile-n", f"{gate}.weight_packed") in [(f["rule"], f["tensor"]) for f in report["findings"]]
-    assert ("shape-vs-config", gate) in [(f["rule"], f["tensor"]) for f in report["findings"]]
-    code, report = json_report(capsys, folder, "--arch", "sm_90")  # H100 runs the same Ada code: same rules
-    assert code == 1 and report["rules"]["tile-k"]["failed"] == 12  # all but down_proj
+    report = expect_invalid(capsys, folder, "tile-k", "model.layers.0.mlp.gate_proj.weight_packed", "K = 96",
+                            "multiple of 64", "the kernel cannot run it")
+    found = [(f["severity"], f["rule"], f["tensor"]) for f in report["findings"]]
+    assert ("error", "tile-n", f"{gate}.weight_packed") in found and ("error", "shape-vs-config", gate) in found
+    code, report = json_report(capsys, folder, "--arch", "sm_90")  # the H100 runs the same Ada code: same rules
+    assert code == 1 and report["rules"]["tile-k"]["failed"] == 12
 
 
 def test_unfusable_qkv_is_a_warning(tiny, tmp_path, capsys):
@@ -389,19 +410,19 @@ def test_not_nvfp4_quantization(tiny, tmp_path, capsys):
         config["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="int", group_size=128)
 
     folder = mutated(tiny, tmp_path, change_config=int4)
-    expect_invalid(capsys, folder, "config", "", "'pack-quantized' is not NVFP4")
+    expect_error_line(capsys, folder, "compressed-tensors format pack-quantized is not NVFP4")
 
 
 def test_does_not_fit_names_the_largest_batch_and_context(tiny, capsys):
-    # 0.5674 GiB × 0.9 leaves the tiny model about 1.8 MB past its 512 MiB CUDA context and 9.5 MB of activations:
-    # about 20 sequences of 512 tokens (88.6 kB each), or about 130 tokens for 64 sequences.
-    args = ["--gpu", "0.5674", "--batch", "64", "--context", "512"]
+    # 0.7829 GiB × 0.9 = 756,569,227 B leaves the tiny model 3.3 MB past its weights, 700 MiB CUDA context and
+    # 19 MB of activations: 20 sequences of 512 tokens (158,208 B each), or 128 tokens for 64 sequences.
+    args = ["--gpu", "0.7829", "--batch", "64", "--context", "512"]
     code, out, _ = run_cli(capsys, "validate", str(tiny), *args)
     assert code == 1 and "[fits]" in out.strip().splitlines()[-1]
     code, report = json_report(capsys, tiny, *args)
     budget = report["budget"]
-    assert not budget["fits"] and 10 < budget["max_batch_at_context"] < 30
-    assert 100 < budget["max_context_at_batch"] < 200
+    assert not budget["fits"] and budget["max_batch_at_context"] == 20
+    assert budget["max_context_at_batch"] == 128  # 129..140 tokens would fit but for the 16-token KV blocks
 
 
 def test_context_beyond_the_model(tiny, capsys):
@@ -475,11 +496,13 @@ def test_qwen3_8b_shape(qwen3_8b):
 
 def test_qwen3_8b_weights(qwen3_8b):
     # Linear parameters per layer: 4096·(4096 + 1024 + 1024 + 4096) + 3·12288·4096 = 192,937,984; × 36 layers
-    # = 6,945,767,424 (NOTES: 6.95 B). NVFP4: × (1/2 + 1/16) = 3,906,994,176 B, + 7·36 fp32 global scales = 1,008 B.
+    # = 6,945,767,424 (NOTES: 6.95 B). NVFP4 in the decode kernel's layout: × (1/2 + 1/16) = 3,906,994,176 B, plus
+    # an fp32 multiplier per output column: 36·(4096 + 1024 + 1024 + 4096 + 12288 + 12288 + 4096)·4 = 5,603,328 B
+    # (every Qwen3-8B shape is a multiple of the kernel's tile: no padding).
     # Kept bf16: embed + untied lm_head 2·151936·4096·2 = 2,489,319,424 B; norms 36·(2·4096 + 2·128) + 4096 =
     # 308,224 values = 616,448 B.
     weights = estimate_weight_bytes(qwen3_8b)
-    assert weights.quantized == 3_906_995_184
+    assert weights.quantized == 3_906_994_176 + 5_603_328 == 3_912_597_504
     assert weights.kept == 2_489_935_872
     assert estimate_weight_bytes(qwen3_8b, quantized=False).total == 2 * 6_945_767_424 + 2_489_935_872
 
@@ -506,33 +529,35 @@ def test_qwen3_8b_activations(qwen3_8b):
 
 def test_qwen3_8b_on_an_rtx4090(qwen3_8b):
     # usable = 0.9 · 24564 MiB = 23,181,498,777 B. Total at batch 16 × 4096, fp8 KV:
-    # 3,906,995,184 + 2,489,935,872 (weights) + 16·4096·76,032 = 4,982,833,152 (KV) + 963,362,816 + 512 MiB
-    # = 12,879,997,936 B. Past batch 2 the step is 8192 tokens, so each more sequence costs its KV (311,427,072)
-    # + logits (1,215,488) + partials (266,240) = 312,908,800 B over a fixed 7,873,457,136 B:
-    # (23,181,498,777 − 7,873,457,136) / 312,908,800 = 48.9 → 48 sequences.
-    # At batch 16 a context t ≥ 8192 costs 16·76,032 (KV) + 102,404 (activations) = 1,318,916 B per token over
-    # a fixed 7,058,271,216 B: (23,181,498,777 − 7,058,271,216) / 1,318,916 = 12,224.7 → 12,224 tokens.
+    # 3,912,597,504 + 2,489,935,872 (weights) + 16·4096·76,032 = 4,982,833,152 (KV) + 963,362,816 (activations)
+    # + 700 MiB (CUDA context) = 13,082,732,544 B.
+    # Past batch 2 the step is 8192 tokens, so each more sequence costs its KV (311,427,072) + logits (1,215,488)
+    # + partials (266,240) = 312,908,800 B over a fixed 8,076,191,744 B:
+    # (23,181,498,777 − 8,076,191,744) / 312,908,800 = 48.27 → 48 sequences.
+    # At batch 16 a context t ≥ 8192 costs 16·76,032 (KV) + 102,404 (activations) = 1,318,916 B per token over a
+    # fixed 7,261,005,824 B: t ≤ 12,070.9; KV grows in blocks of 16 tokens, so 12,064 (23,172,408,448 B; 12,065
+    # tokens hold 12,080 in KV: 23,191,975,044 B, too much).
     budget = plan(qwen3_8b, estimate_weight_bytes(qwen3_8b), Gpu.parse("rtx4090"), batch=16, context=4096)
     assert budget.usable == 23_181_498_777
     assert budget.kv_cache == 4_982_833_152
-    assert budget.total == 12_879_997_936 and budget.fits
+    assert budget.total == 13_082_732_544 and budget.fits
     assert budget.max_batch == 48
-    assert budget.max_context == 12_224 and not budget.max_context_capped
+    assert budget.max_context == 12_064 and not budget.max_context_capped
 
 
 def test_qwen3_8b_bf16_kv_and_small_gpus(qwen3_8b):
     weights = estimate_weight_bytes(qwen3_8b)
     bf16 = plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=16, context=4096, kv_dtype="bf16")
     assert bf16.kv_cache == 16 * 4096 * 147_456 == 9_663_676_416
-    assert bf16.total == 12_879_997_936 - 4_982_833_152 + 9_663_676_416
-    # fixed 7,873,457,136 + b · (4096·147,456 + 1,481,728) ≤ usable → b ≤ 25.2
-    assert bf16.max_batch == 25
+    assert bf16.total == 13_082_732_544 - 4_982_833_152 + 9_663_676_416
+    # fixed 8,076,191,744 + b · (4096·147,456 + 1,481,728) ≤ usable → b ≤ 24.95
+    assert bf16.max_batch == 24
     one = plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=1, context=4096)
     assert one.max_context == 40_960 and one.max_context_capped  # the model's max_position_embeddings
-    # 9 GiB, 8,697,308,774 usable: weights + CUDA context take 6,933,801,968; batch 2 at 4096 adds
-    # 2·311,427,072 (KV) + 939,655,168 + 2·1,481,728 (activations) = 8,499,775,648 in all; batch 3 is 312,908,800 more.
+    # 9 GiB, 8,697,308,774 usable: weights + CUDA context take 7,136,536,576; batch 2 at 4096 adds
+    # 2·311,427,072 (KV) + 939,655,168 + 2·1,481,728 (activations) = 8,702,009,344 in all: only batch 1 fits.
     small = plan(qwen3_8b, weights, Gpu.parse("9"), batch=1, context=4096)
-    assert small.fits and small.max_batch == 2
+    assert small.fits and small.max_batch == 1
     tiny_gpu = plan(qwen3_8b, weights, Gpu.parse("6"), batch=1, context=4096)
     assert not tiny_gpu.fits and tiny_gpu.max_batch == 0 and tiny_gpu.max_context == 0
 
@@ -540,7 +565,7 @@ def test_qwen3_8b_bf16_kv_and_small_gpus(qwen3_8b):
 def test_qwen3_30b_a3b_weights():
     # Per layer: attention 2048·(4096 + 512 + 512) + 4096·2048 = 18,874,368, experts 128·3·768·2048 = 603,979,776;
     # × 48 layers = 29,896,998,912 Linear parameters (+ 0.62 B embeddings = Qwen3-30B-A3B's 30.5 B).
-    # NVFP4: × 9/16 = 16,817,061,888 B + 48·(4 + 384) global scales · 4 B = 74,496 B.
+    # NVFP4: × 9/16 = 16,817,061,888 B + fp32 column multipliers 48·(7,168 + 128·3,584)·4 = 89,456,640 B.
     # Kept bf16: embed + lm_head 2·151936·2048·2 = 1,244,659,712; routers 48·128·2048·2 = 25,165,824;
     # norms (48·(2·2048 + 2·128) + 2048)·2 = 421,888.
     config = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
@@ -550,7 +575,7 @@ def test_qwen3_30b_a3b_weights():
     shape = ModelShape.from_config(config)
     assert (shape.moe_layers, shape.dense_layers, shape.mlp_width) == (48, 0, 8 * 768)
     weights = estimate_weight_bytes(shape)
-    assert weights.quantized == 16_817_061_888 + 74_496
+    assert weights.quantized == 16_817_061_888 + 89_456_640
     assert weights.kept == 1_244_659_712 + 25_165_824 + 421_888
     assert shape.expected_linear_shape("model.layers.7.mlp.experts.99.down_proj") == (2048, 768)
     assert shape.expected_linear_shape("model.layers.7.mlp.gate") is None
@@ -574,7 +599,7 @@ def test_gemma3_270m_shape_and_sliding_window_note():
 
 def test_moe_checkpoint(tmp_path, capsys):
     shape = dict(TINY_QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
-                 num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[1])
+                 num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[1])
     config = {**shape, "quantization_config": quantization_config("nvfp4")}
     tensors = tiny_tensors(shape, "nvfp4")
     folder = write_checkpoint(tmp_path / "moe", tensors, config)

@@ -58,7 +58,7 @@ def versions() -> dict:
 
 def command_line() -> str:
     program = Path(sys.argv[0]).name if sys.argv else "adaq"
-    return shlex.join(["adaq" if program in ("adaq", "__main__.py") else program, *sys.argv[1:]])
+    return shlex.join(["adaq" if program in ("adaq", "-c", "__main__.py", "cli.py") else program, *sys.argv[1:]])
 
 
 def git_commit() -> str | None:

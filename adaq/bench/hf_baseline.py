@@ -46,13 +46,15 @@ def run_hf(spec: VariantSpec) -> VariantOutcome:
     vocab = text_config(config)["vocab_size"]
     for batch in spec.workload.batches:
         prompts = torch.tensor(spec.workload.prompts(batch, vocab), device=device)
+        started = time.perf_counter()
         hf_generate(model, prompts, spec.workload.output_len)  # warm-up: compilation and CUDA graphs
+        probe.warmup_s = time.perf_counter() - started
         probe.reset()
         generations = []
         for _ in range(spec.workload.repeats):
             generations.append(hf_generate(model, prompts, spec.workload.output_len))
             probe.sample()
-        outcome.results.append(summarize("hf", generations, probe.read()))
+        outcome.results.append(summarize("hf", generations, probe.read(), probe.warmup_s))
     return outcome
 
 

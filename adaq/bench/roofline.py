@@ -19,7 +19,7 @@ FP8_KV_SCALE_BYTES = 4  # one fp32 scale per (token, KV head) for each of K and 
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
                "I64": 8, "BOOL": 1, "U16": 2, "I16": 2}
 KV_ELEMENT_BYTES = {"fp8": 1, "bf16": 2}
-RTX_4090_BANDWIDTH = 1.008e12  # bytes/s, datasheet: the copy-measured figure there is a little lower
+RTX_4090_BANDWIDTH = 1.0e12  # bytes/s (NOTES; the datasheet says 1.008 TB/s)
 
 
 @dataclass(frozen=True)

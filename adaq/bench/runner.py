@@ -129,6 +129,7 @@ class BatchResult:
     bound_tokens_per_s: float | None = None
     rtx_4090_bound_tokens_per_s: float | None = None  # the same bytes at the 4090's bandwidth: a bound, not a run
     speedup: dict = field(default_factory=dict)  # decode tok/s over each baseline's, same batch
+    warmup_s: float | None = None  # the untimed first generation (compilation, graph capture)
 
 
 @dataclass
@@ -154,7 +155,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarize(variant: str, generations: list[Generation], memory: tuple[int | None, int | None]) -> BatchResult:
+def summarize(variant: str, generations: list[Generation], memory: tuple[int | None, int | None],
+              warmup_s: float | None = None) -> BatchResult:
     """Medians over repeats; inter-token latencies pooled over every request of every repeat."""
     figures = [generation.figures() for generation in generations]
     median = {key: percentile([entry[key] for entry in figures], 50) for key in figures[0]}
@@ -163,7 +165,7 @@ def summarize(variant: str, generations: list[Generation], memory: tuple[int | N
     return BatchResult(variant=variant, batch=first.batch, input_len=first.input_len, output_len=first.output_len,
                        repeats=len(generations), itl_p50_s=percentile(latencies, 50),
                        itl_p99_s=percentile(latencies, 99), total_tokens=first.batch * first.output_len,
-                       peak_allocated_bytes=memory[0], device_used_bytes=memory[1], **median)
+                       peak_allocated_bytes=memory[0], device_used_bytes=memory[1], warmup_s=warmup_s, **median)
 
 
 def attach_roofline(result: BatchResult, traffic: roofline.StepTraffic, bandwidth: float | None) -> None:
@@ -184,6 +186,7 @@ class MemoryProbe:
         self.on_gpu = device.type == "cuda"
         self.device = device
         self.device_used = 0
+        self.warmup_s: float | None = None
 
     def reset(self) -> None:
         if self.on_gpu:
@@ -229,7 +232,7 @@ def run_variant(spec: VariantSpec) -> VariantOutcome:
     vocab = model_vocab(config)
     for batch in spec.workload.batches:
         generations = time_engine(engine, spec.workload, batch, vocab, probe)
-        outcome.results.append(summarize(spec.variant, generations, probe.read()))
+        outcome.results.append(summarize(spec.variant, generations, probe.read(), probe.warmup_s))
     del engine
     _release(device)
     return outcome
@@ -333,7 +336,9 @@ def time_engine(engine, workload: Workload, batch: int, vocab: int, probe: Memor
 
     prompts = workload.prompts(batch, vocab)
     params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
     generate_with_engine(engine, prompts, params)  # warm-up: graphs, kernels and allocator, not timed
+    probe.warmup_s = time.perf_counter() - started
     probe.reset()
     generations = []
     for _ in range(workload.repeats):

@@ -115,7 +115,7 @@ def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: 
                      "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype},
         "on_cpu": device.type != "cuda",
         "copy_bandwidth_bytes_per_s": bandwidth,
-        "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.008 TB/s "
-                         "(datasheet): a roofline bound, not a measurement",
+        "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.0 TB/s"
+                         ": a roofline bound, not a measurement",
         "variants": [outcome.to_dict() for outcome in outcomes],
     }

@@ -22,6 +22,7 @@ class _BenchGroup(TyperGroup):
                 self.params = declared
             ctx.params.update({param.name: None for param in arguments})
             return rest
+        ctx.allow_interspersed_args = True  # `adaq bench CKPT --batch 16`: options may follow the checkpoint
         return super().parse_args(ctx, args)
 
 

@@ -105,6 +105,7 @@ def findings_table(report):
 
 
 def budget_table(budget):
+    from rich.markup import escape
     from rich.table import Table
 
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
@@ -112,8 +113,11 @@ def budget_table(budget):
                         f"KV {budget.kv_dtype}")
     table.add_column("part")
     table.add_column("GiB", justify="right")
-    table.add_row("weights, quantized (NVFP4)", gib(budget.weights.quantized))
-    table.add_row("weights, kept (bf16)", gib(budget.weights.kept))
+    if budget.weights.quantized:
+        table.add_row("weights, quantized (NVFP4)", gib(budget.weights.quantized))
+        table.add_row("weights, kept (bf16)", gib(budget.weights.kept))
+    else:
+        table.add_row("weights (bf16)", gib(budget.weights.kept))
     table.add_row(f"KV cache ({budget.kv_per_token:,} B/token)", gib(budget.kv_cache))
     table.add_row("activations + workspace", gib(sum(budget.activations.values())))
     table.add_row("CUDA context", gib(budget.cuda_context))
@@ -123,20 +127,42 @@ def budget_table(budget):
     table.add_row(f"largest batch at context {budget.context}", str(budget.max_batch))
     capped = " (model max)" if budget.max_context_capped else ""
     table.add_row(f"largest context at batch {budget.batch}", f"{budget.max_context}{capped}")
-    table.caption = "; ".join(budget.notes)
+    table.caption = escape("; ".join(budget.notes))
     return table
 
 
 def compile_table(result: dict):
+    """adaq.kernels.build.compile_check's report: one row per CUDA source, or its keys when it has no sources."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="compile check", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in result.items():
-        table.add_row(escape(str(key)), escape(value if isinstance(value, str) else json.dumps(value)))
+    sources = result.get("sources")
+    if not isinstance(sources, dict):
+        table = Table(title="compile check", show_header=False)
+        for key, value in result.items():
+            table.add_row(escape(str(key)), escape(value if isinstance(value, str) else json.dumps(value)))
+        return table
+    table = Table(title=f"compile check for {result.get('arch')} ({escape(str(result.get('nvcc', 'nvcc')))})")
+    for column in ("source", "ok", "kernels", "max regs", "spills", "intended", "Hopper-only"):
+        table.add_column(column, no_wrap=True)
+    for name, entry in sources.items():
+        required = {**entry.get("required_ptx", {}), **entry.get("required_sass", {})}
+        kernels = entry.get("kernels", {})
+        table.add_row(escape(name), "[green]yes[/green]" if entry.get("ok") else "[red]no[/red]", str(len(kernels)),
+                      str(max((k.get("registers", 0) for k in kernels.values()), default=0)),
+                      str(entry.get("spills", "?")), f"{sum(map(bool, required.values()))}/{len(required)}",
+                      escape(", ".join(entry.get("forbidden_ptx", [])) or "none"))
+    table.caption = escape(fp8_mma_line(sources))
     return table
+
+
+def fp8_mma_line(sources: dict) -> str:
+    found = sorted({instruction for entry in sources.values()
+                    for instruction, ok in {**entry.get("required_ptx", {}), **entry.get("required_sass", {})}.items()
+                    if ok and "mma" in instruction.lower() and ("e4m3" in instruction or "E4M3" in instruction)})
+    if found:
+        return f"FP8 MMA in the machine code: {', '.join(found)}"
+    return "FP8 MMA: none of these sources is meant to use it (the decode GEMM multiplies in bf16 mma.sync)"
 
 
 def verdict(report) -> str:

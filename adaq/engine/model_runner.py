@@ -77,6 +77,9 @@ class ModelRunner:
         self.kv_scales: torch.Tensor | None = None
         self.num_blocks = self._plan_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
+        from adaq.engine.cuda_graph import maybe_decode_graphs  # cuda backend on a GPU only
+
+        self.decode_graphs = maybe_decode_graphs(self)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _plan_num_blocks(self) -> int:

@@ -35,7 +35,8 @@ class AdaqLM(TemplateLM):
                                  dtype=dtype, device=device, max_model_len=_int_or_none(max_length), **engine_kwargs)
         self.scorer = scorer
         self.tokenizer = scorer.tokenizer
-        self._max_length = _int_or_none(max_length) or scorer.max_length
+        # HFLM's max_length counts the tokens fed to the model; a scorer also holds the last (scored) token.
+        self._max_length = _int_or_none(max_length) or scorer.max_length - 1
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 64
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress or (lambda done: None)
@@ -76,8 +77,9 @@ class AdaqLM(TemplateLM):
         return results
 
     def _truncate(self, tokens: list[int], context_len: int) -> tuple[list[int], int]:
-        """Keep the last max_length tokens; return them and the index of the first continuation token."""
-        dropped = max(0, len(tokens) - self.max_length)
+        """Keep what HFLM feeds (the last max_length tokens) plus the last token; return them and the index of the
+        first continuation token."""
+        dropped = max(0, len(tokens) - self.max_length - 1)
         return tokens[dropped:], max(1, context_len - dropped)
 
     def _score_windows(self, windows: list[tuple[list[int], int]]) -> list[TokenScores]:

@@ -58,14 +58,17 @@ def e2m1_grid(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E2M1 value (ties to even, values past 6 saturate) and return uint8 codes."""
+    """Round to the nearest E2M1 value (ties to even, values past 6 saturate) and return uint8 codes.
+
+    The sign bit is set for every x < 0, also where the magnitude rounds to 0 (code 8, "-0"): llm-compressor
+    writes it so, and byte equality with its checkpoints needs the same. -0.0 itself encodes as code 0.
+    """
     magnitude = x.abs().float()
     code = torch.zeros_like(magnitude, dtype=torch.uint8)
     for midpoint, tie_to_lower in zip(_MIDPOINTS, _TIE_TO_LOWER):
         above = magnitude > midpoint if tie_to_lower else magnitude >= midpoint
         code += above.to(torch.uint8)
-    negative = (x < 0) & (code > 0)
-    return code | (negative.to(torch.uint8) << 3)
+    return code | ((x < 0).to(torch.uint8) << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -84,17 +87,24 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """448 * 6 / amax: maps the tensor's largest block to the top of the E4M3 range."""
-    amax = amax.float().clamp(min=torch.finfo(torch.float32).tiny)
-    scale = FP8_MAX * FP4_MAX / amax
-    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
+    """448 * 6 / amax, computed in amax's dtype (bf16 for a bf16 model, as llm-compressor does), returned as fp32 [1].
+
+    Maps the tensor's largest block to the top of the E4M3 range; a zero or non-finite amax gives 1.
+    """
+    amax = amax.clamp(min=torch.finfo(amax.dtype).tiny)
+    scale = torch.nan_to_num(FP8_MAX * FP4_MAX / amax, nan=1.0, posinf=1.0, neginf=1.0)
+    return scale.float().reshape(1)
 
 
 def block_scales(weight: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 scale per 16 values: e4m3(global_scale * amax(block) / 6), zero replaced by E4M3's 0.125 floor."""
-    blocks = weight.float().unflatten(-1, (-1, GROUP_SIZE))
-    scale = global_scale.float() * blocks.abs().amax(dim=-1) / FP4_MAX
-    scale = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    """E4M3 scale per 16 values: e4m3(global_scale * (amax(block) / 6)), a zero scale replaced by E4M3's 0.125.
+
+    amax / 6 is rounded to the weight's dtype first and the product taken in fp32: llm-compressor's order of
+    operations, which the bytes of its checkpoints depend on.
+    """
+    blocks = weight.unflatten(-1, (-1, GROUP_SIZE))
+    local = blocks.abs().amax(dim=-1) / torch.tensor(FP4_MAX, dtype=weight.dtype, device=weight.device)
+    scale = (global_scale.float() * local).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     scale = torch.where(scale == 0, torch.full_like(scale, 0.125), scale)
     return scale.to(torch.float8_e4m3fn)
 
@@ -104,15 +114,26 @@ def effective_scales(block_scale: torch.Tensor, global_scale: torch.Tensor) -> t
     return block_scale.float() / global_scale.float()
 
 
+def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
+    """amax(|W|) in W's dtype (exact: a max rounds nothing)."""
+    return weight.abs().amax()
+
+
 def quantize(weight: torch.Tensor, global_scale: torch.Tensor | None = None) -> NVFP4Weight:
-    """Round-to-nearest NVFP4 of a [N, K] weight; K must be a multiple of 16."""
+    """Round-to-nearest NVFP4 of a [N, K] weight; K must be a multiple of 16.
+
+    Byte-identical to llm-compressor's NVFP4A16 for the same weight (in its stored dtype) and global scale:
+    block scales as in `block_scales`, codes = e2m1(W / (float(scale) / global_scale)) in fp32. Without a
+    global scale, the tensor's own one (`global_scale_from_amax`); fused siblings (q/k/v, gate/up) pass the
+    shared one computed from the largest of their amaxes.
+    """
     check_quantizable(weight)
     if global_scale is None:
-        global_scale = global_scale_from_amax(weight.abs().amax())
+        global_scale = global_scale_from_amax(tensor_amax(weight))
     global_scale = global_scale.float().reshape(1).to(weight.device)
     scale = block_scales(weight, global_scale)
     step = effective_scales(scale, global_scale).unsqueeze(-1)
-    codes = e2m1_encode(weight.float().unflatten(-1, (-1, GROUP_SIZE)) / step).flatten(-2)
+    codes = e2m1_encode(weight.unflatten(-1, (-1, GROUP_SIZE)).float() / step).flatten(-2)
     return NVFP4Weight(pack_nibbles(codes), scale, global_scale)
 
 

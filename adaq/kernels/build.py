@@ -20,7 +20,8 @@ CUDA_SOURCES = ("nvfp4_gemm.cu", "attention.cu", "elementwise.cu", "moe.cu")
 BINDING = "binding.cpp"
 HEADERS = ("common.cuh",)
 ARCH_LIST = "8.9+PTX"
-NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr")
+NVCC_FLAGS = ("-O3", "-lineinfo", "--expt-relaxed-constexpr")
+STANDALONE_FLAGS = ("-std=c++17",)  # torch picks the standard for the extension build
 
 # What each source must contain in its PTX, and what no Ada path may contain (Hopper-only instructions).
 REQUIRED_PTX = {
@@ -87,7 +88,7 @@ def _build(verbose: bool):
         return cpp_extension.load(
             name=f"adaq_kernels_{digest}",
             sources=[str(CSRC / name) for name in (BINDING, *CUDA_SOURCES)],
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3"],
             extra_cuda_cflags=list(NVCC_FLAGS),
             build_directory=str(build_dir),
             verbose=verbose,
@@ -150,7 +151,7 @@ def _check_source(name: str, arch: str, workdir: Path, sass: bool) -> dict:
     nvcc = _nvcc()
     ptx = workdir / f"{name}.ptx"
     compute = arch.replace("sm_", "compute_")
-    result = _run([nvcc, f"-arch={compute}", "-ptx", *NVCC_FLAGS, str(CSRC / name), "-o", str(ptx)])
+    result = _run([nvcc, f"-arch={compute}", "-ptx", *NVCC_FLAGS, *STANDALONE_FLAGS, str(CSRC / name), "-o", str(ptx)])
     if result.returncode != 0:
         return {"ok": False, "error": result.stderr.strip()[-2000:]}
     text = ptx.read_text()

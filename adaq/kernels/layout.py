@@ -149,3 +149,25 @@ def emulate_b_fragments(packed: PackedNVFP4) -> torch.Tensor:
             dense[:, :, :, :, offset] = out[:, :, :, c, :, slot].permute(0, 2, 1, 3)
     dense = dense.reshape(n8 * 8, kst * 128) * packed.colscale.cpu()[:, None]
     return dense[:packed.out_features, :packed.in_features]
+
+
+def unpack_codes(packed: PackedNVFP4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `repack`: (E2M1 codes uint8 [N, K], E4M3 block scales [N, K/16]) on the packed tensors' device."""
+    n8, kst = packed.wq.shape[:2]
+    raw = packed.wq.view(n8, kst, 8, 4, 4, 4)  # [n8, kst, g, c, word, byte]
+    nibbles = torch.stack([raw & 0xF, raw >> 4], dim=-1).reshape(n8, kst, 8, 128)
+    tiles = torch.empty_like(nibbles)
+    tiles[..., _gather_index(raw.device).reshape(-1)] = nibbles
+    codes = tiles.permute(0, 2, 1, 3).reshape(n8 * TILE_N, kst * TILE_K)
+    scales = packed.ws.view(n8, kst, 8, 8).permute(0, 2, 1, 3).reshape(n8 * TILE_N, kst * 8)
+    n, k = packed.out_features, packed.in_features
+    return codes[:n, :k], scales[:n, :k // nvfp4.GROUP_SIZE].contiguous().view(torch.float8_e4m3fn)
+
+
+def dequantize(packed: PackedNVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense [N, K] weight from the kernel layout (fallback paths: non-bf16 activations, very large M)."""
+    codes, scales = unpack_codes(packed)
+    multiplier = packed.colscale[:packed.out_features, None] / float(2 ** SCALE_EXPONENT_SHIFT)
+    step = (scales.float() * multiplier).unsqueeze(-1)
+    values = nvfp4.e2m1_decode(codes).unflatten(-1, (-1, nvfp4.GROUP_SIZE))
+    return (values * step).flatten(-2).to(dtype)

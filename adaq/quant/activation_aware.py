@@ -24,9 +24,12 @@ class InputStats:
     sum_squares: torch.Tensor
     gram: torch.Tensor | None = None
     rows: int = 0
+    amax: float = 0.0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1])
+        self.amax = max(self.amax, x.abs().amax().item())
+        x = x.double()
         self.sum_squares += x.square().sum(0)
         if self.gram is not None:
             self.gram += x.T @ x
@@ -135,9 +138,9 @@ def _gather_stats(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, wi
     stats: dict[str, InputStats] = {}
     handles = []
     for name, linear in linear_modules(layer).items():
-        k = linear.in_features
-        stats[name] = InputStats(torch.zeros(k, dtype=torch.float64),
-                                 torch.zeros(k, k, dtype=torch.float64) if with_hessian else None)
+        k, device = linear.in_features, linear.weight.device
+        stats[name] = InputStats(torch.zeros(k, dtype=torch.float64, device=device),
+                                 torch.zeros(k, k, dtype=torch.float64, device=device) if with_hessian else None)
         handles.append(linear.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0].detach())))
     try:
         _run_layer(layer, inputs, kwargs)

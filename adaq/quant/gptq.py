@@ -42,7 +42,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damp: f
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     weight[:, dead] = 0.0
-    h += torch.eye(len(h), dtype=h.dtype) * damp * torch.diag(h).mean()
+    h += torch.eye(len(h), dtype=h.dtype, device=h.device) * damp * torch.diag(h).mean()
     try:
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
         return torch.linalg.cholesky(inverse, upper=True).float()
@@ -65,16 +65,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, global_scale: tor
     check_quantizable(weight)
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise AdaqError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
-    global_scale = global_scale.float().reshape(1)
+    global_scale = global_scale.float().reshape(1).to(weight.device)
     w = weight.float().clone()
     importance = torch.diag(hessian).float()
     hinv = _inverse_hessian_factor(hessian, w, config.damp)
     n, k = w.shape
-    scales = torch.empty(n, k // GROUP_SIZE, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(n, k // GROUP_SIZE, dtype=torch.float8_e4m3fn, device=w.device)
     quantized = torch.empty_like(w)
     for start in range(0, k, config.block_size):
         end = min(start + config.block_size, k)
-        block, errors = w[:, start:end].clone(), torch.empty(n, end - start)
+        block, errors = w[:, start:end].clone(), torch.empty(n, end - start, device=w.device)
         h_block = hinv[start:end, start:end]
         for i in range(end - start):
             column = start + i

@@ -28,6 +28,7 @@ from adaq.formats.nvfp4 import (
     effective_scales,
     global_scale_from_amax,
     pack_nibbles,
+    tensor_amax,
 )
 
 _E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN in float8_e4m3fn
@@ -142,8 +143,8 @@ def encode(weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.
 
 
 def rtn_global_scale(weights: list[torch.Tensor]) -> torch.Tensor:
-    """RTN's global scale for a fused group: 448 * 6 / amax over all of them."""
-    return global_scale_from_amax(torch.stack([w.abs().amax().float() for w in weights]).amax())
+    """RTN's global scale for a fused group: 448 * 6 / amax over all of them, in their dtype (as llm-compressor)."""
+    return global_scale_from_amax(torch.stack([tensor_amax(w) for w in weights]).amax())
 
 
 def quantize_searched(weight: torch.Tensor, global_scale: torch.Tensor | None = None,

@@ -1,12 +1,12 @@
 """VRAM budget of serving a checkpoint on a GPU: weights + KV cache + activations/workspace + CUDA context.
 
 Every figure is in bytes and follows a stated formula, so a user can redo it by hand:
-- weights: as stored (quantized Linears: packed + block scales + global scales) and kept tensors at bf16;
+- weights: quantized Linears in the decode kernel's layout (nvfp4_linear_bytes), kept tensors at bf16;
 - KV cache: batch × context rounded up to KV_BLOCK_SIZE × layers × 2 (K and V) × kv_heads × head_dim × bytes
   per value, plus for FP8 one fp32 scale per (token, kv head) for K and for V (docs/ARCHITECTURE.md); every
   layer holds the full context (the engine allocates Gemma3's sliding-window layers that way too);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
-- CUDA context: the driver context, torch's kernels and cuBLAS workspace, a constant measured on a GPU.
+- CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU.
 """
 
 import math
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
+from adaq.validate.rules import kernel_tiles
 from adaq.validate.shapes import ModelShape
 
 GiB = 1024**3
@@ -23,11 +24,15 @@ KV_BYTES = {"fp8": 1, "bf16": 2}
 KV_SCALE_BYTES = {"fp8": 4, "bf16": 0}  # fp32 scale per (token, kv head), for K and for V
 MAX_BATCHED_TOKENS = 8192  # tokens the engine prefills in one step (at least one whole prompt)
 DECODE_SPLITS = 16  # flash-decoding partial results per (sequence, head)
-CUDA_CONTEXT_BYTES = 512 * MiB
+# Memory outside torch's allocator once the CUDA context, cuBLAS/cuBLASLt (bf16 and FP8 GEMM), SDPA and a few
+# elementwise kernels are loaded: 619 MiB after the first allocation, 695 MiB after those kernels (H100, driver 580,
+# torch 2.11 + CUDA 13, lazy module loading; CUDA_MODULE_LOADING=EAGER takes 1765 MiB).
+CUDA_CONTEXT_BYTES = 700 * MiB
 DEFAULT_UTILIZATION = 0.9  # adaq.engine.LLM's gpu_memory_utilization default
 MAX_SEARCH = 1 << 24
 
-# Total memory as nvidia-smi reports it (MiB), which is what a process can see.
+# Total memory as nvidia-smi reports it (MiB). torch.cuda.mem_get_info, which the engine's
+# gpu_memory_utilization multiplies, sees a little less (H100: 81079 of 81559 MiB, measured).
 GPUS = {"rtx4090": 24564 * MiB, "rtx4080": 16376 * MiB, "l40s": 46068 * MiB, "h100": 81559 * MiB}
 
 
@@ -53,7 +58,7 @@ class Gpu:
 
 @dataclass(frozen=True)
 class WeightBytes:
-    quantized: int  # NVFP4 Linears as stored (0 for a dense checkpoint)
+    quantized: int  # NVFP4 Linears in the decode kernel's layout (0 for a dense checkpoint)
     kept: int  # everything else (embeddings, lm_head unless tied, norms, routers, dense Linears) at bf16
 
     @property
@@ -62,8 +67,12 @@ class WeightBytes:
 
 
 def nvfp4_linear_bytes(n: int, k: int, input_scale: bool = False) -> int:
-    """Packed E2M1 (half a byte per weight) + one E4M3 scale per 16 + the fp32 global scale(s)."""
-    return n * k // 2 + n * k // GROUP_SIZE + 4 + (4 if input_scale else 0)
+    """An NVFP4 Linear on the GPU in the decode kernel's layout: over [N, K] padded to its tile, E2M1 nibbles (half a
+    byte per weight) and one E4M3 scale per 16, then one fp32 multiplier per padded output column, and for W4A4
+    the fp32 input global scale."""
+    tiles = kernel_tiles()
+    n_pad, k_pad = tiles.padded_shape(n, k)
+    return n_pad * k_pad // 2 + n_pad * k_pad // GROUP_SIZE + n_pad * tiles.column_scale_bytes + 4 * input_scale
 
 
 def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale: bool = False) -> WeightBytes:

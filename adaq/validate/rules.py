@@ -1,11 +1,13 @@
-"""What a checkpoint must satisfy to run on adaq's sm_89 kernels: the one place these numbers are defined.
+"""What a checkpoint must satisfy to run on adaq's sm_89 kernels: the one place validate takes these numbers from.
 
-The decode GEMM reads a weight [N, K] in tiles of TILE_N output rows by TILE_K input values (four NVFP4 blocks
-of 16, i.e. two FP8 `mma.sync.m16n8k32` K-steps, one 32-byte packed load per row); a shape that is not a
-multiple of the tile would need a masked tail the kernel does not have.
+The decode GEMM's own rules live with it in adaq.kernels.layout: it walks a weight [N, K] in super-tiles of
+TILE_N output columns by TILE_K input values and zero-pads other shapes at load (K must still be a multiple of 16).
+So a shape off the tile is a warning (the padding costs memory and bandwidth), not an error. Without that module
+(a build without kernels) the fallback below is what the kernels were designed to: N % 8, K % 64, no padding.
 """
 
 from dataclasses import dataclass
+from functools import cache
 
 from adaq.formats.nvfp4 import GROUP_SIZE
 
@@ -14,20 +16,34 @@ from adaq.formats.nvfp4 import GROUP_SIZE
 class TileRules:
     n_multiple: int  # output features (rows of the weight) per tile
     k_multiple: int  # input features per tile
+    padded: bool  # True: the kernel pads other shapes at load (warning); False: it cannot run them (error)
     why: str
+    column_scale_bytes: int = 4  # the kernel layout keeps one fp32 multiplier per output column
+
+    def padded_shape(self, n: int, k: int) -> tuple[int, int]:
+        return -(-n // self.n_multiple) * self.n_multiple, -(-k // self.k_multiple) * self.k_multiple
 
 
-# sm_90 runs the same Ada code through its compute_89 PTX, so it obeys the same tiles.
-ADA_TILES = TileRules(n_multiple=8, k_multiple=64, why="the sm_89 decode GEMM tile")
-ARCH_TILES = {"sm_89": ADA_TILES, "sm_90": ADA_TILES}
+FALLBACK_TILES = TileRules(n_multiple=8, k_multiple=64, padded=False, why="the sm_89 decode GEMM tile")
+ADA_ARCHS = ("sm_89", "sm_90")  # sm_90 runs the same Ada code through its compute_89 PTX: the same tiles
+
+
+@cache
+def kernel_tiles() -> TileRules:
+    try:
+        from adaq.kernels.layout import RULES
+    except ImportError:
+        return FALLBACK_TILES
+    return TileRules(n_multiple=RULES.pad_free_n_multiple, k_multiple=RULES.pad_free_k_multiple, padded=True,
+                     why=f"the sm_89 decode GEMM's {RULES.pad_free_n_multiple}×{RULES.pad_free_k_multiple} tile")
 
 
 def tile_rules(arch: str) -> TileRules:
     from adaq.errors import AdaqError
 
-    if arch not in ARCH_TILES:
-        raise AdaqError(f"unknown --arch {arch}; adaq's kernels target {', '.join(ARCH_TILES)}")
-    return ARCH_TILES[arch]
+    if arch not in ADA_ARCHS:
+        raise AdaqError(f"unknown --arch {arch}; adaq's kernels target {', '.join(ADA_ARCHS)}")
+    return kernel_tiles()
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,8 @@ RULES = {
     "shape": "packed [N, K/2], block scales [N, K/16], global scales one value",
     "shape-vs-config": "N and K match the shape the model config gives this projection",
     "k-multiple-of-16": f"K is a multiple of the NVFP4 group size ({GROUP_SIZE})",
-    "tile-n": "N is a multiple of the decode kernel's row tile",
-    "tile-k": "K is a multiple of the decode kernel's K tile",
+    "tile-n": "N is a multiple of the decode kernel's column tile (else padded at load, or unsupported)",
+    "tile-k": "K is a multiple of the decode kernel's K tile (else padded at load, or unsupported)",
     "global-scale": "global scales are finite and positive",
     "block-scale": "block scales are finite and non-negative",
     "input-scale": "W4A4 input global scales are present, finite and positive",

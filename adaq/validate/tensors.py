@@ -115,10 +115,13 @@ def check_shapes(checks: Checks, prefix: str, names: dict[str, str], packed: lis
 
 
 def check_alignment(checks: Checks, name: str, n: int, k: int, tiles: TileRules) -> None:
-    checks.check("tile-n", n % tiles.n_multiple == 0, name,
-                 f"N = {n} is not a multiple of {tiles.n_multiple} ({tiles.why})")
-    checks.check("tile-k", k % tiles.k_multiple == 0, name,
-                 f"K = {k} is not a multiple of {tiles.k_multiple} ({tiles.why})")
+    n_pad, k_pad = tiles.padded_shape(n, k)
+    severity = "warning" if tiles.padded else "error"
+    for rule, dim, size, padded, multiple in (("tile-n", "N", n, n_pad, tiles.n_multiple),
+                                              ("tile-k", "K", k, k_pad, tiles.k_multiple)):
+        effect = f"zero-padded to {padded} at load" if tiles.padded else "the kernel cannot run it"
+        checks.check(rule, size == padded, name,
+                     f"{dim} = {size} is not a multiple of {multiple} ({tiles.why}): {effect}", severity)
 
 
 def check_against_config(checks: Checks, prefix: str, n: int, k: int, shape: ModelShape | None) -> None:

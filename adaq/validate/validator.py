@@ -9,13 +9,12 @@ from pathlib import Path
 from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
 from adaq.formats.architectures import architecture_of
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
-from adaq.validate.budget import DEFAULT_UTILIZATION, Budget, Gpu, WeightBytes, plan
-from adaq.validate.rules import FORMAT_ROLES, tile_rules
+from adaq.validate.budget import DEFAULT_UTILIZATION, Budget, Gpu, WeightBytes, nvfp4_linear_bytes, plan
+from adaq.validate.rules import FORMAT_ROLES, TensorRoles, tile_rules
 from adaq.validate.shapes import ModelShape
 from adaq.validate.tensors import Finding, Checks, TensorIndex, check_linears
 
 DEFAULT_CONTEXT = 4096
-NVFP4_CT_FORMAT = "nvfp4-pack-quantized"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -88,7 +87,8 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx40
     budget = None
     if shape is not None:
         context = context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
-        budget = plan(shape, weights_from_index(index, prefixes), target, batch, context, kv_cache_dtype, utilization)
+        weights = weights_from_index(index, prefixes, FORMAT_ROLES.get(checkpoint.format))
+        budget = plan(shape, weights, target, batch, context, kv_cache_dtype, utilization)
         check_budget(checks, budget, shape)
     compiled = compile_check(checks, arch) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
@@ -131,34 +131,29 @@ def check_quantization_config(checks: Checks, checkpoint, index: TensorIndex) ->
                      "looks like compressed-tensors NVFP4, but config.json has no quantization_config "
                      "with quant_method compressed-tensors")
         return
-    if checkpoint.format != "compressed-tensors":
-        return
-    quantization = checkpoint.config["quantization_config"]
-    fmt = quantization.get("format")
-    checks.check("config", fmt in (None, NVFP4_CT_FORMAT), "",
-                 f"compressed-tensors format {fmt!r} is not NVFP4 ({NVFP4_CT_FORMAT})")
-    for name, group in (quantization.get("config_groups") or {}).items():
-        weights = group.get("weights") or {}
-        nvfp4 = (weights.get("num_bits"), weights.get("type"), weights.get("group_size")) == (4, "float", 16)
-        checks.check("config", nvfp4, "", f"quantization_config group {name} is not NVFP4 "
-                     f"(weights num_bits {weights.get('num_bits')}, type {weights.get('type')}, "
-                     f"group_size {weights.get('group_size')}; NVFP4 is 4, float, 16)")
+    # open_checkpoint has already refused compressed-tensors and ModelOpt configs that are not NVFP4.
     checks.check("tensors-present", bool(checkpoint.quantized_prefixes()), "",
-                 "config.json says compressed-tensors but no tensor ends in .weight_packed")
+                 f"config.json says {checkpoint.format} NVFP4 but no tensor is a quantized weight")
 
 
-def weights_from_index(index: TensorIndex, prefixes: list[str]) -> WeightBytes:
-    """Quantized Linears as stored; every other floating tensor at bf16 (the engine's GPU dtype)."""
-    quantized_prefixes = set(prefixes)
-    quantized = kept = 0
-    for name, entry in index.entries.items():
-        if name.rpartition(".")[0] in quantized_prefixes:
-            quantized += tensor_nbytes(entry)
-        elif entry["dtype"] in FLOAT_DTYPES:
-            kept += 2 * math.prod(entry["shape"])
-        else:
-            kept += tensor_nbytes(entry)
+def weights_from_index(index: TensorIndex, prefixes: list[str], roles: TensorRoles | None) -> WeightBytes:
+    """Quantized Linears as the kernels hold them; every other floating tensor at bf16 (the engine's GPU dtype)."""
+    quantized = sum(quantized_linear_bytes(index, prefix, roles) for prefix in prefixes)
+    members = set(prefixes)
+    kept = sum(kept_bytes(entry) for name, entry in index.entries.items() if name.rpartition(".")[0] not in members)
     return WeightBytes(quantized, kept)
+
+
+def quantized_linear_bytes(index: TensorIndex, prefix: str, roles: TensorRoles) -> int:
+    packed = index.entries.get(f"{prefix}.{roles.packed}")
+    if packed is None or len(packed["shape"]) != 2:  # already an error finding; count what is stored
+        return sum(tensor_nbytes(e) for name, e in index.entries.items() if name.rpartition(".")[0] == prefix)
+    n, k = packed["shape"][0], packed["shape"][1] * 2
+    return nvfp4_linear_bytes(n, k, input_scale=f"{prefix}.{roles.input_scale}" in index.entries)
+
+
+def kept_bytes(entry: dict) -> int:
+    return 2 * math.prod(entry["shape"]) if entry["dtype"] in FLOAT_DTYPES else tensor_nbytes(entry)
 
 
 def check_budget(checks: Checks, budget: Budget, shape: ModelShape) -> None:

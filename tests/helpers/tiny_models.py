@@ -34,11 +34,17 @@ CONFIGS = {
         architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=8,
-        query_pre_attn_scalar=24, max_position_embeddings=512, final_logit_softcapping=3.0,
+        query_pre_attn_scalar=24, max_position_embeddings=512, final_logit_softcapping=30.0,
         attn_logit_softcapping=2.0, rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}),
 }
+
+# Weight spread per architecture: large enough that attention, RoPE and routing matter, small enough that the
+# logits are not chaotic (a bf16 KV cache moves them by less than 1e-3 of their max). Gemma's post-norms keep
+# its activations at unit scale whatever the weights; a wide router keeps top-k choices away from near-ties.
+LINEAR_STD = {"qwen3": 0.06, "qwen3_moe": 0.06, "gemma3": 0.15}
+ROUTER_STD = 0.5
 
 QUANTIZED = re.compile(r".*layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -61,11 +67,13 @@ def random_model(arch: str, seed: int = 0, **overrides):
         for name, param in model.named_parameters():
             if "norm" in name:
                 offset = 0.0 if arch == "gemma3" else 1.0  # Gemma's norms are (1 + w)
-                param.copy_(offset + 0.2 * torch.randn_like(param))
+                param.copy_(offset + 0.1 * torch.randn_like(param))
             elif "embed_tokens" in name:
                 param.normal_(0, 0.5 if arch == "gemma3" else 1.0)
+            elif name.endswith("mlp.gate.weight"):
+                param.normal_(0, ROUTER_STD)
             else:
-                param.normal_(0, 0.15)
+                param.normal_(0, LINEAR_STD[arch])
     return model.eval()
 
 

@@ -172,13 +172,14 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
     for (int i = 0; i < VPL; ++i) acc[g][i] = 0.f;
   }
 
-  for (int base = t0 + slot; base < t1; base += kSlots * UT) {
+  // The trip count is the same for every lane (the xor shuffles below need the whole warp); lanes past t1 mask.
+  for (int base = t0; base < t1; base += kSlots * UT) {
     // ---- Fetch UT tokens' K and V rows and scales (independent loads, all in flight together).
     float kv[UT][VPL], vv[UT][VPL], ks[UT], vs[UT];
     bool valid[UT];
 #pragma unroll
     for (int u = 0; u < UT; ++u) {
-      const int tok = base + u * kSlots;
+      const int tok = base + slot + u * kSlots;
       valid[u] = tok < t1;
       const int tk = valid[u] ? tok : t0;
       const long long cache_row = static_cast<long long>(table[tk / p.block_size]) * p.block_size + tk % p.block_size;

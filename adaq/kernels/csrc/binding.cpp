@@ -1,6 +1,6 @@
 // Thin torch binding: checks tensors, allocates outputs/workspaces from torch's allocator (graph-capturable),
 // launches on torch's current stream, and turns launcher status codes into errors that name the shapes.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <torch/extension.h>
@@ -62,7 +62,7 @@ const char* status_text(int status) {
 
 const __nv_bfloat16* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr()); }
 __nv_bfloat16* bf16_mut(torch::Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data_ptr()); }
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
                    c10::optional<torch::Tensor> bias, torch::Tensor counters, int64_t N, int64_t K,
@@ -130,7 +130,7 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   const c10::cuda::CUDAGuard guard(k.device());
   const int status = adaq::store_kv(bf16_ptr(k), bf16_ptr(v), k.stride(0), v.stride(0), k_cache.data_ptr(),
                                     v_cache.data_ptr(), fp8 ? k_scale->data_ptr<float>() : nullptr,
-                                    fp8 ? v_scale->data_ptr<float>() : nullptr, slots.data_ptr<int64_t>(), k.size(0),
+                                    fp8 ? v_scale->data_ptr<float>() : nullptr, reinterpret_cast<const long long*>(slots.data_ptr<int64_t>()), k.size(0),
                                     k.size(1), k.size(2), fp8, stream());
   ADAQ_CHECK_STATUS(status, "store_kv head_dim=" + std::to_string(k.size(2)));
 }
@@ -208,7 +208,7 @@ std::vector<torch::Tensor> rotary(torch::Tensor q, torch::Tensor k, torch::Tenso
   const c10::cuda::CUDAGuard guard(q.device());
   auto q_out = torch::empty_like(q), k_out = torch::empty_like(k);
   const int status = adaq::rotary(bf16_ptr(q), bf16_ptr(k), bf16_mut(q_out), bf16_mut(k_out),
-                                  positions.data_ptr<int64_t>(), inv_freq.data_ptr<float>(), q.size(0), q.size(1),
+                                  reinterpret_cast<const long long*>(positions.data_ptr<int64_t>()), inv_freq.data_ptr<float>(), q.size(0), q.size(1),
                                   k.size(1), q.size(2), stream());
   ADAQ_CHECK_STATUS(status, "rotary head_dim=" + std::to_string(q.size(2)));
   return {q_out, k_out};

@@ -1,0 +1,94 @@
+"""`adaq quantize SRC -o OUT`: a Hugging Face checkpoint (folder, cached hub id or .gguf) -> NVFP4 compressed-tensors."""
+
+import json
+from pathlib import Path
+
+import typer
+
+from adaq.errors import AdaqError
+
+
+def quantize(
+    src: str = typer.Argument(..., help="Model folder, hub id already in the local HF cache, or a .gguf file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    scheme: str = typer.Option(None, help="nvfp4a16 (weights only, default) or nvfp4 (W4A4, calibrated); "
+                                          "overrides the recipe's scheme."),
+    recipe: str = typer.Option(None, help="Recipe YAML in llm-compressor's shape; default: the shipped one for "
+                                          "the architecture (recipes/nvfp4a16-dense.yaml, ...-moe.yaml)."),
+    method: str = typer.Option("rtn", help="rtn (ours, streamed) or llmcompressor (oneshot); see the README for "
+                                           "the others."),
+    calib_data: Path = typer.Option(None, help="Calibration text: a .txt/.jsonl/.json/.parquet file or a folder."),
+    num_samples: int = typer.Option(64, help="Calibration windows."),
+    seq_len: int = typer.Option(512, help="Tokens per calibration window."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda[:N]."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Quantize a checkpoint to NVFP4 in the compressed-tensors format llm-compressor writes and vLLM reads."""
+    from adaq.quant.methods import CalibrationSpec
+    from adaq.quant.pipeline import quantize_model
+
+    if scheme is not None and scheme not in ("nvfp4a16", "nvfp4"):
+        raise AdaqError(f"--scheme must be nvfp4a16 or nvfp4, got {scheme!r}")
+    calibration = CalibrationSpec(calib_data, num_samples, seq_len) if calib_data else None
+    with RichProgress(enabled=not as_json) as progress:
+        report = quantize_model(src, out, scheme=scheme, recipe_path=recipe, method=method,
+                                calibration=calibration, force=force, device=device, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report)
+
+
+class RichProgress:
+    """adaq.quant.methods.Progress drawn with rich bars (silent with --json)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self.enabled:
+            self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), transient=False)
+            self._bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bars.__exit__(*exc)
+
+    def task(self, description: str, total: int | None) -> int:
+        return self._bars.add_task(description, total=total) if self.enabled else 0
+
+    def advance(self, task: int, amount: int = 1) -> None:
+        if self.enabled:
+            self._bars.advance(task, amount)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self._bars.console.log(message)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def render(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"adaq quantize → {report.out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    ratio = report.bytes_in / report.bytes_out if report.bytes_out else 0
+    kept = ", ".join(report.kept[:4]) + (f", … ({len(report.kept)} in all)" if len(report.kept) > 4 else "")
+    rows = [("source", report.source), ("method / scheme", f"{report.method} / {report.scheme}"),
+            ("recipe", report.recipe), ("device", report.device),
+            ("Linear layers quantized", str(report.quantized)), ("Linear layers kept", kept or "none"),
+            ("size before", _size(report.bytes_in)), ("size after", f"{_size(report.bytes_out)} ({ratio:.2f}× smaller)"),
+            ("time", f"{report.seconds:.1f} s")]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)

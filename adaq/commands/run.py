@@ -1,0 +1,163 @@
+"""`adaq run CKPT [PROMPT]`: stream a completion (or chat interactively) on an NVFP4 or dense checkpoint."""
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
+
+
+def run(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
+    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive chat starts."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
+    temperature: float | None = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.8."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus mass (default: generation_config, else 0.95)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Keep the k likeliest tokens; 0 = off (default 40)."),
+    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
+    seed: int | None = typer.Option(None, help="Seed of this request's sampler."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); trimmed from the output."),
+    kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales) or bf16."),
+    backend: str = typer.Option("auto", help="auto (cuda when a GPU and the kernels are there), cuda, reference."),
+    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),
+    kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size, e.g. 2GiB."),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+    dtype: str | None = typer.Option(None, help="Compute dtype: bf16, fp16, fp32 (default bf16 GPU, fp32 CPU)."),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if any)."),
+    system: str | None = typer.Option(None, "--system", help="System message for chat."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+) -> None:
+    """Generate text with adaq's engine: streams tokens, then prompt and decode tok/s and peak memory."""
+    from rich.console import Console
+
+    from adaq.engine.api import LLM
+    from adaq.engine.sampling_params import SamplingParams
+
+    console = Console(stderr=True)
+    with console.status(f"loading {checkpoint}"):
+        llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+                  max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
+                  kv_cache_memory=kv_cache_memory)
+    chosen = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    defaults = {**SAMPLING_FALLBACK, **llm.engine.default_sampling_params()}
+    sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}
+    params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **sampling)
+    use_chat = _has_template(llm) if chat is None else chat
+    if prompt is None:
+        if json_output:
+            raise _error("--json needs a PROMPT (the interactive chat is for people)")
+        _interactive(llm, params, system, console)
+        return
+    messages = _messages(system, prompt)
+    token_ids = _encode(llm, messages if use_chat else prompt)
+    if json_output:
+        output = llm.generate(token_ids, params)[0]
+        print(json.dumps({"text": output.text, "finish_reason": output.finish_reason,
+                          **_figures(llm, output)}, indent=2))
+        return
+    output = _stream_reply(llm, token_ids, params)
+    console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+
+
+def _interactive(llm, params, system: str | None, console) -> None:
+    from rich.prompt import Prompt
+
+    if not _has_template(llm):
+        raise _error("interactive chat needs a tokenizer with a chat template; give a PROMPT instead")
+    console.print("[dim]chat with the model; /exit (or Ctrl-D) to quit, /clear to forget the conversation[/]")
+    messages = _messages(system, None)
+    while True:
+        try:
+            user = Prompt.ask("[bold green]>>>[/]", console=console)
+        except (EOFError, KeyboardInterrupt):
+            break
+        if user.strip() in ("/exit", "/quit", "/bye"):
+            break
+        if user.strip() == "/clear":
+            messages = _messages(system, None)
+            continue
+        messages.append({"role": "user", "content": user})
+        output = _stream_reply(llm, _encode(llm, messages), params)
+        messages.append({"role": "assistant", "content": output.text})
+        console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+
+
+def _stream_reply(llm, token_ids: list[int], params):
+    """Print the reply as it comes; Ctrl-C stops this reply only. Returns the final RequestOutput."""
+    engine = llm.engine
+    request_id = engine.add_request(token_ids, params)
+    final = None
+    try:
+        while final is None:
+            for output in engine.step():
+                if output.request_id == request_id:
+                    sys.stdout.write(output.new_text)
+                    sys.stdout.flush()
+                    final = output if output.finished else None
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        final = next(o for o in engine.step() if o.request_id == request_id)
+    sys.stdout.write("\n")
+    return final
+
+
+def _figures(llm, output) -> dict:
+    import torch
+
+    m = output.metrics
+    prefill_s = (m.first_token_time or m.finished_time) - m.first_scheduled_time
+    on_gpu = llm.engine.config.device.type == "cuda"
+    return {
+        "prompt_tokens": m.num_prompt_tokens,
+        "output_tokens": m.num_output_tokens,
+        "prompt_tok_s": m.num_prompt_tokens / prefill_s if prefill_s > 0 else None,
+        "decode_tok_s": m.decode_tokens_per_s,
+        "time_to_first_token_s": m.time_to_first_token,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else _peak_rss_bytes(),
+        "device": torch.cuda.get_device_name() if on_gpu else "CPU",
+        "backend": llm.engine.runner.model.backend.name if hasattr(llm.engine.runner.model, "backend") else None,
+        "kv_cache_dtype": llm.engine.config.kv_cache_dtype,
+    }
+
+
+def _stats_line(llm, output) -> str:
+    f = _figures(llm, output)
+    rate = lambda value: "-" if value is None else f"{value:,.1f}"  # noqa: E731
+    memory = "peak GPU memory" if f["device"] != "CPU" else "peak RSS"
+    return (f"prompt: {f['prompt_tokens']} tokens, {rate(f['prompt_tok_s'])} tok/s · decode: {f['output_tokens']} "
+            f"tokens, {rate(f['decode_tok_s'])} tok/s · {memory} {f['peak_memory_bytes'] / 2**30:.2f} GiB · "
+            f"{f['device']}, {f['backend']} backend, {f['kv_cache_dtype']} KV · {output.finish_reason}")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _messages(system: str | None, prompt: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + ([{"role": "user", "content": prompt}] if prompt is not None else [])
+
+
+def _encode(llm, prompt_or_messages) -> list[int]:
+    from adaq.engine.chat import chat_token_ids
+
+    if isinstance(prompt_or_messages, str):
+        return llm.engine.encode(prompt_or_messages)
+    return chat_token_ids(llm.tokenizer, prompt_or_messages)
+
+
+def _has_template(llm) -> bool:
+    from adaq.engine.chat import has_chat_template
+
+    return llm.tokenizer is not None and has_chat_template(llm.tokenizer)
+
+
+def _error(message: str):
+    from adaq.errors import AdaqError
+
+    return AdaqError(message)

@@ -1,0 +1,168 @@
+"""The `cuda` backend: the reference backend with its hot ops replaced by adaq's sm_89 kernels.
+
+What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode GEMM, weights repacked at load),
+MoE experts (fused router, grouped GEMM), KV-cache store (FP8 or bf16), paged attention (decode and prefill over
+the cache), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else (dense bf16 linears: cuBLAS; other dtypes or
+shapes the kernels do not cover) falls through to the reference implementation.
+"""
+
+import torch
+
+from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.kernels import layout, ops
+from adaq.layers import moe
+from adaq.layers.backend import ReferenceBackend
+from adaq.layers.linear import LinearHandle, can_fuse, check_shapes, quantize_activation_nvfp4
+
+ATTENTION_HEAD_DIMS = (64, 128, 256)
+ATTENTION_GROUPS = (1, 2, 4, 8)
+
+
+class KernelLinearHandle(LinearHandle):
+    """A LinearHandle whose NVFP4 weight lives in the kernel layout; `weight()` dequantizes it for fallbacks."""
+
+    def __init__(self, packed: layout.PackedNVFP4, dtype: torch.dtype, input_global_scale=None):
+        super().__init__(packed.out_features, packed.in_features, dtype, input_global_scale=input_global_scale)
+        self.kernel_weight = packed
+
+    def weight(self) -> torch.Tensor:
+        return layout.dequantize(self.kernel_weight, self.dtype)
+
+
+class KernelExpertsHandle:
+    def __init__(self, stacked: ops.StackedExperts):
+        self.stacked = stacked
+        self.intermediate_size = stacked.intermediate
+
+
+class CudaBackend(ReferenceBackend):
+    name = "cuda"
+
+    def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
+                 dequant_cache_bytes: int | None = None):
+        super().__init__(device or "cuda", activation_quant=activation_quant, dequant_cache_bytes=dequant_cache_bytes)
+        if self.device.type != "cuda":
+            from adaq.errors import AdaqError
+
+            raise AdaqError("the cuda backend needs a CUDA device")
+        ops.ext()
+        ops.counters(self.device)  # allocate now, never inside a CUDA-graph capture
+
+    # ---- linear layers ---------------------------------------------------------------------------------------
+    def prepare_linear(self, weight, *, dtype: torch.dtype) -> LinearHandle:
+        if not isinstance(weight, NVFP4Weight) or dtype != torch.bfloat16:
+            return super().prepare_linear(weight, dtype=dtype)
+        packed = layout.repack(weight, self.device)
+        scale = None
+        if self.activation_quant and weight.input_global_scale is not None:
+            scale = weight.input_global_scale.float().reshape(1).to(self.device)
+        return KernelLinearHandle(packed, dtype, scale)
+
+    def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(handle, KernelLinearHandle) or x.dtype != torch.bfloat16 or not x.is_cuda:
+            return super().linear(x, handle, bias)
+        if handle.input_global_scale is not None:
+            x = quantize_activation_nvfp4(x, handle.input_global_scale)
+        lead = x.shape[:-1]
+        y = ops.nvfp4_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight,
+                             None if bias is None else bias.to(torch.bfloat16))
+        return y.reshape(*lead, y.shape[-1])
+
+    # ---- mixture of experts ----------------------------------------------------------------------------------
+    def prepare_experts(self, gate_up, down, *, dtype: torch.dtype):
+        weights = [w for pair in gate_up for w in pair] + list(down)
+        quantized = all(isinstance(w, NVFP4Weight) and w.input_global_scale is None for w in weights)
+        if not quantized or dtype != torch.bfloat16:
+            return super().prepare_experts(gate_up, down, dtype=dtype)
+        intermediate, hidden = gate_up[0][0].out_features, gate_up[0][0].in_features
+        packed_gate_up, packed_down = [], []
+        for pair, down_weight in zip(gate_up, down):
+            check_shapes(pair, hidden, [intermediate] * len(pair))
+            check_shapes([down_weight], intermediate, [hidden])
+            packed_gate_up.append(self._fused_pair(pair))
+            packed_down.append(layout.repack(down_weight, self.device))
+        return KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
+
+    def _fused_pair(self, pair: list[NVFP4Weight]) -> layout.PackedNVFP4:
+        """gate|up as one weight; per-column global scales keep it exact even when the two scales differ."""
+        fused = NVFP4Weight(torch.cat([w.packed for w in pair]), torch.cat([w.block_scale for w in pair]),
+                            pair[0].global_scale)
+        columns = torch.cat([w.global_scale.float().reshape(1).expand(w.out_features) for w in pair])
+        return layout.repack(fused, self.device, column_global_scales=None if can_fuse(pair) else columns)
+
+    def moe(self, x, router_logits, experts, top_k: int, renormalize: bool):
+        if not isinstance(experts, KernelExpertsHandle) or x.dtype != torch.bfloat16:
+            return super().moe(x, router_logits, experts, top_k, renormalize)
+        return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize)
+
+    # ---- KV cache and attention ------------------------------------------------------------------------------
+    def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
+        if not self._kv_kernel_ok(k, k_cache) or v.dtype != torch.bfloat16:
+            return super().store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+        ops.store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, k_scale, v_scale, ctx, *, scale: float, sliding_window=None,
+                  softcap=None, k=None, v=None) -> torch.Tensor:
+        if (k_cache is None or not self._kv_kernel_ok(q, k_cache)
+                or q.shape[1] % k_cache.shape[2] or q.shape[1] // k_cache.shape[2] not in ATTENTION_GROUPS):
+            return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
+                                     sliding_window=sliding_window, softcap=softcap, k=k, v=v)
+        tokens = q.shape[0]
+        query_seq = query_ctx = None
+        if ctx.is_prefill:
+            query_seq, query_ctx = prefill_queries(ctx, tokens)
+        max_context = ctx.max_context_len or k_cache.shape[1] * ctx.block_tables.shape[1]
+        if sliding_window:
+            max_context = min(max_context, sliding_window)
+        splits = ops.attention_splits(tokens, k_cache.shape[2], max_context)
+        return ops.paged_attention(q, k_cache, v_cache, k_scale, v_scale, ctx.block_tables, ctx.context_lens,
+                                   scale=scale, sliding_window=sliding_window, softcap=softcap, query_seq=query_seq,
+                                   query_ctx=query_ctx, splits=splits)
+
+    @staticmethod
+    def _kv_kernel_ok(x: torch.Tensor, cache: torch.Tensor | None) -> bool:
+        return (cache is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] in ATTENTION_HEAD_DIMS
+                and cache.dtype in (torch.float8_e4m3fn, torch.bfloat16) and cache.is_contiguous())
+
+    # ---- element-wise ----------------------------------------------------------------------------------------
+    def rms_norm(self, x, weight, eps: float, *, unit_offset: bool = False):
+        if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0
+                and x.stride(-1) == 1 and x.dim() in (2, 3) and x.data_ptr() % 16 == 0
+                and all(s % 8 == 0 for s in x.stride()[:-1])):
+            return super().rms_norm(x, weight, eps, unit_offset=unit_offset)
+        return ops.rms_norm(x, weight, eps, unit_offset)
+
+    def silu_and_mul(self, x):
+        if not self._gated_ok(x):
+            return super().silu_and_mul(x)
+        return ops.silu_and_mul(x)
+
+    def gelu_tanh_and_mul(self, x):
+        if not self._gated_ok(x):
+            return super().gelu_tanh_and_mul(x)
+        return ops.gelu_tanh_and_mul(x)
+
+    @staticmethod
+    def _gated_ok(x: torch.Tensor) -> bool:
+        return (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 16 == 0
+                and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
+
+    def rotary(self, q, k, positions, inv_freq):
+        if not (q.is_cuda and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.dim() == 3):
+            return super().rotary(q, k, positions, inv_freq)
+        return ops.rotary(q, k, positions, inv_freq)
+
+
+def prefill_queries(ctx, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query token: its sequence and how many keys it sees (causal), without a host sync."""
+    offsets = ctx.query_offsets().long()
+    q_lens = offsets[1:] - offsets[:-1]
+    seqs = torch.arange(q_lens.numel(), device=q_lens.device)
+    query_seq = torch.repeat_interleave(seqs, q_lens, output_size=tokens)
+    index_in_seq = torch.arange(tokens, device=q_lens.device) - offsets[:-1][query_seq]
+    first_ctx = ctx.context_lens.long() - q_lens + 1
+    query_ctx = first_ctx[query_seq] + index_in_seq
+    return query_seq.int(), query_ctx.int()
+
+
+__all__ = ["CudaBackend", "KernelLinearHandle", "KernelExpertsHandle", "moe"]

@@ -1,0 +1,140 @@
+"""Kernel microbenchmarks, called by `adaq bench kernels` and scripts/gpu_kernels.sh. Each returns plain dicts.
+
+Timing: the op is captured `REPEATS` times into one CUDA graph, cycling through enough copies of its inputs to
+exceed the L2 cache (so weights come from DRAM, as in a real decode step), and the graph is replayed several
+times; a launch's time is the replay time over REPEATS, median over replays (warm-up and compilation excluded).
+Bandwidth counts the bytes the op must move at least once (weights, scales, activations in, outputs out).
+"""
+
+import statistics
+
+import torch
+
+from adaq.kernels import layout, ops
+
+REPEATS = 20
+REPLAYS = 15
+L2_FLUSH_BYTES = 256 << 20  # several times the L2 of a 4090 (72 MB) or an H100 (50 MB)
+
+QWEN3_8B_LINEARS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (24576, 4096),
+                    "down_proj": (4096, 12288)}
+
+
+def _time_graph(step, copies: int) -> float:
+    """Median µs of one call of step(i) for i cycling over `copies` input sets."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(copies, 3)):
+            step(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(REPEATS):
+            step(i % copies)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / REPEATS)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> dict:
+    """Device-to-device copy, counting bytes read plus bytes written: the ceiling the other figures are put against."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src.random_()
+    dst = torch.empty_like(src)
+    us = _time_graph(lambda i: dst.copy_(src), 1)
+    return {"op": "copy", "bytes": 2 * nbytes, "us": us, "GB/s": 2 * nbytes / us / 1e3}
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, -(-L2_FLUSH_BYTES // max(nbytes, 1)))
+
+
+def _random_weight(n: int, k: int, generator: torch.Generator) -> layout.PackedNVFP4:
+    from adaq.formats.nvfp4 import NVFP4Weight
+
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=generator)
+    scales = (torch.rand(n, k // 16, device="cuda", generator=generator) * 2 + 0.1).to(torch.float8_e4m3fn)
+    return layout.repack(NVFP4Weight(packed, scales, torch.tensor([100.0], device="cuda")), "cuda")
+
+
+def nvfp4_gemm(n: int, k: int, m: int, copy_gbs: float | None = None, splits: int = 0, name: str = "") -> dict:
+    """One decode GEMM y[m, n] = x[m, k] W^T against its NVFP4 weight bytes; also cuBLAS bf16 on the same shape."""
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    one = _random_weight(n, k, gen)
+    copies = _copies(one.nbytes)
+    weights = [one] + [_random_weight(n, k, gen) for _ in range(copies - 1)]
+    xs = [torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
+    us = _time_graph(lambda i: ops.nvfp4_linear(xs[i], weights[i], splits=splits), copies)
+    moved = one.wq.numel() + one.ws.numel() + m * k * 2 + m * n * 2
+    result = {"op": "nvfp4_gemm", "name": name, "shape": [m, n, k], "M": m, "N": n, "K": k, "us": us,
+              "bytes": moved, "GB/s": moved / us / 1e3, "TFLOP/s": 2 * m * n * k / us / 1e6}
+    del weights
+    dense = [torch.randn(n, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
+    bf16_us = _time_graph(lambda i: torch.matmul(xs[i % copies], dense[i].T), len(dense))
+    result.update(bf16_cublas_us=bf16_us, speedup_vs_bf16=bf16_us / us)
+    if copy_gbs:
+        result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
+    return result
+
+
+def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                    kv_dtype: str = "fp8", copy_gbs: float | None = None, block_size: int = 16) -> dict:
+    """Decode attention of `batch` sequences of `context` keys each (Qwen3-8B heads by default)."""
+    dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = batch * blocks_per_seq
+    per_cache = num_blocks * block_size * kv_heads * head_dim * dtype.itemsize
+    copies = _copies(2 * per_cache)
+    gen = torch.Generator(device="cuda").manual_seed(context)
+    caches = []
+    for _ in range(copies):
+        k = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
+        v = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
+        scales = [torch.rand(num_blocks, block_size, kv_heads, device="cuda", generator=gen) + 0.01
+                  for _ in range(2)] if kv_dtype == "fp8" else [None, None]
+        caches.append((k, v, *scales))
+    tables = torch.randperm(num_blocks, device="cuda", generator=gen).int().view(batch, blocks_per_seq)
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    splits = ops.attention_splits(batch, kv_heads, context)
+    us = _time_graph(lambda i: ops.paged_attention(q, *caches[i], tables, lens, scale=head_dim ** -0.5,
+                                                   splits=splits), copies)
+    moved = 2 * batch * context * kv_heads * (head_dim * dtype.itemsize + (4 if kv_dtype == "fp8" else 0))
+    result = {"op": "paged_attention", "kv_dtype": kv_dtype, "batch": batch, "context": context, "heads": heads,
+              "kv_heads": kv_heads, "head_dim": head_dim, "splits": splits, "us": us, "bytes": moved,
+              "GB/s": moved / us / 1e3}
+    if copy_gbs:
+        result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
+    return result
+
+
+def run_all(quick: bool = False) -> dict:
+    """The figures issue 4 asks for: Qwen3-8B GEMMs at M = 1 and 16 (and more), attention at 8k context."""
+    copy = copy_bandwidth()
+    gbs = copy["GB/s"]
+    rows = (1, 16) if quick else (1, 4, 16, 32, 64)
+    gemms = [nvfp4_gemm(n, k, m, gbs, name=name) for name, (n, k) in QWEN3_8B_LINEARS.items() for m in rows]
+    attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d) for d in ("fp8", "bf16") for b in (1, 16)]
+    return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn}
+
+
+def summary_lines(results: dict) -> list[str]:
+    lines = [f"copy: {results['copy']['GB/s']:.0f} GB/s (read+write)"]
+    for r in results["gemm"]:
+        lines.append(f"gemm {r['name']:>12} M={r['M']:<3} N={r['N']:<6} K={r['K']:<6} {r['us']:8.1f} us "
+                     f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy  bf16 cuBLAS {r['bf16_cublas_us']:7.1f} us "
+                     f"x{r['speedup_vs_bf16']:.2f}")
+    for r in results["attention"]:
+        lines.append(f"attn {r['kv_dtype']:>4} B={r['batch']:<3} ctx={r['context']} splits={r['splits']:<3} "
+                     f"{r['us']:8.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
+    return lines

@@ -1,0 +1,197 @@
+"""`adaq quantize` as a library call: resolve the source, run a registered method into a temp folder, add tokenizer
+files, the applied recipe and adaq's metadata, check the result, and rename it into place (atomic: an interrupted
+run leaves no OUT, and an existing OUT is replaced only once the new one is complete)."""
+
+import json
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from adaq.errors import AdaqError, CheckpointError
+from adaq.formats.architectures import architecture_of
+from adaq.quant.methods import CalibrationSpec, Progress, QuantJob, get_method
+from adaq.quant.recipe import Recipe, default_recipe, load_recipe
+
+METADATA_FILE = "adaq_quantize.json"
+RECIPE_FILE = "recipe.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "preprocessor_config.json",
+                   "processor_config.json")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class QuantReport:
+    source: str
+    out: str
+    method: str
+    scheme: str
+    recipe: str
+    device: str
+    quantized: int
+    kept: list[str]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    notes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def safetensors_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdaqError(f"--device {device}: no CUDA GPU is visible (use --device cpu)")
+    return device
+
+
+def resolve_hub_id(name: str) -> Path:
+    """A hub id already in the local HF cache, never downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any lookup failure means "not cached"
+        raise AdaqError(f"{name}: not a local folder, a .gguf file or a hub id in the local Hugging Face cache "
+                        "(adaq never downloads; fetch it first with `hf download`)") from None
+
+
+@contextmanager
+def source_folder(src: str, scratch: Path):
+    """The dense HF folder to quantize: SRC itself, its cached hub snapshot, or a GGUF dequantized into scratch."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        yield path, "folder"
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise AdaqError(f"{path}: no such GGUF file")
+        from adaq.formats.gguf import gguf_to_hf_folder
+
+        folder = scratch / "gguf-source"
+        gguf_to_hf_folder(path, folder)
+        yield folder, "gguf"
+    elif path.exists():
+        raise AdaqError(f"{path}: not a checkpoint folder or a .gguf file")
+    else:
+        yield resolve_hub_id(src), "hub"
+
+
+def check_source(folder: Path) -> dict:
+    from adaq.formats.checkpoint import read_config
+
+    try:
+        config = read_config(folder)
+    except CheckpointError as error:
+        raise AdaqError(f"{error} (quantize needs a Hugging Face model folder)") from None
+    architecture_of(config)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise AdaqError(f"{folder}: already quantized ({method}); quantize reads a bf16/fp16/fp32 checkpoint")
+    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+        raise AdaqError(f"{folder}: no tokenizer ({' / '.join(TOKENIZER_MARKERS)}); the output must carry one")
+    return config
+
+
+def prepare_out(out: Path, force: bool) -> Path:
+    """A fresh temp folder beside OUT (same filesystem, so the final rename is atomic)."""
+    if out.exists() and not force:
+        raise AdaqError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise AdaqError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-tmp-", dir=out.parent))
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("adaq", "torch", "transformers", "safetensors", "compressed-tensors", "llmcompressor"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def check_output(folder: Path, scheme: str, expected: int) -> None:
+    from adaq.formats.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(folder)
+    if checkpoint.format != "compressed-tensors" or checkpoint.scheme != scheme:
+        raise AdaqError(f"internal: the method wrote {checkpoint.format}/{checkpoint.scheme}, not "
+                        f"compressed-tensors/{scheme}")
+    if len(checkpoint.quantized_prefixes()) != expected:
+        raise AdaqError(f"internal: {len(checkpoint.quantized_prefixes())} quantized layers written, "
+                        f"{expected} expected")
+
+
+def replace_into(tmp: Path, out: Path) -> None:
+    from adaq.formats.gguf import replace_dir
+
+    tmp.chmod(0o755)
+    replace_dir(tmp, out)
+
+
+def choose_recipe(config: dict, scheme: str | None, recipe_path: str | None) -> Recipe:
+    if recipe_path:
+        recipe = load_recipe(recipe_path)
+        return recipe.with_scheme(scheme) if scheme and scheme != recipe.scheme else recipe
+    return default_recipe(config, scheme or "nvfp4a16")
+
+
+def quantize_model(src: str, out: str | Path, scheme: str | None = None, recipe_path: str | None = None,
+                   method: str = "rtn", calibration: CalibrationSpec | None = None, force: bool = False,
+                   device: str = "auto", progress: Progress | None = None) -> QuantReport:
+    """Quantize SRC (folder, cached hub id or .gguf) into the compressed-tensors folder OUT."""
+    out, progress = Path(out).expanduser().resolve(), progress or Progress()
+    chosen = get_method(method)
+    if out.exists() and not force:
+        raise AdaqError(f"{out} already exists; pass --force to replace it")
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
+    tmp = prepare_out(out, force)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-src-", dir=out.parent))
+    try:
+        with source_folder(src, scratch) as (folder, kind):
+            config = check_source(folder)
+            recipe = choose_recipe(config, scheme, recipe_path)
+            if (recipe.scheme == "nvfp4" or chosen.needs_calibration) and calibration is None:
+                raise AdaqError(f"--scheme {recipe.scheme} with --method {method} needs calibration data: "
+                                "pass --calib-data FILE|DIR")
+            job = QuantJob(folder, tmp, recipe.scheme, recipe, calibration, resolve_device(device), progress)
+            result = chosen.run(job)
+            copy_tokenizer(folder, tmp)
+            if not (tmp / RECIPE_FILE).exists():
+                (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+            check_output(tmp, recipe.scheme, len(result.quantized))
+            report = QuantReport(src, str(out), method, recipe.scheme, recipe.source, job.device,
+                                 len(result.quantized), result.kept, safetensors_bytes(folder),
+                                 safetensors_bytes(tmp), round(time.perf_counter() - clock, 2), result.notes)
+            metadata = {**report.to_dict(), "source_kind": kind, "started": started.isoformat(timespec="seconds"),
+                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "versions": versions()}
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        replace_into(tmp, out)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Device script for adaq's kernels: build the sm_89 (+PTX) extension, check its SASS, run the GPU tests, time the
+# kernels. Writes JSON and logs under $OUT (default ./out). Usage: scripts/gpu_kernels.sh [quick]
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) ADAQ_CACHE=${ADAQ_CACHE:-/tmp/adaq-cache}
+export MAX_JOBS=${MAX_JOBS:-16}
+MODE=${1:-full}
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/kernels.log"; }
+
+log "device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$OUT/kernels.log"
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" 2>&1 | tee -a "$OUT/kernels.log"
+
+log "build"
+start=$(date +%s)
+python3 -c "from adaq.kernels import build; build.load(verbose=False); print('built', build.source_hash())" \
+  2>&1 | tee -a "$OUT/kernels.log" || { log "BUILD FAILED"; exit 1; }
+log "build took $(( $(date +%s) - start )) s"
+
+log "compile check (PTX + SASS) and SASS of the built extension"
+python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
+import json, os, subprocess, glob
+from adaq.kernels import build
+report = build.compile_check("sm_89", sass=True)
+so = glob.glob(str(build.cache_root() / build.source_hash() / "*.so"))
+if so:
+    sass = subprocess.run(["cuobjdump", "-sass", so[0]], capture_output=True, text=True).stdout
+    report["extension_sass"] = {"sm_89 present": "arch = sm_89" in sass,
+                                "HMMA.16816.F32.BF16": sass.count("HMMA.16816.F32.BF16"),
+                                "LDSM": sass.count("LDSM"), "LDG.E.128": sass.count("LDG.E.128"),
+                                "LDL/STL (local memory)": sass.count("LDL") + sass.count("STL"),
+                                "wgmma/HGMMA": sass.count("HGMMA")}
+    gemm = [l for l in sass.splitlines() if "nvfp4_gemm_kernelILi1E" in l or "HMMA" in l][:5]
+    with open(os.path.join(os.environ["OUT"], "gemm_m16.sass"), "w") as f:
+        f.write(subprocess.run(["cuobjdump", "-sass", "-fun", "_ZN4adaq17nvfp4_gemm_kernelILi1ELi2ELi4EEEvNS_10GemmParamsE", so[0]],
+                               capture_output=True, text=True).stdout)
+json.dump(report, open(os.path.join(os.environ["OUT"], "compile.json"), "w"), indent=1)
+print("compile ok:", report["ok"], report.get("error", ""), report.get("extension_sass"))
+PY
+
+log "gpu tests"
+if [ "$MODE" = quick ]; then SEL="-k not end_to_end"; else SEL=""; fi
+timeout 330 python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs --tb=short -p no:cacheprovider $SEL \
+  --junitxml="$OUT/pytest.xml" -s 2>&1 | tail -n 60 | tee -a "$OUT/kernels.log"
+
+log "microbench"
+timeout 200 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
+import json, os, sys
+from adaq.kernels import microbench
+results = microbench.run_all(quick=len(sys.argv) > 1)
+json.dump(results, open(os.path.join(os.environ["OUT"], "microbench.json"), "w"), indent=1)
+print("\n".join(microbench.summary_lines(results)))
+PY
+log "done"

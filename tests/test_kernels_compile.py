@@ -1,0 +1,132 @@
+"""CPU checks of adaq's kernels: every .cu compiles for sm_89 with the intended instructions and no Hopper-only
+ones; the weight repacking is proven by emulating the kernel's bit tricks; the package imports without a GPU."""
+
+import shutil
+
+import pytest
+import torch
+
+from adaq.formats import nvfp4
+from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.kernels import build, layout
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("ptxas") is None,
+                                reason="needs nvcc and ptxas")
+
+# (N, K): exact tiles, padded N, padded K, the smallest NVFP4 weight, Qwen3-30B-A3B expert down (K = 768).
+LAYOUT_SHAPES = [(8, 128), (24, 272), (5, 48), (64, 640), (1, 16), (40, 768), (13, 4112)]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return build.compile_check("sm_89", sass=False)
+
+
+@needs_nvcc
+def test_every_kernel_compiles_for_sm89(report):
+    assert report["ok"], report.get("error")
+    assert set(report["sources"]) == set(build.CUDA_SOURCES)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", build.CUDA_SOURCES)
+def test_intended_instructions_present(report, source):
+    entry = report["sources"][source]
+    missing = [instr for instr, found in entry["required_ptx"].items() if not found]
+    assert not missing, f"{source}: PTX lacks {missing}"
+    assert entry["forbidden_ptx"] == [], f"{source}: Hopper-only instructions {entry['forbidden_ptx']}"
+
+
+@needs_nvcc
+def test_no_register_spills_in_decode_kernels(report):
+    for source in ("nvfp4_gemm.cu", "attention.cu"):
+        kernels = report["sources"][source]["kernels"]
+        assert kernels, f"ptxas reported no kernels for {source}"
+        for name, usage in kernels.items():
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills: {usage}"
+            assert usage["registers"] <= 255
+
+
+@needs_nvcc
+def test_gemm_instantiations_exist(report):
+    names = report["sources"]["nvfp4_gemm.cu"]["kernels"]
+    for mt, ch in ((1, 4), (2, 2), (3, 1), (4, 1)):
+        assert any(f"nvfp4_gemm_kernelILi{mt}ELi2ELi{ch}E" in name for name in names), (mt, ch)
+
+
+@needs_nvcc
+def test_compile_error_is_reported(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cu"
+    bad.write_text("__global__ void k() { this is not C++; }\n")
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    result = build.compile_check("sm_89", sass=False, sources=("bad.cu",))
+    assert not result["ok"] and "bad.cu" in result["error"]
+
+
+def random_weight(n: int, k: int, seed: int) -> NVFP4Weight:
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    exponent = torch.randint(-9, 9, (n, k // 16), generator=gen).float()
+    scales = ((1 + torch.rand(n, k // 16, generator=gen)) * 2 ** exponent).clamp(max=448)
+    scales[0, 0] = 2 ** -9  # the smallest E4M3 subnormal
+    return NVFP4Weight(packed, scales.to(torch.float8_e4m3fn), torch.tensor([37.5]))
+
+
+@pytest.mark.parametrize("n,k", LAYOUT_SHAPES)
+def test_repack_emulated_fragments_equal_reference_dequantize(n, k):
+    """The kernel's view of the repacked bytes (bf16 bit tricks included) is the reference weight, up to fp32
+    rounding of (e2m1 * scale) * (128 / g) vs e2m1 * (scale / g)."""
+    weight = random_weight(n, k, seed=n * k)
+    packed = layout.repack(weight)
+    assert packed.wq.shape == (-(-n // 8), -(-k // 128), 512) and packed.ws.shape[-1] == 64
+    emulated = layout.emulate_b_fragments(packed)
+    reference = nvfp4.dequantize(weight)
+    torch.testing.assert_close(emulated, reference, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("n,k", LAYOUT_SHAPES)
+def test_unpack_inverts_repack(n, k):
+    weight = random_weight(n, k, seed=n + k)
+    codes, scales = layout.unpack_codes(layout.repack(weight))
+    assert torch.equal(codes, nvfp4.unpack_nibbles(weight.packed))
+    assert torch.equal(scales.view(torch.uint8), weight.block_scale.view(torch.uint8))
+
+
+def test_per_column_global_scales():
+    """Fused weights whose global scales differ stay exact through per-column multipliers."""
+    a, b = random_weight(16, 256, 1), random_weight(8, 256, 2)
+    b.global_scale = torch.tensor([3.0])
+    fused = NVFP4Weight(torch.cat([a.packed, b.packed]), torch.cat([a.block_scale, b.block_scale]), a.global_scale)
+    columns = torch.cat([a.global_scale.expand(16), b.global_scale.expand(8)])
+    emulated = layout.emulate_b_fragments(layout.repack(fused, column_global_scales=columns))
+    reference = torch.cat([nvfp4.dequantize(a), nvfp4.dequantize(b)])
+    torch.testing.assert_close(emulated, reference, rtol=2e-7, atol=0)
+
+
+def test_bad_weight_is_a_clear_error():
+    from adaq.errors import CheckpointError
+
+    weight = random_weight(8, 128, 0)
+    weight.block_scale = weight.block_scale[:, :4]
+    with pytest.raises(CheckpointError, match="block scales"):
+        layout.repack(weight)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only install")
+def test_cpu_only_install_reports_unavailable():
+    from adaq import kernels
+    from adaq.layers.backend import cuda_backend_class, get_backend
+
+    assert kernels.available() is False
+    assert cuda_backend_class() is None
+    assert get_backend("auto", "cpu").name == "reference"
+
+
+def test_source_hash_tracks_sources(monkeypatch, tmp_path):
+    first = build.source_hash()
+    for name in (*build.CUDA_SOURCES, build.BINDING, *build.HEADERS):
+        (tmp_path / name).write_bytes((build.CSRC / name).read_bytes())
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    assert build.source_hash() == first
+    (tmp_path / "moe.cu").write_text((tmp_path / "moe.cu").read_text() + "\n// changed\n")
+    assert build.source_hash() != first

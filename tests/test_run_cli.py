@@ -1,0 +1,96 @@
+"""`adaq run` through the real CLI entry point (adaq.cli.main): streaming, --json, chat, and one-line errors."""
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+from helpers.tiny_models import make_checkpoint
+from helpers.tiny_tokenizer import write_tokenizer
+
+from adaq.cli import main
+
+FAST = ["--backend", "reference", "--device", "cpu", "--max-model-len", "256"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = make_checkpoint("qwen3", tmp_path_factory.mktemp("run"))
+    write_tokenizer(root / "nvfp4")
+    return root
+
+
+def adaq(args: list[str], capsys, monkeypatch, stdin: str = "") -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["adaq", *map(str, args)])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def test_run_streams_the_greedy_completion_and_reports_speed(tiny, capsys, monkeypatch):
+    from adaq.engine.api import LLM, SamplingParams
+
+    code, out, err = adaq(["run", tiny / "nvfp4", "Hello", "--no-chat", "--temperature", "0", "--max-tokens", "12",
+                           "--kv-cache-dtype", "bf16", *FAST], capsys, monkeypatch)
+    assert code == 0, err
+    llm = LLM(tiny / "nvfp4", backend="reference", device="cpu", kv_cache_dtype="bf16", max_model_len=256)
+    expected = llm.generate("Hello", SamplingParams(max_tokens=12, temperature=0))[0]
+    assert out == expected.text + "\n"
+    assert "prompt: 6 tokens" in err and "tok/s" in err and "CPU" in err and "peak RSS" in err
+
+
+def test_run_json(tiny, capsys, monkeypatch):
+    code, out, err = adaq(["run", tiny / "nvfp4", "Hello", "--json", "--max-tokens", "5", "--seed", "3", *FAST],
+                          capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["output_tokens"] <= 5 and result["device"] == "CPU" and result["kv_cache_dtype"] == "fp8"
+    assert result["prompt_tok_s"] > 0 and result["peak_memory_bytes"] > 0
+
+
+def test_interactive_chat_until_exit(tiny, capsys, monkeypatch):
+    code, out, err = adaq(["run", tiny / "nvfp4", "--max-tokens", "4", "--temperature", "0", *FAST], capsys,
+                          monkeypatch, stdin="hi\nhow are you\n/exit\n")
+    assert code == 0, err
+    assert err.count("prompt: ") == 2, "one stats line per reply"
+
+
+def _one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err + out
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["x" * 300], ["--max-model-len"]),
+    (["hi", "--kv-cache-memory", "4KiB"], ["--kv-cache-memory", "--max-model-len"]),
+    (["hi", "--temperature", "-1"], ["temperature"]),
+    (["hi", "--top-p", "0"], ["top_p"]),
+    (["hi", "--kv-cache-dtype", "int8"], ["--kv-cache-dtype"]),
+    (["hi", "--backend", "tpu"], ["backend"]),
+])
+def test_bad_input_is_one_line(tiny, capsys, monkeypatch, args, fragments):
+    _one_line_error(*adaq(["run", tiny / "nvfp4", *FAST, "--max-tokens", "2", *args], capsys, monkeypatch),
+                    *fragments)
+
+
+def test_bad_checkpoints_are_one_line(tiny, tmp_path, capsys, monkeypatch):
+    _one_line_error(*adaq(["run", tiny / "decompressed", "hi", *FAST], capsys, monkeypatch), "tokenizer")
+    _one_line_error(*adaq(["run", tmp_path / "nowhere", "hi", *FAST], capsys, monkeypatch), "nowhere")
+    folder = shutil.copytree(tiny / "nvfp4", tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    _one_line_error(*adaq(["run", folder, "hi", *FAST], capsys, monkeypatch), "LlamaForCausalLM")
+
+
+def test_chat_needs_a_template(tiny, tmp_path, capsys, monkeypatch):
+    folder = shutil.copytree(tiny / "nvfp4", tmp_path / "plain")
+    write_tokenizer(folder, chat_template=False)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    _one_line_error(*adaq(["run", folder, "hi", "--chat", *FAST], capsys, monkeypatch), "chat template")
