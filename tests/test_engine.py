@@ -132,14 +132,28 @@ def test_fp8_kv_cache_error_is_bounded(checkpoints, arch, capsys):
 def test_prompt_logprobs_match_transformers(checkpoints):
     folder = checkpoints["qwen3"]
     lists = [PROMPT, PROMPT[:5], [249, 100, 101, 102] * 10]
+    starts = [1, 3, 21]
     llm = make_llm(folder / "nvfp4", max_num_batched_tokens=16)
-    results = llm.prompt_logprobs(lists, with_greedy=True)
-    for tokens, (logprobs, is_greedy) in zip(lists, results):
+    rows = record_logits(llm)
+    results = llm.prompt_logprobs(lists, with_greedy=True, start=starts)
+    assert len(rows) == sum(len(t) - s for t, s in zip(lists, starts)), "the output layer ran only where needed"
+    for tokens, start, (logprobs, is_greedy) in zip(lists, starts, results):
         reference = transformers_logits(folder / "decompressed", tokens).log_softmax(-1)[:-1]
         expected = reference.gather(1, torch.tensor(tokens[1:]).unsqueeze(1)).squeeze(1)
         assert logprobs.shape == (len(tokens) - 1,)
-        assert (logprobs - expected).abs().max() < 1e-3
-        assert torch.equal(is_greedy, reference.argmax(-1) == torch.tensor(tokens[1:]))
+        assert logprobs[:start - 1].isnan().all()
+        assert (logprobs[start - 1:] - expected[start - 1:]).abs().max() < 1e-3
+        assert torch.equal(is_greedy[start - 1:], (reference.argmax(-1) == torch.tensor(tokens[1:]))[start - 1:])
+
+
+def test_next_token_logprobs_match_transformers(checkpoints):
+    folder = checkpoints["gemma3"]
+    lists, candidates = [PROMPT, PROMPT[:1]], [[5, 17, 100], [3]]
+    llm = make_llm(folder / "nvfp4", max_num_batched_tokens=6)
+    for tokens, cands, (logprobs, argmax) in zip(lists, candidates, llm.next_token_logprobs(lists, candidates)):
+        reference = transformers_logits(folder / "decompressed", tokens).log_softmax(-1)[-1]
+        assert (logprobs - reference[cands]).abs().max() < 1e-3
+        assert argmax == int(reference.argmax())
 
 
 def test_stop_strings_stop_ids_and_streaming(checkpoints):
@@ -244,3 +258,22 @@ def test_missing_tokenizer_and_unsupported_architecture(checkpoints, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM"):
         make_llm(folder)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cache_sizing_and_greedy_parity(tmp_path):
+    """On a GPU the cache takes what gpu_memory_utilization leaves after a warm-up step; tokens match the CPU."""
+    from helpers.tiny_models import random_model
+
+    random_model("gemma3").save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    settings = dict(backend="reference", dtype="fp32", kv_cache_dtype="bf16", max_model_len=256)
+    gpu = LLM(tmp_path, device="cuda", gpu_memory_utilization=0.3, **settings)
+    free, total = torch.cuda.mem_get_info()
+    assert torch.cuda.memory_reserved() <= 0.3 * total
+    assert gpu.engine.runner.num_blocks * gpu.engine.config.block_size > 100_000, "most of 30% should be KV cache"
+    cpu = LLM(tmp_path, device="cpu", **settings)
+    prompts = [PROMPT, PROMPT[:3], PROMPT * 3]
+    on_gpu = [out.token_ids for out in gpu.generate(prompts, greedy(32))]
+    assert on_gpu == [out.token_ids for out in cpu.generate(prompts, greedy(32))]

@@ -33,8 +33,10 @@ class Workload:
     def __post_init__(self):
         if not self.batches or min(self.batches) < 1:
             raise AdaqError(f"invalid --batch {','.join(map(str, self.batches))}: batch sizes must be >= 1")
-        if self.input_len < 1 or self.output_len < 2:
-            raise AdaqError("invalid workload: --input-len must be >= 1 and --output-len >= 2 (decode needs a 2nd token)")
+        if self.input_len < 1:
+            raise AdaqError(f"invalid --input-len {self.input_len}: must be >= 1")
+        if self.output_len < 2:
+            raise AdaqError(f"invalid --output-len {self.output_len}: must be >= 2 (decode starts at the 2nd token)")
         if self.repeats < 1:
             raise AdaqError(f"invalid --repeats {self.repeats}: must be >= 1")
 

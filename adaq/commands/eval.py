@@ -151,3 +151,24 @@ def ppl(
             del scorer
     report = perplexity_json(results, text, time.perf_counter() - started)
     _emit(report, perplexity_table(report), json_path)
+
+
+@app.command("lm-eval-plugin")
+def lm_eval_plugin(
+    uninstall: bool = typer.Option(False, "--uninstall", help="remove the hook instead"),
+    site_dir: str = typer.Option(None, help="site-packages folder (default: this environment's)"),
+):
+    """Let `lm_eval --model adaq --model_args pretrained=PATH` work: installs a start-up hook (a .pth file)
+    that registers adaq's model with lm-eval. adaq's task YAMLs: --include_path from `adaq eval tasks-dir`."""
+    from adaq.eval import plugin
+
+    path = plugin.uninstall(site_dir) if uninstall else plugin.install(site_dir)
+    typer.echo(f"{'removed' if uninstall else 'wrote'} {path}")
+
+
+@app.command("tasks-dir")
+def tasks_dir():
+    """Print the folder of adaq's offline MMLU-Pro task YAMLs (for lm_eval --include_path)."""
+    from adaq.eval.mmlu_pro import TASKS_DIR
+
+    typer.echo(str(TASKS_DIR))

@@ -55,7 +55,7 @@ def run(
     token_ids = _encode(llm, messages if use_chat else prompt)
     if json_output:
         output = llm.generate(token_ids, params)[0]
-        print(json.dumps({"text": output.text, "finish_reason": output.finish_reason,
+        print(json.dumps({"text": output.text, "token_ids": output.token_ids, "finish_reason": output.finish_reason,
                           **_figures(llm, output)}, indent=2))
         return
     output = _stream_reply(llm, token_ids, params)

@@ -65,17 +65,27 @@ class LLM:
                 self.engine.abort_request(request_id)
                 self.engine.step()
 
-    def prompt_logprobs(self, token_lists: SequenceOf[list[int]], with_greedy: bool = False):
-        """log p(tokens[i + 1] | tokens[:i + 1]) for every i, one fp32 tensor of len(tokens) - 1 per list.
+    def prompt_logprobs(self, token_lists: SequenceOf[list[int]], with_greedy: bool = False,
+                        start: SequenceOf[int] | None = None):
+        """log p(tokens[i + 1] | tokens[:i + 1]) for every i: one fp32 tensor of len(tokens) - 1 per list.
 
-        Batched through prefill requests that sample nothing; with_greedy=True returns (logprobs, is_argmax) pairs,
-        what lm-eval's loglikelihood needs."""
-        params = SamplingParams(max_tokens=0, prompt_logprobs=True)
-        ids = [self.engine.add_request(list(tokens), params) for tokens in token_lists]
+        Batched through prefill requests that sample nothing. `start[k]`: the first token of list k whose log p is
+        wanted; the output layer runs from position start[k] - 1 only, earlier entries are NaN. with_greedy=True
+        returns (logprobs, is_argmax) pairs, what lm-eval's loglikelihood needs."""
+        starts = list(start) if start is not None else [1] * len(token_lists)
+        ids = [self.engine.add_scoring_request(list(tokens), score_from=s) for tokens, s in zip(token_lists, starts)]
         outputs = self._run_to_completion(ids)
         if with_greedy:
             return [(out.prompt_logprobs, out.prompt_greedy) for out in outputs]
         return [out.prompt_logprobs for out in outputs]
+
+    def next_token_logprobs(self, token_lists: SequenceOf[list[int]],
+                            candidates: SequenceOf[list[int]]) -> list[tuple[torch.Tensor, int]]:
+        """For each list: log p of each candidate id as the token after the whole list, and the argmax id there
+        (one prefill per list, one output-layer row)."""
+        ids = [self.engine.add_scoring_request(list(tokens), score_from=len(tokens), candidates=list(cands))
+               for tokens, cands in zip(token_lists, candidates)]
+        return [(out.candidate_logprobs, out.next_token_argmax) for out in self._run_to_completion(ids)]
 
     def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
         pending = set(request_ids)

@@ -37,6 +37,8 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: torch.Tensor | None = None
     prompt_greedy: torch.Tensor | None = None
+    candidate_logprobs: torch.Tensor | None = None
+    next_token_argmax: int | None = None
 
 
 @dataclass
@@ -97,14 +99,28 @@ class LLMEngine:
         """Queue a request (text or token ids); returns its id. Raises AdaqError for a prompt that cannot run."""
         params = params or SamplingParams()
         token_ids = self.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
-        self._check_prompt(token_ids, params)
+        self._check_prompt(token_ids, params, least_tokens=2 if params.prompt_logprobs else 1)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(request_id, token_ids, params, prompt=prompt if isinstance(prompt, str) else None)
         seq.max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
         self._inbox.append(seq)
         return request_id
 
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def add_scoring_request(self, token_ids: list[int], score_from: int = 1,
+                            candidates: list[int] | None = None) -> str:
+        """A request that generates nothing: log p of prompt tokens [score_from:] given their prefixes and, with
+        `candidates`, log p of each candidate id as the next token (plus the argmax there)."""
+        params = SamplingParams(max_tokens=0, prompt_logprobs=True)
+        token_ids = [int(token) for token in token_ids]
+        self._check_prompt(token_ids, params, least_tokens=2 if candidates is None else 1)
+        if not 1 <= score_from <= len(token_ids):
+            raise AdaqError(f"score_from {score_from} outside [1, {len(token_ids)}]")
+        seq = Sequence(f"score-{next(self._ids)}", token_ids, params)
+        seq.score_from, seq.candidates = score_from, None if candidates is None else list(candidates)
+        self._inbox.append(seq)
+        return seq.request_id
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams, least_tokens: int = 1) -> None:
         if not token_ids:
             raise AdaqError("the prompt is empty")
         room = 1 if params.max_tokens > 0 else 0
@@ -115,8 +131,8 @@ class LLMEngine:
         vocab = text_config(self.model_config).get("vocab_size")
         if vocab and not all(0 <= token < vocab for token in token_ids):
             raise AdaqError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
-        if params.prompt_logprobs and len(token_ids) < 2:
-            raise AdaqError("prompt log-probabilities need a prompt of at least 2 tokens")
+        if len(token_ids) < least_tokens:
+            raise AdaqError(f"scoring needs a prompt of at least {least_tokens} tokens")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (at the start of the next step)."""
@@ -223,7 +239,8 @@ class LLMEngine:
         seq.emitted_text_len, seq.emitted_token_count = visible, seq.num_output_tokens
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_text[:visible],
                              seq.output_token_ids, new_text, new_tokens, seq.is_finished, seq.finish_reason,
-                             seq.stop_reason, seq.metrics, seq.prompt_logprobs, seq.prompt_greedy)
+                             seq.stop_reason, seq.metrics, seq.prompt_logprobs, seq.prompt_greedy,
+                             seq.candidate_logprobs, seq.next_token_argmax)
 
     # ---- state for servers and benchmarks -------------------------------------------------------------------
     def kv_usage(self) -> float:

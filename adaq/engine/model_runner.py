@@ -24,7 +24,7 @@ from adaq.engine.sequence import Sequence
 from adaq.errors import AdaqError
 
 CPU_DEFAULT_KV_BYTES = 2**30
-LOGPROB_SLICE_ROWS = 512
+LOGPROB_SLICE_ROWS = 64  # 64 x a 262k vocabulary in fp32: 67 MB per slice
 
 
 @dataclass
@@ -52,6 +52,7 @@ class StepInputs:
     sample_rows: list[int]  # index in the batch of each sequence that samples
     sample_token_index: list[int]  # its last token's index in the packed T tokens
     score_rows: list[tuple[int, int, int, int]]  # (batch index, first packed index, first position, count)
+    candidate_rows: list[tuple[int, int]]  # (batch index, packed index of the prompt's last token)
 
 
 class ModelRunner:
@@ -190,6 +191,8 @@ class ModelRunner:
                     tokens[row] = token
             for row, first, position, count in inputs.score_rows:
                 self._score_prompt(batch.seqs[row], hidden[first:first + count], position)
+            for row, index in inputs.candidate_rows:
+                self._score_candidates(batch.seqs[row], hidden[index:index + 1])
         finally:
             reset_context()
         return tokens
@@ -212,10 +215,15 @@ class ModelRunner:
             seq.prompt_logprobs[position:position + rows.shape[0]] = chosen.cpu()
             seq.prompt_greedy[position:position + rows.shape[0]] = (logprobs.argmax(dim=-1) == targets).cpu()
 
+    def _score_candidates(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        logprobs = self.model.compute_logits(hidden).float().log_softmax(dim=-1)[0]
+        seq.candidate_logprobs = logprobs[torch.tensor(seq.candidates, device=self.device)].cpu()
+        seq.next_token_argmax = int(logprobs.argmax())
+
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.geometry.block_size
         input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
-        sample_rows, sample_index, score_rows = [], [], []
+        sample_rows, sample_index, score_rows, candidate_rows = [], [], [], []
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + count
             first = len(input_ids)
@@ -227,12 +235,14 @@ class ModelRunner:
             if end == seq.num_tokens and seq.wants_tokens:
                 sample_rows.append(row)
                 sample_index.append(first + count - 1)
-            scored_end = min(end, seq.num_prompt_tokens - 1)
-            if seq.params.prompt_logprobs and start < scored_end:
-                score_rows.append((row, first, start, scored_end - start))
+            scored_start, scored_end = max(start, seq.score_from - 1), min(end, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs and scored_start < scored_end:
+                score_rows.append((row, first + scored_start - start, scored_start, scored_end - scored_start))
+            if seq.candidates is not None and end == seq.num_tokens:
+                candidate_rows.append((row, first + count - 1))
         self._set_step_context(batch, query_lens, context_lens, slots)
         return StepInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
-                          sample_rows, sample_index, score_rows)
+                          sample_rows, sample_index, score_rows, candidate_rows)
 
     def _set_step_context(self, batch: ScheduledBatch, query_lens: list[int], context_lens: list[int],
                           slots: list[int]) -> None:

@@ -90,6 +90,10 @@ class Sequence:
     generator: torch.Generator | None = None
     prompt_logprobs: torch.Tensor | None = None  # [num_prompt_tokens - 1]: log p(token i+1 | tokens <= i)
     prompt_greedy: torch.Tensor | None = None  # [num_prompt_tokens - 1] bool: was token i+1 the argmax
+    score_from: int = 1  # first prompt token whose log p is wanted (the output layer runs from score_from - 1)
+    candidates: list[int] | None = None  # ids whose log p as the token after the whole prompt is wanted
+    candidate_logprobs: torch.Tensor | None = None
+    next_token_argmax: int | None = None
     detokenizer: Detokenizer | None = None
     metrics: RequestMetrics | None = None
 

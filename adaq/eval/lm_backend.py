@@ -31,6 +31,9 @@ class AdaqLM(TemplateLM):
         if scorer is None:
             from adaq.eval.sources import load_scorer
 
+            if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = None  # lm-eval's CLI asks for cuda by default; like HFLM, fall back to what is there
+
             scorer = load_scorer(str(pretrained), runner=runner, backend=backend, kv_cache_dtype=kv_cache_dtype,
                                  dtype=dtype, device=device, max_model_len=_int_or_none(max_length), **engine_kwargs)
         self.scorer = scorer

@@ -40,8 +40,32 @@ class EngineScorer:
 
     def next_token_logprobs(self, token_lists: list[list[int]], candidates: list[list[int]]) -> list[NextToken]:
         if self._has_next_token:
-            return [(logprobs, int(argmax)) for logprobs, argmax in self.llm.next_token_logprobs(token_lists, candidates)]
-        # Without the extension: one scored sequence per candidate (the argmax is known only if it is a candidate).
+            return [(lp, int(argmax)) for lp, argmax in self.llm.next_token_logprobs(token_lists, candidates)]
+        if hasattr(getattr(self.llm.engine, "runner", None), "sampler"):
+            return self._next_token_from_sampler(token_lists, candidates)
+        return self._next_token_from_prompts(token_lists, candidates)
+
+    def _next_token_from_sampler(self, token_lists, candidates) -> list[NextToken]:
+        """One-token greedy generation, reading the logit row the engine hands its sampler: the context is
+        prefilled once and the output layer runs on its last position only."""
+        from adaq.engine.api import SamplingParams
+
+        runner = self.llm.engine.runner
+        capture = _LogitCapture(runner.sampler)
+        runner.sampler = capture
+        try:
+            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            outputs = self.llm.generate([list(tokens) for tokens in token_lists], params)
+        finally:
+            runner.sampler = capture.inner
+        results = []
+        for output, cands in zip(outputs, candidates):
+            logprobs = capture.rows.pop(output.request_id)
+            results.append((logprobs[cands], int(logprobs.argmax())))
+        return results
+
+    def _next_token_from_prompts(self, token_lists, candidates) -> list[NextToken]:
+        """Fallback: one scored sequence per candidate (the argmax is known only if it is a candidate)."""
         extended = [tokens + [c] for tokens, cands in zip(token_lists, candidates) for c in cands]
         scores = iter(self.score(extended, [len(t) - 1 for t in extended]))
         results = []
@@ -58,6 +82,20 @@ class EngineScorer:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=until or None)
         outputs = self.llm.generate([list(tokens) for tokens in token_lists], params)
         return [output.text for output in outputs]
+
+
+class _LogitCapture:
+    """Stands in for the engine's sampler: keeps each sequence's log-softmax row, then samples as before."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
+        logprobs = logits.float().log_softmax(dim=-1).cpu()
+        for row, seq in enumerate(seqs):
+            self.rows[seq.request_id] = logprobs[row]
+        return self.inner(logits, seqs)
 
 
 class TransformersScorer:

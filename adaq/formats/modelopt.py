@@ -5,6 +5,10 @@
 `P.weight` (uint8 [N, K/2], compressed-tensors' nibble order), `P.weight_scale` (e4m3 [N, K/16]),
 `P.weight_scale_2` (fp32 scalar) and, for W4A4, `P.input_scale` (fp32 scalar). W = e2m1 * weight_scale *
 weight_scale_2, so adaq's divisor global scale is 1 / weight_scale_2 (and its input global scale 1 / input_scale).
+adaq decodes with the divisor (its one NVFP4 semantics), which can differ from ModelOpt's own product by one fp32
+ulp of the step size. 1 / fl(1 / x) is not always x, so reader and writer agree on a rule (the divisor with the
+shortest mantissa among those whose reciprocal is the stored multiplier): a compressed-tensors checkpoint copied
+to ModelOpt and read back decodes bit-identically.
 """
 
 import json
@@ -60,21 +64,53 @@ def plain_names(names: set[str], prefixes: list[str]) -> list[str]:
                   if name not in quantized and not name.endswith(tuple(f".{s}" for s in KV_SCALE_SUFFIXES)))
 
 
+def _ulp_neighbours(x: torch.Tensor, count: int = 2) -> list[torch.Tensor]:
+    values, up, down = [x], x, x
+    for _ in range(count):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
+        values += [up, down]
+    return values
+
+
+def _trailing_zero_bits(x: torch.Tensor) -> int:
+    bits = int(x.reshape(()).view(torch.int32))
+    return (bits & -bits).bit_length() if bits else 32
+
+
+def divisor_from_multiplier(multiplier: torch.Tensor) -> torch.Tensor:
+    """adaq's divisor for ModelOpt's multiplier: of the fp32 values d with fl(1 / d) == multiplier, the one with
+    the shortest mantissa (so a divisor written as its reciprocal, e.g. llm-compressor's bf16-rounded global
+    scales, comes back exactly)."""
+    multiplier = multiplier.float().reshape(())
+    matching = [d for d in _ulp_neighbours(1.0 / multiplier) if torch.equal(1.0 / d, multiplier)]
+    if not matching:
+        return (1.0 / multiplier).reshape(1)
+    return max(matching, key=_trailing_zero_bits).reshape(1)
+
+
+def multiplier_from_divisor(divisor: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's multiplier for adaq's divisor, chosen so that divisor_from_multiplier gives the divisor back."""
+    divisor = divisor.float().reshape(())
+    for candidate in _ulp_neighbours(1.0 / divisor):
+        if torch.equal(divisor_from_multiplier(candidate).reshape(()), divisor):
+            return candidate
+    return 1.0 / divisor
+
+
 def to_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
              input_scale: torch.Tensor | None) -> NVFP4Weight:
-    reciprocal = lambda t: (1.0 / t.float()).reshape(1)  # noqa: E731
-    return NVFP4Weight(packed=weight, block_scale=weight_scale, global_scale=reciprocal(weight_scale_2),
-                       input_global_scale=None if input_scale is None else reciprocal(input_scale))
+    return NVFP4Weight(packed=weight, block_scale=weight_scale, global_scale=divisor_from_multiplier(weight_scale_2),
+                       input_global_scale=None if input_scale is None else divisor_from_multiplier(input_scale))
 
 
 def from_nvfp4(prefix: str, weight: NVFP4Weight) -> dict[str, torch.Tensor]:
     tensors = {
         f"{prefix}.weight": weight.packed,
         f"{prefix}.weight_scale": weight.block_scale,
-        f"{prefix}.weight_scale_2": (1.0 / weight.global_scale.float()).reshape(()),
+        f"{prefix}.weight_scale_2": multiplier_from_divisor(weight.global_scale),
     }
     if weight.input_global_scale is not None:
-        tensors[f"{prefix}.input_scale"] = (1.0 / weight.input_global_scale.float()).reshape(())
+        tensors[f"{prefix}.input_scale"] = multiplier_from_divisor(weight.input_global_scale)
     return tensors
 
 

@@ -31,12 +31,26 @@ def check_safetensors(path: str | Path) -> dict:
 
     The returned dict maps tensor names to {"dtype", "shape", "data_offsets"} and may hold "__metadata__";
     use tensor_entries() to iterate over the tensors only. Raises CheckpointError naming the file and tensor.
+    A file checked before and unchanged since (same size and mtime) returns the same dict: do not modify it.
     """
     path = Path(path)
     refuse_pickle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    file_size = path.stat().st_size
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.pop(next(iter(_CHECKED)))
+        _CHECKED[key] = check_unchanged_file(path, stat.st_size)
+    return _CHECKED[key]
+
+
+_CHECKED: dict[tuple[str, int, int], dict] = {}  # headers already proven, so opening a folder twice reads once
+_CHECKED_MAX = 256
+
+
+def check_unchanged_file(path: Path, file_size: int) -> dict:
     header_size, header = read_header(path, file_size)
     data_size = file_size - 8 - header_size
     spans = [check_entry(path, name, entry) for name, entry in tensor_entries(header).items()]
@@ -84,12 +98,12 @@ def parse_header(path: Path, raw: bytes) -> dict:
 
 
 def no_duplicates(path: Path, pairs: list[tuple[str, object]]) -> dict:
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise CheckpointError(f"{path}: header names {key} twice")
-        seen[key] = value
-    return seen
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        names = [key for key, _ in pairs]
+        duplicate = next(key for key in names if names.count(key) > 1)
+        raise CheckpointError(f"{path}: header names {duplicate} twice")
+    return mapping
 
 
 def check_entry(path: Path, name: str, entry: object) -> tuple[int, int, str]:

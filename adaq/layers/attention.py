@@ -40,9 +40,10 @@ def store_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
                        slot_mapping: torch.Tensor) -> None:
     """Write K/V [T, Hkv, D] into their slots; tokens with slot -1 are skipped."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    skip_some = not bool(keep.all())
+    slots = (slot_mapping[keep] if skip_some else slot_mapping).long()
     for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        x = x[keep]
+        x = x[keep] if skip_some else x
         flat = cache.view(-1, *cache.shape[2:])
         if is_fp8(cache):
             stored, scale = quantize_kv_fp8(x)
@@ -158,7 +159,7 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(backend, num_heads * head_dim, hidden_size)
         self.q_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
         self.k_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
-        self.inv_freq = inv_freq.to(backend.device)
+        self.inv_freq = inv_freq  # fp32 [D/2] on the backend's device, shared by the layers of one RoPE base
         self.attn = PagedAttention(backend, num_heads, num_kv_heads, head_dim, scale, sliding_window, softcap)
 
     def load(self, reader, prefix: str) -> None:

@@ -38,6 +38,7 @@ class ReferenceBackend:
         self.dequant_cache_bytes = free_memory(self.device) * DEQUANT_CACHE_FRACTION \
             if dequant_cache_bytes is None else dequant_cache_bytes
         self.dequant_cached_bytes = 0
+        self.cos_sin = rotary.CosSinMemo()
 
     # Linear layers
     def prepare_linear(self, weight: Weight, *, dtype: torch.dtype) -> LinearHandle:
@@ -97,7 +98,8 @@ class ReferenceBackend:
         return activation.gelu_tanh_and_mul(x)
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
-        return rotary.apply_rotary(q, k, positions, inv_freq)
+        cos, sin = self.cos_sin.get(positions, inv_freq, q.dtype)
+        return rotary.apply_rotary(q, k, cos, sin)
 
 
 Backend = ReferenceBackend  # the interface: every backend is a ReferenceBackend with some ops overridden

@@ -10,7 +10,7 @@ from adaq.layers.attention import SelfAttention
 from adaq.layers.embedding import Embedding, LMHead
 from adaq.layers.mlp import GatedMLP
 from adaq.layers.norm import RMSNorm
-from adaq.layers.rotary import inverse_frequencies
+from adaq.layers.rotary import InverseFrequencies
 from adaq.models.base import CausalLM, WeightReader
 from adaq.models.qwen3 import head_dim_of, sliding_window_of
 
@@ -25,7 +25,7 @@ def rope_of(config, layer_type: str) -> dict:
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, backend, layer_idx: int):
+    def __init__(self, config, backend, layer_idx: int, rope: InverseFrequencies):
         super().__init__()
         head_dim = head_dim_of(config)
         eps = config.rms_norm_eps
@@ -34,7 +34,7 @@ class Gemma3DecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(backend, config.hidden_size, eps, unit_offset=True))
         self.self_attn = SelfAttention(
             backend, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
-            inverse_frequencies(head_dim, rope_of(config, layer_type)), eps, config.query_pre_attn_scalar ** -0.5,
+            rope(head_dim, rope_of(config, layer_type)), eps, config.query_pre_attn_scalar ** -0.5,
             unit_offset_norm=True, sliding_window=sliding_window_of(config, layer_idx))
         self.mlp = GatedMLP(backend, config.hidden_size, config.intermediate_size, config.hidden_activation)
 
@@ -56,7 +56,9 @@ class Gemma3ForCausalLM(CausalLM):
         super().__init__(config, backend, dtype)
         self.embed_tokens = Embedding(backend, config.vocab_size, config.hidden_size,
                                       scale=config.hidden_size ** 0.5)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, backend, i) for i in range(config.num_hidden_layers))
+        rope = InverseFrequencies(backend.device)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, backend, i, rope) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps, unit_offset=True)
         self.lm_head = LMHead(backend, config.hidden_size, config.vocab_size, config.final_logit_softcapping)
 
@@ -71,6 +73,7 @@ class Gemma3ForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        positions = positions.clone()  # a new object per forward: the backend memoises RoPE tables by identity
         for layer in self.layers:
             hidden = layer(positions, hidden)
         return self.norm(hidden)

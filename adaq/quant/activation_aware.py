@@ -1,20 +1,28 @@
-"""Calibration statistics for the activation-aware quantizers, gathered one decoder layer at a time.
+"""Activation-aware NVFP4: calibration statistics gathered one decoder layer at a time, and the methods built on them.
 
 The model runs on calibration text (WikiText-2 *valid*, never the test split) layer by layer: the hidden states
 entering layer i are kept for all samples, hooks on the layer's Linear modules accumulate per-input-channel E[x²]
 (and, for GPTQ, the full X^T X), the layer is quantized, and — when `sequential` — re-run with its quantized weights
 so that layer i+1 is calibrated on the inputs it will really see. Memory: samples x seq_len x hidden fp32 for the
-hidden states (32 x 512 x 640 x 4 B = 42 MB on Gemma3-270M) plus one layer's statistics.
+hidden states (64 x 512 x 640 x 4 B = 84 MB on Gemma3-270M) plus one layer's statistics.
+
+`--method search-act` weights each block's squared error by its input channels' E[x²] when it searches the E4M3
+scale (adaq.quant.scale_search): errors on channels that carry large activations cost more. `quantize_calibrated`
+is the driver it shares with GPTQ: it loads the model (fp32), runs the layers, quantizes each fused group as it
+goes, and writes the checkpoint through the same streaming writer as RTN, so the output holds the same tensors and
+config as RTN's and only the codes and block scales differ.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from adaq.errors import AdaqError
+from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight, block_scales, dequantize, global_scale_from_amax
+from adaq.quant.methods import register_method
+from adaq.quant.scale_search import SearchConfig, e2m1_round, quantize_searched, rtn_global_scale
 
 
 @dataclass
@@ -27,12 +35,11 @@ class InputStats:
     amax: float = 0.0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).float()
         self.amax = max(self.amax, x.abs().amax().item())
-        x = x.double()
-        self.sum_squares += x.square().sum(0)
+        self.sum_squares += x.square().sum(0, dtype=torch.float64)
         if self.gram is not None:
-            self.gram += x.T @ x
+            self.gram += x.T @ x  # fp32 product per micro-batch, fp64 running sum
         self.rows += x.shape[0]
 
     @property
@@ -50,35 +57,12 @@ class InputStats:
 
 @dataclass
 class CalibrationConfig:
-    num_samples: int = 32
-    seq_len: int = 512
-    micro_batch: int = 8
-    sequential: bool = True
-    seed: int = 0
+    micro_batch: int = 8  # calibration windows run through a layer at once
+    sequential: bool = True  # layer i+1 calibrated on the outputs of the quantized layers 0..i
 
     def __post_init__(self):
-        if self.num_samples < 1:
-            raise AdaqError(f"num_samples must be at least 1, got {self.num_samples}")
-        if self.seq_len < 16:
-            raise AdaqError(f"seq_len must be at least 16, got {self.seq_len}")
         if self.micro_batch < 1:
-            raise AdaqError(f"micro_batch must be at least 1, got {self.micro_batch}")
-
-
-def calibration_ids(tokenizer, text_path: str | Path, config: CalibrationConfig) -> torch.Tensor:
-    """[num_samples, seq_len] token ids: BOS + seq_len-1 consecutive tokens from windows of the text picked by seed."""
-    text = Path(text_path).read_text(encoding="utf-8")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-    span = config.seq_len - 1
-    windows = len(ids) // span
-    if windows < config.num_samples:
-        raise AdaqError(f"{text_path} holds {windows} windows of {span} tokens, fewer than "
-                        f"num_samples={config.num_samples}: lower --num-samples or --seq-len")
-    generator = torch.Generator().manual_seed(config.seed)
-    picked = torch.randperm(windows, generator=generator)[:config.num_samples].sort().values
-    body = torch.stack([ids[w * span:(w + 1) * span] for w in picked.tolist()])
-    bos = torch.full((config.num_samples, 1), tokenizer.bos_token_id, dtype=body.dtype)
-    return torch.cat([bos, body], dim=1)
+            raise AdaqError(f"CalibrationConfig.micro_batch must be at least 1, got {self.micro_batch}")
 
 
 class _Captured(Exception):
@@ -135,13 +119,17 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def _gather_stats(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, with_hessian: bool
                   ) -> dict[str, InputStats]:
+    """Statistics of every Linear's input; fused siblings (q/k/v, gate/up) read one tensor and share one record."""
+    linears = linear_modules(layer)
     stats: dict[str, InputStats] = {}
     handles = []
-    for name, linear in linear_modules(layer).items():
-        k, device = linear.in_features, linear.weight.device
-        stats[name] = InputStats(torch.zeros(k, dtype=torch.float64, device=device),
-                                 torch.zeros(k, k, dtype=torch.float64, device=device) if with_hessian else None)
-        handles.append(linear.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0].detach())))
+    for group in FusedGroups().of(list(linears)):
+        first = linears[group[0]]
+        k, device = first.in_features, first.weight.device
+        shared = InputStats(torch.zeros(k, dtype=torch.float64, device=device),
+                            torch.zeros(k, k, dtype=torch.float64, device=device) if with_hessian else None)
+        stats.update({name: shared for name in group})
+        handles.append(first.register_forward_pre_hook(lambda _m, args, s=shared: s.add(args[0].detach())))
     try:
         _run_layer(layer, inputs, kwargs)
     finally:
@@ -180,28 +168,6 @@ def calibrate_layerwise(model: nn.Module, ids: torch.Tensor, quantize_layer: Lay
             progress(index + 1, len(layers))
 
 
-def mean_squares_per_layer(model: nn.Module, ids: torch.Tensor, config: CalibrationConfig
-                           ) -> dict[str, torch.Tensor]:
-    """E[x²] per input channel of every Linear in the decoder layers, keyed by full module name (unquantized model)."""
-    layers_prefix = _layers_prefix(model)
-    found: dict[str, torch.Tensor] = {}
-
-    def keep(index: int, _layer: nn.Module, stats: dict[str, InputStats]) -> None:
-        for name, s in stats.items():
-            found[f"{layers_prefix}.{index}.{name}"] = s.mean_square
-
-    calibrate_layerwise(model, ids, keep, CalibrationConfig(**{**config.__dict__, "sequential": False}))
-    return found
-
-
-def _layers_prefix(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return name
-    raise AdaqError("decoder layers not found among the model's modules")
-
-
 @dataclass
 class FusedGroups:
     """Linears that share one global scale (their outputs are fused into one GEMM at run time)."""
@@ -218,3 +184,126 @@ class FusedGroups:
                 result.append(members)
                 remaining = [n for n in remaining if n not in members]
         return result + [[n] for n in remaining]
+
+
+GroupQuantizer = Callable[[list[torch.Tensor], InputStats, torch.Tensor], list[NVFP4Weight]]
+"""(weights of one fused group in their stored dtype, their shared input statistics, RTN's global scale) -> NVFP4."""
+
+
+def fake_quantize_activations(x: torch.Tensor, input_global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of activations along K, dynamic E4M3 scale per 16 values (what W4A4 runs)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = block_scales(rows, input_global_scale)
+    step = (scale.float() / input_global_scale).unsqueeze(-1)
+    quantized = e2m1_round(rows.unflatten(-1, (-1, GROUP_SIZE)) / step) * step
+    return quantized.flatten(-2).reshape(x.shape).to(x.dtype)
+
+
+def _input_scale(amax: float) -> torch.Tensor:
+    return global_scale_from_amax(torch.tensor(amax, dtype=torch.bfloat16))
+
+
+class _CalibratedQuantizer:
+    """Quantizes each decoder layer's fused groups as calibrate_layerwise reaches them; keeps the results."""
+
+    def __init__(self, model: nn.Module, checkpoint, plan, quantize_group: GroupQuantizer, w4a4: bool, device):
+        self.model, self.checkpoint, self.plan, self.w4a4 = model, checkpoint, plan, w4a4
+        self.quantize_group, self.device = quantize_group, device
+        self.prefix = _layers_prefix(model)
+        self.weights: dict[str, NVFP4Weight] = {}
+        self.input_amax: dict[str, torch.Tensor] = {}
+        self.hooks: list = []
+
+    def __call__(self, index: int, layer: nn.Module, stats: dict[str, InputStats]) -> None:
+        linears = linear_modules(layer)
+        wanted = set(self.plan.quantize)
+        for group in FusedGroups().of(list(linears)):
+            names = [n for n in group if f"{self.prefix}.{index}.{n}" in wanted]
+            if names:
+                self._quantize(index, names, [linears[n] for n in names], stats[names[0]])
+
+    def _quantize(self, index: int, names: list[str], modules: list[nn.Linear], stats: InputStats) -> None:
+        prefixes = [f"{self.prefix}.{index}.{n}" for n in names]
+        originals = [self.checkpoint.tensor(f"{p}.weight").to(self.device) for p in prefixes]
+        quantized = self.quantize_group(originals, stats, rtn_global_scale(originals))
+        for prefix, module, original, weight in zip(prefixes, modules, originals, quantized):
+            self.weights[prefix] = weight
+            self.input_amax[prefix] = torch.tensor(stats.amax, dtype=torch.bfloat16)
+            module.weight.data.copy_(dequantize(weight, original.dtype).float())
+            if self.w4a4:
+                scale = _input_scale(stats.amax).to(self.device)
+                hook = lambda _m, args, s=scale: (fake_quantize_activations(args[0], s),)  # noqa: E731
+                self.hooks.append(module.register_forward_pre_hook(hook))
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _replay(checkpoint, plan, weights: dict[str, NVFP4Weight], w4a4: bool):
+    """A quantize_fn for rtn.quantize_checkpoint that hands back precomputed weights in the order it asks for them,
+    checking each against the tensor and global scale it was asked to quantize."""
+    from adaq.quant.rtn import shard_outputs
+
+    order = iter([prefix for shard in checkpoint.shards()
+                  for kind, names in shard_outputs(checkpoint, shard, plan, w4a4) if kind == "quantize"
+                  for prefix in names])
+
+    def quantize_fn(weight: torch.Tensor, global_scale: torch.Tensor) -> NVFP4Weight:
+        prefix = next(order)
+        if prefix not in weights:
+            raise AdaqError(f"{prefix}: not a decoder-layer Linear; this method quantizes decoder layers only "
+                            "(add it to the recipe's ignore list)")
+        found = weights[prefix]
+        if found.packed.shape[0] != weight.shape[0] or not torch.equal(found.global_scale.cpu(),
+                                                                        global_scale.float().reshape(1).cpu()):
+            raise AdaqError(f"internal: quantized weights out of order at {prefix}")
+        return NVFP4Weight(found.packed.cpu(), found.block_scale.cpu(), found.global_scale.cpu())
+
+    return quantize_fn
+
+
+def quantize_calibrated(job, quantize_group: GroupQuantizer, with_hessian: bool,
+                        config: CalibrationConfig = CalibrationConfig()):
+    """Run a calibrated method on job.source and write job.out_dir (adaq.quant.methods.QuantJob -> MethodResult)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.quant.calibration import calibration_windows, load_texts
+    from adaq.quant.methods import MethodResult
+    from adaq.quant.plan import plan_linears
+    from adaq.quant.rtn import input_global_scales, quantize_checkpoint
+
+    if job.calibration is None:
+        raise AdaqError("this method calibrates on text: pass --calib-data FILE|DIR (e.g. wikitext-2/valid.txt)")
+    checkpoint = open_checkpoint(job.source)
+    plan = plan_linears(checkpoint, job.recipe)
+    tokenizer = AutoTokenizer.from_pretrained(str(job.source))
+    spec = job.calibration
+    ids = calibration_windows(tokenizer, load_texts(spec.path), spec.num_samples, spec.seq_len).to(job.device)
+    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype=torch.float32).to(job.device).eval()
+    w4a4 = job.scheme == "nvfp4"
+    quantizer = _CalibratedQuantizer(model, checkpoint, plan, quantize_group, w4a4, job.device)
+    task = job.progress.task("calibrating and quantizing layers", len(decoder_layers(model)))
+    try:
+        calibrate_layerwise(model, ids, quantizer, config, with_hessian,
+                            progress=lambda done, total: job.progress.advance(task))
+    finally:
+        quantizer.remove_hooks()
+    del model
+    input_scales = input_global_scales(plan, quantizer.input_amax) if w4a4 else None
+    quantize_checkpoint(checkpoint, job.out_dir, plan, job.scheme, input_scales, "cpu", job.progress,
+                        quantize_fn=_replay(checkpoint, plan, quantizer.weights, w4a4))
+    return MethodResult(quantized=plan.quantize, kept=plan.ignored,
+                        notes={"calibration_windows": len(ids), "sequential": config.sequential})
+
+
+def search_act_group(config: SearchConfig = SearchConfig()) -> GroupQuantizer:
+    return lambda weights, stats, global_scale: [
+        quantize_searched(w, global_scale, stats.mean_square, config) for w in weights]
+
+
+@register_method("search-act", "activation-aware scale search: per-block E4M3 scale minimising the error weighted "
+                               "by calibration E[x²] (needs --calib-data)", needs_calibration=True)
+def quantize_search_act(job):
+    return quantize_calibrated(job, search_act_group(), with_hessian=False)

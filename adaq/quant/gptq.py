@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from adaq.errors import AdaqError
-from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight, check_quantizable
+from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight, block_scales, check_quantizable
+from adaq.quant.methods import register_method
 from adaq.quant.scale_search import SearchConfig, e2m1_round, encode, search_block_scales
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -54,7 +56,6 @@ def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damp: f
 def _block_scale(block: torch.Tensor, global_scale: torch.Tensor, importance: torch.Tensor,
                  search: SearchConfig | None) -> torch.Tensor:
     if search is None:
-        from adaq.formats.nvfp4 import block_scales
         return block_scales(block, global_scale)[:, 0]
     return search_block_scales(block, global_scale, importance, search)[0][:, 0]
 
@@ -107,3 +108,40 @@ def recipe_path(scheme: str) -> Path:
     if not path.is_file():
         raise AdaqError(f"no GPTQ recipe for scheme {scheme!r} (looked for {path})")
     return path
+
+
+def gptq_group(config: GPTQConfig = GPTQConfig()):
+    """An adaq.quant.activation_aware.GroupQuantizer running GPTQ on a fused group's stacked rows."""
+    return lambda weights, stats, global_scale: gptq_quantize_group(weights, stats.hessian, global_scale, config)
+
+
+@register_method("gptq", "GPTQ with searched E4M3 block scales, layer by layer on calibration text (needs "
+                         "--calib-data); the most accurate", needs_calibration=True)
+def quantize_gptq(job):
+    from adaq.quant.activation_aware import quantize_calibrated
+
+    return quantize_calibrated(job, gptq_group(), with_hessian=True)
+
+
+def llmcompressor_recipe(scheme: str, ignore: list[str], targets: list[str]) -> str:
+    """The shipped GPTQModifier recipe for the scheme, with the job's targets and ignore list."""
+    document = yaml.safe_load(recipe_path(scheme).read_text())
+    modifier = document["quant_stage"]["quant_modifiers"]["GPTQModifier"]
+    modifier.update(scheme=scheme.upper(), ignore=list(ignore), targets=list(targets))
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+@register_method("gptq-llmcompressor", "llm-compressor's GPTQModifier with the NVFP4 scheme "
+                                       "(recipes/gptq_<scheme>.yaml; needs --calib-data and adaq[quant])",
+                 needs_calibration=True)
+def quantize_gptq_llmcompressor(job):
+    from dataclasses import replace
+
+    from adaq.quant.llmcompressor_method import quantize_llmcompressor
+    from adaq.quant.recipe import parse_recipe
+
+    text = llmcompressor_recipe(job.scheme, job.recipe.ignore, job.recipe.targets)
+    source = str(recipe_path(job.scheme))
+    recipe = parse_recipe(text.replace("GPTQModifier", "QuantizationModifier"), source)
+    recipe.document = yaml.safe_load(text)
+    return quantize_llmcompressor(replace(job, recipe=recipe))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adaq.errors import AdaqError
+from adaq.quant.methods import register_method
 from adaq.formats.nvfp4 import (
     E2M1_GRID,
     FP4_MAX,
@@ -39,8 +40,8 @@ _CHUNK_ELEMENTS = 1 << 23  # candidates x rows x K per vectorised step: bounds t
 class SearchConfig:
     """Which E4M3 codes the block search tries, relative to the code of `global_scale * amax / 6`."""
 
-    codes_below: int = 3  # smaller steps: the block's largest value clips to 6
-    codes_above: int = 10  # larger steps: the largest value lands on a smaller top code (5 codes = 1.5x, 10 = ~2.4x)
+    codes_below: int = 5  # smaller steps (each code ~1/8 octave): the block's largest value clips to 6
+    codes_above: int = 14  # larger steps: the largest value lands on a smaller top code (8 codes = 2x, 14 = ~3.4x)
     global_steps: int = 1  # global-scale candidates per E4M3 step (1 = keep RTN's global scale)
 
     def __post_init__(self):
@@ -154,3 +155,25 @@ def quantize_searched(weight: torch.Tensor, global_scale: torch.Tensor | None = 
         global_scale = rtn_global_scale([weight])
     scales, _ = search_block_scales(weight, global_scale, importance, config)
     return encode(weight, scales, global_scale)
+
+
+@register_method("search", "MSE scale search: per-block E4M3 scale with the least squared error (no calibration "
+                           "for weights; W4A4 still calibrates input scales)")
+def quantize_search(job):
+    from functools import partial
+
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.quant.methods import MethodResult
+    from adaq.quant.plan import plan_linears
+    from adaq.quant.rtn import input_global_scales, quantize_checkpoint
+
+    checkpoint = open_checkpoint(job.source)
+    plan = plan_linears(checkpoint, job.recipe)
+    input_scales = None
+    if job.scheme == "nvfp4":
+        from adaq.quant.calibration import calibrate_input_amax
+
+        input_scales = input_global_scales(plan, calibrate_input_amax(job, plan))
+    quantize_checkpoint(checkpoint, job.out_dir, plan, job.scheme, input_scales, job.device, job.progress,
+                        quantize_fn=partial(quantize_searched, importance=None, config=SearchConfig()))
+    return MethodResult(quantized=plan.quantize, kept=plan.ignored)

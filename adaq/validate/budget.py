@@ -189,14 +189,18 @@ def largest(fits, limit: int = MAX_SEARCH) -> int:
     return low
 
 
-def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context: int, kv_dtype: str = "fp8",
-         utilization: float = DEFAULT_UTILIZATION) -> Budget:
+def check_plan_options(batch: int, context: int | None, kv_dtype: str, utilization: float) -> None:
     if kv_dtype not in KV_BYTES:
         raise AdaqError(f"--kv-cache-dtype {kv_dtype}: choose one of {', '.join(KV_BYTES)}")
-    if batch < 1 or context < 1:
+    if batch < 1 or (context is not None and context < 1):
         raise AdaqError(f"--batch and --context must be at least 1 (got {batch} and {context})")
     if not 0 < utilization <= 1:
         raise AdaqError(f"--gpu-memory-utilization {utilization}: must be in (0, 1]")
+
+
+def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context: int, kv_dtype: str = "fp8",
+         utilization: float = DEFAULT_UTILIZATION) -> Budget:
+    check_plan_options(batch, context, kv_dtype, utilization)
     usable = int(gpu.memory * utilization)
     fits = lambda b, t: total_bytes(shape, weights, b, t, kv_dtype) <= usable  # noqa: E731
     context_limit = shape.max_position or MAX_SEARCH

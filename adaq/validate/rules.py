@@ -75,6 +75,7 @@ RULES = {
     "safetensors": "every shard is a well-formed safetensors file",
     "config": "config.json is present and describes the model",
     "architecture": "the architecture is one adaq runs",
+    "tokenizer": "a loadable tokenizer sits beside the weights",
     "tensors-present": "each quantized Linear has its packed weight, block scales and global scale",
     "dtype": f"packed weight {PACKED_DTYPE}, block scales {BLOCK_SCALE_DTYPE}, global scales {GLOBAL_SCALE_DTYPE}",
     "shape": "packed [N, K/2], block scales [N, K/16], global scales one value",

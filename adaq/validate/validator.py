@@ -9,13 +9,22 @@ from pathlib import Path
 from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
 from adaq.formats.architectures import architecture_of
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
-from adaq.validate.budget import DEFAULT_UTILIZATION, Budget, Gpu, WeightBytes, nvfp4_linear_bytes, plan
+from adaq.validate.budget import (
+    DEFAULT_UTILIZATION,
+    Budget,
+    Gpu,
+    WeightBytes,
+    check_plan_options,
+    nvfp4_linear_bytes,
+    plan,
+)
 from adaq.validate.rules import FORMAT_ROLES, TensorRoles, tile_rules
 from adaq.validate.shapes import ModelShape
-from adaq.validate.tensors import Finding, Checks, TensorIndex, check_linears
+from adaq.validate.tensors import Checks, Finding, TensorIndex, check_linears
 
 DEFAULT_CONTEXT = 4096
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -72,6 +81,7 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx40
 
     path = Path(path)
     tiles, target = tile_rules(arch), Gpu.parse(gpu)
+    check_plan_options(batch, context, kv_cache_dtype, utilization)
     require_folder(path)
     headers = check_safetensors_folder(path)
     checkpoint = open_checkpoint(path)
@@ -81,6 +91,7 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx40
     architecture = check_architecture(checks, checkpoint.config)
     shape = model_shape(checks, checkpoint.config)
     check_quantization_config(checks, checkpoint, index)
+    check_tokenizer(checks, path)
     if checkpoint.format in FORMAT_ROLES:
         checks.merge(check_linears(prefixes, index, FORMAT_ROLES[checkpoint.format], tiles, shape,
                                    needs_input_scale=checkpoint.scheme == "nvfp4"))
@@ -122,6 +133,24 @@ def model_shape(checks: Checks, config: dict) -> ModelShape | None:
         return None
     checks.check("config", True, "", "")
     return shape
+
+
+def check_tokenizer(checks: Checks, path: Path) -> None:
+    """`adaq run` needs a tokenizer beside the weights: tokenizer.json (parsed here) or a SentencePiece model."""
+    tokenizer_json = path / "tokenizer.json"
+    if tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer_json))
+        except Exception as error:  # the tokenizers library raises plain Exception subclasses for any bad file
+            checks.check("tokenizer", False, "tokenizer.json", f"cannot be loaded: {str(error).splitlines()[0]}")
+            return
+        checks.check("tokenizer", True, "tokenizer.json", "")
+        return
+    present = any((path / name).is_file() for name in TOKENIZER_FILES)
+    checks.check("tokenizer", present, "", "no tokenizer files (tokenizer.json or tokenizer.model): adaq run and "
+                 "serve need one; copy them from the source model", severity="warning")
 
 
 def check_quantization_config(checks: Checks, checkpoint, index: TensorIndex) -> None:
