@@ -40,15 +40,15 @@ print("compile ok:", report["ok"], report.get("error", ""), report.get("extensio
 PY
 
 log "gpu tests"
-if [ "$MODE" = quick ]; then SEL="-k not end_to_end"; else SEL=""; fi
-timeout 330 python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs --tb=short -p no:cacheprovider $SEL \
+SEL=(); [ "$MODE" = quick ] && SEL=(-k "not end_to_end")
+timeout 330 python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs --tb=short -p no:cacheprovider "${SEL[@]}" \
   --junitxml="$OUT/pytest.xml" -s 2>&1 | tail -n 60 | tee -a "$OUT/kernels.log"
 
 log "microbench"
-timeout 200 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
+MODE=$MODE timeout 240 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
 import json, os, sys
 from adaq.kernels import microbench
-results = microbench.run_all(quick=len(sys.argv) > 1)
+results = microbench.run_all(quick=os.environ.get('MODE') == 'quick', compare_v1=True)
 json.dump(results, open(os.path.join(os.environ["OUT"], "microbench.json"), "w"), indent=1)
 print("\n".join(microbench.summary_lines(results)))
 PY

@@ -256,3 +256,66 @@ def test_json_has_no_infinities(tmp_path):
 
     write_json({"a": math.inf, "b": [1.0, math.nan]}, tmp_path / "x.json")
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.0, None]}
+
+
+def test_gpu_report_puts_roofline_and_speedups_beside_each_figure(tmp_path):
+    from rich.console import Console
+
+    from adaq.bench.plot import plot
+    from adaq.bench.report import render, write_json
+    from adaq.bench.runner import VariantOutcome, Workload
+    from adaq.bench.suite import BenchOptions, add_roofline, add_speedups, assemble
+
+    options = BenchOptions("qwen3-8b", True, Workload((1,), 128, 256, 1))
+    config = load_model_config("qwen3-8b")
+
+    def outcome(variant: str, step_seconds: float, peak: int) -> VariantOutcome:
+        times = [[0.02 + step * step_seconds for step in range(256)]]
+        result = summarize(variant, [Generation(0.0, times, 128)], (peak, peak + 10**9))
+        return VariantOutcome(variant, f"{variant} label", results=[result])
+
+    outcomes = [outcome("nvfp4", 0.0025, 6 * 10**9), outcome("bf16", 0.0060, 16 * 10**9)]
+    for entry in outcomes:
+        add_roofline(entry, config, options, COPY_BANDWIDTH)
+    add_speedups(outcomes)
+    nvfp4_result, bf16_result = outcomes[0].results[0], outcomes[1].results[0]
+    assert nvfp4_result.speedup == {"bf16": {"decode": pytest.approx(2.4), "total": pytest.approx(
+        (0.02 + 255 * 0.0060) / (0.02 + 255 * 0.0025))}}
+    assert nvfp4_result.roofline_fraction == pytest.approx(1.724e-3 / 0.0025, rel=1e-3)  # 69% of the roofline
+    assert bf16_result.bound_tokens_per_s == pytest.approx(3.0e12 / bf16_result.traffic["total"])
+    environment = {"device": {"name": "NVIDIA H100 80GB HBM3", "type": "cuda"}, "command": "adaq bench -x",
+                   "versions": {}, "timestamp_utc": "", "git_commit": None}
+    report = assemble(options, config, environment, COPY_BANDWIDTH, outcomes, torch.device("cuda"))
+    console = Console(record=True, width=250)
+    render(report, console)
+    text = console.export_text()
+    assert "3.00 TB/s (measured)" in text and "% roofline" in text and "69%" in text and "2.40x" in text
+    assert "AdaLLM" in text and "6.00" in text  # peak GB in the AdaLLM view
+    write_json(report, tmp_path / "report.json")
+    plot(json.loads((tmp_path / "report.json").read_text()), tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    from adaq.bench import runner
+    from adaq.errors import AdaqError
+
+    def broken(spec, *args):
+        if spec.variant == "bf16":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_build(spec, *args)
+
+    real_build = runner.build_engine
+    monkeypatch.setattr(runner, "build_engine", broken)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_QWEN3))
+    result = CliRunner().invoke(cli.app, ["bench", "--synthetic", str(config), "--batch", "1", "--input-len", "4",
+                                          "--output-len", "2", "--repeats", "1", "--baselines", "bf16",
+                                          "--json", str(tmp_path / "out.json")])
+    assert isinstance(result.exception, AdaqError) and result.exception.exit_code == 1
+    assert "bf16 (RuntimeError: CUDA error: an illegal memory access" in str(result.exception)
+    report = json.loads((tmp_path / "out.json").read_text())
+    nvfp4_variant, bf16_variant = report["variants"]
+    assert nvfp4_variant["results"] and nvfp4_variant["error"] is None
+    assert bf16_variant["results"] == [] and "illegal memory access" in bf16_variant["error"]
+    assert "bf16 failed" in result.output

@@ -70,7 +70,7 @@ def greedy(max_tokens: int, **extra) -> SamplingParams:
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "gemma3"])
-def test_prefill_and_decode_match_transformers(checkpoints, arch):
+def test_prefill_and_decode_match_transformers(checkpoints, arch, capsys):
     # Chunks of 5 tokens: the prompt's later chunks read the earlier ones from the paged cache.
     llm = make_llm(checkpoints[arch] / "nvfp4", max_num_batched_tokens=5)
     rows = record_logits(llm)
@@ -79,6 +79,8 @@ def test_prefill_and_decode_match_transformers(checkpoints, arch):
     reference = transformers_logits(checkpoints[arch] / "decompressed", PROMPT + out.token_ids[:-1])
     expected = reference[len(PROMPT) - 1:]
     error = (torch.stack(rows) - expected).abs().max() / expected.abs().max()
+    with capsys.disabled():
+        print(f"\n{arch}: prefill + {DECODE_STEPS} decode steps, max |dlogit| / max |logit| = {error:.2e}")
     assert error <= 1e-3, f"{arch}: max |dlogit| / max |logit| = {error:.2e}"
     assert out.token_ids == expected.argmax(-1).tolist()
 

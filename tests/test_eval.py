@@ -325,3 +325,21 @@ def test_cli_mmlu_pro_end_to_end_on_real_model(tmp_path):
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(records) == 4 and all(len(r["loglikelihoods"]) == 10 or r["loglikelihoods"] for r in records)
     assert "MMLU-Pro" in result.output
+
+
+def test_lm_eval_finds_adaq_through_the_startup_hook(tmp_path):
+    import subprocess
+    import sys
+
+    from adaq.eval import plugin
+
+    pth = plugin.install(tmp_path)
+    assert pth.parent == tmp_path and "activate()" in pth.read_text()
+    script = (f"import site, sys; site.addsitedir({str(tmp_path)!r}); "
+              "assert 'adaq.eval.lm_backend' not in sys.modules and 'lm_eval' not in sys.modules; "
+              "from lm_eval.api.registry import get_model; print(get_model('adaq').__module__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "adaq.eval.lm_backend"
+    plugin.uninstall(tmp_path)
+    assert not pth.exists()

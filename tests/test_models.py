@@ -191,3 +191,58 @@ def test_missing_tensor_is_a_one_line_checkpoint_error(checkpoints):
     model = build_model(checkpoint.config, get_backend("reference", "cpu"))
     with pytest.raises(CheckpointError, match="pre_feedforward_layernorm.weight is missing"):
         load_weights(model, source)
+
+
+class MultimodalSource:
+    """A text Gemma3 checkpoint laid out as Gemma3ForConditionalGeneration (transformers 5 names)."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint, self.path = checkpoint, checkpoint.path
+        text = {k: v for k, v in checkpoint.config.items() if k not in ("architectures", "quantization_config")}
+        self.config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                       "text_config": text, "quantization_config": checkpoint.config["quantization_config"]}
+
+    @staticmethod
+    def renamed(name: str) -> str:
+        return name.replace("model.", "model.language_model.", 1)
+
+    def quantized_prefixes(self):
+        return [self.renamed(p) for p in self.checkpoint.quantized_prefixes()]
+
+    def nvfp4(self, prefix):
+        return self.checkpoint.nvfp4(prefix.replace("model.language_model.", "model.", 1))
+
+    def tensor_names(self):
+        return [self.renamed(n) for n in self.checkpoint.tensor_names()]
+
+    def tensor(self, name):
+        return self.checkpoint.tensor(name.replace("model.language_model.", "model.", 1))
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_text_model(checkpoints):
+    source = MultimodalSource(open_checkpoint(checkpoints["gemma3"] / "nvfp4"))
+    model = load_weights(build_model(source.config, get_backend("reference", "cpu")), source)
+    assert_close(prefill_logits(model, PROMPT), hf_logits(checkpoints["gemma3"] / "decompressed", PROMPT))
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_past_its_sliding_window():
+    """The real model's bf16 folder, a prompt longer than its 512-token window: our last hidden states and logits
+    against transformers (fp32 both)."""
+    from transformers import AutoModelForCausalLM
+
+    from adaq.demo import gemma3_270m_folder
+
+    folder = gemma3_270m_folder()
+    checkpoint = open_checkpoint(folder)
+    window = checkpoint.config["sliding_window"]
+    tokens = [2] + torch.randint(100, 20000, (window + 40,), generator=torch.Generator().manual_seed(0)).tolist()
+    model = load_weights(build_model(checkpoint.config, get_backend("reference", "cpu")), checkpoint)
+    runner = PagedRunner(model, 1, len(tokens), block_size=16)
+    ours = runner.step({0: tokens[:-8]}, logits_for_all=False)
+    ours = torch.cat([ours] + [runner.step({0: [t]}) for t in tokens[-8:]])
+    del model, runner
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = hf(torch.tensor([tokens]), logits_to_keep=9).logits[0]
+    assert_close(ours, reference)

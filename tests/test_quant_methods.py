@@ -139,3 +139,117 @@ def test_gptq_group_shares_global_scale_and_is_deterministic():
 def test_gptq_rejects_mismatched_hessian():
     with pytest.raises(AdaqError, match="Hessian"):
         gptq.gptq_quantize(torch.randn(4, 32), torch.eye(16), torch.ones(1))
+
+
+# --- the methods end to end, through `adaq quantize`'s pipeline, on tiny random checkpoints -----------------------
+
+def _quantize(folder, out, method, calib_text, scheme="nvfp4a16"):
+    from adaq.quant.methods import CalibrationSpec
+    from adaq.quant.pipeline import quantize_model
+
+    return quantize_model(str(folder), out, scheme=scheme, method=method, device="cpu",
+                          calibration=CalibrationSpec(calib_text, num_samples=4, seq_len=64))
+
+
+def _tensor_layout(folder):
+    from adaq.formats.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(folder)
+    layout = {p: (checkpoint.nvfp4(p).packed.shape, checkpoint.nvfp4(p).block_scale.shape)
+              for p in checkpoint.quantized_prefixes()}
+    return layout, sorted(checkpoint.tensor_names()), checkpoint.config["quantization_config"]
+
+
+def _held_out_ids(source, calib_text):
+    """Calibration-like text the methods did not calibrate on (they read the first 4 windows of 64 tokens)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(source))(calib_text.read_text(), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[512:512 + 2 * 96]).view(2, 96)
+
+
+def _forward_error(folder, source, ids):
+    """Max |logits(quantized) - logits(source)| through transformers' own decompression, and the decompressed state."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=CompressedTensorsConfig(dequantize=True)).float().eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    with torch.no_grad():
+        error = (quantized(ids).logits - reference(ids).logits).square().mean().item()
+    return error, quantized.state_dict()
+
+
+@pytest.mark.parametrize("method", ["search", "search-act", "gptq"])
+def test_method_output_is_a_valid_rtn_shaped_checkpoint_that_transformers_decodes_exactly(
+        method, tiny_folder, tiny_nvfp4, calib_text, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.validate.validator import validate_checkpoint
+
+    source = tiny_folder("gemma3")
+    out = tmp_path / method
+    report = _quantize(source, out, method, calib_text)
+    assert report.method == method and report.quantized > 0
+    assert _tensor_layout(out) == _tensor_layout(tiny_nvfp4("gemma3"))
+    assert validate_checkpoint(out).valid
+
+    ids = _held_out_ids(source, calib_text)
+    ours, state = _forward_error(out, source, ids)
+    rtn, _ = _forward_error(tiny_nvfp4("gemma3"), source, ids)
+    assert ours < rtn
+    checkpoint = open_checkpoint(out)
+    for prefix in checkpoint.quantized_prefixes():
+        decompressed = state[f"{prefix}.weight"]
+        expected = nvfp4.dequantize(checkpoint.nvfp4(prefix), torch.bfloat16).float()
+        assert torch.equal(decompressed, expected), prefix
+
+
+def test_calibrated_methods_write_w4a4_with_input_scales_and_are_deterministic(tiny_folder, calib_text, tmp_path):
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.validate.validator import validate_checkpoint
+
+    source = tiny_folder("qwen3")
+    first, second = tmp_path / "a", tmp_path / "b"
+    _quantize(source, first, "gptq", calib_text, scheme="nvfp4")
+    _quantize(source, second, "gptq", calib_text, scheme="nvfp4")
+    assert validate_checkpoint(first).valid
+    a, b = open_checkpoint(first), open_checkpoint(second)
+    assert a.scheme == "nvfp4"
+    for prefix in a.quantized_prefixes():
+        wa, wb = a.nvfp4(prefix), b.nvfp4(prefix)
+        assert wa.input_global_scale is not None and torch.isfinite(wa.input_global_scale).all()
+        assert torch.equal(wa.packed, wb.packed) and torch.equal(wa.input_global_scale, wb.input_global_scale)
+        assert torch.equal(wa.block_scale.view(torch.uint8), wb.block_scale.view(torch.uint8))
+
+
+def test_quantize_compare_prints_one_table_and_writes_json(tiny_folder, calib_text, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from adaq.cli import app
+
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["quantize", str(tiny_folder("gemma3")), "-o", str(out),
+                                      "--compare", "rtn,search", "--calib-data", str(calib_text),
+                                      "--num-samples", "4", "--seq-len", "64", "--eval-text", str(calib_text),
+                                      "--max-windows", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for label in ("bf16 (source)", "rtn", "search", "recovery"):
+        assert label in result.output
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report["models"]) == {"bf16", "rtn/nvfp4a16", "search/nvfp4a16"}
+    assert all(model["windows"] == 3 for model in report["models"].values())
+    assert (out / "search-nvfp4a16" / "config.json").is_file()
+
+
+def test_quantize_compare_rejects_unknown_methods(tiny_folder, calib_text, tmp_path):
+    from typer.testing import CliRunner
+
+    from adaq.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", str(tiny_folder("gemma3")), "-o", str(tmp_path / "x"),
+                                      "--compare", "rtn,magic", "--eval-text", str(calib_text)])
+    assert result.exit_code != 0
+    assert "magic" in str(result.exception) or "magic" in result.output

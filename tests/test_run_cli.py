@@ -94,3 +94,41 @@ def test_chat_needs_a_template(tiny, tmp_path, capsys, monkeypatch):
     write_tokenizer(folder, chat_template=False)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     _one_line_error(*adaq(["run", folder, "hi", "--chat", *FAST], capsys, monkeypatch), "chat template")
+
+
+REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.mark.slow
+def test_real_gemma3_nvfp4_greedy_matches_transformers(tmp_path, capsys, monkeypatch):
+    """`adaq quantize` then `adaq run` on the real Gemma3-270M (CPU): 64 greedy tokens per prompt, each one the
+    argmax of transformers' forward on the decompressed weights given the tokens before it."""
+    pytest.importorskip("compressed_tensors")
+    from adaq.demo import gemma3_270m_folder
+
+    nvfp4 = tmp_path / "gemma3-270m-nvfp4a16"
+    code, _, err = adaq(["quantize", gemma3_270m_folder(), "-o", nvfp4, "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, err
+    runs = []
+    for prompt in REAL_PROMPTS:
+        code, out, err = adaq(["run", nvfp4, prompt, "--no-chat", "--temperature", "0", "--max-tokens", "64",
+                               "--ignore-eos", "--kv-cache-dtype", "bf16", "--backend", "reference", "--device",
+                               "cpu", "--max-model-len", "1024", "--json"], capsys, monkeypatch)
+        assert code == 0, err
+        runs.append(json.loads(out))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(nvfp4)
+    model = AutoModelForCausalLM.from_pretrained(nvfp4, quantization_config=CompressedTensorsConfig(dequantize=True))
+    model = model.float().eval()
+    for prompt, run in zip(REAL_PROMPTS, runs):
+        prompt_ids = tokenizer(prompt).input_ids
+        assert len(run["token_ids"]) == 64 and run["prompt_tokens"] == len(prompt_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + run["token_ids"]])).logits[0, len(prompt_ids) - 1:-1]
+        assert logits.argmax(-1).tolist() == run["token_ids"], prompt
+    with capsys.disabled():
+        for prompt, run in zip(REAL_PROMPTS, runs):
+            print(f"\n{prompt!r}: prompt {run['prompt_tok_s']:.1f} tok/s, decode {run['decode_tok_s']:.2f} tok/s, "
+                  f"peak RSS {run['peak_memory_bytes'] / 2**30:.2f} GiB: {run['text'][:60]!r}")

@@ -438,9 +438,9 @@ def test_not_nvfp4_quantization(tiny, tmp_path, capsys):
 
 
 def test_does_not_fit_names_the_largest_batch_and_context(tiny, capsys):
-    # 0.7829 GiB × 0.9 = 756,569,227 B leaves the tiny model 3.3 MB past its weights, 700 MiB CUDA context and
+    # 0.8567 GiB × 0.9 = 827,887,158 B leaves the tiny model 3.3 MB past its weights, 768 MiB CUDA context and
     # 19 MB of activations: 20 sequences of 512 tokens (158,208 B each), or 128 tokens for 64 sequences.
-    args = ["--gpu", "0.7829", "--batch", "64", "--context", "512"]
+    args = ["--gpu", "0.8567", "--batch", "64", "--context", "512"]
     code, out, _ = run_cli(capsys, "validate", str(tiny), *args)
     assert code == 1 and "[fits]" in out.strip().splitlines()[-1]
     code, report = json_report(capsys, tiny, *args)
@@ -554,32 +554,32 @@ def test_qwen3_8b_activations(qwen3_8b):
 def test_qwen3_8b_on_an_rtx4090(qwen3_8b):
     # usable = 0.9 · 24564 MiB = 23,181,498,777 B. Total at batch 16 × 4096, fp8 KV:
     # 3,912,597,504 + 2,489,935,872 (weights) + 16·4096·76,032 = 4,982,833,152 (KV) + 963,362,816 (activations)
-    # + 700 MiB (CUDA context) = 13,082,732,544 B.
+    # + 768 MiB (CUDA context) = 13,154,035,712 B.
     # Past batch 2 the step is 8192 tokens, so each more sequence costs its KV (311,427,072) + logits (1,215,488)
-    # + partials (266,240) = 312,908,800 B over a fixed 8,076,191,744 B:
-    # (23,181,498,777 − 8,076,191,744) / 312,908,800 = 48.27 → 48 sequences.
+    # + partials (266,240) = 312,908,800 B over a fixed 8,147,494,912 B:
+    # (23,181,498,777 − 8,147,494,912) / 312,908,800 = 48.05 → 48 sequences.
     # At batch 16 a context t ≥ 8192 costs 16·76,032 (KV) + 102,404 (activations) = 1,318,916 B per token over a
-    # fixed 7,261,005,824 B: t ≤ 12,070.9; KV grows in blocks of 16 tokens, so 12,064 (23,172,408,448 B; 12,065
-    # tokens hold 12,080 in KV: 23,191,975,044 B, too much).
+    # fixed 7,332,308,992 B: t ≤ 12,016.8; KV grows in blocks of 16 tokens, so 12,016 (23,180,403,648 B; 12,017
+    # tokens hold 12,032 in KV: 23,199,970,244 B, too much).
     budget = plan(qwen3_8b, estimate_weight_bytes(qwen3_8b), Gpu.parse("rtx4090"), batch=16, context=4096)
     assert budget.usable == 23_181_498_777
     assert budget.kv_cache == 4_982_833_152
-    assert budget.total == 13_082_732_544 and budget.fits
+    assert budget.total == 13_154_035_712 and budget.fits
     assert budget.max_batch == 48
-    assert budget.max_context == 12_064 and not budget.max_context_capped
+    assert budget.max_context == 12_016 and not budget.max_context_capped
 
 
 def test_qwen3_8b_bf16_kv_and_small_gpus(qwen3_8b):
     weights = estimate_weight_bytes(qwen3_8b)
     bf16 = plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=16, context=4096, kv_dtype="bf16")
     assert bf16.kv_cache == 16 * 4096 * 147_456 == 9_663_676_416
-    assert bf16.total == 13_082_732_544 - 4_982_833_152 + 9_663_676_416
-    # fixed 8,076,191,744 + b · (4096·147,456 + 1,481,728) ≤ usable → b ≤ 24.95
+    assert bf16.total == 13_154_035_712 - 4_982_833_152 + 9_663_676_416
+    # fixed 8,147,494,912 + b · (4096·147,456 + 1,481,728) ≤ usable → b ≤ 24.83
     assert bf16.max_batch == 24
     one = plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=1, context=4096)
     assert one.max_context == 40_960 and one.max_context_capped  # the model's max_position_embeddings
-    # 9 GiB, 8,697,308,774 usable: weights + CUDA context take 7,136,536,576; batch 2 at 4096 adds
-    # 2·311,427,072 (KV) + 939,655,168 + 2·1,481,728 (activations) = 8,702,009,344 in all: only batch 1 fits.
+    # 9 GiB, 8,697,308,774 usable: weights + CUDA context take 7,207,839,744, batch 1 at 4096 8,040,956,928 in
+    # all; batch 2 adds 2·311,427,072 (KV) + 939,655,168 + 2·1,481,728 (activations): 8,773,312,512, too much.
     small = plan(qwen3_8b, weights, Gpu.parse("9"), batch=1, context=4096)
     assert small.fits and small.max_batch == 1
     tiny_gpu = plan(qwen3_8b, weights, Gpu.parse("6"), batch=1, context=4096)
@@ -720,6 +720,6 @@ def test_budget_bounds_the_engine_on_a_gpu(qwen3_8b):
                  "activations_peak": sum(budget.activations.values()), "outside_torch": CUDA_CONTEXT_BYTES}
     print(json.dumps({"measured": measured, "estimated": estimated, "activation_parts": budget.activations}))
     assert abs(weights - budget.weights.total) <= 0.01 * budget.weights.total
-    assert kv == budget.kv_cache
+    assert 0 <= kv - budget.kv_cache < 2**20  # the engine's block tables and counters come with the cache
     assert activations <= estimated["activations_peak"]
     assert outside_torch <= CUDA_CONTEXT_BYTES

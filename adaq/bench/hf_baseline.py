@@ -40,7 +40,9 @@ def run_hf(spec: VariantSpec) -> VariantOutcome:
     except torch.OutOfMemoryError as error:
         return VariantOutcome("hf", "transformers", skipped=f"out of GPU memory while loading ({error})")
     dtype = next(model.parameters()).dtype
-    label = f"transformers {_transformers_version()} generate(), static cache, {str(dtype).removeprefix('torch.')}"
+    compiled = ", torch.compile (automatic)" if device.type == "cuda" else ""
+    label = (f"transformers {_transformers_version()} generate(), static cache{compiled}, "
+             f"{str(dtype).removeprefix('torch.')}" + ("" if spec.synthetic else ", random weights of the same shapes"))
     outcome = VariantOutcome("hf", label, load_s=time.perf_counter() - started,
                              resident_weight_bytes=torch.cuda.memory_allocated(device) if device.type == "cuda" else None)
     vocab = text_config(config)["vocab_size"]

@@ -30,7 +30,37 @@ def run(quick: bool = False) -> dict:
     for rows in sections(results).values():
         for row in rows:
             add_projection(row)
-    return {**results, **describe(torch.device("cuda")), "projection_note": PROJECTION_NOTE}
+    return {**results, **describe(torch.device("cuda")), "tensor_core_peaks": tensor_core_peaks(),
+            "projection_note": PROJECTION_NOTE}
+
+
+def tensor_core_peaks(size: int = 8192) -> dict:
+    """TFLOP/s of cuBLAS bf16 and cuBLASLt FP8 (torch._scaled_mm) on size^3, random data: the library ceilings
+    of this GPU, against which compute-bound kernels are read."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    peaks = {"bf16_cublas": _tflops(lambda: a @ b, size)}
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    try:
+        peaks["fp8_scaled_mm"] = _tflops(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), size)
+    except (RuntimeError, TypeError) as error:  # FP8 GEMMs need sm_89 or newer
+        peaks["fp8_scaled_mm_error"] = str(error).splitlines()[0]
+    return peaks
+
+
+def _tflops(matmul, size: int, repeats: int = 10) -> float:
+    for _ in range(3):
+        matmul()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        matmul()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size**3 / sorted(times)[repeats // 2] / 1e12
 
 
 def sections(results: dict) -> dict[str, list[dict]]:
@@ -53,6 +83,10 @@ def render(results: dict, console: Console | None = None) -> None:
     copy = results.get("copy", {})
     measured = f": copy {copy['GB/s']:.0f} GB/s (read + write, measured)" if copy.get("GB/s") else ""
     console.print(f"[bold]adaq bench kernels[/bold] on {results['device']['name']}{measured}")
+    peaks = results.get("tensor_core_peaks", {})
+    if peaks.get("bf16_cublas"):
+        fp8 = f", FP8 torch._scaled_mm {peaks['fp8_scaled_mm']:.0f}" if peaks.get("fp8_scaled_mm") else ""
+        console.print(f"tensor-core ceilings (8192^3, measured): bf16 cuBLAS {peaks['bf16_cublas']:.0f}{fp8} TFLOP/s")
     for name, rows in sections(results).items():
         console.print(section_table(name, rows))
     console.print(f"[dim]{PROJECTION_NOTE}[/dim]")

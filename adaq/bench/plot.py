@@ -35,11 +35,13 @@ def title(report: dict) -> str:
 
 
 def draw_speed(axes, variants: list[dict]) -> None:
+    import matplotlib.ticker
+
     for variant in variants:
         batches = [result["batch"] for result in variant["results"]]
         color = COLORS.get(variant["variant"])
         axes.plot(batches, [result["decode_tokens_per_s"] for result in variant["results"]], "o-", color=color,
-                  label=variant["variant"])
+                  label=legend(variant))
         bounds = [result.get("bound_tokens_per_s") for result in variant["results"]]
         if all(bounds) and variant["variant"] != "hf":
             axes.plot(batches, bounds, "--", color=color, alpha=0.5, label=f"{variant['variant']} roofline")
@@ -47,10 +49,16 @@ def draw_speed(axes, variants: list[dict]) -> None:
     axes.set_yscale("log")
     batches = sorted({result["batch"] for variant in variants for result in variant["results"]})
     axes.set_xticks(batches, [str(batch) for batch in batches])
+    axes.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
     axes.set_xlabel("batch size")
     axes.set_ylabel("decode tokens/s (all sequences)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
+
+
+def legend(variant: dict) -> str:
+    label = variant["label"].removeprefix("adaq ")
+    return f"{variant['variant']}: {label}" if len(label) < 60 else variant["variant"]
 
 
 def draw_memory(axes, variants: list[dict], on_cpu: bool) -> None:

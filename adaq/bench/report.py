@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 GB = 1e9
 
@@ -44,7 +46,7 @@ def render(report: dict, console: Console | None = None) -> None:
     console.print(main_table(report))
     console.print(adallm_table(report))
     for line in notes(report):
-        console.print(f"[dim]{line}[/dim]")
+        console.print(Text(line, style="red" if " failed: " in line else "dim"))
 
 
 def headline(report: dict) -> str:
@@ -57,7 +59,7 @@ def headline(report: dict) -> str:
         where += f" (SM {smi['clocks.sm']}, mem {smi.get('clocks.mem', '?')}, max SM {smi.get('clocks.max.sm', '?')})"
     bandwidth = report.get("copy_bandwidth_bytes_per_s")
     measured = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s (measured)" if bandwidth else ", CPU: no roofline"
-    return (f"[bold]adaq bench[/bold] {model['name']} ({model['architecture']}, {source}) on {where}{measured}\n"
+    return (f"[bold]adaq bench[/bold] {escape(model['name'])} ({model['architecture']}, {source}) on {where}{measured}\n"
             f"prompt {workload['input_len']} tokens, {workload['output_len']} new tokens, greedy, "
             f"median of {workload['repeats']} after a warm-up")
 
@@ -96,9 +98,11 @@ def adallm_table(report: dict) -> Table:
 
 
 def notes(report: dict) -> list[str]:
-    lines = [f"{variant['variant']}: {variant['label']}" for variant in report["variants"] if not variant["skipped"]]
+    lines = [f"{variant['variant']}: {variant['label']}" for variant in report["variants"] if variant["results"]]
     lines += [f"{variant['variant']} skipped: {variant['skipped']}" for variant in report["variants"]
               if variant["skipped"]]
+    lines += [f"{variant['variant']} failed: {variant['error']}" for variant in report["variants"]
+              if variant.get("error")]
     if report["on_cpu"]:
         lines.append("CPU run: timings of the reference backend; no roofline or memory figures")
     else:

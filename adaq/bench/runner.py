@@ -9,6 +9,7 @@ each variant runs in its own process, so one variant's memory, caches and peak c
 import gc
 import math
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -139,7 +140,9 @@ class VariantOutcome:
     variant: str
     label: str  # what ran, e.g. "adaq cuda, NVFP4 weights, fp8 KV"
     results: list[BatchResult] = field(default_factory=list)
-    skipped: str | None = None
+    skipped: str | None = None  # did not fit, with the numbers
+    error: str | None = None  # failed: the one-line reason (error_detail holds the traceback's end)
+    error_detail: str | None = None
     load_s: float | None = None
     weight_bytes: dict | None = None
     resident_weight_bytes: int | None = None  # allocator bytes after loading, before any KV cache
@@ -233,7 +236,11 @@ def run_variant(spec: VariantSpec) -> VariantOutcome:
                              resident_weight_bytes=_allocated(device))
     vocab = model_vocab(config)
     for batch in spec.workload.batches:
-        generations = time_engine(engine, spec.workload, batch, vocab, probe)
+        try:
+            generations = time_engine(engine, spec.workload, batch, vocab, probe)
+        except torch.OutOfMemoryError:
+            outcome.skipped = f"batch {batch} and larger: out of GPU memory"
+            break
         outcome.results.append(summarize(spec.variant, generations, probe.read(), probe.warmup_s))
     del engine
     _release(device)
@@ -395,3 +402,13 @@ def run_isolated(spec: VariantSpec) -> VariantOutcome:
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(run_variant, spec).result()
+
+
+def run_guarded(spec: VariantSpec) -> VariantOutcome:
+    """run_isolated, where a variant that fails is reported as failed and the others still run."""
+    try:
+        return run_isolated(spec)
+    except Exception as error:  # an engine or kernel bug in one variant must not hide the other variants' figures
+        detail = str(error.__cause__ or "") or traceback.format_exc()
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        return VariantOutcome(spec.variant, spec.variant, error=reason[:500], error_detail=detail[-3000:])

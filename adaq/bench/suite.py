@@ -6,7 +6,7 @@ import torch
 
 from adaq.bench import roofline
 from adaq.bench.environment import describe
-from adaq.bench.runner import BASELINES, VariantOutcome, VariantSpec, Workload, run_isolated
+from adaq.bench.runner import BASELINES, VariantOutcome, VariantSpec, Workload, run_guarded
 from adaq.bench.shapes import load_model_config, model_tensors, text_config
 from adaq.errors import AdaqError
 
@@ -29,6 +29,10 @@ class BenchOptions:
             raise AdaqError(f"unknown baseline {unknown[0]!r} in --baselines: choose from {', '.join(BASELINES)}")
         if self.kv_cache_dtype not in roofline.KV_ELEMENT_BYTES:
             raise AdaqError(f"invalid --kv-cache-dtype {self.kv_cache_dtype}: choose fp8 or bf16")
+        if self.backend not in ("auto", "cuda", "reference"):
+            raise AdaqError(f"invalid --backend {self.backend}: choose auto, cuda or reference")
+        if self.backend == "cuda" and self.resolved_device().type != "cuda":
+            raise AdaqError("--backend cuda needs a CUDA GPU and none is in use: use --backend reference (or auto)")
 
     def resolved_device(self) -> torch.device:
         if self.device:
@@ -40,8 +44,9 @@ class BenchOptions:
         return ["nvfp4", *self.baselines]
 
 
-def run_bench(options: BenchOptions, on_variant=lambda variant: None) -> dict:
-    """Run every variant; return the report (JSON-ready dict). `on_variant(name)` is told before each one runs."""
+def run_bench(options: BenchOptions, on_variant=lambda variant: None, on_partial=lambda report: None) -> dict:
+    """Run every variant; return the report (JSON-ready dict). `on_variant(name)` is told before each one runs,
+    `on_partial(report)` gets the report so far after each one (so a run cut short keeps what it measured)."""
     device = options.resolved_device()
     config = model_config(options)
     environment = describe(device)
@@ -51,10 +56,15 @@ def run_bench(options: BenchOptions, on_variant=lambda variant: None) -> dict:
         on_variant(variant)
         spec = VariantSpec(variant, options.model, options.synthetic, options.workload, options.backend,
                            options.kv_cache_dtype, str(device))
-        outcome = run_isolated(spec)
+        outcome = run_guarded(spec)
         add_roofline(outcome, config, options, bandwidth)
         outcomes.append(outcome)
-    add_speedups(outcomes)
+        add_speedups(outcomes)
+        on_partial(assemble(options, config, environment, bandwidth, outcomes, device))
+    if device.type == "cuda":  # the clocks at the start are the idle ones; these are right after the load
+        from adaq.bench.environment import nvidia_smi
+
+        environment["device"]["nvidia_smi_after"] = nvidia_smi(device.index or 0)
     return assemble(options, config, environment, bandwidth, outcomes, device)
 
 

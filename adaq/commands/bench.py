@@ -78,9 +78,11 @@ def bench(
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
                            backend, kv_cache_dtype, device)
     errors = Console(stderr=True)
+    partial = (lambda report: bench_report.write_json(report, json_path)) if json_path else (lambda report: None)
     with errors.status("measuring copy bandwidth") as status:
         result = run_bench(options, on_variant=lambda name: status.update(f"running {name}: load, warm up, "
-                                                                          f"{repeats} timed runs per batch"))
+                                                                          f"{repeats} timed runs per batch"),
+                           on_partial=partial)
     bench_report.render(result)
     if json_path:
         bench_report.write_json(result, json_path)
@@ -90,6 +92,9 @@ def bench(
 
         plot(result, plot_path)
         errors.print(f"wrote {plot_path}")
+    failed = [f"{variant['variant']} ({variant['error']})" for variant in result["variants"] if variant.get("error")]
+    if failed:
+        raise AdaqError(f"variants failed: {'; '.join(failed)}", exit_code=1)
 
 
 @app.command("kernels")

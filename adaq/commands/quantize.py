@@ -15,14 +15,23 @@ def quantize(
                                           "overrides the recipe's scheme."),
     recipe: str = typer.Option(None, help="Recipe YAML in llm-compressor's shape; default: the shipped one for "
                                           "the architecture (recipes/nvfp4a16-dense.yaml, ...-moe.yaml)."),
-    method: str = typer.Option("rtn", help="rtn (ours, streamed) or llmcompressor (oneshot); see the README for "
-                                           "the others."),
+    method: str = typer.Option("rtn", help="rtn (ours, streamed), search (MSE scale search), search-act "
+                                           "(activation-aware search), gptq (GPTQ + searched scales, most "
+                                           "accurate), gptq-llmcompressor or llmcompressor (oneshot)."),
     calib_data: Path = typer.Option(None, help="Calibration text: a .txt/.jsonl/.json/.parquet file or a folder."),
     num_samples: int = typer.Option(64, help="Calibration windows."),
     seq_len: int = typer.Option(512, help="Tokens per calibration window."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda[:N]."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    compare: str = typer.Option(None, help="Comma-separated methods (e.g. rtn,search,search-act,gptq): quantize "
+                                           "with each into OUT/<method>-<scheme>/ and print perplexity vs the "
+                                           "source in one table (+ OUT/compare.json)."),
+    eval_text: Path = typer.Option(Path("../shared/data/wikitext-2/test.txt"),
+                                   help="--compare: text scored (data/README.md's windows)."),
+    max_windows: int = typer.Option(64, help="--compare: windows of 512 tokens scored (0: all)."),
+    runner: str = typer.Option("engine", help="--compare: engine (adaq's reference/CUDA backend) or "
+                                              "transformers (its own decompression)."),
 ) -> None:
     """Quantize a checkpoint to NVFP4 in the compressed-tensors format llm-compressor writes and vLLM reads."""
     from adaq.quant.methods import CalibrationSpec
@@ -31,6 +40,9 @@ def quantize(
     if scheme is not None and scheme not in ("nvfp4a16", "nvfp4"):
         raise AdaqError(f"--scheme must be nvfp4a16 or nvfp4, got {scheme!r}")
     calibration = CalibrationSpec(calib_data, num_samples, seq_len) if calib_data else None
+    if compare:
+        _compare(src, out, compare, scheme, recipe, calibration, device, eval_text, max_windows, runner, as_json)
+        return
     with RichProgress(enabled=not as_json) as progress:
         report = quantize_model(src, out, scheme=scheme, recipe_path=recipe, method=method,
                                 calibration=calibration, force=force, device=device, progress=progress)
@@ -38,6 +50,22 @@ def quantize(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         render(report)
+
+
+def _compare(src, out, methods, scheme, recipe, calibration, device, eval_text, max_windows, runner, as_json):
+    from rich.console import Console
+
+    from adaq.quant.compare import CompareSettings, compare_methods, compare_table, parse_methods
+
+    schemes = [scheme] if scheme else ["nvfp4a16"]
+    settings = CompareSettings(parse_methods(methods), schemes, eval_text, max_windows or None, runner=runner,
+                               device=device)
+    with RichProgress(enabled=not as_json) as progress:
+        report = compare_methods(src, out, settings, calibration, recipe, progress)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        Console().print(compare_table(report))
 
 
 class RichProgress:

@@ -19,6 +19,7 @@ def run(
     min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
     seed: int | None = typer.Option(None, help="Seed of this request's sampler."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); trimmed from the output."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
     kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales) or bf16."),
     backend: str = typer.Option("auto", help="auto (cuda when a GPU and the kernels are there), cuda, reference."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
@@ -44,7 +45,7 @@ def run(
     chosen = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     defaults = {**SAMPLING_FALLBACK, **llm.engine.default_sampling_params()}
     sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}
-    params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **sampling)
+    params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, ignore_eos=ignore_eos, **sampling)
     use_chat = _has_template(llm) if chat is None else chat
     if prompt is None:
         if json_output:

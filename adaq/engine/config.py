@@ -28,6 +28,7 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None  # bytes, or "4GiB"; CPU default: see ModelRunner
     num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory rules
     block_size: int = 16
+    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (vLLM's automatic caching)
     dtype: str | torch.dtype | None = None  # None: bf16 on GPU, fp32 on CPU
     device: str | torch.device | None = None  # None: cuda when available
     skip_tokenizer: bool = False

@@ -66,7 +66,7 @@ class LLMEngine:
         if model is None:
             model = load_model(self.model_config, config)
         self.runner = ModelRunner(model, self.model_config, config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = _eos_token_ids(config.model, self.model_config, self.tokenizer)
         self.stats = EngineStats()
@@ -158,6 +158,7 @@ class LLMEngine:
         self._count_step(batch, time.perf_counter() - started)
         for seq, count, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += count
+            self.block_manager.register_computed_blocks(seq)
             if token is not None:
                 self._append_token(seq, token)
             elif not seq.wants_tokens and seq.num_computed_tokens >= seq.num_prompt_tokens:

@@ -4,7 +4,8 @@ Each step has a budget of `max_num_batched_tokens` tokens. Running sequences com
 decoding sequence asks for one token, a sequence still in its prompt for the rest of it (cut to the budget). When
 the cache has no block left for one of them, the most recently admitted running sequence is preempted: its blocks
 are freed and it goes back to the head of the queue, to be recomputed from its tokens later. Waiting sequences
-are admitted while the budget, `max_num_seqs` and the free blocks allow, and not in a step that preempted. A step
+are admitted while the budget, `max_num_seqs` and the free blocks allow, and not in a step that preempted; an
+admitted sequence first takes the cached blocks of its longest known prefix (block_manager.py). A step
 can mix prompt chunks and decode tokens; it is a decode step when every sequence in it computes one token.
 """
 
@@ -76,8 +77,11 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self.block_manager.reuse_prefix(seq, seq.max_reusable_tokens())
             count = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.grow(seq, seq.num_computed_tokens + count):
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -81,6 +81,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K and V are in the cache
     block_table: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks of block_table known to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -96,6 +97,7 @@ class Sequence:
     next_token_argmax: int | None = None
     detokenizer: Detokenizer | None = None
     metrics: RequestMetrics | None = None
+    _block_hashes: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -133,6 +135,24 @@ class Sequence:
     def wants_tokens(self) -> bool:
         """Whether the end of this sequence's next completed chunk is sampled (prompt scoring samples nothing)."""
         return self.max_tokens > 0
+
+    def block_hashes(self, num_blocks: int, block_size: int) -> list[int]:
+        """Hashes of the first `num_blocks` full blocks: each covers its tokens and, through its parent, all before."""
+        num_blocks = min(num_blocks, self.num_tokens // block_size)
+        while len(self._block_hashes) < num_blocks:
+            index = len(self._block_hashes)
+            parent = self._block_hashes[-1] if index else None
+            tokens = tuple(self.token_ids[index * block_size:(index + 1) * block_size])
+            self._block_hashes.append(hash((parent, tokens)))
+        return self._block_hashes[:num_blocks]
+
+    def max_reusable_tokens(self) -> int:
+        """How many leading tokens may come from the prefix cache: the hidden states of the rest are needed (the
+        last token's for sampling, the scored prompt positions' for log-probabilities)."""
+        limit = self.num_tokens - 1
+        if self.params.prompt_logprobs:
+            limit = min(limit, self.score_from - 1)
+        return limit
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -35,7 +35,7 @@ class AdaqLM(TemplateLM):
                 device = None  # lm-eval's CLI asks for cuda by default; like HFLM, fall back to what is there
 
             scorer = load_scorer(str(pretrained), runner=runner, backend=backend, kv_cache_dtype=kv_cache_dtype,
-                                 dtype=dtype, device=device, max_model_len=_int_or_none(max_length), **engine_kwargs)
+                                 dtype=dtype, device=device, max_model_len=_plus_one(max_length), **engine_kwargs)
         self.scorer = scorer
         self.tokenizer = scorer.tokenizer
         # HFLM's max_length counts the tokens fed to the model; a scorer also holds the last (scored) token.
@@ -158,6 +158,12 @@ class AdaqLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[index].args, results[index])
                 self.progress(len(batch))
         return results
+
+
+def _plus_one(max_length) -> int | None:
+    """The engine context for an lm-eval max_length: the fed tokens plus the last, scored one."""
+    value = _int_or_none(max_length)
+    return None if value is None else value + 1
 
 
 def _int_or_none(value) -> int | None:

@@ -5,7 +5,6 @@
 what `--runner transformers` uses to cross-check the engine.
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -19,61 +18,24 @@ class TokenScores:
     greedy: torch.Tensor | None
 
 
-NextToken = tuple[torch.Tensor, int]  # log p of each candidate id, and the argmax id (-1: not known)
+NextToken = tuple[torch.Tensor, int]  # log p of each candidate id, and the argmax id there
 
 
 class EngineScorer:
-    """Scores and generates through `adaq.engine.LLM`, using its optional eval extensions when it has them."""
+    """Scores and generates through `adaq.engine.LLM`: batched requests, the output layer only where scores are read."""
 
     def __init__(self, llm):
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_length = int(llm.engine.config.max_model_len)
-        parameters = inspect.signature(llm.prompt_logprobs).parameters
-        self._has_start = "start" in parameters
-        self._has_next_token = hasattr(llm, "next_token_logprobs")
 
     def score(self, token_lists: list[list[int]], starts: list[int]) -> list[TokenScores]:
-        extra = {"start": list(starts)} if self._has_start else {}
-        outputs = self.llm.prompt_logprobs(token_lists, with_greedy=True, **extra)
+        outputs = self.llm.prompt_logprobs(token_lists, with_greedy=True, start=list(starts))
         return [TokenScores(logprobs[s - 1:], greedy[s - 1:]) for (logprobs, greedy), s in zip(outputs, starts)]
 
     def next_token_logprobs(self, token_lists: list[list[int]], candidates: list[list[int]]) -> list[NextToken]:
-        if self._has_next_token:
-            return [(lp, int(argmax)) for lp, argmax in self.llm.next_token_logprobs(token_lists, candidates)]
-        if hasattr(getattr(self.llm.engine, "runner", None), "sampler"):
-            return self._next_token_from_sampler(token_lists, candidates)
-        return self._next_token_from_prompts(token_lists, candidates)
-
-    def _next_token_from_sampler(self, token_lists, candidates) -> list[NextToken]:
-        """One-token greedy generation, reading the logit row the engine hands its sampler: the context is
-        prefilled once and the output layer runs on its last position only."""
-        from adaq.engine.api import SamplingParams
-
-        runner = self.llm.engine.runner
-        capture = _LogitCapture(runner.sampler)
-        runner.sampler = capture
-        try:
-            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-            outputs = self.llm.generate([list(tokens) for tokens in token_lists], params)
-        finally:
-            runner.sampler = capture.inner
-        results = []
-        for output, cands in zip(outputs, candidates):
-            logprobs = capture.rows.pop(output.request_id)
-            results.append((logprobs[cands], int(logprobs.argmax())))
-        return results
-
-    def _next_token_from_prompts(self, token_lists, candidates) -> list[NextToken]:
-        """Fallback: one scored sequence per candidate (the argmax is known only if it is a candidate)."""
-        extended = [tokens + [c] for tokens, cands in zip(token_lists, candidates) for c in cands]
-        scores = iter(self.score(extended, [len(t) - 1 for t in extended]))
-        results = []
-        for cands in candidates:
-            picked = [next(scores) for _ in cands]
-            greedy = [c for c, s in zip(cands, picked) if s.greedy is not None and bool(s.greedy[0])]
-            results.append((torch.cat([s.logprobs[:1] for s in picked]), greedy[0] if greedy else -1))
-        return results
+        outputs = self.llm.next_token_logprobs(token_lists, candidates)
+        return [(logprobs, int(argmax)) for logprobs, argmax in outputs]
 
     def generate(self, token_lists: list[list[int]], until: list[str], max_tokens: int,
                  temperature: float = 0.0) -> list[str]:
@@ -82,20 +44,6 @@ class EngineScorer:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=until or None)
         outputs = self.llm.generate([list(tokens) for tokens in token_lists], params)
         return [output.text for output in outputs]
-
-
-class _LogitCapture:
-    """Stands in for the engine's sampler: keeps each sequence's log-softmax row, then samples as before."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.rows: dict[str, torch.Tensor] = {}
-
-    def __call__(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
-        logprobs = logits.float().log_softmax(dim=-1).cpu()
-        for row, seq in enumerate(seqs):
-            self.rows[seq.request_id] = logprobs[row]
-        return self.inner(logits, seqs)
 
 
 class TransformersScorer:

@@ -55,6 +55,9 @@ class Checkpoint:
     def shards(self) -> list[Path]:
         return sorted(set(self._index.values()))
 
+    def shard_of(self, name: str) -> Path | None:
+        return self._index.get(name)
+
     def names_in(self, shard: Path) -> list[str]:
         return sorted(name for name, file in self._index.items() if file == shard)
 

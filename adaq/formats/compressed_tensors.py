@@ -105,7 +105,8 @@ class StreamingShard:
         if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{self.path.name}: expected {spec}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous()
-        self._handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:

@@ -57,17 +57,20 @@ def e2m1_grid(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.cat([grid, -grid])
 
 
+def _strict_boundaries(device: torch.device | str) -> torch.Tensor:
+    """Midpoints as fp32 bounds b with code = #(|x| > b): a tie that goes up uses the fp32 just below its midpoint."""
+    bounds = torch.tensor(_MIDPOINTS, dtype=torch.float32)
+    below = torch.nextafter(bounds, torch.zeros_like(bounds))
+    return torch.where(torch.tensor(_TIE_TO_LOWER), bounds, below).to(device)
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest E2M1 value (ties to even, values past 6 saturate) and return uint8 codes.
 
     The sign bit is set for every x < 0, also where the magnitude rounds to 0 (code 8, "-0"): llm-compressor
     writes it so, and byte equality with its checkpoints needs the same. -0.0 itself encodes as code 0.
     """
-    magnitude = x.abs().float()
-    code = torch.zeros_like(magnitude, dtype=torch.uint8)
-    for midpoint, tie_to_lower in zip(_MIDPOINTS, _TIE_TO_LOWER):
-        above = magnitude > midpoint if tie_to_lower else magnitude >= midpoint
-        code += above.to(torch.uint8)
+    code = torch.bucketize(x.abs().float(), _strict_boundaries(x.device), right=False).to(torch.uint8)
     return code | ((x < 0).to(torch.uint8) << 3)
 
 

@@ -33,7 +33,7 @@ REQUIRED_PTX = {
     "moe.cu": ("shfl.sync.bfly",),
 }
 REQUIRED_SASS = {
-    "nvfp4_gemm.cu": ("HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDGSTS", "LDG.E.128"),
+    "nvfp4_gemm.cu": ("HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDGSTS", "LDG.E.NA.128"),
     "attention.cu": ("F2FP",),
 }
 FORBIDDEN_PTX = ("wgmma", "cp.async.bulk", "setmaxnreg", "cluster", "mbarrier.try_wait", "tcgen05")

@@ -118,12 +118,17 @@ def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8
     return result
 
 
-def run_all(quick: bool = False) -> dict:
+def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
     """The figures issue 4 asks for: Qwen3-8B GEMMs at M = 1 and 16 (and more), attention at 8k context."""
     copy = copy_bandwidth()
     gbs = copy["GB/s"]
     rows = (1, 16) if quick else (1, 4, 16, 32, 64)
     gemms = [nvfp4_gemm(n, k, m, gbs, name=name) for name, (n, k) in QWEN3_8B_LINEARS.items() for m in rows]
+    if compare_v1:
+        ops.set_gemm_variant(1)
+        gemms += [dict(nvfp4_gemm(n, k, m, gbs, name=name + "@v1"), variant=1)
+                  for name, (n, k) in QWEN3_8B_LINEARS.items() for m in (1, 16)]
+        ops.set_gemm_variant(2)
     attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d) for d in ("fp8", "bf16") for b in (1, 16)]
     return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn}
 

@@ -4,6 +4,8 @@ Every op is graph-safe: outputs and workspaces come from torch's allocator, noth
 The split-K arrival counters are the one persistent buffer (zero between launches; the kernel resets them).
 """
 
+import os
+
 import torch
 
 from adaq.kernels.build import load
@@ -13,8 +15,20 @@ COUNTERS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
+_variant_set = False
+
+
 def ext():
-    return load()
+    global _variant_set
+    module = load()
+    if not _variant_set:  # ADAQ_GEMM_VARIANT=1 selects the unpipelined v1 GEMM (kept for comparison)
+        module.gemm_set_variant(int(os.environ.get("ADAQ_GEMM_VARIANT", "2")))
+        _variant_set = True
+    return module
+
+
+def set_gemm_variant(variant: int) -> None:
+    ext().gemm_set_variant(variant)
 
 
 def counters(device: torch.device) -> torch.Tensor:

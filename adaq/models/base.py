@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from adaq.errors import CheckpointError
-from adaq.formats.nvfp4 import NVFP4Weight
 from adaq.layers.attention import PagedAttention
 from adaq.layers.linear import Weight
 
@@ -27,15 +26,9 @@ class WeightReader:
             return self.source.nvfp4(prefix)
         return self.tensor(f"{prefix}.weight")
 
-    def nvfp4(self, prefix: str) -> NVFP4Weight:
-        return self.source.nvfp4(prefix)
-
     def bias(self, prefix: str) -> torch.Tensor | None:
         name = f"{prefix}.bias"
         return self.source.tensor(name) if name in self.names else None
-
-    def has(self, name: str) -> bool:
-        return name in self.names or name.removesuffix(".weight") in self.quantized
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.names:

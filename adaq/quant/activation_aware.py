@@ -13,6 +13,7 @@ goes, and writes the checkpoint through the same streaming writer as RTN, so the
 config as RTN's and only the codes and block scales differ.
 """
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -168,6 +169,14 @@ def calibrate_layerwise(model: nn.Module, ids: torch.Tensor, quantize_layer: Lay
             progress(index + 1, len(layers))
 
 
+def _layers_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise AdaqError("decoder layers not found among the model's modules")
+
+
 @dataclass
 class FusedGroups:
     """Linears that share one global scale (their outputs are fused into one GEMM at run time)."""
@@ -240,24 +249,26 @@ class _CalibratedQuantizer:
             hook.remove()
 
 
-def _replay(checkpoint, plan, weights: dict[str, NVFP4Weight], w4a4: bool):
-    """A quantize_fn for rtn.quantize_checkpoint that hands back precomputed weights in the order it asks for them,
-    checking each against the tensor and global scale it was asked to quantize."""
-    from adaq.quant.rtn import shard_outputs
+def _fingerprint(weight: torch.Tensor) -> tuple:
+    data = weight.detach().cpu().contiguous()
+    return tuple(data.shape), str(data.dtype), hashlib.blake2b(data.view(torch.uint8).numpy().tobytes()).digest()
 
-    order = iter([prefix for shard in checkpoint.shards()
-                  for kind, names in shard_outputs(checkpoint, shard, plan, w4a4) if kind == "quantize"
-                  for prefix in names])
+
+def _replay(checkpoint, weights: dict[str, NVFP4Weight]):
+    """A quantize_fn for rtn.quantize_checkpoint that hands back the precomputed NVFP4 of whichever weight it is
+    given, recognised by its bytes (the writer does not say which prefix it is quantizing)."""
+    by_content: dict[tuple, list[str]] = {}
+    for prefix in weights:
+        by_content.setdefault(_fingerprint(checkpoint.tensor(f"{prefix}.weight")), []).append(prefix)
 
     def quantize_fn(weight: torch.Tensor, global_scale: torch.Tensor) -> NVFP4Weight:
-        prefix = next(order)
-        if prefix not in weights:
-            raise AdaqError(f"{prefix}: not a decoder-layer Linear; this method quantizes decoder layers only "
-                            "(add it to the recipe's ignore list)")
-        found = weights[prefix]
-        if found.packed.shape[0] != weight.shape[0] or not torch.equal(found.global_scale.cpu(),
-                                                                        global_scale.float().reshape(1).cpu()):
-            raise AdaqError(f"internal: quantized weights out of order at {prefix}")
+        candidates = by_content.get(_fingerprint(weight))
+        if not candidates:
+            raise AdaqError("this method quantizes the Linear layers of the decoder layers only; add the others "
+                            "to the recipe's ignore list")
+        found = weights[candidates.pop(0)]
+        if not torch.equal(found.global_scale.cpu(), global_scale.float().reshape(1).cpu()):
+            raise AdaqError("internal: the writer's global scale differs from the one the method used")
         return NVFP4Weight(found.packed.cpu(), found.block_scale.cpu(), found.global_scale.cpu())
 
     return quantize_fn
@@ -293,7 +304,7 @@ def quantize_calibrated(job, quantize_group: GroupQuantizer, with_hessian: bool,
     del model
     input_scales = input_global_scales(plan, quantizer.input_amax) if w4a4 else None
     quantize_checkpoint(checkpoint, job.out_dir, plan, job.scheme, input_scales, "cpu", job.progress,
-                        quantize_fn=_replay(checkpoint, plan, quantizer.weights, w4a4))
+                        quantize_fn=_replay(checkpoint, quantizer.weights))
     return MethodResult(quantized=plan.quantize, kept=plan.ignored,
                         notes={"calibration_windows": len(ids), "sequential": config.sequential})
 

@@ -1,49 +1,125 @@
-"""WikiText-2 perplexity exactly as `../shared/data/README.md` defines it, for comparing quantization methods.
+"""`adaq quantize SRC -o DIR --compare rtn,search,search-act,gptq`: quantize with several methods, then score each
+checkpoint and the source on the same WikiText windows (adaq.eval's perplexity, data/README.md's protocol) and report
+perplexity against the source in one table (+ JSON in DIR/compare.json)."""
 
-Windows: tokenize the whole test text once (no special tokens added, `<unk>` read as plain text), cut the ids into
-consecutive chunks of seq_len-1, prepend BOS to each; score tokens 2..seq_len of every window; perplexity =
-exp(mean negative log-likelihood). adaq's engine-backed `adaq eval ppl` is the reference for reported figures;
-this one runs a transformers model (fp32) so that methods can be compared while they are being developed and so
-that transformers' own decompression of a checkpoint can be checked against adaq's numbers.
-"""
-
-import math
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from adaq.errors import AdaqError
+from adaq.quant.methods import CalibrationSpec, Progress, method_names
+
+REPORT_FILE = "compare.json"
 
 
-def wikitext_windows(tokenizer, text_path: str | Path, seq_len: int = 512, max_windows: int | None = 64
-                     ) -> torch.Tensor:
-    """[W, seq_len] token ids: BOS + consecutive chunks of seq_len-1 tokens of the whole text."""
-    path = Path(text_path)
-    if not path.is_file():
-        raise AdaqError(f"no such text file: {path}")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False,
-                    split_special_tokens=True)["input_ids"]
-    span = seq_len - 1
-    count = len(ids) // span if max_windows is None else min(max_windows, len(ids) // span)
-    if count == 0:
-        raise AdaqError(f"{path} holds fewer than {span} tokens")
-    body = torch.tensor(ids[:count * span]).view(count, span)
-    return torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=body.dtype), body], dim=1)
+@dataclass
+class CompareSettings:
+    methods: list[str]
+    schemes: list[str]
+    text: Path  # the text scored, e.g. ../shared/data/wikitext-2/test.txt
+    max_windows: int | None = 64
+    window: int = 512
+    runner: str = "engine"  # adaq.eval runner: the engine's backend, or "transformers" (its own decompression)
+    backend: str | None = None
+    device: str = "auto"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        known = method_names()
+        unknown = [m for m in self.methods if m not in known]
+        if not self.methods or unknown:
+            raise AdaqError(f"--compare needs methods from: {', '.join(known)} (got {', '.join(unknown) or 'none'})")
+        bad = [s for s in self.schemes if s not in ("nvfp4a16", "nvfp4")]
+        if not self.schemes or bad:
+            raise AdaqError(f"--compare schemes must be nvfp4a16 and/or nvfp4, got {', '.join(bad) or 'none'}")
+        if not Path(self.text).is_file():
+            raise AdaqError(f"--eval-text {self.text}: no such file")
 
 
-@torch.no_grad()
-def window_nll(model, window: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood (fp32) of tokens 2..T of one window [T] under a transformers causal LM."""
-    logits = model(input_ids=window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
-    return torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
+@dataclass
+class Row:
+    label: str
+    method: str
+    scheme: str
+    checkpoint: str
+    quantize_s: float | None
 
 
-def perplexity(model, windows: torch.Tensor, progress=None) -> float:
-    """exp(mean NLL) over all scored tokens of all windows."""
-    total, count = 0.0, 0
-    for index, window in enumerate(windows):
-        nll = window_nll(model, window)
-        total, count = total + nll.double().sum().item(), count + nll.numel()
-        if progress:
-            progress(index + 1, len(windows))
-    return math.exp(total / count)
+def parse_methods(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _quantize_all(src: str, out_dir: Path, settings: CompareSettings, calibration: CalibrationSpec | None,
+                  recipe_path: str | None, progress: Progress) -> list[Row]:
+    from adaq.quant.pipeline import quantize_model
+
+    rows = []
+    for scheme in settings.schemes:
+        for method in settings.methods:
+            label = f"{method}/{scheme}"
+            progress.log(f"quantizing {label}")
+            target = out_dir / f"{method}-{scheme}"
+            report = quantize_model(src, target, scheme=scheme, recipe_path=recipe_path, method=method,
+                                    calibration=calibration, force=True, device=settings.device, progress=progress)
+            rows.append(Row(label, method, scheme, str(target), report.seconds))
+    return rows
+
+
+def _score_all(src: str, rows: list[Row], settings: CompareSettings, progress: Progress) -> dict:
+    from adaq.eval.data import read_text
+    from adaq.eval.perplexity import make_windows, perplexity
+    from adaq.eval.sources import load_scorer
+
+    body = read_text(str(settings.text))
+    engine = {"backend": settings.backend, "max_model_len": settings.window}
+    results = {}
+    for label, source in [("bf16", src)] + [(row.label, row.checkpoint) for row in rows]:
+        scorer = load_scorer(source, runner=settings.runner,
+                             **(engine if settings.runner == "engine" else {}))
+        total = len(make_windows(scorer.tokenizer, body, settings.window, settings.max_windows))
+        task = progress.task(f"perplexity {label}", total)
+        results[label] = (source, perplexity(scorer, body, settings.window, settings.max_windows,
+                                             settings.batch_size, lambda n, t=task: progress.advance(t, n)))
+        del scorer
+    return results
+
+
+def compare_methods(src: str, out_dir: str | Path, settings: CompareSettings,
+                    calibration: CalibrationSpec | None = None, recipe_path: str | None = None,
+                    progress: Progress | None = None) -> dict:
+    """Quantize SRC with every method and scheme into OUT_DIR/<method>-<scheme>/, score all; the report as a dict."""
+    from adaq.eval.report import perplexity_json, write_json
+
+    progress, out_dir = progress or Progress(), Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = _quantize_all(src, out_dir, settings, calibration, recipe_path, progress)
+    results = _score_all(src, rows, settings, progress)
+    report = perplexity_json(results, str(settings.text), time.perf_counter() - started)
+    report["benchmark"] = "quantize-compare"
+    report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    report["calibration"] = None if calibration is None else {
+        "path": str(calibration.path), "num_samples": calibration.num_samples, "seq_len": calibration.seq_len}
+    report["methods"] = [asdict(row) for row in rows]
+    write_json(out_dir / REPORT_FILE, report)
+    return report
+
+
+def compare_table(report: dict):
+    """A rich table: one row per method and scheme, perplexity and its change against the bf16 source."""
+    from rich.table import Table
+
+    models, comparisons = report["models"], report.get("comparisons", {})
+    base = models["bf16"]["perplexity"]
+    table = Table(title=f"perplexity on {Path(report['text']).name}, {models['bf16']['windows']} windows "
+                        f"of {models['bf16']['window']} tokens")
+    for column in ("method", "scheme", "quantize time", "perplexity", "vs bf16", "recovery"):
+        table.add_column(column, justify="left" if column in ("method", "scheme") else "right")
+    table.add_row("bf16 (source)", "—", "—", f"{base:.3f} ± {models['bf16']['stderr']:.3f}", "—", "—")
+    for row in report["methods"]:
+        model, delta = models[row["label"]], comparisons[f"{row['label']}_vs_bf16"]
+        table.add_row(row["method"], row["scheme"], f"{row['quantize_s']:.0f} s",
+                      f"{model['perplexity']:.3f} ± {model['stderr']:.3f}",
+                      f"{delta['delta_percent']:+.1f}% ± {100 * delta['delta_stderr'] / base:.1f}",
+                      f"{delta['recovery_percent']:.1f}%")
+    return table

@@ -58,8 +58,8 @@ def input_global_scales(plan: LinearPlan, input_amax: dict[str, torch.Tensor]) -
     return scales
 
 
-def shard_outputs(checkpoint: Checkpoint, shard: Path, plan: LinearPlan, w4a4: bool) -> list[tuple[str, list]]:
-    """The shard's work items in write order: (kind, names) with fused groups adjacent, and their specs."""
+def shard_outputs(checkpoint: Checkpoint, shard: Path, plan: LinearPlan) -> list[tuple[str, list[str]]]:
+    """The shard's work items in write order: ("keep", [tensor]) or ("quantize", [fused prefixes in this shard])."""
     quantized = set(plan.quantize)
     items, done = [], set()
     for name in checkpoint.names_in(shard):
@@ -67,7 +67,7 @@ def shard_outputs(checkpoint: Checkpoint, shard: Path, plan: LinearPlan, w4a4: b
         if name in done:
             continue
         if name.endswith(".weight") and prefix in quantized:
-            members = [m for m in plan.groups[prefix] if checkpoint._index.get(f"{m}.weight") == shard]
+            members = [m for m in plan.groups[prefix] if checkpoint.shard_of(f"{m}.weight") == shard]
             done.update(f"{m}.weight" for m in members)
             items.append(("quantize", members))
         else:
@@ -98,7 +98,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, out_dir: Path, plan: LinearPlan,
     task = progress.task("quantizing", len(plan.quantize))
     written = {}
     for shard, out_name in zip(shards, shard_names(len(shards))):
-        items = shard_outputs(checkpoint, shard, plan, w4a4)
+        items = shard_outputs(checkpoint, shard, plan)
         specs = [spec for kind, names in items for spec in item_specs(checkpoint, kind, names, w4a4)]
         writer = StreamingShard(out_dir / out_name, specs)
         for kind, names in items:

@@ -70,24 +70,24 @@ GLOBAL_SCALE_DTYPE = "F32"
 # Projections the engine fuses into one GEMM when they share their global scale(s).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-# rule id -> what it demands; every finding names one of these.
+# rule id -> what it demands (short: the rules table prints it); every finding names one of these.
 RULES = {
-    "safetensors": "every shard is a well-formed safetensors file",
-    "config": "config.json is present and describes the model",
-    "architecture": "the architecture is one adaq runs",
-    "tokenizer": "a loadable tokenizer sits beside the weights",
-    "tensors-present": "each quantized Linear has its packed weight, block scales and global scale",
-    "dtype": f"packed weight {PACKED_DTYPE}, block scales {BLOCK_SCALE_DTYPE}, global scales {GLOBAL_SCALE_DTYPE}",
-    "shape": "packed [N, K/2], block scales [N, K/16], global scales one value",
-    "shape-vs-config": "N and K match the shape the model config gives this projection",
-    "k-multiple-of-16": f"K is a multiple of the NVFP4 group size ({GROUP_SIZE})",
-    "tile-n": "N is a multiple of the decode kernel's column tile (else padded at load, or unsupported)",
-    "tile-k": "K is a multiple of the decode kernel's K tile (else padded at load, or unsupported)",
-    "global-scale": "global scales are finite and positive",
-    "block-scale": "block scales are finite and non-negative",
-    "input-scale": "W4A4 input global scales are present, finite and positive",
-    "fused-group": "q/k/v share one global scale, and so do gate/up (else the engine will not fuse them)",
-    "context": "the context fits the model's max_position_embeddings",
-    "fits": "weights, KV cache, activations and CUDA context fit the GPU's memory",
-    "compile": "the CUDA sources compile for the target arch and hold the FP8 MMA instructions",
+    "safetensors": "well-formed safetensors shards",
+    "config": "config.json describes the model",
+    "architecture": "an architecture adaq runs",
+    "tokenizer": "a loadable tokenizer",
+    "tensors-present": "packed weight, block and global scales",
+    "dtype": f"{PACKED_DTYPE} packed, {BLOCK_SCALE_DTYPE} block, {GLOBAL_SCALE_DTYPE} global",
+    "shape": "[N, K/2], [N, K/16], one global value",
+    "shape-vs-config": "N and K as config.json gives them",
+    "k-multiple-of-16": f"K a multiple of {GROUP_SIZE} (the NVFP4 group)",
+    "tile-n": "N on the decode kernel's tile",
+    "tile-k": "K on the decode kernel's tile",
+    "global-scale": "global scales finite and > 0",
+    "block-scale": "block scales finite and ≥ 0",
+    "input-scale": "W4A4 input scales present, finite, > 0",
+    "fused-group": "q/k/v and gate/up share global scales",
+    "context": "context ≤ max_position_embeddings",
+    "fits": "fits in the GPU's memory",
+    "compile": "kernels compile with the intended instructions",
 }

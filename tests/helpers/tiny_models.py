@@ -107,13 +107,21 @@ def input_global_scale(prefix: str) -> torch.Tensor:
     return torch.tensor([nvfp4.FP8_MAX * nvfp4.FP4_MAX / amax], dtype=torch.float32)
 
 
-def quantization_config(scheme: str, ignore: list[str]) -> dict:
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+NVFP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+              "block_structure": None, "actorder": None, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": None,
+              "observer_kwargs": {}}
 
-    preset = {"nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16"}[scheme]
-    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
-                                format="nvfp4-pack-quantized", ignore=ignore, quantization_status="compressed")
-    return json.loads(config.model_dump_json())
+
+def quantization_config(scheme: str, ignore: list[str]) -> dict:
+    """What compressed-tensors 0.19 writes for its NVFP4 / NVFP4A16 presets (written out: the GPU machine does not
+    have compressed-tensors)."""
+    weights = {**NVFP4_ARGS, "dynamic": False, "observer": None}
+    inputs = {**NVFP4_ARGS, "dynamic": "local", "observer": "static_minmax"} if scheme == "nvfp4" else None
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs, "output_activations": None,
+             "format": None}
+    return {"config_groups": {"group_0": group}, "quant_method": "compressed-tensors", "kv_cache_scheme": None,
+            "format": "nvfp4-pack-quantized", "quantization_status": "compressed", "global_compression_ratio": None,
+            "ignore": ignore}
 
 
 def write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:

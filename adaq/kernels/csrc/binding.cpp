@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 namespace adaq {
+void nvfp4_gemm_set_variant(int variant);
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override,
                          long long* partial_floats, int* counters);
 int nvfp4_gemm(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
@@ -135,6 +136,8 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   ADAQ_CHECK_STATUS(status, "store_kv head_dim=" + std::to_string(k.size(2)));
 }
 
+void gemm_set_variant(int64_t variant) { adaq::nvfp4_gemm_set_variant(variant); }
+
 int64_t attention_splits(int64_t tokens, int64_t kv_heads, int64_t max_context) {
   return adaq::attention_splits(tokens, kv_heads, max_context);
 }
@@ -256,6 +259,7 @@ torch::Tensor moe_combine(torch::Tensor y, torch::Tensor w, torch::Tensor ids) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm);
+  m.def("gemm_set_variant", &gemm_set_variant);
   m.def("gemm_grouped", &gemm_grouped);
   m.def("store_kv", &store_kv);
   m.def("attention_splits", &attention_splits);

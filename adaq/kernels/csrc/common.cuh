@@ -46,8 +46,13 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, i
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 
-// Wait for every cp.async this thread issued (one group in flight: the kernels double-buffer in registers).
+// Wait for every cp.async this thread issued.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Close the current group of cp.async copies; wait until at most N groups are still in flight.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Load a 16x16 bf16 A-operand tile from shared memory straight into mma.sync fragment layout (4 regs/thread).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* smem) {

@@ -257,6 +257,194 @@ __global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_kernel(const GemmPara
   if (tid == 0) *counter = 0;
 }
 
+// ---- v2: the same arithmetic with the weight fetch software-pipelined through registers. ST super-tiles form one
+// x chunk (double-buffered in shared memory, one cp.async group each); the weights of super-tile s + ST - 1 are
+// requested before super-tile s is multiplied, so ST - 1 super-tiles per warp are always in flight and the
+// dequantize/mma work of one overlaps the DRAM latency of the next (v1 serialised them: time = fetch + compute).
+// The ring index of super-tile s is (s - s_begin) % ST, a compile-time constant inside the unrolled chunk loop.
+template <int MT, int NG, int ST>
+__global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_v2_kernel(const GemmParams p) {
+  constexpr int kChunkK = ST * kSuperK;
+  constexpr int kStride = kChunkK + 8;  // +16 bytes per row: conflict-free ldmatrix
+  constexpr int kRows = MT * 16;
+  constexpr int kBuf = kRows * kStride;
+  constexpr int kPieces = kChunkK / 8;  // 16-byte pieces per staged row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [2][kRows][kStride]
+  __shared__ int src_row[kRows], dst_row[kRows];
+  __shared__ int is_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nb = blockIdx.x, split = blockIdx.y, group = blockIdx.z;
+
+  int rows = p.M, expert = 0;
+  if (p.group_offsets != nullptr) {
+    if (group >= *p.num_groups) return;
+    const int first = p.group_offsets[group];
+    rows = p.group_offsets[group + 1] - first;
+    expert = p.group_expert[group];
+    if (tid < rows) {
+      const int r = p.row_ids[first + tid];
+      src_row[tid] = r / p.x_row_div;
+      dst_row[tid] = r;
+    }
+  } else if (tid < rows) {
+    src_row[tid] = tid;
+    dst_row[tid] = tid;
+  }
+  if (rows <= 0) return;
+  const uint4* wq = p.wq + expert * p.expert_wq;
+  const uint2* ws = p.ws + expert * p.expert_ws;
+  const float* colscale = p.colscale + expert * p.expert_colscale;
+
+  // Rows past `rows` are zero in both buffers for the whole kernel (16-byte stores).
+  {
+    const int pieces = (kRows - rows) * (kStride / 8);
+    for (int i = tid; i < 2 * pieces; i += kGemmThreads) {
+      const int buf = i / pieces, rem = i % pieces;
+      *reinterpret_cast<uint4*>(xs + buf * kBuf + (rows + rem / (kStride / 8)) * kStride + (rem % (kStride / 8)) * 8) =
+          make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  const int col_group0 = (nb * kGemmWarps + warp) * NG;
+  const int s_begin = split * p.chunks_per_split * ST;
+  const int s_end = min(s_begin + p.chunks_per_split * ST, p.kst);
+  const int n_chunks = ceil_div(s_end - s_begin, ST);
+
+  // Fetch: one super-tile's nibbles and scales for the NG groups, zeros outside this block's range.
+  auto fetch = [&](int st, uint4 (&w)[NG], uint2 (&sc)[NG]) {
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      const int cg = col_group0 + g;
+      if (st < s_end && cg < p.n8) {
+        const long long tile = static_cast<long long>(cg) * p.kst + st;
+        w[g] = ld_stream_v4(wq + tile * 32 + lane);
+        sc[g] = ld_stream_v2(ws + tile * 8 + (lane >> 2));
+      } else {
+        w[g] = make_uint4(0, 0, 0, 0);
+        sc[g] = make_uint2(0, 0);
+      }
+    }
+  };
+  // Stage x rows for the ST super-tiles of chunk c into buffer `buf` (zeros past K), as one cp.async group.
+  auto stage_x = [&](int c, int buf) {
+    const int k0 = (s_begin + c * ST) * kSuperK;
+    for (int i = tid; i < rows * kPieces; i += kGemmThreads) {
+      const int r = i / kPieces, piece = i % kPieces, k = k0 + piece * 8;
+      const __nv_bfloat16* src = p.x + static_cast<long long>(src_row[r]) * p.ldx + (k < p.K ? k : 0);
+      cp_async16_zfill(xs + buf * kBuf + r * kStride + piece * 8, src, k < p.K ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
+  float acc[MT][NG][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int g = 0; g < NG; ++g)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][g][i] = 0.f;
+
+  uint4 wring[ST][NG];
+  uint2 sring[ST][NG];
+#pragma unroll
+  for (int j = 0; j < ST - 1; ++j) fetch(s_begin + j, wring[j], sring[j]);
+  __syncthreads();  // src_row/dst_row and the zero rows are visible before the first staging
+  stage_x(0, 0);
+
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      stage_x(c + 1, (c + 1) & 1);
+      cp_async_wait_group<1>();
+    } else {
+      cp_async_wait_group<0>();
+    }
+    __syncthreads();  // chunk c's x is in shared memory for every warp
+    const __nv_bfloat16* xb = xs + (c & 1) * kBuf;
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
+      fetch(s_begin + c * ST + j + ST - 1, wring[(j + ST - 1) % ST], sring[(j + ST - 1) % ST]);
+      uint32_t scale[NG][8];
+#pragma unroll
+      for (int g = 0; g < NG; ++g) scales_to_bf16x2(sring[j][g], scale[g]);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          ldmatrix_x4(a[mt], xb + (mt * 16 + (lane & 15)) * kStride + j * kSuperK + t * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+          uint32_t b0, b1;
+          switch (t) {
+            case 0: b_fragment<0>(wring[j][g], scale[g][0], b0, b1); break;
+            case 1: b_fragment<1>(wring[j][g], scale[g][1], b0, b1); break;
+            case 2: b_fragment<2>(wring[j][g], scale[g][2], b0, b1); break;
+            case 3: b_fragment<3>(wring[j][g], scale[g][3], b0, b1); break;
+            case 4: b_fragment<4>(wring[j][g], scale[g][4], b0, b1); break;
+            case 5: b_fragment<5>(wring[j][g], scale[g][5], b0, b1); break;
+            case 6: b_fragment<6>(wring[j][g], scale[g][6], b0, b1); break;
+            default: b_fragment<7>(wring[j][g], scale[g][7], b0, b1); break;
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma_bf16_16816(acc[mt][g], a[mt], b0, b1);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with buffer c & 1 before chunk c + 2 is staged into it
+  }
+
+  const int gr = lane >> 2, gc = (lane & 3) * 2;
+  if (p.splits == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int g = 0; g < NG; ++g)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = mt * 16 + gr + (i >= 2 ? 8 : 0);
+          const int n = (col_group0 + g) * 8 + gc + (i & 1);
+          if (r < rows && n < p.N) {
+            float v = acc[mt][g][i] * colscale[n];
+            if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
+            p.y[static_cast<long long>(dst_row[r]) * p.ldy + n] = __float2bfloat16_rn(v);
+          }
+        }
+    return;
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int g = 0; g < NG; ++g)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = mt * 16 + gr + (i >= 2 ? 8 : 0);
+        const int n = (col_group0 + g) * 8 + gc + (i & 1);
+        if (r < rows && n < p.N)
+          p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + n] = acc[mt][g][i];
+      }
+  __threadfence();
+  __syncthreads();
+  int* counter = p.counters + group * p.n_blocks + nb;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  constexpr int kCols = kGemmWarps * NG * 8;
+  for (int i = tid; i < rows * kCols; i += kGemmThreads) {
+    const int r = i / kCols, n = nb * kCols + i % kCols;
+    if (n >= p.N) continue;
+    float sum = 0.f;
+    for (int s = 0; s < p.splits; ++s)
+      sum += __ldcg(p.partial + (static_cast<long long>(s) * p.out_rows + dst_row[r]) * p.N + n);
+    float v = sum * colscale[n];
+    if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
+    p.y[static_cast<long long>(dst_row[r]) * p.ldy + n] = __float2bfloat16_rn(v);
+  }
+  if (tid == 0) *counter = 0;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Host side. The instantiations that exist (rows per group -> tile shape):
 //   rows  1..16: MT=1, NG=2, CH=4   (x chunk 16 x 512 bf16 = 16.6 KB shared)
@@ -283,12 +471,16 @@ struct GemmPlan {
   int mt, ch, n_blocks, splits, chunks_per_split, num_chunks;
 };
 
+// v2 super-tiles per x chunk (= register ring depth) by m16 tiles: deeper for one tile, where registers allow.
+constexpr int v2_stages(int mt) { return mt == 1 ? 4 : 2; }
+static int g_variant = 2;  // 1: v1 (fetch then compute), 2: v2 (pipelined); set by nvfp4_gemm_set_variant
+
 // Split K until the grid covers the GPU about twice, but never so far that the fp32 partials (written and read
 // back, 8 bytes per output per split) cost more than a quarter of the weight bytes.
 static GemmPlan plan_gemm(int rows, int n8, int kst, int groups, int splits_override) {
   GemmPlan plan{};
   plan.mt = ceil_div(rows, 16);
-  plan.ch = plan.mt == 1 ? 4 : plan.mt == 2 ? 2 : 1;
+  plan.ch = g_variant == 1 ? (plan.mt == 1 ? 4 : plan.mt == 2 ? 2 : 1) : v2_stages(plan.mt);
   plan.n_blocks = ceil_div(n8, kGemmWarps * kNG);
   plan.num_chunks = ceil_div(kst, plan.ch);
   int splits = splits_override;
@@ -313,7 +505,32 @@ static int launch(const GemmParams& p, int groups, cudaStream_t stream) {
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
+template <int MT>
+static int launch_v2(const GemmParams& p, int groups, cudaStream_t stream) {
+  constexpr int ST = v2_stages(MT);
+  constexpr int smem = 2 * MT * 16 * (ST * kSuperK + 8) * 2;
+  auto kernel = nvfp4_gemm_v2_kernel<MT, kNG, ST>;
+  static bool configured = false;  // > 48 KB of dynamic shared memory needs an explicit opt-in (Ada: up to 99 KB)
+  if (!configured) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+      return kCudaError;
+    configured = true;
+  }
+  dim3 grid(p.n_blocks, p.splits, groups);
+  kernel<<<grid, kGemmThreads, smem, stream>>>(p);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
 static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_t stream) {
+  if (g_variant != 1) {
+    switch (plan.mt) {
+      case 1: return launch_v2<1>(p, groups, stream);
+      case 2: return launch_v2<2>(p, groups, stream);
+      case 3: return launch_v2<3>(p, groups, stream);
+      case 4: return launch_v2<4>(p, groups, stream);
+      default: return kUnsupportedShape;
+    }
+  }
   switch (plan.mt) {
     case 1: return launch<1, 4>(p, groups, stream);
     case 2: return launch<2, 2>(p, groups, stream);
@@ -322,6 +539,8 @@ static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_
     default: return kUnsupportedShape;
   }
 }
+
+void nvfp4_gemm_set_variant(int variant) { g_variant = variant == 1 ? 1 : 2; }
 
 // Sizes the caller must provide for a launch: partial floats and counters. Returns the plan's splits.
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override, long long* partial_floats,
