@@ -45,11 +45,32 @@ timeout 330 python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs --tb=short
   --junitxml="$OUT/pytest.xml" -s 2>&1 | tail -n 60 | tee -a "$OUT/kernels.log"
 
 log "microbench"
-MODE=$MODE timeout 240 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
+MODE=$MODE timeout 300 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
 import json, os, sys
 from adaq.kernels import microbench
-results = microbench.run_all(quick=os.environ.get('MODE') == 'quick', compare_v1=True)
+results = microbench.run_all(quick=os.environ.get('MODE') == 'quick', compare_v1=False)
 json.dump(results, open(os.path.join(os.environ["OUT"], "microbench.json"), "w"), indent=1)
 print("\n".join(microbench.summary_lines(results)))
+if os.environ.get("SWEEP", "1") == "1":
+    sweep = microbench.gemm_sweep(copy_gbs=results["copy"]["GB/s"])
+    json.dump(sweep, open(os.path.join(os.environ["OUT"], "sweep.json"), "w"), indent=1)
+    best = {}
+    for r in sweep:
+        key = (r["name"], r["M"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    for r in sweep:
+        if r["splits"] == 0:
+            b = best[(r["name"], r["M"])]
+            print(f"sweep {r['name']:>12} M={r['M']:<3} v{r['variant']} auto {r['us']:7.1f} us | best v{b['variant']} "
+                  f"splits={b['splits']} {b['us']:7.1f} us {b['pct_of_copy']:5.1f}% copy")
 PY
+if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
+  log "ncu: gate_up M=1 and o_proj M=1 (one launch each)"
+  for shape in "24576 4096 1" "4096 4096 1"; do
+    timeout 120 ncu --clock-control none -k regex:nvfp4_gemm_v2 --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      python3 scripts/profile_gemm.py $shape 2>&1 | grep -vE "^==PROF==|^\s*$" | tail -n 70 | tee -a "$OUT/ncu.txt"
+  done
+fi
 log "done"

@@ -319,3 +319,20 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkey
     assert nvfp4_variant["results"] and nvfp4_variant["error"] is None
     assert bf16_variant["results"] == [] and "illegal memory access" in bf16_variant["error"]
     assert "bf16 failed" in result.output
+
+
+def test_bench_show_prints_a_saved_report(tmp_path):
+    from adaq.errors import AdaqError
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_QWEN3))
+    (tmp_path / "not-a-report.json").write_text("{}")
+    result = CliRunner().invoke(cli.app, ["bench", "show", str(tmp_path / "not-a-report.json")])
+    assert isinstance(result.exception, AdaqError) and "not an adaq bench report" in str(result.exception)
+    result = CliRunner().invoke(cli.app, ["bench", "--synthetic", str(config), "--batch", "1", "--input-len", "4",
+                                          "--output-len", "2", "--repeats", "1", "--baselines", "none",
+                                          "--json", str(tmp_path / "out.json")])
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(cli.app, ["bench", "show", str(tmp_path / "out.json"), "--plot",
+                                         str(tmp_path / "out.png")])
+    assert shown.exit_code == 0 and "AdaLLM" in shown.output and (tmp_path / "out.png").is_file()

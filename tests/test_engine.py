@@ -148,6 +148,23 @@ def test_prompt_logprobs_match_transformers(checkpoints):
         assert torch.equal(is_greedy[start - 1:], (reference.argmax(-1) == torch.tensor(tokens[1:]))[start - 1:])
 
 
+def test_prefix_cache_is_reused_and_exact(checkpoints):
+    folder = checkpoints["gemma3"]
+    shared = [(13 * i + 5) % 240 + 1 for i in range(30)]
+    lists = [shared + [7, 8, 9, 10], shared + [11, 12]]
+    llm = make_llm(folder / "nvfp4", max_num_batched_tokens=64)
+    first = llm.prompt_logprobs(lists[:1], start=[30])
+    second = llm.prompt_logprobs(lists[1:], start=[30])
+    manager = llm.engine.block_manager
+    assert manager.prefix_hit_tokens == 28, "the second request computed only its last blocks"
+    for tokens, (logprobs,) in zip(lists, (first, second)):
+        reference = transformers_logits(folder / "decompressed", tokens).log_softmax(-1)[:-1]
+        expected = reference.gather(1, torch.tensor(tokens[1:]).unsqueeze(1)).squeeze(1)
+        assert (logprobs[29:] - expected[29:]).abs().max() < 1e-3
+    again = llm.generate(shared, greedy(8))[0].token_ids
+    assert again == make_llm(folder / "nvfp4", enable_prefix_caching=False).generate(shared, greedy(8))[0].token_ids
+
+
 def test_next_token_logprobs_match_transformers(checkpoints):
     folder = checkpoints["gemma3"]
     lists, candidates = [PROMPT, PROMPT[:1]], [[5, 17, 100], [3]]

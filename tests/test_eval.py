@@ -343,3 +343,39 @@ def test_lm_eval_finds_adaq_through_the_startup_hook(tmp_path):
     assert result.stdout.strip() == "adaq.eval.lm_backend"
     plugin.uninstall(tmp_path)
     assert not pth.exists()
+
+
+def test_cli_ppl_side_by_side(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from adaq.cli import app
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(CORPUS[:9]))
+    out = tmp_path / "ppl.json"
+    args = ["eval", "ppl", str(tiny["nvfp4a16"]), "--baseline", str(tiny["dense"]), "--text", str(text),
+            "--window", "32", "--backend", "reference", "--kv-cache-dtype", "bf16", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["models"]) == ["baseline", "nvfp4a16"] and report["command"].startswith("adaq")
+    base, quant = report["models"]["baseline"], report["models"]["nvfp4a16"]
+    comparison = report["comparisons"]["nvfp4a16_vs_baseline"]
+    assert comparison["delta"] == pytest.approx(quant["perplexity"] - base["perplexity"])
+    assert comparison["recovery_percent"] == pytest.approx(100 * base["perplexity"] / quant["perplexity"])
+    assert base["scored_tokens"] == 31 * base["windows"] and base["stderr"] > 0
+    assert "recovery" in result.output and f"{base['perplexity']:.3f}" in result.output
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from adaq.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["eval", "ppl", str(tmp_path), "--text", str(tmp_path / "none.txt")])
+    assert missing.exit_code != 0 and isinstance(missing.exception, AdaqError)
+    bad = runner.invoke(app, ["eval", "mmlu-pro", str(tmp_path), "--variant", "maybe"])
+    assert isinstance(bad.exception, AdaqError) and "--variant" in str(bad.exception)
+    nodata = runner.invoke(app, ["eval", "mmlu-pro", str(tmp_path), "--data-dir", str(tmp_path / "d")])
+    assert isinstance(nodata.exception, AdaqError) and "test-00000-of-00001.parquet" in str(nodata.exception)

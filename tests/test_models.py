@@ -246,3 +246,11 @@ def test_real_gemma3_270m_past_its_sliding_window():
     with torch.no_grad():
         reference = hf(torch.tensor([tokens]), logits_to_keep=9).logits[0]
     assert_close(ours, reference)
+
+
+def test_load_reports_progress_per_layer(checkpoints):
+    checkpoint = open_checkpoint(checkpoints["qwen3_moe"] / "nvfp4")
+    calls = []
+    load_weights(build_model(checkpoint.config, get_backend("reference", "cpu")), checkpoint,
+                 progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]

@@ -64,6 +64,29 @@ def test_search_never_worse_than_rtn_on_any_block(shape, weighted):
         assert ours.sum() < 0.97 * rtn_err.sum()
 
 
+REAL_TENSORS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.o_proj.weight",
+                "model.layers.11.mlp.down_proj.weight", "model.layers.17.mlp.gate_proj.weight"]
+
+
+@pytest.mark.slow
+def test_search_never_worse_than_rtn_on_any_block_of_real_gemma3_weights(gemma3_270m):
+    from safetensors import safe_open
+
+    with safe_open(str(gemma3_270m / "model.safetensors"), "pt") as handle:
+        weights = {name: handle.get_tensor(name) for name in REAL_TENSORS}
+    generator = torch.Generator().manual_seed(0)
+    for name, w in weights.items():
+        assert w.dtype == torch.bfloat16
+        importance = torch.rand(w.shape[1], generator=generator) ** 4
+        rtn = nvfp4.quantize(w)
+        for weights_of_error in (None, importance):
+            searched = scale_search.quantize_searched(w, rtn.global_scale, weights_of_error)
+            ours = _reference_block_errors(w.float(), searched, weights_of_error)
+            theirs = _reference_block_errors(w.float(), rtn, weights_of_error)
+            assert (ours <= theirs).all(), name
+            assert ours.sum() < 0.9 * theirs.sum(), name
+
+
 def test_search_handles_zero_blocks_and_tiny_blocks():
     w = _weight((8, 64))
     w[0] = 0.0
@@ -234,7 +257,7 @@ def test_quantize_compare_prints_one_table_and_writes_json(tiny_folder, calib_te
     result = CliRunner().invoke(app, ["quantize", str(tiny_folder("gemma3")), "-o", str(out),
                                       "--compare", "rtn,search", "--calib-data", str(calib_text),
                                       "--num-samples", "4", "--seq-len", "64", "--eval-text", str(calib_text),
-                                      "--max-windows", "3", "--device", "cpu"])
+                                      "--max-windows", "3", "--device", "cpu"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for label in ("bf16 (source)", "rtn", "search", "recovery"):
         assert label in result.output

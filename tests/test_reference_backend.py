@@ -191,3 +191,25 @@ def test_get_backend_names():
         assert get_backend("auto").name == "reference"
         with pytest.raises(AdaqError, match="backend 'cuda' cannot run"):
             get_backend("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "gemma3"])
+def test_reference_backend_on_gpu_agrees_with_cpu(tmp_path, arch):
+    """The reference on the GPU (bf16 compute, FP8 KV) against the CPU spec (fp32, fp32 KV)."""
+    from helpers.paged import prefill_logits
+    from helpers.tiny_models import make_checkpoint
+
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.models import build_model, load_weights
+
+    checkpoint = open_checkpoint(make_checkpoint(arch, tmp_path) / "nvfp4")
+    tokens = list(range(3, 40, 2))
+    logits = {}
+    for device, dtype, kv_dtype in (("cpu", torch.float32, torch.float32), ("cuda", torch.bfloat16,
+                                                                             torch.float8_e4m3fn)):
+        model = load_weights(build_model(checkpoint.config, get_backend("reference", device), dtype), checkpoint)
+        logits[device] = prefill_logits(model, tokens, kv_dtype=kv_dtype, device=device).cpu()
+    error = (logits["cuda"] - logits["cpu"]).abs().max() / logits["cpu"].abs().max()
+    assert error < 5e-2, f"GPU reference differs from the CPU spec by {error:.2e} of max |logit|"

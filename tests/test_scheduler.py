@@ -107,3 +107,42 @@ def test_finish_removes_and_frees(where):
     scheduler.finish(running if where == "running" else waiting)
     assert manager.num_free_blocks == (8 if where == "running" else 6)
     assert len(scheduler.running) + len(scheduler.waiting) == 1
+
+
+def test_prefix_blocks_are_shared_reference_counted_and_evicted_last():
+    manager = BlockManager(num_blocks=6, block_size=4)
+    first = make_seq("first", 10)
+    assert manager.grow(first, 10)
+    first.num_computed_tokens = 10
+    manager.register_computed_blocks(first)  # two full blocks registered; the third holds 2 tokens
+    second = make_seq("second", 10)
+    manager.reuse_prefix(second, second.max_reusable_tokens())
+    assert second.block_table == first.block_table[:2] and second.num_computed_tokens == 8
+    manager.free(first)
+    assert manager.num_free_blocks == 4, "the shared blocks are still held by the second sequence"
+    manager.free(second)
+    assert manager.num_free_blocks == 6
+    third = make_seq("third", 9)
+    manager.reuse_prefix(third, third.max_reusable_tokens())
+    assert third.num_computed_tokens == 8, "unreferenced blocks stay cached"
+    manager.free(third)
+    hog = make_seq("hog", 24)
+    assert manager.grow(hog, 24)  # needs every block: the cached ones are evicted
+    fourth = make_seq("fourth", 9)
+    manager.reuse_prefix(fourth, fourth.max_reusable_tokens())
+    assert fourth.num_computed_tokens == 0 and fourth.block_table == []
+
+
+def test_reuse_leaves_the_tokens_whose_outputs_are_needed():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    seq = make_seq("a", 8)
+    manager.grow(seq, 8)
+    seq.num_computed_tokens = 8
+    manager.register_computed_blocks(seq)
+    same = make_seq("same", 8)  # all 8 tokens cached, but the last one must run to give logits
+    manager.reuse_prefix(same, same.max_reusable_tokens())
+    assert same.num_computed_tokens == 4
+    scored = Sequence("scored", list(range(1, 13)), SamplingParams(max_tokens=0, prompt_logprobs=True))
+    scored.score_from = 5  # log p of token 5 needs the hidden state at position 4
+    manager.reuse_prefix(scored, scored.max_reusable_tokens())
+    assert scored.num_computed_tokens == 4

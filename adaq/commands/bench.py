@@ -112,3 +112,27 @@ def kernels(
         from adaq.bench.report import write_json
 
         write_json(result, json_path)
+
+
+@app.command("show")
+def show(
+    json_file: str = typer.Argument(..., help="a JSON report written by adaq bench --json"),
+    plot_path: str = typer.Option(None, "--plot", help="draw its PNG too"),
+):
+    """Print the tables of a saved report (e.g. bench/results/*.json) and optionally redraw its plot."""
+    import json
+    from pathlib import Path
+
+    from adaq.bench import report as bench_report
+
+    try:
+        result = json.loads(Path(json_file).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise AdaqError(f"{json_file}: cannot read a bench report ({error})") from None
+    if result.get("report") != "adaq bench":
+        raise AdaqError(f"{json_file}: not an adaq bench report")
+    bench_report.render(result)
+    if plot_path:
+        from adaq.bench.plot import plot
+
+        plot(result, plot_path)

@@ -19,10 +19,12 @@ class LLM:
     def __init__(self, path: str | Path, backend: str = "auto", kv_cache_dtype: str = "fp8",
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 dtype: str | torch.dtype | None = None, device: str | torch.device | None = None, **settings):
+                 dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                 enable_prefix_caching: bool = True, **settings):
         config = EngineConfig(path, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device, **settings)
+                              gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
+                              enable_prefix_caching=enable_prefix_caching, **settings)
         self.engine = LLMEngine(config)
 
     @property

@@ -28,7 +28,9 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None  # bytes, or "4GiB"; CPU default: see ModelRunner
     num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory rules
     block_size: int = 16
-    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (vLLM's automatic caching)
+    # Share the KV blocks of common prompt prefixes (vLLM's automatic prefix caching). Off here so that timing
+    # loops that repeat a prompt (bench) measure real prefills; adaq.LLM turns it on.
+    enable_prefix_caching: bool = False
     dtype: str | torch.dtype | None = None  # None: bf16 on GPU, fp32 on CPU
     device: str | torch.device | None = None  # None: cuda when available
     skip_tokenizer: bool = False

@@ -101,10 +101,16 @@ class LLMEngine:
         token_ids = self.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
         self._check_prompt(token_ids, params, least_tokens=2 if params.prompt_logprobs else 1)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise AdaqError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, token_ids, params, prompt=prompt if isinstance(prompt, str) else None)
         seq.max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
-        self._inbox.append(seq)
+        self._enqueue(seq)
         return request_id
+
+    def _enqueue(self, seq: Sequence) -> None:
+        self._requests[seq.request_id] = seq
+        self._inbox.append(seq)
 
     def add_scoring_request(self, token_ids: list[int], score_from: int = 1,
                             candidates: list[int] | None = None) -> str:
@@ -117,7 +123,7 @@ class LLMEngine:
             raise AdaqError(f"score_from {score_from} outside [1, {len(token_ids)}]")
         seq = Sequence(f"score-{next(self._ids)}", token_ids, params)
         seq.score_from, seq.candidates = score_from, None if candidates is None else list(candidates)
-        self._inbox.append(seq)
+        self._enqueue(seq)
         return seq.request_id
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams, least_tokens: int = 1) -> None:
@@ -171,9 +177,7 @@ class LLMEngine:
 
     def _take_inbox(self) -> list[RequestOutput]:
         while self._inbox:
-            seq = self._inbox.popleft()
-            self._requests[seq.request_id] = seq
-            self.scheduler.add(seq)
+            self.scheduler.add(self._inbox.popleft())
         outputs = []
         while self._aborts:
             seq = self._requests.get(self._aborts.popleft())
@@ -246,6 +250,11 @@ class LLMEngine:
     # ---- state for servers and benchmarks -------------------------------------------------------------------
     def kv_usage(self) -> float:
         return self.block_manager.usage
+
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of admitted prompt tokens whose KV came from the prefix cache."""
+        manager = self.block_manager
+        return manager.prefix_hit_tokens / manager.prefix_queried_tokens if manager.prefix_queried_tokens else 0.0
 
     def queue_lengths(self) -> tuple[int, int]:
         """(waiting, running) sequences."""

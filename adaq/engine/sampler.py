@@ -12,6 +12,18 @@ from adaq.engine.sequence import Sequence
 
 
 class Sampler:
+    """Unseeded rows draw from the sampler's own generator, never torch's global one (which CUDA-graph capture
+    touches), seeded once from the OS."""
+
+    def __init__(self):
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+            self._generators[device].seed()
+        return self._generators[device]
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits [S, V] fp32, one row per sequence -> token ids [S] (int64, on logits' device)."""
         tokens = logits.argmax(dim=-1)
@@ -19,7 +31,7 @@ class Sampler:
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
             probs = filtered_probs(logits[rows], [seqs[row].params for row in sampled_rows])
-            noise = exponential_noise(probs, [seqs[row] for row in sampled_rows])
+            noise = exponential_noise(probs, [seqs[row] for row in sampled_rows], self.generator(logits.device))
             tokens[rows] = (probs / noise).argmax(dim=-1)
         return tokens
 
@@ -51,8 +63,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    noise = torch.empty_like(probs).exponential_()
+def exponential_noise(probs: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, seq in enumerate(seqs):
         if seq.params.seed is not None:
             noise[row].exponential_(generator=seq_generator(seq, probs.device))

@@ -64,10 +64,10 @@ def read_mmlu_pro(data_dir: str | Path, split: str):
 
 
 def select_questions(data_dir: Path, limit: int | None, categories: list[str] | None) -> list[int]:
-    """question_ids of the test questions to evaluate, in test order.
+    """question_ids of the test questions to evaluate, categories taking turns (round robin, each in test order).
 
-    With a limit, categories take turns (round robin in test order), so any limit covers every selected category
-    evenly instead of the first category of a test split that is sorted by category."""
+    Any limit thus covers every selected category evenly (the test split is sorted by category), and a run that
+    stops early has answered exactly the questions of a smaller limit."""
     table = read_mmlu_pro(data_dir, "test").select(["question_id", "category"]).to_pydict()
     wanted = set(check_categories(categories)) if categories else set(MMLU_PRO_CATEGORIES)
     by_category: dict[str, list[int]] = {}
@@ -75,8 +75,7 @@ def select_questions(data_dir: Path, limit: int | None, categories: list[str] | 
         if category in wanted:
             by_category.setdefault(category, []).append(question_id)
     interleaved = [qid for turn in zip_longest(*by_category.values()) for qid in turn if qid is not None]
-    chosen = set(interleaved[:limit] if limit else interleaved)
-    return [qid for qid in table["question_id"] if qid in chosen]
+    return interleaved[:limit] if limit else interleaved
 
 
 def check_categories(categories: list[str]) -> list[str]:

@@ -25,8 +25,8 @@ Request = tuple[tuple[str, str], list[int], list[int]]
 class AdaqLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, scorer=None, runner: str = "engine", backend: str = "auto",
                  kv_cache_dtype: str | None = None, dtype: str | None = None, device: str | None = None,
-                 max_length: int | None = None, batch_size: int | str = 64, max_gen_toks: int = 256,
-                 progress: Callable[[int], None] | None = None, **engine_kwargs):
+                 max_length: int | None = None, batch_size: int | str = 64, max_batch_size: int | None = None,
+                 max_gen_toks: int = 256, progress: Callable[[int], None] | None = None, **engine_kwargs):
         super().__init__()
         if scorer is None:
             from adaq.eval.sources import load_scorer
@@ -40,7 +40,8 @@ class AdaqLM(TemplateLM):
         self.tokenizer = scorer.tokenizer
         # HFLM's max_length counts the tokens fed to the model; a scorer also holds the last (scored) token.
         self._max_length = _int_or_none(max_length) or scorer.max_length - 1
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 64
+        # lm-eval's batch size is how many requests go to the engine at once; "auto" leaves it to the engine.
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else int(max_batch_size or 64)
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress or (lambda done: None)
 

@@ -117,25 +117,31 @@ def _key_of(record: dict) -> tuple:
 
 # ---- running ----------------------------------------------------------------------------------------------------
 def run_mmlu_pro(models: list[ModelUnderTest], run: MMLUProRun, progress=None) -> tuple[list[int], list[ModelScores]]:
-    """Evaluate every model on the same questions; returns the question ids and each model's records."""
+    """Evaluate every model on the same questions; returns the question ids and each model's records.
+
+    Chunks go round the models in turn, so a run stopped early leaves every model with the same questions done."""
     data.go_offline()
     folder = data.resolve_mmlu_pro_dir(run.data_dir)
     question_ids = data.select_questions(folder, run.limit, run.categories)
     categories = _categories_of(folder)
     done = _done_records(run.samples_path, set(question_ids))
-    pending = {m.label: [q for q in question_ids if q not in done.get(run.record_key(m), {})] for m in models}
+    records = [done.setdefault(run.record_key(m), {}) for m in models]
+    pending = [[q for q in question_ids if q not in answered] for answered in records]
     progress = progress or _NoProgress()
-    progress.start(sum(_work_units(folder, pending[m.label], run.variant) for m in models))
-    for model in models:
-        records = done.setdefault(run.record_key(model), {})
-        if pending[model.label]:
-            lm = model.make_lm(progress.advance)
-            for chunk in _chunks(pending[model.label], run.chunk_size):
-                new = _evaluate_chunk(lm, model, run, folder, chunk, categories)
-                append_samples(run.samples_path, new)
-                records.update((r["question_id"], r) for r in new)
-            del lm
-    scores = [ModelScores(m.label, m.source, [done[run.record_key(m)][q] for q in question_ids]) for m in models]
+    progress.start(sum(_work_units(folder, todo, run.variant) for todo in pending))
+    lms: dict[str, object] = {}
+    for begin in range(0, len(question_ids), run.chunk_size):
+        for model, answered in zip(models, records):
+            chunk = [q for q in question_ids[begin:begin + run.chunk_size] if q not in answered]
+            if not chunk:
+                continue
+            if model.label not in lms:
+                lms[model.label] = model.make_lm(progress.advance)
+            new = _evaluate_chunk(lms[model.label], model, run, folder, chunk, categories)
+            append_samples(run.samples_path, new)
+            answered.update((r["question_id"], r) for r in new)
+    scores = [ModelScores(m.label, m.source, [answered[q] for q in question_ids])
+              for m, answered in zip(models, records)]
     return question_ids, scores
 
 
@@ -159,11 +165,6 @@ def _work_units(folder: Path, question_ids: list[int], variant: str) -> int:
     table = data.read_mmlu_pro(folder, "test").select(["question_id", "options"]).to_pydict()
     options = dict(zip(table["question_id"], table["options"]))
     return sum(len(options[q]) for q in question_ids)
-
-
-def _chunks(items: list[int], size: int):
-    for begin in range(0, len(items), size):
-        yield items[begin:begin + size]
 
 
 def _task_names(run: MMLUProRun, chunk: list[int], categories: dict[int, str]) -> list[str]:

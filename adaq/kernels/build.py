@@ -28,7 +28,7 @@ REQUIRED_PTX = {
     "nvfp4_gemm.cu": ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "ldmatrix.sync.aligned.m8n8.x4",
                       "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32", "cp.async.cg.shared.global",
                       "fma.rn.bf16x2", "cvt.rn.f16x2.e4m3x2"),
-    "attention.cu": ("cvt.rn.f16x2.e4m3x2", "cvt.rn.satfinite.e4m3x2.f32", "ld.global.nc.v4"),
+    "attention.cu": ("cvt.rn.f16x2.e4m3x2", "ld.global.nc.v4", "shfl.sync.bfly", "div.rn.f32"),
     "elementwise.cu": ("rsqrt.approx.f32",),
     "moe.cu": ("shfl.sync.bfly",),
 }

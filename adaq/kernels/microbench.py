@@ -130,7 +130,9 @@ def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
                   for name, (n, k) in QWEN3_8B_LINEARS.items() for m in (1, 16)]
         ops.set_gemm_variant(2)
     attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d) for d in ("fp8", "bf16") for b in (1, 16)]
-    return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn}
+    attn.append(paged_attention(1, 8192, heads=32, kv_heads=4, copy_gbs=gbs))  # Qwen3-30B-A3B: 8 heads per KV head
+    moe = [moe_decode(t, copy_gbs=gbs) for t in (1, 16)]
+    return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn, "moe": moe}
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -140,6 +142,63 @@ def summary_lines(results: dict) -> list[str]:
                      f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy  bf16 cuBLAS {r['bf16_cublas_us']:7.1f} us "
                      f"x{r['speedup_vs_bf16']:.2f}")
     for r in results["attention"]:
-        lines.append(f"attn {r['kv_dtype']:>4} B={r['batch']:<3} ctx={r['context']} splits={r['splits']:<3} "
-                     f"{r['us']:8.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
+        lines.append(f"attn {r['kv_dtype']:>4} B={r['batch']:<3} ctx={r['context']} H={r['heads']} Hkv={r['kv_heads']} "
+                     f"splits={r['splits']:<3} {r['us']:8.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
+    for r in results.get("moe", []):
+        lines.append(f"moe  T={r['tokens']:<3} {r['routed_experts']} experts routed {r['us']:8.1f} us "
+                     f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
     return lines
+
+
+def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(2, 3), splits=(0, 1, 2, 3, 4, 6, 8, 12, 16),
+               copy_gbs: float | None = None) -> list[dict]:
+    """µs of the decode GEMM over kernel variants and forced split counts (0 = the planner's choice), to tune the
+    planner: one set of weight copies per shape, reused."""
+    shapes = shapes or QWEN3_8B_LINEARS
+    out = []
+    for name, (n, k) in shapes.items():
+        gen = torch.Generator(device="cuda").manual_seed(n * 7 + k)
+        one = _random_weight(n, k, gen)
+        copies = _copies(one.nbytes)
+        weights = [one] + [_random_weight(n, k, gen) for _ in range(copies - 1)]
+        for m in rows:
+            xs = [torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
+            for variant in variants:
+                ops.set_gemm_variant(variant)
+                for s in splits:
+                    us = _time_graph(lambda i: ops.nvfp4_linear(xs[i], weights[i], splits=s), copies)
+                    gbs = (one.wq.numel() + one.ws.numel()) / us / 1e3
+                    out.append({"name": name, "M": m, "N": n, "K": k, "variant": variant, "splits": s, "us": us,
+                                "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs if copy_gbs else None})
+        del weights
+    ops.set_gemm_variant(2)
+    return out
+
+
+def moe_decode(tokens: int = 1, experts: int = 128, top_k: int = 8, hidden: int = 2048, inter: int = 768,
+               copy_gbs: float | None = None) -> dict:
+    """Qwen3-30B-A3B MoE layer decode (router top-k, grouped gate|up and down GEMMs, combine) against the bytes of
+    the experts actually routed (measured from the routing), default one token."""
+    from adaq.formats.nvfp4 import NVFP4Weight
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+
+    def weight(n, k):
+        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = (torch.rand(n, k // 16, device="cuda", generator=gen) * 2 + 0.1).to(torch.float8_e4m3fn)
+        return layout.repack(NVFP4Weight(packed, scales, torch.tensor([100.0], device="cuda")), "cuda")
+
+    layer_bytes = experts * (2 * inter * hidden + hidden * inter) * 0.5625
+    copies = max(1, -(-L2_FLUSH_BYTES // int(layer_bytes)))
+    layers = [ops.StackedExperts([weight(2 * inter, hidden) for _ in range(experts)],
+                                 [weight(hidden, inter) for _ in range(experts)]) for _ in range(copies)]
+    xs = [torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
+    logits = [torch.randn(tokens, experts, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
+    us = _time_graph(lambda i: ops.moe_forward(xs[i], logits[i], layers[i], top_k, True), copies)
+    routed = torch.unique(ops.router_topk(logits[0], top_k, True)[1]).numel()
+    moved = routed * (3 * inter * hidden) * 0.5625
+    result = {"op": "moe_decode", "tokens": tokens, "experts": experts, "top_k": top_k, "hidden": hidden,
+              "intermediate": inter, "routed_experts": routed, "us": us, "bytes": moved, "GB/s": moved / us / 1e3}
+    if copy_gbs:
+        result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
+    return result

@@ -1,5 +1,7 @@
 """What every model shares: the CausalLM interface the engine drives, and the reader that feeds weights in."""
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,9 +16,10 @@ DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 class WeightReader:
     """Reads a checkpoint (or any source with its methods) by module prefix, in the model's compute dtype."""
 
-    def __init__(self, source, dtype: torch.dtype):
+    def __init__(self, source, dtype: torch.dtype, progress: Callable[[int, int], None] | None = None):
         self.source = source
         self.dtype = dtype
+        self.progress = progress  # called with (layers loaded, layers in all) after each decoder layer
         self.quantized = set(source.quantized_prefixes())
         self.names = set(source.tensor_names())
         self.where = getattr(source, "path", "checkpoint")
@@ -34,6 +37,10 @@ class WeightReader:
         if name not in self.names:
             raise CheckpointError(f"{self.where}: tensor {name} is missing")
         return self.source.tensor(name)
+
+    def layer_loaded(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
 
     def decoder_prefix(self) -> str:
         for prefix in DECODER_PREFIXES:

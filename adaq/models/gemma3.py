@@ -67,6 +67,7 @@ class Gemma3ForCausalLM(CausalLM):
         self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
         for i, layer in enumerate(self.layers):
             layer.load(reader, f"{prefix}.layers.{i}")
+            reader.layer_loaded(i + 1, len(self.layers))
         self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
         tied = getattr(self.config, "tie_word_embeddings", True)
         self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)

@@ -63,6 +63,7 @@ class Qwen3ForCausalLM(CausalLM):
         self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
         for i, layer in enumerate(self.layers):
             layer.load(reader, f"{prefix}.layers.{i}")
+            reader.layer_loaded(i + 1, len(self.layers))
         self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
         tied = getattr(self.config, "tie_word_embeddings", False)
         self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)

@@ -1,5 +1,7 @@
 """config.json -> our model class; weights from a checkpoint (or any source with the same methods)."""
 
+from collections.abc import Callable
+
 import torch
 
 from adaq.errors import AdaqError
@@ -45,9 +47,10 @@ def build_model(config: dict, backend, dtype: torch.dtype | None = None, device=
     return model.eval()
 
 
-def load_weights(model: CausalLM, source) -> CausalLM:
+def load_weights(model: CausalLM, source, progress: Callable[[int, int], None] | None = None) -> CausalLM:
     """Fill the model from a Checkpoint (adaq.formats.checkpoint) or anything with quantized_prefixes(),
-    nvfp4(prefix), tensor_names(), tensor(name): NVFP4 linears stay NVFP4, other tensors load in the model dtype."""
+    nvfp4(prefix), tensor_names(), tensor(name): NVFP4 linears stay NVFP4, other tensors load in the model dtype.
+    `progress(done, total)` is called after each decoder layer (for a progress bar)."""
     with torch.no_grad():
-        model.load(WeightReader(source, model.dtype))
+        model.load(WeightReader(source, model.dtype, progress))
     return model

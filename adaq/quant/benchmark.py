@@ -62,9 +62,17 @@ def peak_rss_gib() -> float:
 def run(layers: int, hidden: int, intermediate: int, vocab: int, device: str, workdir: Path) -> dict:
     from adaq.quant.pipeline import quantize_model
 
+    import multiprocessing
+
     source = workdir / "src"
     source.mkdir()
-    make_checkpoint(source, layers, hidden, intermediate, vocab)
+    # Written by a child process, so that this process's peak RSS measures the quantization alone.
+    child = multiprocessing.get_context("spawn").Process(target=make_checkpoint,
+                                                         args=(source, layers, hidden, intermediate, vocab))
+    child.start()
+    child.join()
+    if child.exitcode:
+        raise RuntimeError("writing the random checkpoint failed")
     rss_before = peak_rss_gib()
     start = time.perf_counter()
     report = quantize_model(str(source), workdir / "out", device=device)

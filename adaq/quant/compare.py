@@ -19,8 +19,10 @@ class CompareSettings:
     text: Path  # the text scored, e.g. ../shared/data/wikitext-2/test.txt
     max_windows: int | None = 64
     window: int = 512
-    runner: str = "engine"  # adaq.eval runner: the engine's backend, or "transformers" (its own decompression)
-    backend: str | None = None
+    runner: str = "engine"  # adaq.eval runner: the engine, or "transformers" (its own decompression)
+    backend: str = "reference"  # the engine's plain-PyTorch backend: the numerics spec, on CPU or GPU
+    dtype: str = "fp32"  # compute dtype, as data/README.md's anchors were measured
+    kv_cache_dtype: str = "bf16"  # the same for every row; fp8 would mix KV-cache error into the weights' figures
     device: str = "auto"
     batch_size: int = 8
 
@@ -71,7 +73,8 @@ def _score_all(src: str, rows: list[Row], settings: CompareSettings, progress: P
     from adaq.eval.sources import load_scorer
 
     body = read_text(str(settings.text))
-    engine = {"backend": settings.backend, "max_model_len": settings.window}
+    engine = {"backend": settings.backend, "max_model_len": settings.window, "dtype": settings.dtype,
+              "kv_cache_dtype": settings.kv_cache_dtype}
     results = {}
     for label, source in [("bf16", src)] + [(row.label, row.checkpoint) for row in rows]:
         scorer = load_scorer(source, runner=settings.runner,

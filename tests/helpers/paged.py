@@ -11,22 +11,23 @@ from adaq.engine.context import reset_context, set_context
 
 class PagedRunner:
     def __init__(self, model, num_seqs: int, max_len: int, block_size: int = 4,
-                 kv_dtype: torch.dtype = torch.float32):
+                 kv_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.model = model
+        self.device = torch.device(device)
         self.block_size = block_size
         self.blocks_per_seq = -(-max_len // block_size)
         num_blocks = num_seqs * self.blocks_per_seq
         self.block_tables = torch.tensor(
             [list(reversed(range(b * self.blocks_per_seq, (b + 1) * self.blocks_per_seq))) for b in range(num_seqs)],
-            dtype=torch.int32)
+            dtype=torch.int32, device=self.device)
         self.cached = [0] * num_seqs
         for layer in model.attention_layers():
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=kv_dtype)
-            layer.v_cache = torch.zeros(shape, dtype=kv_dtype)
+            layer.k_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             fp8 = kv_dtype == torch.float8_e4m3fn
-            layer.k_scale = torch.zeros(shape[:-1]) if fp8 else None
-            layer.v_scale = torch.zeros(shape[:-1]) if fp8 else None
+            layer.k_scale = torch.zeros(shape[:-1], device=self.device) if fp8 else None
+            layer.v_scale = torch.zeros(shape[:-1], device=self.device) if fp8 else None
 
     def slot(self, seq: int, position: int) -> int:
         block = int(self.block_tables[seq, position // self.block_size])
@@ -46,26 +47,26 @@ class PagedRunner:
             slots += [self.slot(seq, p) for p in range(start, start + len(tokens))]
             lens.append(len(tokens))
             self.cached[seq] += len(tokens)
-        q_lens = torch.tensor(lens, dtype=torch.int32)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        cu[1:] = q_lens.cumsum(0)
-        context_lens = torch.tensor([self.cached[s] for s in seqs], dtype=torch.int32)
+        device = self.device
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.tensor(lens, device=device).cumsum(0)
+        context_lens = torch.tensor([self.cached[s] for s in seqs], dtype=torch.int32, device=device)
         decode = all(n == 1 for n in lens)
         set_context(is_prefill=not decode, cu_seqlens_q=None if decode else cu, max_seqlen_q=max(lens),
-                    context_lens=context_lens, slot_mapping=torch.tensor(slots, dtype=torch.int64),
+                    context_lens=context_lens, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
                     block_tables=self.block_tables[seqs], max_context_len=int(context_lens.max()))
         try:
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions))
+            hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device))
         finally:
             reset_context()
-        rows = torch.arange(len(ids)) if logits_for_all else cu[1:].long() - 1
+        rows = torch.arange(len(ids), device=device) if logits_for_all else cu[1:].long() - 1
         return self.model.compute_logits(hidden[rows])
 
 
 def prefill_logits(model, tokens: list[int], block_size: int = 4, kv_dtype: torch.dtype = torch.float32,
-                   chunk: int | None = None) -> torch.Tensor:
+                   chunk: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """Logits [len(tokens), V] of one sequence run through the paged cache, in chunks of `chunk` tokens."""
-    runner = PagedRunner(model, 1, len(tokens), block_size, kv_dtype)
+    runner = PagedRunner(model, 1, len(tokens), block_size, kv_dtype, device)
     chunk = chunk or len(tokens)
     pieces = [runner.step({0: tokens[i:i + chunk]}, logits_for_all=True) for i in range(0, len(tokens), chunk)]
     return torch.cat(pieces)

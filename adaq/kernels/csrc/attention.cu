@@ -46,7 +46,8 @@ __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_
     uint8_t* dst = static_cast<uint8_t*>(which ? v_cache : k_cache) + row * D + lane * kPerLane;
 #pragma unroll
     for (int i = 0; i < kPerLane; i += 2) {
-      const uint16_t two = float2_to_e4m3x2(__fdiv_rn(x[i], s), __fdiv_rn(x[i + 1], s));
+      const uint16_t two = static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i], s))) |
+                           static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i + 1], s)) << 8);
       *reinterpret_cast<uint16_t*>(dst + i) = two;
     }
     if (lane == 0) (which ? v_scale : k_scale)[row] = s;
@@ -102,46 +103,43 @@ struct AttnParams {
   float scale;                   // softmax scale
 };
 
-// One lane's VPL consecutive cache values of one token, dequantized to fp32 (the scale is applied per token later).
+// One lane's VPL consecutive cache values of one token as raw 32-bit words (16 bytes per load): kept raw in
+// registers until used, so that many tokens' loads can be in flight per thread (a decoded fp32 copy would cost 4x
+// the registers for FP8). FP8: 4 values per word; bf16: 2.
 template <int VPL, bool FP8>
-__device__ __forceinline__ void load_row(const void* base, long long elem_offset, float (&out)[VPL]) {
-  if constexpr (FP8) {
-    const uint8_t* ptr = static_cast<const uint8_t*>(base) + elem_offset;
-    uint32_t w[VPL / 4];
-    if constexpr (VPL == 16) {
-      uint4 r = __ldg(reinterpret_cast<const uint4*>(ptr));
-      w[0] = r.x; w[1] = r.y; w[2] = r.z; w[3] = r.w;
-    } else {
-      uint2 r = __ldg(reinterpret_cast<const uint2*>(ptr));
-      w[0] = r.x; w[1] = r.y;
-    }
+struct RawRow {
+  static constexpr int kWords = FP8 ? VPL / 4 : VPL / 2;
+  uint32_t w[kWords];
+  __device__ __forceinline__ void load(const void* base, long long elem_offset) {
+    const uint8_t* ptr = static_cast<const uint8_t*>(base) + elem_offset * (FP8 ? 1 : 2);
 #pragma unroll
-    for (int i = 0; i < VPL / 4; ++i) {
-      float2 a = e4m3x2_to_float2(static_cast<uint16_t>(w[i])), b = e4m3x2_to_float2(static_cast<uint16_t>(w[i] >> 16));
-      out[4 * i] = a.x; out[4 * i + 1] = a.y; out[4 * i + 2] = b.x; out[4 * i + 3] = b.y;
-    }
-  } else {
-    const __nv_bfloat16* ptr = static_cast<const __nv_bfloat16*>(base) + elem_offset;
-#pragma unroll
-    for (int i = 0; i < VPL / 8; ++i) {
-      uint4 r = __ldg(reinterpret_cast<const uint4*>(ptr) + i);
-      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        out[8 * i + 2 * j] = __uint_as_float(w[j] << 16);
-        out[8 * i + 2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
+    for (int i = 0; i < kWords; i += 4) {
+      if (kWords - i >= 4) {
+        const uint4 r = __ldg(reinterpret_cast<const uint4*>(ptr) + i / 4);
+        w[i] = r.x; w[i + 1] = r.y; w[i + 2] = r.z; w[i + 3] = r.w;
+      } else {
+        const uint2 r = __ldg(reinterpret_cast<const uint2*>(ptr) + i / 2);
+        w[i] = r.x; w[i + 1] = r.y;
       }
     }
   }
-}
+  // Value i (compile-time index after unrolling) as fp32: E4M3 pairs via cvt.rn.f16x2.e4m3x2, bf16 by a shift.
+  __device__ __forceinline__ float2 pair(int i) const {  // values 2i, 2i+1
+    if constexpr (FP8) {
+      return e4m3x2_to_float2(static_cast<uint16_t>(w[i / 2] >> (16 * (i & 1))));
+    } else {
+      return make_float2(__uint_as_float(w[i] << 16), __uint_as_float(w[i] & 0xFFFF0000u));
+    }
+  }
+};
 
-// D: head dim; G: query heads per KV head; VPL: values per lane (a token's row is spread over D / VPL lanes, so a
-// warp reads 32 / (D / VPL) rows of 16 bytes per lane at once); UT: tokens per lane group per step (their loads are
-// all issued before the first use, and the running max is rescaled once per step).
+// D: head dim; G: query heads per KV head; VPL: values per lane (a token's row is spread over D / VPL lanes, 16-byte
+// loads); UT: tokens per lane group per step, all their K/V loads issued before the first is used (raw, so UT can
+// be large: the kernel is bound by the bytes in flight per SM, not by arithmetic), one softmax rescale per step.
 template <int D, int G, int VPL, int UT, bool FP8>
 __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const AttnParams p) {
   constexpr int kLanesPerToken = D / VPL;
-  constexpr int kSlots = kAttnThreads / kLanesPerToken;  // tokens in flight per block step
+  constexpr int kSlots = kAttnThreads / kLanesPerToken;  // tokens per block per unrolled position
   __shared__ float red_m[kSlots][G], red_l[kSlots][G];
   __shared__ float red_acc[kSlots][G * D];  // <= 32 KB for the instantiated (D, G, VPL)
 
@@ -174,8 +172,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
 
   // The trip count is the same for every lane (the xor shuffles below need the whole warp); lanes past t1 mask.
   for (int base = t0; base < t1; base += kSlots * UT) {
-    // ---- Fetch UT tokens' K and V rows and scales (independent loads, all in flight together).
-    float kv[UT][VPL], vv[UT][VPL], ks[UT], vs[UT];
+    // ---- Fetch: UT tokens' raw K and V rows and scales, all requested before any is used.
+    RawRow<VPL, FP8> kr[UT], vr[UT];
+    float ks[UT], vs[UT];
     bool valid[UT];
 #pragma unroll
     for (int u = 0; u < UT; ++u) {
@@ -184,8 +183,8 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
       const int tk = valid[u] ? tok : t0;
       const long long cache_row = static_cast<long long>(table[tk / p.block_size]) * p.block_size + tk % p.block_size;
       const long long elem = (cache_row * p.kv_heads + kvh) * D + sub * VPL;
-      load_row<VPL, FP8>(p.k_cache, elem, kv[u]);
-      load_row<VPL, FP8>(p.v_cache, elem, vv[u]);
+      kr[u].load(p.k_cache, elem);
+      vr[u].load(p.v_cache, elem);
       if constexpr (FP8) {
         ks[u] = __ldg(p.k_scale + cache_row * p.kv_heads + kvh);
         vs[u] = __ldg(p.v_scale + cache_row * p.kv_heads + kvh);
@@ -197,18 +196,26 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
     // ---- Scores: partial dot over this lane's dims, summed across the token's lanes by xor shuffles.
     float s[UT][G];
 #pragma unroll
-    for (int u = 0; u < UT; ++u)
+    for (int u = 0; u < UT; ++u) {
+      float d[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) d[g] = 0.f;
+#pragma unroll
+      for (int i = 0; i < VPL / 2; ++i) {
+        const float2 kv = kr[u].pair(i);
+#pragma unroll
+        for (int g = 0; g < G; ++g) d[g] = fmaf(q[g][2 * i + 1], kv.y, fmaf(q[g][2 * i], kv.x, d[g]));
+      }
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        float d = 0.f;
+        float x = d[g];
 #pragma unroll
-        for (int i = 0; i < VPL; ++i) d = fmaf(q[g][i], kv[u][i], d);
-#pragma unroll
-        for (int o = kLanesPerToken / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        d *= ks[u];
-        if (p.softcap > 0.f) d = p.softcap * tanhf(d * p.scale / p.softcap) * kLog2e;
-        s[u][g] = valid[u] ? d : -INFINITY;
+        for (int o = kLanesPerToken / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        x *= ks[u];
+        if (p.softcap > 0.f) x = p.softcap * tanhf(x * p.scale / p.softcap) * kLog2e;
+        s[u][g] = valid[u] ? x : -INFINITY;
       }
+    }
     // ---- Online softmax (base 2) and P.V, one rescale per step.
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -217,21 +224,27 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
       for (int u = 0; u < UT; ++u) m_new = fmaxf(m_new, s[u][g]);
       const float alpha = exp2f(m[g] - m_new);
       m[g] = m_new;
-      float pv[UT];
-      float psum = 0.f;
+      l[g] *= alpha;
 #pragma unroll
-      for (int u = 0; u < UT; ++u) {
-        const float pr = exp2f(s[u][g] - m_new);
-        psum += pr;
-        pv[u] = pr * vs[u];
+      for (int i = 0; i < VPL; ++i) acc[g][i] *= alpha;
+    }
+#pragma unroll
+    for (int u = 0; u < UT; ++u) {
+      float pv[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float pr = exp2f(s[u][g] - m[g]);
+        l[g] += pr;
+        pv[g] = pr * vs[u];
       }
-      l[g] = l[g] * alpha + psum;
 #pragma unroll
-      for (int i = 0; i < VPL; ++i) {
-        float a = acc[g][i] * alpha;
+      for (int i = 0; i < VPL / 2; ++i) {
+        const float2 vv = vr[u].pair(i);
 #pragma unroll
-        for (int u = 0; u < UT; ++u) a = fmaf(pv[u], vv[u][i], a);
-        acc[g][i] = a;
+        for (int g = 0; g < G; ++g) {
+          acc[g][2 * i] = fmaf(pv[g], vv.x, acc[g][2 * i]);
+          acc[g][2 * i + 1] = fmaf(pv[g], vv.y, acc[g][2 * i + 1]);
+        }
       }
     }
   }
@@ -294,7 +307,7 @@ __global__ void merge_splits_kernel(const float* __restrict__ part_out, const fl
 template <int D, int G, int VPL, bool FP8>
 static int launch_attention(const AttnParams& p, int tokens, cudaStream_t stream) {
   dim3 grid(p.splits, p.kv_heads, tokens);
-  paged_attention_kernel<D, G, VPL, 2, FP8><<<grid, kAttnThreads, 0, stream>>>(p);
+  paged_attention_kernel<D, G, VPL, (FP8 && G < 8 ? 8 : 4), FP8><<<grid, kAttnThreads, 0, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return kCudaError;
   if (p.splits > 1) {
     merge_splits_kernel<D><<<tokens * p.heads, D < 128 ? D : 128, 0, stream>>>(p.part_out, p.part_lse, p.out, p.splits);

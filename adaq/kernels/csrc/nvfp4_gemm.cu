@@ -473,15 +473,22 @@ struct GemmPlan {
 
 // v2 super-tiles per x chunk (= register ring depth) by m16 tiles: deeper for one tile, where registers allow.
 constexpr int v2_stages(int mt) { return mt == 1 ? 4 : 2; }
-static int g_variant = 2;  // 1: v1 (fetch then compute), 2: v2 (pipelined); set by nvfp4_gemm_set_variant
+// 1: v1 (fetch then compute); 2: v2 pipelined, 2 column groups per warp, ring of 4 (one m16 tile);
+// 3: v2 with 1 column group per warp and a ring of 8 (one m16 tile; finer column blocks, deeper ring).
+static int g_variant = 2;
+static int plan_ng(int mt) { return (g_variant == 3 && mt == 1) ? 1 : kNG; }
+static int plan_st(int mt) {
+  if (g_variant == 1) return mt == 1 ? 4 : mt == 2 ? 2 : 1;
+  return (g_variant == 3 && mt == 1) ? 8 : v2_stages(mt);
+}
 
 // Split K until the grid covers the GPU about twice, but never so far that the fp32 partials (written and read
 // back, 8 bytes per output per split) cost more than a quarter of the weight bytes.
 static GemmPlan plan_gemm(int rows, int n8, int kst, int groups, int splits_override) {
   GemmPlan plan{};
   plan.mt = ceil_div(rows, 16);
-  plan.ch = g_variant == 1 ? (plan.mt == 1 ? 4 : plan.mt == 2 ? 2 : 1) : v2_stages(plan.mt);
-  plan.n_blocks = ceil_div(n8, kGemmWarps * kNG);
+  plan.ch = plan_st(plan.mt);
+  plan.n_blocks = ceil_div(n8, kGemmWarps * plan_ng(plan.mt));
   plan.num_chunks = ceil_div(kst, plan.ch);
   int splits = splits_override;
   if (splits <= 0) {
@@ -505,11 +512,10 @@ static int launch(const GemmParams& p, int groups, cudaStream_t stream) {
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
-template <int MT>
+template <int MT, int NG = kNG, int ST = v2_stages(MT)>
 static int launch_v2(const GemmParams& p, int groups, cudaStream_t stream) {
-  constexpr int ST = v2_stages(MT);
   constexpr int smem = 2 * MT * 16 * (ST * kSuperK + 8) * 2;
-  auto kernel = nvfp4_gemm_v2_kernel<MT, kNG, ST>;
+  auto kernel = nvfp4_gemm_v2_kernel<MT, NG, ST>;
   static bool configured = false;  // > 48 KB of dynamic shared memory needs an explicit opt-in (Ada: up to 99 KB)
   if (!configured) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
@@ -524,7 +530,7 @@ static int launch_v2(const GemmParams& p, int groups, cudaStream_t stream) {
 static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_t stream) {
   if (g_variant != 1) {
     switch (plan.mt) {
-      case 1: return launch_v2<1>(p, groups, stream);
+      case 1: return g_variant == 3 ? launch_v2<1, 1, 8>(p, groups, stream) : launch_v2<1>(p, groups, stream);
       case 2: return launch_v2<2>(p, groups, stream);
       case 3: return launch_v2<3>(p, groups, stream);
       case 4: return launch_v2<4>(p, groups, stream);
@@ -540,7 +546,7 @@ static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_
   }
 }
 
-void nvfp4_gemm_set_variant(int variant) { g_variant = variant == 1 ? 1 : 2; }
+void nvfp4_gemm_set_variant(int variant) { g_variant = (variant >= 1 && variant <= 3) ? variant : 2; }
 
 // Sizes the caller must provide for a launch: partial floats and counters. Returns the plan's splits.
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override, long long* partial_floats,

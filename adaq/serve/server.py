@@ -1,0 +1,77 @@
+"""Load the engine, bind the socket, run uvicorn: what `adaq serve` does."""
+
+import errno
+import socket
+from dataclasses import dataclass
+
+from adaq.engine.config import EngineConfig
+from adaq.errors import AdaqError
+from adaq.serve.app import ServeSettings
+
+
+@dataclass
+class Listening:
+    """What the server prints once it is ready."""
+
+    url: str
+    host: str
+    port: int
+    model: str
+    max_model_len: int
+    max_num_seqs: int
+    kv_cache_blocks: int
+    block_size: int
+    backend: str
+    device: str
+
+    def line(self) -> str:
+        return (f"serving {self.model} at {self.url}/v1 · context {self.max_model_len} · up to {self.max_num_seqs} "
+                f"sequences · {self.kv_cache_blocks} KV blocks of {self.block_size} · {self.backend} on "
+                f"{self.device}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        hint = "choose another --port" if error.errno == errno.EADDRINUSE else "check --host and --port"
+        raise AdaqError(f"cannot listen on {host}:{port} ({error.strerror}): {hint}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, log_level: str = "info",
+          on_ready=None) -> None:
+    """Serve until interrupted; `on_ready(Listening)` is called once the model is loaded and the socket bound."""
+    import uvicorn
+
+    from adaq.engine.llm_engine import LLMEngine
+    from adaq.serve.app import build_app
+
+    sock = bind(host, port)
+    try:
+        engine = LLMEngine(config)
+        app = build_app(engine, settings)
+        if on_ready is not None:
+            on_ready(_listening(engine, settings, sock, host))
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: uvicorn has shut down gracefully already
+        pass
+    finally:
+        sock.close()
+
+
+def _listening(engine, settings: ServeSettings, sock: socket.socket, host: str) -> Listening:
+    port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    model = engine.runner.model
+    backend = getattr(getattr(model, "backend", None), "name", engine.config.backend)
+    return Listening(f"http://{shown_host}:{port}", host, port, settings.model_names[0], engine.max_model_len,
+                     engine.config.max_num_seqs, engine.block_manager.num_blocks, engine.config.block_size,
+                     str(backend), str(engine.config.device))
