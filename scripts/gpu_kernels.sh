@@ -32,9 +32,11 @@ if so:
                                 "LDL/STL (local memory)": sass.count("LDL") + sass.count("STL"),
                                 "wgmma/HGMMA": sass.count("HGMMA")}
     gemm = [l for l in sass.splitlines() if "nvfp4_gemm_kernelILi1E" in l or "HMMA" in l][:5]
+    # The M <= 16 decode GEMMs in use (variant 2: ring of 4; variant 3: ring of 3, <= 80 registers).
     with open(os.path.join(os.environ["OUT"], "gemm_m16.sass"), "w") as f:
-        f.write(subprocess.run(["cuobjdump", "-sass", "-fun", "_ZN4adaq17nvfp4_gemm_kernelILi1ELi2ELi4EEEvNS_10GemmParamsE", so[0]],
-                               capture_output=True, text=True).stdout)
+        for fun in ("_ZN4adaq20nvfp4_gemm_v2_kernelILi1ELi2ELi4ELi2EEEvNS_10GemmParamsE",
+                    "_ZN4adaq20nvfp4_gemm_v2_kernelILi1ELi2ELi3ELi3EEEvNS_10GemmParamsE"):
+            f.write(subprocess.run(["cuobjdump", "-sass", "-fun", fun, so[0]], capture_output=True, text=True).stdout)
 json.dump(report, open(os.path.join(os.environ["OUT"], "compile.json"), "w"), indent=1)
 print("compile ok:", report["ok"], report.get("error", ""), report.get("extension_sass"))
 PY
@@ -52,7 +54,7 @@ results = microbench.run_all(quick=os.environ.get('MODE') == 'quick', compare_v1
 json.dump(results, open(os.path.join(os.environ["OUT"], "microbench.json"), "w"), indent=1)
 print("\n".join(microbench.summary_lines(results)))
 if os.environ.get("SWEEP", "1") == "1":
-    sweep = microbench.gemm_sweep(copy_gbs=results["copy"]["GB/s"])
+    sweep = microbench.gemm_sweep(copy_gbs=results["copy"]["GB/s"], splits=(0,) if os.environ.get("SWEEP_SPLITS", "0") == "0" else (0, 1, 2, 4, 8))
     json.dump(sweep, open(os.path.join(os.environ["OUT"], "sweep.json"), "w"), indent=1)
     best = {}
     for r in sweep:

@@ -9,6 +9,7 @@ Tiny random checkpoints, as Hugging Face folders in bf16 with a real tokenizer (
   `tiny_qwen3_nvfp4`, `tiny_qwen3_moe_nvfp4`, `tiny_gemma3_nvfp4`: the NVFP4A16 ones as fixtures.
 - `calib_text` -> Path: a small ASCII .txt file for calibration.
 - `gemma3_270m` -> Path: the real Gemma3-270M bf16 folder (adaq.demo; skips without the demo package).
+- `gemma3_270m_nvfp4` -> Path: that folder quantized to NVFP4A16 by adaq's RTN (as `adaq quantize` does), once.
 Treat these folders as read-only: copy one before changing it.
 """
 
@@ -114,3 +115,12 @@ def gemma3_270m() -> Path:
     from adaq.demo import gemma3_270m_folder
 
     return gemma3_270m_folder()
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_nvfp4(gemma3_270m, tmp_path_factory) -> Path:
+    from adaq.quant.pipeline import quantize_model
+
+    out = tmp_path_factory.mktemp("gemma3-270m-nvfp4") / "out"
+    quantize_model(str(gemma3_270m), out, method="rtn", device="cpu")
+    return out

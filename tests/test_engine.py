@@ -1,5 +1,6 @@
 """The engine end to end on tiny random NVFP4 checkpoints (reference backend, CPU), against transformers."""
 
+import itertools
 import sys
 
 import pytest
@@ -86,23 +87,25 @@ def test_prefill_and_decode_match_transformers(checkpoints, arch, capsys):
 
 
 def test_batch_invariance_with_preemption(checkpoints):
+    """A prompt's greedy tokens alone equal its tokens among 7 others of different lengths that arrive one per
+    step, with chunked prefill (16 tokens a step) and a cache so small that sequences get preempted."""
     target = PROMPT[:9]
     alone = make_llm(checkpoints["qwen3"] / "nvfp4").generate(target, greedy(24))[0].token_ids
     llm = make_llm(checkpoints["qwen3"] / "nvfp4", num_kv_blocks=40, max_model_len=64, max_num_batched_tokens=16)
     engine = llm.engine
     others = [[(7 * i + j) % 240 + 1 for j in range(5 + 3 * i)] for i in range(7)]
-    ids = {engine.add_request(others[0], greedy(30)): None}
+    engine.add_request(others[0], greedy(30))
     target_id = engine.add_request(target, greedy(24))
     finished = {}
-    step = 0
-    while engine.has_unfinished():
-        if step < len(others) - 1 and step % 1 == 0:
-            ids[engine.add_request(others[step + 1], greedy(20 + step))] = None
+    for step in itertools.count():
+        if step + 1 < len(others):
+            engine.add_request(others[step + 1], greedy(20 + step))
         for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-        step += 1
+            finished[output.request_id] = output
+        if not engine.has_unfinished():
+            break
     assert engine.scheduler.num_preemptions > 0, "the tiny cache should have forced preemption"
+    assert len(finished) == 8 and all(output.finished for output in finished.values())
     assert finished[target_id].token_ids == alone
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

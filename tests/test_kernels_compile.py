@@ -130,3 +130,51 @@ def test_source_hash_tracks_sources(monkeypatch, tmp_path):
     assert build.source_hash() == first
     (tmp_path / "moe.cu").write_text((tmp_path / "moe.cu").read_text() + "\n// changed\n")
     assert build.source_hash() != first
+
+
+def test_prefill_queries_give_each_token_its_causal_context():
+    from adaq.engine.context import Context
+    from adaq.kernels.backend_cuda import prefill_queries
+
+    ctx = Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32),
+                  context_lens=torch.tensor([10, 2], dtype=torch.int32))
+    seqs, lens = prefill_queries(ctx, 5)
+    assert seqs.tolist() == [0, 0, 0, 1, 1]
+    assert lens.tolist() == [8, 9, 10, 1, 2]  # a cached prefix of 7 tokens, then a fresh 2-token prompt
+
+
+def test_decode_graph_buckets():
+    from adaq.engine.cuda_graph import default_buckets
+
+    for max_seqs in (1, 4, 16, 100, 256):
+        buckets = default_buckets(max_seqs)
+        assert buckets == sorted(set(buckets)) and buckets[0] == 1 and buckets[-1] == max_seqs
+        assert all(b <= max_seqs for b in buckets)
+
+
+def test_no_decode_graphs_without_the_cuda_backend():
+    from types import SimpleNamespace
+
+    from adaq.engine.cuda_graph import maybe_decode_graphs
+
+    runner = SimpleNamespace(device=torch.device("cpu"), model=SimpleNamespace(backend=SimpleNamespace(name="cuda")),
+                             config=SimpleNamespace())
+    assert maybe_decode_graphs(runner) is None
+
+
+def test_graph_safety_follows_kernel_coverage():
+    from adaq.engine.cuda_graph import graph_safe
+    from adaq.layers.attention import PagedAttention
+    from adaq.layers.moe import ExpertsHandle
+
+    class Model(torch.nn.Module):
+        def __init__(self, heads, kv_heads, dim, experts=None):
+            super().__init__()
+            self.attn = PagedAttention(None, heads, kv_heads, dim, 1.0)
+            self.mlp = torch.nn.Module()
+            self.mlp.experts = experts
+
+    assert graph_safe(Model(32, 8, 128))
+    assert not graph_safe(Model(32, 8, 96))  # head_dim without a kernel: reference attention
+    assert not graph_safe(Model(24, 8, 128))  # 3 query heads per KV head
+    assert not graph_safe(Model(32, 8, 128, ExpertsHandle([], [], 8)))  # bf16 experts: reference MoE

@@ -106,16 +106,17 @@ def test_gemm_forced_splits_and_bias(splits):
     check_gemm(16, 4096, 4096, seed=splits, splits=splits, bias=True)
 
 
-@pytest.mark.parametrize("variant", [1, 3])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (16, 4096, 12288), (5, 1000, 1040), (33, 257, 2064),
                                    (64, 2048, 768)])
 def test_gemm_other_variants(variant, m, n, k):
-    """The unpipelined v1 and the one-group/ring-of-8 v2 variant compute the same function."""
+    """Every GEMM variant (v1, and v2 with rings of 4, 3, 2) computes the same function."""
+    default = ops.gemm_variant()
     ops.set_gemm_variant(variant)
     try:
         check_gemm(m, n, k, seed=variant * 100 + m)
     finally:
-        ops.set_gemm_variant(2)
+        ops.set_gemm_variant(default)
 
 
 @pytest.mark.parametrize("m", [65, 100, 200])

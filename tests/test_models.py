@@ -254,3 +254,27 @@ def test_load_reports_progress_per_layer(checkpoints):
     load_weights(build_model(checkpoint.config, get_backend("reference", "cpu")), checkpoint,
                  progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_qwen3_with_yarn_rope(tmp_path):
+    """YaRN (Qwen3's long-context setting): transformers' inv_freq, and its attention factor folded into the scale."""
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    root = make_checkpoint("qwen3", tmp_path, rope_parameters=yarn)
+    assert json.loads((root / "nvfp4" / "config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"
+    model = ours(root / "nvfp4")
+    assert model.layers[0].self_attn.attn.scale > 16 ** -0.5
+    assert_close(prefill_logits(model, PROMPT), hf_logits(root / "decompressed", PROMPT))
+
+
+def test_length_dependent_rope_is_refused(checkpoints):
+    config = json.loads((checkpoints["qwen3"] / "nvfp4" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedArchitecture, match="RoPE type 'dynamic'"):
+        build_model(config, get_backend("reference", "cpu"))
+
+
+def test_qwen3_moe_without_renormalisation_and_sparse_step_2(tmp_path):
+    root = make_checkpoint("qwen3_moe", tmp_path, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[])
+    model = ours(root / "nvfp4")
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["GatedMLP", "SparseMoE"]
+    assert_close(prefill_logits(model, PROMPT), hf_logits(root / "decompressed", PROMPT))

@@ -276,3 +276,42 @@ def test_quantize_compare_rejects_unknown_methods(tiny_folder, calib_text, tmp_p
                                       "--compare", "rtn,magic", "--eval-text", str(calib_text)])
     assert result.exit_code != 0
     assert "magic" in str(result.exception) or "magic" in result.output
+
+
+@pytest.mark.slow
+def test_gptq_through_llmcompressor_recipe_writes_the_same_layout(tiny_folder, tiny_nvfp4, calib_text, tmp_path):
+    pytest.importorskip("llmcompressor")
+    from adaq.validate.validator import validate_checkpoint
+
+    out = tmp_path / "gptq-llmc"
+    _quantize(tiny_folder("gemma3"), out, "gptq-llmcompressor", calib_text)
+    assert _tensor_layout(out)[0] == _tensor_layout(tiny_nvfp4("gemma3"))[0]
+    assert validate_checkpoint(out).valid
+    assert "GPTQModifier" in (out / "recipe.yaml").read_text()
+
+
+def test_gptq_recipes_parse_for_both_schemes():
+    for scheme in ("nvfp4a16", "nvfp4"):
+        text = gptq.llmcompressor_recipe(scheme, ["lm_head"], ["Linear"])
+        assert f"scheme: {scheme.upper()}" in text and "GPTQModifier" in text
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_layerwise_calibration_reproduces_the_models_own_forward(arch):
+    from helpers.tiny_models import random_model
+
+    from adaq.quant.activation_aware import CalibrationConfig, calibrate_layerwise
+
+    model = random_model(arch, seed=2).float().eval()
+    ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.model.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    visited = []
+    hidden = calibrate_layerwise(model, ids, lambda i, layer, stats: visited.append((i, sorted(stats))),
+                                 CalibrationConfig(micro_batch=2))
+    torch.testing.assert_close(torch.cat(hidden), seen[0], rtol=1e-5, atol=1e-5)
+    assert [i for i, _ in visited] == list(range(model.config.num_hidden_layers))
+    assert "self_attn.q_proj" in visited[0][1] and "mlp.down_proj" in visited[0][1]

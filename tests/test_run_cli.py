@@ -58,6 +58,13 @@ def test_interactive_chat_until_exit(tiny, capsys, monkeypatch):
     assert err.count("prompt: ") == 2, "one stats line per reply"
 
 
+def test_chat_survives_a_turn_that_outgrows_the_context(tiny, capsys, monkeypatch):
+    code, out, err = adaq(["run", tiny / "nvfp4", "--max-tokens", "4", *FAST], capsys, monkeypatch,
+                          stdin="x" * 300 + "\nhi\n/exit\n")
+    assert code == 0, err
+    assert "error: " in err and "--max-model-len" in err and err.count("prompt: ") == 1
+
+
 def _one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
     assert code != 0
     lines = err.strip().splitlines()
@@ -74,8 +81,9 @@ def _one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
     (["hi", "--top-p", "0"], ["top_p"]),
     (["hi", "--kv-cache-dtype", "int8"], ["--kv-cache-dtype"]),
     (["hi", "--backend", "tpu"], ["backend"]),
+    (["hi", "--threads", "0"], ["--threads"]),
 ])
-def test_bad_input_is_one_line(tiny, capsys, monkeypatch, args, fragments):
+def test_bad_input_is_one_line(tiny, capsys, monkeypatch, args, fragments, restore_torch_threads):
     _one_line_error(*adaq(["run", tiny / "nvfp4", *FAST, "--max-tokens", "2", *args], capsys, monkeypatch),
                     *fragments)
 
@@ -96,14 +104,26 @@ def test_chat_needs_a_template(tiny, tmp_path, capsys, monkeypatch):
     _one_line_error(*adaq(["run", folder, "hi", "--chat", *FAST], capsys, monkeypatch), "chat template")
 
 
+@pytest.fixture
+def restore_torch_threads():
+    """`adaq run --threads` runs in this process: give the next tests their thread count back."""
+    import torch
+
+    original = torch.get_num_threads()
+    yield
+    torch.set_num_threads(original)
+
+
 REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
 @pytest.mark.slow
-def test_real_gemma3_nvfp4_greedy_matches_transformers(tmp_path, capsys, monkeypatch):
+def test_real_gemma3_nvfp4_greedy_matches_transformers(tmp_path, capsys, monkeypatch, restore_torch_threads):
     """`adaq quantize` then `adaq run` on the real Gemma3-270M (CPU): 64 greedy tokens per prompt, each one the
     argmax of transformers' forward on the decompressed weights given the tokens before it."""
     pytest.importorskip("compressed_tensors")
+    import torch
+
     from adaq.demo import gemma3_270m_folder
 
     nvfp4 = tmp_path / "gemma3-270m-nvfp4a16"
@@ -113,10 +133,9 @@ def test_real_gemma3_nvfp4_greedy_matches_transformers(tmp_path, capsys, monkeyp
     for prompt in REAL_PROMPTS:
         code, out, err = adaq(["run", nvfp4, prompt, "--no-chat", "--temperature", "0", "--max-tokens", "64",
                                "--ignore-eos", "--kv-cache-dtype", "bf16", "--backend", "reference", "--device",
-                               "cpu", "--max-model-len", "1024", "--json"], capsys, monkeypatch)
+                               "cpu", "--max-model-len", "1024", "--threads", "1", "--json"], capsys, monkeypatch)
         assert code == 0, err
         runs.append(json.loads(out))
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
     tokenizer = AutoTokenizer.from_pretrained(nvfp4)

@@ -30,11 +30,11 @@ LOAD_REQUESTS = 500 if FULL else 128
 SOAK_REQUESTS = 2000 if FULL else 300
 API_KEY = "test-key"
 MODEL = "tiny"
-MAX_MODEL_LEN = 160
+MAX_MODEL_LEN = 192
 MAX_NUM_SEQS = 32
 MAX_QUEUE = 40  # capacity 72: the 64 load clients always fit, a burst of 100 does not
-MAX_PROMPT_TOKENS = 96
-MAX_OUTPUT_TOKENS = 48
+MAX_PROMPT_TOKENS = 128
+MAX_OUTPUT_TOKENS = 96
 MAX_BODY_BYTES = 64 * 1024
 SERVER_FLAGS = ["--backend", "reference", "--device", "cpu", "--dtype", "fp32", "--kv-cache-dtype", "bf16",
                 "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue",
@@ -55,7 +55,7 @@ class Server:
         """Every sample of /metrics, keyed by name plus its labels other than model_name."""
         samples = {}
         for line in self.http.get("/metrics").text.splitlines():
-            match = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+            match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
             if match:
                 labels = ",".join(part for part in (match.group(2) or "").split(",")
                                   if part and not part.startswith("model_name"))
@@ -199,13 +199,14 @@ def test_openai_client_completions_and_chat(server, alone):
 
 
 def test_stop_strings_n_and_several_prompts(server):
-    body = server.complete("abc", max_tokens=8, n=2, ignore_eos=True).json()
+    body = server.complete("abc", max_tokens=16, n=2, ignore_eos=True).json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: both samples agree
-    assert body["usage"]["completion_tokens"] == 16
+    assert body["usage"]["completion_tokens"] == 32
     text = body["choices"][0]["text"]
-    cut = server.complete("abc", max_tokens=8, ignore_eos=True, stop=[text[3:5]]).json()["choices"][0]
-    assert (cut["text"], cut["finish_reason"]) == (text[:3], "stop") or text[3:5] in text[:3]
+    stop = next(char for char in text[2:] if char.isascii() and char.isprintable())
+    cut = server.complete("abc", max_tokens=16, ignore_eos=True, stop=[stop]).json()["choices"][0]
+    assert (cut["text"], cut["finish_reason"]) == (text[:text.index(stop)], "stop")
     several = server.post("/v1/completions", json={"model": MODEL, "prompt": ["one", "two", "three"],
                                                    "max_tokens": 3, "temperature": 0}).json()
     assert [c["index"] for c in several["choices"]] == [0, 1, 2]
@@ -246,17 +247,17 @@ def test_disconnects_cancel_requests_and_free_their_blocks(server):
             await asyncio.gather(*(one(i) for i in range(count)))
 
     async def abandon_non_streaming(count: int) -> None:
-        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=0.3) as client:
-            results = await asyncio.gather(*(client.post("/v1/completions", json=payload) for _ in range(count)),
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=httpx.Timeout(30, read=0.2)) as c:
+            results = await asyncio.gather(*(c.post("/v1/completions", json=payload) for _ in range(count)),
                                            return_exceptions=True)
-            assert all(isinstance(result, httpx.TimeoutException) for result in results)
+            assert any(isinstance(result, httpx.TimeoutException) for result in results)
 
     asyncio.run(disconnect_streams(12))
     asyncio.run(abandon_non_streaming(6))
     m = server.wait_idle()
     assert m["adaq_num_requests_in_flight"] == 0
     assert m["adaq_kv_cache_free_blocks"] == m["adaq_kv_cache_blocks"]
-    assert m["adaq_request_aborted_total"] - before >= 9  # most left long before their 48 tokens were done
+    assert m["adaq_request_aborted_total"] - before >= 9  # most left long before their 96 tokens were done
     assert server.complete().status_code == 200
 
 
@@ -264,22 +265,30 @@ def test_a_full_queue_answers_429(server):
     capacity = MAX_NUM_SEQS + MAX_QUEUE
     payload = {"model": MODEL, "prompt": "x", "max_tokens": MAX_OUTPUT_TOKENS, "ignore_eos": True, "stream": True}
 
+    burst_size = capacity + 28
+
     async def burst() -> list[int]:
+        answered, everyone_answered = [], asyncio.Event()
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60,
-                                     limits=httpx.Limits(max_connections=capacity + 30)) as client:
+                                     limits=httpx.Limits(max_connections=burst_size)) as client:
             async def one() -> int:
                 async with client.stream("POST", "/v1/completions", json=payload) as response:
+                    answered.append(response.status_code)
+                    if len(answered) == burst_size:
+                        everyone_answered.set()
                     if response.status_code == 429:
                         body = json.loads(await response.aread())
                         assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
                         assert response.headers["retry-after"] == "1"
+                    else:
+                        await everyone_answered.wait()  # hold the stream open until the burst is over
                     return response.status_code  # leaving the block disconnects: the request is cancelled
 
-            return await asyncio.gather(*(one() for _ in range(capacity + 28)))
+            return await asyncio.gather(*(one() for _ in range(burst_size)))
 
     statuses = asyncio.run(burst())
-    assert set(statuses) <= {200, 429} and statuses.count(429) >= 28 - MAX_NUM_SEQS // 4
-    assert statuses.count(200) >= MAX_NUM_SEQS
+    assert set(statuses) <= {200, 429} and statuses.count(429) >= 28 - 4  # a few may finish inside the burst
+    assert statuses.count(200) >= capacity
     m = server.wait_idle()
     assert m["adaq_kv_cache_free_blocks"] == m["adaq_kv_cache_blocks"]
     assert m['adaq_http_requests_total{route="/v1/completions",status="429"}'] >= statuses.count(429)
@@ -309,7 +318,7 @@ BAD_REQUESTS = {
     "huge prompt": ("/v1/completions", {**GOOD, "prompt": "word " * 2000}, AUTH, 400, "context_length_exceeded"),
     "huge token-id prompt": ("/v1/completions", {**GOOD, "prompt": [7] * 500}, AUTH, 400,
                              "context_length_exceeded"),
-    "prompt plus max_tokens past the context": ("/v1/completions", {**GOOD, "prompt": [7] * 90, "max_tokens": 45},
+    "prompt plus max_tokens past the context": ("/v1/completions", {**GOOD, "prompt": [7] * 120, "max_tokens": 90},
                                                 AUTH, 400, "context_length_exceeded"),
     "max_tokens over the server's limit": ("/v1/completions", {**GOOD, "max_tokens": MAX_OUTPUT_TOKENS + 1}, AUTH,
                                            400, "max_tokens_too_large"),
@@ -404,5 +413,37 @@ def test_serve_cli_errors_are_one_line(tmp_path, tiny_qwen3_nvfp4):
         port = busy.getsockname()[1]
         taken = run_cli("serve", str(tiny_qwen3_nvfp4), "--port", str(port), "--device", "cpu")
     assert taken.returncode != 0 and "--port" in taken.stderr and "Traceback" not in taken.stderr, taken.stderr
-    bad_queue = run_cli("serve", str(tiny_qwen3_nvfp4), "--max-queue", "-1", "--device", "cpu")
-    assert bad_queue.returncode != 0 and "--max-queue" in bad_queue.stderr, bad_queue.stderr
+
+
+@pytest.mark.parametrize("setting, flag", [({"max_queue": -1}, "--max-queue"),
+                                           ({"max_prompt_tokens": 0}, "--max-prompt-tokens"),
+                                           ({"model_names": [""]}, "--served-model-name")])
+def test_bad_server_settings_name_the_flag(setting, flag):
+    from adaq.errors import AdaqError
+    from adaq.serve.app import ServeSettings
+
+    with pytest.raises(AdaqError, match=flag):
+        ServeSettings(**{"model_names": ["m"], "model_root": "m", **setting})
+
+
+# ---- the real model ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_gemma3_270m_nvfp4_answers_the_openai_client(gemma3_270m_nvfp4, tmp_path):
+    openai = pytest.importorskip("openai")
+    server = start_server(gemma3_270m_nvfp4, tmp_path / "server.log", "--device", "cpu", "--max-model-len", "256",
+                          "--max-num-seqs", "4", "--kv-cache-memory", "64MiB", "--served-model-name", "gemma3-270m")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        prompt = "The capital of France is"
+        completion = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=8, temperature=0)
+        streamed = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=8, temperature=0,
+                                             stream=True)
+        text = completion.choices[0].text
+        assert completion.usage.prompt_tokens == 6  # [2, 818, 5279, 529, 7001, 563]: BOS + 5 tokens (NOTES)
+        assert completion.usage.completion_tokens == 8 and "Paris" in text or "capital" in text, text
+        assert "".join(chunk.choices[0].text for chunk in streamed) == text
+        with pytest.raises(openai.BadRequestError, match="chat template"):  # a base model: no chat template
+            client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        stop_server(server)
+    assert server.process.returncode == 0 and "Traceback" not in server.log.read_text()

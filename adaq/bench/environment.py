@@ -64,8 +64,8 @@ def command_line() -> str:
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
-        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        return result.stdout.strip() or None
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        return result.stdout.strip() if result.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

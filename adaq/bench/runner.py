@@ -18,7 +18,6 @@ from adaq.bench import roofline
 from adaq.bench.shapes import load_model_config, model_tensors
 from adaq.errors import AdaqError
 
-VARIANTS = ("nvfp4", "bf16", "hf")
 BASELINES = ("bf16", "hf")
 MEMORY_MARGIN = 1 << 30  # activations, CUDA graphs and the allocator's slack, on top of weights and KV cache
 

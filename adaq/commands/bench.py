@@ -49,7 +49,7 @@ def parse_baselines(text: str) -> tuple[str, ...]:
 @app.callback()
 def bench(
     ctx: typer.Context,
-    checkpoint: str = typer.Argument(None, metavar="[CKPT]", help="NVFP4 checkpoint folder to benchmark"),
+    checkpoint: str = typer.Argument(None, metavar="CKPT", help="NVFP4 checkpoint folder to benchmark"),
     synthetic: str = typer.Option(None, help="random weights in a real model's shapes, made on the GPU: "
                                              "qwen3-8b, qwen3-30b-a3b, gemma3-4b, gemma3-27b, ... or a config.json"),
     batch: str = typer.Option("1,4,16", help="batch size, or a comma-separated list"),

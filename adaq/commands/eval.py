@@ -134,7 +134,7 @@ def ppl(
 
     go_offline()
     from adaq.eval.perplexity import make_windows, perplexity
-    from adaq.eval.report import perplexity_json, perplexity_table
+    from adaq.eval.report import perplexity_json, perplexity_table, write_json
     from adaq.eval.sources import load_scorer
 
     body = read_text(text)
@@ -149,6 +149,8 @@ def ppl(
             results[label] = (source, perplexity(scorer, body, window, max_windows, batch_size,
                                                  lambda n, bar=bar: progress.advance(bar, n)))
             del scorer
+            if json_path:  # a long run keeps what it has measured so far
+                write_json(json_path, perplexity_json(results, text, time.perf_counter() - started))
     report = perplexity_json(results, text, time.perf_counter() - started)
     _emit(report, perplexity_table(report), json_path)
 

@@ -9,7 +9,8 @@ from adaq.errors import AdaqError
 
 
 def quantize(
-    src: str = typer.Argument(..., help="Model folder, hub id already in the local HF cache, or a .gguf file."),
+    src: str = typer.Argument(..., help="Model folder, hub id already in the local HF cache, a .gguf file, "
+                                         "or demo:gemma3-270m (the embedded real model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     scheme: str = typer.Option(None, help="nvfp4a16 (weights only, default) or nvfp4 (W4A4, calibrated); "
                                           "overrides the recipe's scheme."),

@@ -27,6 +27,7 @@ def run(
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size, e.g. 2GiB."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     dtype: str | None = typer.Option(None, help="Compute dtype: bf16, fp16, fp32 (default bf16 GPU, fp32 CPU)."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch (default: its own)."),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if any)."),
     system: str | None = typer.Option(None, "--system", help="System message for chat."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
@@ -38,6 +39,8 @@ def run(
     from adaq.engine.sampling_params import SamplingParams
 
     console = Console(stderr=True)
+    if threads is not None:
+        _set_threads(threads)
     with console.status(f"loading {checkpoint}"):
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
@@ -66,6 +69,8 @@ def run(
 def _interactive(llm, params, system: str | None, console) -> None:
     from rich.prompt import Prompt
 
+    from adaq.errors import AdaqError
+
     if not _has_template(llm):
         raise _error("interactive chat needs a tokenizer with a chat template; give a PROMPT instead")
     console.print("[dim]chat with the model; /exit (or Ctrl-D) to quit, /clear to forget the conversation[/]")
@@ -81,7 +86,12 @@ def _interactive(llm, params, system: str | None, console) -> None:
             messages = _messages(system, None)
             continue
         messages.append({"role": "user", "content": user})
-        output = _stream_reply(llm, _encode(llm, messages), params)
+        try:
+            output = _stream_reply(llm, _encode(llm, messages), params)
+        except AdaqError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
+            console.print(f"error: {error}; /clear starts a new conversation", style="red", soft_wrap=True)
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": output.text})
         console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
 
@@ -131,6 +141,14 @@ def _stats_line(llm, output) -> str:
     return (f"prompt: {f['prompt_tokens']} tokens, {rate(f['prompt_tok_s'])} tok/s · decode: {f['output_tokens']} "
             f"tokens, {rate(f['decode_tok_s'])} tok/s · {memory} {f['peak_memory_bytes'] / 2**30:.2f} GiB · "
             f"{f['device']}, {f['backend']} backend, {f['kv_cache_dtype']} KV · {output.finish_reason}")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 1:
+        raise _error(f"invalid setting --threads {threads}: must be >= 1")
+    torch.set_num_threads(threads)
 
 
 def _peak_rss_bytes() -> int:

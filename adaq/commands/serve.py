@@ -41,6 +41,11 @@ def serve(
     """Serve a checkpoint over the OpenAI API (streaming and plain JSON), with Prometheus metrics."""
     from rich.console import Console
 
+    from adaq.errors import AdaqError
+
+    if not (checkpoint / "config.json").is_file():
+        raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+
     from adaq.engine.config import EngineConfig
     from adaq.serve.app import ServeSettings
     from adaq.serve.server import serve as run_server

@@ -99,12 +99,29 @@ class DecodeGraphs:
         return bucket.hidden[:batch]
 
 
+def graph_safe(model: torch.nn.Module) -> bool:
+    """Every op of a decode step runs on a kernel: the reference fallbacks of attention (unsupported head shapes)
+    and of MoE (bf16 experts) read device values on the host, which a capture cannot contain."""
+    from adaq.kernels.backend_cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
+
+    for module in model.modules():
+        if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
+            groups = module.num_heads // max(module.num_kv_heads, 1)
+            if module.head_dim not in ATTENTION_HEAD_DIMS or groups not in ATTENTION_GROUPS:
+                return False
+        experts = getattr(module, "experts", None)
+        if experts is not None and not isinstance(experts, (KernelExpertsHandle, torch.nn.Module, list)):
+            return False
+    return True
+
+
 def maybe_decode_graphs(runner) -> DecodeGraphs | None:
     """Decode graphs for a runner whose model uses the cuda backend on a GPU, unless ADAQ_CUDA_GRAPHS=0 or the
     engine config says enforce_eager."""
     backend = getattr(runner.model, "backend", None)
     if (runner.device.type != "cuda" or getattr(backend, "name", None) != "cuda"
-            or os.environ.get(DISABLE_ENV, "1") == "0" or getattr(runner.config, "enforce_eager", False)):
+            or os.environ.get(DISABLE_ENV, "1") == "0" or getattr(runner.config, "enforce_eager", False)
+            or not graph_safe(runner.model)):
         return None
     try:
         return DecodeGraphs(runner.model, runner.config.max_num_seqs, runner.max_model_len,

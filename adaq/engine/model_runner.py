@@ -182,19 +182,23 @@ class ModelRunner:
         inputs = self._prepare(batch)
         try:
             hidden = self._forward(inputs.input_ids, inputs.positions, batch.is_decode)
-            tokens: list[int | None] = [None] * len(batch.seqs)
-            if inputs.sample_rows:
-                index = torch.tensor(inputs.sample_token_index, device=self.device)
-                logits = self.model.compute_logits(hidden[index])
-                sampled = self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows]).tolist()
-                for row, token in zip(inputs.sample_rows, sampled):
-                    tokens[row] = token
+            tokens = self._sample(batch, inputs, hidden)
             for row, first, position, count in inputs.score_rows:
                 self._score_prompt(batch.seqs[row], hidden[first:first + count], position)
             for row, index in inputs.candidate_rows:
                 self._score_candidates(batch.seqs[row], hidden[index:index + 1])
         finally:
             reset_context()
+        return tokens
+
+    def _sample(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[int | None]:
+        tokens: list[int | None] = [None] * len(batch.seqs)
+        if inputs.sample_rows:
+            index = torch.tensor(inputs.sample_token_index, device=self.device)
+            logits = self.model.compute_logits(hidden[index])
+            sampled = self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows]).tolist()
+            for row, token in zip(inputs.sample_rows, sampled):
+                tokens[row] = token
         return tokens
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, is_decode: bool) -> torch.Tensor:

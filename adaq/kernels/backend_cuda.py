@@ -38,9 +38,8 @@ class KernelExpertsHandle:
 class CudaBackend(ReferenceBackend):
     name = "cuda"
 
-    def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
-                 dequant_cache_bytes: int | None = None):
-        super().__init__(device or "cuda", activation_quant=activation_quant, dequant_cache_bytes=dequant_cache_bytes)
+    def __init__(self, device: torch.device | str | None = None, **options):
+        super().__init__(device or "cuda", **options)  # the reference backend's options, passed through
         if self.device.type != "cuda":
             from adaq.errors import AdaqError
 

@@ -128,7 +128,7 @@ def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
         ops.set_gemm_variant(1)
         gemms += [dict(nvfp4_gemm(n, k, m, gbs, name=name + "@v1"), variant=1)
                   for name, (n, k) in QWEN3_8B_LINEARS.items() for m in (1, 16)]
-        ops.set_gemm_variant(2)
+        ops.set_gemm_variant(ops.DEFAULT_GEMM_VARIANT)
     attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d) for d in ("fp8", "bf16") for b in (1, 16)]
     attn.append(paged_attention(1, 8192, heads=32, kv_heads=4, copy_gbs=gbs))  # Qwen3-30B-A3B: 8 heads per KV head
     moe = [moe_decode(t, copy_gbs=gbs) for t in (1, 16)]
@@ -150,7 +150,7 @@ def summary_lines(results: dict) -> list[str]:
     return lines
 
 
-def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(2, 3), splits=(0, 1, 2, 3, 4, 6, 8, 12, 16),
+def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(2, 3, 4), splits=(0, 1, 2, 4, 8),
                copy_gbs: float | None = None) -> list[dict]:
     """µs of the decode GEMM over kernel variants and forced split counts (0 = the planner's choice), to tune the
     planner: one set of weight copies per shape, reused."""
@@ -171,7 +171,7 @@ def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(2, 3), splits
                     out.append({"name": name, "M": m, "N": n, "K": k, "variant": variant, "splits": s, "us": us,
                                 "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs if copy_gbs else None})
         del weights
-    ops.set_gemm_variant(2)
+    ops.set_gemm_variant(ops.DEFAULT_GEMM_VARIANT)
     return out
 
 

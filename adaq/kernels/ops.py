@@ -15,20 +15,27 @@ COUNTERS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
-_variant_set = False
+DEFAULT_GEMM_VARIANT = 0  # per-shape choice (csrc/nvfp4_gemm.cu, measured on the H100: docs/KERNELS.md)
+_variant: int | None = None
 
 
 def ext():
-    global _variant_set
+    global _variant
     module = load()
-    if not _variant_set:  # ADAQ_GEMM_VARIANT=1 selects the unpipelined v1 GEMM (kept for comparison)
-        module.gemm_set_variant(int(os.environ.get("ADAQ_GEMM_VARIANT", "2")))
-        _variant_set = True
+    if _variant is None:  # ADAQ_GEMM_VARIANT picks another GEMM variant (1..4; 0 = per shape), for comparisons
+        set_gemm_variant(int(os.environ.get("ADAQ_GEMM_VARIANT", DEFAULT_GEMM_VARIANT)), module)
     return module
 
 
-def set_gemm_variant(variant: int) -> None:
-    ext().gemm_set_variant(variant)
+def set_gemm_variant(variant: int, module=None) -> None:
+    global _variant
+    _variant = variant
+    (module or load()).gemm_set_variant(variant)
+
+
+def gemm_variant() -> int:
+    ext()
+    return _variant
 
 
 def counters(device: torch.device) -> torch.Tensor:

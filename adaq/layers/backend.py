@@ -13,11 +13,12 @@ import torch
 from adaq.errors import AdaqError
 from adaq.formats import nvfp4
 from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.layers import activation, attention, moe, norm, rotary
+from adaq.layers import activation, attention, fp8_prefill, moe, norm, rotary
 from adaq.layers.linear import LinearHandle, Weight, can_fuse, check_shapes, fuse, quantize_activation_nvfp4
 
 BACKENDS = ("reference", "cuda", "auto")
 DEQUANT_CACHE_FRACTION = 0.4  # of the memory free when the backend is made
+PREFILL_PATH_ENV = "ADAQ_PREFILL_PATH"  # auto | fp8 | nvfp4 (adaq.kernels.prefill_fp8 reads it too)
 
 
 class ReferenceBackend:
@@ -27,14 +28,19 @@ class ReferenceBackend:
       input_global_scale; False runs such checkpoints weight-only.
     - dequant_cache_bytes: how many bytes of dequantized weights (in the compute dtype) may be kept, so a linear
       is a plain matmul; None = 40% of the memory free now. 0 dequantizes on every call.
+    - prefill_fp8: emulate the FP8 prefill path exactly (adaq.layers.fp8_prefill) for NVFP4 linears called with at
+      least `prefill_fp8_min_tokens` rows; None = on when $ADAQ_PREFILL_PATH is `fp8`.
     """
 
     name = "reference"
 
     def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
-                 dequant_cache_bytes: int | None = None):
+                 dequant_cache_bytes: int | None = None, prefill_fp8: bool | None = None,
+                 prefill_fp8_min_tokens: int = fp8_prefill.MIN_TOKENS):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.activation_quant = activation_quant
+        self.prefill_fp8 = os.environ.get(PREFILL_PATH_ENV) == "fp8" if prefill_fp8 is None else prefill_fp8
+        self.prefill_fp8_min_tokens = prefill_fp8_min_tokens
         self.dequant_cache_bytes = free_memory(self.device) * DEQUANT_CACHE_FRACTION \
             if dequant_cache_bytes is None else dequant_cache_bytes
         self.dequant_cached_bytes = 0
@@ -53,11 +59,23 @@ class ReferenceBackend:
         if self.dequant_cached_bytes + nbytes <= self.dequant_cache_bytes:
             handle.dense = nvfp4.dequantize(packed, dtype)
             self.dequant_cached_bytes += nbytes
+        if self.prefill_fp8:
+            self._prepare_fp8(handle, packed)
         return handle
+
+    def _prepare_fp8(self, handle: LinearHandle, packed: NVFP4Weight) -> None:
+        handle.fp8 = fp8_prefill.expand_weight(packed)
+        handle.fp8_f32 = None
+        nbytes = handle.out_features * handle.in_features * 4
+        if self.dequant_cached_bytes + nbytes <= self.dequant_cache_bytes:
+            handle.fp8_f32 = handle.fp8.values.float()
+            self.dequant_cached_bytes += nbytes
 
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
         if handle.input_global_scale is not None:
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
+        if getattr(handle, "fp8", None) is not None and x.numel() >= self.prefill_fp8_min_tokens * x.shape[-1]:
+            return fp8_prefill.fp8_linear_reference(x, handle.fp8, bias, handle.fp8_f32)
         return torch.nn.functional.linear(x, handle.weight(), bias)
 
     # Mixture of experts

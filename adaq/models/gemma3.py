@@ -10,31 +10,24 @@ from adaq.layers.attention import SelfAttention
 from adaq.layers.embedding import Embedding, LMHead
 from adaq.layers.mlp import GatedMLP
 from adaq.layers.norm import RMSNorm
-from adaq.layers.rotary import InverseFrequencies
+from adaq.layers.rotary import RopeTables
 from adaq.models.base import CausalLM, WeightReader
 from adaq.models.qwen3 import head_dim_of, sliding_window_of
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
-def rope_of(config, layer_type: str) -> dict:
-    """transformers 5 keeps one rope_parameters entry per layer type; older configs had rope_theta and
-    rope_local_base_freq (normalised into rope_parameters when the config object is built)."""
-    params = config.rope_parameters
-    return params[layer_type] if layer_type in params else params
-
-
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, backend, layer_idx: int, rope: InverseFrequencies):
+    def __init__(self, config, backend, layer_idx: int, rope: RopeTables):
         super().__init__()
         head_dim = head_dim_of(config)
         eps = config.rms_norm_eps
-        layer_type = config.layer_types[layer_idx]
+        inv_freq, attention_factor = rope(head_dim, config.layer_types[layer_idx])
         for name in NORMS:
             setattr(self, name, RMSNorm(backend, config.hidden_size, eps, unit_offset=True))
         self.self_attn = SelfAttention(
             backend, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
-            rope(head_dim, rope_of(config, layer_type)), eps, config.query_pre_attn_scalar ** -0.5,
+            inv_freq, eps, config.query_pre_attn_scalar ** -0.5 * attention_factor ** 2,
             unit_offset_norm=True, sliding_window=sliding_window_of(config, layer_idx))
         self.mlp = GatedMLP(backend, config.hidden_size, config.intermediate_size, config.hidden_activation)
 
@@ -56,7 +49,7 @@ class Gemma3ForCausalLM(CausalLM):
         super().__init__(config, backend, dtype)
         self.embed_tokens = Embedding(backend, config.vocab_size, config.hidden_size,
                                       scale=config.hidden_size ** 0.5)
-        rope = InverseFrequencies(backend.device)
+        rope = RopeTables(config, backend.device)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, backend, i, rope) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps, unit_offset=True)

@@ -7,7 +7,7 @@ from adaq.layers.attention import SelfAttention
 from adaq.layers.embedding import Embedding, LMHead
 from adaq.layers.mlp import GatedMLP
 from adaq.layers.norm import RMSNorm
-from adaq.layers.rotary import InverseFrequencies
+from adaq.layers.rotary import RopeTables
 from adaq.models.base import CausalLM, WeightReader
 
 
@@ -23,13 +23,14 @@ def head_dim_of(config) -> int:
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config, backend, layer_idx: int, mlp: nn.Module, rope: InverseFrequencies):
+    def __init__(self, config, backend, layer_idx: int, mlp: nn.Module, rope: RopeTables):
         super().__init__()
         head_dim = head_dim_of(config)
+        inv_freq, attention_factor = rope(head_dim)
         self.input_layernorm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps)
         self.self_attn = SelfAttention(
             backend, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
-            rope(head_dim, config.rope_parameters), config.rms_norm_eps, head_dim ** -0.5,
+            inv_freq, config.rms_norm_eps, head_dim ** -0.5 * attention_factor ** 2,
             sliding_window=sliding_window_of(config, layer_idx))
         self.post_attention_layernorm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
@@ -49,7 +50,7 @@ class Qwen3ForCausalLM(CausalLM):
     def __init__(self, config, backend, dtype: torch.dtype):
         super().__init__(config, backend, dtype)
         self.embed_tokens = Embedding(backend, config.vocab_size, config.hidden_size)
-        rope = InverseFrequencies(backend.device)
+        rope = RopeTables(config, backend.device)
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(config, backend, i, self.make_mlp(i), rope) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps)

@@ -153,10 +153,11 @@ LayerQuantizer = Callable[[int, nn.Module, dict[str, InputStats]], None]
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, ids: torch.Tensor, quantize_layer: LayerQuantizer,
                         config: CalibrationConfig, with_hessian: bool = False,
-                        progress: Callable[[int, int], None] | None = None) -> None:
+                        progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
     """Gather each decoder layer's input statistics and hand them to `quantize_layer(index, layer, stats)`.
 
-    With `config.sequential`, layer i+1's inputs come from the already-quantized layers 0..i.
+    With `config.sequential`, layer i+1's inputs come from the already-quantized layers 0..i. Returns the hidden
+    states leaving the last layer, per micro-batch.
     """
     layers = decoder_layers(model)
     hidden, kwargs_per_layer = _layer_kwargs(model, ids.split(config.micro_batch))
@@ -167,6 +168,7 @@ def calibrate_layerwise(model: nn.Module, ids: torch.Tensor, quantize_layer: Lay
         hidden = _run_layer(layer, hidden, kwargs_per_layer[index]) if config.sequential else unquantized_outputs
         if progress:
             progress(index + 1, len(layers))
+    return hidden
 
 
 def _layers_prefix(model: nn.Module) -> str:

@@ -103,6 +103,9 @@ def _attach_hooks(model, quantized: set[str], stats: dict[str, torch.Tensor]) ->
 def calibrate_input_amax(job, plan) -> dict[str, torch.Tensor]:
     """amax(|input|) of every Linear in plan.quantize over the calibration windows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # adaq draws its own bars
 
     if job.calibration is None:
         raise AdaqError("--scheme nvfp4 calibrates activation scales: pass --calib-data FILE|DIR "

@@ -22,6 +22,9 @@ def quantize_llmcompressor(job: QuantJob) -> MethodResult:
     except ImportError:
         raise AdaqError("--method llmcompressor needs llm-compressor: pip install 'adaq[quant]'") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # adaq draws its own bars
 
     from adaq.formats.checkpoint import open_checkpoint
 

@@ -3,6 +3,7 @@ files, the applied recipe and adaq's metadata, check the result, and rename it i
 run leaves no OUT, and an existing OUT is replaced only once the new one is complete)."""
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json", "preprocessor_config.json",
                    "processor_config.json")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+DEMO_SOURCE = "demo:gemma3-270m"  # the embedded real model (adaq.demo), built on first use
 
 
 @dataclass
@@ -71,13 +73,22 @@ def resolve_hub_id(name: str) -> Path:
 
 @contextmanager
 def source_folder(src: str, scratch: Path):
-    """The dense HF folder to quantize: SRC itself, its cached hub snapshot, or a GGUF dequantized into scratch."""
+    """The dense HF folder to quantize: SRC itself, its cached hub snapshot, a GGUF dequantized into scratch, or
+    the embedded Gemma3-270M for `demo:gemma3-270m`."""
     path = Path(src).expanduser()
-    if path.is_dir():
+    if src == DEMO_SOURCE:
+        from adaq.demo import gemma3_270m_folder
+
+        yield gemma3_270m_folder(), "demo"
+    elif path.is_dir():
         yield path, "folder"
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise AdaqError(f"{path}: no such GGUF file")
+        try:
+            import gguf  # noqa: F401  (transformers dequantizes GGUF tensors through it)
+        except ImportError:
+            raise AdaqError("a .gguf source needs the gguf package: pip install 'adaq[demo]'") from None
         from adaq.formats.gguf import gguf_to_hf_folder
 
         folder = scratch / "gguf-source"
@@ -105,6 +116,28 @@ def check_source(folder: Path) -> dict:
     return config
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Temp folders of earlier runs on OUT that were killed (their process is gone)."""
+    for folder in out.parent.glob(f".{out.name}.adaq-*"):
+        pid = folder.name.removeprefix(f".{out.name}.adaq-").split("-")[1:2]
+        if folder.is_dir() and pid and pid[0].isdigit() and not _pid_alive(int(pid[0])):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def temp_beside(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-{kind}-{os.getpid()}-", dir=out.parent))
+
+
 def prepare_out(out: Path, force: bool) -> Path:
     """A fresh temp folder beside OUT (same filesystem, so the final rename is atomic)."""
     if out.exists() and not force:
@@ -112,7 +145,8 @@ def prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise AdaqError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    return temp_beside(out, "tmp")
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
@@ -159,37 +193,45 @@ def choose_recipe(config: dict, scheme: str | None, recipe_path: str | None) -> 
     return default_recipe(config, scheme or "nvfp4a16")
 
 
+def write_metadata(folder: Path, report: QuantReport, kind: str, started: datetime) -> None:
+    metadata = {**report.to_dict(), "source_kind": kind, "started": started.isoformat(timespec="seconds"),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def run_method(job: QuantJob, method: str, source: str, out: Path, started: datetime) -> QuantReport:
+    """The method's tensors, then tokenizer, recipe and metadata, all inside the temp folder."""
+    clock = time.perf_counter()
+    result = get_method(method).run(job)
+    copy_tokenizer(job.source, job.out_dir)
+    if not (job.out_dir / RECIPE_FILE).exists():
+        (job.out_dir / RECIPE_FILE).write_text(job.recipe.to_yaml())
+    check_output(job.out_dir, job.scheme, len(result.quantized))
+    seconds = round((datetime.now(timezone.utc) - started).total_seconds(), 2)
+    report = QuantReport(source, str(out), method, job.scheme, job.recipe.source, job.device, len(result.quantized),
+                         result.kept, safetensors_bytes(job.source), safetensors_bytes(job.out_dir), seconds,
+                         {**result.notes, "method_seconds": round(time.perf_counter() - clock, 2)})
+    return report
+
+
 def quantize_model(src: str, out: str | Path, scheme: str | None = None, recipe_path: str | None = None,
                    method: str = "rtn", calibration: CalibrationSpec | None = None, force: bool = False,
                    device: str = "auto", progress: Progress | None = None) -> QuantReport:
-    """Quantize SRC (folder, cached hub id or .gguf) into the compressed-tensors folder OUT."""
-    out, progress = Path(out).expanduser().resolve(), progress or Progress()
+    """Quantize SRC (folder, cached hub id, .gguf or demo:gemma3-270m) into the compressed-tensors folder OUT."""
+    out, started = Path(out).expanduser().resolve(), datetime.now(timezone.utc)
     chosen = get_method(method)
-    if out.exists() and not force:
-        raise AdaqError(f"{out} already exists; pass --force to replace it")
-    started, clock = datetime.now(timezone.utc), time.perf_counter()
     tmp = prepare_out(out, force)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-src-", dir=out.parent))
+    scratch = temp_beside(out, "src")
     try:
         with source_folder(src, scratch) as (folder, kind):
-            config = check_source(folder)
-            recipe = choose_recipe(config, scheme, recipe_path)
+            recipe = choose_recipe(check_source(folder), scheme, recipe_path)
             if (recipe.scheme == "nvfp4" or chosen.needs_calibration) and calibration is None:
                 raise AdaqError(f"--scheme {recipe.scheme} with --method {method} needs calibration data: "
                                 "pass --calib-data FILE|DIR")
-            job = QuantJob(folder, tmp, recipe.scheme, recipe, calibration, resolve_device(device), progress)
-            result = chosen.run(job)
-            copy_tokenizer(folder, tmp)
-            if not (tmp / RECIPE_FILE).exists():
-                (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-            check_output(tmp, recipe.scheme, len(result.quantized))
-            report = QuantReport(src, str(out), method, recipe.scheme, recipe.source, job.device,
-                                 len(result.quantized), result.kept, safetensors_bytes(folder),
-                                 safetensors_bytes(tmp), round(time.perf_counter() - clock, 2), result.notes)
-            metadata = {**report.to_dict(), "source_kind": kind, "started": started.isoformat(timespec="seconds"),
-                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "versions": versions()}
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+            job = QuantJob(folder, tmp, recipe.scheme, recipe, calibration, resolve_device(device),
+                           progress or Progress())
+            report = run_method(job, method, src, out, started)
+            write_metadata(tmp, report, kind, started)
         replace_into(tmp, out)
         return report
     finally:

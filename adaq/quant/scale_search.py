@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from adaq.errors import AdaqError
-from adaq.quant.methods import register_method
 from adaq.formats.nvfp4 import (
     FP4_MAX,
     FP8_MAX,
@@ -30,6 +29,7 @@ from adaq.formats.nvfp4 import (
     pack_nibbles,
     tensor_amax,
 )
+from adaq.quant.methods import register_method
 
 _E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN in float8_e4m3fn
 _CHUNK_ELEMENTS = 1 << 23  # candidates x rows x K per vectorised step: ~32 MB per fp32 temporary

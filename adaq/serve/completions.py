@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from adaq.engine.chat import render_chat
+from adaq.engine.chat import has_chat_template, render_chat
 from adaq.engine.llm_engine import LLMEngine, RequestOutput
 from adaq.engine.sampling_params import SamplingParams
 from adaq.errors import AdaqError
@@ -86,6 +86,10 @@ async def completion_prompts(engine: LLMEngine, body: CompletionRequest) -> list
 
 
 async def chat_prompt(engine: LLMEngine, body: ChatCompletionRequest) -> list[Prompt]:
+    if not has_chat_template(engine.tokenizer):
+        raise bad_request("this model's tokenizer has no chat template (a base model?): use /v1/completions, or add "
+                          "a chat_template to the checkpoint's tokenizer_config.json", "messages",
+                          "chat_template_missing")
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
     try:
         text = render_chat(engine.tokenizer, messages, add_generation_prompt=body.add_generation_prompt)

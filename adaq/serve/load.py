@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo")
-SYSTEM = "You are a terse assistant who answers in one short line, always."
+SYSTEM = "Answer in one line."
 
 
 @dataclass
 class Job:
     endpoint: str  # "completions" or "chat"
-    payload: dict
+    payload: dict  # the request body, without "stream"
     stream: bool
 
 
@@ -59,25 +59,23 @@ class LoadReport:
         return data
 
 
-def make_jobs(count: int, model: str, max_tokens: tuple[int, int] = (4, 12)) -> list[Job]:
-    """`count` distinct greedy requests: completions and chat alternate, every other one streamed."""
+def make_jobs(count: int, model: str, max_tokens: tuple[int, int] = (4, 12),
+              endpoints: tuple[str, ...] = ("completions", "chat")) -> list[Job]:
+    """`count` distinct greedy requests cycling through `endpoints`; half of them streamed."""
     low, high = max_tokens
     jobs = []
     for index in range(count):
         words = " ".join(WORDS[(index + k) % len(WORDS)] for k in range(1 + index % 7))
         tokens = low + index % (high - low + 1)
         common = {"model": model, "max_tokens": tokens, "temperature": 0}
-        if index % 2 == 0:
+        if endpoints[index % len(endpoints)] == "completions":
             payload = {**common, "prompt": f"Request {index}: {words}"}
             endpoint = "completions"
         else:
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"#{index} {words}"}]
             payload = {**common, "messages": messages}
             endpoint = "chat"
-        stream = index % 4 in (1, 2)
-        if stream:
-            payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        jobs.append(Job(endpoint, payload, stream))
+        jobs.append(Job(endpoint, payload, stream=index % 4 in (1, 2)))
     return jobs
 
 
@@ -128,7 +126,8 @@ def _whole(index: int, job: Job, response: httpx.Response) -> Result:
 
 async def _send_streamed(client: httpx.AsyncClient, path: str, index: int, job: Job, started: float) -> Result:
     result = Result(index, 0)
-    async with client.stream("POST", path, json=job.payload) as response:
+    payload = {**job.payload, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", path, json=payload) as response:
         result.status = response.status_code
         if response.status_code != 200:
             result.error = (await response.aread()).decode()
@@ -190,13 +189,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--model", default=None, help="default: the first of /v1/models")
     parser.add_argument("--max-tokens", type=int, nargs=2, default=(4, 12), metavar=("LOW", "HIGH"))
+    parser.add_argument("--endpoints", nargs="+", choices=("completions", "chat"), default=("completions", "chat"))
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
-    report = asyncio.run(run_load(args.url, make_jobs(args.requests, model, tuple(args.max_tokens)), args.clients,
-                                  args.api_key))
+    jobs = make_jobs(args.requests, model, tuple(args.max_tokens), tuple(args.endpoints))
+    report = asyncio.run(run_load(args.url, jobs, args.clients, args.api_key))
     summary = report.summary()
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -59,12 +59,24 @@ def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, l
         app = build_app(engine, settings)
         if on_ready is not None:
             on_ready(_listening(engine, settings, sock, host))
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, log_config=_log_config(),
+                                               timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: uvicorn has shut down gracefully already
         pass
     finally:
         sock.close()
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, with the access log on stderr too: stdout carries only the ready line (--json)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
 
 
 def _listening(engine, settings: ServeSettings, sock: socket.socket, host: str) -> Listening:

@@ -262,8 +262,10 @@ __global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_kernel(const GemmPara
 // requested before super-tile s is multiplied, so ST - 1 super-tiles per warp are always in flight and the
 // dequantize/mma work of one overlaps the DRAM latency of the next (v1 serialised them: time = fetch + compute).
 // The ring index of super-tile s is (s - s_begin) % ST, a compile-time constant inside the unrolled chunk loop.
-template <int MT, int NG, int ST>
-__global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_v2_kernel(const GemmParams p) {
+// MINB: blocks per SM the register budget must allow (ncu on the H100: at 128 registers, 2 blocks of 8 warps, the
+// schedulers found an eligible warp only 52 % of cycles; a shallower ring at 80 or 64 registers fits 3 or 4).
+template <int MT, int NG, int ST, int MINB = 2>
+__global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_v2_kernel(const GemmParams p) {
   constexpr int kChunkK = ST * kSuperK;
   constexpr int kStride = kChunkK + 8;  // +16 bytes per row: conflict-free ldmatrix
   constexpr int kRows = MT * 16;
@@ -468,18 +470,27 @@ static int num_sms() {
 }
 
 struct GemmPlan {
-  int mt, ch, n_blocks, splits, chunks_per_split, num_chunks;
+  int mt, ch, n_blocks, splits, chunks_per_split, num_chunks, variant;
 };
 
 // v2 super-tiles per x chunk (= register ring depth) by m16 tiles: deeper for one tile, where registers allow.
 constexpr int v2_stages(int mt) { return mt == 1 ? 4 : 2; }
-// 1: v1 (fetch then compute); 2: v2 pipelined, 2 column groups per warp, ring of 4 (one m16 tile);
-// 3: v2 with 1 column group per warp and a ring of 8 (one m16 tile; finer column blocks, deeper ring).
-static int g_variant = 2;
-static int plan_ng(int mt) { return (g_variant == 3 && mt == 1) ? 1 : kNG; }
-static int plan_st(int mt) {
-  if (g_variant == 1) return mt == 1 ? 4 : mt == 2 ? 2 : 1;
-  return (g_variant == 3 && mt == 1) ? 8 : v2_stages(mt);
+// Variants (the planner and the tests can pick one):
+//   1: v1, fetch then compute;  2: v2, ring of 4 super-tiles (128 registers, 2 blocks/SM at one m16 tile);
+//   3: v2, ring of 3, capped at 80 registers (3 blocks/SM);  4: v2, ring of 2, capped at 64 registers (4 blocks/SM).
+//   0 (default): per shape, from the H100 sweep (docs/KERNELS.md): variant 3 for wide layers (N >= 12288: 15 %
+//   faster on gate_up at M=1), else 2. Variants 3 and 4 differ from 2 only for one m16 tile (M <= 16).
+static int g_variant = 0;
+static int effective_variant(int mt, int n) {
+  if (g_variant != 0) return g_variant;
+  return (mt == 1 && n >= 12288) ? 3 : 2;
+}
+static int plan_ng(int) { return kNG; }
+static int plan_st(int mt, int variant) {
+  if (variant == 1) return mt == 1 ? 4 : mt == 2 ? 2 : 1;
+  if (mt == 1 && variant == 3) return 3;
+  if (mt == 1 && variant == 4) return 2;
+  return v2_stages(mt);
 }
 
 // Split K until the grid covers the GPU about twice, but never so far that the fp32 partials (written and read
@@ -487,7 +498,8 @@ static int plan_st(int mt) {
 static GemmPlan plan_gemm(int rows, int n8, int kst, int groups, int splits_override) {
   GemmPlan plan{};
   plan.mt = ceil_div(rows, 16);
-  plan.ch = plan_st(plan.mt);
+  plan.variant = effective_variant(plan.mt, n8 * 8);
+  plan.ch = plan_st(plan.mt, plan.variant);
   plan.n_blocks = ceil_div(n8, kGemmWarps * plan_ng(plan.mt));
   plan.num_chunks = ceil_div(kst, plan.ch);
   int splits = splits_override;
@@ -512,10 +524,10 @@ static int launch(const GemmParams& p, int groups, cudaStream_t stream) {
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
-template <int MT, int NG = kNG, int ST = v2_stages(MT)>
+template <int MT, int NG = kNG, int ST = v2_stages(MT), int MINB = 2>
 static int launch_v2(const GemmParams& p, int groups, cudaStream_t stream) {
   constexpr int smem = 2 * MT * 16 * (ST * kSuperK + 8) * 2;
-  auto kernel = nvfp4_gemm_v2_kernel<MT, NG, ST>;
+  auto kernel = nvfp4_gemm_v2_kernel<MT, NG, ST, MINB>;
   static bool configured = false;  // > 48 KB of dynamic shared memory needs an explicit opt-in (Ada: up to 99 KB)
   if (!configured) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
@@ -528,9 +540,12 @@ static int launch_v2(const GemmParams& p, int groups, cudaStream_t stream) {
 }
 
 static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_t stream) {
-  if (g_variant != 1) {
+  if (plan.variant != 1) {
     switch (plan.mt) {
-      case 1: return g_variant == 3 ? launch_v2<1, 1, 8>(p, groups, stream) : launch_v2<1>(p, groups, stream);
+      case 1:
+        if (plan.variant == 3) return launch_v2<1, kNG, 3, 3>(p, groups, stream);
+        if (plan.variant == 4) return launch_v2<1, kNG, 2, 4>(p, groups, stream);
+        return launch_v2<1>(p, groups, stream);
       case 2: return launch_v2<2>(p, groups, stream);
       case 3: return launch_v2<3>(p, groups, stream);
       case 4: return launch_v2<4>(p, groups, stream);
@@ -546,7 +561,7 @@ static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_
   }
 }
 
-void nvfp4_gemm_set_variant(int variant) { g_variant = (variant >= 1 && variant <= 3) ? variant : 2; }
+void nvfp4_gemm_set_variant(int variant) { g_variant = (variant >= 0 && variant <= 4) ? variant : 0; }
 
 // Sizes the caller must provide for a launch: partial floats and counters. Returns the plan's splits.
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override, long long* partial_floats,

@@ -1,4 +1,13 @@
-"""GPU exploration (not shipped): quantize the real Gemma3-270M with method variants, WikiText-2 ppl on 64 windows."""
+"""Exploration of method variants on the real Gemma3-270M (H100, fp32, TF32 off): the ablations in README.md.
+
+Each spec (JSON) quantizes the decoder Linears in place (fake quant: weights replaced by their NVFP4 dequantization,
+rounded to bf16 as transformers' decompression gives them; W4A4 also quantizes each Linear's input), then scores
+WikiText-2 test with data/README.md's windows (64 x 512, BOS + 511, exp mean NLL). Calibration: `samples` windows of
+512 tokens of valid.txt picked at random (seed 0), `<unk>` read as text. Needs the bf16 folder at $QM_MODEL and the
+two text files in $QM_DATA. Run from the repository root:
+
+    PYTHONPATH=. python3 bench/results/quant/explore_gpu.py '{"method":"rtn"}' '{"method":"gptq","samples":64}'
+"""
 import json, os, sys, time, argparse
 from pathlib import Path
 import torch
@@ -6,19 +15,27 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from adaq.formats import nvfp4 as F
-from adaq.quant import scale_search as S, gptq as G, activation_aware as A, compare as C
+from adaq.eval.perplexity import make_windows
+from adaq.quant import scale_search as S, gptq as G, activation_aware as A
 
-DEV = "cuda"
-MODEL = Path("/root/qm/gemma3-270m-bf16")
-DATA = Path(os.environ.get("QM_DATA", ".cache/qm/data"))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+MODEL = Path(os.environ.get("QM_MODEL", "/root/qm/gemma3-270m-bf16"))
+DATA = Path(os.environ.get("QM_DATA", "../shared/data/wikitext-2"))
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 def build_model():
     if (MODEL / "config.json").is_file():
-        return
+        return  # else: rebuild it from the GGUF copied to /root/qm (the device has no package registry)
     from adaq.formats.gguf import gguf_to_hf_folder
     gguf = Path("/root/qm/gemma-3-270m-q4_k_m.gguf")
     gguf_to_hf_folder(gguf, MODEL, dtype="bfloat16")
+
+def calibration_ids(tok, path, num_samples, seq_len=512, seed=0):
+    ids = torch.tensor(tok(Path(path).read_text(), add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    span = seq_len - 1
+    picked = torch.randperm(len(ids) // span, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
+    body = torch.stack([ids[w * span:(w + 1) * span] for w in picked.tolist()])
+    return torch.cat([torch.full((num_samples, 1), tok.bos_token_id, dtype=body.dtype), body], dim=1)
 
 def log(res):
     print(json.dumps(res), flush=True)
@@ -73,7 +90,7 @@ def run(model, orig, calib, windows, spec):
                     hooks.append(lins[n].register_forward_pre_hook(act_quant_hook(igs)))
     if name != "bf16":
         A.calibrate_layerwise(model, calib, quant_layer,
-                              A.CalibrationConfig(num_samples=len(calib), micro_batch=spec.get("mb", 8), sequential=spec.get("seq", True)),
+                              A.CalibrationConfig(micro_batch=spec.get("mb", 8), sequential=spec.get("seq", True)),
                               with_hessian=(name == "gptq"))
     torch.cuda.synchronize(); tq = time.time() - t0
     p = ppl(model, windows)
@@ -88,13 +105,13 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).to(DEV).eval()
     orig = {n: m.weight.data.to(torch.bfloat16).clone() for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    windows = C.wikitext_windows(tok, DATA / "test.txt", max_windows=64)
+    windows = torch.tensor(make_windows(tok, (DATA / "test.txt").read_text(encoding="utf-8"), 512, 64))
     calibs = {}
     specs = [json.loads(s) for s in sys.argv[1:]]
     for spec in specs:
         ns = spec.get("samples", 32)
         if ns not in calibs:
-            calibs[ns] = A.calibration_ids(tok, DATA / "valid.txt", A.CalibrationConfig(num_samples=ns)).to(DEV)
+            calibs[ns] = calibration_ids(tok, DATA / "valid.txt", ns).to(DEV)
         try:
             run(model, orig, calibs[ns], windows, spec)
         except Exception as e:

@@ -1,0 +1,87 @@
+"""The FP8 prefill path's numerics (the spec its GPU kernels reproduce): E4M3 x E4M3 GEMM with fp32 accumulation.
+
+Weights (NVFP4 -> E4M3, once per layer use): Ada's FP8 `mma.sync` spans 32 values of K, two NVFP4 blocks, so a
+per-16 block scale cannot be applied inside it. Each output channel n instead gets one scale: with
+`c[n] = max_k block_scale[n, k]` (as fp32) and `ratio = block_scale / c[n]` (<= 1, one fp32 division),
+
+    w8[n, k]     = e4m3(e2m1[n, k] * (ratio * 64))          one fp32 product, then one RNE rounding to E4M3
+    col_scale[n] = (c[n] / global_scale) * 2**-6
+
+|e2m1 * ratio| <= 6, so times 64 it stays <= 384 < 448; the power-of-two headroom keeps small products out of
+E4M3's subnormals. The only error against the exact dequantized weight is the E4M3 rounding of e2m1 * ratio.
+
+Activations: per token (row) `row_scale[m] = max(amax(|x[m]|) / 448, 1e-12)`, `x8 = e4m3(x / row_scale)` in fp32
+(IEEE division, clamped to +-448 like the FP8 KV cache). Output: `y = ((x8 @ w8^T) * row_scale[m]) * col_scale[n]`
+in fp32, one rounding to the compute dtype, then the bias.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from adaq.formats import nvfp4
+from adaq.formats.nvfp4 import NVFP4Weight
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+MIN_ROW_SCALE = 1e-12
+WEIGHT_HEADROOM = 64.0  # 2**6: 6 * 64 = 384 <= 448
+MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
+
+
+@dataclass
+class FP8Weight:
+    """An NVFP4 weight expanded to E4M3 with one fp32 scale per output channel."""
+
+    values: torch.Tensor  # float8_e4m3fn [N, K]
+    col_scale: torch.Tensor  # float32 [N]
+
+
+def channel_scales(w: NVFP4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratio fp32 [N, K/16], col_scale fp32 [N]): the per-block ratios to each row's largest block scale."""
+    scales = w.block_scale.float()
+    channel_max = scales.amax(dim=1)
+    safe = torch.where(channel_max > 0, channel_max, torch.ones_like(channel_max))
+    ratio = scales / safe.unsqueeze(1)
+    col_scale = (channel_max / w.global_scale.float().reshape(1)) * (1.0 / WEIGHT_HEADROOM)
+    return ratio, col_scale
+
+
+def expand_weight(w: NVFP4Weight) -> FP8Weight:
+    """NVFP4 -> E4M3 values and per-channel scales, exactly as the expansion kernel computes them."""
+    ratio, col_scale = channel_scales(w)
+    values = nvfp4.e2m1_decode(nvfp4.unpack_nibbles(w.packed)).unflatten(-1, (-1, nvfp4.GROUP_SIZE))
+    scaled = values * (ratio * WEIGHT_HEADROOM).unsqueeze(-1)
+    return FP8Weight(scaled.flatten(-2).to(E4M3), col_scale)
+
+
+def dequantize_expanded(w: FP8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight the FP8 path effectively multiplies by: w8 * col_scale, in fp32, then dtype."""
+    return (w.values.float() * w.col_scale.unsqueeze(1)).to(dtype)
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 row_scale [M]); row_scale = max(amax / 448, 1e-12) per token."""
+    xf = x.float()
+    row_scale = (xf.abs().amax(dim=-1) / E4M3_MAX).clamp(min=MIN_ROW_SCALE)
+    stored = (xf / row_scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return stored, row_scale
+
+
+def scaled_mm_reference(x8: torch.Tensor, row_scale: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor,
+                        dtype: torch.dtype, weight_f32: torch.Tensor | None = None) -> torch.Tensor:
+    """The FP8 GEMM with its epilogue: ((x8 @ w8^T) * row_scale[m]) * col_scale[n], fp32, one rounding to dtype.
+    `weight_f32` may hold w8 already widened to fp32 (a cache: E4M3 values are exact in fp32)."""
+    acc = x8.float() @ (w8.float() if weight_f32 is None else weight_f32).T
+    return ((acc * row_scale.unsqueeze(1)) * col_scale.unsqueeze(0)).to(dtype)
+
+
+def fp8_linear_reference(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | None = None,
+                         weight_f32: torch.Tensor | None = None) -> torch.Tensor:
+    """y [.., N] = the FP8 path's linear for x [.., K] in x's dtype."""
+    lead = x.shape[:-1]
+    x8, row_scale = quantize_activation(x.reshape(-1, x.shape[-1]))
+    y = scaled_mm_reference(x8, row_scale, w.values, w.col_scale, x.dtype, weight_f32)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, y.shape[-1])
