@@ -212,6 +212,9 @@ def test_stop_strings_n_and_several_prompts(server):
     assert [c["index"] for c in several["choices"]] == [0, 1, 2]
     singles = [server.complete(p, max_tokens=3).json()["choices"][0]["text"] for p in ("one", "two", "three")]
     assert [c["text"] for c in several["choices"]] == singles
+    assert server.complete("one", max_tokens=3, echo=True).json()["choices"][0]["text"] == "one" + singles[0]
+    echoed = server.complete([ord("o"), ord("n"), ord("e")], max_tokens=3, echo=True).json()["choices"][0]["text"]
+    assert echoed.startswith("one")
 
 
 # ---- load ----------------------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def test_disconnects_cancel_requests_and_free_their_blocks(server):
             await asyncio.gather(*(one(i) for i in range(count)))
 
     async def abandon_non_streaming(count: int) -> None:
-        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=httpx.Timeout(30, read=0.2)) as c:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=httpx.Timeout(30, read=0.1)) as c:
             results = await asyncio.gather(*(c.post("/v1/completions", json=payload) for _ in range(count)),
                                            return_exceptions=True)
             assert any(isinstance(result, httpx.TimeoutException) for result in results)
@@ -397,6 +400,85 @@ def test_memory_is_stable_over_a_soak_of_short_requests(server):
     assert growth < 24 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {SOAK_REQUESTS - warm} requests"
 
 
+# ---- the engine loop alone, on a fake engine -----------------------------------------------------------------------
+class FakeEngine:
+    """LLMEngine's serving surface: one token per step per request; a step can be made to fail."""
+
+    def __init__(self, max_num_seqs: int = 2):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(max_num_seqs=max_num_seqs)
+        self.live: dict[str, int] = {}
+        self.aborts: list[str] = []
+        self.aborted: list[str] = []
+        self.fail_next_step = False
+
+    def add_request(self, prompt, params, request_id):
+        self.live[request_id] = params.max_tokens
+
+    def abort_request(self, request_id):
+        self.aborts.append(request_id)
+
+    def has_unfinished(self):
+        return bool(self.live or self.aborts)
+
+    def step(self):
+        from adaq.engine.llm_engine import RequestOutput
+        from adaq.engine.sequence import RequestMetrics
+
+        def output(request_id, finished, reason):
+            return RequestOutput(request_id, None, [1], "", [], "", [] if reason == "abort" else [7], finished,
+                                 reason, None, RequestMetrics(0.0, 1))
+
+        outputs = []
+        while self.aborts:
+            request_id = self.aborts.pop()
+            if self.live.pop(request_id, None) is not None:
+                self.aborted.append(request_id)
+                outputs.append(output(request_id, True, "abort"))
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("CUDA out of memory (simulated)")
+        for request_id in list(self.live):
+            self.live[request_id] -= 1
+            done = self.live[request_id] == 0
+            outputs.append(output(request_id, done, "length" if done else None))
+            if done:
+                del self.live[request_id]
+        return outputs
+
+
+def test_engine_loop_routes_outputs_bounds_admission_and_survives_a_failed_step():
+    from adaq.engine.sampling_params import SamplingParams
+    from adaq.serve.engine_loop import EngineFailed, EngineLoop, EngineRequest, QueueFull
+
+    async def scenario(engine: FakeEngine) -> None:
+        loop = EngineLoop(engine, max_queue=1)  # capacity 3
+        await loop.start()
+        request = EngineRequest([1], SamplingParams(max_tokens=3))
+        pair = loop.submit([request, request], "x")
+        with pytest.raises(QueueFull):
+            loop.submit([request, request], "y")
+        finals = await pair.final_outputs()
+        assert [(o.finish_reason, len(o.new_token_ids)) for o in finals] == [("length", 1), ("length", 1)]
+        assert loop.num_in_flight == 0
+        long = loop.submit([EngineRequest([1], SamplingParams(max_tokens=1000))], "z")
+        first = await long.outputs().__anext__()
+        assert first[0] == 0 and not first[1].finished
+        long.close()  # the client left
+        while engine.has_unfinished():
+            await asyncio.sleep(0.01)
+        assert engine.aborted == long.request_ids and loop.num_in_flight == 0
+        engine.fail_next_step = True
+        doomed = loop.submit([request], "f")
+        with pytest.raises(EngineFailed, match="out of memory"):
+            await doomed.final_outputs()
+        assert loop.alive and len(await loop.submit([request], "g").final_outputs()) == 1
+        await loop.stop()
+
+    asyncio.run(scenario(FakeEngine()))
+
+
 # ---- the command line ----------------------------------------------------------------------------------------------
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from adaq.cli import main; main()", *args], capture_output=True,
@@ -440,7 +522,8 @@ def test_real_gemma3_270m_nvfp4_answers_the_openai_client(gemma3_270m_nvfp4, tmp
                                              stream=True)
         text = completion.choices[0].text
         assert completion.usage.prompt_tokens == 6  # [2, 818, 5279, 529, 7001, 563]: BOS + 5 tokens (NOTES)
-        assert completion.usage.completion_tokens == 8 and "Paris" in text or "capital" in text, text
+        assert (completion.usage.completion_tokens, completion.choices[0].finish_reason) == (8, "length")
+        assert "capital" in text or "Paris" in text, text  # coherent: the tokenizer and weights are right
         assert "".join(chunk.choices[0].text for chunk in streamed) == text
         with pytest.raises(openai.BadRequestError, match="chat template"):  # a base model: no chat template
             client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "hi"}])

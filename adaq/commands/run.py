@@ -131,6 +131,7 @@ def _figures(llm, output) -> dict:
         "device": torch.cuda.get_device_name() if on_gpu else "CPU",
         "backend": llm.engine.runner.model.backend.name if hasattr(llm.engine.runner.model, "backend") else None,
         "kv_cache_dtype": llm.engine.config.kv_cache_dtype,
+        "kv_cache_bytes": llm.engine.runner.kv_cache_bytes,
     }
 
 
@@ -139,7 +140,8 @@ def _stats_line(llm, output) -> str:
     rate = lambda value: "-" if value is None else f"{value:,.1f}"  # noqa: E731
     memory = "peak GPU memory" if f["device"] != "CPU" else "peak RSS"
     return (f"prompt: {f['prompt_tokens']} tokens, {rate(f['prompt_tok_s'])} tok/s · decode: {f['output_tokens']} "
-            f"tokens, {rate(f['decode_tok_s'])} tok/s · {memory} {f['peak_memory_bytes'] / 2**30:.2f} GiB · "
+            f"tokens, {rate(f['decode_tok_s'])} tok/s · {memory} {f['peak_memory_bytes'] / 2**30:.2f} GiB (KV cache "
+            f"{f['kv_cache_bytes'] / 2**30:.2f} GiB) · "
             f"{f['device']}, {f['backend']} backend, {f['kv_cache_dtype']} KV · {output.finish_reason}")
 
 

@@ -59,14 +59,16 @@ def serve(
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
                           enable_prefix_caching=prefix_caching, dtype=dtype, device=device)
 
+    status = console.status(f"loading {checkpoint}")
+
     def ready(listening) -> None:
+        status.stop()
         if json_output:
             print(json.dumps(vars(listening)), flush=True)
         console.print(listening.line(), soft_wrap=True)
 
-    status = console.status(f"loading {checkpoint}")
     status.start()
     try:
-        run_server(config, settings, host, port, log_level, on_ready=lambda listening: (status.stop(), ready(listening)))
+        run_server(config, settings, host, port, log_level, on_ready=ready)
     finally:
         status.stop()

@@ -83,6 +83,10 @@ class ModelRunner:
         self.decode_graphs = maybe_decode_graphs(self)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.geometry.bytes_per_block()
+
     def _plan_num_blocks(self) -> int:
         block_bytes = self.geometry.bytes_per_block()
         if self.config.num_kv_blocks is not None:

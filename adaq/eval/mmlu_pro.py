@@ -46,6 +46,8 @@ class MMLUProRun:
             raise AdaqError(f"invalid --limit {self.limit}: must be at least 1")
         if not 0 <= self.num_fewshot <= 5:
             raise AdaqError(f"invalid --num-fewshot {self.num_fewshot}: MMLU-Pro has 5 validation examples per category")
+        if self.chunk_size < 1:
+            raise AdaqError(f"invalid --chunk-size {self.chunk_size}: must be at least 1")
         if self.categories:
             self.categories = data.check_categories(self.categories)
 

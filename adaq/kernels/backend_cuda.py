@@ -9,7 +9,7 @@ shapes the kernels do not cover) falls through to the reference implementation.
 import torch
 
 from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.kernels import layout, ops
+from adaq.kernels import layout, ops, prefill_fp8
 from adaq.layers import moe
 from adaq.layers.backend import ReferenceBackend
 from adaq.layers.linear import LinearHandle, can_fuse, check_shapes, quantize_activation_nvfp4
@@ -55,7 +55,10 @@ class CudaBackend(ReferenceBackend):
         scale = None
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
-        return KernelLinearHandle(packed, dtype, scale)
+        handle = KernelLinearHandle(packed, dtype, scale)
+        if prefill_fp8.configured_path() == "fp8":  # opt-in FP8 prefill keeps the NVFP4 bytes for the expansion
+            handle.fp8_source = weight.to(self.device)
+        return handle
 
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(handle, KernelLinearHandle) or x.dtype != torch.bfloat16 or not x.is_cuda:
@@ -63,6 +66,10 @@ class CudaBackend(ReferenceBackend):
         if handle.input_global_scale is not None:
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
         lead = x.shape[:-1]
+        source = getattr(handle, "fp8_source", None)
+        if source is not None and prefill_fp8.use_fp8(x.numel() // x.shape[-1], x.device):
+            y = prefill_fp8.fp8_linear(x.reshape(-1, x.shape[-1]), source, None if bias is None else bias.to(x.dtype))
+            return y.reshape(*lead, y.shape[-1])
         y = ops.nvfp4_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight,
                              None if bias is None else bias.to(torch.bfloat16))
         return y.reshape(*lead, y.shape[-1])

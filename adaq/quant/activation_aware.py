@@ -15,7 +15,7 @@ config as RTN's and only the codes and block scales differ.
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -277,7 +277,7 @@ def _replay(checkpoint, weights: dict[str, NVFP4Weight]):
 
 
 def quantize_calibrated(job, quantize_group: GroupQuantizer, with_hessian: bool,
-                        config: CalibrationConfig = CalibrationConfig()):
+                        config: CalibrationConfig = CalibrationConfig(), notes: dict | None = None):
     """Run a calibrated method on job.source and write job.out_dir (adaq.quant.methods.QuantJob -> MethodResult)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -308,7 +308,7 @@ def quantize_calibrated(job, quantize_group: GroupQuantizer, with_hessian: bool,
     quantize_checkpoint(checkpoint, job.out_dir, plan, job.scheme, input_scales, "cpu", job.progress,
                         quantize_fn=_replay(checkpoint, quantizer.weights))
     return MethodResult(quantized=plan.quantize, kept=plan.ignored,
-                        notes={"calibration_windows": len(ids), "sequential": config.sequential})
+                        notes={"calibration_windows": len(ids), "sequential": config.sequential, **(notes or {})})
 
 
 def search_act_group(config: SearchConfig = SearchConfig()) -> GroupQuantizer:
@@ -319,4 +319,4 @@ def search_act_group(config: SearchConfig = SearchConfig()) -> GroupQuantizer:
 @register_method("search-act", "activation-aware scale search: per-block E4M3 scale minimising the error weighted "
                                "by calibration E[x²] (needs --calib-data)", needs_calibration=True)
 def quantize_search_act(job):
-    return quantize_calibrated(job, search_act_group(), with_hessian=False)
+    return quantize_calibrated(job, search_act_group(), with_hessian=False, notes={"search": asdict(SearchConfig())})

@@ -12,7 +12,7 @@ with the recipes in adaq/recipes/gptq_*.yaml.
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -141,7 +141,10 @@ def gptq_group(config: GPTQConfig = GPTQConfig()):
 def quantize_gptq(job):
     from adaq.quant.activation_aware import quantize_calibrated
 
-    return quantize_calibrated(job, gptq_group(), with_hessian=True)
+    config = GPTQConfig()
+    return quantize_calibrated(job, gptq_group(config), with_hessian=True,
+                               notes={"gptq": {"damp": config.damp, "block_size": config.block_size,
+                                               "search": asdict(config.search)}})
 
 
 def llmcompressor_recipe(scheme: str, ignore: list[str], targets: list[str]) -> str:

@@ -11,7 +11,7 @@ variant. The global scale can be searched too, over fractions of one E4M3 step b
 bf16-representable because compressed-tensors rounds global scales through the model dtype when it loads them.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -178,4 +178,4 @@ def quantize_search(job):
         input_scales = input_global_scales(plan, calibrate_input_amax(job, plan))
     quantize_checkpoint(checkpoint, job.out_dir, plan, job.scheme, input_scales, job.device, job.progress,
                         quantize_fn=partial(quantize_searched, importance=None, config=SearchConfig()))
-    return MethodResult(quantized=plan.quantize, kept=plan.ignored)
+    return MethodResult(quantized=plan.quantize, kept=plan.ignored, notes={"search": asdict(SearchConfig())})

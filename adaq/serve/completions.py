@@ -78,11 +78,19 @@ async def completion_prompts(engine: LLMEngine, body: CompletionRequest) -> list
     prompt = body.prompt
     if isinstance(prompt, str):
         return [Prompt(await _encode(engine, prompt), prompt)]
-    if prompt and isinstance(prompt[0], int):
-        return [Prompt(list(prompt))]
-    if prompt and isinstance(prompt[0], list):
-        return [Prompt(list(ids)) for ids in prompt]
-    return [Prompt(await _encode(engine, text), text) for text in prompt]
+    if isinstance(prompt[0], str):
+        return [Prompt(await _encode(engine, text), text) for text in prompt]
+    id_lists = [list(prompt)] if isinstance(prompt[0], int) else [list(ids) for ids in prompt]
+    # echo needs the prompt's text: the decoded ids (the vocabulary check comes later, in the engine)
+    texts = [_decode(engine, ids) if body.echo else None for ids in id_lists]
+    return [Prompt(ids, text) for ids, text in zip(id_lists, texts)]
+
+
+def _decode(engine: LLMEngine, ids: list[int]) -> str | None:
+    try:
+        return engine.tokenizer.decode(ids)
+    except (OverflowError, IndexError, TypeError, ValueError):
+        return None
 
 
 async def chat_prompt(engine: LLMEngine, body: ChatCompletionRequest) -> list[Prompt]:

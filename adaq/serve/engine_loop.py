@@ -84,7 +84,8 @@ class EngineLoop:
         self._groups: dict[str, RequestGroup] = {}
         self._owner: dict[str, RequestGroup] = {}  # engine request id -> its group
         self._ids = itertools.count()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaq-engine")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaq-engine",
+                                            initializer=_use_device, initargs=(getattr(engine.config, "device", None),))
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.failure: BaseException | None = None
@@ -155,13 +156,12 @@ class EngineLoop:
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                self._dispatch(outputs)
+                if self.metrics is not None:
+                    self.metrics.step(outputs, time.perf_counter() - started)
             except Exception as error:  # an engine bug or out-of-memory: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(error)
-                continue
-            self._dispatch(outputs)
-            if self.metrics is not None:
-                self.metrics.step(outputs, time.perf_counter() - started)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -177,3 +177,11 @@ class EngineLoop:
             group.queue.put_nowait(failure)  # its reader raises it and closes the group
             for request_id in group.unfinished:
                 self.engine.abort_request(request_id)  # the next step drops them: the loop does not spin on them
+
+
+def _use_device(device) -> None:
+    """The worker thread computes on the engine's GPU (a new thread starts on cuda:0, whatever the engine uses)."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)

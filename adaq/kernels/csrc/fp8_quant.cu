@@ -1,0 +1,138 @@
+// FP8 operands for the prefill GEMM (adaq.layers.fp8_prefill is the spec; results are bit-identical to it):
+//  1. quantize_rows: bf16 activations [M,K] -> e4m3 [M,K] + fp32 row_scale [M] (amax/448 per token), optionally
+//     after an RMSNorm fused into the same pass (the row is read once from DRAM, normalised in registers).
+//  2. expand_nvfp4: NVFP4 weight [N,K/2] + e4m3 block scales [N,K/16] -> e4m3 [N,K] + fp32 col_scale [N], written
+//     into a workspace the caller reuses layer after layer (never the whole model expanded at once).
+// No torch header: `nvcc -arch=sm_89` compiles this file alone. No Hopper-only instructions.
+#include "common.cuh"
+
+namespace adaq {
+
+constexpr int kQuantThreads = 256;      // one block per row; 8 warps share the amax / sum-of-squares reduction
+constexpr float kE4M3Max = 448.f;
+constexpr float kMinRowScale = 1e-12f;  // an all-zero row gets a tiny scale, never a division by zero
+constexpr float kWeightHeadroom = 64.f; // 2^6: |e2m1 * ratio| <= 6 -> <= 384 < 448, small products leave subnormals
+
+// Block-wide reduction through shared memory (max or sum), result broadcast to every thread.
+template <bool kMax>
+__device__ float block_reduce(float v, float* scratch) {
+  v = kMax ? warp_max(v) : warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < blockDim.x / 32 ? scratch[lane] : 0.f;  // amax >= 0 and sums start at 0
+    v = kMax ? warp_max(v) : warp_sum(v);
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  const float r = scratch[0];
+  __syncthreads();
+  return r;
+}
+
+// Per-token E4M3 quantization of one row per block, optionally fused with RMSNorm.
+// The normalised row is rounded to bf16 first (what the model would feed the GEMM), then amax, scale and the IEEE
+// division x / scale are exactly the reference's; float_to_e4m3_exact matches torch's conversion bit for bit.
+__global__ void quantize_rows_kernel(
+    const __nv_bfloat16* __restrict__ x,     // [M, K] bf16 activations, row stride K
+    const __nv_bfloat16* __restrict__ norm,  // [K] RMSNorm weight, or nullptr for no norm
+    float eps,                               // RMSNorm epsilon
+    int unit_offset,                         // 1: Gemma's (1 + w) norm weight
+    uint8_t* __restrict__ out,               // [M, K] e4m3 bytes
+    float* __restrict__ row_scale,           // [M] fp32 scales
+    int k) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const __nv_bfloat16* xr = x + row * k;
+  float inv_rms = 1.f;
+  if (norm != nullptr) {
+    float sq = 0.f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+      const float v = bf16_to_float(xr[i]);
+      sq = fmaf(v, v, sq);
+    }
+    inv_rms = 1.f / sqrtf(block_reduce<false>(sq, scratch) / k + eps);  // IEEE sqrt and division, not approx
+  }
+  auto value = [&](int i) {
+    float v = bf16_to_float(xr[i]);
+    if (norm == nullptr) return v;
+    // The two roundings adaq.layers.norm uses: Gemma (normed * (1 + w)) in fp32; Qwen3 w * bf16(normed) in bf16.
+    const float w = bf16_to_float(norm[i]);
+    if (unit_offset) return bf16_to_float(__float2bfloat16_rn(v * inv_rms * (1.f + w)));
+    return bf16_to_float(__float2bfloat16_rn(w * bf16_to_float(__float2bfloat16_rn(v * inv_rms))));
+  };
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(value(i)));
+  const float scale = fmaxf(__fdiv_rn(block_reduce<true>(amax, scratch), kE4M3Max), kMinRowScale);
+  for (int i = threadIdx.x; i < k; i += blockDim.x) out[row * k + i] = float_to_e4m3_exact(__fdiv_rn(value(i), scale));
+  if (threadIdx.x == 0) row_scale[row] = scale;
+}
+
+// E2M1 code (low 3 bits: magnitude index, bit 3: sign) -> float.
+__device__ __forceinline__ float e2m1_value(uint32_t code) {
+  constexpr float kGrid[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  const float v = kGrid[code & 7u];
+  return (code & 8u) ? -v : v;
+}
+
+// NVFP4 -> E4M3 with one scale per output channel (one block per row n):
+//   c = max_k block_scale[n,k];  ratio = block_scale / c (IEEE division);  w8 = e4m3(e2m1 * (ratio * 64));
+//   col_scale[n] = (c / global_scale) * 2^-6.
+// Per-16 block scales cannot be applied inside Ada's m16n8k32 FP8 MMA (one instruction spans two blocks), so they
+// are folded into the E4M3 values; the only error is the E4M3 rounding of e2m1 * ratio (docs/KERNELS.md).
+__global__ void expand_nvfp4_kernel(
+    const uint8_t* __restrict__ packed,       // [N, K/2] two E2M1 codes per byte, element 2j in the low nibble
+    const uint8_t* __restrict__ block_scale,  // [N, K/16] e4m3 block scales
+    const float* __restrict__ global_scale,   // [1] the NVFP4 global scale (a divisor)
+    uint8_t* __restrict__ out,                // [N, K] e4m3 workspace
+    float* __restrict__ col_scale,            // [N] fp32 per-channel scales
+    int k) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int blocks = k / 16;
+  const uint8_t* scales = block_scale + row * blocks;
+  float cmax = 0.f;
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) cmax = fmaxf(cmax, e4m3x2_to_float2(scales[b]).x);
+  cmax = block_reduce<true>(cmax, scratch);
+  const float safe = cmax > 0.f ? cmax : 1.f;
+  // One thread per 16-value block: 8 packed bytes in, 16 E4M3 bytes out as one 16-byte store.
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
+    const float factor = __fdiv_rn(e4m3x2_to_float2(scales[b]).x, safe) * kWeightHeadroom;
+    const uint2 codes = *reinterpret_cast<const uint2*>(packed + row * (k / 2) + b * 8);
+    uint32_t words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t src = (w < 2 ? codes.x : codes.y) >> ((w & 1) * 16);  // 4 codes (2 bytes) per output word
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float v = __fmul_rn(e2m1_value((src >> (4 * j)) & 0xFu), factor);
+        word |= static_cast<uint32_t>(float_to_e4m3_exact(v)) << (8 * j);
+      }
+      words[w] = word;
+    }
+    *reinterpret_cast<uint4*>(out + row * k + b * 16) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+  if (threadIdx.x == 0) col_scale[row] = __fmul_rn(__fdiv_rn(cmax, *global_scale), 1.f / kWeightHeadroom);
+}
+
+int quantize_rows(const void* x, const void* norm, float eps, int unit_offset, void* out, float* row_scale, int m,
+                  int k, cudaStream_t stream) {
+  if (m <= 0 || k <= 0) return kUnsupportedShape;
+  quantize_rows_kernel<<<m, kQuantThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x),
+                                                        static_cast<const __nv_bfloat16*>(norm), eps, unit_offset,
+                                                        static_cast<uint8_t*>(out), row_scale, k);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+int expand_nvfp4(const void* packed, const void* block_scale, const float* global_scale, void* out, float* col_scale,
+                 int n, int k, cudaStream_t stream) {
+  if (n <= 0 || k <= 0 || k % 16) return kUnsupportedShape;
+  expand_nvfp4_kernel<<<n, 128, 0, stream>>>(static_cast<const uint8_t*>(packed),
+                                             static_cast<const uint8_t*>(block_scale), global_scale,
+                                             static_cast<uint8_t*>(out), col_scale, k);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+}  // namespace adaq

@@ -1,0 +1,3 @@
+from adaq.kernels.cutlass_gen.generate import main
+
+main()

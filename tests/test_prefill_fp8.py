@@ -1,0 +1,315 @@
+"""The FP8 prefill path: generated CUTLASS sources, the reference emulation's error, and (GPU) each kernel against
+the reference (adaq.layers.fp8_prefill)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaq.formats import nvfp4
+from adaq.layers import fp8_prefill
+from adaq.layers.backend import ReferenceBackend
+
+KERNELS = Path(__file__).resolve().parent.parent / "adaq" / "kernels"
+FP8_MMA = "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"
+HOPPER_ONLY = ("wgmma", "cp.async.bulk", "setmaxnreg", "tcgen05")
+E4M3_HALF_ULP = 2.0 ** -4  # relative, normals (3 mantissa bits, round to nearest)
+E4M3_HALF_SUBNORMAL = 2.0 ** -10  # absolute, in units of the scale
+
+# (M, N, K): odd and padded row counts, then every projection of Qwen3-8B, Qwen3-30B-A3B (attention and one expert)
+# and Gemma3-27B.
+ODD_SHAPES = [(1, 128, 64), (7, 48, 80), (33, 272, 160), (100, 128, 4096), (257, 640, 2048), (64, 2048, 640)]
+MODEL_LAYERS = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288),  # Qwen3-8B
+                (5120, 2048), (2048, 4096), (1536, 2048), (2048, 768),  # Qwen3-30B-A3B
+                (8192, 5376), (5376, 4096), (43008, 5376), (5376, 21504)]  # Gemma3-27B
+GPU_ROWS = (64, 129, 2048)
+
+
+def random_nvfp4(n: int, k: int, seed: int = 0, device: str = "cpu") -> nvfp4.NVFP4Weight:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator) * torch.rand(n, 1, generator=generator) * 0.1
+    return nvfp4.quantize(weight.to(device))
+
+
+def random_rows(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    outliers = (torch.rand(m, k, generator=generator) < 0.01) * 20.0
+    return torch.randn(m, k, generator=generator) * (1.0 + outliers)
+
+
+# ---- CPU: generated sources ------------------------------------------------------------------------------------
+
+def test_generated_sources_are_current():
+    result = subprocess.run([sys.executable, "-m", "adaq.kernels.cutlass_gen", "--check"], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def gemm_ptx(tmp_path_factory) -> tuple[str, str]:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    from adaq.kernels.prefill_fp8 import cutlass_include
+
+    out = tmp_path_factory.mktemp("fp8") / "gemm.ptx"
+    source = KERNELS / "generated" / "fp8_gemm_sm89.cu"
+    compiled = subprocess.run(["nvcc", "-arch=compute_89", "-ptx", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+                               f"-I{cutlass_include()}", str(source), "-o", str(out)],
+                              capture_output=True, text=True, timeout=1800)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assembled = subprocess.run(["ptxas", "-arch=sm_89", "-v", "-O3", str(out), "-o", str(out.with_suffix(".cubin"))],
+                               capture_output=True, text=True, timeout=900)
+    assert assembled.returncode == 0, assembled.stderr[-3000:]
+    return out.read_text(), assembled.stderr + assembled.stdout
+
+
+def test_generated_gemm_compiles_for_sm89_with_fp8_mma(gemm_ptx):
+    ptx, ptxas = gemm_ptx
+    assert FP8_MMA in ptx
+    assert not [i for i in HOPPER_ONLY if re.search(rf"\b{re.escape(i)}\b", ptx)]
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_89'", ptxas)
+    assert len(kernels) == len(__import__("adaq.kernels.prefill_fp8", fromlist=["tiles"]).tiles())
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
+    assert spills and not any(spills), ptxas
+
+
+def test_operand_kernels_compile_for_sm89(tmp_path):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    ptx = tmp_path / "quant.ptx"
+    compiled = subprocess.run(["nvcc", "-arch=compute_89", "-ptx", "-std=c++17", "-O3",
+                               str(KERNELS / "csrc" / "fp8_quant.cu"), "-o", str(ptx)],
+                              capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    text = ptx.read_text()
+    assert "div.rn.f32" in text and "cvt.rn.f16x2.e4m3x2" in text
+    assembled = subprocess.run(["ptxas", "-arch=sm_89", "-v", str(ptx), "-o", str(tmp_path / "q.cubin")],
+                               capture_output=True, text=True, timeout=600)
+    assert assembled.returncode == 0 and " 0 bytes spill stores" in assembled.stderr
+
+
+# ---- CPU: the reference emulation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,k", [(16, 64), (96, 256), (640, 2048)])
+def test_weight_expansion_error_is_bounded_by_one_e4m3_rounding(n, k):
+    weight = random_nvfp4(n, k, seed=n)
+    expanded = fp8_prefill.expand_weight(weight)
+    exact = nvfp4.dequantize(weight)
+    approx = fp8_prefill.dequantize_expanded(expanded)
+    bound = torch.maximum(exact.abs() * E4M3_HALF_ULP, expanded.col_scale.unsqueeze(1) * E4M3_HALF_SUBNORMAL)
+    assert ((approx - exact).abs() <= bound * (1 + 1e-6)).all()
+    assert float((approx - exact).norm() / exact.norm()) < 0.03
+    assert expanded.values.float().abs().max() <= 6 * fp8_prefill.WEIGHT_HEADROOM
+
+
+def test_weight_expansion_is_exact_when_block_scales_are_equal():
+    weight = random_nvfp4(32, 128)
+    weight.block_scale = torch.full_like(weight.block_scale.float(), 0.5).to(torch.float8_e4m3fn)
+    expanded = fp8_prefill.expand_weight(weight)
+    assert torch.equal(fp8_prefill.dequantize_expanded(expanded), nvfp4.dequantize(weight))
+
+
+def test_zero_rows_expand_to_zero():
+    weight = random_nvfp4(8, 64)
+    weight.packed[3] = 0
+    weight.block_scale[3] = 0
+    expanded = fp8_prefill.expand_weight(weight)
+    assert float(expanded.col_scale[3]) == 0 and not expanded.values[3].float().any()
+    assert torch.isfinite(expanded.col_scale).all()
+
+
+def test_activation_quantization_error_is_bounded():
+    x = random_rows(37, 256)
+    x8, row_scale = fp8_prefill.quantize_activation(x)
+    back = x8.float() * row_scale.unsqueeze(1)
+    bound = torch.maximum(x.abs() * E4M3_HALF_ULP, row_scale.unsqueeze(1) * E4M3_HALF_SUBNORMAL)
+    assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+    assert torch.equal(x8.float().abs().amax(dim=1), torch.full((37,), 448.0))
+
+
+def test_zero_activation_rows_stay_finite():
+    x8, row_scale = fp8_prefill.quantize_activation(torch.zeros(3, 64))
+    assert torch.equal(row_scale, torch.full((3,), fp8_prefill.MIN_ROW_SCALE)) and not x8.float().any()
+
+
+def test_fp8_linear_error_against_exact_nvfp4():
+    weight, x = random_nvfp4(256, 1024), random_rows(80, 1024)
+    exact = x @ nvfp4.dequantize(weight).T
+    approx = fp8_prefill.fp8_linear_reference(x, fp8_prefill.expand_weight(weight))
+    error = float((approx - exact).norm() / exact.norm())
+    assert 1e-3 < error < 0.05  # nonzero: the path really rounds; small: within the two E4M3 roundings
+
+
+def test_reference_backend_emulates_fp8_only_from_min_tokens():
+    weight, x = random_nvfp4(64, 256), random_rows(70, 256)
+    backend = ReferenceBackend("cpu", prefill_fp8=True, prefill_fp8_min_tokens=64)
+    handle = backend.prepare_linear(weight, dtype=torch.float32)
+    bias = torch.randn(64)
+    expected = fp8_prefill.fp8_linear_reference(x, fp8_prefill.expand_weight(weight), bias)
+    assert torch.equal(backend.linear(x, handle, bias), expected)
+    exact = torch.nn.functional.linear(x[:5], nvfp4.dequantize(weight), bias)
+    assert torch.equal(backend.linear(x[:5], handle, bias), exact)
+
+
+def test_reference_backend_fp8_flag_from_environment(monkeypatch):
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "fp8")
+    assert ReferenceBackend("cpu").prefill_fp8
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "auto")
+    assert not ReferenceBackend("cpu").prefill_fp8
+    monkeypatch.delenv("ADAQ_PREFILL_PATH")
+    assert not ReferenceBackend("cpu").prefill_fp8
+
+
+def test_tile_choice_and_shared_memory():
+    from adaq.kernels.prefill_fp8 import choose_tile, tiles
+
+    options = tiles()
+    assert options[choose_tile(4096, 4096, 132)]["bm"] == 128
+    assert options[choose_tile(64, 4096, 132)]["bm"] == 64
+    for tile in options:  # fits Ada's 99 KB of shared memory per block with room for the epilogue
+        assert (tile["bm"] + tile["bn"]) * tile["bk"] * tile["stages"] <= 80 * 1024
+
+
+def test_invalid_path_setting_is_a_clear_error(monkeypatch):
+    from adaq.errors import AdaqError
+    from adaq.kernels.prefill_fp8 import configured_path
+
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "fast")
+    with pytest.raises(AdaqError, match="ADAQ_PREFILL_PATH"):
+        configured_path()
+
+
+# ---- GPU: kernels against the reference -------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _on_gpu(weight: nvfp4.NVFP4Weight) -> nvfp4.NVFP4Weight:
+    return weight.to("cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(n, k) for _, n, k in ODD_SHAPES] + MODEL_LAYERS)
+def test_gpu_weight_expansion_is_bit_identical(n, k):
+    from adaq.kernels import prefill_fp8
+
+    weight = random_nvfp4(n, k, seed=n + k, device="cuda").to("cpu")
+    expected = fp8_prefill.expand_weight(weight)
+    values, col_scale = prefill_fp8.workspace(torch.device("cuda"), n, k).view(n, k)
+    values.view(torch.uint8).fill_(0x7F)  # poison (E4M3 NaN)
+    values, col_scale = prefill_fp8.expand_weight(_on_gpu(weight), torch.device("cuda"))
+    assert torch.equal(values.cpu().view(torch.uint8), expected.values.view(torch.uint8))
+    assert torch.equal(col_scale.cpu(), expected.col_scale)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 80), (33, 2048), (257, 4096), (2048, 5376), (100, 21504)])
+def test_gpu_activation_quantization_is_bit_identical(m, k):
+    from adaq.kernels import prefill_fp8
+
+    x = random_rows(m, k).to(torch.bfloat16)
+    x8, row_scale = prefill_fp8.quantize_rows(x.cuda())
+    expected, expected_scale = fp8_prefill.quantize_activation(x)
+    assert torch.equal(x8.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(row_scale.cpu(), expected_scale)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_gpu_fused_rms_norm_quantization(unit_offset):
+    from adaq.kernels import prefill_fp8
+    from adaq.layers.norm import rms_norm
+
+    x = random_rows(129, 2048).to(torch.bfloat16).cuda()
+    weight = (torch.randn(2048) * 0.2).to(torch.bfloat16).cuda()
+    x8, row_scale = prefill_fp8.quantize_rows(x, weight, 1e-6, unit_offset)
+    expected, expected_scale = fp8_prefill.quantize_activation(rms_norm(x, weight, 1e-6, unit_offset))
+    torch.testing.assert_close(row_scale, expected_scale, rtol=1e-2, atol=0)
+    got = x8.float() * row_scale.unsqueeze(1)
+    want = expected.float() * expected_scale.unsqueeze(1)
+    assert float((got - want).norm() / want.norm()) < 5e-3  # rsqrt and bf16 rounding may move a few values 1 ulp
+
+
+def _gemm_case(m: int, n: int, k: int):
+    """Operands on the GPU and the reference result (fp32 matmul on the GPU, TF32 off: E4M3 products are exact)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x8, row_scale = fp8_prefill.quantize_activation(random_rows(m, k).cuda())
+    expanded = fp8_prefill.expand_weight(random_nvfp4(n, k, seed=m + n, device="cuda"))
+    expected = fp8_prefill.scaled_mm_reference(x8, row_scale, expanded.values, expanded.col_scale, torch.float32)
+    return (x8, row_scale, expanded.values, expanded.col_scale), expected
+
+
+def _assert_gemm_close(got: torch.Tensor, expected: torch.Tensor):
+    assert not torch.isnan(got).any()
+    scale = expected.abs().amax().clamp(min=1e-30)
+    # bf16 output rounding (2^-9 relative) plus fp32 accumulation in another order: a few ulps of the largest value
+    torch.testing.assert_close(got.float(), expected.to(got.device), rtol=2 ** -7, atol=float(scale) * 1e-4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tile", [0, 1, 2])  # every generated tile
+@pytest.mark.parametrize("m,n,k", ODD_SHAPES + [(rows, n, k) for rows in GPU_ROWS for n, k in MODEL_LAYERS[:4]])
+def test_gpu_ada_gemm_matches_reference(tile, m, n, k):
+    from adaq.kernels import prefill_fp8
+
+    (x8, row_scale, w8, col_scale), expected = _gemm_case(m, n, k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")  # poisoned
+    prefill_fp8.ext().fp8_gemm(x8, w8, row_scale, col_scale, out, tile)
+    _assert_gemm_close(out, expected)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m,n,k", [(2048, n, k) for n, k in MODEL_LAYERS])
+def test_gpu_ada_gemm_every_model_layer(m, n, k):
+    from adaq.kernels import prefill_fp8
+
+    (x8, row_scale, w8, col_scale), expected = _gemm_case(m, n, k)
+    _assert_gemm_close(prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada"), expected)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="cuBLASLt FP8 row-wise scaling needs sm_90")
+@pytest.mark.parametrize("m,n,k", [(64, 128, 64), (129, 640, 2048)] + [(2048, n, k) for n, k in MODEL_LAYERS[:4]])
+def test_gpu_hopper_gemm_matches_reference(m, n, k):
+    from adaq.kernels import prefill_fp8
+
+    (x8, row_scale, w8, col_scale), expected = _gemm_case(m, n, k)
+    _assert_gemm_close(prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "hopper"), expected)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["ada", "hopper"])
+def test_gpu_fp8_linear_matches_reference_backend(kind):
+    from adaq.kernels import prefill_fp8
+
+    if kind == "hopper" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs sm_90")
+    weight, x = random_nvfp4(640, 2048), random_rows(300, 2048).to(torch.bfloat16)
+    backend = ReferenceBackend("cpu", prefill_fp8=True)
+    expected = backend.linear(x.float(), backend.prepare_linear(weight, dtype=torch.float32))
+    got = prefill_fp8.fp8_linear(x.cuda(), _on_gpu(weight), kind=kind)
+    _assert_gemm_close(got, expected)
+
+
+@gpu
+@needs_cuda
+def test_gpu_workspace_is_reused():
+    from adaq.kernels import prefill_fp8
+
+    device = torch.device("cuda")
+    first = prefill_fp8.workspace(device, 4096, 4096).values.data_ptr()
+    assert prefill_fp8.workspace(device, 1024, 4096).values.data_ptr() == first
