@@ -1,7 +1,6 @@
 """The FP8 prefill path: generated CUTLASS sources, the reference emulation's error, and (GPU) each kernel against
 the reference (adaq.layers.fp8_prefill)."""
 
-import os
 import re
 import shutil
 import subprocess

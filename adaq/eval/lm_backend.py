@@ -147,7 +147,7 @@ class AdaqLM(TemplateLM):
         for indices in by_kwargs.values():
             kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-            max_tokens = kwargs.pop("max_gen_toks")
+            max_tokens = min(kwargs.pop("max_gen_toks"), self.max_length - 1)  # leave the prompt a token at least
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             for begin in range(0, len(indices), self.batch_size):
                 batch = indices[begin:begin + self.batch_size]

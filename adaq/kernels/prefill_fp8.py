@@ -4,9 +4,10 @@
   NVFP4 decode kernels (bytes-bound, bf16 mma.sync).
 - sm_90+ (Hopper): the same E4M3 operands and scales through cuBLASLt's FP8 GEMM (`torch._scaled_mm`, row-wise
   scales), because Ada's FP8 mma.sync runs at a quarter of the bf16 rate there (NOTES.md).
-- `ADAQ_PREFILL_PATH` = auto (the above) | fp8 (FP8 on any GPU that has a path) | nvfp4 (exact path only);
-  `ADAQ_PREFILL_FP8_MIN_TOKENS` moves the M threshold. The Ada kernel can be forced on Hopper with
-  `select_path(..., force="ada")` (tests, microbenchmarks).
+- `ADAQ_PREFILL_PATH` = fp8 (the cuda backend runs linears of >= `ADAQ_PREFILL_FP8_MIN_TOKENS` rows, default 64,
+  through the GEMM above) | auto (default) | nvfp4 (exact path only). `auto` keeps the exact NVFP4 kernels in the
+  engine for now: the FP8 path costs +1.6 % perplexity on Gemma3-270M, over the 0.5 % goal (docs/KERNELS.md).
+  `scaled_mm(..., kind="ada")` forces the Ada kernel on Hopper (tests, microbenchmark).
 
 Operands: activations are quantized per token by `quantize_rows`; each NVFP4 weight is expanded to E4M3 into one
 `Fp8Workspace` buffer per device just before its GEMM, so the expanded model never exists at once.

@@ -76,8 +76,24 @@ class CausalLM(nn.Module):
         """One per decoder layer, in order: the runner sets their k_cache/v_cache (and FP8 scales)."""
         return [module for module in self.modules() if isinstance(module, PagedAttention)]
 
+    tie_word_embeddings_default = False  # what the architecture assumes when config.json does not say
+
     def load(self, reader: WeightReader) -> None:
-        raise NotImplementedError
+        prefix = reader.decoder_prefix()
+        self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
+        for i, layer in enumerate(self.layers):
+            layer.load(reader, f"{prefix}.layers.{i}")
+            reader.layer_loaded(i + 1, len(self.layers))
+        self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
+        tied = getattr(self.config, "tie_word_embeddings", self.tie_word_embeddings_default)
+        self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        positions = positions.clone()  # a new object per forward: the backend memoises RoPE tables by identity
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

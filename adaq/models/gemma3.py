@@ -45,6 +45,8 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
+    tie_word_embeddings_default = True
+
     def __init__(self, config, backend, dtype: torch.dtype):
         super().__init__(config, backend, dtype)
         self.embed_tokens = Embedding(backend, config.vocab_size, config.hidden_size,
@@ -54,20 +56,3 @@ class Gemma3ForCausalLM(CausalLM):
             Gemma3DecoderLayer(config, backend, i, rope) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(backend, config.hidden_size, config.rms_norm_eps, unit_offset=True)
         self.lm_head = LMHead(backend, config.hidden_size, config.vocab_size, config.final_logit_softcapping)
-
-    def load(self, reader: WeightReader) -> None:
-        prefix = reader.decoder_prefix()
-        self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
-        for i, layer in enumerate(self.layers):
-            layer.load(reader, f"{prefix}.layers.{i}")
-            reader.layer_loaded(i + 1, len(self.layers))
-        self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
-        tied = getattr(self.config, "tie_word_embeddings", True)
-        self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        positions = positions.clone()  # a new object per forward: the backend memoises RoPE tables by identity
-        for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)

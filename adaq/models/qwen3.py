@@ -58,20 +58,3 @@ class Qwen3ForCausalLM(CausalLM):
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         return GatedMLP(self.backend, self.config.hidden_size, self.config.intermediate_size, self.config.hidden_act)
-
-    def load(self, reader: WeightReader) -> None:
-        prefix = reader.decoder_prefix()
-        self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
-        for i, layer in enumerate(self.layers):
-            layer.load(reader, f"{prefix}.layers.{i}")
-            reader.layer_loaded(i + 1, len(self.layers))
-        self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        positions = positions.clone()  # a new object per forward: the backend memoises RoPE tables by identity
-        for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)
