@@ -49,9 +49,42 @@ def test_no_register_spills_in_decode_kernels(report):
 
 @needs_nvcc
 def test_gemm_instantiations_exist(report):
+    """Token tiles x ring depth x blocks per SM of every GEMM variant (csrc/nvfp4_gemm.cu, dispatch)."""
     names = report["sources"]["nvfp4_gemm.cu"]["kernels"]
-    for mt, ch in ((1, 4), (2, 2), (3, 1), (4, 1)):
-        assert any(f"nvfp4_gemm_kernelILi{mt}ELi2ELi{ch}E" in name for name in names), (mt, ch)
+    expected = [(nt, *cfg) for nt in (1, 2)
+                for cfg in ((4, 2, 1), (3, 3, 1), (2, 4, 1), (3, 2, 2), (2, 1, 4), (1, 2, 4), (2, 2, 2))]
+    expected += [(3, 2, 2, 1)] + [(nt, 2, 1, 1) for nt in range(4, 9)]
+    for nt, st, minb, tw in expected:
+        assert any(f"nvfp4_gemm_kernelILi{nt}ELi{st}ELi{minb}ELi{tw}E" in name for name in names), (nt, st, minb, tw)
+
+
+@needs_nvcc
+def test_gemm_register_budgets(report):
+    """Each M <= 16 variant fits the blocks per SM its launch bounds promise (255 registers = 1 block)."""
+    for name, usage in report["sources"]["nvfp4_gemm.cu"]["kernels"].items():
+        if "nvfp4_gemm_kernel" not in name:
+            continue
+        minb = int(name.split("ELi")[2].split("E")[0])
+        assert usage["registers"] * 256 * minb <= 65536, (name, usage)
+
+
+@needs_nvcc
+def test_attention_runs_on_tensor_cores(report):
+    """Decode attention v3: QK^T and PV through f16 (FP8 KV) and bf16 (bf16 KV) mma.sync, P transposed in registers
+    by movmatrix, for every head dim and GQA group it serves; none spills (checked above)."""
+    entry = report["sources"]["attention.cu"]
+    for instr in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "movmatrix.sync.aligned.m8n8.trans.b16"):
+        assert entry["required_ptx"].get(instr), f"attention.cu PTX lacks {instr}"
+    names = entry["kernels"]
+    decode = ((64, 4, 1), (128, 4, 1), (128, 2, 1), (256, 1, 1), (64, 1, 0), (128, 2, 0), (128, 1, 0))
+    for dim, tiles, fp8 in decode:
+        for group in (1, 2, 4, 8):
+            assert any(f"paged_attention_mma_kernelILi{dim}ELi{group}ELi{tiles}ELb{fp8}ELi1E" in n for n in names), \
+                (dim, group, tiles, fp8)
+    for dim, group, tiles, fp8, queries in ((128, 4, 2, 1, 4), (128, 8, 1, 0, 2), (64, 1, 2, 1, 16), (256, 2, 1, 1, 4)):
+        name = f"paged_attention_mma_kernelILi{dim}ELi{group}ELi{tiles}ELb{fp8}ELi{queries}E"
+        assert any(name in n for n in names), name
 
 
 @needs_nvcc
@@ -78,7 +111,7 @@ def test_repack_emulated_fragments_equal_reference_dequantize(n, k):
     rounding of (e2m1 * scale) * (128 / g) vs e2m1 * (scale / g)."""
     weight = random_weight(n, k, seed=n * k)
     packed = layout.repack(weight)
-    assert packed.wq.shape == (-(-n // 8), -(-k // 128), 512) and packed.ws.shape[-1] == 64
+    assert packed.wq.shape == (-(-n // 16), -(-k // 128), 1024) and packed.ws.shape[-1] == 128
     emulated = layout.emulate_b_fragments(packed)
     reference = nvfp4.dequantize(weight)
     torch.testing.assert_close(emulated, reference, rtol=2e-7, atol=0)
@@ -90,6 +123,26 @@ def test_unpack_inverts_repack(n, k):
     codes, scales = layout.unpack_codes(layout.repack(weight))
     assert torch.equal(codes, nvfp4.unpack_nibbles(weight.packed))
     assert torch.equal(scales.view(torch.uint8), weight.block_scale.view(torch.uint8))
+
+
+def test_repack_keeps_zero_negative_and_nan_scales_exact():
+    """Scales the E5M3 re-encoding cannot hold as they are (zero, negative, -0, NaN) keep every product."""
+    weight = random_weight(32, 256, seed=3)
+    scales = weight.block_scale.float()
+    scales[0, :4] = 0.0
+    scales[1, :4] = -scales[1, :4]
+    scales[2, 0] = -0.0
+    scales[3, 1] = float("nan")
+    weight.block_scale = scales.to(torch.float8_e4m3fn)
+    packed = layout.repack(weight)
+    reference = nvfp4.dequantize(weight)
+    emulated = layout.emulate_b_fragments(packed)
+    nan = torch.isnan(reference)
+    assert nan[3, 16:32].all() and torch.equal(torch.isnan(emulated), nan)
+    torch.testing.assert_close(emulated[~nan], reference[~nan], rtol=2e-7, atol=0)
+    codes, back = layout.unpack_codes(packed)
+    again = nvfp4.dequantize(NVFP4Weight(nvfp4.pack_nibbles(codes), back, weight.global_scale))
+    assert torch.equal(torch.isnan(again), nan) and torch.equal(again[~nan], reference[~nan])
 
 
 def test_per_column_global_scales():
@@ -141,6 +194,40 @@ def test_prefill_queries_give_each_token_its_causal_context():
     seqs, lens = prefill_queries(ctx, 5)
     assert seqs.tolist() == [0, 0, 0, 1, 1]
     assert lens.tolist() == [8, 9, 10, 1, 2]  # a cached prefix of 7 tokens, then a fresh 2-token prompt
+
+
+@pytest.mark.parametrize("block_tokens", [1, 2, 4, 16])
+def test_prefill_query_blocks_cover_every_query_once(block_tokens):
+    """The prefill attention kernel's block map: every query in exactly one block of its own sequence, no block
+    longer than block_tokens, blocks past the last (the grid is an upper bound) empty."""
+    from adaq.kernels.ops import prefill_query_blocks
+
+    q_lens = [3, 0, 17, 1, 40, 16]
+    offsets = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
+    blocks = prefill_query_blocks(offsets, int(offsets[-1]), block_tokens)
+    assert blocks.dtype == torch.int32 and blocks.shape == (int(offsets[-1]) // block_tokens + len(q_lens), 3)
+    covered = []
+    for seq, first, count in blocks.tolist():
+        if count <= 0:
+            continue
+        assert count <= block_tokens and offsets[seq] <= first and first + count <= offsets[seq + 1]
+        covered += range(first, first + count)
+    assert sorted(covered) == list(range(int(offsets[-1])))
+
+
+def test_prefill_maps_are_made_once_per_step():
+    from adaq.engine.context import Context
+    from adaq.kernels.backend_cuda import prefill_maps
+
+    ctx = Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32),
+                  context_lens=torch.tensor([10, 2], dtype=torch.int32))
+    first = prefill_maps(ctx, 5, 4)
+    assert first[0].tolist() == [0, 0, 0, 1, 1] and first[1].tolist() == [8, 9, 10, 1, 2]
+    assert first[2].tolist()[:2] == [[0, 0, 3], [1, 3, 2]]
+    assert prefill_maps(ctx, 5, 4) is first  # the next layer of the step
+    ctx.cu_seqlens_q = torch.tensor([0, 4, 5], dtype=torch.int32)  # another step's queries
+    assert prefill_maps(ctx, 5, 4)[0].tolist() == [0, 0, 0, 0, 1]
+    assert prefill_maps(ctx, 5, 0)[2] is None
 
 
 def test_decode_graph_buckets():

@@ -106,17 +106,53 @@ def test_gemm_forced_splits_and_bias(splits):
     check_gemm(16, 4096, 4096, seed=splits, splits=splits, bias=True)
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
-@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (16, 4096, 12288), (5, 1000, 1040), (33, 257, 2064),
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (16, 4096, 12288), (5, 1000, 1040), (16, 1000, 1040), (33, 257, 2064),
                                    (64, 2048, 768)])
 def test_gemm_other_variants(variant, m, n, k):
-    """Every GEMM variant (v1, and v2 with rings of 4, 3, 2) computes the same function."""
+    """Every GEMM variant (rings of 4, 3, 2 super-tiles; wide blocks; 2 or 4 column tiles per warp) computes the
+    same function."""
     default = ops.gemm_variant()
     ops.set_gemm_variant(variant)
     try:
         check_gemm(m, n, k, seed=variant * 100 + m)
     finally:
         ops.set_gemm_variant(default)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1000, 1040), (40, 272, 2064)])
+def test_gemm_special_block_scales(m, n, k):
+    """Negative, zero and subnormal E4M3 block scales (the layout folds signs into the codes, zeroes the codes of
+    zero scales and normalises subnormals): the kernel still computes the reference's products."""
+    gen = torch.Generator(device=DEV).manual_seed(n + m)
+    weight = random_nvfp4(n, k, gen)
+    scales = weight.block_scale.float()
+    pick = torch.rand(scales.shape, device=DEV, generator=gen)
+    scales = torch.where(pick < 0.2, -scales, scales)
+    scales = torch.where((pick > 0.2) & (pick < 0.3), torch.zeros_like(scales), scales)
+    scales = torch.where((pick > 0.3) & (pick < 0.4), torch.full_like(scales, 2 ** -9) * (1 + (pick > 0.35)), scales)
+    weight.block_scale = scales.to(torch.float8_e4m3fn)
+    packed = layout.repack(weight, DEV)
+    x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+    ref = (x.float() @ nvfp4.dequantize(weight, torch.float32).T).to(torch.bfloat16)
+    poison_allocator()
+    out = ops.nvfp4_linear(x, packed)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, ref) <= 1e-3
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (40, 272), (13, 4112), (2048, 768)])
+def test_nvfp4_dequantize_is_exact(n, k):
+    """The layout's dense dequantization (for dense-GEMM paths) is e2m1 x block_scale, bit-exact in bf16."""
+    gen = torch.Generator(device=DEV).manual_seed(n * 3 + k)
+    weight = random_nvfp4(n, k, gen)
+    packed = layout.repack(weight, DEV)
+    codes = nvfp4.e2m1_decode(nvfp4.unpack_nibbles(weight.packed)).float()
+    exact = (codes.view(n, -1, 16) * weight.block_scale.float().unsqueeze(-1)).view(n, k)
+    poison_allocator()
+    out = ops.nvfp4_dequantize(packed)
+    assert torch.equal(out.float(), exact.to(torch.bfloat16).float())
+    assert torch.equal(exact.to(torch.bfloat16).float(), exact)  # the products are exact in bf16
 
 
 @pytest.mark.parametrize("m", [65, 100, 200])
@@ -178,6 +214,18 @@ def test_moe_decode(tokens, experts, top_k, hidden, inter):
     assert torch.isfinite(out).all()
     error = rel_error(out, ref)
     assert error < 2e-2, f"MoE relative error {error:.2e} (bf16 intermediates)"
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_moe_decode_gemm_variants(variant):
+    """The grouped expert GEMMs compute the same MoE layer with every GEMM variant (the default picks one per shape)."""
+    default = ops.gemm_variant()
+    ops.set_gemm_variant(variant)
+    try:
+        test_moe_decode(5, 60, 4, 272, 144)
+        test_moe_decode(16, 32, 4, 512, 256)
+    finally:
+        ops.set_gemm_variant(default)
 
 
 def assert_same_topk(logits, ids, ref_ids):
@@ -311,6 +359,149 @@ def test_prefill_attention_chunked(kv_dtype):
         assert rel_error(out, ref) < 4e-3
 
 
+@pytest.mark.parametrize("variant", [1, 2, 3])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", ATTN_CASES[:3] + ATTN_CASES[4:5])
+def test_decode_attention_other_variants(variant, kv_dtype, heads, kv_heads, dim, window, softcap):
+    """The non-default kernels (1: v2 on CUDA cores, 2: tensor cores with the other tiling, 3: splits merged in the
+    kernel by the last block) stay correct."""
+    ops.set_attention_variant(variant)
+    try:
+        test_decode_attention(kv_dtype, heads, kv_heads, dim, window, softcap, [5000, 33, 2049, 4096])
+    finally:
+        ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
+
+
+@pytest.mark.parametrize("block_size", [8, 32, 48])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_decode_attention_block_sizes(block_size, kv_dtype):
+    """Pages of 32/48 keys (tensor-core kernel, 16-key chunks inside a page) and of 8 (falls back to v2)."""
+    from adaq.kernels.backend_cuda import CudaBackend
+
+    gen = torch.Generator(device=DEV).manual_seed(block_size)
+    lens = [700, 1, 95, 3000]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, k_scale = make_cache(num_blocks, block_size, 4, 128, kv_dtype)
+    v_cache, v_scale = make_cache(num_blocks, block_size, 4, 128, kv_dtype)
+    ctx = decode_context(lens, block_size, num_blocks, gen)
+    q = torch.randn(len(lens), 16, 128, device=DEV, generator=gen).to(torch.bfloat16)
+    for window in (None, 100):
+        ref = attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=0.09,
+                                            sliding_window=window)
+        poison_allocator()
+        out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=0.09,
+                                         sliding_window=window)
+        assert rel_error(out, ref) < 4e-3
+
+
+# Against fp32 attention on the same dequantized cache: the bf16 output's own rounding (unit roundoff 2^-8, ~1.6e-3
+# RMS relative) plus f16 P (2^-11). Device run 3 saw up to 2.07e-3 (head_dim 64, q x 3e4: softmax almost one-hot,
+# the output one V row, where the bf16 rounding of 512 values alone fluctuates around 1.6-2e-3).
+FP8_ATTENTION_BOUND = 3e-3
+
+
+@pytest.mark.parametrize("q_mul,v_mul", [(1.0, 1.0), (3e4, 1.0), (1e-6, 1.0), (1.0, 1e-9), (30.0, 1e5)])
+@pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (256, 16, 2), (64, 8, 8)])
+def test_attention_fp8_error_bound_over_ranges(q_mul, v_mul, dim, heads, kv_heads):
+    """q far beyond f16's range (|q| ~ 1e5) or tiny, V scales from 1e-11 to 1e3: the kernel's power-of-two
+    scalings (q to f16, P * vs / cv) keep the stated bound against fp32 attention over the dequantized cache."""
+    from adaq.kernels.backend_cuda import CudaBackend
+
+    gen = torch.Generator(device=DEV).manual_seed(dim + int(math.log10(q_mul) * 7 + math.log10(v_mul)))
+    lens, block_size = [3000, 17, 8192], 16
+    num_blocks = sum(-(-n // block_size) for n in lens) + 2
+    k_cache, k_scale = make_cache(num_blocks, block_size, kv_heads, dim, torch.float8_e4m3fn)
+    v_cache, v_scale = make_cache(num_blocks, block_size, kv_heads, dim, torch.float8_e4m3fn)
+    v_scale *= v_mul
+    ctx = decode_context(lens, block_size, num_blocks, gen)
+    q = (torch.randn(len(lens), heads, dim, device=DEV, generator=gen) * q_mul).to(torch.bfloat16)
+    scale = dim ** -0.5
+    poison_allocator()
+    out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale)
+    for b, n in enumerate(lens):
+        keys = attention.gather_kv(k_cache, k_scale, ctx.block_tables[b], n)
+        values = attention.gather_kv(v_cache, v_scale, ctx.block_tables[b], n)
+        ref = attention.attend(q[b:b + 1], keys, values, n - 1, scale, None, None)  # fp32
+        assert torch.isfinite(out[b]).all()
+        error = rel_error(out[b:b + 1], ref)
+        assert error < FP8_ATTENTION_BOUND, f"sequence {b} ({n} keys): relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("variant", [0, 3])
+def test_attention_graph_replays_fresh_queries_and_cache(variant):
+    """Decode attention with splits, captured once, replayed over new q and cache contents: equal to eager (variant 3:
+    the in-kernel split merge resets its counters for the next replay)."""
+    ops.set_attention_variant(variant)
+    try:
+        check_attention_graph_replay()
+    finally:
+        ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
+
+
+def check_attention_graph_replay():
+    gen = torch.Generator(device=DEV).manual_seed(21)
+    lens, block_size = [8192, 100, 1500], 16
+    num_blocks = sum(-(-n // block_size) for n in lens)
+    k_cache, k_scale = make_cache(num_blocks, block_size, 8, 128, torch.float8_e4m3fn)
+    v_cache, v_scale = make_cache(num_blocks, block_size, 8, 128, torch.float8_e4m3fn)
+    ctx = decode_context(lens, block_size, num_blocks, gen)
+    q = torch.randn(len(lens), 32, 128, device=DEV, generator=gen).to(torch.bfloat16)
+    splits = ops.attention_splits(len(lens), 8, max(lens), head_dim=128, group=4, fp8=True, block_size=16)
+    assert splits > 1
+
+    def run():
+        return ops.paged_attention(q, k_cache, v_cache, k_scale, v_scale, ctx.block_tables, ctx.context_lens,
+                                   scale=0.088, splits=splits)
+
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(2):
+        q.copy_(torch.randn(q.shape, device=DEV, generator=gen).to(torch.bfloat16))
+        fresh_k, fresh_ks = make_cache(num_blocks, block_size, 8, 128, torch.float8_e4m3fn)
+        k_cache.copy_(fresh_k)
+        k_scale.copy_(fresh_ks)
+        graph.replay()
+        assert torch.equal(out, run())
+
+
+PREFILL_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
+    (32, 8, 128, None, None), (32, 4, 128, None, None), (32, 16, 128, 64, None), (8, 8, 64, None, 30.0),
+    (4, 1, 256, 100, None), (16, 2, 256, None, None), (16, 16, 128, None, None),
+]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", PREFILL_CASES)
+def test_prefill_attention_query_blocks(kv_dtype, heads, kv_heads, dim, window, softcap):
+    """Packed prefill (several queries of a sequence per block): fresh prompts of odd lengths, a chunk against a
+    cached prefix, a single query, an empty sequence; causal, windows, softcap; outputs poisoned."""
+    from adaq.kernels.backend_cuda import CudaBackend
+
+    gen = torch.Generator(device=DEV).manual_seed(heads * dim + (window or 0))
+    block_size = 16
+    q_lens = [37, 1, 0, 130, 5, 16]
+    lens = [37, 900, 12, 130, 5 + 300, 16]  # cached prefix where lens > q_lens (chunked prefill)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, k_scale = make_cache(num_blocks, block_size, kv_heads, dim, kv_dtype)
+    v_cache, v_scale = make_cache(num_blocks, block_size, kv_heads, dim, kv_dtype)
+    ctx = decode_context(lens, block_size, num_blocks, gen)
+    ctx.is_prefill = True
+    offsets = [0]
+    for n in q_lens:
+        offsets.append(offsets[-1] + n)
+    ctx.cu_seqlens_q = torch.tensor(offsets, dtype=torch.int32, device=DEV)
+    q = torch.randn(offsets[-1], heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
+    ref = attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=dim ** -0.5,
+                                        sliding_window=window, softcap=softcap)
+    poison_allocator()
+    out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=dim ** -0.5,
+                                     sliding_window=window, softcap=softcap)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, ref) < 4e-3
+
+
 # ---- element-wise ------------------------------------------------------------------------------------------------
 
 def assert_close_bf16(out, ref, ulps=1, fraction=0.002):
@@ -322,12 +513,24 @@ def assert_close_bf16(out, ref, ulps=1, fraction=0.002):
 
 
 @pytest.mark.parametrize("unit_offset", [False, True])
-@pytest.mark.parametrize("shape", [(1, 4096), (7, 5376), (33, 640), (5, 32, 128)])
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 5376), (33, 640), (5, 32, 128), (3, 5, 64), (9, 256), (2, 1152),
+                                   (17, 2048), (1, 8192), (3, 12288), (2, 20480), (131, 4096)])
 def test_rms_norm(unit_offset, shape):
     gen = torch.Generator(device=DEV).manual_seed(shape[0])
     x = torch.randn(*shape, device=DEV, generator=gen).to(torch.bfloat16)
     w = torch.randn(shape[-1], device=DEV, generator=gen).to(torch.bfloat16)
     assert_close_bf16(ops.rms_norm(x, w, 1e-6, unit_offset), norm.rms_norm(x, w, 1e-6, unit_offset))
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 5376), (33, 640), (3, 5, 64), (16, 2048), (2, 12288), (131, 4096)])
+def test_add_rms_norm(unit_offset, shape):
+    gen = torch.Generator(device=DEV).manual_seed(shape[0] + 1)
+    x, delta = (torch.randn(*shape, device=DEV, generator=gen).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(shape[-1], device=DEV, generator=gen).to(torch.bfloat16)
+    total, normed = ops.add_rms_norm(x, delta, w, 1e-6, unit_offset)
+    assert torch.equal(total, x + delta)
+    assert_close_bf16(normed, norm.rms_norm(x + delta, w, 1e-6, unit_offset))
 
 
 def test_rms_norm_strided_heads():
@@ -407,8 +610,8 @@ def build_engine(source, backend_name):
     return LLMEngine(engine_config, model=model, model_config=source.config)
 
 
-@pytest.mark.parametrize("layers", [8])
-def test_end_to_end_greedy_matches_reference(layers):
+@pytest.mark.parametrize("layers,lengths", [(8, (5, 17, 64, 128)), (4, (9, 33, 70))])
+def test_end_to_end_greedy_matches_reference(layers, lengths):
     """A Qwen3-8B-shaped random NVFP4 model (its shapes, `layers` of its 36 layers), bf16 KV: the cuda and reference
     backends give the same greedy tokens for 4 prompts x 64 tokens; a divergence must follow a near-tie of the
     reference's top two tokens (measured by scoring both continuations with the reference), and is reported."""
@@ -420,7 +623,7 @@ def test_end_to_end_greedy_matches_reference(layers):
     config["num_hidden_layers"] = layers
     source = SyntheticCheckpoint(config, quantized=True, device=DEV)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, config["vocab_size"], (n,), generator=gen).tolist() for n in (5, 17, 64, 128)]
+    prompts = [torch.randint(0, config["vocab_size"], (n,), generator=gen).tolist() for n in lengths]  # 3: a padded row
     greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     reference = build_engine(source, "reference")
     ref_tokens = [o.token_ids for o in run_requests(reference, prompts, greedy)]

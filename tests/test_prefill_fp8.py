@@ -1,6 +1,7 @@
 """The FP8 prefill path: generated CUTLASS sources, the reference emulation's error, and (GPU) each kernel against
 the reference (adaq.layers.fp8_prefill)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -64,7 +65,45 @@ def gemm_ptx(tmp_path_factory) -> tuple[str, str]:
     assembled = subprocess.run(["ptxas", "-arch=sm_89", "-v", "-O3", str(out), "-o", str(out.with_suffix(".cubin"))],
                                capture_output=True, text=True, timeout=900)
     assert assembled.returncode == 0, assembled.stderr[-3000:]
+    GEMM_CUBIN["sm_89"] = out.with_suffix(".cubin")
     return out.read_text(), assembled.stderr + assembled.stdout
+
+
+GEMM_CUBIN: dict[str, Path] = {}  # the gemm_ptx fixture's sm_89 machine code, for the SASS check
+SASS_FP8_MMA = "QMMA.16832.F32.E4M3.E4M3"  # how cuobjdump names sm_89's e4m3 mma.sync (QMMA, not HMMA)
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump (it runs nvdisasm beside it) from PATH, else from the nvidia-cuda-cuobjdump and
+    nvidia-cuda-nvdisasm wheels (dev extra)."""
+    if shutil.which("cuobjdump") and shutil.which("nvdisasm"):
+        return shutil.which("cuobjdump")
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    found = [p for root in nvidia.__path__ for p in sorted(Path(root).glob("cu*/bin/cuobjdump"))
+             if (p.parent / "nvdisasm").exists()]
+    return str(found[0]) if found else None
+
+
+def sass_of(cubin: Path) -> str:
+    tool = Path(cuobjdump())
+    env = {**os.environ, "PATH": f"{tool.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True, env=env,
+                          timeout=300).stdout
+
+
+def test_generated_gemm_sass_has_e4m3_mma_and_no_local_memory(gemm_ptx):
+    if cuobjdump() is None:
+        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
+    sass = sass_of(GEMM_CUBIN["sm_89"])
+    functions = sass.count("Function : ")
+    assert functions == 2 * len(__import__("adaq.kernels.prefill_fp8", fromlist=["tiles"]).tiles())
+    # 64x32x64 warp tiles: 4 x 4 m16n8 fragments x 2 k32 steps = 32 QMMA per k-tile in every kernel
+    assert sass.count(SASS_FP8_MMA) >= 32 * functions
+    assert "HMMA" not in sass and "HGMMA" not in sass
+    assert not re.search(r"\b(LDL|STL)\b", sass)
 
 
 def test_generated_gemm_compiles_for_sm89_with_fp8_mma(gemm_ptx):
@@ -72,7 +111,8 @@ def test_generated_gemm_compiles_for_sm89_with_fp8_mma(gemm_ptx):
     assert FP8_MMA in ptx
     assert not [i for i in HOPPER_ONLY if re.search(rf"\b{re.escape(i)}\b", ptx)]
     kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_89'", ptxas)
-    assert len(kernels) == len(__import__("adaq.kernels.prefill_fp8", fromlist=["tiles"]).tiles())
+    # every tile twice: the dense kernel and its grouped (MoE) launch (csrc/fp8_grouped.cuh)
+    assert len(kernels) == 2 * len(__import__("adaq.kernels.prefill_fp8", fromlist=["tiles"]).tiles())
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
     assert spills and not any(spills), ptxas
 
@@ -168,7 +208,7 @@ def test_tile_choice_and_shared_memory():
     from adaq.kernels.prefill_fp8 import choose_tile, tiles
 
     options = tiles()
-    assert options[choose_tile(4096, 4096, 132)]["bm"] == 128
+    assert options[choose_tile(4096, 4096, 132)]["name"] == "64x128_64x4"  # measured best of the Ada-fit tiles
     assert options[choose_tile(64, 4096, 132)]["bm"] == 64
     for tile in options:  # fits Ada's 99 KB of shared memory per block with room for the epilogue
         assert (tile["bm"] + tile["bn"]) * tile["bk"] * tile["stages"] <= 80 * 1024
@@ -181,6 +221,115 @@ def test_invalid_path_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "fast")
     with pytest.raises(AdaqError, match="ADAQ_PREFILL_PATH"):
         configured_path()
+
+
+# ---- CPU: the exact large-M path (dequantize + cuBLAS bf16) ---------------------------------------------------------
+
+EXACT_SHAPES = [(8, 16), (13, 48), (40, 272), (96, 208), (136, 2048), (64, 640)]  # N, K off the layout tiles too
+
+
+def test_every_e2m1_times_e4m3_product_is_exact_in_bf16():
+    """The exact path's premise: the bf16 workspace can hold e2m1 x block_scale with no rounding at all."""
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[torch.isfinite(e4m3)]
+    products = torch.outer(torch.cat([e2m1, -e2m1]), e4m3).double()
+    assert torch.equal(products.to(torch.bfloat16).double(), products)
+
+
+def test_exact_linear_reference_is_dequantize_then_matmul():
+    weight, x = random_nvfp4(96, 512), random_rows(70, 512).double()
+    exact = x @ nvfp4.dequantize(weight).double().T
+    got = fp8_prefill.exact_linear_reference(x, weight)
+    assert float((got - exact).abs().max() / exact.abs().max()) < 1e-6  # fp64: only 1/global_scale's fp32 rounding
+
+
+def test_exact_plan_segments_per_global_scale():
+    from adaq.kernels import layout
+    from adaq.kernels.prefill_fp8 import exact_plan
+
+    weight = random_nvfp4(24, 64)
+    plan = exact_plan(layout.repack(weight))
+    shift = 2.0 ** layout.SCALE_EXPONENT_SHIFT  # the layout's colscale is 2^shift / global_scale in fp32
+    alpha = float(torch.tensor(shift) / weight.global_scale.float().reshape(())) / shift
+    assert plan.segments == ((0, 24, alpha),)
+    assert alpha == float(1.0 / weight.global_scale.float().reshape(()))  # fp32(1/g), exactly
+    scales = torch.cat([torch.full((16,), 2.0), torch.full((8,), 8.0)])
+    plan = exact_plan(layout.repack(weight, column_global_scales=scales))
+    assert plan.segments == ((0, 16, 0.5), (16, 24, 0.125))
+
+
+def _dequantize_on_cpu(packed, out):
+    """ops.nvfp4_dequantize's contract (e2m1 x block_scale from the decode layout, into out) through the layout's
+    pure-PyTorch inverse."""
+    from adaq.kernels import layout
+
+    codes, scales = layout.unpack_codes(packed)
+    n, k = packed.out_features, packed.in_features
+    values = nvfp4.e2m1_decode(codes).unflatten(-1, (-1, nvfp4.GROUP_SIZE)) * scales.float().unsqueeze(-1)
+    out[: n * k] = values.flatten().to(out.dtype)
+    return out[: n * k].view(n, k)
+
+
+def test_exact_linear_plumbing_on_cpu(monkeypatch):
+    """exact_linear's real code (plan, workspace, segments, alpha, bias) with the kernel emulated: equals the spec."""
+    from adaq.kernels import layout, prefill_fp8
+
+    from adaq.kernels import ops
+
+    monkeypatch.setattr(ops, "nvfp4_dequantize", _dequantize_on_cpu)
+    weight, x = random_nvfp4(40, 272, seed=9), random_rows(9, 272).to(torch.bfloat16)
+    packed = layout.repack(weight)
+    got = prefill_fp8.exact_linear(x, packed, prefill_fp8.exact_plan(packed))
+    expected = fp8_prefill.exact_linear_reference(x, weight)
+    assert got.dtype == torch.bfloat16 and float((got.float() - expected.float()).abs().max()) <= float(
+        expected.float().abs().max()) * 2 ** -7
+    scales = torch.cat([torch.full((24,), float(weight.global_scale)), torch.full((16,), 3.0)])
+    packed = layout.repack(weight, column_global_scales=scales)
+    bias = torch.randn(40).to(torch.bfloat16)
+    got = prefill_fp8.exact_linear(x, packed, prefill_fp8.exact_plan(packed), bias)
+    truth = (x.double() @ fp8_prefill.unscaled_weight(weight).double().T) / scales.double() + bias.double()
+    assert float((got.double() - truth).norm() / truth.norm()) < 4e-3
+
+
+def test_route_by_path_and_rows(monkeypatch):
+    from adaq.kernels import prefill_fp8
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ADAQ_PREFILL_EXACT_MIN_TOKENS", "100")
+    monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
+    assert prefill_fp8.route(99, cpu) == "decode" and prefill_fp8.route(100, cpu) == "exact"
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "nvfp4")
+    assert prefill_fp8.route(4096, cpu) == "decode"
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "fp8")  # no FP8 GEMM off a CUDA GPU: the exact path serves large M
+    assert prefill_fp8.route(4096, cpu) == "exact" and prefill_fp8.route(8, cpu) == "decode"
+    assert "FP8 PATH" in prefill_fp8.describe("fp8") and "exact" in prefill_fp8.describe("auto")
+
+
+def test_bench_puts_prefill_paths_side_by_side_on_cpu(tmp_path):
+    import json
+
+    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 256, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "max_position_embeddings": 512, "tie_word_embeddings": False, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-6, "initializer_range": 0.02}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    out = tmp_path / "out.json"
+    result = subprocess.run([sys.executable, "-c", "from adaq.cli import main; main()", "bench", "--synthetic",
+                             str(tmp_path / "tiny.json"), "--batch", "1", "--input-len", "70", "--output-len", "2",
+                             "--repeats", "1", "--baselines", "bf16", "--prefill-path", "auto,fp8", "--json",
+                             str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**__import__("os").environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [variant["variant"] for variant in report["variants"]] == ["nvfp4", "nvfp4-fp8", "bf16"]
+    assert "FP8 PATH" in report["variants"][1]["label"] and "FP8" not in report["variants"][0]["label"]
+    for variant in report["variants"][:2]:
+        assert variant["results"][0]["prefill_speedup"]["bf16"] > 0
+    assert "Prefill" in result.stdout and "nvfp4-fp8" in result.stdout
+    bad = subprocess.run([sys.executable, "-c", "from adaq.cli import main; main()", "bench", "--synthetic",
+                          "qwen3-8b", "--prefill-path", "fast"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--prefill-path" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ---- GPU: kernels against the reference -------------------------------------------------------------------------
@@ -254,6 +403,24 @@ def _assert_gemm_close(got: torch.Tensor, expected: torch.Tensor):
     torch.testing.assert_close(got.float(), expected.to(got.device), rtol=2 ** -7, atol=float(scale) * 1e-4)
 
 
+# cuBLASLt's FP8 GEMM on Hopper (wgmma) does not accumulate FP8 products in full fp32: inside each k-block the
+# tensor core adds products at reduced precision before the partial sum is promoted (DeepSeek-V3 report, sec. 3.3.2;
+# measured in bench/results/prefill/session2/hopper_accuracy.json). Its error therefore scales with the sum of |products|
+# (absdot), not with |result|: the bound is bf16 output rounding plus HOPPER_FP8_ACC x absdot.
+HOPPER_FP8_ACC = 2.0 ** -12
+
+
+def _assert_hopper_close(got, expected, x8, row_scale, w8, col_scale):
+    assert not torch.isnan(got).any()
+    absdot = ((x8.float().abs() @ w8.float().abs().T) * row_scale.unsqueeze(1)) * col_scale.unsqueeze(0)
+    expected = expected.to(got.device)
+    error = (got.float() - expected).abs()
+    bound = 2.0 ** -8 * expected.abs() + HOPPER_FP8_ACC * absdot + 1e-30
+    worst = float((error / bound).max())
+    assert worst <= 1.0, f"error up to {worst:.2f}x the bound"
+    assert float((got.float() - expected).norm() / expected.norm()) < 3e-3
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("tile", [0, 1, 2])  # every generated tile
@@ -285,8 +452,8 @@ def test_gpu_ada_gemm_every_model_layer(m, n, k):
 def test_gpu_hopper_gemm_matches_reference(m, n, k):
     from adaq.kernels import prefill_fp8
 
-    (x8, row_scale, w8, col_scale), expected = _gemm_case(m, n, k)
-    _assert_gemm_close(prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "hopper"), expected)
+    operands, expected = _gemm_case(m, n, k)
+    _assert_hopper_close(prefill_fp8.scaled_mm(*operands, "hopper"), expected, *operands)
 
 
 @gpu
@@ -301,7 +468,12 @@ def test_gpu_fp8_linear_matches_reference_backend(kind):
     backend = ReferenceBackend("cpu", prefill_fp8=True)
     expected = backend.linear(x.float(), backend.prepare_linear(weight, dtype=torch.float32))
     got = prefill_fp8.fp8_linear(x.cuda(), _on_gpu(weight), kind=kind)
-    _assert_gemm_close(got, expected)
+    if kind == "ada":
+        _assert_gemm_close(got, expected)
+        return
+    expanded = fp8_prefill.expand_weight(weight)
+    x8, row_scale = fp8_prefill.quantize_activation(x)
+    _assert_hopper_close(got, expected, x8.cuda(), row_scale.cuda(), expanded.values.cuda(), expanded.col_scale.cuda())
 
 
 @gpu
@@ -312,3 +484,95 @@ def test_gpu_workspace_is_reused():
     device = torch.device("cuda")
     first = prefill_fp8.workspace(device, 4096, 4096).values.data_ptr()
     assert prefill_fp8.workspace(device, 1024, 4096).values.data_ptr() == first
+
+
+# ---- GPU: the exact large-M path ----------------------------------------------------------------------------------
+
+def _exact_bound_check(got: torch.Tensor, x: torch.Tensor, unscaled: torch.Tensor, alpha: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> None:
+    """fp64 truth of (x @ (e2m1 x block_scale)^T) * alpha (+ bias): the error allowed is bf16 output rounding (2^-9
+    relative, doubled for the bias add) plus fp32 accumulation in cuBLAS's order, far below 2^-12 of sum |x w|."""
+    exact = (x.double() @ unscaled.double().T) * alpha.double()
+    absdot = (x.double().abs() @ unscaled.double().abs().T) * alpha.double()
+    if bias is not None:
+        exact = exact + bias.double()
+        absdot = absdot + bias.double().abs()
+    error = (got.double() - exact).abs()
+    bound = 2.0 ** -8 * exact.abs() + 2.0 ** -12 * absdot + 1e-30
+    assert not torch.isnan(got).any()
+    assert float((error / bound).max()) <= 1.0, f"error up to {float((error / bound).max()):.2f}x the bound"
+    assert float((got.double() - exact).norm() / exact.norm()) < 3e-3
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", EXACT_SHAPES + MODEL_LAYERS)
+def test_gpu_dequantize_is_bit_exact(n, k):
+    from adaq.kernels import layout, prefill_fp8
+
+    weight = random_nvfp4(n, k, seed=n + k, device="cuda")
+    packed = layout.repack(weight, "cuda")
+    out = torch.full((n * k + 4096,), float("nan"), dtype=torch.bfloat16, device="cuda")  # poisoned, guard tail
+    got = prefill_fp8.dequantize_packed(packed, out)
+    assert torch.equal(got.float(), fp8_prefill.unscaled_weight(weight))
+    assert torch.isnan(out[n * k:]).all()  # nothing written past [n, k]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m,n,k", ODD_SHAPES + [(rows, n, k) for rows in (129, 2048) for n, k in MODEL_LAYERS[:4]]
+                         + [(2048, n, k) for n, k in MODEL_LAYERS[4:]])
+def test_gpu_exact_linear_matches_reference(m, n, k):
+    from adaq.kernels import layout, prefill_fp8
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    weight = random_nvfp4(n, k, seed=m + n, device="cuda")
+    packed = layout.repack(weight, "cuda")
+    x = random_rows(m, k, seed=m).to(torch.bfloat16).cuda()
+    prefill_fp8.reserve_dense_workspace(torch.device("cuda"), n, k).fill_(float("nan"))  # poisoned
+    got = prefill_fp8.exact_linear(x, packed, prefill_fp8.exact_plan(packed))
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    _exact_bound_check(got, x, fp8_prefill.unscaled_weight(weight), 1.0 / weight.global_scale.float().reshape(1))
+    expected = fp8_prefill.exact_linear_reference(x, weight)  # the spec: fp32 accumulation, one rounding
+    assert float((got.float() - expected.float()).norm() / expected.float().norm()) < 2e-3
+
+
+@gpu
+@needs_cuda
+def test_gpu_exact_linear_column_segments_and_bias():
+    from adaq.kernels import layout, prefill_fp8
+
+    weight = random_nvfp4(48, 256, seed=5, device="cuda")
+    scales = torch.cat([torch.full((32,), 2.0), torch.full((16,), 0.25)])  # fused weights, two global scales
+    packed = layout.repack(weight, "cuda", column_global_scales=scales)
+    plan = prefill_fp8.exact_plan(packed)
+    assert [segment[:2] for segment in plan.segments] == [(0, 32), (32, 48)]
+    x = random_rows(130, 256).to(torch.bfloat16).cuda()
+    bias = (torch.randn(48) * 0.1).to(torch.bfloat16).cuda()
+    got = prefill_fp8.exact_linear(x, packed, plan, bias)
+    _exact_bound_check(got, x, fp8_prefill.unscaled_weight(weight), (1.0 / scales).cuda(), bias)
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_backend_routes_prefill(monkeypatch):
+    from adaq.kernels import backend_cuda, prefill_fp8
+
+    monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
+    monkeypatch.setenv("ADAQ_PREFILL_EXACT_MIN_TOKENS", "96")
+    calls = []
+    real = prefill_fp8.exact_linear
+    monkeypatch.setattr(prefill_fp8, "exact_linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    backend = backend_cuda.CudaBackend("cuda")
+    weight = random_nvfp4(640, 2048, seed=3)
+    handle = backend.prepare_linear(weight, dtype=torch.bfloat16)
+    unscaled, alpha = fp8_prefill.unscaled_weight(weight).cuda(), 1.0 / weight.global_scale.float().reshape(1).cuda()
+    for rows in (95, 96, 300):
+        x = random_rows(rows, 2048, seed=rows).to(torch.bfloat16).cuda()
+        y = backend.linear(x.view(1, rows, 2048), handle)
+        assert y.shape == (1, rows, 640)
+        _exact_bound_check(y[0], x, unscaled, alpha)
+    assert calls == [96, 300]  # 95 rows: the decode kernels
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "nvfp4")
+    backend.linear(random_rows(300, 2048).to(torch.bfloat16).cuda(), handle)
+    assert calls == [96, 300]

@@ -388,11 +388,12 @@ def test_off_tile_shapes_are_padded_by_the_kernel(tmp_path, capsys):
 
 
 def test_off_tile_shapes_without_padding_are_errors(tmp_path, capsys, monkeypatch):
-    """Without the kernels' layout module, validate falls back to the unpadded tile: N % 8, K % 64."""
+    """A kernel tile that is not padded at load (N % 8, K % 64 here) makes off-tile shapes errors, not warnings."""
     from adaq.validate import rules
 
-    monkeypatch.setattr(rules, "kernel_tiles", lambda: rules.FALLBACK_TILES)
-    monkeypatch.setattr("adaq.validate.budget.kernel_tiles", lambda: rules.FALLBACK_TILES)
+    unpadded = rules.TileRules(n_multiple=8, k_multiple=64, padded=False, why="an unpadded tile")
+    monkeypatch.setattr(rules, "kernel_tiles", lambda: unpadded)
+    monkeypatch.setattr("adaq.validate.budget.kernel_tiles", lambda: unpadded)
     config = {**ODD_QWEN3, "quantization_config": quantization_config("nvfp4a16")}
     tensors = tiny_tensors(ODD_QWEN3, "nvfp4a16")
     gate = "model.layers.1.mlp.gate_proj"

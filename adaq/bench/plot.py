@@ -1,9 +1,9 @@
-"""`--plot FILE.png`: decode tok/s against batch size per variant (with each variant's roofline bound), and
-peak VRAM bars per variant and batch."""
+"""`--plot FILE.png`: decode tok/s against batch size per variant (with each variant's roofline bound), prefill
+tok/s per variant and batch, and peak VRAM bars per variant and batch."""
 
 from pathlib import Path
 
-COLORS = {"nvfp4": "#76b900", "bf16": "#1f77b4", "hf": "#ff7f0e"}
+COLORS = {"nvfp4": "#76b900", "nvfp4-fp8": "#2ca02c", "nvfp4-decode": "#bcbd22", "bf16": "#1f77b4", "hf": "#ff7f0e"}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -13,8 +13,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = [variant for variant in report["variants"] if variant["results"]]
-    figure, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    figure, (speed, prefill, memory) = plt.subplots(1, 3, figsize=(19, 5))
     draw_speed(speed, variants)
+    draw_prefill(prefill, variants)
     draw_memory(memory, variants, report["on_cpu"])
     figure.suptitle(title(report), fontsize=10)
     figure.tight_layout()
@@ -53,6 +54,21 @@ def draw_speed(axes, variants: list[dict]) -> None:
     axes.set_xlabel("batch size")
     axes.set_ylabel("decode tokens/s (all sequences)")
     axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def draw_prefill(axes, variants: list[dict]) -> None:
+    batches = sorted({result["batch"] for variant in variants for result in variant["results"]})
+    width = 0.8 / max(len(variants), 1)
+    for index, variant in enumerate(variants):
+        rates = {result["batch"]: result["prefill_tokens_per_s"] for result in variant["results"]}
+        positions = [slot + (index - (len(variants) - 1) / 2) * width for slot in range(len(batches))]
+        bars = axes.bar(positions, [rates.get(batch, 0) for batch in batches], width,
+                        color=COLORS.get(variant["variant"]), label=variant["variant"])
+        axes.bar_label(bars, fmt="%.0f", fontsize=7)
+    axes.set_xticks(range(len(batches)), [str(batch) for batch in batches])
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("prefill tokens/s (prompt tokens over time to the last first token)")
     axes.legend(fontsize=8)
 
 

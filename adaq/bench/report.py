@@ -45,6 +45,7 @@ def render(report: dict, console: Console | None = None) -> None:
     console.print(headline(report))
     console.print(main_table(report))
     console.print(adallm_table(report))
+    console.print(prefill_table(report))
     for line in notes(report):
         console.print(Text(line, style="red" if " failed: " in line else "dim"))
 
@@ -97,6 +98,21 @@ def adallm_table(report: dict) -> Table:
     return table
 
 
+def prefill_table(report: dict) -> Table:
+    """Prefill alone: TTFT (median over requests), prompt tokens per second of the prefill phase, and that rate
+    over each baseline's at the same batch."""
+    table = Table(title="Prefill", title_justify="left")
+    others = baselines_present(report)
+    for column in ("variant", "batch", "prompt tokens", "TTFT ms", "prefill tok/s", *[f"vs {name}" for name in others]):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for variant, result in rows(report):
+        ratios = result.get("prefill_speedup") or {}
+        table.add_row(variant["variant"], str(result["batch"]), str(result["batch"] * result["input_len"]),
+                      _ms(result["ttft_s"]), _num(result["prefill_tokens_per_s"]),
+                      *["-" if name not in ratios else f"{ratios[name]:.2f}x" for name in others])
+    return table
+
+
 def notes(report: dict) -> list[str]:
     lines = [f"{variant['variant']}: {variant['label']}" for variant in report["variants"] if variant["results"]]
     lines += [f"{variant['variant']} skipped: {variant['skipped']}" for variant in report["variants"]
@@ -119,7 +135,9 @@ def rows(report: dict):
 
 
 def baselines_present(report: dict) -> list[str]:
-    return [variant["variant"] for variant in report["variants"] if variant["results"] and variant["variant"] != "nvfp4"]
+    from adaq.bench.runner import BASELINES
+
+    return [variant["variant"] for variant in report["variants"] if variant["results"] and variant["variant"] in BASELINES]
 
 
 def _ms(seconds: float | None) -> str:

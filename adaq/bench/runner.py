@@ -8,6 +8,7 @@ each variant runs in its own process, so one variant's memory, caches and peak c
 
 import gc
 import math
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,17 @@ from adaq.bench.shapes import load_model_config, model_tensors
 from adaq.errors import AdaqError
 
 BASELINES = ("bf16", "hf")
+# NVFP4 variants by prefill path (ADAQ_PREFILL_PATH in the variant's process; adaq.kernels.prefill_fp8):
+# auto = exact dequantize + cuBLAS bf16 for large M (the default), fp8 = the lossy FP8 path, nvfp4 = decode kernels only.
+PREFILL_VARIANTS = {"auto": "nvfp4", "fp8": "nvfp4-fp8", "nvfp4": "nvfp4-decode"}
+
+
+def is_nvfp4(variant: str) -> bool:
+    return variant in PREFILL_VARIANTS.values()
+
+
+def prefill_path_of(variant: str) -> str | None:
+    return next((path for path, name in PREFILL_VARIANTS.items() if name == variant), None)
 MEMORY_MARGIN = 1 << 30  # activations, CUDA graphs and the allocator's slack, on top of weights and KV cache
 
 
@@ -53,7 +65,7 @@ class Workload:
 class VariantSpec:
     """What one process runs: a variant of a model on a device."""
 
-    variant: str  # nvfp4 | bf16 | hf
+    variant: str  # nvfp4 | nvfp4-fp8 | nvfp4-decode (PREFILL_VARIANTS) | bf16 | hf
     model: str  # bundled config name, config.json path or checkpoint folder
     synthetic: bool
     workload: Workload
@@ -131,6 +143,7 @@ class BatchResult:
     bound_tokens_per_s: float | None = None
     rtx_4090_bound_tokens_per_s: float | None = None  # the same bytes at the 4090's bandwidth: a bound, not a run
     speedup: dict = field(default_factory=dict)  # decode tok/s over each baseline's, same batch
+    prefill_speedup: dict = field(default_factory=dict)  # prefill tok/s over each baseline's, same batch
     warmup_s: float | None = None  # the untimed first generation (compilation, graph capture)
 
 
@@ -217,9 +230,26 @@ def run_variant(spec: VariantSpec) -> VariantOutcome:
         from adaq.bench.hf_baseline import run_hf
 
         return run_hf(spec)
+    path = prefill_path_of(spec.variant)
+    if path is None:
+        return _run_engine_variant(spec)
+    from adaq.kernels.prefill_fp8 import PATH_ENV
+
+    previous = os.environ.get(PATH_ENV)
+    os.environ[PATH_ENV] = path  # read by the cuda backend at load and per linear
+    try:
+        return _run_engine_variant(spec)
+    finally:
+        if previous is None:
+            os.environ.pop(PATH_ENV, None)
+        else:
+            os.environ[PATH_ENV] = previous
+
+
+def _run_engine_variant(spec: VariantSpec) -> VariantOutcome:
     device = torch.device(spec.device)
     config, source, weights = open_source(spec)
-    kv_dtype = spec.kv_cache_dtype if spec.variant == "nvfp4" else "bf16"
+    kv_dtype = spec.kv_cache_dtype if is_nvfp4(spec.variant) else "bf16"
     reason = does_not_fit(weights, config, spec, kv_dtype, device)
     if reason:
         return VariantOutcome(spec.variant, spec.variant, skipped=reason)
@@ -252,13 +282,13 @@ def open_source(spec: VariantSpec):
         from adaq.bench.synthetic import SyntheticCheckpoint
 
         config = load_model_config(spec.model)
-        quantized = spec.variant == "nvfp4"
+        quantized = is_nvfp4(spec.variant)
         source = SyntheticCheckpoint(config, quantized=quantized, device=spec.device, name=spec.model)
         return source.config, source, roofline.weight_bytes(model_tensors(config), config, quantized=quantized)
     from adaq.formats.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(spec.model)
-    if spec.variant == "nvfp4" or not checkpoint.quantized_prefixes():
+    if is_nvfp4(spec.variant) or not checkpoint.quantized_prefixes():
         return checkpoint.config, checkpoint, roofline.checkpoint_weight_bytes(checkpoint.path, checkpoint.config)
     config = {key: value for key, value in checkpoint.config.items() if key != "quantization_config"}
     dense = DequantizedCheckpoint(checkpoint, device=spec.device)
@@ -328,9 +358,16 @@ def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device:
 
 def engine_label(engine, variant: str, kv_dtype: str) -> str:
     backend = getattr(getattr(engine.runner.model, "backend", None), "name", "?")
-    weights = "NVFP4 weights" if variant == "nvfp4" else "bf16 weights"
+    weights = "NVFP4 weights" if is_nvfp4(variant) else "bf16 weights"
     graphs = ", CUDA graphs" if getattr(engine.runner, "decode_graphs", None) is not None else ""
-    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}"
+    prefill = ""
+    if is_nvfp4(variant) and backend == "cuda":
+        from adaq.kernels.prefill_fp8 import describe
+
+        prefill = f", {describe(prefill_path_of(variant))}"
+    elif is_nvfp4(variant) and prefill_path_of(variant) == "fp8":
+        prefill = ", prefill: FP8 PATH emulated (reference backend)"
+    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}{prefill}"
 
 
 def model_vocab(config: dict) -> int:

@@ -6,7 +6,8 @@ import torch
 
 from adaq.bench import roofline
 from adaq.bench.environment import describe
-from adaq.bench.runner import BASELINES, VariantOutcome, VariantSpec, Workload, run_guarded
+from adaq.bench.runner import (BASELINES, PREFILL_VARIANTS, VariantOutcome, VariantSpec, Workload, is_nvfp4,
+                               run_guarded)
 from adaq.bench.shapes import load_model_config, model_tensors, text_config
 from adaq.errors import AdaqError
 
@@ -22,8 +23,13 @@ class BenchOptions:
     backend: str = "auto"
     kv_cache_dtype: str = "fp8"
     device: str | None = None
+    prefill_paths: tuple[str, ...] = ("auto",)  # one NVFP4 variant per path: PREFILL_VARIANTS
 
     def __post_init__(self):
+        wrong = [path for path in self.prefill_paths if path not in PREFILL_VARIANTS]
+        if wrong or not self.prefill_paths:
+            raise AdaqError(f"invalid --prefill-path {wrong[0] if wrong else ''!r}: choose from "
+                            f"{', '.join(PREFILL_VARIANTS)} (comma-separated for several NVFP4 variants)")
         unknown = [name for name in self.baselines if name not in BASELINES]
         if unknown:
             raise AdaqError(f"unknown baseline {unknown[0]!r} in --baselines: choose from {', '.join(BASELINES)}")
@@ -41,7 +47,7 @@ class BenchOptions:
 
     @property
     def variants(self) -> list[str]:
-        return ["nvfp4", *self.baselines]
+        return [*(PREFILL_VARIANTS[path] for path in self.prefill_paths), *self.baselines]
 
 
 def run_bench(options: BenchOptions, on_variant=lambda variant: None, on_partial=lambda report: None) -> dict:
@@ -81,11 +87,11 @@ def model_config(options: BenchOptions) -> dict:
 
 
 def variant_weights(variant: str, config: dict, options: BenchOptions) -> roofline.WeightBytes:
-    if variant == "nvfp4" and not options.synthetic:
+    if is_nvfp4(variant) and not options.synthetic:
         from pathlib import Path
 
         return roofline.checkpoint_weight_bytes(Path(options.model), config)
-    return roofline.weight_bytes(model_tensors(config), config, quantized=variant == "nvfp4")
+    return roofline.weight_bytes(model_tensors(config), config, quantized=is_nvfp4(variant))
 
 
 def add_roofline(outcome: VariantOutcome, config: dict, options: BenchOptions, bandwidth: float | None) -> None:
@@ -93,7 +99,7 @@ def add_roofline(outcome: VariantOutcome, config: dict, options: BenchOptions, b
 
     weights = variant_weights(outcome.variant, config, options)
     outcome.weight_bytes = outcome.weight_bytes or asdict(weights)
-    kv_dtype = options.kv_cache_dtype if outcome.variant == "nvfp4" else "bf16"
+    kv_dtype = options.kv_cache_dtype if is_nvfp4(outcome.variant) else "bf16"
     for result in outcome.results:
         traffic = roofline.decode_traffic(weights, config, batch=result.batch, input_len=result.input_len,
                                           output_len=result.output_len, kv_cache_dtype=kv_dtype)
@@ -110,6 +116,7 @@ def add_speedups(outcomes: list[VariantOutcome]) -> None:
                 continue
             result.speedup[baseline] = {"decode": result.decode_tokens_per_s / other.decode_tokens_per_s,
                                         "total": result.total_tokens_per_s / other.total_tokens_per_s}
+            result.prefill_speedup[baseline] = result.prefill_tokens_per_s / other.prefill_tokens_per_s
 
 
 def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: float | None,
@@ -122,7 +129,8 @@ def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: 
                   "layers": text["num_hidden_layers"], "hidden_size": text["hidden_size"],
                   "vocab_size": text["vocab_size"]},
         "workload": {**asdict(options.workload), "batches": list(options.workload.batches),
-                     "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype},
+                     "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype,
+                     "prefill_paths": list(options.prefill_paths)},
         "on_cpu": device.type != "cuda",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.0 TB/s"

@@ -60,6 +60,10 @@ def bench(
     baselines: str = typer.Option("bf16,hf", help="comma-separated: bf16 (our engine, bf16 weights, cuBLAS), "
                                                   "hf (transformers generate, static cache), or none"),
     backend: str = typer.Option("auto", help="engine backend: auto, cuda or reference"),
+    prefill_path: str = typer.Option("auto", help="NVFP4 prefill path(s), comma-separated, one NVFP4 variant each: "
+                                                  "auto (variant nvfp4: exact dequantize + cuBLAS bf16 for large M), "
+                                                  "fp8 (nvfp4-fp8: the lossy FP8 path), nvfp4 (nvfp4-decode: "
+                                                  "decode kernels at every M)"),
     device: str = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)"),
     json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),
     plot_path: str = typer.Option(None, "--plot", help="write a PNG: tok/s against batch per variant, VRAM bars"),
@@ -76,7 +80,7 @@ def bench(
         raise AdaqError("give either a checkpoint folder (adaq bench CKPT) or --synthetic NAME, not both or neither")
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
-                           backend, kv_cache_dtype, device)
+                           backend, kv_cache_dtype, device, parse_baselines(prefill_path))
     errors = Console(stderr=True)
     partial = (lambda report: bench_report.write_json(report, json_path)) if json_path else (lambda report: None)
     with errors.status("measuring copy bandwidth") as status:

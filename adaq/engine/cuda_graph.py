@@ -27,14 +27,34 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 @dataclass
 class _Bucket:
+    """A graph and its static inputs: two flat buffers (int64: tokens | positions | slots; int32: context lengths |
+    block tables) so that a step's inputs arrive in two host-to-device copies (see `staged`)."""
+
     size: int
     graph: torch.cuda.CUDAGraph
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    context_lens: torch.Tensor
-    block_tables: torch.Tensor
+    longs: torch.Tensor  # [3 * size] int64
+    ints: torch.Tensor  # [size * (1 + max_blocks)] int32
     hidden: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.longs[:self.size]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.longs[self.size:2 * self.size]
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.longs[2 * self.size:]
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        return self.ints[:self.size]
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        return self.ints[self.size:].view(self.size, -1)
 
 
 class DecodeGraphs:
@@ -56,28 +76,50 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> _Bucket:
         device = self.device
-        input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        positions = torch.zeros(size, dtype=torch.int64, device=device)
-        slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
-        context_lens = torch.ones(size, dtype=torch.int32, device=device)
-        block_tables = torch.zeros((size, self.max_blocks), dtype=torch.int32, device=device)
-        set_context(is_prefill=False, context_lens=context_lens, slot_mapping=slot_mapping,
-                    block_tables=block_tables, max_seqlen_q=1, max_context_len=self.max_model_len)
+        longs = torch.zeros(3 * size, dtype=torch.int64, device=device)
+        ints = torch.zeros(size * (1 + self.max_blocks), dtype=torch.int32, device=device)
+        bucket = _Bucket(size, torch.cuda.CUDAGraph(), longs, ints, longs)
+        bucket.slot_mapping.fill_(-1)
+        bucket.context_lens.fill_(1)
+        set_context(is_prefill=False, context_lens=bucket.context_lens, slot_mapping=bucket.slot_mapping,
+                    block_tables=bucket.block_tables, max_seqlen_q=1, max_context_len=self.max_model_len)
         try:
-            self.model(input_ids, positions)  # warm-up outside the graph: lazy inits, autotuning, workspaces
+            self.model(bucket.input_ids, bucket.positions)  # warm-up outside the graph: lazy inits, workspaces
             torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                hidden = self.model(input_ids, positions)
+            with torch.cuda.graph(bucket.graph, pool=self.pool):
+                bucket.hidden = self.model(bucket.input_ids, bucket.positions)
         finally:
             reset_context()
-        return _Bucket(size, graph, input_ids, positions, slot_mapping, context_lens, block_tables, hidden)
+        return bucket
 
     def bucket_for(self, batch: int) -> _Bucket | None:
         for bucket in self.buckets:
             if bucket.size >= batch:
                 return bucket
         return None
+
+    def staged(self, batch: int, input_ids: list[int], positions: list[int], slots: list[int],
+               context_lens: list[int], tables: list[list[int]]) -> _Bucket | None:
+        """Write a decode step's inputs straight into its bucket's buffers, padded: a padded row writes to slot -1
+        and attends over one key of block 0 (any real block). Two host-to-device copies; None when no bucket fits."""
+        bucket = self.bucket_for(batch)
+        if bucket is None or max(len(table) for table in tables) > self.max_blocks:
+            return None
+        pad = bucket.size - batch
+        longs = input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
+        ints = context_lens + [1] * pad
+        for table in tables:
+            ints += table
+            ints += [0] * (self.max_blocks - len(table))
+        ints += [0] * (pad * self.max_blocks)
+        bucket.longs.copy_(torch.tensor(longs, dtype=torch.int64).pin_memory(), non_blocking=True)
+        bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32).pin_memory(), non_blocking=True)
+        return bucket
+
+    @staticmethod
+    def replay(bucket: _Bucket, batch: int) -> torch.Tensor:
+        bucket.graph.replay()
+        return bucket.hidden[:batch]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         ctx = get_context()

@@ -53,6 +53,7 @@ class StepInputs:
     sample_token_index: list[int]  # its last token's index in the packed T tokens
     score_rows: list[tuple[int, int, int, int]]  # (batch index, first packed index, first position, count)
     candidate_rows: list[tuple[int, int]]  # (batch index, packed index of the prompt's last token)
+    graph_bucket: object = None  # a decode step staged into a CUDA graph's buffers (adaq.engine.cuda_graph)
 
 
 class ModelRunner:
@@ -185,7 +186,7 @@ class ModelRunner:
         Prompt log-probabilities are written into the sequences' own tensors."""
         inputs = self._prepare(batch)
         try:
-            hidden = self._forward(inputs.input_ids, inputs.positions, batch.is_decode)
+            hidden = self._forward(inputs)
             tokens = self._sample(batch, inputs, hidden)
             for row, first, position, count in inputs.score_rows:
                 self._score_prompt(batch.seqs[row], hidden[first:first + count], position)
@@ -198,19 +199,21 @@ class ModelRunner:
     def _sample(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[int | None]:
         tokens: list[int | None] = [None] * len(batch.seqs)
         if inputs.sample_rows:
-            index = torch.tensor(inputs.sample_token_index, device=self.device)
-            logits = self.model.compute_logits(hidden[index])
+            index = inputs.sample_token_index
+            if index == list(range(len(index))):  # decode: every row samples its only token, no gather needed
+                rows = hidden[:len(index)]
+            else:
+                rows = hidden[torch.tensor(index, device=self.device)]
+            logits = self.model.compute_logits(rows)
             sampled = self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows]).tolist()
             for row, token in zip(inputs.sample_rows, sampled):
                 tokens[row] = token
         return tokens
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, is_decode: bool) -> torch.Tensor:
-        if is_decode and self.decode_graphs is not None:
-            hidden = self.decode_graphs.run(input_ids, positions)
-            if hidden is not None:
-                return hidden
-        return self.model(input_ids, positions)
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.graph_bucket is not None:
+            return self.decode_graphs.replay(inputs.graph_bucket, len(inputs.sample_rows))
+        return self.model(inputs.input_ids, inputs.positions)
 
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, first_position: int) -> None:
         """log p(token[p + 1] | tokens[:p + 1]) and whether it was the argmax, for the given prompt positions."""
@@ -248,26 +251,35 @@ class ModelRunner:
                 score_rows.append((row, first + scored_start - start, scored_start, scored_end - scored_start))
             if seq.candidates is not None and end == seq.num_tokens:
                 candidate_rows.append((row, first + count - 1))
-        self._set_step_context(batch, query_lens, context_lens, slots)
-        return StepInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
-                          sample_rows, sample_index, score_rows, candidate_rows)
-
-    def _set_step_context(self, batch: ScheduledBatch, query_lens: list[int], context_lens: list[int],
-                          slots: list[int]) -> None:
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs]
-        lens = self._to_device(context_lens, torch.int32)
+        tables = [seq.block_table for seq in batch.seqs]
+        rows = StepInputs(None, None, sample_rows, sample_index, score_rows, candidate_rows)
+        if batch.is_decode and self.decode_graphs is not None and len(sample_rows) == len(batch.seqs):
+            rows.graph_bucket = self.decode_graphs.staged(len(batch.seqs), input_ids, positions, slots, context_lens,
+                                                          tables)
+        if rows.graph_bucket is not None:
+            bucket = rows.graph_bucket
+            set_context(is_prefill=False, max_seqlen_q=1, context_lens=bucket.context_lens,
+                        slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
+                        max_context_len=max(context_lens))
+            return rows
+        width = max(len(table) for table in tables)
+        padded = [value for table in tables for value in table + [-1] * (width - len(table))]
+        rows.input_ids, rows.positions, slot_mapping = self._upload(input_ids + positions + slots, torch.int64,
+                                                                     [len(input_ids)] * 2 + [len(slots)])
+        lens, query, flat_tables = self._upload(context_lens + query_lens + padded, torch.int32,
+                                                [len(context_lens), len(query_lens), len(padded)])
         decode = batch.is_decode
-        set_context(is_prefill=not decode,
-                    cu_seqlens_q=None if decode else _offsets(self._to_device(query_lens, torch.int32)),
-                    max_seqlen_q=max(query_lens), context_lens=lens,
-                    slot_mapping=self._to_device(slots, torch.int64),
-                    block_tables=self._to_device(tables, torch.int32), max_context_len=max(context_lens))
+        set_context(is_prefill=not decode, cu_seqlens_q=None if decode else _offsets(query),
+                    max_seqlen_q=max(query_lens), context_lens=lens, slot_mapping=slot_mapping,
+                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens))
+        return rows
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+    def _upload(self, values: list[int], dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """One host-to-device copy (from pinned memory on a GPU) for several index tensors, returned as views."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cpu":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        return torch.split(host, sizes)
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:

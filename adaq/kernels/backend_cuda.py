@@ -1,6 +1,7 @@
 """The `cuda` backend: the reference backend with its hot ops replaced by adaq's sm_89 kernels.
 
-What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode GEMM, weights repacked at load),
+What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode GEMM, weights repacked at load;
+large M: exact dequantize + cuBLAS bf16 or the opt-in FP8 path, adaq.kernels.prefill_fp8.route),
 MoE experts (fused router, grouped GEMM), KV-cache store (FP8 or bf16), paged attention (decode and prefill over
 the cache), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else (dense bf16 linears: cuBLAS; other dtypes or
 shapes the kernels do not cover) falls through to the reference implementation.
@@ -9,7 +10,7 @@ shapes the kernels do not cover) falls through to the reference implementation.
 import torch
 
 from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.kernels import layout, ops, prefill_fp8
+from adaq.kernels import layout, ops, prefill_fp8, prefill_moe
 from adaq.layers import moe
 from adaq.layers.backend import ReferenceBackend
 from adaq.layers.linear import LinearHandle, can_fuse, check_shapes, quantize_activation_nvfp4
@@ -56,8 +57,12 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
-        if prefill_fp8.configured_path() == "fp8":  # opt-in FP8 prefill keeps the NVFP4 bytes for the expansion
+        path = prefill_fp8.configured_path()
+        if path == "fp8":  # opt-in FP8 prefill keeps the NVFP4 bytes for the expansion
             handle.fp8_source = weight.to(self.device)
+        if path != "nvfp4" and prefill_fp8.exact_available():  # exact large-M path; workspace sized now, not in a graph
+            handle.exact_plan = prefill_fp8.exact_plan(packed)
+            prefill_fp8.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
         return handle
 
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,9 +71,15 @@ class CudaBackend(ReferenceBackend):
         if handle.input_global_scale is not None:
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
         lead = x.shape[:-1]
+        route = prefill_fp8.route(x.numel() // x.shape[-1], x.device)  # ADAQ_PREFILL_PATH: auto | fp8 | nvfp4
         source = getattr(handle, "fp8_source", None)
-        if source is not None and prefill_fp8.use_fp8(x.numel() // x.shape[-1], x.device):
+        if route == "fp8" and source is not None:
             y = prefill_fp8.fp8_linear(x.reshape(-1, x.shape[-1]), source, None if bias is None else bias.to(x.dtype))
+            return y.reshape(*lead, y.shape[-1])
+        plan = getattr(handle, "exact_plan", None)
+        if route != "decode" and plan is not None and not torch.cuda.is_current_stream_capturing():
+            y = prefill_fp8.exact_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight, plan,
+                                         None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, y.shape[-1])
         y = ops.nvfp4_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight,
                              None if bias is None else bias.to(torch.bfloat16))
@@ -87,7 +98,11 @@ class CudaBackend(ReferenceBackend):
             check_shapes([down_weight], intermediate, [hidden])
             packed_gate_up.append(self._fused_pair(pair))
             packed_down.append(layout.repack(down_weight, self.device))
-        return KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
+        handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
+        if prefill_fp8.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0:
+            # the NVFP4 bytes of every expert, expanded to E4M3 per prefill (adaq.kernels.prefill_moe)
+            handle.fp8 = prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device)
+        return handle
 
     def _fused_pair(self, pair: list[NVFP4Weight]) -> layout.PackedNVFP4:
         """gate|up as one weight; per-column global scales keep it exact even when the two scales differ."""
@@ -99,6 +114,10 @@ class CudaBackend(ReferenceBackend):
     def moe(self, x, router_logits, experts, top_k: int, renormalize: bool):
         if not isinstance(experts, KernelExpertsHandle) or x.dtype != torch.bfloat16:
             return super().moe(x, router_logits, experts, top_k, renormalize)
+        fp8 = getattr(experts, "fp8", None)
+        if (fp8 is not None and prefill_fp8.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
+                and not torch.cuda.is_current_stream_capturing()):
+            return prefill_moe.fp8_moe_forward(x, router_logits, fp8, top_k, renormalize)
         return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize)
 
     # ---- KV cache and attention ------------------------------------------------------------------------------
@@ -113,17 +132,19 @@ class CudaBackend(ReferenceBackend):
                 or q.shape[1] % k_cache.shape[2] or q.shape[1] // k_cache.shape[2] not in ATTENTION_GROUPS):
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
-        tokens = q.shape[0]
-        query_seq = query_ctx = None
-        if ctx.is_prefill:
-            query_seq, query_ctx = prefill_queries(ctx, tokens)
+        tokens, group, fp8 = q.shape[0], q.shape[1] // k_cache.shape[2], k_cache.dtype == torch.float8_e4m3fn
+        query_seq = query_ctx = query_blocks = None
+        if ctx.is_prefill:  # block_tokens > 1: several queries of a sequence per block, K/V read once for them all
+            block_tokens = ops.prefill_block_tokens(q.shape[2], group, fp8, k_cache.shape[1])
+            query_seq, query_ctx, query_blocks = prefill_maps(ctx, tokens, block_tokens)
         max_context = ctx.max_context_len or k_cache.shape[1] * ctx.block_tables.shape[1]
         if sliding_window:
             max_context = min(max_context, sliding_window)
-        splits = ops.attention_splits(tokens, k_cache.shape[2], max_context)
+        splits = ops.attention_splits(tokens, k_cache.shape[2], max_context, head_dim=q.shape[2], group=group,
+                                      fp8=fp8, block_size=k_cache.shape[1])
         return ops.paged_attention(q, k_cache, v_cache, k_scale, v_scale, ctx.block_tables, ctx.context_lens,
                                    scale=scale, sliding_window=sliding_window, softcap=softcap, query_seq=query_seq,
-                                   query_ctx=query_ctx, splits=splits)
+                                   query_ctx=query_ctx, splits=splits, query_blocks=query_blocks)
 
     @staticmethod
     def _kv_kernel_ok(x: torch.Tensor, cache: torch.Tensor | None) -> bool:
@@ -137,6 +158,13 @@ class CudaBackend(ReferenceBackend):
                 and all(s % 8 == 0 for s in x.stride()[:-1])):
             return super().rms_norm(x, weight, eps, unit_offset=unit_offset)
         return ops.rms_norm(x, weight, eps, unit_offset)
+
+    def add_rms_norm(self, x, delta, weight, eps: float, *, unit_offset: bool = False):
+        if not (x.is_cuda and x.dtype == delta.dtype == weight.dtype == torch.bfloat16 and x.shape == delta.shape
+                and x.shape[-1] % 8 == 0 and x.is_contiguous() and delta.is_contiguous()
+                and x.data_ptr() % 16 == 0 and delta.data_ptr() % 16 == 0):
+            return super().add_rms_norm(x, delta, weight, eps, unit_offset=unit_offset)
+        return ops.add_rms_norm(x, delta, weight, eps, unit_offset)
 
     def silu_and_mul(self, x):
         if not self._gated_ok(x):
@@ -157,6 +185,20 @@ class CudaBackend(ReferenceBackend):
         if not (q.is_cuda and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.dim() == 3):
             return super().rotary(q, k, positions, inv_freq)
         return ops.rotary(q, k, positions, inv_freq)
+
+
+def prefill_maps(ctx, tokens: int, block_tokens: int):
+    """(query_seq, query_ctx, query_blocks or None) of a prefill step, made once per step and kept on its context:
+    every layer of the step reuses them (about ten small device ops each otherwise)."""
+    cached = getattr(ctx, "_adaq_prefill_maps", None)
+    if (cached is not None and cached[0] == (tokens, block_tokens) and cached[1] is ctx.cu_seqlens_q
+            and cached[2] is ctx.context_lens):
+        return cached[3]
+    query_seq, query_ctx = prefill_queries(ctx, tokens)
+    blocks = ops.prefill_query_blocks(ctx.query_offsets(), tokens, block_tokens) if block_tokens > 1 else None
+    maps = (query_seq, query_ctx, blocks)
+    ctx._adaq_prefill_maps = ((tokens, block_tokens), ctx.cu_seqlens_q, ctx.context_lens, maps)
+    return maps
 
 
 def prefill_queries(ctx, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,8 +88,10 @@ def nvfp4_gemm(n: int, k: int, m: int, copy_gbs: float | None = None, splits: in
 
 
 def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-                    kv_dtype: str = "fp8", copy_gbs: float | None = None, block_size: int = 16) -> dict:
-    """Decode attention of `batch` sequences of `context` keys each (Qwen3-8B heads by default)."""
+                    kv_dtype: str = "fp8", copy_gbs: float | None = None, block_size: int = 16,
+                    variant: int | None = None, name: str = "") -> dict:
+    """Decode attention of `batch` sequences of `context` keys each (Qwen3-8B heads by default); `variant` picks
+    the kernel (ops.ATTENTION_VARIANTS; None = default)."""
     dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
@@ -106,12 +108,20 @@ def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8
     tables = torch.randperm(num_blocks, device="cuda", generator=gen).int().view(batch, blocks_per_seq)
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    splits = ops.attention_splits(batch, kv_heads, context)
-    us = _time_graph(lambda i: ops.paged_attention(q, *caches[i], tables, lens, scale=head_dim ** -0.5,
-                                                   splits=splits), copies)
+    if variant is not None:
+        ops.set_attention_variant(variant)
+    try:
+        splits = ops.attention_splits(batch, kv_heads, context, head_dim=head_dim, group=heads // kv_heads,
+                                      fp8=kv_dtype == "fp8", block_size=block_size)
+        us = _time_graph(lambda i: ops.paged_attention(q, *caches[i], tables, lens, scale=head_dim ** -0.5,
+                                                       splits=splits), copies)
+    finally:
+        if variant is not None:
+            ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
     moved = 2 * batch * context * kv_heads * (head_dim * dtype.itemsize + (4 if kv_dtype == "fp8" else 0))
-    result = {"op": "paged_attention", "kv_dtype": kv_dtype, "batch": batch, "context": context, "heads": heads,
-              "kv_heads": kv_heads, "head_dim": head_dim, "splits": splits, "us": us, "bytes": moved,
+    result = {"op": "paged_attention", "name": name, "kv_dtype": kv_dtype, "batch": batch, "context": context,
+              "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "splits": splits,
+              "variant": ops.DEFAULT_ATTENTION_VARIANT if variant is None else variant, "us": us, "bytes": moved,
               "GB/s": moved / us / 1e3}
     if copy_gbs:
         result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
@@ -129,10 +139,84 @@ def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
         gemms += [dict(nvfp4_gemm(n, k, m, gbs, name=name + "@v1"), variant=1)
                   for name, (n, k) in QWEN3_8B_LINEARS.items() for m in (1, 16)]
         ops.set_gemm_variant(ops.DEFAULT_GEMM_VARIANT)
-    attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d) for d in ("fp8", "bf16") for b in (1, 16)]
-    attn.append(paged_attention(1, 8192, heads=32, kv_heads=4, copy_gbs=gbs))  # Qwen3-30B-A3B: 8 heads per KV head
+    attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d, name="qwen3-8b") for d in ("fp8", "bf16")
+            for b in (1, 16)]
+    attn += [paged_attention(b, 8192, heads=32, kv_heads=4, copy_gbs=gbs, name="qwen3-30b-a3b")  # 8 heads per KV
+             for b in (1, 16)]
     moe = [moe_decode(t, copy_gbs=gbs) for t in (1, 16)]
     return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn, "moe": moe}
+
+
+ATTENTION_GEOMETRIES = {"qwen3-8b": (32, 8, 128), "qwen3-30b-a3b": (32, 4, 128), "gemma3-27b": (32, 16, 128)}
+
+
+def attention_suite(context: int = 8192, batches=(1, 16), variants=(0, 1, 2, 3), copy_gbs: float | None = None,
+                    geometries: dict | None = None) -> list[dict]:
+    """Decode attention at `context` keys for each geometry x KV dtype x batch x kernel variant."""
+    out = []
+    for name, (heads, kv_heads, dim) in (geometries or ATTENTION_GEOMETRIES).items():
+        for kv_dtype in ("fp8", "bf16"):
+            for batch in batches:
+                for variant in variants:
+                    out.append(paged_attention(batch, context, heads, kv_heads, dim, kv_dtype, copy_gbs,
+                                               variant=variant, name=name))
+                    torch.cuda.empty_cache()
+    return out
+
+
+def prefill_attention(seqs: int, seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                      kv_dtype: str = "fp8", block_size: int = 16) -> dict:
+    """Prefill attention of `seqs` fresh prompts of `seq_len` tokens (causal, K/V already stored in the paged
+    cache) through the cuda backend, against torch SDPA (causal, bf16, GQA) on the same bf16 q/k/v."""
+    from adaq.engine.context import Context
+    from adaq.kernels.backend_cuda import CudaBackend
+
+    gen = torch.Generator(device="cuda").manual_seed(seq_len)
+    tokens = seqs * seq_len
+    blocks_per_seq = -(-seq_len // block_size)
+    num_blocks = seqs * blocks_per_seq
+    q = torch.randn(tokens, heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(tokens, kv_heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(tokens, kv_heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    scales = [torch.ones(num_blocks, block_size, kv_heads, device="cuda") for _ in range(2)] \
+        if kv_dtype == "fp8" else [None, None]
+    tables = torch.arange(num_blocks, device="cuda", dtype=torch.int32).view(seqs, blocks_per_seq)
+    slots = (tables.long()[:, :, None] * block_size + torch.arange(block_size, device="cuda")).view(seqs, -1)
+    ops.store_kv(k, v, k_cache, v_cache, *scales, slots[:, :seq_len].reshape(-1))
+    lens = torch.full((seqs,), seq_len, dtype=torch.int32, device="cuda")
+    cu = torch.arange(seqs + 1, device="cuda", dtype=torch.int32) * seq_len
+    ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=seq_len, context_lens=lens, block_tables=tables,
+                  max_context_len=seq_len)
+    backend = CudaBackend("cuda")
+    scale = head_dim ** -0.5
+    us = _time_graph(lambda i: backend.attention(q, k_cache, v_cache, *scales, ctx, scale=scale), 1)
+    qs = q.view(seqs, seq_len, heads, head_dim).transpose(1, 2)
+    group = heads // kv_heads  # K/V expanded to every query head outside the timing: SDPA's flash path
+    ks = k.view(seqs, seq_len, kv_heads, head_dim).repeat_interleave(group, dim=2).transpose(1, 2)
+    vs = v.view(seqs, seq_len, kv_heads, head_dim).repeat_interleave(group, dim=2).transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa_us = _time_graph(lambda i: sdpa(qs, ks, vs, is_causal=True, scale=scale), 1)
+    flop = 4 * seqs * heads * head_dim * seq_len * (seq_len + 1) / 2  # causal QK^T + PV
+    return {"op": "prefill_attention", "kv_dtype": kv_dtype, "seqs": seqs, "seq_len": seq_len, "heads": heads,
+            "kv_heads": kv_heads, "head_dim": head_dim, "us": us, "TFLOP/s": flop / us / 1e6,
+            "sdpa_bf16_us": sdpa_us, "sdpa_TFLOP/s": flop / sdpa_us / 1e6, "speedup_vs_sdpa": sdpa_us / us}
+
+
+def attention_lines(results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        if r["op"] == "prefill_attention":
+            lines.append(f"prefill {r['kv_dtype']:>4} {r['seqs']}x{r['seq_len']:<5} H={r['heads']} Hkv={r['kv_heads']} "
+                         f"{r['us']:9.1f} us {r['TFLOP/s']:6.1f} TFLOP/s | SDPA bf16 {r['sdpa_bf16_us']:8.1f} us "
+                         f"x{r['speedup_vs_sdpa']:.2f}")
+            continue
+        lines.append(f"attn {r.get('name', ''):>14} {r['kv_dtype']:>4} B={r['batch']:<3} ctx={r['context']} "
+                     f"H={r['heads']} Hkv={r['kv_heads']} v{r.get('variant', 0)} splits={r['splits']:<3} "
+                     f"{r['us']:8.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
+    return lines
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -141,19 +225,18 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"gemm {r['name']:>12} M={r['M']:<3} N={r['N']:<6} K={r['K']:<6} {r['us']:8.1f} us "
                      f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy  bf16 cuBLAS {r['bf16_cublas_us']:7.1f} us "
                      f"x{r['speedup_vs_bf16']:.2f}")
-    for r in results["attention"]:
-        lines.append(f"attn {r['kv_dtype']:>4} B={r['batch']:<3} ctx={r['context']} H={r['heads']} Hkv={r['kv_heads']} "
-                     f"splits={r['splits']:<3} {r['us']:8.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
+    lines += attention_lines(results["attention"])
     for r in results.get("moe", []):
         lines.append(f"moe  T={r['tokens']:<3} {r['routed_experts']} experts routed {r['us']:8.1f} us "
                      f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
     return lines
 
 
-def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(2, 3, 4), splits=(0, 1, 2, 4, 8),
+def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(1, 2, 3, 4, 5, 6, 7, 8), splits=(0,),
                copy_gbs: float | None = None) -> list[dict]:
     """µs of the decode GEMM over kernel variants and forced split counts (0 = the planner's choice), to tune the
-    planner: one set of weight copies per shape, reused."""
+    planner: one set of weight copies per shape, reused. Variants are timed interleaved, twice each (rounds), so
+    drift of the card shows up as a spread instead of a bias between variants."""
     shapes = shapes or QWEN3_8B_LINEARS
     out = []
     for name, (n, k) in shapes.items():
@@ -163,22 +246,28 @@ def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(2, 3, 4), spl
         weights = [one] + [_random_weight(n, k, gen) for _ in range(copies - 1)]
         for m in rows:
             xs = [torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
-            for variant in variants:
-                ops.set_gemm_variant(variant)
-                for s in splits:
-                    us = _time_graph(lambda i: ops.nvfp4_linear(xs[i], weights[i], splits=s), copies)
-                    gbs = (one.wq.numel() + one.ws.numel()) / us / 1e3
-                    out.append({"name": name, "M": m, "N": n, "K": k, "variant": variant, "splits": s, "us": us,
-                                "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs if copy_gbs else None})
+            times: dict[tuple[int, int], list[float]] = {}
+            for _ in range(2):
+                for variant in variants:
+                    ops.set_gemm_variant(variant)
+                    for s in splits:
+                        us = _time_graph(lambda i: ops.nvfp4_linear(xs[i], weights[i], splits=s), copies)
+                        times.setdefault((variant, s), []).append(us)
+            for (variant, s), runs in times.items():
+                us = min(runs)
+                gbs = (one.wq.numel() + one.ws.numel()) / us / 1e3
+                out.append({"name": name, "M": m, "N": n, "K": k, "variant": variant, "splits": s, "us": us,
+                            "us_runs": runs, "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs if copy_gbs else None})
         del weights
     ops.set_gemm_variant(ops.DEFAULT_GEMM_VARIANT)
     return out
 
 
 def moe_decode(tokens: int = 1, experts: int = 128, top_k: int = 8, hidden: int = 2048, inter: int = 768,
-               copy_gbs: float | None = None) -> dict:
+               copy_gbs: float | None = None, variants: tuple[int, ...] = ()) -> dict:
     """Qwen3-30B-A3B MoE layer decode (router top-k, grouped gate|up and down GEMMs, combine) against the bytes of
-    the experts actually routed (measured from the routing), default one token."""
+    the experts actually routed (measured from the routing), default one token. `variants`: also time these GEMM
+    variants on the same layers (results under "variants")."""
     from adaq.formats.nvfp4 import NVFP4Weight
 
     gen = torch.Generator(device="cuda").manual_seed(tokens)
@@ -194,11 +283,69 @@ def moe_decode(tokens: int = 1, experts: int = 128, top_k: int = 8, hidden: int 
                                  [weight(hidden, inter) for _ in range(experts)]) for _ in range(copies)]
     xs = [torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
     logits = [torch.randn(tokens, experts, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(copies)]
-    us = _time_graph(lambda i: ops.moe_forward(xs[i], logits[i], layers[i], top_k, True), copies)
+    step = lambda i: ops.moe_forward(xs[i], logits[i], layers[i], top_k, True)  # noqa: E731
+    us = _time_graph(step, copies)
     routed = torch.unique(ops.router_topk(logits[0], top_k, True)[1]).numel()
     moved = routed * (3 * inter * hidden) * 0.5625
     result = {"op": "moe_decode", "tokens": tokens, "experts": experts, "top_k": top_k, "hidden": hidden,
               "intermediate": inter, "routed_experts": routed, "us": us, "bytes": moved, "GB/s": moved / us / 1e3}
     if copy_gbs:
         result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
+    if variants:
+        result["variants"] = {}
+        for variant in variants:
+            ops.set_gemm_variant(variant)
+            v_us = _time_graph(step, copies)
+            result["variants"][variant] = {"us": v_us, "pct_of_copy": 100 * moved / v_us / 1e3 / copy_gbs
+                                           if copy_gbs else None}
+        ops.set_gemm_variant(ops.DEFAULT_GEMM_VARIANT)
     return result
+
+
+def gemm_report(variants=(1, 2, 3, 4, 5, 6, 7, 8), splits=(0,)) -> dict:
+    """The decode GEMM figures of issue 4 in one call (scripts/gpu_kernels.sh gemm): copy bandwidth, the default
+    variant on every Qwen3-8B projection at M = 1 and 16 (with bf16 cuBLAS beside it), every variant on the same
+    shapes, and the Qwen3-30B-A3B MoE layer at 1 and 16 tokens."""
+    copy = copy_bandwidth()
+    gbs = copy["GB/s"]
+    default = [nvfp4_gemm(n, k, m, gbs, name=name) for name, (n, k) in QWEN3_8B_LINEARS.items() for m in (1, 16)]
+    sweep = gemm_sweep(rows=(1, 16), variants=variants, splits=splits, copy_gbs=gbs)
+    moe = [moe_decode(t, copy_gbs=gbs, variants=variants) for t in (1, 16)]
+    return {"device": torch.cuda.get_device_name(), "copy": copy, "default_variant": ops.gemm_variant(),
+            "gemm": default, "sweep": sweep, "moe": moe}
+
+
+def gemm_report_lines(report: dict) -> list[str]:
+    """A short table: per shape and M, µs and % of copy for the default and each variant; the per-layer sums."""
+    gbs = report["copy"]["GB/s"]
+    lines = [f"copy {gbs:.0f} GB/s; default variant {report['default_variant']} (0 = per shape)"]
+    variants = sorted({r["variant"] for r in report["sweep"]})
+    lines.append(f"{'shape':>13} M   default us  %copy  cuBLAS  " + "  ".join(f"v{v:<2} us  %copy" for v in variants))
+    layer = {}
+    for r in report["gemm"]:
+        cells = []
+        for v in variants:
+            hit = [s for s in report["sweep"]
+                   if s["name"] == r["name"] and s["M"] == r["M"] and s["variant"] == v and s["splits"] == 0]
+            if hit:
+                cells.append(f"{hit[0]['us']:7.1f} {hit[0]['pct_of_copy']:5.1f}")
+                layer.setdefault((r["M"], v), 0.0)
+                layer[(r["M"], v)] += hit[0]["us"]
+        layer.setdefault((r["M"], "default"), 0.0)
+        layer[(r["M"], "default")] += r["us"]
+        lines.append(f"{r['name']:>13} {r['M']:<3} {r['us']:9.1f} {r['pct_of_copy']:6.1f} {r['bf16_cublas_us']:7.1f}  "
+                     + "  ".join(cells))
+        best = min((s for s in report["sweep"] if s["name"] == r["name"] and s["M"] == r["M"]), key=lambda s: s["us"])
+        lines[-1] += f"  | best v{best['variant']} splits={best['splits']} {best['us']:.1f}"
+    layer_bytes = {m: sum(r["bytes"] for r in report["gemm"] if r["M"] == m) for m in (1, 16)}
+    for m in (1, 16):
+        parts = [f"default {layer[(m, 'default')]:.1f} us "
+                 f"({100 * layer_bytes[m] / layer[(m, 'default')] / 1e3 / gbs:.1f}%)"]
+        parts += [f"v{v} {layer[(m, v)]:.1f} us ({100 * layer_bytes[m] / layer[(m, v)] / 1e3 / gbs:.1f}%)"
+                  for v in variants if (m, v) in layer]
+        lines.append(f"per layer M={m}: " + ", ".join(parts))
+    for r in report["moe"]:
+        extra = ", ".join(f"v{v} {x['us']:.1f} us ({x['pct_of_copy']:.1f}%)" for v, x in r.get("variants", {}).items())
+        lines.append(f"moe T={r['tokens']:<3} {r['routed_experts']} experts: {r['us']:.1f} us "
+                     f"({r.get('pct_of_copy', 0):.1f}% of copy on routed bytes); {extra}")
+    return lines

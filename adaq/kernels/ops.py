@@ -15,14 +15,14 @@ COUNTERS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
-DEFAULT_GEMM_VARIANT = 0  # per-shape choice (csrc/nvfp4_gemm.cu, measured on the H100: docs/KERNELS.md)
+DEFAULT_GEMM_VARIANT = 0  # per-shape choice (csrc/nvfp4_gemm.cu default_variant; H100 sweeps: docs/KERNELS.md)
 _variant: int | None = None
 
 
 def ext():
     global _variant
     module = load()
-    if _variant is None:  # ADAQ_GEMM_VARIANT picks another GEMM variant (1..4; 0 = per shape), for comparisons
+    if _variant is None:  # ADAQ_GEMM_VARIANT picks another GEMM variant (1..8; 0 = per shape), for comparisons
         set_gemm_variant(int(os.environ.get("ADAQ_GEMM_VARIANT", DEFAULT_GEMM_VARIANT)), module)
     return module
 
@@ -58,25 +58,79 @@ def nvfp4_linear(x: torch.Tensor, w: PackedNVFP4, bias: torch.Tensor | None = No
                       for i in range(0, x.shape[0], MAX_DECODE_ROWS)])
 
 
+def nvfp4_dequantize(w: PackedNVFP4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 [N, K] = e2m1 x block_scale from the kernel layout (exact; 1/global_scale = colscale / 2^20 not applied),
+    into `out` (>= N*K bf16 elements; a view of it is returned) or a new tensor. For dense-GEMM paths (prefill)."""
+    n, k = w.out_features, w.in_features
+    if out is None:
+        out = torch.empty(n * k, dtype=torch.bfloat16, device=w.wq.device)
+    ext().gemm_dequantize(w.wq, w.ws, out, n, k)
+    return out.reshape(-1)[:n * k].view(n, k)
+
+
 def store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
     ext().store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping.long())
 
 
-def attention_splits(tokens: int, kv_heads: int, max_context: int) -> int:
-    return int(ext().attention_splits(tokens, kv_heads, max(1, max_context)))
+def attention_splits(tokens: int, kv_heads: int, max_context: int, *, head_dim: int = 128, group: int = 4,
+                     fp8: bool = True, block_size: int = 16) -> int:
+    """Context splits per (query token, KV head) for the kernel this shape runs (flash-decoding)."""
+    return int(ext().attention_splits(tokens, kv_heads, max(1, max_context), head_dim, group, bool(fp8), block_size))
+
+
+DEFAULT_ATTENTION_VARIANT = 0  # tensor cores where instantiated (csrc/attention.cu; docs/KERNELS.md "Attention v3")
+ATTENTION_VARIANTS = {0: "default", 1: "v2 CUDA cores", 2: "v3 tensor cores, other chunks per step",
+                      3: "v3, splits merged in-kernel by the last block"}
+
+
+def set_attention_variant(variant: int) -> None:
+    """Pick the decode-attention kernel (for measurements and tests): 0 default, 1 v2, 2 v3 other tiling, 3 v3 with
+    the split merge in the kernel."""
+    if variant not in ATTENTION_VARIANTS:
+        raise ValueError(f"attention variant must be one of {sorted(ATTENTION_VARIANTS)}, got {variant}")
+    ext().attention_set_variant(int(variant))
 
 
 def paged_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, *, scale: float,
                     sliding_window: int | None = None, softcap: float | None = None, query_seq=None, query_ctx=None,
-                    splits: int = 1) -> torch.Tensor:
+                    splits: int = 1, query_blocks=None) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]; query t belongs to sequence query_seq[t] (default t) and sees query_ctx[t] keys
-    (default context_lens[seq])."""
+    (default context_lens[seq]). query_blocks (int32 [blocks, 3]: sequence, first query, count; from
+    `prefill_query_blocks`) runs the prefill kernel, which serves several consecutive queries per block."""
     return ext().paged_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, query_seq,
-                                 query_ctx, splits, int(sliding_window or 0), float(scale), float(softcap or 0.0))
+                                 query_ctx, splits, int(sliding_window or 0), float(scale), float(softcap or 0.0),
+                                 counters(q.device), query_blocks)
+
+
+def prefill_block_tokens(head_dim: int, group: int, fp8: bool, block_size: int) -> int:
+    """Queries per block of the prefill attention kernel for this shape (0: none, the per-query kernel serves it)."""
+    return int(ext().attention_prefill_block_tokens(head_dim, group, bool(fp8), block_size))
+
+
+def prefill_query_blocks(query_offsets: torch.Tensor, tokens: int, block_tokens: int) -> torch.Tensor:
+    """(sequence, first query, count) of every block of `block_tokens` consecutive queries of one sequence, for packed
+    queries with offsets [B + 1]; on the device, no host sync: the grid is the upper bound tokens // block_tokens + B
+    and blocks past the last have count <= 0."""
+    offsets = query_offsets.long()
+    seqs = offsets.numel() - 1
+    q_lens = offsets[1:] - offsets[:-1]
+    per_seq = (q_lens + block_tokens - 1) // block_tokens
+    ends = torch.cumsum(per_seq, 0)
+    ids = torch.arange(tokens // block_tokens + seqs, device=offsets.device)
+    seq = torch.searchsorted(ends, ids, right=True).clamp(max=seqs - 1)
+    first = offsets[seq] + (ids - (ends - per_seq)[seq]) * block_tokens
+    count = torch.clamp(offsets[seq + 1] - first, max=block_tokens)
+    return torch.stack([seq, first, count], dim=1).int().contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
     return ext().rms_norm(x, weight, float(eps), bool(unit_offset))
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool):
+    """(x + delta, rms_norm(x + delta)) in one pass; the sum rounded to bf16 once, as torch's add."""
+    total, normed = ext().add_rms_norm(x, delta, weight, float(eps), bool(unit_offset))
+    return total, normed
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +202,8 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: StackedEx
     if tokens > MAX_DECODE_ROWS:
         return torch.cat([moe_forward(x[i:i + MAX_DECODE_ROWS], router_logits[i:i + MAX_DECODE_ROWS], experts,
                                       top_k, renormalize, activation) for i in range(0, tokens, MAX_DECODE_ROWS)])
-    weights, ids = router_topk(router_logits, top_k, renormalize)
-    align = moe_align(ids, experts.num_experts)
+    weights, ids, *align = ext().moe_route(router_logits, top_k, renormalize, min(experts.num_experts,
+                                                                               tokens * top_k))
     rows = tokens * top_k
     gate_up = grouped_linear(x.contiguous(), top_k, experts, "gate_up", align, rows, tokens)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)

@@ -1,16 +1,20 @@
-"""The FP8 prefill path on the GPU, chosen by compute capability (numerics: adaq.layers.fp8_prefill).
+"""The prefill paths on the GPU: which kernel runs an NVFP4 linear of M rows (numerics: adaq.layers.fp8_prefill).
 
-- sm_89 (Ada): the CUTLASS-generated FP8 GEMM (adaq/kernels/generated/) for M >= min_tokens; fewer rows keep the
-  NVFP4 decode kernels (bytes-bound, bf16 mma.sync).
-- sm_90+ (Hopper): the same E4M3 operands and scales through cuBLASLt's FP8 GEMM (`torch._scaled_mm`, row-wise
-  scales), because Ada's FP8 mma.sync runs at a quarter of the bf16 rate there (NOTES.md).
-- `ADAQ_PREFILL_PATH` = fp8 (the cuda backend runs linears of >= `ADAQ_PREFILL_FP8_MIN_TOKENS` rows, default 64,
-  through the GEMM above) | auto (default) | nvfp4 (exact path only). `auto` keeps the exact NVFP4 kernels in the
-  engine for now: the FP8 path costs +1.6 % perplexity on Gemma3-270M, over the 0.5 % goal (docs/KERNELS.md).
-  `scaled_mm(..., kind="ada")` forces the Ada kernel on Hopper (tests, microbenchmark).
+`ADAQ_PREFILL_PATH`:
+- auto (default, accuracy-safe, every GPU): M >= `exact_min_tokens()` rows (the crossover with the decode kernels,
+  docs/KERNELS.md "Prefill paths (session 2)"): the EXACT path -- the layer's NVFP4 weight dequantized into one reused bf16 workspace
+  per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in bf16), cuBLAS bf16 GEMM, 1/global_scale applied as
+  the GEMM's fp32 alpha before its single bf16 rounding; fewer rows: the NVFP4 decode kernels (bytes-bound).
+- fp8 (opt-in, costs accuracy: +1.6 % perplexity on Gemma3-270M): M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default 64)
+  through FP8 -- sm_89 (Ada): the CUTLASS-generated FP8 GEMM (adaq/kernels/generated/); sm_90+ (Hopper): the same
+  E4M3 operands and scales through cuBLASLt's FP8 GEMM (`torch._scaled_mm`, row-wise scales), because Ada's FP8
+  mma.sync runs at a quarter of the bf16 rate there (NOTES.md). Fewer rows: decode kernels.
+- nvfp4: the decode kernels only, at every M.
+`scaled_mm(..., kind="ada")` forces the Ada kernel on Hopper (tests, microbenchmark).
 
-Operands: activations are quantized per token by `quantize_rows`; each NVFP4 weight is expanded to E4M3 into one
-`Fp8Workspace` buffer per device just before its GEMM, so the expanded model never exists at once.
+FP8 operands: activations are quantized per token by `quantize_rows`; each NVFP4 weight is expanded to E4M3 into one
+`Fp8Workspace` buffer per device just before its GEMM, so the expanded model never exists at once. The exact path's
+bf16 workspace is likewise one buffer per device, reserved at load for the largest layer.
 """
 
 import hashlib
@@ -25,12 +29,18 @@ from adaq.layers import fp8_prefill
 
 PATH_ENV = "ADAQ_PREFILL_PATH"
 MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
+EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
+# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels. NOT YET SWEPT on a GPU (the sweep,
+# prefill_bench.threshold_sweep, run by scripts/gpu_prefill.sh, hands its value to the bench through
+# ADAQ_PREFILL_EXACT_MIN_TOKENS): 64 = one decode launch (beyond it the decode kernels re-read the weights per
+# 64-row chunk); docs/KERNELS.md "Prefill paths (session 2)" has the estimate behind it.
+EXACT_MIN_TOKENS = 64
 PATHS = ("auto", "fp8", "nvfp4")
 KERNELS = Path(__file__).resolve().parent
 GENERATED = KERNELS / "generated"
 SOURCES = (KERNELS / "csrc" / "fp8_binding.cpp", KERNELS / "csrc" / "fp8_quant.cu", KERNELS / "csrc" / "fp8_mma_peak.cu",
-           GENERATED / "fp8_gemm_sm89.cu")
-HEADERS = (KERNELS / "csrc" / "common.cuh", GENERATED / "fp8_gemm_sm89.h")
+           KERNELS / "csrc" / "fp8_moe.cu", GENERATED / "fp8_gemm_sm89.cu")
+HEADERS = (KERNELS / "csrc" / "common.cuh", KERNELS / "csrc" / "fp8_grouped.cuh", GENERATED / "fp8_gemm_sm89.h")
 NVCC_FLAGS = ("-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17")
 
 
@@ -80,6 +90,14 @@ def ext(verbose: bool = False):
     return _EXTENSION
 
 
+def exact_available() -> bool:
+    """The exact path needs the decode layout's dequantization kernel (adaq.kernels.ops.nvfp4_dequantize, in adaq's
+    main extension, which the cuda backend has loaded already)."""
+    from adaq.kernels import ops
+
+    return hasattr(ops.ext(), "gemm_dequantize")
+
+
 # ---- path selection -----------------------------------------------------------------------------------------------
 
 def configured_path() -> str:
@@ -97,7 +115,7 @@ def min_tokens() -> int:
 
 def gemm_kind(device: torch.device) -> str | None:
     """'ada' (generated sm_89 kernel), 'hopper' (cuBLASLt FP8) or None (no FP8 path: exact NVFP4 kernels)."""
-    if configured_path() == "nvfp4":
+    if configured_path() == "nvfp4" or torch.device(device).type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) >= (9, 0):
@@ -108,13 +126,42 @@ def gemm_kind(device: torch.device) -> str | None:
 
 
 def use_fp8(rows: int, device: torch.device) -> bool:
-    return gemm_kind(device) is not None and rows >= min_tokens()
+    return configured_path() == "fp8" and gemm_kind(device) is not None and rows >= min_tokens()
+
+
+def exact_min_tokens() -> int:
+    return int(os.environ.get(EXACT_MIN_TOKENS_ENV, EXACT_MIN_TOKENS))
+
+
+def route(rows: int, device: torch.device, path: str | None = None) -> str:
+    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16) or 'decode'."""
+    path = path or configured_path()
+    if path == "nvfp4":
+        return "decode"
+    if path == "fp8" and gemm_kind(device) is not None and rows >= min_tokens():
+        return "fp8"
+    return "exact" if rows >= exact_min_tokens() else "decode"
+
+
+def describe(path: str | None = None) -> str:
+    """One line for labels: what runs prefill (large M) under `path`."""
+    path = path or configured_path()
+    if path == "nvfp4":
+        return "prefill: NVFP4 decode kernels at every M"
+    exact = f"dequantize + cuBLAS bf16 (exact) from M >= {exact_min_tokens()}"
+    if path == "auto":
+        return f"prefill: {exact}"
+    return (f"prefill: FP8 PATH (lossy: E4M3 weights per channel, E4M3 activations per token; cuBLASLt FP8 on sm_90, "
+            f"CUTLASS sm_89 GEMM on Ada) from M >= {min_tokens()}")
 
 
 def choose_tile(m: int, n: int, sm_count: int) -> int:
-    """128x64 (4 stages) from 128 rows; below, 64x128 wastes fewer padded rows. Both keep two blocks per Ada SM;
-    `sm_count` is kept for a grid-size rule once the microbenchmark (scripts/gpu_prefill.sh) says one pays."""
-    return 0 if m >= 128 else 1
+    """64x128 (4 stages) at every M: on the H100 (compute_89 PTX, prefill_bench, two runs 2026-11-22) it beat
+    128x64 on all six M = 2048 shapes by 1-8 % (226-272 TFLOP/s, 60-73 % of the FP8 mma.sync ceiling), and below
+    128 rows it pads less. Both hold two blocks per SM on Ada and on the H100 (register-bound), so the ranking
+    carries over. The 6-stage 128x64 was faster still on the H100 (+1-7 %), but its 72 KB leave room for one block
+    per SM in Ada's 100 KB, half the occupancy, so Ada does not get it. `sm_count` is kept for a grid-size rule."""
+    return 1
 
 
 # ---- operands and GEMM ---------------------------------------------------------------------------------------------
@@ -184,3 +231,73 @@ def fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, kind: 
     x8, row_scale = quantize_rows(x)
     y = scaled_mm(x8, row_scale, w8, col_scale, kind)
     return y if bias is None else y + bias
+
+
+# ---- the exact path: dequantize into one bf16 workspace, cuBLAS bf16, 1/global_scale as alpha --------------------
+
+@dataclass(frozen=True)
+class ExactPlan:
+    """Column segments of one weight with their fp32 multiplier 1/global_scale (one segment unless fused weights
+    with different global scales share the layout); `alpha` is handed to cuBLAS as its fp32 alpha."""
+
+    segments: tuple[tuple[int, int, float], ...]  # (first column, end column, alpha)
+
+
+def exact_plan(packed) -> ExactPlan:
+    """From a PackedNVFP4's colscale (2^7 / global_scale per column, fp32); host sync: call at load time."""
+    from adaq.kernels.layout import SCALE_EXPONENT_SHIFT
+
+    alphas = (packed.colscale[:packed.out_features].float().cpu() * 2.0 ** -SCALE_EXPONENT_SHIFT).tolist()
+    segments, start = [], 0
+    for column in range(1, len(alphas) + 1):
+        if column == len(alphas) or alphas[column] != alphas[start]:
+            segments.append((start, column, alphas[start]))
+            start = column
+    return ExactPlan(tuple(segments))
+
+
+_DENSE_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _key(device: torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def reserve_dense_workspace(device: torch.device, n: int, k: int) -> torch.Tensor:
+    """The device's bf16 workspace, grown to hold [n, k] (call at load time: growing allocates)."""
+    device = _key(device)
+    current = _DENSE_WORKSPACES.get(device)
+    if current is None or current.numel() < n * k:
+        _DENSE_WORKSPACES[device] = current = torch.empty(n * k, dtype=torch.bfloat16, device=device)
+    if device not in _ZEROS:
+        _ZEROS[device] = torch.zeros((), dtype=torch.bfloat16, device=device)
+    return current
+
+
+def dequantize_packed(packed, out: torch.Tensor | None = None) -> torch.Tensor:
+    """PackedNVFP4 -> bf16 [N, K] = e2m1 x block_scale (exact; 1/global_scale NOT applied), in `out` or the
+    device's workspace, by the layout's own kernel (csrc/nvfp4_gemm.cu nvfp4_dequantize_kernel; graph-safe)."""
+    from adaq.kernels import ops
+
+    n, k = packed.out_features, packed.in_features
+    if out is None:
+        out = reserve_dense_workspace(packed.wq.device, n, k)
+    return ops.nvfp4_dequantize(packed, out)
+
+
+def exact_linear(x: torch.Tensor, packed, plan: ExactPlan, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = (x [M, K] bf16 @ (e2m1 x block_scale)^T) * (1/global_scale) (+ bias): one cuBLAS bf16 GEMM per
+    segment, the scale as cuBLAS's fp32 alpha, one bf16 rounding."""
+    weight = dequantize_packed(packed)
+    outputs = []
+    for start, end, alpha in plan.segments:
+        w = weight[start:end]
+        if bias is None:
+            outputs.append(torch.addmm(_ZEROS[_key(x.device)], x, w.t(), beta=0, alpha=alpha))
+        else:
+            outputs.append(torch.addmm(bias[start:end], x, w.t(), alpha=alpha))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)

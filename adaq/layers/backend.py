@@ -94,6 +94,8 @@ class ReferenceBackend:
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: moe.ExpertsHandle, top_k: int,
             renormalize: bool) -> torch.Tensor:
+        if self.prefill_fp8 and x.shape[0] >= self.prefill_fp8_min_tokens:  # the GPU's grouped FP8 path: the layer's
+            return moe.moe_reference(_ExpertsOnFp8(self), x, router_logits, experts, top_k, renormalize)  # size
         return moe.moe_reference(self, x, router_logits, experts, top_k, renormalize)
 
     # KV cache and attention
@@ -108,6 +110,12 @@ class ReferenceBackend:
     # Element-wise ops
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, *, unit_offset: bool = False):
         return norm.rms_norm(x, weight, eps, unit_offset)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                     unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's step: (x + delta, rms_norm(x + delta))."""
+        total = x + delta
+        return total, self.rms_norm(total, weight, eps, unit_offset=unit_offset)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return activation.silu_and_mul(x)
@@ -170,3 +178,21 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None, **
 
 
 __all__ = ["Backend", "ReferenceBackend", "get_backend", "BACKENDS"]
+
+
+class _ExpertsOnFp8:
+    """The backend as moe_reference sees it when a whole MoE layer takes the FP8 prefill path: the GPU groups every
+    routed expert into one FP8 GEMM once the layer has enough tokens, however few rows each expert gets."""
+
+    def __init__(self, backend: ReferenceBackend):
+        self.backend = backend
+
+    def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(handle, "fp8", None) is None:
+            return self.backend.linear(x, handle, bias)
+        if handle.input_global_scale is not None:
+            x = quantize_activation_nvfp4(x, handle.input_global_scale)
+        return fp8_prefill.fp8_linear_reference(x, handle.fp8, bias, handle.fp8_f32)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.silu_and_mul(x)

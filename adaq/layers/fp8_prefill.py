@@ -10,6 +10,10 @@ per-16 block scale cannot be applied inside it. Each output channel n instead ge
 |e2m1 * ratio| <= 6, so times 64 it stays <= 384 < 448; the power-of-two headroom keeps small products out of
 E4M3's subnormals. The only error against the exact dequantized weight is the E4M3 rounding of e2m1 * ratio.
 
+The exact large-M path (the default; adaq.kernels.prefill_fp8 runs it with cuBLAS) is no approximation: the bf16
+workspace holds `e2m1 x block_scale` exactly (<= 6 significant bits, within bf16's range) and 1/global_scale
+multiplies the fp32 accumulator once, before the single rounding: `exact_linear_reference`.
+
 Activations: per token (row) `row_scale[m] = max(amax(|x[m]|) / 448, 1e-12)`, `x8 = e4m3(x / row_scale)` in fp32
 (IEEE division, clamped to +-448 like the FP8 KV cache). Output: `y = ((x8 @ w8^T) * row_scale[m]) * col_scale[n]`
 in fp32, one rounding to the compute dtype, then the bias.
@@ -85,3 +89,16 @@ def fp8_linear_reference(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | Non
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, y.shape[-1])
+
+
+def unscaled_weight(w: NVFP4Weight) -> torch.Tensor:
+    """fp32 [N, K] e2m1 x block_scale: what the exact path's bf16 workspace holds (exact in bf16)."""
+    values = nvfp4.e2m1_decode(nvfp4.unpack_nibbles(w.packed)).unflatten(-1, (-1, nvfp4.GROUP_SIZE))
+    return (values * w.block_scale.float().unsqueeze(-1)).flatten(-2)
+
+
+def exact_linear_reference(x: torch.Tensor, w: NVFP4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact path: (x @ (e2m1 x block_scale)^T) * (1 / global_scale) in fp32, one rounding to x's dtype, + bias."""
+    alpha = (1.0 / w.global_scale.float().reshape(1)).to(x.device)
+    y = ((x.float() @ unscaled_weight(w).to(x.device).T) * alpha).to(x.dtype)
+    return y if bias is None else y + bias

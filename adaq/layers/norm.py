@@ -34,3 +34,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset)
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)), fused where the backend can; no delta: (x, norm(x))."""
+        if delta is None:
+            return x, self(x)
+        return self.backend.add_rms_norm(x, delta, self.weight, self.eps, unit_offset=self.unit_offset)

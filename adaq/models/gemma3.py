@@ -37,11 +37,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn.load(reader, f"{prefix}.self_attn")
         self.mlp.load(reader, f"{prefix}.mlp")
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        attn = self.self_attn(positions, self.input_layernorm(hidden))
-        hidden = hidden + self.post_attention_layernorm(attn)
-        mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
-        return hidden + self.post_feedforward_layernorm(mlp)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, this layer's normed MLP output): the caller's next norm adds the two (fused add + norm)."""
+        hidden, normed = self.input_layernorm.add(hidden, delta)
+        attn = self.self_attn(positions, normed)
+        hidden, normed = self.pre_feedforward_layernorm.add(hidden, self.post_attention_layernorm(attn))
+        return hidden, self.post_feedforward_layernorm(self.mlp(normed))
 
 
 class Gemma3ForCausalLM(CausalLM):

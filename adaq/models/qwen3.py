@@ -41,9 +41,12 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm.load(reader.tensor(f"{prefix}.post_attention_layernorm.weight"), reader.dtype)
         self.mlp.load(reader, f"{prefix}.mlp")
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, this layer's MLP output): the caller's next norm adds the two (fused add + norm)."""
+        hidden, normed = self.input_layernorm.add(hidden, delta)
+        hidden, normed = self.post_attention_layernorm.add(hidden, self.self_attn(positions, normed))
+        return hidden, self.mlp(normed)
 
 
 class Qwen3ForCausalLM(CausalLM):

@@ -2,8 +2,8 @@
 
 The decode GEMM's own rules live with it in adaq.kernels.layout: it walks a weight [N, K] in super-tiles of
 TILE_N output columns by TILE_K input values and zero-pads other shapes at load (K must still be a multiple of 16).
-So a shape off the tile is a warning (the padding costs memory and bandwidth), not an error. Without that module
-(a build without kernels) the fallback below is what the kernels were designed to: N % 8, K % 64, no padding.
+So a shape off the tile is a warning (the padding costs memory and bandwidth), not an error. That module is plain
+Python (no GPU, no build), so validate always reads the kernels' current rules.
 """
 
 from dataclasses import dataclass
@@ -24,16 +24,13 @@ class TileRules:
         return -(-n // self.n_multiple) * self.n_multiple, -(-k // self.k_multiple) * self.k_multiple
 
 
-FALLBACK_TILES = TileRules(n_multiple=8, k_multiple=64, padded=False, why="the sm_89 decode GEMM tile")
 ADA_ARCHS = ("sm_89", "sm_90")  # sm_90 runs the same Ada code through its compute_89 PTX: the same tiles
 
 
 @cache
 def kernel_tiles() -> TileRules:
-    try:
-        from adaq.kernels.layout import RULES
-    except ImportError:
-        return FALLBACK_TILES
+    from adaq.kernels.layout import RULES
+
     return TileRules(n_multiple=RULES.pad_free_n_multiple, k_multiple=RULES.pad_free_k_multiple, padded=True,
                      why=f"the sm_89 decode GEMM's {RULES.pad_free_n_multiple}×{RULES.pad_free_k_multiple} tile")
 

@@ -1,4 +1,6 @@
-// Paged KV cache: the FP8 store kernel and paged decode attention (flash-decoding with a merge kernel).
+// Paged KV cache: the FP8 store kernel and paged attention over it (flash-decoding with a merge kernel): v3 on
+// tensor cores (decode, and prefill with several queries per block), v2 on CUDA cores for what v3 does not cover
+// (bf16 head_dim 256, pages not a multiple of 16 keys) and for comparison (attention_set_variant).
 //
 // Cache per layer: [num_blocks, block_size, num_kv_heads, head_dim], E4M3 bytes or bf16; FP8 caches carry fp32
 // scales [num_blocks, block_size, num_kv_heads]: s = max(amax(|x[token, head, :]|) / 448, 1e-12), stored
@@ -6,8 +8,9 @@
 // CUDA-graph batch).
 //
 // Attention: each query token t attends to keys [start, ctx) of its sequence, ctx = its position + 1, start =
-// ctx - window for sliding layers. One block serves one (query token, KV head, split): the G = H / Hkv query heads
-// of the group share each K/V byte read (GQA), and long contexts are cut into `splits` ranges merged afterwards.
+// ctx - window for sliding layers. One block serves one (query token or block of queries, KV head, split): the
+// G = H / Hkv query heads of the group share each K/V byte read (GQA), and long contexts are cut into `splits`
+// ranges merged afterwards. Design, numerics and measurements: docs/KERNELS.md ("Attention v3").
 #include "common.cuh"
 
 namespace adaq {
@@ -93,6 +96,7 @@ struct AttnParams {
   const int* context_lens;       // [B] keys in cache per sequence (decode: the query sits at context_len - 1)
   const int* query_seq;          // [T] sequence of each query, or nullptr: query t is sequence t (decode)
   const int* query_ctx;          // [T] keys visible to each query (its position + 1), or nullptr: context_lens
+  const int* query_blocks;       // prefill kernel: [blocks, 3] (sequence, first query token, count), count <= 0: none
   __nv_bfloat16* out;            // [T, H, D] contiguous
   float* part_out;               // [T, H, splits, D] normalised partial outputs (splits > 1)
   float* part_lse;               // [T, H, splits] log2-sum-exp of each split (splits > 1)
@@ -101,6 +105,11 @@ struct AttnParams {
   float scale_log2;              // softmax scale (softcap off) or 1 (softcap on), times log2(e) when off
   float softcap;                 // 0 = off
   float scale;                   // softmax scale
+  float softcap_in, softcap_out;  // scale / softcap and softcap * log2(e) (softcap on): no division per score
+  int tokens_total;              // query tokens of the step (rows of out)
+  int* counters;                 // tensor-core kernel, splits > 1: arrival counters per (token, KV head), zero
+                                 // between launches (the last block resets its own): that block merges the splits
+                                 // itself, no merge kernel. nullptr: merge_splits_kernel.
 };
 
 // One lane's VPL consecutive cache values of one token as raw 32-bit words (16 bytes per load): kept raw in
@@ -285,43 +294,559 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
   }
 }
 
-// Combine the splits of one (token, head): weights 2^(lse_s - max) over the normalised partial outputs.
-template <int D>
-__global__ void merge_splits_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
-                                    __nv_bfloat16* __restrict__ out, int splits) {
-  const long long row = blockIdx.x;  // t * H + head
-  const float* lse = part_lse + row * splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse[s]);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float w = lse[s] == -INFINITY ? 0.f : exp2f(lse[s] - mx);
-      num += w * part_out[(row * splits + s) * D + d];
+// ---- Decode attention v3: QK^T and PV on tensor cores (mma.sync m16n8k16) --------------------------------------
+//
+// One block per (query token, KV head, split), 4 warps; the keys of the split are cut into 16-token chunks (aligned
+// to absolute positions, so that with block_size % 16 == 0 a chunk lies in one cache page: one table lookup per
+// chunk), each warp taking TILES consecutive chunks per step with every K/V byte of the step requested up front.
+// Per chunk, with the G query heads of the KV head as the MMA's N dimension (padded to 8; prefill: QT queries x G
+// heads, see the kernel):
+//   S^T [16 tokens x 8 heads]  = K [16 x D] . Q^T [D x 8]       A = K rows (tokens r, r+8), B = Q (one fragment)
+//   O^T [D x 8 heads]         += V^T [D x 16] . P^T [16 x 8]    A = V columns, B = P (C fragment of S^T, transposed
+//                                                               in registers by movmatrix)
+// so no shared memory is touched inside the loop and half the MMA's M rows are not wasted on padding as they would
+// be with heads as M. Each thread holds K bytes [c*D/4, +D/4) of tokens r and r+8, and V bytes [r*D/8, +D/8) of
+// tokens 2c, 2c+1, 2c+8, 2c+9 (r = lane / 4, c = lane % 4); the order of the dims inside a thread's slice is
+// permuted consistently in Q and K (a dot product does not care) and in V and O (written back in place).
+// FP8: E4M3 bytes become f16 pairs with one cvt.rn.f16x2.e4m3x2 per pair (exact), f16 MMA. Q goes to f16 times a
+// power of two that puts max|q| of the group in [2^14, 2^15): exact for every q above 2^-28 max|q|, no overflow
+// whatever the model's q range. The K scale multiplies the fp32 scores per token; the V scale multiplies P before
+// its f16 rounding, relative to a running power of two cv >= every V scale seen (rescaled like the softmax max), so
+// P * vs / cv is in [0, 1] and keeps f16's 11 bits whatever the cache's scales: the only roundings beyond fp32
+// accumulation are P's (relative 2^-11) and the bf16 output's. bf16 KV: bf16 MMA, P in bf16 (2^-8).
+// Softmax in fp32, base 2, online per warp; warps merged through shared memory at the end, splits by
+// merge_splits_kernel.
+
+template <bool F16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (F16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Transpose of an 8x8 matrix of 16-bit values held as MMA C/A fragments (row lane / 4, columns 2 (lane % 4) + 0, 1).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two) {  // low 16 bits
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xFFFFu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// N consecutive 32-bit words of the cache, 16 (or 8) bytes per load, not kept in L1 (each byte is used once).
+template <int N>
+__device__ __forceinline__ void load_words(uint32_t (&w)[N], const uint8_t* ptr) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4)
+      asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+          : "=r"(w[i]), "=r"(w[i + 1]), "=r"(w[i + 2]), "=r"(w[i + 3])
+          : "l"(ptr + 4 * i));
+  } else {
+    static_assert(N == 2, "rows of 8 or a multiple of 16 bytes");
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "l"(ptr));
+  }
+}
+
+__device__ __forceinline__ float ld_scale(const float* ptr) {
+  float v;
+  asm("ld.global.nc.L1::no_allocate.f32 %0, [%1];\n" : "=f"(v) : "l"(ptr));
+  return v;
+}
+
+// Split-K epilogue without a second kernel (the threadFenceReduction pattern): every block publishes its partial
+// rows, the last of the `splits` blocks of a (token, KV head) to arrive merges them (fixed split order: deterministic)
+// and resets the counter for the next launch (graph replays need no memset). Saves the merge kernel's launch and its
+// dependent round trips, which at batch 1 are a sizeable part of a ~10 µs call.
+template <int D, int G>
+__device__ __forceinline__ void merge_splits_in_last_block(const AttnParams& p, int t, int kvh) {
+  __shared__ int is_last;
+  __threadfence();  // this block's partial rows are visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = p.counters + static_cast<long long>(t) * p.kv_heads + kvh;
+    const int arrived = atomicAdd(counter, 1) + 1;
+    is_last = arrived == p.splits;
+    if (is_last) *counter = 0;  // every other block of this (token, KV head) has counted already
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  // One thread per (head, 4 dims): the splits' weights 2^(lse - max), float4 partial rows read from L2 (ld.cg: other
+  // blocks wrote them; this SM's L1 holds no copy).
+  for (int i = threadIdx.x; i < G * D / 4; i += kAttnThreads) {
+    const int g = i / (D / 4), d4 = i % (D / 4);
+    const long long row = (static_cast<long long>(t) * p.heads + kvh * G + g) * p.splits;
+    const float* lse = p.part_lse + row;
+    float mx = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, __ldcg(lse + s));
+    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+    float den = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) {
+      const float ls = __ldcg(lse + s);
+      const float w = ls == -INFINITY ? 0.f : exp2f(ls - mx);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.part_out + (row + s) * D) + d4);
+      num.x += w * v.x;
+      num.y += w * v.y;
+      num.z += w * v.z;
+      num.w += w * v.w;
       den += w;
     }
-    out[row * D + d] = __float2bfloat16_rn(den > 0.f ? num / den : 0.f);
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    __nv_bfloat16* dst = p.out + (static_cast<long long>(t) * p.heads + kvh * G + g) * D + 4 * d4;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16x2(num.x * inv, num.y * inv), pack_bf16x2(num.z * inv, num.w * inv));
   }
 }
 
-template <int D, int G, int VPL, bool FP8>
-static int launch_attention(const AttnParams& p, int tokens, cudaStream_t stream) {
-  dim3 grid(p.splits, p.kv_heads, tokens);
-  paged_attention_kernel<D, G, VPL, (FP8 && G < 8 ? 8 : 4), FP8><<<grid, kAttnThreads, 0, stream>>>(p);
-  if (cudaGetLastError() != cudaSuccess) return kCudaError;
-  if (p.splits > 1) {
-    merge_splits_kernel<D><<<tokens * p.heads, D < 128 ? D : 128, 0, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
-    if (cudaGetLastError() != cudaSuccess) return kCudaError;
+// QT: query tokens per block. Decode: 1 (the G heads of one token are the N columns, padded to 8). Prefill over the
+// cache: QT consecutive queries of one sequence (a `query_blocks` entry), their G * QT (token, head) pairs being the
+// columns of NT = G * QT / 8 n-tiles: each K/V chunk is loaded and converted once for QT queries, each column keeps its
+// own causal/window range and softmax state.
+template <int D, int G, int TILES, bool FP8, int QT = 1>
+__global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const AttnParams p) {
+  constexpr int kWarps = kAttnThreads / 32;
+  constexpr int kSteps = D / 16;               // k16 steps of QK^T = m16 tiles of PV
+  constexpr int kKW = FP8 ? D / 16 : D / 8;    // words of one K row held by a thread (D/4 dims)
+  constexpr int kVW = FP8 ? D / 32 : D / 16;   // words of one V row held by a thread (D/8 dims)
+  constexpr int kElem = FP8 ? 1 : 2;
+  constexpr int kCols = G * QT;                // (query token, head) columns; column = token * G + head
+  constexpr int NT = (kCols + 7) / 8;          // n-tiles of 8 columns
+  static_assert(G >= 1 && G <= 8 && (QT == 1 || kCols % 8 == 0), "columns fill whole n-tiles in prefill");
+  __shared__ float red_m[kWarps][kCols], red_l[kWarps][kCols];
+  __shared__ __align__(16) float red_acc[kWarps][kCols][D];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, c = lane & 3;
+  const int split = blockIdx.x, kvh = blockIdx.y;
+  int t0 = blockIdx.z, nq = 1, seq;
+  if constexpr (QT > 1) {
+    const int* blk = p.query_blocks + 3 * blockIdx.z;  // (sequence, first query token, query count)
+    seq = blk[0];
+    t0 = blk[1];
+    nq = min(blk[2], QT);
+    if (nq <= 0) return;  // past the last block of the step (the grid is an upper bound)
+  } else {
+    seq = p.query_seq ? p.query_seq[t0] : t0;
   }
-  return kOk;
+  // Query j of the block sees keys [start_j, ctx0 + j): consecutive queries of one sequence.
+  const int ctx0 = p.query_ctx ? p.query_ctx[t0] : p.context_lens[seq];
+  const int start = p.window > 0 ? max(0, ctx0 - p.window) : 0;  // query 0's window start: the smallest
+  const int end = ctx0 + nq - 1;                                  // the last query's context: the largest
+  const int first = start >> 4, chunks = max(((end + 15) >> 4) - first, 0);
+  const int per_split = ceil_div(chunks, p.splits);
+  const int ch0 = first + split * per_split, ch1 = min(first + chunks, ch0 + per_split);
+  const int lo = max(start, ch0 * 16), hi = min(end, ch1 * 16);  // the keys of this block
+  const int* table = p.block_tables + static_cast<long long>(seq) * p.table_stride;
+  // Masked keys read the row of key `lo` instead (written, finite), so no NaN of an unwritten slot can reach the
+  // MMA (0 * NaN in P.V); their scores are -inf, their P 0.
+  const long long safe_row =
+      lo < hi ? static_cast<long long>(table[lo / p.block_size]) * p.block_size + lo % p.block_size : 0;
+  const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache) + (static_cast<long long>(kvh) * D + c * (D / 4)) * kElem;
+  const uint8_t* v_base = static_cast<const uint8_t*>(p.v_cache) + (static_cast<long long>(kvh) * D + r * (D / 8)) * kElem;
+  const long long row_bytes = static_cast<long long>(p.kv_heads) * D * kElem;
+
+  // Keys each of this thread's columns (2c, 2c+1 of every n-tile) attends to: [col_lo, col_hi), empty for padding.
+  int col_lo[NT][2], col_hi[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = nt * 8 + 2 * c + h, j = col / G;
+      const bool used = col < kCols && j < nq;
+      col_lo[nt][h] = p.window > 0 ? max(lo, ctx0 + j - p.window) : lo;
+      col_hi[nt][h] = used ? min(hi, ctx0 + j) : lo;
+    }
+  }
+
+  // ---- Q^T as the B fragment of every k16 step: column r of each n-tile (zero where unused), dims
+  // c*D/4 + 4kk + {0,1} | {2,3}.
+  uint32_t qf[NT][kSteps][2];
+  float score_mul = p.scale_log2;  // raw MMA score -> log2 units (softcap off) or true q.k (softcap on)
+  {
+    uint32_t qw[NT][2 * kSteps];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int col = nt * 8 + r, j = col / G;
+      const bool used = col < kCols && j < nq;
+      const uint32_t* qp = reinterpret_cast<const uint32_t*>(
+          p.q + static_cast<long long>(used ? t0 + j : t0) * p.q_stride +
+          static_cast<long long>(kvh * G + (used ? col % G : 0)) * D + c * (D / 4));
+#pragma unroll
+      for (int i = 0; i < 2 * kSteps; ++i) qw[nt][i] = used ? __ldg(qp + i) : 0u;
+    }
+    if constexpr (FP8) {
+      float qmax = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2 * kSteps; ++i)
+          qmax = fmaxf(qmax, fmaxf(fabsf(__uint_as_float(qw[nt][i] << 16)),
+                                   fabsf(__uint_as_float(qw[nt][i] & 0xFFFF0000u))));
+      qmax = warp_max(qmax);
+      // 2^e with max|q| * 2^e in [2^14, 2^15): exponent field arithmetic, clamped far from f16/fp32 limits.
+      const int e = qmax > 0.f ? min(100, max(-100, 14 - (static_cast<int>(__float_as_uint(qmax) >> 23) - 127))) : 0;
+      const float qmul = __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
+      score_mul *= __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2 * kSteps; ++i)
+          qf[nt][i / 2][i % 2] = pack_f16x2(__uint_as_float(qw[nt][i] << 16) * qmul,
+                                            __uint_as_float(qw[nt][i] & 0xFFFF0000u) * qmul);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2 * kSteps; ++i) qf[nt][i / 2][i % 2] = qw[nt][i];
+    }
+  }
+
+  float m[NT][2], l[NT][2];  // columns 2c, 2c+1 of each n-tile; m finite: exp2(m_old - m_new) never NaN
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) m[nt][0] = m[nt][1] = -1e30f, l[nt][0] = l[nt][1] = 0.f;
+  int cv_exp = -1000;  // FP8: 2^cv_exp >= every V scale of this warp (-1000: none yet)
+  float o[NT][kSteps][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) o[nt][i][0] = o[nt][i][1] = o[nt][i][2] = o[nt][i][3] = 0.f;
+
+  for (int ch = ch0 + warp * TILES; ch < ch1; ch += kWarps * TILES) {
+    // ---- Fetch every K/V byte and scale of the step before any is used.
+    uint32_t kw[TILES][2][kKW], vw[TILES][4][kVW];
+    float ksc[TILES][2], vsc[TILES][2];
+#pragma unroll
+    for (int u = 0; u < TILES; ++u) {
+      const int tok0 = (ch + u) * 16;
+      const int page_tok = min(ch + u, ch1 - 1) * 16;  // a chunk past the split: any valid page, all masked
+      const long long row0 = static_cast<long long>(table[page_tok / p.block_size]) * p.block_size +
+                             page_tok % p.block_size;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int off = r + 8 * j, tok = tok0 + off;
+        const long long row = tok >= lo && tok < hi ? row0 + off : safe_row;
+        load_words(kw[u][j], k_base + row * row_bytes);
+        if constexpr (FP8) {
+          ksc[u][j] = ld_scale(p.k_scale + row * p.kv_heads + kvh);
+          vsc[u][j] = ld_scale(p.v_scale + row * p.kv_heads + kvh);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int off = 2 * c + (j & 1) + 8 * (j >> 1), tok = tok0 + off;
+        const long long row = tok >= lo && tok < hi ? row0 + off : safe_row;
+        load_words(vw[u][j], v_base + row * row_bytes);
+      }
+    }
+    // ---- S^T = K Q^T per chunk: each K fragment converted once, used by every n-tile.
+    float s[TILES][NT][4];
+#pragma unroll
+    for (int u = 0; u < TILES; ++u) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[u][nt][0] = s[u][nt][1] = s[u][nt][2] = s[u][nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kSteps; ++kk) {
+        uint32_t a[4];
+        if constexpr (FP8) {
+          a[0] = e4m3x2_to_f16x2(kw[u][0][kk]);
+          a[1] = e4m3x2_to_f16x2(kw[u][1][kk]);
+          a[2] = e4m3x2_to_f16x2(kw[u][0][kk] >> 16);
+          a[3] = e4m3x2_to_f16x2(kw[u][1][kk] >> 16);
+        } else {
+          a[0] = kw[u][0][2 * kk];
+          a[1] = kw[u][1][2 * kk];
+          a[2] = kw[u][0][2 * kk + 1];
+          a[3] = kw[u][1][2 * kk + 1];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16816<FP8>(s[u][nt], a, qf[nt][kk][0], qf[nt][kk][1]);
+      }
+    }
+    // ---- Scores in log2 units, masked per column; fragment j: key r + 8 (j / 2), column 2c + (j % 2).
+    float mx[NT][2], vmax = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mx[nt][0] = mx[nt][1] = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < TILES; ++u) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int tok = (ch + u) * 16 + r + 8 * (j >> 1);
+        if constexpr (FP8) {
+          if (j & 1) vmax = fmaxf(vmax, tok >= lo && tok < hi ? vsc[u][j >> 1] : 0.f);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float x = s[u][nt][j] * score_mul;
+          if constexpr (FP8) x *= ksc[u][j >> 1];
+          if (p.softcap > 0.f) x = p.softcap_out * tanhf(x * p.softcap_in);
+          s[u][nt][j] = tok >= col_lo[nt][j & 1] && tok < col_hi[nt][j & 1] ? x : -INFINITY;
+          mx[nt][j & 1] = fmaxf(mx[nt][j & 1], s[u][nt][j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int o_ = 4; o_ < 32; o_ <<= 1) {  // over the 8 lanes of a column (keys r); lanes of one r agree
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        mx[nt][0] = fmaxf(mx[nt][0], __shfl_xor_sync(0xffffffffu, mx[nt][0], o_));
+        mx[nt][1] = fmaxf(mx[nt][1], __shfl_xor_sync(0xffffffffu, mx[nt][1], o_));
+      }
+      if constexpr (FP8) vmax = fmaxf(vmax, __shfl_xor_sync(0xffffffffu, vmax, o_));
+    }
+    float alpha[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m_new = fmaxf(m[nt][h], mx[nt][h]);
+        alpha[nt][h] = exp2f(m[nt][h] - m_new);
+        m[nt][h] = m_new;
+        l[nt][h] *= alpha[nt][h];
+      }
+    }
+    float inv_cv = 1.f;
+    if constexpr (FP8) {
+      // Warp-uniform: a larger V scale moves cv to the next power of two above it, an exact rescale of O.
+      const uint32_t vbits = __float_as_uint(vmax);
+      const int next_exp = static_cast<int>(vbits >> 23) - 127 + ((vbits & 0x007FFFFFu) != 0u);
+      if (vmax > 0.f && next_exp > cv_exp) {
+        const int d = cv_exp - next_exp;
+        const float beta = d < -126 ? 0.f : __uint_as_float(static_cast<uint32_t>(127 + d) << 23);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) alpha[nt][0] *= beta, alpha[nt][1] *= beta;
+        cv_exp = next_exp;
+      }
+      inv_cv = cv_exp > -200 ? __uint_as_float(static_cast<uint32_t>(127 - cv_exp) << 23) : 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < kSteps; ++i) {
+        o[nt][i][0] *= alpha[nt][0];
+        o[nt][i][1] *= alpha[nt][1];
+        o[nt][i][2] *= alpha[nt][0];
+        o[nt][i][3] *= alpha[nt][1];
+      }
+    }
+    // ---- P (times vs / cv), transposed into B fragments, and O^T += V^T P^T per chunk: each V fragment converted
+    // once, used by every n-tile.
+#pragma unroll
+    for (int u = 0; u < TILES; ++u) {
+      uint32_t b0[NT], b1[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float pr[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          pr[j] = exp2f(s[u][nt][j] - m[nt][j & 1]);
+          l[nt][j & 1] += pr[j];
+          if constexpr (FP8) pr[j] *= vsc[u][j >> 1] * inv_cv;
+        }
+        if constexpr (FP8) {
+          b0[nt] = transpose8x8(pack_f16x2(pr[0], pr[1]));
+          b1[nt] = transpose8x8(pack_f16x2(pr[2], pr[3]));
+        } else {
+          b0[nt] = transpose8x8(pack_bf16x2(pr[0], pr[1]));
+          b1[nt] = transpose8x8(pack_bf16x2(pr[2], pr[3]));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kSteps; ++i) {
+        uint32_t a[4];
+        if constexpr (FP8) {  // dims r*D/8 + 2i (row r) and + 1 (row r + 8) of keys (2c, 2c+1), (2c+8, 2c+9)
+          const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
+          const uint32_t z01 = __byte_perm(vw[u][0][i / 2], vw[u][1][i / 2], sel);
+          const uint32_t z23 = __byte_perm(vw[u][2][i / 2], vw[u][3][i / 2], sel);
+          a[0] = e4m3x2_to_f16x2(z01);
+          a[1] = e4m3x2_to_f16x2(z01 >> 16);
+          a[2] = e4m3x2_to_f16x2(z23);
+          a[3] = e4m3x2_to_f16x2(z23 >> 16);
+        } else {
+          a[0] = __byte_perm(vw[u][0][i], vw[u][1][i], 0x5410u);
+          a[1] = __byte_perm(vw[u][0][i], vw[u][1][i], 0x7632u);
+          a[2] = __byte_perm(vw[u][2][i], vw[u][3][i], 0x5410u);
+          a[3] = __byte_perm(vw[u][2][i], vw[u][3][i], 0x7632u);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16816<FP8>(o[nt][i], a, b0[nt], b1[nt]);
+      }
+    }
+  }
+
+  // ---- Merge the warps: l summed over the lanes of a column, common max through shared memory.
+#pragma unroll
+  for (int o_ = 4; o_ < 32; o_ <<= 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      l[nt][0] += __shfl_xor_sync(0xffffffffu, l[nt][0], o_);
+      l[nt][1] += __shfl_xor_sync(0xffffffffu, l[nt][1], o_);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (r == 0 && nt * 8 + 2 * c + h < kCols) red_m[warp][nt * 8 + 2 * c + h] = m[nt][h];
+  __syncthreads();
+  const float cv = FP8 && cv_exp > -200 ? __uint_as_float(static_cast<uint32_t>(127 + cv_exp) << 23) : (FP8 ? 0.f : 1.f);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = nt * 8 + 2 * c + h;
+      if (col < kCols) {
+        float mx = -1e30f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w][col]);
+        const float f = exp2f(m[nt][h] - mx);
+        if (r == 0) red_l[warp][col] = l[nt][h] * f;
+        const float fo = f * cv;
+#pragma unroll
+        for (int i = 0; i < kSteps; ++i)
+          *reinterpret_cast<float2*>(&red_acc[warp][col][r * (D / 8) + 2 * i]) =
+              make_float2(o[nt][i][h] * fo, o[nt][i][2 + h] * fo);
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kCols * D; i += kAttnThreads) {
+    const int col = i / D, d = i % D, j = col / G;
+    if (j >= nq) continue;
+    float a = 0.f, lsum = 0.f, mx = -1e30f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      a += red_acc[w][col][d];
+      lsum += red_l[w][col];
+      mx = fmaxf(mx, red_m[w][col]);
+    }
+    const long long t = t0 + j;
+    const int head = kvh * G + col % G;
+    const float out = lsum > 0.f ? a / lsum : 0.f;
+    if (p.splits == 1) {
+      p.out[(t * p.heads + head) * D + d] = __float2bfloat16_rn(out);
+    } else {
+      const long long row = (t * p.heads + head) * p.splits + split;
+      p.part_out[row * D + d] = out;
+      if (d == 0) p.part_lse[row] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
+    }
+  }
+  if constexpr (QT == 1) {
+    if (p.splits > 1 && p.counters != nullptr) merge_splits_in_last_block<D, G>(p, t0, kvh);
+  }
 }
 
-// Instantiations: head_dim 64 / 128 / 256 x heads per KV head 1, 2, 4, 8 x (FP8, bf16). VPL keeps G * VPL <= 64
-// registers of q and of the accumulator.
-template <bool FP8>
-static int dispatch_attention(const AttnParams& p, int tokens, int head_dim, int group, cudaStream_t stream) {
+// Combine the splits of one (token, head): weights 2^(lse_s - max) over the normalised partial outputs. 512 threads:
+// each split's weight computed once (shared memory), the sum over splits cut into 512 / D interleaved groups of
+// threads so that many partial rows are in flight at once (a serial loop over 64 splits would be 64 L2 round trips);
+// every reduction in a fixed order (deterministic).
+constexpr int kMergeThreads = 512;
+
+template <int D>
+__global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const float* __restrict__ part_out,
+                                                                     const float* __restrict__ part_lse,
+                                                                     __nv_bfloat16* __restrict__ out, int splits) {
+  constexpr int kGroups = kMergeThreads / D, kWarps = kMergeThreads / 32;
+  extern __shared__ float weight[];  // [splits]
+  __shared__ float red_max[kWarps], red_sum[kWarps];
+  __shared__ float partial[kGroups][D];
+  const long long row = blockIdx.x;  // t * H + head
+  const float* lse = part_lse + row * splits;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float mx = -INFINITY;
+  for (int s = tid; s < splits; s += kMergeThreads) mx = fmaxf(mx, lse[s]);
+  mx = warp_max(mx);
+  if (lane == 0) red_max[warp] = mx;
+  __syncthreads();
+  mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_max[w]);
+  float den = 0.f;
+  for (int s = tid; s < splits; s += kMergeThreads) {
+    const float w = lse[s] == -INFINITY ? 0.f : exp2f(lse[s] - mx);
+    weight[s] = w;
+    den += w;
+  }
+  den = warp_sum(den);
+  if (lane == 0) red_sum[warp] = den;
+  __syncthreads();
+  const int d = tid % D, g = tid / D;
+  const float* src = part_out + row * splits * D + d;
+  float num = 0.f;
+#pragma unroll 8
+  for (int s = g; s < splits; s += kGroups) num += weight[s] * src[static_cast<long long>(s) * D];
+  partial[g][d] = num;
+  __syncthreads();
+  if (g == 0) {
+    den = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) den += red_sum[w];
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < kGroups; ++k) total += partial[k][d];
+    out[row * D + d] = __float2bfloat16_rn(den > 0.f ? total / den : 0.f);
+  }
+}
+
+static int merge_splits(const AttnParams& p, int tokens, int head_dim, cudaStream_t stream) {
+  if (p.splits == 1) return kOk;
+  const int rows = tokens * p.heads;
+  const size_t smem = static_cast<size_t>(p.splits) * sizeof(float);
+  if (head_dim == 64) merge_splits_kernel<64><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
+  if (head_dim == 128) merge_splits_kernel<128><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
+  if (head_dim == 256) merge_splits_kernel<256><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+// Which decode-attention kernel runs (attention_set_variant, for measurements): 0 = the default per shape (tensor
+// cores wherever instantiated and block_size % 16 == 0, else v2), 1 = v2 (CUDA cores), 2 = tensor cores with the
+// other chunks per warp step (head_dim 128: 2 for FP8, 1 for bf16, instead of 4 and 2; measured slower in device
+// run 2), 3 = the default with the splits merged by the last block (in-kernel, counters) instead of a merge kernel.
+static int g_attention_variant = 0;
+
+bool attention_fused_merge() { return g_attention_variant == 3; }
+
+void attention_set_variant(int variant) { g_attention_variant = variant; }
+
+// The kernel a shape runs, as a visit: `op.template mma<D, G, TILES, FP8>()` or `op.template v2<D, G, VPL, FP8>()`.
+// Tensor cores: chunks of 16 keys per warp step so that about 256 bytes of raw K/V per thread are in flight
+// (64 registers); bf16 head_dim 256 would need ~300 registers and stays on v2.
+template <bool FP8, class Op>
+static int visit_attention(int head_dim, int group, int block_size, Op&& op) {
+  const int variant = g_attention_variant;
+  if (variant != 1 && block_size % 16 == 0) {
+#define ADAQ_ATTN_MMA(DIM, GRP, TILES) \
+  if (head_dim == DIM && group == GRP) return op.template mma<DIM, GRP, TILES, FP8>();
+#define ADAQ_ATTN_MMA_G(DIM, TILES) \
+  ADAQ_ATTN_MMA(DIM, 1, TILES) ADAQ_ATTN_MMA(DIM, 2, TILES) ADAQ_ATTN_MMA(DIM, 4, TILES) ADAQ_ATTN_MMA(DIM, 8, TILES)
+    if (variant == 2) {
+      ADAQ_ATTN_MMA_G(128, FP8 ? 2 : 1)
+    }
+    ADAQ_ATTN_MMA_G(64, FP8 ? 4 : 1)
+    ADAQ_ATTN_MMA_G(128, FP8 ? 4 : 2)
+    if constexpr (FP8) {
+      ADAQ_ATTN_MMA_G(256, 1)
+    }
+#undef ADAQ_ATTN_MMA_G
+#undef ADAQ_ATTN_MMA
+  }
+  // v2: head_dim 64 / 128 / 256 x heads per KV head 1, 2, 4, 8; VPL keeps G * VPL <= 64 registers of q and of the
+  // accumulator.
 #define ADAQ_ATTN(DIM, GRP, VPL) \
-  if (head_dim == DIM && group == GRP) return launch_attention<DIM, GRP, VPL, FP8>(p, tokens, stream);
+  if (head_dim == DIM && group == GRP) return op.template v2<DIM, GRP, VPL, FP8>();
   ADAQ_ATTN(64, 1, 16) ADAQ_ATTN(64, 2, 16) ADAQ_ATTN(64, 4, 16) ADAQ_ATTN(64, 8, 8)
   ADAQ_ATTN(128, 1, 16) ADAQ_ATTN(128, 2, 16) ADAQ_ATTN(128, 4, 16) ADAQ_ATTN(128, 8, 8)
   ADAQ_ATTN(256, 1, 16) ADAQ_ATTN(256, 2, 16) ADAQ_ATTN(256, 4, 16) ADAQ_ATTN(256, 8, 8)
@@ -329,14 +854,133 @@ static int dispatch_attention(const AttnParams& p, int tokens, int head_dim, int
   return kUnsupportedShape;
 }
 
-// Splits so that tokens x kv_heads x splits covers the GPU about twice, each split keeping >= 64 keys.
-int attention_splits(int tokens, int kv_heads, int max_context) {
+template <int G, bool FP8>
+constexpr int v2_tokens_per_step() { return FP8 && G < 8 ? 8 : 4; }
+
+struct LaunchAttention {
+  const AttnParams& p;
+  int tokens;
+  cudaStream_t stream;
+  template <int D, int G, int TILES, bool FP8>
+  int mma() const {
+    paged_attention_mma_kernel<D, G, TILES, FP8><<<dim3(p.splits, p.kv_heads, tokens), kAttnThreads, 0, stream>>>(p);
+    if (cudaGetLastError() != cudaSuccess) return kCudaError;
+    return p.counters != nullptr ? kOk : merge_splits(p, tokens, D, stream);
+  }
+  template <int D, int G, int VPL, bool FP8>
+  int v2() const {
+    AttnParams q = p;
+    q.counters = nullptr;  // v2 has no in-kernel merge
+    paged_attention_kernel<D, G, VPL, v2_tokens_per_step<G, FP8>(), FP8>
+        <<<dim3(q.splits, q.kv_heads, tokens), kAttnThreads, 0, stream>>>(q);
+    return cudaGetLastError() == cudaSuccess ? merge_splits(q, tokens, D, stream) : kCudaError;
+  }
+};
+
+// What the split planner needs of a kernel: its function (for the occupancy query) and the keys one block
+// consumes per round of its warps.
+struct AttentionKernelInfo {
+  const void* fn = nullptr;
+  int round_keys = 0;
+  bool tensor_cores = false;
+  template <int D, int G, int TILES, bool FP8>
+  int mma() {
+    fn = reinterpret_cast<const void*>(paged_attention_mma_kernel<D, G, TILES, FP8>);
+    round_keys = (kAttnThreads / 32) * TILES * 16;
+    tensor_cores = true;
+    return kOk;
+  }
+  template <int D, int G, int VPL, bool FP8>
+  int v2() {
+    fn = reinterpret_cast<const void*>(paged_attention_kernel<D, G, VPL, v2_tokens_per_step<G, FP8>(), FP8>);
+    round_keys = 64;
+    return kOk;
+  }
+};
+
+// Prefill over the cache: QT consecutive queries of a sequence per block (16 / G for head_dim <= 128: two n-tiles of
+// 8 columns; 8 / G for 256: one), so each K/V chunk is read and converted once per QT queries instead of once per
+// query. bf16 head_dim 256 is not instantiated (per-query decode kernel instead).
+template <bool FP8, class Op>
+static int visit_prefill(int head_dim, int group, int block_size, Op&& op) {
+  if (g_attention_variant == 1 || block_size % 16 != 0) return kUnsupportedShape;
+#define ADAQ_ATTN_PF(DIM, GRP, TILES, QT) \
+  if (head_dim == DIM && group == GRP) return op.template prefill<DIM, GRP, TILES, FP8, QT>();
+  ADAQ_ATTN_PF(64, 1, FP8 ? 2 : 1, 16) ADAQ_ATTN_PF(64, 2, FP8 ? 2 : 1, 8)
+  ADAQ_ATTN_PF(64, 4, FP8 ? 2 : 1, 4) ADAQ_ATTN_PF(64, 8, FP8 ? 2 : 1, 2)
+  ADAQ_ATTN_PF(128, 1, FP8 ? 2 : 1, 16) ADAQ_ATTN_PF(128, 2, FP8 ? 2 : 1, 8)
+  ADAQ_ATTN_PF(128, 4, FP8 ? 2 : 1, 4) ADAQ_ATTN_PF(128, 8, FP8 ? 2 : 1, 2)
+  if constexpr (FP8) {
+    ADAQ_ATTN_PF(256, 1, 1, 8) ADAQ_ATTN_PF(256, 2, 1, 4) ADAQ_ATTN_PF(256, 4, 1, 2)
+  }
+#undef ADAQ_ATTN_PF
+  return kUnsupportedShape;
+}
+
+struct LaunchPrefill {
+  const AttnParams& p;
+  int blocks;
+  cudaStream_t stream;
+  template <int D, int G, int TILES, bool FP8, int QT>
+  int prefill() const {
+    AttnParams q = p;
+    q.counters = nullptr;
+    paged_attention_mma_kernel<D, G, TILES, FP8, QT><<<dim3(q.splits, q.kv_heads, blocks), kAttnThreads, 0, stream>>>(q);
+    return cudaGetLastError() == cudaSuccess ? merge_splits(q, p.tokens_total, D, stream) : kCudaError;
+  }
+};
+
+struct PrefillBlockTokens {
+  template <int D, int G, int TILES, bool FP8, int QT>
+  int prefill() const { return QT; }
+};
+
+int attention_prefill_block_tokens(int head_dim, int group, bool fp8, int block_size) {
+  const int qt = fp8 ? visit_prefill<true>(head_dim, group, block_size, PrefillBlockTokens{})
+                     : visit_prefill<false>(head_dim, group, block_size, PrefillBlockTokens{});
+  return qt == kUnsupportedShape ? 0 : qt;
+}
+
+// Resident blocks per SM of a kernel, asked once per kernel (host-side cache: no CUDA call per decode step).
+static int blocks_per_sm(const void* fn) {
+  static const void* keys[64];
+  static int values[64];
+  static int used = 0;
+  for (int i = 0; i < used; ++i)
+    if (keys[i] == fn) return values[i];
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kAttnThreads, 0) != cudaSuccess || n < 1) n = 1;
+  if (used < 64) {
+    keys[used] = fn;
+    values[used++] = n;
+  }
+  return n;
+}
+
+// Splits of the context per (query token, KV head). Tensor-core kernel: at most one wave of resident blocks (slots
+// from the occupancy API), the fewest splits with the fewest rounds of chunks per block, so that at batch 1 every
+// K/V byte is requested at the start; v2: about two blocks per SM, >= 64 keys each.
+int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, bool fp8, int block_size) {
   int sms = 0, dev = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int want = ceil_div(2 * sms, tokens * kv_heads);
-  const int cap = ceil_div(max_context, 64);
-  int s = want < cap ? want : cap;
+  AttentionKernelInfo info;
+  const int status = fp8 ? visit_attention<true>(head_dim, group, block_size, info)
+                         : visit_attention<false>(head_dim, group, block_size, info);
+  const int work = tokens * kv_heads;
+  int s;
+  if (status != kOk || !info.tensor_cores) {
+    s = min(ceil_div(2 * sms, work), ceil_div(max_context, 64));
+  } else {
+    // Up to one wave of resident blocks (more splits than that only add partial rows to merge), the fewest splits
+    // that reach the fewest rounds of chunks per block: batch 1 gets one round (every byte requested at once),
+    // batches that fill the GPU alone get one split.
+    const int slots = sms * blocks_per_sm(info.fn);
+    const int cap = max(1, min(ceil_div(max_context, info.round_keys), slots / work));
+    const int rounds = ceil_div(max_context, cap * info.round_keys);
+    const int best = ceil_div(max_context, rounds * info.round_keys);
+    s = best;
+  }
   return s < 1 ? 1 : s;
 }
 
@@ -344,7 +988,8 @@ int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_ca
                     const float* k_scale, const float* v_scale, bool fp8, const int* block_tables, int table_stride,
                     const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
                     float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
-                    int block_size, int splits, int window, float scale, float softcap, cudaStream_t stream) {
+                    int block_size, int splits, int window, float scale, float softcap, int* counters,
+                    int num_counters, const int* query_blocks, int num_query_blocks, cudaStream_t stream) {
   if (tokens == 0) return kOk;
   if (kv_heads < 1 || heads % kv_heads != 0 || splits < 1) return kUnsupportedShape;
   AttnParams p{};
@@ -353,10 +998,22 @@ int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_ca
   p.query_seq = query_seq; p.query_ctx = query_ctx; p.out = out; p.part_out = part_out; p.part_lse = part_lse;
   p.block_size = block_size; p.kv_heads = kv_heads; p.heads = heads; p.splits = splits; p.window = window;
   p.softcap = softcap; p.scale = scale;
+  p.softcap_in = softcap > 0.f ? scale / softcap : 0.f;
+  p.softcap_out = softcap * kLog2e;
+  p.counters = attention_fused_merge() && counters != nullptr && tokens * kv_heads <= num_counters ? counters : nullptr;
   p.scale_log2 = softcap > 0.f ? 1.f : scale * kLog2e;
+  p.tokens_total = tokens;
+  p.query_blocks = query_blocks;
   const int group = heads / kv_heads;
-  return fp8 ? dispatch_attention<true>(p, tokens, head_dim, group, stream)
-             : dispatch_attention<false>(p, tokens, head_dim, group, stream);
+  if (query_blocks != nullptr) {
+    if (num_query_blocks < 1) return kOk;
+    const LaunchPrefill launch{p, num_query_blocks, stream};
+    return fp8 ? visit_prefill<true>(head_dim, group, block_size, launch)
+               : visit_prefill<false>(head_dim, group, block_size, launch);
+  }
+  const LaunchAttention launch{p, tokens, stream};
+  return fp8 ? visit_attention<true>(head_dim, group, block_size, launch)
+             : visit_attention<false>(head_dim, group, block_size, launch);
 }
 
 }  // namespace adaq

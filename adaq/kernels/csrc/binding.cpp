@@ -18,18 +18,24 @@ int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const voi
                        int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
                        const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
                        int splits_override, cudaStream_t stream);
+int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream);
 int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
              void* k_cache, void* v_cache, float* k_scale, float* v_scale, const long long* slots, int tokens,
              int kv_heads, int head_dim, bool fp8, cudaStream_t stream);
-int attention_splits(int tokens, int kv_heads, int max_context);
+int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, bool fp8, int block_size);
+void attention_set_variant(int variant);
 int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_cache, const void* v_cache,
                     const float* k_scale, const float* v_scale, bool fp8, const int* block_tables, int table_stride,
                     const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
                     float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
-                    int block_size, int splits, int window, float scale, float softcap, cudaStream_t stream);
+                    int block_size, int splits, int window, float scale, float softcap, int* counters,
+                    int num_counters, const int* query_blocks, int num_query_blocks, cudaStream_t stream);
+int attention_prefill_block_tokens(int head_dim, int group, bool fp8, int block_size);
 int rms_norm(const __nv_bfloat16* x, long long outer_stride, long long inner_stride, int inner,
              const __nv_bfloat16* w, __nv_bfloat16* y, int rows, int dim, float eps, bool unit_offset,
              cudaStream_t stream);
+int add_rms_norm(const __nv_bfloat16* x, const __nv_bfloat16* delta, const __nv_bfloat16* w, __nv_bfloat16* sum,
+                 __nv_bfloat16* y, int rows, int dim, float eps, bool unit_offset, cudaStream_t stream);
 int gated_activation(const __nv_bfloat16* x, long long ldx, __nv_bfloat16* y, int rows, int inter, int kind,
                      cudaStream_t stream);
 int rotary(const __nv_bfloat16* q, const __nv_bfloat16* k, __nv_bfloat16* q_out, __nv_bfloat16* k_out,
@@ -37,6 +43,9 @@ int rotary(const __nv_bfloat16* q, const __nv_bfloat16* k, __nv_bfloat16* q_out,
            cudaStream_t stream);
 int router_topk(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
                 __nv_bfloat16* weights, int* ids, cudaStream_t stream);
+int moe_route(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
+              __nv_bfloat16* weights, int* ids, int* group_offsets, int* group_expert, int* row_ids, int* num_groups,
+              cudaStream_t stream);
 int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* group_expert, int* row_ids,
               int* num_groups, cudaStream_t stream);
 int moe_combine(const __nv_bfloat16* y, const __nv_bfloat16* w, const int* ids, __nv_bfloat16* out, int tokens,
@@ -138,15 +147,36 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 
 void gemm_set_variant(int64_t variant) { adaq::nvfp4_gemm_set_variant(variant); }
 
-int64_t attention_splits(int64_t tokens, int64_t kv_heads, int64_t max_context) {
-  return adaq::attention_splits(tokens, kv_heads, max_context);
+// wq/ws as layout.PackedNVFP4 holds them -> out (bf16, >= n*k elements, 16-byte aligned) as a row-major [n, k]
+// matrix of e2m1 x block_scale (exact; 1/global_scale not applied).
+void gemm_dequantize(torch::Tensor wq, torch::Tensor ws, torch::Tensor out, int64_t n, int64_t k) {
+  ADAQ_CHECK_CUDA(wq);
+  ADAQ_CHECK_CUDA(ws);
+  ADAQ_CHECK_BF16(out);
+  TORCH_CHECK(out.numel() >= n * k && out.is_contiguous(), "gemm_dequantize: out must hold ", n * k, " elements");
+  TORCH_CHECK(wq.numel() >= ((n + 15) / 16) * ((k + 127) / 128) * 1024, "gemm_dequantize: wq too small for [", n, ", ", k, "]");
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int status = adaq::nvfp4_dequantize(wq.data_ptr(), ws.data_ptr(), out.data_ptr(), n, k, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_dequantize N=" + std::to_string(n) + " K=" + std::to_string(k));
+}
+
+void attention_set_variant(int64_t variant) { adaq::attention_set_variant(variant); }
+
+int64_t attention_prefill_block_tokens(int64_t head_dim, int64_t group, bool fp8, int64_t block_size) {
+  return adaq::attention_prefill_block_tokens(head_dim, group, fp8, block_size);
+}
+
+int64_t attention_splits(int64_t tokens, int64_t kv_heads, int64_t max_context, int64_t head_dim, int64_t group,
+                         bool fp8, int64_t block_size) {
+  return adaq::attention_splits(tokens, kv_heads, max_context, head_dim, group, fp8, block_size);
 }
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                               torch::Tensor block_tables, torch::Tensor context_lens,
                               c10::optional<torch::Tensor> query_seq, c10::optional<torch::Tensor> query_ctx,
-                              int64_t splits, int64_t window, double scale, double softcap) {
+                              int64_t splits, int64_t window, double scale, double softcap,
+                              c10::optional<torch::Tensor> counters, c10::optional<torch::Tensor> query_blocks) {
   ADAQ_CHECK_BF16(q);
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, H, D] with dense heads");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: [blocks, bs, Hkv, D]");
@@ -154,6 +184,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
               "block_tables and context_lens must be int32");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
+  TORCH_CHECK(!query_blocks || (query_blocks->scalar_type() == at::kInt && query_blocks->dim() == 2 &&
+                                query_blocks->size(1) == 3 && query_blocks->is_contiguous() && query_ctx),
+              "query_blocks must be int32 [blocks, 3] (sequence, first token, count), with query_ctx");
   const c10::cuda::CUDAGuard guard(q.device());
   const int T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   auto out = torch::empty({T, H, D}, q.options());
@@ -168,6 +201,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       context_lens.data_ptr<int>(), query_seq ? query_seq->data_ptr<int>() : nullptr,
       query_ctx ? query_ctx->data_ptr<int>() : nullptr, bf16_mut(out), splits > 1 ? part_out.data_ptr<float>() : nullptr,
       splits > 1 ? part_lse.data_ptr<float>() : nullptr, T, H, Hkv, D, k_cache.size(1), splits, window, scale, softcap,
+      counters ? counters->data_ptr<int>() : nullptr, counters ? static_cast<int>(counters->numel()) : 0,
+      query_blocks ? query_blocks->data_ptr<int>() : nullptr, query_blocks ? static_cast<int>(query_blocks->size(0)) : 0,
       stream());
   ADAQ_CHECK_STATUS(status, "paged_attention heads=" + std::to_string(H) + " kv_heads=" + std::to_string(Hkv) +
                                 " head_dim=" + std::to_string(D));
@@ -188,6 +223,25 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, bool unit_o
                                     rows, dim, eps, unit_offset, stream());
   ADAQ_CHECK_STATUS(status, "rms_norm dim=" + std::to_string(dim));
   return y;
+}
+
+// (x + delta, norm(x + delta)): the residual stream's add fused into the next norm.
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor delta, torch::Tensor w, double eps,
+                                        bool unit_offset) {
+  ADAQ_CHECK_BF16(x);
+  ADAQ_CHECK_BF16(delta);
+  ADAQ_CHECK_BF16(w);
+  TORCH_CHECK(x.is_contiguous() && delta.is_contiguous() && x.sizes() == delta.sizes(),
+              "add_rms_norm needs contiguous x and delta of one shape");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int dim = x.size(-1);
+  TORCH_CHECK(w.numel() == dim, "add_rms_norm: x [.., ", dim, "] and weight [", dim, "]");
+  auto sum = torch::empty_like(x);
+  auto y = torch::empty_like(x);
+  const int status = adaq::add_rms_norm(bf16_ptr(x), bf16_ptr(delta), bf16_ptr(w), bf16_mut(sum), bf16_mut(y),
+                                        x.numel() / dim, dim, eps, unit_offset, stream());
+  ADAQ_CHECK_STATUS(status, "add_rms_norm dim=" + std::to_string(dim));
+  return {sum, y};
 }
 
 torch::Tensor gated_activation(torch::Tensor x, int64_t kind) {
@@ -243,6 +297,25 @@ std::vector<torch::Tensor> moe_align(torch::Tensor ids, int64_t experts, int64_t
   return {offsets, group_expert, row_ids, num_groups};
 }
 
+// Router top-k and grouping by expert in one launch: {weights, ids, offsets, group_expert, row_ids, num_groups}.
+std::vector<torch::Tensor> moe_route(torch::Tensor logits, int64_t top_k, bool renormalize, int64_t max_groups) {
+  ADAQ_CHECK_BF16(logits);
+  logits = logits.contiguous();
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int T = logits.size(0), E = logits.size(1);
+  auto weights = torch::empty({T, top_k}, logits.options());
+  auto opts = logits.options().dtype(at::kInt);
+  auto ids = torch::empty({T, top_k}, opts);
+  auto offsets = torch::empty({max_groups + 1}, opts), group_expert = torch::empty({max_groups}, opts);
+  auto row_ids = torch::empty({T * top_k}, opts), num_groups = torch::empty({1}, opts);
+  const int status = adaq::moe_route(bf16_ptr(logits), T, E, top_k, renormalize, bf16_mut(weights), ids.data_ptr<int>(),
+                                     offsets.data_ptr<int>(), group_expert.data_ptr<int>(), row_ids.data_ptr<int>(),
+                                     num_groups.data_ptr<int>(), stream());
+  ADAQ_CHECK_STATUS(status, "moe_route tokens=" + std::to_string(T) + " experts=" + std::to_string(E) +
+                                " top_k=" + std::to_string(top_k));
+  return {weights, ids, offsets, group_expert, row_ids, num_groups};
+}
+
 torch::Tensor moe_combine(torch::Tensor y, torch::Tensor w, torch::Tensor ids) {
   ADAQ_CHECK_BF16(y);
   ADAQ_CHECK_BF16(w);
@@ -261,13 +334,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm);
   m.def("gemm_set_variant", &gemm_set_variant);
   m.def("gemm_grouped", &gemm_grouped);
+  m.def("gemm_dequantize", &gemm_dequantize);
   m.def("store_kv", &store_kv);
   m.def("attention_splits", &attention_splits);
+  m.def("attention_set_variant", &attention_set_variant);
+  m.def("attention_prefill_block_tokens", &attention_prefill_block_tokens);
   m.def("paged_attention", &paged_attention);
   m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
   m.def("gated_activation", &gated_activation);
   m.def("rotary", &rotary);
   m.def("router_topk", &router_topk);
   m.def("moe_align", &moe_align);
+  m.def("moe_route", &moe_route);
   m.def("moe_combine", &moe_combine);
 }

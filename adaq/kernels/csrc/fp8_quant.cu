@@ -69,11 +69,20 @@ __global__ void quantize_rows_kernel(
   if (threadIdx.x == 0) row_scale[row] = scale;
 }
 
-// E2M1 code (low 3 bits: magnitude index, bit 3: sign) -> float.
-__device__ __forceinline__ float e2m1_value(uint32_t code) {
+// E2M1 magnitude index (0..7) -> float.
+__device__ __forceinline__ float e2m1_magnitude(int index) {
   constexpr float kGrid[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-  const float v = kGrid[code & 7u];
-  return (code & 8u) ? -v : v;
+  return kGrid[index];
+}
+
+// Four E2M1 codes (the nibbles of `codes16`, first value lowest) -> four E4M3 bytes through the block's table of
+// the eight magnitudes (bytes 0..7 of lut_lo:lut_hi): one byte permute selects them, the sign bits (bit 3 of each
+// nibble) move to bit 7 of each byte. RNE and the clamp are symmetric, so e4m3(-v) = 0x80 | e4m3(v), -0 included.
+__device__ __forceinline__ uint32_t expand4(uint32_t codes16, uint32_t lut_lo, uint32_t lut_hi) {
+  const uint32_t magnitudes = __byte_perm(lut_lo, lut_hi, codes16 & 0x7777u);
+  const uint32_t signs = ((codes16 & 0x8u) << 4) | ((codes16 & 0x80u) << 8) | ((codes16 & 0x800u) << 12) |
+                         ((codes16 & 0x8000u) << 16);
+  return magnitudes | signs;
 }
 
 // NVFP4 -> E4M3 with one scale per output channel (one block per row n):
@@ -81,6 +90,9 @@ __device__ __forceinline__ float e2m1_value(uint32_t code) {
 //   col_scale[n] = (c / global_scale) * 2^-6.
 // Per-16 block scales cannot be applied inside Ada's m16n8k32 FP8 MMA (one instruction spans two blocks), so they
 // are folded into the E4M3 values; the only error is the E4M3 rounding of e2m1 * ratio (docs/KERNELS.md).
+// A 16-value block has one factor, so only its 8 magnitudes are converted (exact fp32 product, exact RNE
+// conversion) into an 8-byte table; the 16 values are then table lookups (byte permutes): the kernel stays
+// bytes-bound instead of spending ~30 instructions per value on the conversion.
 __global__ void expand_nvfp4_kernel(
     const uint8_t* __restrict__ packed,       // [N, K/2] two E2M1 codes per byte, element 2j in the low nibble
     const uint8_t* __restrict__ block_scale,  // [N, K/16] e4m3 block scales
@@ -99,20 +111,16 @@ __global__ void expand_nvfp4_kernel(
   // One thread per 16-value block: 8 packed bytes in, 16 E4M3 bytes out as one 16-byte store.
   for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
     const float factor = __fdiv_rn(e4m3x2_to_float2(scales[b]).x, safe) * kWeightHeadroom;
-    const uint2 codes = *reinterpret_cast<const uint2*>(packed + row * (k / 2) + b * 8);
-    uint32_t words[4];
+    uint32_t lut_lo = 0, lut_hi = 0;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const uint32_t src = (w < 2 ? codes.x : codes.y) >> ((w & 1) * 16);  // 4 codes (2 bytes) per output word
-      uint32_t word = 0;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float v = __fmul_rn(e2m1_value((src >> (4 * j)) & 0xFu), factor);
-        word |= static_cast<uint32_t>(float_to_e4m3_exact(v)) << (8 * j);
-      }
-      words[w] = word;
+    for (int i = 0; i < 4; ++i) {
+      lut_lo |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(i), factor))) << (8 * i);
+      lut_hi |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(4 + i), factor))) << (8 * i);
     }
-    *reinterpret_cast<uint4*>(out + row * k + b * 16) = make_uint4(words[0], words[1], words[2], words[3]);
+    const uint2 codes = *reinterpret_cast<const uint2*>(packed + row * (k / 2) + b * 8);
+    const uint4 words = make_uint4(expand4(codes.x & 0xFFFFu, lut_lo, lut_hi), expand4(codes.x >> 16, lut_lo, lut_hi),
+                                   expand4(codes.y & 0xFFFFu, lut_lo, lut_hi), expand4(codes.y >> 16, lut_lo, lut_hi));
+    *reinterpret_cast<uint4*>(out + row * k + b * 16) = words;
   }
   if (threadIdx.x == 0) col_scale[row] = __fmul_rn(__fdiv_rn(cmax, *global_scale), 1.f / kWeightHeadroom);
 }

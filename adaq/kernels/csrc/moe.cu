@@ -9,11 +9,12 @@ constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 16;
 
 // One warp per token: softmax in fp32 over E logits, then top_k rounds of warp argmax (ties: lowest expert, as
-// torch.topk returns them), renormalised in fp32 when asked, weights rounded to bf16 like the reference.
-__global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int tokens, int experts, int top_k,
-                                   bool renormalize, __nv_bfloat16* __restrict__ weights, int* __restrict__ ids) {
-  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (t >= tokens) return;
+// torch.topk returns them), renormalised in fp32 when asked, weights rounded to bf16 like the reference. ids_copy
+// (optional) receives the token's expert ids too (the fused route kernel's shared-memory copy).
+__device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ logits, int t, int experts, int top_k,
+                                            bool renormalize, __nv_bfloat16* __restrict__ weights,
+                                            int* __restrict__ ids, int* ids_copy) {
+  const int lane = threadIdx.x & 31;
   constexpr int kPerLane = kMaxExperts / 32;
   float p[kPerLane];
   float mx = -INFINITY;
@@ -60,14 +61,24 @@ __global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int
       const float w = renormalize ? chosen_w[j] / total : chosen_w[j];
       weights[static_cast<long long>(t) * top_k + j] = __float2bfloat16_rn(w);
       ids[static_cast<long long>(t) * top_k + j] = chosen_e[j];
+      if (ids_copy != nullptr) ids_copy[t * top_k + j] = chosen_e[j];
     }
   }
 }
 
+__global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int tokens, int experts, int top_k,
+                                   bool renormalize, __nv_bfloat16* __restrict__ weights, int* __restrict__ ids) {
+  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= tokens) return;
+  route_token(logits, t, experts, top_k, renormalize, weights, ids, nullptr);
+}
+
 // One block: counts per expert, the list of experts in use (ascending), their row ranges, and the rows (t * k + j)
 // sorted by expert, ascending row order within an expert (a stable order keeps runs reproducible).
-__global__ void moe_align_kernel(const int* __restrict__ ids, int rows, int experts, int* __restrict__ group_offsets,
-                                 int* __restrict__ group_expert, int* __restrict__ row_ids, int* __restrict__ num_groups) {
+// Whole block; ids may live in global or shared memory (visible to every thread of the block).
+__device__ __forceinline__ void align_rows(const int* ids, int rows, int experts, int* __restrict__ group_offsets,
+                                           int* __restrict__ group_expert, int* __restrict__ row_ids,
+                                           int* __restrict__ num_groups) {
   __shared__ int count[kMaxExperts], start[kMaxExperts];
   for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
   __syncthreads();
@@ -95,6 +106,27 @@ __global__ void moe_align_kernel(const int* __restrict__ ids, int rows, int expe
     for (int q = 0; q < r; ++q) rank += ids[q] == e;
     row_ids[start[e] + rank] = r;
   }
+}
+
+__global__ void moe_align_kernel(const int* __restrict__ ids, int rows, int experts, int* __restrict__ group_offsets,
+                                 int* __restrict__ group_expert, int* __restrict__ row_ids, int* __restrict__ num_groups) {
+  align_rows(ids, rows, experts, group_offsets, group_expert, row_ids, num_groups);
+}
+
+// Router + grouping in one launch for decode batches (tokens * top_k <= kMaxRouteRows): one warp per token routes
+// into global memory and a shared copy of the ids, then the whole block groups the rows by expert. One launch
+// instead of two in every MoE layer of a decode step.
+constexpr int kRouteThreads = 1024;
+constexpr int kMaxRouteRows = 64 * kMaxTopK;
+__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(
+    const __nv_bfloat16* __restrict__ logits, int tokens, int experts, int top_k, bool renormalize,
+    __nv_bfloat16* __restrict__ weights, int* __restrict__ ids, int* __restrict__ group_offsets,
+    int* __restrict__ group_expert, int* __restrict__ row_ids, int* __restrict__ num_groups) {
+  __shared__ int ids_s[kMaxRouteRows];
+  for (int t = threadIdx.x >> 5; t < tokens; t += kRouteThreads / 32)
+    route_token(logits, t, experts, top_k, renormalize, weights, ids, ids_s);
+  __syncthreads();
+  align_rows(ids_s, tokens * top_k, experts, group_offsets, group_expert, row_ids, num_groups);
 }
 
 // out[t] = sum over the token's k experts in ascending expert order of bf16(y[t*k+j] * w[t,j]), accumulated in
@@ -134,6 +166,17 @@ int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* gr
               int* num_groups, cudaStream_t stream) {
   if (experts > kMaxExperts) return kUnsupportedShape;
   moe_align_kernel<<<1, 512, 0, stream>>>(ids, rows, experts, group_offsets, group_expert, row_ids, num_groups);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+int moe_route(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
+              __nv_bfloat16* weights, int* ids, int* group_offsets, int* group_expert, int* row_ids, int* num_groups,
+              cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  if (experts > kMaxExperts || top_k > kMaxTopK || top_k > experts || tokens * top_k > kMaxRouteRows)
+    return kUnsupportedShape;
+  moe_route_kernel<<<1, kRouteThreads, 0, stream>>>(logits, tokens, experts, top_k, renormalize, weights, ids,
+                                                    group_offsets, group_expert, row_ids, num_groups);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 

@@ -1,34 +1,57 @@
-// NVFP4 x bf16 GEMM for decode (M = 1..64 rows per group), and its grouped form for MoE experts.
+// NVFP4 x bf16 GEMM for decode (M = 1..64 rows per group), and its grouped form for MoE experts (v5).
 //
-//   y[m, n] = colscale[n] * sum_k x[m, k] * (e2m1[n, k] * block_scale[n, k / 16] / 128)  (+ bias[n])
+//   y[m, n] = colscale[n] * sum_k x[m, k] * (e2m1[n, k] * block_scale[n, k / 16] * 2^-20)  (+ bias[n])
 //
-// colscale = 128 / global_scale (the per-tensor divisor of compressed-tensors, folded with the 2^7 of the
-// dequantization trick below). Weights are read once, 16 bytes per lane per load, straight into registers, and
-// dequantized there into bf16 mma.sync B fragments; x is staged in shared memory and read with ldmatrix.
+// colscale = 2^20 / global_scale. The weights are the mma's A operand (16 output columns = the m16 rows of
+// mma.sync m16n8k16) and the activations its B operand (8 tokens = n8), so at M <= 8 no tensor-core work is
+// spent on padding rows. Weights are read once, 16 bytes per lane per load, straight into registers, dequantized
+// there; x rows are read from L1/L2 by the lanes that need them (no shared-memory staging, no barrier in the loop).
 //
-// Weight layout (made at load by adaq/kernels/layout.py, which holds the Python twin of this indexing):
-//   wq  [N/8 groups][K/128 super-tiles][32 lanes][16 bytes]  one 8-column x 128-k super-tile = 512 contiguous bytes
-//   ws  [N/8 groups][K/128 super-tiles][8 columns][8 bytes]  E4M3 block scale of (column g, k16 step t) at byte t
-// Lane l = 4g + c owns column g of the group and, in each of the 8 k16 steps t, the B-fragment values
-// k = 16t + {2c, 2c+1, 2c+8, 2c+9}. Its 16 bytes are four 32-bit words; word w holds steps 2w and 2w+1 as
-// nibbles (value k: nibble): step 2w: 2c->3, 2c+1->7, 2c+8->2, 2c+9->6; step 2w+1: 2c->1, 2c+1->5, 2c+8->0,
-// 2c+9->4. That order lets one shift and one mask per bf16 pair move a nibble's sign to bit 15 and its
-// exponent/mantissa to bits 8..6 (see e2m1_pair).
-// A k16 step is exactly one NVFP4 block, so each B fragment needs a single scale.
+// Layout (made at load by adaq/kernels/layout.py, which holds the Python twin of this indexing and a CPU
+// emulation of the bit tricks below):
+//   wq [N/16 tiles][K/128 super-tiles][2 halves][32 lanes][16 bytes]  half h = columns 8h..8h+7 of the tile
+//   ws [N/16 tiles][K/128 super-tiles][32 lanes][4 bytes]              block scales, re-encoded (see below)
+// Lane l = 4g + c owns column 8h + g of each half and the 32 contiguous k = 32c .. 32c+31 of the super-tile: in
+// virtual mma step t (0..7) its four fragment slots (virtual k 2c, 2c+1, 2c+8, 2c+9) hold real k = 32c + 4t + 0..3.
+// The same virtual->real map is used for x, so x's fragment for step t is 8 contiguous bytes of the row, and a
+// lane's 32 k span exactly two NVFP4 blocks (2c, 2c+1): four block scales per lane per super-tile.
+//
+// Word i (0..3) of a lane's 16 bytes holds steps 2i and 2i+1: four bf16 pairs, each placed so that one rotate and
+// one mask (or just the mask) turns it into bf16x2 bits with the E2M1 sign at bit 15 and its exponent/mantissa at
+// bits 8..6 (value x 2^-126, E2M1's subnormal 0.5 landing on bf16's subnormal 2^-127). No placement of four
+// such 8-bit patterns tiles a 32-bit word by rotations alone (checked exhaustively), so the fourth pair is
+// assembled from two rotations: 9 integer ops per 4 pairs (the v2 layout needed ~15).
+//   pair A (step 2i,   slots 0,1):  w & M
+//   pair B (step 2i,   slots 2,3):  rotr(w, 4) & M
+//   pair C (step 2i+1, slots 0,1):  rotr(w, 10) & M
+//   pair D (step 2i+1, slots 2,3):  (rotr(w, 6) & MQ) | (rotr(w, 14) & MR)
+// Block scales are re-encoded at load as an unsigned E5M3 byte (exponent e + 9, 3 mantissa bits; E4M3
+// subnormals become normals, negative scales fold their sign into the block's E2M1 codes, zero scales zero the
+// codes, NaN becomes 0xFF), so (byte << 4) | 0x7000 is the bf16 bits of scale x 2^106: one mask per two scales
+// (the four bytes of a lane are pre-positioned for it), and the halves feed fma.rn.bf16x2 through its operand
+// swizzle. E2M1 (x 2^-126) times scale (x 2^106) is the weight x 2^-20: exact in bf16 (<= 5 significant bits,
+// never subnormal), the 2^20 returns in colscale.
 #include "common.cuh"
 
 namespace adaq {
 
-constexpr int kGemmWarps = 8;         // warps per block; each owns NG groups of 8 output columns
+constexpr int kGemmWarps = 8;  // warps per block: kCT column tiles x kKS k-slices (kCT * kKS = 8)
 constexpr int kGemmThreads = kGemmWarps * 32;
-constexpr int kSuperK = 128;          // k values per super-tile (8 mma k16 steps, 16 bytes per lane)
-constexpr int kMaxRowsPerGroup = 64;  // 4 m16 tiles
+constexpr int kSuperK = 128;   // k values per super-tile (8 mma k16 steps, 16 bytes per lane per half)
+constexpr int kTileN = 16;     // output columns per tile (the mma's m16)
+constexpr int kMaxRowsPerGroup = 64;  // 8 token tiles of n8
+
+constexpr uint32_t kPairMask = 0x81C081C0u;   // sign -> 15/31, exponent+mantissa -> 8..6 / 24..22
+constexpr uint32_t kPairMaskQ = 0x01000100u;  // pair D: bit 8/24 from rotr 6
+constexpr uint32_t kPairMaskR = 0x80C080C0u;  // pair D: bits 15,7,6 / 31,23,22 from rotr 14
+constexpr uint32_t kScaleMask = 0x0FF00FF0u;  // two E5M3 bytes at bits 11..4 / 27..20
+constexpr uint32_t kScaleBias = 0x70007000u;  // bf16 exponent field 224 + E5: scale x 2^106
 
 struct GemmParams {
   const __nv_bfloat16* x;      // [rows, K] activations, row stride ldx (elements), 16-byte aligned rows
   const uint4* wq;             // repacked E2M1 nibbles (layout above), per expert stride expert_wq (uint4s)
-  const uint2* ws;             // repacked E4M3 block scales, per expert stride expert_ws (uint2s)
-  const float* colscale;       // [experts][n8 * 8] 128 / global_scale per output column
+  const uint32_t* ws;          // repacked E5M3 block scales, per expert stride expert_ws (words)
+  const float* colscale;       // [experts][tiles * 16] 2^20 / global_scale per output column
   const __nv_bfloat16* bias;   // [N] or nullptr (dense only)
   __nv_bfloat16* y;            // [rows, N] output, row stride ldy
   float* partial;              // [splits][out_rows][N] fp32 split-K partial sums (splits > 1)
@@ -45,60 +68,205 @@ struct GemmParams {
   int M;                       // dense rows
   int out_rows;                // rows of y (partial's middle dimension)
   int N, K, ldx, ldy;
-  int n8;                      // N rounded up to 8, over 8: column groups
+  int tiles;                   // N rounded up to 16, over 16
   int kst;                     // K rounded up to 128, over 128: super-tiles
-  int num_chunks;              // ceil(kst / CH)
-  int chunks_per_split;
+  int ks;                      // k-slices per block (warps sharing a column tile; reduced in shared memory)
+  int st_per_split;            // super-tiles per split (the last split may have fewer)
   int splits;
-  int n_blocks;
+  int n_blocks;                // column blocks: tiles / (8 / ks), rounded up
 };
 
-// One E2M1 pair -> bf16x2 bits carrying value * 2^-126: nibble (3-j) of each 16-bit half lands with its sign at
-// bit 15 and its 3 exponent/mantissa bits at bits 8..6 (bf16 exponent LSBs + mantissa MSB). An E2M1 exponent e
-// then reads as bf16 exponent e (bias 127 instead of 1), and E2M1's subnormal 0.5 as bf16's subnormal 2^-127:
-// both are the true value times 2^-126, which the scale multiply below absorbs.
-template <int J>
-__device__ __forceinline__ uint32_t e2m1_pair(uint32_t q) {
-  constexpr int kSignShift = 4 * J;       // nibble (3-J)'s sign bit 15-4J -> 15
-  constexpr int kMagShift = 6 - 4 * J;    // its bits 14-4J..12-4J -> 8..6 (negative = left shift)
-  uint32_t sign = (q << kSignShift) & 0x80008000u;
-  uint32_t mag = (kMagShift >= 0 ? (q >> kMagShift) : (q << (-kMagShift))) & 0x01C001C0u;
-  return sign | mag;
+__device__ __forceinline__ uint32_t rotr(uint32_t w, int d) { return __funnelshift_r(w, w, d); }
+
+// common.cuh's ld_stream_v4 (L1 no-allocate, L2 evict-first: each weight byte is used once) with the cache policy
+// made once per thread, and its 4-byte twin for a lane's four block scales.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ uint4 ld_stream_v4p(const void* ptr, uint64_t pol) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(ptr), "l"(pol));
+  return r;
+}
+__device__ __forceinline__ uint32_t ld_stream_u32p(const void* ptr, uint64_t pol) {
+  uint32_t r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.u32 %0, [%1], %2;\n" : "=r"(r) : "l"(ptr), "l"(pol));
+  return r;
 }
 
-// Eight E4M3 scales -> bf16x2 {s, s} with s = scale * 2^119 (exact: 3 mantissa bits, exponent <= 2^127.8).
-// Times the 2^-126 of e2m1_pair it gives the dequantized weight / 128, an exact bf16 (<= 5 significant bits,
-// >= 2^-17, so never subnormal); the 128 returns in colscale.
-__device__ __forceinline__ void scales_to_bf16x2(uint2 raw, uint32_t (&s)[8]) {
-  const float kBias = 6.646139978924579e35f;  // 2^119
+// 16 bytes of x through L1 (every warp of an SM reads the same x slices). Volatile, like the mma, so that ptxas
+// keeps it next to its use instead of hoisting a whole ring's worth of x into registers.
+__device__ __forceinline__ uint4 ld_x_v4(const void* ptr) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(ptr));
+  return r;
+}
+
+// {lo, lo} or {hi, hi} of a bf16x2: ptxas folds this into fma.rn.bf16x2's operand swizzle (.H0_H0 / .H1_H1).
+template <bool kLow>
+__device__ __forceinline__ uint32_t bf16_half_dup(uint32_t v) {
+  uint32_t d;
+  if (kLow)
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; mov.b32 %0, {l, l};}" : "=r"(d) : "r"(v));
+  else
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; mov.b32 %0, {h, h};}" : "=r"(d) : "r"(v));
+  return d;
+}
+
+// The A fragments of steps 2i (a0) and 2i+1 (a1) from word i of the two halves (wa: column g, wb: column 8 + g)
+// and the halves' scale pairs: {g slots 0,1; 8+g slots 0,1; g slots 2,3; 8+g slots 2,3} = mma rows g, g+8 at
+// virtual k {2c, 2c+1} and {2c+8, 2c+9}.
+template <bool kLowBlock>
+__device__ __forceinline__ void dequant_word(uint32_t wa, uint32_t wb, uint32_t sa, uint32_t sb, uint32_t (&a0)[4],
+                                             uint32_t (&a1)[4]) {
+  const uint32_t s0 = bf16_half_dup<kLowBlock>(sa), s1 = bf16_half_dup<kLowBlock>(sb);
+  a0[0] = bf16x2_mul(wa & kPairMask, s0);
+  a0[2] = bf16x2_mul(rotr(wa, 4) & kPairMask, s0);
+  a1[0] = bf16x2_mul(rotr(wa, 10) & kPairMask, s0);
+  a1[2] = bf16x2_mul((rotr(wa, 6) & kPairMaskQ) | (rotr(wa, 14) & kPairMaskR), s0);
+  a0[1] = bf16x2_mul(wb & kPairMask, s1);
+  a0[3] = bf16x2_mul(rotr(wb, 4) & kPairMask, s1);
+  a1[1] = bf16x2_mul(rotr(wb, 10) & kPairMask, s1);
+  a1[3] = bf16x2_mul((rotr(wb, 6) & kPairMaskQ) | (rotr(wb, 14) & kPairMaskR), s1);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One super-tile of TW column tiles: dequantize each tile's 2 x 16 bytes per lane with its four block scales and
+// multiply them with x (pieces at xp[nt] + 8i, i = 0..3) for every token tile; each x piece serves all TW tiles.
+// TAIL: K % 128 != 0 and this is the last super-tile, so pieces at k >= K are zeros (never read: the row may end,
+// or hold non-finite padding).
+template <int NT, int TW, bool TAIL>
+__device__ __forceinline__ void multiply_super_tile(const uint4 (&w)[TW][2], const uint32_t (&sc)[TW],
+                                                    const __nv_bfloat16* const (&xp)[NT], int k_lane, int K,
+                                                    float (&acc)[TW][NT][4]) {
+  uint32_t sa[TW], sb[TW];
+#pragma unroll
+  for (int tw = 0; tw < TW; ++tw) {
+    sa[tw] = (sc[tw] & kScaleMask) | kScaleBias;
+    sb[tw] = (__funnelshift_l(sc[tw], sc[tw], 8) & kScaleMask) | kScaleBias;
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    uint32_t word = i < 2 ? raw.x : raw.y;
-    float2 f = e4m3x2_to_float2(static_cast<uint16_t>(word >> (16 * (i & 1))));
-    __nv_bfloat16 lo = __float2bfloat16_rn(f.x * kBias), hi = __float2bfloat16_rn(f.y * kBias);
-    uint32_t blo = *reinterpret_cast<uint16_t*>(&lo), bhi = *reinterpret_cast<uint16_t*>(&hi);
-    s[2 * i] = blo | (blo << 16);
-    s[2 * i + 1] = bhi | (bhi << 16);
+    uint4 xv[NT];  // piece i of each token tile: 16 bytes = the B fragments of steps 2i and 2i+1
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      xv[nt] = (!TAIL || k_lane + 8 * i < K) ? ld_x_v4(xp[nt] + 8 * i) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int tw = 0; tw < TW; ++tw) {
+      uint32_t step0[4], step1[4];
+      if (i < 2)
+        dequant_word<true>(word_of(w[tw][0], i), word_of(w[tw][1], i), sa[tw], sb[tw], step0, step1);
+      else
+        dequant_word<false>(word_of(w[tw][0], i), word_of(w[tw][1], i), sa[tw], sb[tw], step0, step1);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_bf16_16816(acc[tw][nt], step0, xv[nt].x, xv[nt].y);
+        mma_bf16_16816(acc[tw][nt], step1, xv[nt].z, xv[nt].w);
+      }
+    }
   }
 }
 
-// B fragment (2 regs) of k16 step T from the lane's four weight words: word T/2, pairs (T&1)*2 and +1.
-template <int T>
-__device__ __forceinline__ void b_fragment(const uint4& q, uint32_t scale, uint32_t& b0, uint32_t& b1) {
-  const uint32_t word = (T / 2 == 0) ? q.x : (T / 2 == 1) ? q.y : (T / 2 == 2) ? q.z : q.w;
-  b0 = bf16x2_mul(e2m1_pair<(T & 1) * 2>(word), scale);
-  b1 = bf16x2_mul(e2m1_pair<(T & 1) * 2 + 1>(word), scale);
+// One warp's share of TW adjacent column tiles: super-tiles [s0, s1) (tiles at wq + tw * tile_stride; tile tw
+// absent when tw >= tiles_ok), all NT token tiles, into acc. Weights flow through a register ring of ST
+// super-tiles: the loads of super-tile s + ST - 1 are issued before super-tile s is multiplied, so ST - 1
+// super-tiles per warp are always in flight; loads past the range are not issued. x (tiny, shared by every warp)
+// comes through L1 when its super-tile is multiplied. A ragged last super-tile (K % 128 != 0) is multiplied after
+// the ring, with its x reads guarded.
+template <int NT, int ST, int TW>
+__device__ __forceinline__ void gemm_warp_tiles(const uint4* __restrict__ wq, const uint32_t* __restrict__ ws,
+                                                long long tile_stride, int tiles_ok, int s0, int s1, int kst,
+                                                const __nv_bfloat16* const (&xrow)[NT], int K,
+                                                float (&acc)[TW][NT][4]) {
+  if (s1 <= s0 || tiles_ok <= 0) return;
+  const int lane = threadIdx.x & 31;
+  const bool ragged_last = s1 == kst && (K % kSuperK) != 0;
+  const int n = s1 - s0 - (ragged_last ? 1 : 0);  // super-tiles through the ring
+  const uint64_t policy = evict_first_policy();
+  const uint4* wp = wq + static_cast<long long>(s0) * 64 + lane;  // advances ST super-tiles per chunk
+  const uint32_t* sp = ws + static_cast<long long>(s0) * 32 + lane;
+  const __nv_bfloat16* xp[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xp[nt] = xrow[nt] + s0 * kSuperK + (lane & 3) * 32;
+  auto fetch = [&](const uint4* w, const uint32_t* sc, uint4 (&wr)[TW][2], uint32_t (&sr)[TW]) {
+#pragma unroll
+    for (int tw = 0; tw < TW; ++tw)
+      if (TW == 1 || tw < tiles_ok) {
+        wr[tw][0] = ld_stream_v4p(w + tw * tile_stride * 64, policy);
+        wr[tw][1] = ld_stream_v4p(w + tw * tile_stride * 64 + 32, policy);
+        sr[tw] = ld_stream_u32p(sc + tw * tile_stride * 32, policy);
+      }
+  };
+
+  uint4 wr[ST][TW][2];
+  uint32_t sr[ST][TW];
+#pragma unroll
+  for (int j = 0; j < ST - 1; ++j)
+    if (j < n) fetch(wp + j * 64, sp + j * 32, wr[j], sr[j]);
+  for (int b = 0; b < n; b += ST) {
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
+      constexpr int kAhead = ST - 1;
+      if (b + j + kAhead < n) fetch(wp + (j + kAhead) * 64, sp + (j + kAhead) * 32, wr[(j + kAhead) % ST],
+                                    sr[(j + kAhead) % ST]);
+      if (b + j >= n) break;  // uniform across the warp
+      const __nv_bfloat16* xj[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xj[nt] = xp[nt] + j * kSuperK;
+      multiply_super_tile<NT, TW, false>(wr[j], sr[j], xj, 0, K, acc);
+    }
+    wp += ST * 64;
+    sp += ST * 32;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xp[nt] += ST * kSuperK;
+  }
+  if (ragged_last) {
+    uint4 w[TW][2];
+    uint32_t sc[TW];
+    fetch(wq + static_cast<long long>(s1 - 1) * 64 + lane, ws + static_cast<long long>(s1 - 1) * 32 + lane, w, sc);
+    const __nv_bfloat16* xt[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xt[nt] = xrow[nt] + (s1 - 1) * kSuperK + (lane & 3) * 32;
+    multiply_super_tile<NT, TW, true>(w, sc, xt, (s1 - 1) * kSuperK + (lane & 3) * 32, K, acc);
+  }
 }
 
-// MT: m16 tiles (rows = 16 * MT); NG: 8-column groups per warp; CH: super-tiles per staged chunk.
-template <int MT, int NG, int CH>
-__global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_kernel(const GemmParams p) {
-  constexpr int kChunkK = CH * kSuperK;
-  constexpr int kStride = kChunkK + 8;  // +16 bytes per row: the 8 rows of an ldmatrix hit distinct bank groups
-  constexpr int kRows = MT * 16;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kRows][kStride]
-  __shared__ int src_row[kRows], dst_row[kRows];
+// MINB: blocks per SM the register budget must allow (launch bounds).
+// f(row in group, column, value) for each of a warp's accumulator elements inside the output: element i of tile tw,
+// token tile nt is column (tile0 + tw) * 16 + 8 (i >> 1) + lane/4, token 8 nt + 2 (lane%4) + (i & 1).
+template <int TW, int NT, typename F>
+__device__ __forceinline__ void for_each_output(const float (&acc)[TW][NT][4], int tile0, int rows, int N, F&& f) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int tw = 0; tw < TW; ++tw)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = nt * 8 + c2 + (i & 1), n = (tile0 + tw) * kTileN + 8 * (i >> 1) + g;
+        if (r < rows && n < N) f(r, n, acc[tw][nt][i]);
+      }
+}
+
+// y[dst, n] = bf16(sum * colscale[n] (+ bias[n])).
+__device__ __forceinline__ void store_output(const GemmParams& p, const float* colscale, int dst, int n, float sum) {
+  float v = sum * colscale[n];
+  if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
+  p.y[static_cast<long long>(dst) * p.ldy + n] = __float2bfloat16_rn(v);
+}
+
+// TW: adjacent column tiles per warp (each x piece read once for all of them).
+template <int NT, int ST, int MINB, int TW>
+__global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const GemmParams p) {
+  __shared__ int src_row[kMaxRowsPerGroup], dst_row[kMaxRowsPerGroup];
+  __shared__ float red[kGemmWarps][TW * NT * 4][32];  // k-slice partial sums (slices >= 1)
   __shared__ int is_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -121,121 +289,70 @@ __global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_kernel(const GemmPara
     dst_row[tid] = tid;
   }
   if (rows <= 0) return;
-  const uint4* wq = p.wq + expert * p.expert_wq;
-  const uint2* ws = p.ws + expert * p.expert_ws;
-  const float* colscale = p.colscale + expert * p.expert_colscale;
+  rows = min(rows, NT * 8);
+  __syncthreads();
 
-  // Rows past `rows` stay zero for the whole kernel: their products vanish in the mma.
-  for (int i = rows * kStride + tid; i < kRows * kStride; i += kGemmThreads) xs[i] = __float2bfloat16_rn(0.f);
+  const int ct_count = kGemmWarps / p.ks;
+  const int ct = warp % ct_count, ks = warp / ct_count;
+  const int tile0 = (nb * ct_count + ct) * TW;  // this warp's first column tile
+  const int tiles_ok = min(TW, p.tiles - tile0);
+  const int split_begin = split * p.st_per_split;
+  const int split_end = min(split_begin + p.st_per_split, p.kst);
+  const int per_warp = ceil_div(split_end - split_begin, p.ks);
+  const int s0 = split_begin + ks * per_warp, s1 = min(s0 + per_warp, split_end);
 
-  const int col_group0 = (nb * kGemmWarps + warp) * NG;  // this warp's first 8-column group
-  const int c0 = split * p.chunks_per_split;
-  const int c1 = min(c0 + p.chunks_per_split, p.num_chunks);
+  const __nv_bfloat16* xrow[NT];  // absent rows read row 0: their output columns are never written
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = nt * 8 + (lane >> 2);
+    xrow[nt] = p.x + static_cast<long long>(src_row[r < rows ? r : 0]) * p.ldx;
+  }
+  const long long tile_base = static_cast<long long>(tiles_ok > 0 ? tile0 : 0) * p.kst;
+  const uint4* wq = p.wq + expert * p.expert_wq + tile_base * 64;
+  const uint32_t* ws = p.ws + expert * p.expert_ws + tile_base * 32;
 
-  float acc[MT][NG][4];
+  float acc[TW][NT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int tw = 0; tw < TW; ++tw)
 #pragma unroll
-    for (int g = 0; g < NG; ++g)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][g][i] = 0.f;
+      for (int i = 0; i < 4; ++i) acc[tw][nt][i] = 0.f;
+  gemm_warp_tiles<NT, ST, TW>(wq, ws, p.kst, tiles_ok, s0, s1, p.kst, xrow, p.K, acc);
 
-  for (int chunk = c0; chunk < c1; ++chunk) {
-    // ---- Fetch: this chunk's weights and scales into registers (all loads issued before any use).
-    uint4 wreg[CH][NG];
-    uint2 sreg[CH][NG];
+  // ---- k-slices of a column tile meet in shared memory; slice 0 adds them in slice order (deterministic).
+  if (p.ks > 1) {
+    if (ks > 0)
 #pragma unroll
-    for (int j = 0; j < CH; ++j)
+      for (int tw = 0; tw < TW; ++tw)
 #pragma unroll
-      for (int g = 0; g < NG; ++g) {
-        const int st = chunk * CH + j, cg = col_group0 + g;
-        if (st < p.kst && cg < p.n8) {
-          const long long tile = static_cast<long long>(cg) * p.kst + st;
-          wreg[j][g] = ld_stream_v4(wq + tile * 32 + lane);
-          sreg[j][g] = ld_stream_v2(ws + tile * 8 + (lane >> 2));
-        } else {
-          wreg[j][g] = make_uint4(0, 0, 0, 0);
-          sreg[j][g] = make_uint2(0, 0);
-        }
-      }
-
-    // ---- Stage x[:, chunk] into shared memory (zeros past K) while the weight loads are in flight.
-    __syncthreads();  // every warp is done reading the previous chunk
-    constexpr int kPieces = kChunkK / 8;  // 16-byte pieces per row
-    for (int i = tid; i < rows * kPieces; i += kGemmThreads) {
-      const int r = i / kPieces, piece = i % kPieces;
-      const int k = chunk * kChunkK + piece * 8;
-      const __nv_bfloat16* src = p.x + static_cast<long long>(src_row[r]) * p.ldx + (k < p.K ? k : 0);
-      cp_async16_zfill(xs + r * kStride + piece * 8, src, k < p.K ? 16 : 0);
-    }
-    cp_async_wait_all();
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[warp][(tw * NT + nt) * 4 + i][lane] = acc[tw][nt][i];
     __syncthreads();
-
-    // ---- Multiply: per super-tile, per k16 step: A from shared memory, B dequantized from registers.
+    if (ks == 0)
+      for (int q = 1; q < p.ks; ++q)
 #pragma unroll
-    for (int j = 0; j < CH; ++j) {
-      uint32_t scale[NG][8];
+        for (int tw = 0; tw < TW; ++tw)
 #pragma unroll
-      for (int g = 0; g < NG; ++g) scales_to_bf16x2(sreg[j][g], scale[g]);
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ldmatrix_x4(a[mt], xs + (mt * 16 + (lane & 15)) * kStride + j * kSuperK + t * 16 + (lane >> 4) * 8);
-#pragma unroll
-        for (int g = 0; g < NG; ++g) {
-          uint32_t b0, b1;
-          switch (t) {  // t is a compile-time constant after unrolling: picks the word and shifts statically
-            case 0: b_fragment<0>(wreg[j][g], scale[g][0], b0, b1); break;
-            case 1: b_fragment<1>(wreg[j][g], scale[g][1], b0, b1); break;
-            case 2: b_fragment<2>(wreg[j][g], scale[g][2], b0, b1); break;
-            case 3: b_fragment<3>(wreg[j][g], scale[g][3], b0, b1); break;
-            case 4: b_fragment<4>(wreg[j][g], scale[g][4], b0, b1); break;
-            case 5: b_fragment<5>(wreg[j][g], scale[g][5], b0, b1); break;
-            case 6: b_fragment<6>(wreg[j][g], scale[g][6], b0, b1); break;
-            default: b_fragment<7>(wreg[j][g], scale[g][7], b0, b1); break;
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) mma_bf16_16816(acc[mt][g], a[mt], b0, b1);
-        }
-      }
-    }
+            for (int i = 0; i < 4; ++i) acc[tw][nt][i] += red[warp + q * ct_count][(tw * NT + nt) * 4 + i][lane];
   }
 
-  // ---- Write: accumulator (row 16mt + lane/4 [+8], columns 2(lane%4) + {0,1} of each group).
-  const int gr = lane >> 2, gc = (lane & 3) * 2;
+  const float* colscale = p.colscale + expert * p.expert_colscale;
   if (p.splits == 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int g = 0; g < NG; ++g)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = mt * 16 + gr + (i >= 2 ? 8 : 0);
-          const int n = (col_group0 + g) * 8 + gc + (i & 1);
-          if (r < rows && n < p.N) {
-            float v = acc[mt][g][i] * colscale[n];
-            if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
-            p.y[static_cast<long long>(dst_row[r]) * p.ldy + n] = __float2bfloat16_rn(v);
-          }
-        }
+    if (ks == 0)
+      for_each_output(acc, tile0, rows, p.N, [&](int r, int n, float v) { store_output(p, colscale, dst_row[r], n, v); });
     return;
   }
 
-  // ---- Split-K: park fp32 partials; the block that arrives last for this column tile sums them in split
-  // order (deterministic), scales, and writes bf16. Its counter goes back to zero for the next launch.
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int g = 0; g < NG; ++g)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = mt * 16 + gr + (i >= 2 ? 8 : 0);
-        const int n = (col_group0 + g) * 8 + gc + (i & 1);
-        if (r < rows && n < p.N)
-          p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + n] = acc[mt][g][i];
-      }
+  // ---- Split-K over blocks: park fp32 partials; the block that arrives last for this column block sums them in
+  // split order (deterministic), scales, and writes bf16. Its counter goes back to zero for the next launch.
+  if (ks == 0)
+    for_each_output(acc, tile0, rows, p.N, [&](int r, int n, float v) {
+      p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + n] = v;
+    });
   __threadfence();
   __syncthreads();
   int* counter = p.counters + group * p.n_blocks + nb;
@@ -243,221 +360,92 @@ __global__ void __launch_bounds__(kGemmThreads) nvfp4_gemm_kernel(const GemmPara
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  constexpr int kCols = kGemmWarps * NG * 8;
-  for (int i = tid; i < rows * kCols; i += kGemmThreads) {
-    const int r = i / kCols, n = nb * kCols + i % kCols;
+  const int cols = ct_count * TW * kTileN;
+  for (int i = tid; i < rows * cols; i += kGemmThreads) {
+    const int r = i / cols, n = nb * cols + i % cols;
     if (n >= p.N) continue;
     float sum = 0.f;
     for (int s = 0; s < p.splits; ++s)
       sum += __ldcg(p.partial + (static_cast<long long>(s) * p.out_rows + dst_row[r]) * p.N + n);
-    float v = sum * colscale[n];
-    if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
-    p.y[static_cast<long long>(dst_row[r]) * p.ldy + n] = __float2bfloat16_rn(v);
+    store_output(p, colscale, dst_row[r], n, sum);
   }
   if (tid == 0) *counter = 0;
 }
 
-// ---- v2: the same arithmetic with the weight fetch software-pipelined through registers. ST super-tiles form one
-// x chunk (double-buffered in shared memory, one cp.async group each); the weights of super-tile s + ST - 1 are
-// requested before super-tile s is multiplied, so ST - 1 super-tiles per warp are always in flight and the
-// dequantize/mma work of one overlaps the DRAM latency of the next (v1 serialised them: time = fetch + compute).
-// The ring index of super-tile s is (s - s_begin) % ST, a compile-time constant inside the unrolled chunk loop.
-// MINB: blocks per SM the register budget must allow (ncu on the H100: at 128 registers, 2 blocks of 8 warps, the
-// schedulers found an eligible warp only 52 % of cycles; a shallower ring at 80 or 64 registers fits 3 or 4).
-template <int MT, int NG, int ST, int MINB = 2>
-__global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_v2_kernel(const GemmParams p) {
-  constexpr int kChunkK = ST * kSuperK;
-  constexpr int kStride = kChunkK + 8;  // +16 bytes per row: conflict-free ldmatrix
-  constexpr int kRows = MT * 16;
-  constexpr int kBuf = kRows * kStride;
-  constexpr int kPieces = kChunkK / 8;  // 16-byte pieces per staged row
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [2][kRows][kStride]
-  __shared__ int src_row[kRows], dst_row[kRows];
-  __shared__ int is_last;
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int nb = blockIdx.x, split = blockIdx.y, group = blockIdx.z;
-
-  int rows = p.M, expert = 0;
-  if (p.group_offsets != nullptr) {
-    if (group >= *p.num_groups) return;
-    const int first = p.group_offsets[group];
-    rows = p.group_offsets[group + 1] - first;
-    expert = p.group_expert[group];
-    if (tid < rows) {
-      const int r = p.row_ids[first + tid];
-      src_row[tid] = r / p.x_row_div;
-      dst_row[tid] = r;
-    }
-  } else if (tid < rows) {
-    src_row[tid] = tid;
-    dst_row[tid] = tid;
+// Dense bf16 [N, K] = e2m1 x block_scale (exact: <= 6 significant bits in [2^-10, 2688]; 1/global_scale NOT
+// applied) from the same layout and the same bit tricks as the GEMM, for paths that hand the weight to a dense
+// GEMM (large-M prefill). One warp per super-tile; lane (g, c) writes 32 contiguous values of rows 16T + g and
+// 16T + 8 + g as 4 x 16 bytes each. 0.5625 bytes read and 2 written per weight; graph-safe.
+__global__ void __launch_bounds__(kGemmThreads) nvfp4_dequantize_kernel(const uint4* __restrict__ wq,
+                                                                         const uint32_t* __restrict__ ws,
+                                                                         __nv_bfloat16* __restrict__ out, int n, int k,
+                                                                         int kst, long long super_tiles) {
+  const long long st_index = static_cast<long long>(blockIdx.x) * kGemmWarps + (threadIdx.x >> 5);
+  if (st_index >= super_tiles) return;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int tile = static_cast<int>(st_index / kst), s = static_cast<int>(st_index % kst);
+  const uint4 w0 = __ldg(wq + st_index * 64 + lane), w1 = __ldg(wq + st_index * 64 + 32 + lane);
+  const uint32_t sc = __ldg(ws + st_index * 32 + lane);
+  const uint32_t sa = (sc & kScaleMask) | kScaleBias;
+  const uint32_t sb = (__funnelshift_l(sc, sc, 8) & kScaleMask) | kScaleBias;
+  const uint32_t undo = 0x49804980u;  // bf16x2 {2^20, 2^20}: the products carry weight x 2^-20
+  const int row0 = tile * kTileN + g, row1 = row0 + 8, k0 = s * kSuperK + c * 32;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t step0[4], step1[4];
+    if (i < 2)
+      dequant_word<true>(word_of(w0, i), word_of(w1, i), sa, sb, step0, step1);
+    else
+      dequant_word<false>(word_of(w0, i), word_of(w1, i), sa, sb, step0, step1);
+    if (k0 + 8 * i >= k) break;  // K % 16 == 0: an 8-value piece is wholly inside K or wholly padding
+    if (row0 < n)
+      *reinterpret_cast<uint4*>(out + static_cast<long long>(row0) * k + k0 + 8 * i) =
+          make_uint4(bf16x2_mul(step0[0], undo), bf16x2_mul(step0[2], undo), bf16x2_mul(step1[0], undo),
+                     bf16x2_mul(step1[2], undo));
+    if (row1 < n)
+      *reinterpret_cast<uint4*>(out + static_cast<long long>(row1) * k + k0 + 8 * i) =
+          make_uint4(bf16x2_mul(step0[1], undo), bf16x2_mul(step0[3], undo), bf16x2_mul(step1[1], undo),
+                     bf16x2_mul(step1[3], undo));
   }
-  if (rows <= 0) return;
-  const uint4* wq = p.wq + expert * p.expert_wq;
-  const uint2* ws = p.ws + expert * p.expert_ws;
-  const float* colscale = p.colscale + expert * p.expert_colscale;
-
-  // Rows past `rows` are zero in both buffers for the whole kernel (16-byte stores).
-  {
-    const int pieces = (kRows - rows) * (kStride / 8);
-    for (int i = tid; i < 2 * pieces; i += kGemmThreads) {
-      const int buf = i / pieces, rem = i % pieces;
-      *reinterpret_cast<uint4*>(xs + buf * kBuf + (rows + rem / (kStride / 8)) * kStride + (rem % (kStride / 8)) * 8) =
-          make_uint4(0, 0, 0, 0);
-    }
-  }
-
-  const int col_group0 = (nb * kGemmWarps + warp) * NG;
-  const int s_begin = split * p.chunks_per_split * ST;
-  const int s_end = min(s_begin + p.chunks_per_split * ST, p.kst);
-  const int n_chunks = ceil_div(s_end - s_begin, ST);
-
-  // Fetch: one super-tile's nibbles and scales for the NG groups, zeros outside this block's range.
-  auto fetch = [&](int st, uint4 (&w)[NG], uint2 (&sc)[NG]) {
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      const int cg = col_group0 + g;
-      if (st < s_end && cg < p.n8) {
-        const long long tile = static_cast<long long>(cg) * p.kst + st;
-        w[g] = ld_stream_v4(wq + tile * 32 + lane);
-        sc[g] = ld_stream_v2(ws + tile * 8 + (lane >> 2));
-      } else {
-        w[g] = make_uint4(0, 0, 0, 0);
-        sc[g] = make_uint2(0, 0);
-      }
-    }
-  };
-  // Stage x rows for the ST super-tiles of chunk c into buffer `buf` (zeros past K), as one cp.async group.
-  auto stage_x = [&](int c, int buf) {
-    const int k0 = (s_begin + c * ST) * kSuperK;
-    for (int i = tid; i < rows * kPieces; i += kGemmThreads) {
-      const int r = i / kPieces, piece = i % kPieces, k = k0 + piece * 8;
-      const __nv_bfloat16* src = p.x + static_cast<long long>(src_row[r]) * p.ldx + (k < p.K ? k : 0);
-      cp_async16_zfill(xs + buf * kBuf + r * kStride + piece * 8, src, k < p.K ? 16 : 0);
-    }
-    cp_async_commit();
-  };
-
-  float acc[MT][NG][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int g = 0; g < NG; ++g)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][g][i] = 0.f;
-
-  uint4 wring[ST][NG];
-  uint2 sring[ST][NG];
-#pragma unroll
-  for (int j = 0; j < ST - 1; ++j) fetch(s_begin + j, wring[j], sring[j]);
-  __syncthreads();  // src_row/dst_row and the zero rows are visible before the first staging
-  stage_x(0, 0);
-
-  for (int c = 0; c < n_chunks; ++c) {
-    if (c + 1 < n_chunks) {
-      stage_x(c + 1, (c + 1) & 1);
-      cp_async_wait_group<1>();
-    } else {
-      cp_async_wait_group<0>();
-    }
-    __syncthreads();  // chunk c's x is in shared memory for every warp
-    const __nv_bfloat16* xb = xs + (c & 1) * kBuf;
-#pragma unroll
-    for (int j = 0; j < ST; ++j) {
-      fetch(s_begin + c * ST + j + ST - 1, wring[(j + ST - 1) % ST], sring[(j + ST - 1) % ST]);
-      uint32_t scale[NG][8];
-#pragma unroll
-      for (int g = 0; g < NG; ++g) scales_to_bf16x2(sring[j][g], scale[g]);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ldmatrix_x4(a[mt], xb + (mt * 16 + (lane & 15)) * kStride + j * kSuperK + t * 16 + (lane >> 4) * 8);
-#pragma unroll
-        for (int g = 0; g < NG; ++g) {
-          uint32_t b0, b1;
-          switch (t) {
-            case 0: b_fragment<0>(wring[j][g], scale[g][0], b0, b1); break;
-            case 1: b_fragment<1>(wring[j][g], scale[g][1], b0, b1); break;
-            case 2: b_fragment<2>(wring[j][g], scale[g][2], b0, b1); break;
-            case 3: b_fragment<3>(wring[j][g], scale[g][3], b0, b1); break;
-            case 4: b_fragment<4>(wring[j][g], scale[g][4], b0, b1); break;
-            case 5: b_fragment<5>(wring[j][g], scale[g][5], b0, b1); break;
-            case 6: b_fragment<6>(wring[j][g], scale[g][6], b0, b1); break;
-            default: b_fragment<7>(wring[j][g], scale[g][7], b0, b1); break;
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) mma_bf16_16816(acc[mt][g], a[mt], b0, b1);
-        }
-      }
-    }
-    __syncthreads();  // every warp is done with buffer c & 1 before chunk c + 2 is staged into it
-  }
-
-  const int gr = lane >> 2, gc = (lane & 3) * 2;
-  if (p.splits == 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int g = 0; g < NG; ++g)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = mt * 16 + gr + (i >= 2 ? 8 : 0);
-          const int n = (col_group0 + g) * 8 + gc + (i & 1);
-          if (r < rows && n < p.N) {
-            float v = acc[mt][g][i] * colscale[n];
-            if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
-            p.y[static_cast<long long>(dst_row[r]) * p.ldy + n] = __float2bfloat16_rn(v);
-          }
-        }
-    return;
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int g = 0; g < NG; ++g)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = mt * 16 + gr + (i >= 2 ? 8 : 0);
-        const int n = (col_group0 + g) * 8 + gc + (i & 1);
-        if (r < rows && n < p.N)
-          p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + n] = acc[mt][g][i];
-      }
-  __threadfence();
-  __syncthreads();
-  int* counter = p.counters + group * p.n_blocks + nb;
-  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  constexpr int kCols = kGemmWarps * NG * 8;
-  for (int i = tid; i < rows * kCols; i += kGemmThreads) {
-    const int r = i / kCols, n = nb * kCols + i % kCols;
-    if (n >= p.N) continue;
-    float sum = 0.f;
-    for (int s = 0; s < p.splits; ++s)
-      sum += __ldcg(p.partial + (static_cast<long long>(s) * p.out_rows + dst_row[r]) * p.N + n);
-    float v = sum * colscale[n];
-    if (p.bias != nullptr) v += __bfloat162float(p.bias[n]);
-    p.y[static_cast<long long>(dst_row[r]) * p.ldy + n] = __float2bfloat16_rn(v);
-  }
-  if (tid == 0) *counter = 0;
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Host side. The instantiations that exist (rows per group -> tile shape):
-//   rows  1..16: MT=1, NG=2, CH=4   (x chunk 16 x 512 bf16 = 16.6 KB shared)
-//   rows 17..32: MT=2, NG=2, CH=2   (32 x 256, 16.9 KB)
-//   rows 33..48: MT=3, NG=2, CH=1   (48 x 128, 13.1 KB)
-//   rows 49..64: MT=4, NG=2, CH=1   (64 x 128, 17.4 KB)
+// Host side. Instantiations: NT = 1..8 token tiles (rows = 8 NT); for NT <= 2 one kernel per variant.
 // Every shape with K % 16 == 0 runs (N and K are padded at load); rows > 64 are the caller's loop.
-constexpr int kNG = 2;
+//
+// Variants (ring depth ST, register cap = blocks per SM MINB, column tiles per warp TW; k-slicing):
+//   1: ST 4, 2 blocks/SM, TW 1      2: ST 3, 3 blocks/SM, TW 1      4: ST 2, 4 blocks/SM, TW 1
+//   3: as 1 with wide blocks (k-slices only down to >= 8 super-tiles per warp)
+//   5: ST 3, 2 blocks/SM, TW 2      6: ST 2, 1 block/SM, TW 4   (x read once per 32 / 64 columns: M = 9..16)
+//   7: ST 1, 2 blocks/SM, TW 4 (no ring: 4 tiles' loads in flight per warp)      8: ST 2, 2 blocks/SM, TW 2
+//   0 (default): per shape, from the H100 sweeps (docs/KERNELS.md "GEMM v5", runs 6-8): see default_variant.
+struct GemmPlan {
+  int nt, ks, n_blocks, splits, st_per_split, variant;
+};
 
-template <int MT, int CH>
-constexpr int gemm_smem_bytes() { return MT * 16 * (CH * kSuperK + 8) * 2; }
+static int g_variant = 0;
+constexpr int kVariants = 8;
+
+static int default_variant(int nt, int n, int k, bool grouped) {
+  if (grouped) return 3;  // runs 6-8, MoE layer: 3 best or within 3 % at 1 and 16 tokens (32.1 / 144.6 us)
+  if (nt == 1) return n >= 6144 ? 4 : 2;  // runs 6-8: 4 on qkv/gate_up (8.8/26.3 us), 2 on o/down (7.4/14.7)
+  return static_cast<long long>(n) * k >= 6144LL * 4096 ? 8 : 2;  // run 8, M=16: 8 on qkv/gate_up/down, 2 on o
+}
+static int tiles_per_warp(int variant) {
+  switch (variant) {
+    case 5: case 8: return 2;
+    case 6: case 7: return 4;
+    default: return 1;
+  }
+}
+static int blocks_per_sm(int variant) {
+  switch (variant) {
+    case 2: return 3;
+    case 4: return 4;
+    case 6: return 1;
+    default: return 2;
+  }
+}
 
 static int num_sms() {
   static int sms = 0;
@@ -469,105 +457,86 @@ static int num_sms() {
   return sms;
 }
 
-struct GemmPlan {
-  int mt, ch, n_blocks, splits, chunks_per_split, num_chunks, variant;
-};
-
-// v2 super-tiles per x chunk (= register ring depth) by m16 tiles: deeper for one tile, where registers allow.
-constexpr int v2_stages(int mt) { return mt == 1 ? 4 : 2; }
-// Variants (the planner and the tests can pick one):
-//   1: v1, fetch then compute;  2: v2, ring of 4 super-tiles (128 registers, 2 blocks/SM at one m16 tile);
-//   3: v2, ring of 3, capped at 80 registers (3 blocks/SM);  4: v2, ring of 2, capped at 64 registers (4 blocks/SM).
-//   0 (default): per shape, from the H100 sweep (docs/KERNELS.md): variant 3 for wide layers (N >= 12288: 15 %
-//   faster on gate_up at M=1), else 2. Variants 3 and 4 differ from 2 only for one m16 tile (M <= 16).
-static int g_variant = 0;
-static int effective_variant(int mt, int n) {
-  if (g_variant != 0) return g_variant;
-  return (mt == 1 && n >= 12288) ? 3 : 2;
-}
-static int plan_ng(int) { return kNG; }
-static int plan_st(int mt, int variant) {
-  if (variant == 1) return mt == 1 ? 4 : mt == 2 ? 2 : 1;
-  if (mt == 1 && variant == 3) return 3;
-  if (mt == 1 && variant == 4) return 2;
-  return v2_stages(mt);
-}
-
-// Split K until the grid covers the GPU about twice, but never so far that the fp32 partials (written and read
-// back, 8 bytes per output per split) cost more than a quarter of the weight bytes.
-static GemmPlan plan_gemm(int rows, int n8, int kst, int groups, int splits_override) {
+// k-slices first (free: reduced in shared memory), then split-K over blocks only when the column blocks of all
+// groups still leave SMs idle, never so far that the fp32 partials (8 bytes per output per split) cost more than a
+// quarter of the weight bytes. M > 16 always runs variant-independent kernels (TW 1).
+static GemmPlan plan_gemm(int rows, int tiles, int kst, int groups, int splits_override) {
   GemmPlan plan{};
-  plan.mt = ceil_div(rows, 16);
-  plan.variant = effective_variant(plan.mt, n8 * 8);
-  plan.ch = plan_st(plan.mt, plan.variant);
-  plan.n_blocks = ceil_div(n8, kGemmWarps * plan_ng(plan.mt));
-  plan.num_chunks = ceil_div(kst, plan.ch);
+  plan.nt = ceil_div(rows, 8);
+  plan.variant = g_variant != 0 ? g_variant : default_variant(plan.nt, tiles * kTileN, kst * kSuperK, groups > 1);
+  if (plan.nt > 2) plan.variant = 1;
+  const int min_per_warp = plan.variant == 3 ? 8 : 2;
+  plan.ks = kGemmWarps;
+  while (plan.ks > 1 && kst < min_per_warp * plan.ks) plan.ks /= 2;
+  plan.n_blocks = ceil_div(tiles, kGemmWarps / plan.ks * tiles_per_warp(plan.variant));
   int splits = splits_override;
   if (splits <= 0) {
-    const int target = 2 * num_sms();
-    splits = ceil_div(target, plan.n_blocks * groups);
-    const double weight_bytes = 8.0 * n8 * kst * 128 * 0.5625;
-    while (splits > 1 && splits * 8.0 * rows * n8 * 8 > weight_bytes / 4) --splits;
+    const int slots = blocks_per_sm(plan.variant) * num_sms();
+    const int blocks = plan.n_blocks * groups;
+    splits = blocks >= slots ? 1 : slots / blocks;
+    splits = min(splits, max(1, kst / (plan.ks * min_per_warp)));
+    const double weight_bytes = 16.0 * tiles * kst * 128 * 0.5625;
+    while (splits > 1 && splits * 8.0 * rows * tiles * 16 > weight_bytes / 4) --splits;
   }
-  splits = splits < 1 ? 1 : splits > plan.num_chunks ? plan.num_chunks : splits;
-  plan.chunks_per_split = ceil_div(plan.num_chunks, splits);
-  plan.splits = ceil_div(plan.num_chunks, plan.chunks_per_split);  // no empty split
+  splits = splits < 1 ? 1 : splits > kst ? kst : splits;
+  plan.st_per_split = ceil_div(kst, splits);
+  plan.splits = ceil_div(kst, plan.st_per_split);  // no empty split
   return plan;
 }
 
-template <int MT, int CH>
+template <int NT, int ST, int MINB, int TW>
 static int launch(const GemmParams& p, int groups, cudaStream_t stream) {
-  constexpr int smem = gemm_smem_bytes<MT, CH>();
-  auto kernel = nvfp4_gemm_kernel<MT, kNG, CH>;
   dim3 grid(p.n_blocks, p.splits, groups);
-  kernel<<<grid, kGemmThreads, smem, stream>>>(p);
+  nvfp4_gemm_kernel<NT, ST, MINB, TW><<<grid, kGemmThreads, 0, stream>>>(p);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
-template <int MT, int NG = kNG, int ST = v2_stages(MT), int MINB = 2>
-static int launch_v2(const GemmParams& p, int groups, cudaStream_t stream) {
-  constexpr int smem = 2 * MT * 16 * (ST * kSuperK + 8) * 2;
-  auto kernel = nvfp4_gemm_v2_kernel<MT, NG, ST, MINB>;
-  static bool configured = false;  // > 48 KB of dynamic shared memory needs an explicit opt-in (Ada: up to 99 KB)
-  if (!configured) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
-      return kCudaError;
-    configured = true;
-  }
-  dim3 grid(p.n_blocks, p.splits, groups);
-  kernel<<<grid, kGemmThreads, smem, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+template <int ST, int MINB, int TW>
+static int launch_small(const GemmParams& p, int nt, int groups, cudaStream_t stream) {
+  return nt == 1 ? launch<1, ST, MINB, TW>(p, groups, stream) : launch<2, ST, MINB, TW>(p, groups, stream);
 }
 
-static int dispatch(GemmParams& p, const GemmPlan& plan, int groups, cudaStream_t stream) {
-  if (plan.variant != 1) {
-    switch (plan.mt) {
-      case 1:
-        if (plan.variant == 3) return launch_v2<1, kNG, 3, 3>(p, groups, stream);
-        if (plan.variant == 4) return launch_v2<1, kNG, 2, 4>(p, groups, stream);
-        return launch_v2<1>(p, groups, stream);
-      case 2: return launch_v2<2>(p, groups, stream);
-      case 3: return launch_v2<3>(p, groups, stream);
-      case 4: return launch_v2<4>(p, groups, stream);
-      default: return kUnsupportedShape;
-    }
-  }
-  switch (plan.mt) {
-    case 1: return launch<1, 4>(p, groups, stream);
-    case 2: return launch<2, 2>(p, groups, stream);
-    case 3: return launch<3, 1>(p, groups, stream);
-    case 4: return launch<4, 1>(p, groups, stream);
+// 17..64 rows: a shallow ring (their x and accumulator registers leave no room for a deeper one); 2 blocks/SM up
+// to 24 rows, then 1 (no spills).
+static int launch_large(const GemmParams& p, int nt, int groups, cudaStream_t stream) {
+  switch (nt) {
+    case 3: return launch<3, 2, 2, 1>(p, groups, stream);
+    case 4: return launch<4, 2, 1, 1>(p, groups, stream);
+    case 5: return launch<5, 2, 1, 1>(p, groups, stream);
+    case 6: return launch<6, 2, 1, 1>(p, groups, stream);
+    case 7: return launch<7, 2, 1, 1>(p, groups, stream);
+    case 8: return launch<8, 2, 1, 1>(p, groups, stream);
     default: return kUnsupportedShape;
   }
 }
 
-void nvfp4_gemm_set_variant(int variant) { g_variant = (variant >= 0 && variant <= 4) ? variant : 0; }
+static int dispatch(const GemmParams& p, const GemmPlan& plan, int groups, cudaStream_t stream) {
+  if (plan.nt > 2) return launch_large(p, plan.nt, groups, stream);
+  switch (plan.variant) {
+    case 2: return launch_small<3, 3, 1>(p, plan.nt, groups, stream);
+    case 4: return launch_small<2, 4, 1>(p, plan.nt, groups, stream);
+    case 5: return launch_small<3, 2, 2>(p, plan.nt, groups, stream);
+    case 6: return launch_small<2, 1, 4>(p, plan.nt, groups, stream);
+    case 7: return launch_small<1, 2, 4>(p, plan.nt, groups, stream);
+    case 8: return launch_small<2, 2, 2>(p, plan.nt, groups, stream);
+    default: return launch_small<4, 2, 1>(p, plan.nt, groups, stream);  // variants 1 and 3
+  }
+}
+
+static void apply_plan(GemmParams& p, const GemmPlan& plan) {
+  p.ks = plan.ks;
+  p.st_per_split = plan.st_per_split;
+  p.splits = plan.splits;
+  p.n_blocks = plan.n_blocks;
+}
+
+void nvfp4_gemm_set_variant(int variant) { g_variant = (variant >= 0 && variant <= kVariants) ? variant : 0; }
 
 // Sizes the caller must provide for a launch: partial floats and counters. Returns the plan's splits.
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override, long long* partial_floats,
                          int* counters) {
-  const int n8 = ceil_div(N, 8), kst = ceil_div(K, kSuperK);
-  GemmPlan plan = plan_gemm(rows, n8, kst, groups, splits_override);
+  const int tiles = ceil_div(N, kTileN), kst = ceil_div(K, kSuperK);
+  GemmPlan plan = plan_gemm(rows, tiles, kst, groups, splits_override);
   *partial_floats = plan.splits > 1 ? static_cast<long long>(plan.splits) * out_rows * N : 0;
   *counters = groups * plan.n_blocks;
   return plan.splits;
@@ -580,13 +549,12 @@ int nvfp4_gemm(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, 
   if (M < 1 || M > kMaxRowsPerGroup || N < 1 || K < 16 || K % 16 != 0) return kUnsupportedShape;
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0) return kBadAlignment;
   GemmParams p{};
-  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint2*>(ws); p.colscale = colscale;
+  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint32_t*>(ws); p.colscale = colscale;
   p.bias = bias; p.y = y; p.partial = partial; p.counters = counters;
   p.x_row_div = 1; p.M = M; p.out_rows = M; p.N = N; p.K = K; p.ldx = ldx; p.ldy = ldy;
-  p.n8 = ceil_div(N, 8); p.kst = ceil_div(K, kSuperK);
-  GemmPlan plan = plan_gemm(M, p.n8, p.kst, 1, splits_override);
-  p.num_chunks = plan.num_chunks; p.chunks_per_split = plan.chunks_per_split; p.splits = plan.splits;
-  p.n_blocks = plan.n_blocks;
+  p.tiles = ceil_div(N, kTileN); p.kst = ceil_div(K, kSuperK);
+  const GemmPlan plan = plan_gemm(M, p.tiles, p.kst, 1, splits_override);
+  apply_plan(p, plan);
   if (plan.splits > 1 && (partial_floats < static_cast<long long>(plan.splits) * M * N || num_counters < plan.n_blocks))
     return kWorkspaceTooSmall;
   return dispatch(p, plan, 1, stream);
@@ -602,23 +570,37 @@ int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const voi
                        int splits_override, cudaStream_t stream) {
   if (max_rows_per_group < 1 || max_rows_per_group > kMaxRowsPerGroup || N < 1 || K % 16 != 0 || max_groups < 1)
     return kUnsupportedShape;
-  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || expert_wq_bytes % 16 || expert_ws_bytes % 8)
+  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || expert_wq_bytes % 16 || expert_ws_bytes % 4)
     return kBadAlignment;
   GemmParams p{};
-  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint2*>(ws); p.colscale = colscale;
+  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint32_t*>(ws); p.colscale = colscale;
   p.y = y; p.partial = partial; p.counters = counters;
   p.group_offsets = group_offsets; p.group_expert = group_expert; p.row_ids = row_ids; p.num_groups = num_groups;
-  p.x_row_div = x_row_div; p.expert_wq = expert_wq_bytes / 16; p.expert_ws = expert_ws_bytes / 8;
+  p.x_row_div = x_row_div; p.expert_wq = expert_wq_bytes / 16; p.expert_ws = expert_ws_bytes / 4;
   p.expert_colscale = expert_colscale;
   p.M = 0; p.out_rows = out_rows; p.N = N; p.K = K; p.ldx = ldx; p.ldy = ldy;
-  p.n8 = ceil_div(N, 8); p.kst = ceil_div(K, kSuperK);
-  GemmPlan plan = plan_gemm(max_rows_per_group, p.n8, p.kst, max_groups, splits_override);
-  p.num_chunks = plan.num_chunks; p.chunks_per_split = plan.chunks_per_split; p.splits = plan.splits;
-  p.n_blocks = plan.n_blocks;
+  p.tiles = ceil_div(N, kTileN); p.kst = ceil_div(K, kSuperK);
+  const GemmPlan plan = plan_gemm(max_rows_per_group, p.tiles, p.kst, max_groups, splits_override);
+  apply_plan(p, plan);
   if (plan.splits > 1 &&
       (partial_floats < static_cast<long long>(plan.splits) * out_rows * N || num_counters < max_groups * plan.n_blocks))
     return kWorkspaceTooSmall;
   return dispatch(p, plan, max_groups, stream);
+}
+
+// Dense e2m1 x block_scale [N, K] (bf16, row stride K) from a packed weight: wq/ws as layout.PackedNVFP4 holds them.
+int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream) {
+  if (n <= 0 || k <= 0 || k % 16 != 0) return kUnsupportedShape;
+  if ((reinterpret_cast<uintptr_t>(out) & 15) != 0 || (reinterpret_cast<uintptr_t>(wq) & 15) != 0 ||
+      (reinterpret_cast<uintptr_t>(ws) & 3) != 0)
+    return kBadAlignment;
+  const int kst = ceil_div(k, kSuperK);
+  const long long super_tiles = static_cast<long long>(ceil_div(n, kTileN)) * kst;
+  const long long blocks = (super_tiles + kGemmWarps - 1) / kGemmWarps;
+  nvfp4_dequantize_kernel<<<static_cast<unsigned>(blocks), kGemmThreads, 0, stream>>>(
+      static_cast<const uint4*>(wq), static_cast<const uint32_t*>(ws), static_cast<__nv_bfloat16*>(out), n, k, kst,
+      super_tiles);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
 }  // namespace adaq

@@ -7,6 +7,7 @@
 #include "cutlass/epilogue/threadblock/fusion/visitors.hpp"
 
 #include "../csrc/common.cuh"
+#include "../csrc/fp8_grouped.cuh"
 #include "fp8_gemm_sm89.h"
 
 namespace adaq::tile_128x64_64x4 {
@@ -90,6 +91,7 @@ using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 static_assert(sizeof(typename Kernel::SharedStorage) <= 101376,
               "tile 128x64_64x4 does not fit Ada's 99 KB of shared memory per block");
 constexpr int kSharedBytes = int(sizeof(typename Kernel::SharedStorage));
+constexpr int kTileM = Kernel::Mma::Shape::kM;
 
 // D = bf16(((A @ B^T) * row_scale[m]) * col_scale[n]); A [M,K] e4m3 row-major, B [N,K] e4m3 row-major (= K x N
 // column-major, CUTLASS's TN), D [M,N] bf16 row-major. Launched on `stream`; the identity swizzle without split-K
@@ -108,6 +110,31 @@ int run(const void* a, const void* b, const float* row_scale, const float* col_s
   if (Gemm::get_workspace_size(args) != 0) return adaq::kWorkspaceTooSmall;
   if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return adaq::kCudaError;
   return gemm.run(stream) == cutlass::Status::kSuccess ? adaq::kOk : adaq::kCudaError;
+}
+
+// The grouped (MoE) launch of the same kernel type (csrc/fp8_grouped.cuh): the epilogue's three pointers per group.
+struct GroupedOutput {
+  static CUTLASS_DEVICE typename EVTD::Params params(const float* row_scale, const float* col_scale,
+                                                     cutlass::bfloat16_t* d, int n) {
+    return {{{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+            {d, {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  }
+};
+
+int run_grouped(const void* a, const void* b, const float* row_scale, const float* col_scale, void* d,
+                const int* group_offsets, const int* group_expert, const int* tile_offsets, const int* num_groups,
+                int max_m_tiles, int n, int k, cudaStream_t stream) {
+  // Host-side parameters of a representative problem: only the operand iterators' strides (from K) are used.
+  typename EVTD::Arguments callbacks{
+      {{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+      {static_cast<cutlass::bfloat16_t*>(d), {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {kTileM, n, k}, 1, callbacks, a, b,
+                                nullptr, nullptr, 0, 0, 0, 0, k, k, 0, 0);
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return adaq::kUnsupportedShape;
+  typename Kernel::Params params(args, 1, 1);
+  return adaq::launch_fp8_grouped<Kernel, GroupedOutput>(
+      params, {a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets, num_groups, n, k},
+      max_m_tiles, stream);
 }
 }  // namespace adaq::tile_128x64_64x4
 
@@ -192,6 +219,7 @@ using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 static_assert(sizeof(typename Kernel::SharedStorage) <= 101376,
               "tile 64x128_64x4 does not fit Ada's 99 KB of shared memory per block");
 constexpr int kSharedBytes = int(sizeof(typename Kernel::SharedStorage));
+constexpr int kTileM = Kernel::Mma::Shape::kM;
 
 // D = bf16(((A @ B^T) * row_scale[m]) * col_scale[n]); A [M,K] e4m3 row-major, B [N,K] e4m3 row-major (= K x N
 // column-major, CUTLASS's TN), D [M,N] bf16 row-major. Launched on `stream`; the identity swizzle without split-K
@@ -210,6 +238,31 @@ int run(const void* a, const void* b, const float* row_scale, const float* col_s
   if (Gemm::get_workspace_size(args) != 0) return adaq::kWorkspaceTooSmall;
   if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return adaq::kCudaError;
   return gemm.run(stream) == cutlass::Status::kSuccess ? adaq::kOk : adaq::kCudaError;
+}
+
+// The grouped (MoE) launch of the same kernel type (csrc/fp8_grouped.cuh): the epilogue's three pointers per group.
+struct GroupedOutput {
+  static CUTLASS_DEVICE typename EVTD::Params params(const float* row_scale, const float* col_scale,
+                                                     cutlass::bfloat16_t* d, int n) {
+    return {{{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+            {d, {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  }
+};
+
+int run_grouped(const void* a, const void* b, const float* row_scale, const float* col_scale, void* d,
+                const int* group_offsets, const int* group_expert, const int* tile_offsets, const int* num_groups,
+                int max_m_tiles, int n, int k, cudaStream_t stream) {
+  // Host-side parameters of a representative problem: only the operand iterators' strides (from K) are used.
+  typename EVTD::Arguments callbacks{
+      {{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+      {static_cast<cutlass::bfloat16_t*>(d), {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {kTileM, n, k}, 1, callbacks, a, b,
+                                nullptr, nullptr, 0, 0, 0, 0, k, k, 0, 0);
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return adaq::kUnsupportedShape;
+  typename Kernel::Params params(args, 1, 1);
+  return adaq::launch_fp8_grouped<Kernel, GroupedOutput>(
+      params, {a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets, num_groups, n, k},
+      max_m_tiles, stream);
 }
 }  // namespace adaq::tile_64x128_64x4
 
@@ -294,6 +347,7 @@ using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 static_assert(sizeof(typename Kernel::SharedStorage) <= 101376,
               "tile 128x64_64x6 does not fit Ada's 99 KB of shared memory per block");
 constexpr int kSharedBytes = int(sizeof(typename Kernel::SharedStorage));
+constexpr int kTileM = Kernel::Mma::Shape::kM;
 
 // D = bf16(((A @ B^T) * row_scale[m]) * col_scale[n]); A [M,K] e4m3 row-major, B [N,K] e4m3 row-major (= K x N
 // column-major, CUTLASS's TN), D [M,N] bf16 row-major. Launched on `stream`; the identity swizzle without split-K
@@ -312,6 +366,31 @@ int run(const void* a, const void* b, const float* row_scale, const float* col_s
   if (Gemm::get_workspace_size(args) != 0) return adaq::kWorkspaceTooSmall;
   if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return adaq::kCudaError;
   return gemm.run(stream) == cutlass::Status::kSuccess ? adaq::kOk : adaq::kCudaError;
+}
+
+// The grouped (MoE) launch of the same kernel type (csrc/fp8_grouped.cuh): the epilogue's three pointers per group.
+struct GroupedOutput {
+  static CUTLASS_DEVICE typename EVTD::Params params(const float* row_scale, const float* col_scale,
+                                                     cutlass::bfloat16_t* d, int n) {
+    return {{{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+            {d, {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  }
+};
+
+int run_grouped(const void* a, const void* b, const float* row_scale, const float* col_scale, void* d,
+                const int* group_offsets, const int* group_expert, const int* tile_offsets, const int* num_groups,
+                int max_m_tiles, int n, int k, cudaStream_t stream) {
+  // Host-side parameters of a representative problem: only the operand iterators' strides (from K) are used.
+  typename EVTD::Arguments callbacks{
+      {{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+      {static_cast<cutlass::bfloat16_t*>(d), {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {kTileM, n, k}, 1, callbacks, a, b,
+                                nullptr, nullptr, 0, 0, 0, 0, k, k, 0, 0);
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return adaq::kUnsupportedShape;
+  typename Kernel::Params params(args, 1, 1);
+  return adaq::launch_fp8_grouped<Kernel, GroupedOutput>(
+      params, {a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets, num_groups, n, k},
+      max_m_tiles, stream);
 }
 }  // namespace adaq::tile_128x64_64x6
 
@@ -333,6 +412,30 @@ int fp8_gemm_sm89_shared_bytes(int tile) {
     case 1: return tile_64x128_64x4::kSharedBytes;
     case 2: return tile_128x64_64x6::kSharedBytes;
     default: return 0;
+  }
+}
+
+int fp8_gemm_sm89_tile_m(int tile) {
+  switch (tile) {
+    case 0: return tile_128x64_64x4::kTileM;
+    case 1: return tile_64x128_64x4::kTileM;
+    case 2: return tile_128x64_64x6::kTileM;
+    default: return 0;
+  }
+}
+
+int fp8_grouped_gemm_sm89(int tile, const void* a, const void* b, const float* row_scale,
+                          const float* col_scale, void* d, const int* group_offsets,
+                          const int* group_expert, const int* tile_offsets, const int* num_groups,
+                          int max_m_tiles, int n, int k, cudaStream_t stream) {
+  switch (tile) {
+    case 0: return tile_128x64_64x4::run_grouped(a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets,
+                                     num_groups, max_m_tiles, n, k, stream);
+    case 1: return tile_64x128_64x4::run_grouped(a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets,
+                                     num_groups, max_m_tiles, n, k, stream);
+    case 2: return tile_128x64_64x6::run_grouped(a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets,
+                                     num_groups, max_m_tiles, n, k, stream);
+    default: return kUnsupportedShape;
   }
 }
 }  // namespace adaq

@@ -12,4 +12,12 @@ int fp8_gemm_sm89(int tile, const void* a, const void* b, const float* row_scale
                   int m, int n, int k, cudaStream_t stream);
 // Shared memory per block of tile `tile` (bytes), for reports.
 int fp8_gemm_sm89_shared_bytes(int tile);
+// Rows per block (BM) of tile `tile`: the grouped launch's M tiles.
+int fp8_gemm_sm89_tile_m(int tile);
+// Grouped (MoE) GEMM with tile `tile`, one launch for every group (csrc/fp8_grouped.cuh): group g multiplies rows
+// [group_offsets[g], group_offsets[g+1]) of a [R,K] by expert group_expert[g] of b [E,N,K] (col_scale [E,N]) into
+// the same rows of d [R,N]; tile_offsets [G+1] = cumulative ceil(rows / BM); the grid has max_m_tiles M tiles.
+int fp8_grouped_gemm_sm89(int tile, const void* a, const void* b, const float* row_scale, const float* col_scale,
+                          void* d, const int* group_offsets, const int* group_expert, const int* tile_offsets,
+                          const int* num_groups, int max_m_tiles, int n, int k, cudaStream_t stream);
 }  // namespace adaq

@@ -1,0 +1,209 @@
+"""MoE prefill on the FP8 path (issue 8, item 5): tokens grouped by expert, one grouped FP8 GEMM per projection.
+
+Numerics (`moe_fp8_reference`, plain PyTorch, any device): adaq.layers.moe.moe_reference with every expert linear
+replaced by the FP8 path's linear (adaq.layers.fp8_prefill): each expert's NVFP4 weight expanded to E4M3 with one
+scale per output channel, activations E4M3 per token (per row: gate|up rows are the token's own, down rows are
+(token, expert) rows), fp32 accumulation, `((acc * row_scale) * col_scale)` rounded once to bf16; SiLU-and-mul in
+bf16; the weighted outputs summed in ascending expert order in bf16.
+
+GPU (`fp8_moe_forward`), with no host sync between the router and the combine:
+1. fused router (moe.cu `router_topk`), rows (token, slot) grouped by expert in moe_align's layout (moe.cu's
+   `moe_align` up to `MOE_ALIGN_MAX_ROWS` rows; above, its stable placement is quadratic, so a stable sort and a
+   searchsorted give the same layout with every expert as a group, empty ones included);
+2. the tokens quantized to E4M3 once (`quantize_rows`), their rows gathered into expert order;
+3. all experts' gate|up weights expanded to E4M3 in one launch into the shared FP8 workspace (the per-row global
+   scale divided afterwards: exact, powers of two aside the division is the reference's), then one grouped FP8 GEMM
+   (generated sm_89 kernel, csrc/fp8_grouped.cuh) over all groups;
+4. SiLU-and-mul, E4M3 per row, the down weights expanded into the same workspace, the second grouped GEMM;
+5. rows scattered back to (token, slot) order and moe.cu's `moe_combine`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.layers import activation, fp8_prefill, moe
+
+MOE_ALIGN_MAX_ROWS = 2048  # moe_align's stable placement costs O(rows^2 / threads): sort-based grouping above
+MOE_TILE_ENV = "ADAQ_PREFILL_MOE_TILE"
+
+
+# ---- the reference ------------------------------------------------------------------------------------------------
+
+class _Fp8ExpertLinears:
+    """What moe_reference asks of a backend, with every expert linear on the FP8 path's numerics."""
+
+    @staticmethod
+    def linear(x: torch.Tensor, handle: fp8_prefill.FP8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return fp8_prefill.fp8_linear_reference(x, handle, bias)
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        return activation.silu_and_mul(x)
+
+
+def moe_fp8_reference(x: torch.Tensor, router_logits: torch.Tensor, gate_up: list[list[NVFP4Weight]],
+                      down: list[NVFP4Weight], top_k: int, renormalize: bool) -> torch.Tensor:
+    """x [T, H] -> [T, H]: the FP8 path's MoE (module doc). gate_up[e] = [gate, up] (or one fused weight)."""
+    experts = moe.ExpertsHandle([[fp8_prefill.expand_weight(w) for w in pair] for pair in gate_up],
+                                [fp8_prefill.expand_weight(w) for w in down], down[0].in_features)
+    return moe.moe_reference(_Fp8ExpertLinears(), x, router_logits, experts, top_k, renormalize)
+
+
+# ---- stacked expert weights --------------------------------------------------------------------------------------
+
+@dataclass
+class StackedNVFP4:
+    """One projection of every expert, rows stacked: expert e owns rows [e * rows_per_expert, (e + 1) * ...)."""
+
+    packed: torch.Tensor  # uint8 [E * N, K / 2]
+    block_scale: torch.Tensor  # float8_e4m3fn [E * N, K / 16]
+    row_global_scale: torch.Tensor  # float32 [E * N]: each row's NVFP4 global scale (gate and up may differ)
+    experts: int
+
+    @property
+    def rows_per_expert(self) -> int:
+        return self.packed.shape[0] // self.experts
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1] * 2
+
+    @classmethod
+    def stack(cls, weights: list[list[NVFP4Weight]], device: torch.device | str) -> "StackedNVFP4":
+        """weights[e] = the NVFP4 weights whose rows (concatenated) form expert e's projection."""
+        flat = [w for parts in weights for w in parts]
+        return cls(torch.cat([w.packed for w in flat]).to(device),
+                   torch.cat([w.block_scale for w in flat]).to(device),
+                   torch.cat([w.global_scale.float().reshape(1).expand(w.out_features) for w in flat]).to(device),
+                   len(weights))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.block_scale.numel() + self.row_global_scale.numel() * 4
+
+
+def expand_stacked_reference(w: StackedNVFP4) -> fp8_prefill.FP8Weight:
+    """What `expand_stacked` computes, in plain PyTorch: the expansion with a global scale of 1, then each row's
+    column scale divided by its own global scale (equal, bit for bit, to expanding each expert alone)."""
+    unit = NVFP4Weight(w.packed, w.block_scale, torch.ones(1, device=w.packed.device))
+    expanded = fp8_prefill.expand_weight(unit)
+    return fp8_prefill.FP8Weight(expanded.values, expanded.col_scale / w.row_global_scale)
+
+
+@dataclass
+class Fp8Experts:
+    """A MoE layer's experts kept as NVFP4 bytes for the FP8 prefill path (expanded per use, never kept in E4M3)."""
+
+    gate_up: StackedNVFP4  # [E * 2I, H]
+    down: StackedNVFP4  # [E * H, I]
+
+    @classmethod
+    def from_weights(cls, gate_up: list[list[NVFP4Weight]], down: list[NVFP4Weight],
+                     device: torch.device | str) -> "Fp8Experts":
+        return cls(StackedNVFP4.stack(gate_up, device), StackedNVFP4.stack([[w] for w in down], device))
+
+    @property
+    def num_experts(self) -> int:
+        return self.down.experts
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def expand_stacked(w: StackedNVFP4, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts of one projection -> (e4m3 [E, N, K], col_scale [E, N]) views of the shared FP8 workspace."""
+    from adaq.kernels import prefill_fp8
+
+    rows, k = w.packed.shape[0], w.in_features
+    values, col_scale = prefill_fp8.workspace(device, rows, k).view(rows, k)
+    ones = _ONES.setdefault(device, torch.ones(1, dtype=torch.float32, device=device))
+    prefill_fp8.ext().expand_nvfp4(w.packed, w.block_scale, ones, values, col_scale)
+    col_scale.div_(w.row_global_scale)
+    return values.view(w.experts, w.rows_per_expert, k), col_scale.view(w.experts, w.rows_per_expert)
+
+
+# ---- grouping and the grouped GEMM -------------------------------------------------------------------------------
+
+def align_rows(ids: torch.Tensor, experts: int):
+    """(group_offsets [G+1], group_expert [G], row_ids [R], num_groups [1]), int32, in moe_align's layout: rows
+    t * top_k + j sorted by expert, ascending row order within an expert."""
+    if ids.numel() <= MOE_ALIGN_MAX_ROWS and ids.is_cuda:
+        from adaq.kernels import ops
+
+        return ops.moe_align(ids, experts)
+    return align_rows_sorted(ids, experts)
+
+
+def align_rows_sorted(ids: torch.Tensor, experts: int):
+    """moe_align's layout from a stable sort (every expert is a group, empty ones too); no host sync."""
+    flat = ids.reshape(-1).int()
+    sorted_ids, row_ids = torch.sort(flat, stable=True)
+    bounds = torch.arange(experts + 1, dtype=torch.int32, device=ids.device)
+    offsets = torch.searchsorted(sorted_ids, bounds).int()
+    group_expert = torch.arange(experts, dtype=torch.int32, device=ids.device)
+    num_groups = torch.full((1,), experts, dtype=torch.int32, device=ids.device)
+    return offsets, group_expert, row_ids.int(), num_groups
+
+
+def choose_grouped_tile(rows: int, experts: int) -> int:
+    """64x128: fewest padded rows per group, and the fastest tile at 512, 2048 and 8192 tokens of Qwen3-30B-A3B on
+    the H100 (prefill_moe_bench, bench/results/prefill/moe_bench.json); $ADAQ_PREFILL_MOE_TILE overrides."""
+    import os
+
+    if os.environ.get(MOE_TILE_ENV):
+        return int(os.environ[MOE_TILE_ENV])
+    return 1
+
+
+def grouped_gemm(a: torch.Tensor, row_scale: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor, align,
+                 tile: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [R, N] bf16: group g's rows of a [R,K] e4m3 times expert group_expert[g] of w8 [E,N,K] (fp8 epilogue)."""
+    from adaq.kernels import prefill_fp8
+
+    offsets, group_expert, _, num_groups = align
+    if out is None:
+        out = torch.empty(a.shape[0], w8.shape[1], dtype=torch.bfloat16, device=a.device)
+    prefill_fp8.ext().fp8_grouped_gemm(a, w8, row_scale, col_scale, offsets, group_expert, num_groups, out, tile)
+    return out
+
+
+def _gather_rows(x8: torch.Tensor, row_scale: torch.Tensor, token_of_row: torch.Tensor):
+    rows = x8.view(torch.uint8).index_select(0, token_of_row).view(fp8_prefill.E4M3)
+    return rows, row_scale.index_select(0, token_of_row)
+
+
+def fp8_moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Fp8Experts,
+                   activation_name: str = "silu", tile: int | None = None) -> torch.Tensor:
+    """x [T, H] bf16 with its routing (weights [T, k] bf16, ids [T, k] int32) -> [T, H] bf16 (module doc, 2-5)."""
+    from adaq.kernels import ops, prefill_fp8
+
+    top_k, rows = ids.shape[1], ids.numel()
+    align = align_rows(ids, experts.num_experts)
+    row_ids = align[2].long()
+    tile = choose_grouped_tile(rows, experts.num_experts) if tile is None else tile
+    x8, row_scale = prefill_fp8.quantize_rows(x.contiguous())
+    a, a_scale = _gather_rows(x8, row_scale, torch.div(row_ids, top_k, rounding_mode="floor"))
+    w8, col_scale = expand_stacked(experts.gate_up, x.device)
+    gate_up = grouped_gemm(a, a_scale, w8, col_scale, align, tile)
+    hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
+    h8, h_scale = prefill_fp8.quantize_rows(hidden)
+    w8, col_scale = expand_stacked(experts.down, x.device)
+    y_sorted = grouped_gemm(h8, h_scale, w8, col_scale, align, tile)
+    y = torch.empty_like(y_sorted)
+    y.index_copy_(0, row_ids, y_sorted)
+    return ops.moe_combine(y, weights, ids)
+
+
+def fp8_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: Fp8Experts, top_k: int,
+                    renormalize: bool, activation_name: str = "silu", tile: int | None = None) -> torch.Tensor:
+    """The FP8 prefill MoE: x [T, H] bf16, router_logits [T, E] bf16 -> [T, H] bf16."""
+    from adaq.kernels import ops
+
+    weights, ids = ops.router_topk(router_logits.to(torch.bfloat16).contiguous(), top_k, renormalize)
+    return fp8_moe_routed(x, weights, ids, experts, activation_name, tile)
