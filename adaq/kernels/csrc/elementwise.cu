@@ -7,6 +7,37 @@ namespace adaq {
 // ---- RMSNorm: loop kernel, one warp per row, 16-byte loads; rows addressed as [outer][inner] with two strides so that the
 // per-head q/k norms run on strided views of the fused qkv output without a copy.
 // Qwen3: w * bf16(normed). Gemma3 (unit_offset): bf16(normed * (1 + w)) in fp32.
+// Eight bf16 values (one 16-byte vector): their squares added to `sq` in fp32, in order.
+__device__ __forceinline__ float add_squares8(uint4 r, float sq) {
+  const uint32_t v[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float a = __uint_as_float(v[j] << 16), b = __uint_as_float(v[j] & 0xFFFF0000u);
+    sq = fmaf(a, a, sq);
+    sq = fmaf(b, b, sq);
+  }
+  return sq;
+}
+
+// Eight values times 1/rms, then the weight in the model's rounding order (see the comment above).
+template <bool UNIT_OFFSET>
+__device__ __forceinline__ uint4 normalize8(uint4 r, uint4 wr, float inv) {
+  const uint32_t v[4] = {r.x, r.y, r.z, r.w}, wv[4] = {wr.x, wr.y, wr.z, wr.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float a = __uint_as_float(v[j] << 16) * inv, b = __uint_as_float(v[j] & 0xFFFF0000u) * inv;
+    const float wa = __uint_as_float(wv[j] << 16), wb = __uint_as_float(wv[j] & 0xFFFF0000u);
+    if (UNIT_OFFSET) {
+      o[j] = pack_bf16x2(a * (1.f + wa), b * (1.f + wb));
+    } else {
+      const float ra = __bfloat162float(__float2bfloat16_rn(a)), rb = __bfloat162float(__float2bfloat16_rn(b));
+      o[j] = pack_bf16x2(wa * ra, wb * rb);
+    }
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 template <bool UNIT_OFFSET>
 __global__ void rms_norm_kernel(const __nv_bfloat16* __restrict__ x, long long outer_stride, long long inner_stride,
                                 int inner, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
@@ -16,36 +47,12 @@ __global__ void rms_norm_kernel(const __nv_bfloat16* __restrict__ x, long long o
   const __nv_bfloat16* src = x + (row / inner) * outer_stride + (row % inner) * inner_stride;
   __nv_bfloat16* dst = y + static_cast<long long>(row) * dim;
   float sq = 0.f;
-  for (int i = lane * 8; i < dim; i += 256) {
-    const uint4 r = *reinterpret_cast<const uint4*>(src + i);
-    const uint32_t v[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float a = __uint_as_float(v[j] << 16), b = __uint_as_float(v[j] & 0xFFFF0000u);
-      sq = fmaf(a, a, sq);
-      sq = fmaf(b, b, sq);
-    }
-  }
+  for (int i = lane * 8; i < dim; i += 256) sq = add_squares8(*reinterpret_cast<const uint4*>(src + i), sq);
   sq = warp_sum(sq);
   const float inv = rsqrtf(sq / dim + eps);
-  for (int i = lane * 8; i < dim; i += 256) {
-    const uint4 r = *reinterpret_cast<const uint4*>(src + i);
-    const uint4 wr = *reinterpret_cast<const uint4*>(w + i);
-    const uint32_t v[4] = {r.x, r.y, r.z, r.w}, wv[4] = {wr.x, wr.y, wr.z, wr.w};
-    uint32_t o[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float a = __uint_as_float(v[j] << 16) * inv, b = __uint_as_float(v[j] & 0xFFFF0000u) * inv;
-      const float wa = __uint_as_float(wv[j] << 16), wb = __uint_as_float(wv[j] & 0xFFFF0000u);
-      if (UNIT_OFFSET) {
-        o[j] = pack_bf16x2(a * (1.f + wa), b * (1.f + wb));
-      } else {
-        const float ra = __bfloat162float(__float2bfloat16_rn(a)), rb = __bfloat162float(__float2bfloat16_rn(b));
-        o[j] = pack_bf16x2(wa * ra, wb * rb);
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + i) = make_uint4(o[0], o[1], o[2], o[3]);
-  }
+  for (int i = lane * 8; i < dim; i += 256)
+    *reinterpret_cast<uint4*>(dst + i) = normalize8<UNIT_OFFSET>(*reinterpret_cast<const uint4*>(src + i),
+                                                                 *reinterpret_cast<const uint4*>(w + i), inv);
 }
 
 // Register-cached variant: TPR threads per row, each holding VPT 16-byte vectors of it, so the row is read once
@@ -55,14 +62,17 @@ template <int TPR, int VPT>
 __device__ __forceinline__ float row_sum(float v, float* shared) {
 #pragma unroll
   for (int o = (TPR < 32 ? TPR : 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (TPR <= 32) return v;
-  const int warp = threadIdx.x >> 5, first = (warp / (TPR / 32)) * (TPR / 32);
-  if ((threadIdx.x & 31) == 0) shared[warp] = v;
-  __syncthreads();
-  float total = 0.f;
+  if constexpr (TPR <= 32) {
+    return v;
+  } else {
+    const int warp = threadIdx.x >> 5, first = (warp / (TPR / 32)) * (TPR / 32);
+    if ((threadIdx.x & 31) == 0) shared[warp] = v;
+    __syncthreads();
+    float total = 0.f;
 #pragma unroll
-  for (int i = 0; i < TPR / 32; ++i) total += shared[first + i];
-  return total;
+    for (int i = 0; i < TPR / 32; ++i) total += shared[first + i];
+    return total;
+  }
 }
 
 // ADD: the residual form, norm(x + delta) with the bf16 sum (rounded once, as torch's bf16 add) also written out:
@@ -95,13 +105,7 @@ __global__ void rms_norm_cached_kernel(const __nv_bfloat16* __restrict__ x, long
                         add_bf16x2(r[v].w, d.w));
       *reinterpret_cast<uint4*>(sum + at) = r[v];
     }
-    const uint32_t e[4] = {r[v].x, r[v].y, r[v].z, r[v].w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float a = __uint_as_float(e[j] << 16), b = __uint_as_float(e[j] & 0xFFFF0000u);
-      sq = fmaf(a, a, sq);
-      sq = fmaf(b, b, sq);
-    }
+    sq = add_squares8(r[v], sq);
   }
   sq = row_sum<TPR, VPT>(sq, shared);
   if (!live) return;
@@ -111,21 +115,7 @@ __global__ void rms_norm_cached_kernel(const __nv_bfloat16* __restrict__ x, long
   for (int v = 0; v < VPT; ++v) {
     const int i = (v * TPR + part) * 8;
     if (i >= dim) break;
-    const uint4 wr = *reinterpret_cast<const uint4*>(w + i);
-    const uint32_t e[4] = {r[v].x, r[v].y, r[v].z, r[v].w}, wv[4] = {wr.x, wr.y, wr.z, wr.w};
-    uint32_t o[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float a = __uint_as_float(e[j] << 16) * inv, b = __uint_as_float(e[j] & 0xFFFF0000u) * inv;
-      const float wa = __uint_as_float(wv[j] << 16), wb = __uint_as_float(wv[j] & 0xFFFF0000u);
-      if (UNIT_OFFSET) {
-        o[j] = pack_bf16x2(a * (1.f + wa), b * (1.f + wb));
-      } else {
-        const float ra = __bfloat162float(__float2bfloat16_rn(a)), rb = __bfloat162float(__float2bfloat16_rn(b));
-        o[j] = pack_bf16x2(wa * ra, wb * rb);
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + i) = make_uint4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<uint4*>(dst + i) = normalize8<UNIT_OFFSET>(r[v], *reinterpret_cast<const uint4*>(w + i), inv);
   }
 }
 
