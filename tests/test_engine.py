@@ -233,6 +233,43 @@ def test_abort_frees_blocks(checkpoints):
     assert not engine.has_unfinished()
 
 
+def test_decode_look_ahead_changes_nothing(checkpoints, monkeypatch):
+    """Decode look-ahead (the next step launched before the host reads this one's tokens) gives the same tokens,
+    stops and freed blocks as reading every step first, with sequences ending by EOS, stop strings and aborts
+    while a step is in flight; and it did run."""
+    folder = checkpoints["qwen3"] / "nvfp4"
+    prompts = ["Hello", "Other prompt", "A third one", "Hi"]
+
+    def run(look_ahead: bool):
+        monkeypatch.setenv("ADAQ_DECODE_LOOKAHEAD", "1" if look_ahead else "0")
+        llm = make_llm(folder)
+        engine = llm.engine
+        launches = []
+        launch = engine.runner.launch
+        engine.runner.launch = lambda batch, tokens=None: launches.append(tokens is not None) or launch(batch, tokens)
+        free = engine.block_manager.num_free_blocks
+        first = llm.generate(prompts, greedy(24))
+        engine.eos_token_ids = {first[0].token_ids[5], first[2].token_ids[9]}
+        params = [SamplingParams(max_tokens=24, temperature=0), greedy(24, stop=[first[1].text[4:6]]), greedy(30),
+                  SamplingParams(max_tokens=24, temperature=0.8, seed=7)]
+        stopped = llm.generate(prompts, params)
+        request = engine.add_request("Hello there", greedy(50))
+        for _ in range(4):
+            engine.step()
+        engine.abort_request(request)
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.block_manager.num_free_blocks == free
+        outputs = [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in first + stopped]
+        return outputs, sum(launches)
+
+    eager, eager_ahead = run(False)
+    pipelined, ahead = run(True)
+    assert eager_ahead == 0 and ahead > 20
+    assert pipelined == eager
+    assert {reason for _, _, reason, _ in eager} == {"length", "stop"}
+
+
 def test_chat_uses_the_tokenizer_template(checkpoints):
     llm = make_llm(checkpoints["qwen3"] / "nvfp4")
     out = llm.chat([{"role": "user", "content": "hi"}], greedy(4))[0]

@@ -195,6 +195,20 @@ def test_reference_backend_emulates_fp8_only_from_min_tokens():
     assert torch.equal(backend.linear(x[:5], handle, bias), exact)
 
 
+def test_fp8_path_skips_the_excluded_roles(monkeypatch):
+    """down_proj stays on the exact path by default; ADAQ_PREFILL_FP8_EXCLUDE chooses the roles (empty: none)."""
+    weight, x = random_nvfp4(64, 256), random_rows(70, 256)
+    backend = ReferenceBackend("cpu", prefill_fp8=True, prefill_fp8_min_tokens=64)
+    exact = torch.nn.functional.linear(x, nvfp4.dequantize(weight))
+    fp8 = fp8_prefill.fp8_linear_reference(x, fp8_prefill.expand_weight(weight))
+    assert torch.equal(backend.linear(x, backend.prepare_linear(weight, dtype=torch.float32, role="down_proj")), exact)
+    assert torch.equal(backend.linear(x, backend.prepare_linear(weight, dtype=torch.float32, role="qkv_proj")), fp8)
+    monkeypatch.setenv("ADAQ_PREFILL_FP8_EXCLUDE", "")
+    assert torch.equal(backend.linear(x, backend.prepare_linear(weight, dtype=torch.float32, role="down_proj")), fp8)
+    monkeypatch.setenv("ADAQ_PREFILL_FP8_EXCLUDE", "o_proj, qkv_proj")
+    assert [fp8_prefill.covers(r) for r in ("qkv_proj", "o_proj", "down_proj", None)] == [False, False, True, True]
+
+
 def test_reference_backend_fp8_flag_from_environment(monkeypatch):
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "fp8")
     assert ReferenceBackend("cpu").prefill_fp8

@@ -6,6 +6,7 @@ a worker thread that steps): they only validate and enqueue; `step` takes the qu
 
 import itertools
 import json
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import Scheduler
 from adaq.engine.sequence import RequestMetrics, Sequence, SequenceStatus
 from adaq.errors import AdaqError
+
+
+LOOK_AHEAD_ENV = "ADAQ_DECODE_LOOKAHEAD"  # "0": read each step's tokens before launching the next
+LOOK_AHEAD_TOKEN = 0  # stands in a sequence's token list for a token still on the device (never read as input)
 
 
 @dataclass
@@ -74,6 +79,8 @@ class LLMEngine:
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._ids = itertools.count()
+        self._in_flight = None  # a launched step whose tokens the host has not read yet (decode look-ahead)
+        self.look_ahead = os.environ.get(LOOK_AHEAD_ENV, "1") != "0"
 
     @property
     def max_model_len(self) -> int:
@@ -145,28 +152,67 @@ class LLMEngine:
         self._aborts.append(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self._inbox or self._aborts or self.scheduler.has_unfinished())
+        return self._in_flight is not None or bool(self._inbox or self._aborts or self.scheduler.has_unfinished())
 
     def num_unfinished(self) -> int:
         return len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an output for every request that produced tokens or finished."""
+        """Run one scheduled batch; return an output for every request that produced tokens or finished.
+
+        Decode look-ahead: while a pure decode step runs on the GPU, the next one is launched with the tokens it is
+        about to produce (still on the device) before the host reads them, so the host's bookkeeping of a step
+        overlaps the device's work on the next. A row whose sequence ends in between is computed and dropped."""
         outputs = self._take_inbox()
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return outputs
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return outputs
+            step = self._launch(batch)
+        if not outputs and self._can_look_ahead(step):
+            self._in_flight = self._look_ahead(step)
+        return outputs + self._complete(step)
+
+    def _launch(self, batch, input_tokens=None):
         started = time.perf_counter()
         for seq in batch.seqs:
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or started
-        tokens = self.runner.run(batch)
-        self._count_step(batch, time.perf_counter() - started)
-        for seq, count, token in zip(batch.seqs, batch.num_new_tokens, tokens):
-            seq.num_computed_tokens += count
+        return self.runner.launch(batch, input_tokens)
+
+    def _can_look_ahead(self, step) -> bool:
+        """Only when the next step is certain to be this batch again, one token further: a decode step of every
+        running sequence, nothing waiting, none at its token limit, a free block for each."""
+        seqs = step.batch.seqs
+        return (self.look_ahead and step.batch.is_decode and step.tokens is not None
+                and len(step.sample_rows) == len(seqs) and not self.scheduler.waiting
+                and seqs == self.scheduler.running and len(seqs) <= self.config.max_num_batched_tokens
+                and self.block_manager.num_free_blocks >= len(seqs)
+                and all(seq.num_output_tokens + 1 < seq.max_tokens and not seq.is_finished for seq in seqs))
+
+    def _look_ahead(self, step):
+        for seq in step.batch.seqs:  # as if its token were known: computed, with a stand-in until it is read
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(LOOK_AHEAD_TOKEN)
+        step.advanced = True
+        batch = self.scheduler.schedule()
+        return self._launch(batch, step.tokens)
+
+    def _complete(self, step) -> list[RequestOutput]:
+        tokens = self.runner.collect(step)
+        self._count_step(step.batch, time.perf_counter() - step.started)
+        outputs = []
+        for seq, count, token in zip(step.batch.seqs, step.batch.num_new_tokens, tokens):
+            if seq.is_finished:  # ended (or aborted) while this step was in flight: its row is dropped
+                continue
+            if step.advanced:
+                seq.token_ids[-1] = token  # the stand-in of _look_ahead
+            else:
+                seq.num_computed_tokens += count
             self.block_manager.register_computed_blocks(seq)
             if token is not None:
-                self._append_token(seq, token)
+                self._append_token(seq, token, placed=step.advanced)
             elif not seq.wants_tokens and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 seq.finish("length")
             if token is not None or seq.is_finished:
@@ -203,8 +249,9 @@ class LLMEngine:
             self.stats.prompt_tokens += batch.num_tokens
             self.stats.prompt_time += elapsed
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
+    def _append_token(self, seq: Sequence, token: int, placed: bool = False) -> None:
+        if not placed:
+            seq.token_ids.append(token)
         metrics = seq.metrics
         metrics.num_output_tokens = seq.num_output_tokens
         metrics.first_token_time = metrics.first_token_time or time.perf_counter()

@@ -11,7 +11,8 @@ every prompt position of a request that asked for prompt log-probabilities (in s
 holds a full [T, vocab] tensor).
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +55,19 @@ class StepInputs:
     score_rows: list[tuple[int, int, int, int]]  # (batch index, first packed index, first position, count)
     candidate_rows: list[tuple[int, int]]  # (batch index, packed index of the prompt's last token)
     graph_bucket: object = None  # a decode step staged into a CUDA graph's buffers (adaq.engine.cuda_graph)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device; `ModelRunner.collect` waits for its tokens."""
+
+    batch: ScheduledBatch
+    sample_rows: list[int]
+    tokens: torch.Tensor | None  # [len(sample_rows)] on the model's device
+    host_tokens: torch.Tensor | None  # a pinned copy being made (GPU), read once `ready` has passed
+    ready: object  # torch.cuda.Event | None
+    started: float = field(default_factory=time.perf_counter)
+    advanced: bool = False  # the engine already counted its tokens as computed (a step was launched after it)
 
 
 class ModelRunner:
@@ -184,7 +198,14 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """Compute the batch's tokens; return the sampled token of each sequence (None where nothing is sampled).
         Prompt log-probabilities are written into the sequences' own tensors."""
-        inputs = self._prepare(batch)
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the batch's work on the device and return without waiting for it. `input_tokens` (a device tensor,
+        one per sequence) replaces the batch's input ids: a decode step launched before the previous step's tokens
+        reached the host feeds them straight from the previous step's output."""
+        inputs = self._prepare(batch, input_tokens)
         try:
             hidden = self._forward(inputs)
             tokens = self._sample(batch, inputs, hidden)
@@ -194,21 +215,40 @@ class ModelRunner:
                 self._score_candidates(batch.seqs[row], hidden[index:index + 1])
         finally:
             reset_context()
+        return LaunchedStep(batch, inputs.sample_rows, tokens, *self._copy_to_host(tokens))
+
+    def collect(self, step: LaunchedStep) -> list[int | None]:
+        """Wait for a launched step's tokens (only its own work, not what was queued after it)."""
+        tokens: list[int | None] = [None] * len(step.batch.seqs)
+        if step.tokens is None:
+            return tokens
+        if step.ready is not None:
+            step.ready.synchronize()
+        values = (step.host_tokens if step.host_tokens is not None else step.tokens).tolist()
+        for row, token in zip(step.sample_rows, values):
+            tokens[row] = token
         return tokens
 
-    def _sample(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[int | None]:
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        if inputs.sample_rows:
-            index = inputs.sample_token_index
-            if index == list(range(len(index))):  # decode: every row samples its only token, no gather needed
-                rows = hidden[:len(index)]
-            else:
-                rows = hidden[torch.tensor(index, device=self.device)]
-            logits = self.model.compute_logits(rows)
-            sampled = self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows]).tolist()
-            for row, token in zip(inputs.sample_rows, sampled):
-                tokens[row] = token
-        return tokens
+    def _copy_to_host(self, tokens: torch.Tensor | None):
+        if tokens is None or tokens.device.type != "cuda":
+            return None, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def _sample(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The sampled token ids [len(sample_rows)] on the device, or None when no sequence samples."""
+        if not inputs.sample_rows:
+            return None
+        index = inputs.sample_token_index
+        if index == list(range(len(index))):  # decode: every row samples its only token, no gather needed
+            rows = hidden[:len(index)]
+        else:
+            rows = hidden[torch.tensor(index, device=self.device)]
+        logits = self.model.compute_logits(rows)
+        return self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows])
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if inputs.graph_bucket is not None:
@@ -231,7 +271,7 @@ class ModelRunner:
         seq.candidate_logprobs = logprobs[torch.tensor(seq.candidates, device=self.device)].cpu()
         seq.next_token_argmax = int(logprobs.argmax())
 
-    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def _prepare(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> StepInputs:
         bs = self.geometry.block_size
         input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
         sample_rows, sample_index, score_rows, candidate_rows = [], [], [], []
@@ -258,6 +298,8 @@ class ModelRunner:
                                                           tables)
         if rows.graph_bucket is not None:
             bucket = rows.graph_bucket
+            if input_tokens is not None:
+                bucket.input_ids[:len(batch.seqs)].copy_(input_tokens)
             set_context(is_prefill=False, max_seqlen_q=1, context_lens=bucket.context_lens,
                         slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
                         max_context_len=max(context_lens))
@@ -266,6 +308,8 @@ class ModelRunner:
         padded = [value for table in tables for value in table + [-1] * (width - len(table))]
         rows.input_ids, rows.positions, slot_mapping = self._upload(input_ids + positions + slots, torch.int64,
                                                                      [len(input_ids)] * 2 + [len(slots)])
+        if input_tokens is not None:
+            rows.input_ids = input_tokens
         lens, query, flat_tables = self._upload(context_lens + query_lens + padded, torch.int32,
                                                 [len(context_lens), len(query_lens), len(padded)])
         decode = batch.is_decode

@@ -11,7 +11,7 @@ import torch
 
 from adaq.formats.nvfp4 import NVFP4Weight
 from adaq.kernels import layout, ops, prefill_fp8, prefill_moe
-from adaq.layers import moe
+from adaq.layers import fp8_prefill, moe
 from adaq.layers.backend import ReferenceBackend
 from adaq.layers.linear import LinearHandle, can_fuse, check_shapes, quantize_activation_nvfp4
 
@@ -49,16 +49,16 @@ class CudaBackend(ReferenceBackend):
         ops.counters(self.device)  # allocate now, never inside a CUDA-graph capture
 
     # ---- linear layers ---------------------------------------------------------------------------------------
-    def prepare_linear(self, weight, *, dtype: torch.dtype) -> LinearHandle:
+    def prepare_linear(self, weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
         if not isinstance(weight, NVFP4Weight) or dtype != torch.bfloat16:
-            return super().prepare_linear(weight, dtype=dtype)
+            return super().prepare_linear(weight, dtype=dtype, role=role)
         packed = layout.repack(weight, self.device)
         scale = None
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
         path = prefill_fp8.configured_path()
-        if path == "fp8":  # opt-in FP8 prefill keeps the NVFP4 bytes for the expansion
+        if path == "fp8" and fp8_prefill.covers(role):  # opt-in FP8 prefill keeps the NVFP4 bytes to expand
             handle.fp8_source = weight.to(self.device)
         if path != "nvfp4" and prefill_fp8.exact_available():  # exact large-M path; workspace sized now, not in a graph
             handle.exact_plan = prefill_fp8.exact_plan(packed)

@@ -155,8 +155,8 @@ class SelfAttention(nn.Module):
         self.backend = backend
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.qkv_proj = Linear(backend, hidden_size, [num_heads * head_dim, num_kv_heads * head_dim,
-                                                      num_kv_heads * head_dim])
-        self.o_proj = Linear(backend, num_heads * head_dim, hidden_size)
+                                                      num_kv_heads * head_dim], role="qkv_proj")
+        self.o_proj = Linear(backend, num_heads * head_dim, hidden_size, role="o_proj")
         self.q_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
         self.k_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
         self.inv_freq = inv_freq  # fp32 [D/2] on the backend's device, shared by the layers of one RoPE base

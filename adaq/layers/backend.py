@@ -47,7 +47,7 @@ class ReferenceBackend:
         self.cos_sin = rotary.CosSinMemo()
 
     # Linear layers
-    def prepare_linear(self, weight: Weight, *, dtype: torch.dtype) -> LinearHandle:
+    def prepare_linear(self, weight: Weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
         if isinstance(weight, torch.Tensor):
             dense = weight.to(device=self.device, dtype=dtype)
             return LinearHandle(dense.shape[0], dense.shape[1], dtype, dense=dense)
@@ -59,7 +59,7 @@ class ReferenceBackend:
         if self.dequant_cached_bytes + nbytes <= self.dequant_cache_bytes:
             handle.dense = nvfp4.dequantize(packed, dtype)
             self.dequant_cached_bytes += nbytes
-        if self.prefill_fp8:
+        if self.prefill_fp8 and fp8_prefill.covers(role):
             self._prepare_fp8(handle, packed)
         return handle
 

@@ -17,8 +17,14 @@ multiplies the fp32 accumulator once, before the single rounding: `exact_linear_
 Activations: per token (row) `row_scale[m] = max(amax(|x[m]|) / 448, 1e-12)`, `x8 = e4m3(x / row_scale)` in fp32
 (IEEE division, clamped to +-448 like the FP8 KV cache). Output: `y = ((x8 @ w8^T) * row_scale[m]) * col_scale[n]`
 in fp32, one rounding to the compute dtype, then the bias.
+
+Which layers: every NVFP4 linear of at least MIN_TOKENS rows except the roles in `$ADAQ_PREFILL_FP8_EXCLUDE`
+(comma-separated; default `down_proj`: its inputs, SiLU(gate) * up, have the heaviest tails, and on the real
+Gemma3-270M it alone costs +1.56 % perplexity where q/k/v, o and gate/up together cost +0.35 %; docs/KERNELS.md).
+MoE experts are not covered by this setting: the grouped FP8 path runs both of their projections.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +37,14 @@ E4M3_MAX = 448.0
 MIN_ROW_SCALE = 1e-12
 WEIGHT_HEADROOM = 64.0  # 2**6: 6 * 64 = 384 <= 448
 MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
+EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
+DEFAULT_EXCLUDED = "down_proj"
+
+
+def covers(role: str | None) -> bool:
+    """Whether a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj; None: unnamed) takes the FP8 path."""
+    excluded = {name.strip() for name in os.environ.get(EXCLUDE_ENV, DEFAULT_EXCLUDED).split(",") if name.strip()}
+    return role not in excluded
 
 
 @dataclass

@@ -81,9 +81,10 @@ class Linear(nn.Module):
     are concatenated. Weights arrive at load time; the module holds no parameters before.
     """
 
-    def __init__(self, backend, in_features: int, out_sizes: int | list[int]):
+    def __init__(self, backend, in_features: int, out_sizes: int | list[int], role: str | None = None):
         super().__init__()
         self.backend = backend
+        self.role = role  # the projection's name (qkv_proj, down_proj, ...): backends may treat roles differently
         self.in_features = in_features
         self.out_sizes = [out_sizes] if isinstance(out_sizes, int) else list(out_sizes)
         self.out_features = sum(self.out_sizes)
@@ -103,7 +104,7 @@ class Linear(nn.Module):
             weights = [fuse(weights)]
             biases = [None if all(b is None for b in biases) else torch.cat(
                 [torch.zeros(n) if b is None else b.float() for b, n in zip(biases, self.out_sizes)])]
-        self.handles = [self.backend.prepare_linear(w, dtype=dtype) for w in weights]
+        self.handles = [self.backend.prepare_linear(w, dtype=dtype, role=self.role) for w in weights]
         self.biases = [None if b is None else b.to(device=self.backend.device, dtype=dtype) for b in biases]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.backend = backend
         self.activation = activation_kind(activation)
-        self.gate_up_proj = Linear(backend, hidden_size, [intermediate_size, intermediate_size])
-        self.down_proj = Linear(backend, intermediate_size, hidden_size)
+        self.gate_up_proj = Linear(backend, hidden_size, [intermediate_size, intermediate_size], role="gate_up_proj")
+        self.down_proj = Linear(backend, intermediate_size, hidden_size, role="down_proj")
 
     def load(self, reader, prefix: str) -> None:
         self.gate_up_proj.load([reader.linear(f"{prefix}.gate_proj"), reader.linear(f"{prefix}.up_proj")],
