@@ -1,7 +1,6 @@
 """The FP8 prefill path: generated CUTLASS sources, the reference emulation's error, and (GPU) each kernel against
 the reference (adaq.layers.fp8_prefill)."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.sass import cuobjdump, sass_of
 
 from adaq.formats import nvfp4
 from adaq.layers import fp8_prefill
@@ -71,27 +71,6 @@ def gemm_ptx(tmp_path_factory) -> tuple[str, str]:
 
 GEMM_CUBIN: dict[str, Path] = {}  # the gemm_ptx fixture's sm_89 machine code, for the SASS check
 SASS_FP8_MMA = "QMMA.16832.F32.E4M3.E4M3"  # how cuobjdump names sm_89's e4m3 mma.sync (QMMA, not HMMA)
-
-
-def cuobjdump() -> str | None:
-    """cuobjdump (it runs nvdisasm beside it) from PATH, else from the nvidia-cuda-cuobjdump and
-    nvidia-cuda-nvdisasm wheels (dev extra)."""
-    if shutil.which("cuobjdump") and shutil.which("nvdisasm"):
-        return shutil.which("cuobjdump")
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    found = [p for root in nvidia.__path__ for p in sorted(Path(root).glob("cu*/bin/cuobjdump"))
-             if (p.parent / "nvdisasm").exists()]
-    return str(found[0]) if found else None
-
-
-def sass_of(cubin: Path) -> str:
-    tool = Path(cuobjdump())
-    env = {**os.environ, "PATH": f"{tool.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True, env=env,
-                          timeout=300).stdout
 
 
 def test_generated_gemm_sass_has_e4m3_mma_and_no_local_memory(gemm_ptx):

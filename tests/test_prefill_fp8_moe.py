@@ -2,7 +2,6 @@
 and the stacked expansion (CPU), and (GPU) the grouped FP8 GEMM and the whole MoE against the reference."""
 
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.sass import cuobjdump, sass_of
 
 from adaq.formats import nvfp4
 from adaq.kernels import prefill_moe
@@ -18,27 +18,6 @@ from adaq.layers.backend import ReferenceBackend
 
 KERNELS = Path(__file__).resolve().parent.parent / "adaq" / "kernels"
 QWEN3_30B_A3B = {"experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768}
-
-
-def cuobjdump() -> str | None:
-    """cuobjdump (it runs nvdisasm beside it) from PATH, else from the nvidia-cuda-cuobjdump and
-    nvidia-cuda-nvdisasm wheels (dev extra)."""
-    if shutil.which("cuobjdump") and shutil.which("nvdisasm"):
-        return shutil.which("cuobjdump")
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    found = [p for root in nvidia.__path__ for p in sorted(Path(root).glob("cu*/bin/cuobjdump"))
-             if (p.parent / "nvdisasm").exists()]
-    return str(found[0]) if found else None
-
-
-def sass_of(cubin: Path) -> str:
-    tool = Path(cuobjdump())
-    env = {**os.environ, "PATH": f"{tool.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True, env=env,
-                          timeout=300).stdout
 
 
 @functools.lru_cache(maxsize=4)

@@ -42,6 +42,17 @@ def test_run_streams_the_greedy_completion_and_reports_speed(tiny, capsys, monke
     assert "prompt: 6 tokens" in err and "tok/s" in err and "CPU" in err and "peak RSS" in err
 
 
+def test_run_fp8_prefill_path_on_the_reference_backend(tiny, capsys, monkeypatch):
+    """`--prefill-path fp8` reaches the engine: the reference backend emulates the FP8 path (prompts of >= 64 tokens)."""
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "auto")  # restored after the test, whatever the command sets
+    code, out, err = adaq(["run", tiny / "nvfp4", "hello " * 20, *FAST, "--max-tokens", "3", "--json",
+                           "--prefill-path", "fp8"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["finish_reason"] == "length", err
+    import os
+
+    assert os.environ.get("ADAQ_PREFILL_PATH") == "fp8"
+
+
 def test_run_json(tiny, capsys, monkeypatch):
     code, out, err = adaq(["run", tiny / "nvfp4", "Hello", "--json", "--max-tokens", "5", "--seed", "3", *FAST],
                           capsys, monkeypatch)
@@ -82,6 +93,7 @@ def _one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
     (["hi", "--kv-cache-dtype", "int8"], ["--kv-cache-dtype"]),
     (["hi", "--backend", "tpu"], ["backend"]),
     (["hi", "--threads", "0"], ["--threads"]),
+    (["hi", "--prefill-path", "int4"], ["--prefill-path", "auto, fp8, nvfp4"]),
 ])
 def test_bad_input_is_one_line(tiny, capsys, monkeypatch, args, fragments, restore_torch_threads):
     _one_line_error(*adaq(["run", tiny / "nvfp4", *FAST, "--max-tokens", "2", *args], capsys, monkeypatch),

@@ -37,6 +37,9 @@ def serve(
     max_body_bytes: int = typer.Option(8 * 2**20, "--max-body-bytes", help="Largest request body (else 413)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
     json_output: bool = typer.Option(False, "--json", help="Print the ready line as one JSON object on stdout."),
+    prefill_path: str | None = typer.Option(None, "--prefill-path", help="NVFP4 prefill of many tokens: auto (exact, "
+                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, +0.35% ppl measured), "
+                                            "nvfp4 (decode kernels). Default: $ADAQ_PREFILL_PATH, else auto."),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (streaming and plain JSON), with Prometheus metrics."""
     from rich.console import Console
@@ -47,10 +50,12 @@ def serve(
         raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)")
 
     from adaq.engine.config import EngineConfig
+    from adaq.kernels.prefill_fp8 import select_path
     from adaq.serve.app import ServeSettings
     from adaq.serve.server import serve as run_server
 
     console = Console(stderr=True)
+    select_path(prefill_path)
     names = served_model_name or [checkpoint.name]
     settings = ServeSettings(names + [str(checkpoint)], str(checkpoint), api_key, max_queue, max_prompt_tokens,
                              max_output_tokens, max_body_bytes)

@@ -21,11 +21,13 @@ SHAPES = {  # name: (N, K) at M = 2048 prompt tokens
 }
 
 
-def _median_ms(step, repeats: int = 20, warmup: int = 3) -> float:
+def _median_ms(step, repeats: int = 20, warmup: int = 3, flush: torch.Tensor | None = None) -> float:
     for _ in range(warmup):
         step()
     times = []
     for _ in range(repeats):
+        if flush is not None:
+            flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
@@ -175,18 +177,7 @@ SWEEP_ROWS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 
 def _median_cold_ms(step, flush: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
     """Median over repeats with L2 flushed before each (a model's layers never find their weights in L2)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _median_ms(step, repeats, warmup, flush)
 
 
 def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = None) -> dict:

@@ -100,6 +100,17 @@ def exact_available() -> bool:
 
 # ---- path selection -----------------------------------------------------------------------------------------------
 
+def select_path(path: str | None) -> None:
+    """The `--prefill-path` of `adaq run` / `adaq serve`: None keeps $ADAQ_PREFILL_PATH (default auto)."""
+    from adaq.errors import AdaqError
+
+    if path is None:
+        return
+    if path not in PATHS:
+        raise AdaqError(f"invalid --prefill-path {path!r}: choose one of {', '.join(PATHS)}")
+    os.environ[PATH_ENV] = path
+
+
 def configured_path() -> str:
     from adaq.errors import AdaqError
 
