@@ -32,7 +32,7 @@ def run(
     system: str | None = typer.Option(None, "--system", help="System message for chat."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help="NVFP4 prefill of many tokens: auto (exact, "
-                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, +0.35% ppl measured), "
+                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, lossy: +0.5% ppl), "
                                             "nvfp4 (decode kernels). Default: $ADAQ_PREFILL_PATH, else auto."),
 ) -> None:
     """Generate text with adaq's engine: streams tokens, then prompt and decode tok/s and peak memory."""

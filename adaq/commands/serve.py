@@ -38,7 +38,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
     json_output: bool = typer.Option(False, "--json", help="Print the ready line as one JSON object on stdout."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help="NVFP4 prefill of many tokens: auto (exact, "
-                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, +0.35% ppl measured), "
+                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, lossy: +0.5% ppl), "
                                             "nvfp4 (decode kernels). Default: $ADAQ_PREFILL_PATH, else auto."),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (streaming and plain JSON), with Prometheus metrics."""

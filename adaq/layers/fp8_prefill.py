@@ -20,7 +20,8 @@ in fp32, one rounding to the compute dtype, then the bias.
 
 Which layers: every NVFP4 linear of at least MIN_TOKENS rows except the roles in `$ADAQ_PREFILL_FP8_EXCLUDE`
 (comma-separated; default `down_proj`: its inputs, SiLU(gate) * up, have the heaviest tails, and on the real
-Gemma3-270M it alone costs +1.56 % perplexity where q/k/v, o and gate/up together cost +0.35 %; docs/KERNELS.md).
+Gemma3-270M it alone costs +1.56 % perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 %
+on 64); docs/KERNELS.md).
 MoE experts are not covered by this setting: the grouped FP8 path runs both of their projections.
 """
 
