@@ -187,7 +187,8 @@ class LLMEngine:
         seqs = step.batch.seqs
         return (self.look_ahead and step.batch.is_decode and step.tokens is not None
                 and len(step.sample_rows) == len(seqs) and not self.scheduler.waiting
-                and seqs == self.scheduler.running and len(seqs) <= self.config.max_num_batched_tokens
+                and _same_objects(seqs, self.scheduler.running)
+                and len(seqs) <= self.config.max_num_batched_tokens
                 and self.block_manager.num_free_blocks >= len(seqs)
                 and all(seq.num_output_tokens + 1 < seq.max_tokens and not seq.is_finished for seq in seqs))
 
@@ -312,6 +313,10 @@ class LLMEngine:
         generation = _read_json(Path(self.config.model) / "generation_config.json")
         keys = ("temperature", "top_p", "top_k", "min_p")
         return {key: generation[key] for key in keys if generation.get(key) is not None}
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def load_model(model_config: dict, config: EngineConfig) -> torch.nn.Module:
