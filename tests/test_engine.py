@@ -270,6 +270,18 @@ def test_decode_look_ahead_changes_nothing(checkpoints, monkeypatch):
     assert {reason for _, _, reason, _ in eager} == {"length", "stop"}
 
 
+def test_decode_graph_inputs_land_in_the_bucket_views():
+    """The two flat buffers a decode step is copied into read back, through the graph's views, as the step's inputs
+    padded to the bucket (padded rows: slot -1, one key of block 0)."""
+    from adaq.engine.cuda_graph import _Bucket, pack_decode_inputs
+
+    longs, ints = pack_decode_inputs(4, 3, [11, 12, 13], [5, 9, 2], [21, 37, 8], [6, 10, 3], [[1], [2, 4, 5], [7]])
+    bucket = _Bucket(4, None, torch.tensor(longs), torch.tensor(ints, dtype=torch.int32), None)
+    assert bucket.input_ids.tolist() == [11, 12, 13, 0] and bucket.positions.tolist() == [5, 9, 2, 0]
+    assert bucket.slot_mapping.tolist() == [21, 37, 8, -1] and bucket.context_lens.tolist() == [6, 10, 3, 1]
+    assert bucket.block_tables.tolist() == [[1, 0, 0], [2, 4, 5], [7, 0, 0], [0, 0, 0]]
+
+
 def test_chat_uses_the_tokenizer_template(checkpoints):
     llm = make_llm(checkpoints["qwen3"] / "nvfp4")
     out = llm.chat([{"role": "user", "content": "hi"}], greedy(4))[0]

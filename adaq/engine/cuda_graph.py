@@ -57,6 +57,20 @@ class _Bucket:
         return self.ints[self.size:].view(self.size, -1)
 
 
+def pack_decode_inputs(size: int, max_blocks: int, input_ids: list[int], positions: list[int], slots: list[int],
+                       context_lens: list[int], tables: list[list[int]]) -> tuple[list[int], list[int]]:
+    """A decode step's inputs in a bucket's two flat buffers (`_Bucket`'s views), padded to `size` rows: a padded
+    row has token 0 at position 0, writes to slot -1 and attends over one key of block 0."""
+    pad = size - len(input_ids)
+    longs = input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
+    ints = context_lens + [1] * pad
+    for table in tables:
+        ints += table
+        ints += [0] * (max_blocks - len(table))
+    ints += [0] * (pad * max_blocks)
+    return longs, ints
+
+
 class DecodeGraphs:
     """`run(input_ids, positions) -> hidden | None`, the seam ModelRunner calls for decode steps."""
 
@@ -105,13 +119,8 @@ class DecodeGraphs:
         bucket = self.bucket_for(batch)
         if bucket is None or max(len(table) for table in tables) > self.max_blocks:
             return None
-        pad = bucket.size - batch
-        longs = input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
-        ints = context_lens + [1] * pad
-        for table in tables:
-            ints += table
-            ints += [0] * (self.max_blocks - len(table))
-        ints += [0] * (pad * self.max_blocks)
+        longs, ints = pack_decode_inputs(bucket.size, self.max_blocks, input_ids, positions, slots, context_lens,
+                                         tables)
         bucket.longs.copy_(torch.tensor(longs, dtype=torch.int64).pin_memory(), non_blocking=True)
         bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32).pin_memory(), non_blocking=True)
         return bucket
