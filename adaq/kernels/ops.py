@@ -20,7 +20,6 @@ _variant: int | None = None
 
 
 def ext():
-    global _variant
     module = load()
     if _variant is None:  # ADAQ_GEMM_VARIANT picks another GEMM variant (1..8; 0 = per shape), for comparisons
         set_gemm_variant(int(os.environ.get("ADAQ_GEMM_VARIANT", DEFAULT_GEMM_VARIANT)), module)
