@@ -240,9 +240,9 @@ def test_decode_look_ahead_changes_nothing(checkpoints, monkeypatch):
     folder = checkpoints["qwen3"] / "nvfp4"
     prompts = ["Hello", "Other prompt", "A third one", "Hi"]
 
-    def run(look_ahead: bool):
+    def run(look_ahead: bool, **settings):
         monkeypatch.setenv("ADAQ_DECODE_LOOKAHEAD", "1" if look_ahead else "0")
-        llm = make_llm(folder)
+        llm = make_llm(folder, **settings)
         engine = llm.engine
         launches = []
         launch = engine.runner.launch
@@ -268,6 +268,8 @@ def test_decode_look_ahead_changes_nothing(checkpoints, monkeypatch):
     assert eager_ahead == 0 and ahead > 20
     assert pipelined == eager
     assert {reason for _, _, reason, _ in eager} == {"length", "stop"}
+    tight, tight_ahead = run(True, num_kv_blocks=20, max_model_len=64)  # look-ahead waits for blocks, never preempts
+    assert tight == eager and 0 < tight_ahead < ahead
 
 
 def test_decode_graph_inputs_land_in_the_bucket_views():

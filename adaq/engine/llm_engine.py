@@ -183,14 +183,19 @@ class LLMEngine:
 
     def _can_look_ahead(self, step) -> bool:
         """Only when the next step is certain to be this batch again, one token further: a decode step of every
-        running sequence, nothing waiting, none at its token limit, a free block for each."""
+        running sequence, nothing waiting, none at its token limit, the blocks it needs free (no preemption)."""
         seqs = step.batch.seqs
         return (self.look_ahead and step.batch.is_decode and step.tokens is not None
                 and len(step.sample_rows) == len(seqs) and not self.scheduler.waiting
                 and _same_objects(seqs, self.scheduler.running)
                 and len(seqs) <= self.config.max_num_batched_tokens
-                and self.block_manager.num_free_blocks >= len(seqs)
+                and self.block_manager.num_free_blocks >= self._blocks_for_look_ahead(seqs)
                 and all(seq.num_output_tokens + 1 < seq.max_tokens and not seq.is_finished for seq in seqs))
+
+    def _blocks_for_look_ahead(self, seqs) -> int:
+        """New blocks the look-ahead step takes: its token sits one past the one being computed now."""
+        manager = self.block_manager
+        return sum(max(0, manager.blocks_for(seq.num_computed_tokens + 2) - len(seq.block_table)) for seq in seqs)
 
     def _look_ahead(self, step):
         for seq in step.batch.seqs:  # as if its token were known: computed, with a stand-in until it is read
