@@ -58,17 +58,23 @@ def draw_speed(axes, variants: list[dict]) -> None:
 
 
 def draw_prefill(axes, variants: list[dict]) -> None:
+    draw_bars_by_batch(axes, variants, lambda result: result["prefill_tokens_per_s"], "%.0f",
+                       "prefill tokens/s (prompt tokens over time to the last first token)")
+
+
+def draw_bars_by_batch(axes, variants: list[dict], value, fmt: str, ylabel: str) -> None:
+    """One group of bars per batch size, one bar per variant, each labelled with its `value(result)`."""
     batches = sorted({result["batch"] for variant in variants for result in variant["results"]})
     width = 0.8 / max(len(variants), 1)
     for index, variant in enumerate(variants):
-        rates = {result["batch"]: result["prefill_tokens_per_s"] for result in variant["results"]}
+        values = {result["batch"]: value(result) for result in variant["results"]}
         positions = [slot + (index - (len(variants) - 1) / 2) * width for slot in range(len(batches))]
-        bars = axes.bar(positions, [rates.get(batch, 0) for batch in batches], width,
+        bars = axes.bar(positions, [values.get(batch, 0) for batch in batches], width,
                         color=COLORS.get(variant["variant"]), label=variant["variant"])
-        axes.bar_label(bars, fmt="%.0f", fontsize=7)
+        axes.bar_label(bars, fmt=fmt, fontsize=7)
     axes.set_xticks(range(len(batches)), [str(batch) for batch in batches])
     axes.set_xlabel("batch size")
-    axes.set_ylabel("prefill tokens/s (prompt tokens over time to the last first token)")
+    axes.set_ylabel(ylabel)
     axes.legend(fontsize=8)
 
 
@@ -82,15 +88,5 @@ def draw_memory(axes, variants: list[dict], on_cpu: bool) -> None:
         axes.text(0.5, 0.5, "CPU run: no GPU memory figures", ha="center", va="center", transform=axes.transAxes)
         axes.set_axis_off()
         return
-    batches = sorted({result["batch"] for variant in variants for result in variant["results"]})
-    width = 0.8 / max(len(variants), 1)
-    for index, variant in enumerate(variants):
-        peaks = {result["batch"]: (result.get("peak_allocated_bytes") or 0) / 1e9 for result in variant["results"]}
-        positions = [slot + (index - (len(variants) - 1) / 2) * width for slot in range(len(batches))]
-        bars = axes.bar(positions, [peaks.get(batch, 0) for batch in batches], width,
-                        color=COLORS.get(variant["variant"]), label=variant["variant"])
-        axes.bar_label(bars, fmt="%.1f", fontsize=7)
-    axes.set_xticks(range(len(batches)), [str(batch) for batch in batches])
-    axes.set_xlabel("batch size")
-    axes.set_ylabel("peak GPU memory, allocator (GB)")
-    axes.legend(fontsize=8)
+    draw_bars_by_batch(axes, variants, lambda result: (result.get("peak_allocated_bytes") or 0) / 1e9, "%.1f",
+                       "peak GPU memory, allocator (GB)")
