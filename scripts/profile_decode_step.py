@@ -16,21 +16,7 @@ import torch
 
 from adaq.bench.runner import VariantSpec, Workload, build_engine, model_vocab, open_source
 from adaq.engine.sampling_params import SamplingParams
-
-
-def gpu_ms(fn, repeats: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from adaq.kernels.prefill_bench import median_ms
 
 
 def engine_step_times(engine, prompts, new_tokens: int) -> list[float]:
@@ -54,11 +40,11 @@ def phase_times(engine, batch: int) -> dict:
         return out
     bucket = graphs.bucket_for(batch)
     out["bucket"] = bucket.size
-    out["replay_ms"] = gpu_ms(bucket.graph.replay)
+    out["replay_ms"] = median_ms(bucket.graph.replay)
     hidden = bucket.hidden[:batch]
-    out["lm_head_ms"] = gpu_ms(lambda: runner.model.compute_logits(hidden))
+    out["lm_head_ms"] = median_ms(lambda: runner.model.compute_logits(hidden))
     logits = runner.model.compute_logits(hidden)
-    out["argmax_ms"] = gpu_ms(lambda: logits.argmax(dim=-1))
+    out["argmax_ms"] = median_ms(lambda: logits.argmax(dim=-1))
     return out
 
 

@@ -50,17 +50,9 @@ def tensor_core_peaks(size: int = 8192) -> dict:
 
 
 def _tflops(matmul, size: int, repeats: int = 10) -> float:
-    for _ in range(3):
-        matmul()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        matmul()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / sorted(times)[repeats // 2] / 1e12
+    from adaq.kernels.prefill_bench import median_ms
+
+    return 2 * size**3 / (median_ms(matmul, repeats) / 1e3) / 1e12
 
 
 def sections(results: dict) -> dict[str, list[dict]]:

@@ -21,7 +21,8 @@ SHAPES = {  # name: (N, K) at M = 2048 prompt tokens
 }
 
 
-def _median_ms(step, repeats: int = 20, warmup: int = 3, flush: torch.Tensor | None = None) -> float:
+def median_ms(step, repeats: int = 20, warmup: int = 3, flush: torch.Tensor | None = None) -> float:
+    """Median milliseconds of `step()` by CUDA events, after `warmup` calls; `flush` is zeroed before each."""
     for _ in range(warmup):
         step()
     times = []
@@ -49,7 +50,7 @@ def mma_ceiling(iterations: int = 8192, threads: tuple[int, ...] = (128, 256)) -
         per_sm = module.fp8_mma_peak_blocks_per_sm(size)
         blocks = sm * max(per_sm, 1)
         sink = torch.zeros(blocks, device="cuda")
-        ms = _median_ms(lambda: module.fp8_mma_peak(sink, size, iterations), repeats=10)
+        ms = median_ms(lambda: module.fp8_mma_peak(sink, size, iterations), repeats=10)
         flop = blocks * (size // 32) * iterations * mmas * 2 * 16 * 8 * 32
         runs.append({"TFLOP/s": flop / ms / 1e9, "ms": ms, "blocks": blocks, "threads": size,
                      "blocks_per_sm": per_sm, "mmas_per_warp_iteration": mmas})
@@ -106,7 +107,7 @@ def gemm_shape(name: str, m: int, n: int, k: int, ceiling: float) -> dict:
     w8, col_scale = w8.clone(), col_scale.clone()
     result = {"name": name, "M": m, "N": n, "K": k, "tiles": {}}
     for index, tile in enumerate(prefill_fp8.tiles()):
-        ms = _median_ms(lambda: prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada", tile=index))
+        ms = median_ms(lambda: prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada", tile=index))
         result["tiles"][tile["name"]] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     chosen = prefill_fp8.tiles()[prefill_fp8.choose_tile(m, n, sm)]["name"]
@@ -116,16 +117,16 @@ def gemm_shape(name: str, m: int, n: int, k: int, ceiling: float) -> dict:
                      "best_efficiency": best["TFLOP/s"] / ceiling,
                      "projected_rtx4090_TFLOP/s (projection)": result["tiles"][chosen]["TFLOP/s"] / ceiling
                      * RTX4090_FP8_TFLOPS}
-    ms = _median_ms(lambda: torch.nn.functional.linear(x, dense))
+    ms = median_ms(lambda: torch.nn.functional.linear(x, dense))
     result["cublas_bf16"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
     if torch.cuda.get_device_capability() >= (9, 0):
-        ms = _median_ms(lambda: prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "hopper"))
+        ms = median_ms(lambda: prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "hopper"))
         result["cublaslt_fp8"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
-    ms = _median_ms(lambda: prefill_fp8.expand_weight(weight, x.device))
+    ms = median_ms(lambda: prefill_fp8.expand_weight(weight, x.device))
     result["expand_nvfp4"] = {"ms": ms, "GB/s": (n * k * 1.5 + n * k / 16) / ms / 1e6}
-    ms = _median_ms(lambda: prefill_fp8.quantize_rows(x))
+    ms = median_ms(lambda: prefill_fp8.quantize_rows(x))
     result["quantize_rows"] = {"ms": ms, "GB/s": m * k * 3 / ms / 1e6}
-    ms = _median_ms(lambda: prefill_fp8.fp8_linear(x, weight))
+    ms = median_ms(lambda: prefill_fp8.fp8_linear(x, weight))
     result["fp8_linear_total"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9, "path": prefill_fp8.gemm_kind(x.device)}
     reference = fp8_prefill.scaled_mm_reference(x8, row_scale, w8, col_scale, torch.float32)
     got = prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada")
@@ -177,7 +178,7 @@ SWEEP_ROWS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 
 def _median_cold_ms(step, flush: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
     """Median over repeats with L2 flushed before each (a model's layers never find their weights in L2)."""
-    return _median_ms(step, repeats, warmup, flush)
+    return median_ms(step, repeats, warmup, flush)
 
 
 def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = None) -> dict:

@@ -2,7 +2,7 @@
 the GPU at hand: the FP8 path (adaq.kernels.prefill_moe: grouped FP8 GEMMs) against what the engine runs otherwise
 -- the bf16 model's MoE (per-expert cuBLAS bf16 linears, the reference backend) and the NVFP4 decode kernels in
 chunks of 64 tokens (ops.moe_forward, the cuda backend's MoE without the FP8 path). Random weights generated on the
-GPU; times are medians of CUDA-event timings after warm-up (prefill_bench._median_ms). The grouped GEMMs' TFLOP/s
+GPU; times are medians of CUDA-event timings after warm-up (prefill_bench.median_ms). The grouped GEMMs' TFLOP/s
 count useful work only (2 x rows x N x K, no padding) and are stated against the FP8 mma.sync ceiling.
 """
 
@@ -58,16 +58,16 @@ def run(tokens: tuple[int, ...] = (512, 2048, 8192), ceiling: float | None = Non
         entry = {"tokens": count, "rows": rows, "GFLOP": flop / 1e9,
                  "default_tile": prefill_moe.choose_grouped_tile(rows, experts), "fp8": {}}
         for tile in range(len(prefill_fp8.tiles())):
-            ms = prefill_bench._median_ms(lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True, tile=tile))
+            ms = prefill_bench.median_ms(lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True, tile=tile))
             entry["fp8"][prefill_fp8.tiles()[tile]["name"]] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
         entry["fp8_total"] = entry["fp8"][prefill_fp8.tiles()[entry["default_tile"]]["name"]]
         entry["grouped_gemm"] = _grouped_gemm_only(x, logits, fp8, top_k, flop, ceiling)
-        entry["expand_ms"] = prefill_bench._median_ms(lambda: (prefill_moe.expand_stacked(fp8.gate_up, device),
+        entry["expand_ms"] = prefill_bench.median_ms(lambda: (prefill_moe.expand_stacked(fp8.gate_up, device),
                                                                prefill_moe.expand_stacked(fp8.down, device)))
         entry["stages_ms"] = _stages(x, logits, fp8, top_k)
-        ms = prefill_bench._median_ms(lambda: bf16_backend.moe(x, logits, bf16, top_k, True), repeats=5)
+        ms = prefill_bench.median_ms(lambda: bf16_backend.moe(x, logits, bf16, top_k, True), repeats=5)
         entry["bf16_reference_backend"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
-        ms = prefill_bench._median_ms(lambda: ops.moe_forward(x, logits, decode, top_k, True), repeats=5)
+        ms = prefill_bench.median_ms(lambda: ops.moe_forward(x, logits, decode, top_k, True), repeats=5)
         entry["nvfp4_decode_kernels"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
         entry["speedup_vs_bf16"] = entry["bf16_reference_backend"]["ms"] / entry["fp8_total"]["ms"]
         entry["speedup_vs_nvfp4_decode"] = entry["nvfp4_decode_kernels"]["ms"] / entry["fp8_total"]["ms"]
@@ -92,7 +92,7 @@ def _grouped_gemm_only(x, logits, fp8, top_k, flop, ceiling) -> dict:
     h8, h_scale = prefill_fp8.quantize_rows(torch.randn(a.shape[0], inter, device=device).to(torch.bfloat16))
     out = {}
     for tile, spec in enumerate(prefill_fp8.tiles()):
-        ms = prefill_bench._median_ms(lambda: (prefill_moe.grouped_gemm(a, a_scale, *gate_up, align, tile),
+        ms = prefill_bench.median_ms(lambda: (prefill_moe.grouped_gemm(a, a_scale, *gate_up, align, tile),
                                                prefill_moe.grouped_gemm(h8, h_scale, *down, align, tile)))
         tflops = flop / ms / 1e9
         out[spec["name"]] = {"ms": ms, "TFLOP/s": tflops,
@@ -118,7 +118,7 @@ def _stages(x, logits, fp8, top_k) -> dict:
         "silu_and_quantize": lambda: prefill_fp8.quantize_rows(ops.silu_and_mul(gate_up)),
         "scatter_and_combine": lambda: ops.moe_combine(y.index_copy_(0, rows, y_sorted), weights, ids),
     }
-    return {name: prefill_bench._median_ms(step) for name, step in timed.items()}
+    return {name: prefill_bench.median_ms(step) for name, step in timed.items()}
 
 
 def summary_lines(results: dict) -> list[str]:
