@@ -5,23 +5,11 @@
 # prefill paths. At most 8 files under $OUT. Carry .whl (nvidia-cutlass). Usage: OUT=$OUT bash scripts/gpu_final.sh
 set -uo pipefail
 OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) ADAQ_CACHE=${ADAQ_CACHE:-/tmp/adaq-cache}
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="8.9+PTX" COLUMNS=${COLUMNS:-200} TOKENIZERS_PARALLELISM=false
 log() { echo "== $(date -u +%T) $*" | tee -a "$OUT/final.log"; }
 adaq() { python3 -c "from adaq.cli import main; main()" "$@"; }
-if ! python3 -c "import cutlass_library" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cutlass-site \
-    .whl/nvidia_cutlass-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/cutlass-site
-fi
-log "build"
-python3 -c "from adaq.kernels import build; build.load(); print('kernels', build.source_hash())" > "$OUT/build.log" 2>&1 &
-main=$!
-python3 -c "from adaq.kernels import prefill_fp8 as p; p.ext(); print('fp8 built')" > /tmp/build_fp8.log 2>&1 &
-fp8=$!
-wait $main; main_rc=$?; wait $fp8; fp8_rc=$?
-log "built: main rc $main_rc, fp8 rc $fp8_rc"
-[ $main_rc -ne 0 ] && { grep -m 8 error "$OUT/build.log"; exit 1; }
+source scripts/gpu_setup.sh
+build_both
+[ $MAIN_RC -ne 0 ] && exit 1
 log "gpu tests"
 timeout "${TEST_BUDGET:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=line -rf ${TESTS:-tests} \
   --junitxml="$OUT/pytest.xml" 2>&1 | tail -n 30 | tee -a "$OUT/final.log"

@@ -7,35 +7,20 @@
 # Needs CUTLASS's headers: the device image lacks nvidia-cutlass, so carry its wheel (pure Python, 6.4 MB):
 #   here, once: python3 -m pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl   (/.whl/ is git-ignored)
 #   run with carry [".whl"]. About 4-6 minutes on a fresh H100 (builds ~1-2 min in parallel); TEST_BUDGET bounds it.
-# Usage: scripts/gpu_prefill.sh [all|bench]   (bench: skip tests, sweep and accuracy split)
+# Usage: scripts/gpu_prefill.sh [all|bench]   (bench: skip tests, sweep, profile and accuracy split; PROFILE=0: no
+# prefill profile (scripts/profile_prefill_step.py); BENCH=0: no bench)
 set -uo pipefail
 OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) ADAQ_CACHE=${ADAQ_CACHE:-/tmp/adaq-cache}
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="8.9+PTX" COLUMNS=${COLUMNS:-160}
 MODE=${1:-all}
 script_start=$(date +%s)
 BENCH_BATCHES=${BENCH_BATCHES:-1,4}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/prefill.log"; }
-
-if ! python3 -c "import cutlass_library" 2>/dev/null; then
-  ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 || { log "no nvidia-cutlass: carry .whl (see the header)"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cutlass-site \
-    .whl/nvidia_cutlass-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/cutlass-site
-fi
+source scripts/gpu_setup.sh
 
 log "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 \
   | tee -a "$OUT/prefill.log"
-
-log "build (two extensions in parallel)"
-start=$(date +%s)
-python3 -c "from adaq.kernels import build; build.load(); print('kernels', build.source_hash())" > /tmp/build_main.log 2>&1 &
-main_pid=$!
-python3 -c "from adaq.kernels import prefill_fp8 as p; p.ext(); print('fp8 built', p.source_hash())" > /tmp/build_fp8.log 2>&1 &
-fp8_pid=$!
-wait $main_pid; main_rc=$?; wait $fp8_pid; fp8_rc=$?
-for name in main fp8; do tail -n 3 "/tmp/build_$name.log" | tee -a "$OUT/prefill.log"; done
-log "build took $(( $(date +%s) - start )) s (rc main $main_rc, fp8 $fp8_rc)"
+build_both
+main_rc=$MAIN_RC
 if [ $main_rc -ne 0 ]; then  # adaq's kernels (decode GEMM, the layout's dequantization) did not build
   log "MAIN KERNELS FAILED TO BUILD: tests of the FP8 GEMMs only"; grep -m 5 "error" /tmp/build_main.log
   timeout 300 python3 -m pytest tests/test_prefill_fp8.py -m gpu -q -rs --tb=short -p no:cacheprovider \
@@ -59,8 +44,13 @@ open("/tmp/adaq_threshold", "w").write(str(sweep["threshold"] or ""))
 PY
   THRESHOLD=$(cat /tmp/adaq_threshold 2>/dev/null)
 
-  log "cuBLASLt FP8 accuracy split (accumulation vs epilogue)"
-  timeout 40 python3 - <<'PY' 2>&1 | tee -a "$OUT/prefill.log"
+  if [ "${PROFILE:-1}" = 1 ]; then
+    log "where a 2048-token prefill's GPU time goes (bf16 engine, exact path, FP8 path)"
+    timeout 240 python3 scripts/profile_prefill_step.py --model qwen3-8b --input-len 2048 --batch 1 --out "$OUT" \
+      2>&1 | grep -v -e Warning -e USDT | tee -a "$OUT/prefill.log"
+  fi
+
+  [ "${HOPPER_ACCURACY:-1}" = 1 ] && log "cuBLASLt FP8 accuracy split (accumulation vs epilogue)" && timeout 40 python3 - <<'PY' 2>&1 | tee -a "$OUT/prefill.log"
 import json, os
 from adaq.kernels import prefill_bench
 report = prefill_bench.hopper_accuracy()
@@ -70,11 +60,11 @@ PY
 fi
 
 [ -n "$THRESHOLD" ] && export ADAQ_PREFILL_EXACT_MIN_TOKENS=$THRESHOLD
-log "adaq bench: 2048-token prefill, Qwen3-8B random weights (exact threshold ${ADAQ_PREFILL_EXACT_MIN_TOKENS:-default})"
-timeout ${BENCH_TIMEOUT:-200} python3 -c "from adaq.cli import main; main()" bench --synthetic qwen3-8b \
+[ "${BENCH:-1}" = 1 ] && log "adaq bench: 2048-token prefill, Qwen3-8B random weights (exact threshold ${ADAQ_PREFILL_EXACT_MIN_TOKENS:-default})"
+[ "${BENCH:-1}" = 1 ] && { timeout ${BENCH_TIMEOUT:-200} python3 -c "from adaq.cli import main; main()" bench --synthetic qwen3-8b \
   --input-len 2048 --output-len 2 --batch "$BENCH_BATCHES" --repeats 3 --baselines bf16 --prefill-path auto,fp8 \
   --backend cuda --json "$OUT/prefill_e2e.json" --plot "$OUT/prefill_e2e.png" > "$OUT/prefill_e2e.log" 2>&1 \
-  || log "bench FAILED or timed out"
+  || log "bench FAILED or timed out"; }
 unset ADAQ_PREFILL_EXACT_MIN_TOKENS
 
 if [ "$MODE" = all ]; then  # last, with the time that is left (TEST_BUDGET: seconds from the script's start)
