@@ -44,6 +44,13 @@ open("/tmp/adaq_threshold", "w").write(str(sweep["threshold"] or ""))
 PY
   THRESHOLD=$(cat /tmp/adaq_threshold 2>/dev/null)
 
+  log "prefill attention: flash kernel (v0), v3's prefill kernel (v4), torch SDPA"
+  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tee -a "$OUT/prefill.log"
+from adaq.kernels import microbench as m
+r = [m.prefill_attention(s, 2048, kv_dtype=d, variant=v) for s in (1, 4) for d in ("fp8", "bf16") for v in (0, 4)]
+print("\n".join(m.attention_lines(r)))
+PY
+
   if [ "${PROFILE:-1}" = 1 ]; then
     log "where a 2048-token prefill's GPU time goes (bf16 engine, exact path, FP8 path)"
     timeout 240 python3 scripts/profile_prefill_step.py --model qwen3-8b --input-len 2048 --batch 1 --out "$OUT" \
@@ -70,8 +77,8 @@ unset ADAQ_PREFILL_EXACT_MIN_TOKENS
 if [ "$MODE" = all ]; then  # last, with the time that is left (TEST_BUDGET: seconds from the script's start)
   left=$(( ${TEST_BUDGET:-440} - ( $(date +%s) - script_start ) ))
   log "gpu tests (${left} s left)"
-  [ $left -gt 20 ] && timeout $left python3 -m pytest tests/test_prefill_fp8.py -m gpu -q -rs --tb=short \
-    -p no:cacheprovider 2>&1 | tail -n 45 | tee -a "$OUT/prefill.log"
+  [ $left -gt 20 ] && timeout $left python3 -m pytest ${TESTS:-tests/test_prefill_fp8.py} -m gpu -q -rs --tb=short \
+    -k "${TESTS_K:-}" -p no:cacheprovider 2>&1 | tail -n 45 | tee -a "$OUT/prefill.log"
 fi
 
 python3 - <<'PY' 2>&1 | tee -a "$OUT/prefill.log"

@@ -502,6 +502,60 @@ def test_prefill_attention_query_blocks(kv_dtype, heads, kv_heads, dim, window, 
     assert rel_error(out, ref) < 4e-3
 
 
+def poison_page_tails(cache, ctx, lens, block_size):
+    """NaN in every slot of a sequence's last page past its context: a kernel must never let one reach P.V."""
+    nan = 0x7F if cache.dtype == torch.float8_e4m3fn else 0x7FC0
+    raw = cache.view(torch.uint8 if cache.dtype == torch.float8_e4m3fn else torch.int16)
+    for b, n in enumerate(lens):
+        if n % block_size:
+            raw[int(ctx.block_tables[b, n // block_size]), n % block_size:] = nan
+
+
+LONG_PREFILL_CASES = [(32, 8, 128, None, None), (16, 16, 128, 1000, None), (8, 2, 64, None, 30.0),
+                      (12, 3, 64, 100, None)]
+
+
+@pytest.mark.parametrize("variant", [0, 4])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", LONG_PREFILL_CASES)
+def test_prefill_attention_long_prompts(variant, kv_dtype, heads, kv_heads, dim, window, softcap):
+    """Fresh prompts of 2048, 700 and 65 tokens and a 301-token chunk after a 1000-token prefix, through the flash
+    kernel (variant 0) and v3's prefill (4); each last page's tail is NaN (never read); FP8 V scales spread over
+    2^-20 .. 2^20 per token (the running power of two of the V scales), K scales over 2^-2 .. 2^2. Outputs
+    poisoned; error per (token, head)."""
+    from adaq.kernels.backend_cuda import CudaBackend
+
+    gen = torch.Generator(device=DEV).manual_seed(heads * dim + kv_heads)
+    block_size = 16
+    q_lens, lens = [2048, 700, 65, 301], [2048, 700, 65, 1301]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, k_scale = make_cache(num_blocks, block_size, kv_heads, dim, kv_dtype)
+    v_cache, v_scale = make_cache(num_blocks, block_size, kv_heads, dim, kv_dtype)
+    if kv_dtype == torch.float8_e4m3fn:  # wide K scales would make the softmax one-hot: an ill-posed comparison
+        for scale, spread in ((k_scale, 2), (v_scale, 20)):
+            powers = torch.randint(-spread, spread + 1, scale.shape[:2], device=DEV, generator=gen).float()
+            scale.mul_(torch.exp2(powers)[..., None])
+    ctx = decode_context(lens, block_size, num_blocks, gen)
+    for cache in (k_cache, v_cache):
+        poison_page_tails(cache, ctx, lens, block_size)
+    ctx.is_prefill = True
+    ctx.cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(q_lens), heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
+    ref = attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=dim ** -0.5,
+                                        sliding_window=window, softcap=softcap)
+    ops.set_attention_variant(variant)
+    try:
+        poison_allocator()
+        out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=dim ** -0.5,
+                                         sliding_window=window, softcap=softcap)
+    finally:
+        ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, ref) < 4e-3
+    per_row = (out.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1).clamp(min=1e-30)
+    assert per_row.max().item() < 2e-2
+
+
 # ---- element-wise ------------------------------------------------------------------------------------------------
 
 def assert_close_bf16(out, ref, ulps=1, fraction=0.002):

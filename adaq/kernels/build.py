@@ -29,13 +29,14 @@ REQUIRED_PTX = {
                       "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32", "fma.rn.bf16x2", "shf.r.wrap.b32"),
     "attention.cu": ("cvt.rn.f16x2.e4m3x2", "ld.global.nc.v4", "shfl.sync.bfly", "div.rn.f32",
                      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
-                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "movmatrix.sync.aligned.m8n8.trans.b16"),
+                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "movmatrix.sync.aligned.m8n8.trans.b16",
+                     "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.shared.b16"),
     "elementwise.cu": ("rsqrt.approx.f32",),
     "moe.cu": ("shfl.sync.bfly",),
 }
 REQUIRED_SASS = {
     "nvfp4_gemm.cu": ("HMMA.16816.F32.BF16", "HFMA2.BF16_V2", "SHF.R.W.U32", "LDG.E.NA.128"),
-    "attention.cu": ("F2FP", "HMMA.16816.F32", "MOVM.16.MT88"),
+    "attention.cu": ("F2FP", "HMMA.16816.F32", "MOVM.16.MT88", "LDSM.16.MT88.4", "LDSM.16.M88.4"),
 }
 FORBIDDEN_PTX = ("wgmma", "cp.async.bulk", "setmaxnreg", "cluster", "mbarrier.try_wait", "tcgen05")
 

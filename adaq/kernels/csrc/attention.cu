@@ -749,6 +749,301 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
   }
 }
 
+// ---- Prefill attention v4 (session 3): flash-style, the queries as the MMA's M -------------------------------
+//
+// Why: v3's prefill (several queries per block as the N columns, K as the A operand) converts each K/V chunk once
+// per 16 / G queries and keeps one or two 8-column n-tiles per warp: at 1 x 2048 tokens it ran at ~90 TFLOP/s (FP8)
+// and ~55 (bf16) on the H100, 4.6x / 7.6x torch SDPA (device run 1, session 3).
+// Here one block is 64 consecutive queries of one sequence and one query head (4 warps x 16 rows: the MMA's M); the
+// keys come in tiles of KEYS (64 for FP8, 32 for bf16), each loaded once per block into shared memory as f16 (FP8:
+// converted once per block, exactly, by cvt.rn.f16x2.e4m3x2) or bf16, and read by every warp through ldmatrix:
+//   S [16 q x KEYS]  = Q [16 x D] . K^T         A = Q (registers, loaded once), B = K rows (ldmatrix)
+//   O [16 q x D]    += P [16 x KEYS] . V         A = P (S's C fragments re-packed), B = V (ldmatrix.trans)
+// The next tile's cache bytes (and scales) are loaded into registers while the warps compute on the current one,
+// then written to shared memory between two barriers: no cp.async ring, 35 KB of shared memory (D 128), so two or
+// three blocks stay resident on an Ada SM (99 KB) as on the H100.
+// Numerics (as v3, docs/KERNELS.md "Attention v3"): FP8 K/V bytes are exact in f16; Q is exact in f16 after a
+// power of two per row that puts max|q| in [2^14, 2^15); the K scale multiplies the fp32 score per key; the V scale
+// multiplies P before its f16 rounding, relative to a running power of two 2^cv >= every V scale seen (rescaled like
+// the softmax max), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits. bf16 KV: bf16 MMA, P rounded to bf16.
+// Softmax in fp32, base 2, online per row. Masks per row: causal (key < ctx) and sliding window (key >= ctx - W).
+// Keys outside the block's range are zero-filled (an unwritten page's NaN bytes never reach 0 * NaN in P.V).
+constexpr int kFlashWarps = 4;
+constexpr int kFlashThreads = kFlashWarps * 32;
+constexpr int kFlashQueries = kFlashWarps * 16;  // queries of one head per block
+
+template <int D, bool FP8>
+struct FlashShape {
+  static constexpr int kKeys = FP8 ? 64 : 32;                     // keys per tile
+  static constexpr int kStride = D + 8;                           // halves per shared row: ldmatrix's 8 rows land
+                                                                  // on 8 distinct 16-byte bank groups
+  static constexpr int kChunks = D * (FP8 ? 1 : 2) / 16;          // 16-byte chunks of one cache row
+  static constexpr int kLoads = kKeys * kChunks / kFlashThreads;  // chunks of K (and of V) per thread per tile
+  static_assert(kLoads * kFlashThreads == kKeys * kChunks, "whole chunks per thread");
+};
+
+// Smallest e with 2^e >= s (s > 0, finite), from the exponent field; s == 0: -1000 (no constraint).
+__device__ __forceinline__ int ceil_exponent(float s) {
+  if (!(s > 0.f)) return -1000;
+  const uint32_t bits = __float_as_uint(s);
+  return static_cast<int>(bits >> 23) - 127 + ((bits & 0x7FFFFFu) != 0);
+}
+
+template <int D, bool FP8>
+__global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const AttnParams p) {
+  using Shape = FlashShape<D, FP8>;
+  constexpr int KEYS = Shape::kKeys, STRIDE = Shape::kStride, CHUNKS = Shape::kChunks, LOADS = Shape::kLoads;
+  constexpr int kSteps = D / 16;   // k16 steps of Q.K^T; n-tile pairs of P.V
+  constexpr int kNT = KEYS / 8;    // n-tiles of S
+  __shared__ __align__(16) uint16_t k_tile[KEYS][STRIDE];
+  __shared__ __align__(16) uint16_t v_tile[KEYS][STRIDE];
+  __shared__ __align__(8) float k_scale_tile[FP8 ? KEYS : 2];
+  __shared__ __align__(8) float v_scale_tile[FP8 ? KEYS : 2];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, r = lane >> 2, c = lane & 3;
+  const int head = blockIdx.y, G = p.heads / p.kv_heads, kvh = head / G;
+  const int* blk = p.query_blocks + 3 * (gridDim.x - 1 - blockIdx.x);  // the longest (last) blocks first
+  const int seq = blk[0], t0 = blk[1], nq = min(blk[2], kFlashQueries);
+  if (nq <= 0) return;  // past the last block of the step (the grid is an upper bound)
+  // Query j of the block (position ctx0 + j - 1) sees keys [max(0, ctx0 + j - W), ctx0 + j).
+  const int ctx0 = p.query_ctx ? p.query_ctx[t0] : p.context_lens[seq];
+  const int lo = p.window > 0 ? max(0, ctx0 - p.window) : 0, hi = ctx0 + nq - 1;
+  const int* table = p.block_tables + static_cast<long long>(seq) * p.table_stride;
+  const long long row_bytes = static_cast<long long>(p.kv_heads) * D * (FP8 ? 1 : 2);
+  const uint8_t* k_cache = static_cast<const uint8_t*>(p.k_cache) + static_cast<long long>(kvh) * D * (FP8 ? 1 : 2);
+  const uint8_t* v_cache = static_cast<const uint8_t*>(p.v_cache) + static_cast<long long>(kvh) * D * (FP8 ? 1 : 2);
+
+  // ---- This thread's two rows (r, r + 8 of the warp): context, window start; Q as A fragments.
+  int row_ctx[2], row_start[2];
+  float row_mul[2];
+  uint32_t qa[kSteps][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int j = warp * 16 + r + 8 * h;
+    row_ctx[h] = j < nq ? ctx0 + j : 0;  // 0: a padding row, every key masked, never written
+    row_start[h] = p.window > 0 ? row_ctx[h] - p.window : -1;
+    const uint32_t* qp = reinterpret_cast<const uint32_t*>(
+        p.q + static_cast<long long>(t0 + (j < nq ? j : 0)) * p.q_stride + static_cast<long long>(head) * D + 2 * c);
+    float qmax = 0.f;
+    uint32_t words[kSteps][2];
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      words[s][0] = j < nq ? __ldg(qp + 8 * s) : 0u;      // dims 16s + 2c, +1
+      words[s][1] = j < nq ? __ldg(qp + 8 * s + 4) : 0u;  // dims 16s + 8 + 2c, +1
+      qmax = fmaxf(qmax, fmaxf(fmaxf(fabsf(__uint_as_float(words[s][0] << 16)),
+                                     fabsf(__uint_as_float(words[s][0] & 0xFFFF0000u))),
+                               fmaxf(fabsf(__uint_as_float(words[s][1] << 16)),
+                                     fabsf(__uint_as_float(words[s][1] & 0xFFFF0000u)))));
+    }
+    float mul = p.scale_log2;  // raw MMA score -> log2 units (softcap off) or the true q.k (softcap on)
+    if constexpr (FP8) {
+      qmax = fmaxf(qmax, __shfl_xor_sync(0xFFFFFFFFu, qmax, 1));
+      qmax = fmaxf(qmax, __shfl_xor_sync(0xFFFFFFFFu, qmax, 2));  // the row's 4 lanes hold all its dims
+      const int e = qmax > 0.f ? min(100, max(-100, 14 - (static_cast<int>(__float_as_uint(qmax) >> 23) - 127))) : 0;
+      const float qmul = __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
+      mul *= __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+        for (int w = 0; w < 2; ++w)
+          words[s][w] = pack_f16x2(__uint_as_float(words[s][w] << 16) * qmul,
+                                   __uint_as_float(words[s][w] & 0xFFFF0000u) * qmul);
+    }
+    row_mul[h] = mul;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      qa[s][h] = words[s][0];      // a0 (row r) / a1 (row r + 8): dims 16s + 2c, +1
+      qa[s][2 + h] = words[s][1];  // a2 / a3: dims 16s + 8 + 2c, +1
+    }
+  }
+  // Keys this warp needs at all (its first row's window start, its last valid row's context).
+  const int warp_rows = min(16, nq - warp * 16);
+  const int warp_lo = warp_rows > 0 ? (p.window > 0 ? max(lo, ctx0 + warp * 16 - p.window) : lo) : 0;
+  const int warp_hi = warp_rows > 0 ? ctx0 + warp * 16 + warp_rows - 1 : 0;
+
+  float m[2] = {-1e30f, -1e30f}, l[2] = {0.f, 0.f};  // finite m: exp2(m_old - m_new) is never NaN
+  int cv_exp = -1000;                                 // FP8: 2^cv_exp >= every V scale seen so far
+  float o[2 * kSteps][4];
+#pragma unroll
+  for (int i = 0; i < 2 * kSteps; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+  // ---- Tile loads: raw cache chunks into registers (zero outside [lo, hi)), scales for FP8.
+  uint4 k_raw[LOADS], v_raw[LOADS];
+  float scale_raw = 0.f;
+  auto load_tile = [&](int key0) {
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int chunk = tid + kFlashThreads * i, key = key0 + chunk / CHUNKS, col = chunk % CHUNKS;
+      k_raw[i] = v_raw[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (key >= lo && key < hi) {
+        const long long slot = static_cast<long long>(table[key / p.block_size]) * p.block_size + key % p.block_size;
+        k_raw[i] = __ldg(reinterpret_cast<const uint4*>(k_cache + slot * row_bytes) + col);
+        v_raw[i] = __ldg(reinterpret_cast<const uint4*>(v_cache + slot * row_bytes) + col);
+      }
+    }
+    if constexpr (FP8) {
+      scale_raw = 0.f;
+      const int key = key0 + tid % KEYS;
+      if (tid < 2 * KEYS && key >= lo && key < hi) {
+        const long long slot = static_cast<long long>(table[key / p.block_size]) * p.block_size + key % p.block_size;
+        scale_raw = __ldg((tid < KEYS ? p.k_scale : p.v_scale) + slot * p.kv_heads + kvh);
+      }
+    }
+  };
+  auto store_tile = [&]() {
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int chunk = tid + kFlashThreads * i, key = chunk / CHUNKS, col = chunk % CHUNKS;
+      if constexpr (FP8) {  // 16 E4M3 bytes -> 16 f16 (two 16-byte stores)
+        const uint32_t kw[4] = {k_raw[i].x, k_raw[i].y, k_raw[i].z, k_raw[i].w};
+        const uint32_t vw[4] = {v_raw[i].x, v_raw[i].y, v_raw[i].z, v_raw[i].w};
+        uint32_t kh[8], vh[8];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          kh[2 * w] = e4m3x2_to_f16x2(kw[w]);
+          kh[2 * w + 1] = e4m3x2_to_f16x2(kw[w] >> 16);
+          vh[2 * w] = e4m3x2_to_f16x2(vw[w]);
+          vh[2 * w + 1] = e4m3x2_to_f16x2(vw[w] >> 16);
+        }
+        uint4* kd = reinterpret_cast<uint4*>(&k_tile[key][col * 16]);
+        uint4* vd = reinterpret_cast<uint4*>(&v_tile[key][col * 16]);
+        kd[0] = make_uint4(kh[0], kh[1], kh[2], kh[3]);
+        kd[1] = make_uint4(kh[4], kh[5], kh[6], kh[7]);
+        vd[0] = make_uint4(vh[0], vh[1], vh[2], vh[3]);
+        vd[1] = make_uint4(vh[4], vh[5], vh[6], vh[7]);
+      } else {
+        *reinterpret_cast<uint4*>(&k_tile[key][col * 8]) = k_raw[i];
+        *reinterpret_cast<uint4*>(&v_tile[key][col * 8]) = v_raw[i];
+      }
+    }
+    if constexpr (FP8) {
+      if (tid < KEYS) k_scale_tile[tid] = scale_raw;
+      else if (tid < 2 * KEYS) v_scale_tile[tid - KEYS] = scale_raw;
+    }
+  };
+
+  const int first_tile = lo - lo % KEYS;
+  load_tile(first_tile);
+  for (int key0 = first_tile; key0 < hi; key0 += KEYS) {
+    __syncthreads();  // every warp is done with the previous tile
+    store_tile();
+    __syncthreads();
+    if (key0 + KEYS < hi) load_tile(key0 + KEYS);  // in flight while this tile is computed
+    if (key0 >= warp_hi || key0 + KEYS <= warp_lo) continue;  // nothing of this tile is visible to this warp
+
+    // ---- S = Q . K^T
+    float s[kNT][4];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ks += 2) {
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) {
+        uint32_t b[4];  // matrices: keys 8t.., dims 16 ks + 8 (lane / 8): b0, b1 of step ks, then of ks + 1
+        ldmatrix_x4(b, &k_tile[8 * t + (lane & 7)][16 * ks + 8 * (lane >> 3)]);
+        mma_16816<FP8>(s[t], qa[ks], b[0], b[1]);
+        mma_16816<FP8>(s[t], qa[ks + 1], b[2], b[3]);
+      }
+    }
+    // ---- Scale, mask, online softmax (rows r and r + 8: elements 0, 1 and 2, 3 of each n-tile).
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+      // keys 8t + 2c, +1: one 8-byte shared load for both rows
+      const float2 ks = FP8 ? *reinterpret_cast<const float2*>(&k_scale_tile[8 * t + 2 * c]) : make_float2(1.f, 1.f);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, local = 8 * t + 2 * c + (e & 1), key = key0 + local;
+        float x = s[t][e] * row_mul[h];
+        if constexpr (FP8) x *= (e & 1) ? ks.y : ks.x;
+        if (p.softcap > 0.f) x = p.softcap_out * tanhf(x * p.softcap_in);
+        x = (key < row_ctx[h] && key >= row_start[h]) ? x : -INFINITY;
+        s[t][e] = x;
+        row_max[h] = fmaxf(row_max[h], x);
+      }
+    }
+    int tile_exp = 0;
+    if constexpr (FP8) {  // the tile's largest V scale, as a power of two (every lane the same)
+      int e = -1000;
+#pragma unroll
+      for (int i = lane; i < KEYS; i += 32) e = max(e, ceil_exponent(v_scale_tile[i]));
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) e = max(e, __shfl_xor_sync(0xFFFFFFFFu, e, off));
+      tile_exp = max(cv_exp, e);
+    }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_max[h] = fmaxf(row_max[h], __shfl_xor_sync(0xFFFFFFFFu, row_max[h], 1));
+      row_max[h] = fmaxf(row_max[h], __shfl_xor_sync(0xFFFFFFFFu, row_max[h], 2));
+      const float m_new = fmaxf(m[h], row_max[h]);
+      alpha[h] = exp2f(m[h] - m_new);
+      m[h] = m_new;
+      l[h] *= alpha[h];
+    }
+    float p_mul = 1.f;
+    if constexpr (FP8) {
+      const float cv_ratio = __uint_as_float(static_cast<uint32_t>(127 + max(-126, cv_exp - tile_exp)) << 23);
+      alpha[0] *= cv_exp == -1000 ? 1.f : cv_ratio;
+      alpha[1] *= cv_exp == -1000 ? 1.f : cv_ratio;
+      cv_exp = tile_exp;
+      p_mul = __uint_as_float(static_cast<uint32_t>(127 - max(-126, min(126, cv_exp))) << 23);
+    }
+#pragma unroll
+    for (int i = 0; i < 2 * kSteps; ++i) {
+      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+    }
+    uint32_t pa[kNT / 2][4];  // P as the A fragment of each k16 step of P.V
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+      float pv[4];
+      const float2 vs = FP8 ? *reinterpret_cast<const float2*>(&v_scale_tile[8 * t + 2 * c]) : make_float2(1.f, 1.f);
+      const float vs0 = vs.x * p_mul, vs1 = vs.y * p_mul;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = exp2f(s[t][e] - m[e >> 1]);
+        l[e >> 1] += pe;
+        pv[e] = FP8 ? pe * ((e & 1) ? vs1 : vs0) : pe;
+      }
+      const uint32_t top = FP8 ? pack_f16x2(pv[0], pv[1]) : pack_bf16x2(pv[0], pv[1]);
+      const uint32_t bottom = FP8 ? pack_f16x2(pv[2], pv[3]) : pack_bf16x2(pv[2], pv[3]);
+      pa[t / 2][(t & 1) * 2] = top;         // a0 (keys 16kk + 2c) / a2 (keys 16kk + 8 + 2c), row r
+      pa[t / 2][(t & 1) * 2 + 1] = bottom;  // a1 / a3, row r + 8
+    }
+    // ---- O += P . V
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kSteps; ++np) {
+        uint32_t b[4];  // keys 16kk + 8 (mi & 1), dims 16np + 8 (mi >> 1), transposed: b0, b1 of n-tiles 2np, 2np+1
+        const int mi = lane >> 3;
+        ldmatrix_x4_trans(b, &v_tile[16 * kk + 8 * (mi & 1) + (lane & 7)][16 * np + 8 * (mi >> 1)]);
+        mma_16816<FP8>(o[2 * np], pa[kk], b[0], b[1]);
+        mma_16816<FP8>(o[2 * np + 1], pa[kk], b[2], b[3]);
+      }
+    }
+  }
+
+  // ---- Normalise and write rows r, r + 8 (dims 8i + 2c, +1).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xFFFFFFFFu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xFFFFFFFFu, l[h], 2);
+  }
+  const float cv = FP8 ? __uint_as_float(static_cast<uint32_t>(127 + max(-126, min(127, cv_exp))) << 23) : 1.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int j = warp * 16 + r + 8 * h;
+    if (j >= nq) continue;
+    const float inv = l[h] > 0.f ? cv / l[h] : 0.f;
+    __nv_bfloat16* dst = p.out + (static_cast<long long>(t0 + j) * p.heads + head) * D + 2 * c;
+#pragma unroll
+    for (int i = 0; i < 2 * kSteps; ++i)
+      *reinterpret_cast<uint32_t*>(dst + 8 * i) = pack_bf16x2(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
+  }
+}
+
 // Combine the splits of one (token, head): weights 2^(lse_s - max) over the normalised partial outputs. 512 threads:
 // each split's weight computed once (shared memory), the sum over splits cut into 512 / D interleaved groups of
 // threads so that many partial rows are in flight at once (a serial loop over 64 splits would be 64 L2 round trips);
@@ -898,12 +1193,17 @@ struct AttentionKernelInfo {
   }
 };
 
-// Prefill over the cache: QT consecutive queries of a sequence per block (16 / G for head_dim <= 128: two n-tiles of
-// 8 columns; 8 / G for 256: one), so each K/V chunk is read and converted once per QT queries instead of once per
-// query. bf16 head_dim 256 is not instantiated (per-query decode kernel instead).
+// Prefill over the cache. Head dims 64 and 128: the flash kernel (v4, 64 queries of one head per block). Otherwise
+// (and with attention_set_variant(4), for comparison) v3's prefill: QT consecutive queries of a sequence per block
+// (16 / G for head_dim <= 128: two n-tiles of 8 columns; 8 / G for 256: one), so each K/V chunk is read and
+// converted once per QT queries. bf16 head_dim 256 is not instantiated (per-query decode kernel instead).
 template <bool FP8, class Op>
 static int visit_prefill(int head_dim, int group, int block_size, Op&& op) {
-  if (g_attention_variant == 1 || block_size % 16 != 0) return kUnsupportedShape;
+  if (g_attention_variant == 1 || block_size % 16 != 0 || group < 1 || group > 8) return kUnsupportedShape;
+  if (g_attention_variant != 4) {
+    if (head_dim == 64) return op.template flash<64, FP8>();
+    if (head_dim == 128) return op.template flash<128, FP8>();
+  }
 #define ADAQ_ATTN_PF(DIM, GRP, TILES, QT) \
   if (head_dim == DIM && group == GRP) return op.template prefill<DIM, GRP, TILES, FP8, QT>();
   ADAQ_ATTN_PF(64, 1, FP8 ? 2 : 1, 16) ADAQ_ATTN_PF(64, 2, FP8 ? 2 : 1, 8)
@@ -928,11 +1228,18 @@ struct LaunchPrefill {
     paged_attention_mma_kernel<D, G, TILES, FP8, QT><<<dim3(q.splits, q.kv_heads, blocks), kAttnThreads, 0, stream>>>(q);
     return cudaGetLastError() == cudaSuccess ? merge_splits(q, p.tokens_total, D, stream) : kCudaError;
   }
+  template <int D, bool FP8>
+  int flash() const {  // writes the output itself: no splits, no merge
+    prefill_flash_kernel<D, FP8><<<dim3(blocks, p.heads), kFlashThreads, 0, stream>>>(p);
+    return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+  }
 };
 
 struct PrefillBlockTokens {
   template <int D, int G, int TILES, bool FP8, int QT>
   int prefill() const { return QT; }
+  template <int D, bool FP8>
+  int flash() const { return kFlashQueries; }
 };
 
 int attention_prefill_block_tokens(int head_dim, int group, bool fp8, int block_size) {

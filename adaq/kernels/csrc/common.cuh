@@ -62,6 +62,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* smem) 
                : "r"(s));
 }
 
+// The same four 8x8 matrices transposed: each thread receives elements (rows 2 (lane % 4), +1; column lane / 4), i.e.
+// the B fragment of an MMA whose k runs down the shared rows (P.V with V stored [key][dim]).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&a)[4], const void* smem) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(s));
+}
+
 // D += A(16x16 bf16, row) * B(16x8 bf16, col), fp32 accumulate: Ampere/Ada's bf16 tensor-core instruction.
 // On Ada FP8 mma would be 2x faster, but decode is memory-bound and on the H100 FP8 mma.sync runs at 1/4 the
 // bf16 rate (NOTES.md), so bf16 keeps both chips on the bandwidth roof.

@@ -34,7 +34,11 @@ __device__ float block_reduce(float v, float* scratch) {
 // Per-token E4M3 quantization of one row per block, optionally fused with RMSNorm.
 // The normalised row is rounded to bf16 first (what the model would feed the GEMM), then amax, scale and the IEEE
 // division x / scale are exactly the reference's; float_to_e4m3_exact matches torch's conversion bit for bit.
-__global__ void quantize_rows_kernel(
+// V values per thread per step: 8 (16-byte loads, 8-byte stores) when K % 8 == 0 and x is 16-byte aligned, else 1.
+// The row (<= 50 KB) is read three times (sum of squares, amax, quantization); the 2nd and 3rd reads hit L1/L2, so
+// DRAM sees it once. Scalar 2-byte loads and 1-byte stores ran at ~530 GB/s on the H100 (device run 1, session 3).
+template <int V>
+__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(
     const __nv_bfloat16* __restrict__ x,     // [M, K] bf16 activations, row stride K
     const __nv_bfloat16* __restrict__ norm,  // [K] RMSNorm weight, or nullptr for no norm
     float eps,                               // RMSNorm epsilon
@@ -45,27 +49,61 @@ __global__ void quantize_rows_kernel(
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const __nv_bfloat16* xr = x + row * k;
+  auto load = [&](const __nv_bfloat16* base, int i, float (&v)[V]) {
+    if constexpr (V == 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(base + i);
+      const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = bf16_to_float(h[j]);
+    } else {
+      v[0] = bf16_to_float(base[i]);
+    }
+  };
   float inv_rms = 1.f;
   if (norm != nullptr) {
     float sq = 0.f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) {
-      const float v = bf16_to_float(xr[i]);
-      sq = fmaf(v, v, sq);
+    for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
+      float v[V];
+      load(xr, i, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sq = fmaf(v[j], v[j], sq);
     }
     inv_rms = 1.f / sqrtf(block_reduce<false>(sq, scratch) / k + eps);  // IEEE sqrt and division, not approx
   }
-  auto value = [&](int i) {
-    float v = bf16_to_float(xr[i]);
-    if (norm == nullptr) return v;
-    // The two roundings adaq.layers.norm uses: Gemma (normed * (1 + w)) in fp32; Qwen3 w * bf16(normed) in bf16.
-    const float w = bf16_to_float(norm[i]);
-    if (unit_offset) return bf16_to_float(__float2bfloat16_rn(v * inv_rms * (1.f + w)));
-    return bf16_to_float(__float2bfloat16_rn(w * bf16_to_float(__float2bfloat16_rn(v * inv_rms))));
+  // The two roundings adaq.layers.norm uses: Gemma (normed * (1 + w)) in fp32; Qwen3 w * bf16(normed) in bf16.
+  auto values = [&](int i, float (&v)[V]) {
+    load(xr, i, v);
+    if (norm == nullptr) return;
+    float w[V];
+    load(norm, i, w);
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      v[j] = unit_offset ? bf16_to_float(__float2bfloat16_rn(v[j] * inv_rms * (1.f + w[j])))
+                         : bf16_to_float(__float2bfloat16_rn(w[j] * bf16_to_float(__float2bfloat16_rn(v[j] * inv_rms))));
   };
   float amax = 0.f;
-  for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(value(i)));
+  for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
+    float v[V];
+    values(i, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  }
   const float scale = fmaxf(__fdiv_rn(block_reduce<true>(amax, scratch), kE4M3Max), kMinRowScale);
-  for (int i = threadIdx.x; i < k; i += blockDim.x) out[row * k + i] = float_to_e4m3_exact(__fdiv_rn(value(i), scale));
+  for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
+    float v[V];
+    values(i, v);
+    if constexpr (V == 8) {
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        lo |= static_cast<uint32_t>(float_to_e4m3_exact(__fdiv_rn(v[j], scale))) << (8 * j);
+        hi |= static_cast<uint32_t>(float_to_e4m3_exact(__fdiv_rn(v[j + 4], scale))) << (8 * j);
+      }
+      *reinterpret_cast<uint2*>(out + row * k + i) = make_uint2(lo, hi);
+    } else {
+      out[row * k + i] = float_to_e4m3_exact(__fdiv_rn(v[0], scale));
+    }
+  }
   if (threadIdx.x == 0) row_scale[row] = scale;
 }
 
@@ -128,9 +166,12 @@ __global__ void expand_nvfp4_kernel(
 int quantize_rows(const void* x, const void* norm, float eps, int unit_offset, void* out, float* row_scale, int m,
                   int k, cudaStream_t stream) {
   if (m <= 0 || k <= 0) return kUnsupportedShape;
-  quantize_rows_kernel<<<m, kQuantThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x),
-                                                        static_cast<const __nv_bfloat16*>(norm), eps, unit_offset,
-                                                        static_cast<uint8_t*>(out), row_scale, k);
+  const bool vector = k % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
+                      (reinterpret_cast<uintptr_t>(out) & 7) == 0 &&
+                      (norm == nullptr || (reinterpret_cast<uintptr_t>(norm) & 15) == 0);
+  auto* launch = vector ? quantize_rows_kernel<8> : quantize_rows_kernel<1>;
+  launch<<<m, kQuantThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(norm),
+                                          eps, unit_offset, static_cast<uint8_t*>(out), row_scale, k);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 

@@ -374,38 +374,65 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
 
 // Dense bf16 [N, K] = e2m1 x block_scale (exact: <= 6 significant bits in [2^-10, 2688]; 1/global_scale NOT
 // applied) from the same layout and the same bit tricks as the GEMM, for paths that hand the weight to a dense
-// GEMM (large-M prefill). One warp per super-tile; lane (g, c) writes 32 contiguous values of rows 16T + g and
-// 16T + 8 + g as 4 x 16 bytes each. 0.5625 bytes read and 2 written per weight; graph-safe.
+// GEMM (large-M prefill). 0.5625 bytes read and 2 written per weight; graph-safe.
+// Each warp walks super-tiles (16 rows x 128 k) grid-stride, the next one's 36 bytes per lane loaded before the
+// current one is converted. Lane (g, c) owns 32 values of rows g and g + 8; written straight out that is 16-byte
+// pieces 64 bytes apart in 8 rows per store, and the first version (which did so) ran at ~830 GB/s on the H100
+// (device run 1, session 3). So the warp stages its 4 KB tile in shared memory and stores 2 rows x 256 contiguous
+// bytes per instruction. Staging slots are 16-byte chunks x (0..15) of a row, swizzled by
+// x ^ (2 * bit3(x) | row & 1): the 8 lanes of a store phase (rows g in {0, 1}, chunks 4c + i) and of a load phase
+// (one row, 8 consecutive chunks) then hit 8 distinct bank groups.
+__device__ __forceinline__ int dequant_slot(int row, int chunk) {
+  return row * 16 + (chunk ^ ((((chunk >> 3) & 1) << 1) | (row & 1)));
+}
+
 __global__ void __launch_bounds__(kGemmThreads) nvfp4_dequantize_kernel(const uint4* __restrict__ wq,
                                                                          const uint32_t* __restrict__ ws,
                                                                          __nv_bfloat16* __restrict__ out, int n, int k,
                                                                          int kst, long long super_tiles) {
-  const long long st_index = static_cast<long long>(blockIdx.x) * kGemmWarps + (threadIdx.x >> 5);
+  __shared__ uint4 stage[kGemmWarps][16 * 16];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  uint4* tile_buf = stage[warp];
+  const long long stride = static_cast<long long>(gridDim.x) * kGemmWarps;
+  long long st_index = static_cast<long long>(blockIdx.x) * kGemmWarps + warp;
   if (st_index >= super_tiles) return;
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int tile = static_cast<int>(st_index / kst), s = static_cast<int>(st_index % kst);
-  const uint4 w0 = __ldg(wq + st_index * 64 + lane), w1 = __ldg(wq + st_index * 64 + 32 + lane);
-  const uint32_t sc = __ldg(ws + st_index * 32 + lane);
-  const uint32_t sa = (sc & kScaleMask) | kScaleBias;
-  const uint32_t sb = (__funnelshift_l(sc, sc, 8) & kScaleMask) | kScaleBias;
+  uint4 w0 = __ldg(wq + st_index * 64 + lane), w1 = __ldg(wq + st_index * 64 + 32 + lane);
+  uint32_t sc = __ldg(ws + st_index * 32 + lane);
   const uint32_t undo = 0x49804980u;  // bf16x2 {2^20, 2^20}: the products carry weight x 2^-20
-  const int row0 = tile * kTileN + g, row1 = row0 + 8, k0 = s * kSuperK + c * 32;
+  for (; st_index < super_tiles; st_index += stride) {
+    const long long next = st_index + stride;
+    uint4 n0 = w0, n1 = w1;
+    uint32_t nsc = sc;
+    if (next < super_tiles) {
+      n0 = __ldg(wq + next * 64 + lane);
+      n1 = __ldg(wq + next * 64 + 32 + lane);
+      nsc = __ldg(ws + next * 32 + lane);
+    }
+    const uint32_t sa = (sc & kScaleMask) | kScaleBias;
+    const uint32_t sb = (__funnelshift_l(sc, sc, 8) & kScaleMask) | kScaleBias;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t step0[4], step1[4];
-    if (i < 2)
-      dequant_word<true>(word_of(w0, i), word_of(w1, i), sa, sb, step0, step1);
-    else
-      dequant_word<false>(word_of(w0, i), word_of(w1, i), sa, sb, step0, step1);
-    if (k0 + 8 * i >= k) break;  // K % 16 == 0: an 8-value piece is wholly inside K or wholly padding
-    if (row0 < n)
-      *reinterpret_cast<uint4*>(out + static_cast<long long>(row0) * k + k0 + 8 * i) =
-          make_uint4(bf16x2_mul(step0[0], undo), bf16x2_mul(step0[2], undo), bf16x2_mul(step1[0], undo),
-                     bf16x2_mul(step1[2], undo));
-    if (row1 < n)
-      *reinterpret_cast<uint4*>(out + static_cast<long long>(row1) * k + k0 + 8 * i) =
-          make_uint4(bf16x2_mul(step0[1], undo), bf16x2_mul(step0[3], undo), bf16x2_mul(step1[1], undo),
-                     bf16x2_mul(step1[3], undo));
+    for (int i = 0; i < 4; ++i) {
+      uint32_t step0[4], step1[4];
+      if (i < 2)
+        dequant_word<true>(word_of(w0, i), word_of(w1, i), sa, sb, step0, step1);
+      else
+        dequant_word<false>(word_of(w0, i), word_of(w1, i), sa, sb, step0, step1);
+      tile_buf[dequant_slot(g, 4 * c + i)] = make_uint4(bf16x2_mul(step0[0], undo), bf16x2_mul(step0[2], undo),
+                                                        bf16x2_mul(step1[0], undo), bf16x2_mul(step1[2], undo));
+      tile_buf[dequant_slot(g + 8, 4 * c + i)] = make_uint4(bf16x2_mul(step0[1], undo), bf16x2_mul(step0[3], undo),
+                                                            bf16x2_mul(step1[1], undo), bf16x2_mul(step1[3], undo));
+    }
+    __syncwarp();
+    const int tile = static_cast<int>(st_index / kst), s = static_cast<int>(st_index % kst);
+    const int chunk = lane & 15, col = s * kSuperK + chunk * 8;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = 2 * j + (lane >> 4), row = tile * kTileN + r;
+      if (row < n && col < k)  // K % 16 == 0: an 8-value chunk is wholly inside K or wholly padding
+        *reinterpret_cast<uint4*>(out + static_cast<long long>(row) * k + col) = tile_buf[dequant_slot(r, chunk)];
+    }
+    __syncwarp();
+    w0 = n0; w1 = n1; sc = nsc;
   }
 }
 
@@ -596,7 +623,8 @@ int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cu
     return kBadAlignment;
   const int kst = ceil_div(k, kSuperK);
   const long long super_tiles = static_cast<long long>(ceil_div(n, kTileN)) * kst;
-  const long long blocks = (super_tiles + kGemmWarps - 1) / kGemmWarps;
+  // A few super-tiles per warp (the prefetch has something to overlap), at most ~16 resident blocks' worth per SM.
+  const long long blocks = std::min<long long>((super_tiles + kGemmWarps - 1) / kGemmWarps, num_sms() * 16LL);
   nvfp4_dequantize_kernel<<<static_cast<unsigned>(blocks), kGemmThreads, 0, stream>>>(
       static_cast<const uint4*>(wq), static_cast<const uint32_t*>(ws), static_cast<__nv_bfloat16*>(out), n, k, kst,
       super_tiles);
