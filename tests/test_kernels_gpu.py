@@ -665,10 +665,12 @@ def build_engine(source, backend_name):
 
 
 @pytest.mark.parametrize("layers,lengths", [(8, (5, 17, 64, 128)), (4, (9, 33, 70))])
-def test_end_to_end_greedy_matches_reference(layers, lengths):
+def test_end_to_end_greedy_matches_reference(layers, lengths, monkeypatch):
     """A Qwen3-8B-shaped random NVFP4 model (its shapes, `layers` of its 36 layers), bf16 KV: the cuda and reference
     backends give the same greedy tokens for 4 prompts x 64 tokens; a divergence must follow a near-tie of the
-    reference's top two tokens (measured by scoring both continuations with the reference), and is reported."""
+    reference's top two tokens (measured by scoring both continuations with the reference), and is reported.
+    Exact prefill on both sides (the FP8 path is checked against its own emulation in test_prefill_fp8.py)."""
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
     from adaq.bench.shapes import load_model_config
     from adaq.bench.synthetic import SyntheticCheckpoint
     from adaq.engine.sampling_params import SamplingParams

@@ -294,9 +294,12 @@ def test_route_by_path_and_rows(monkeypatch):
     assert prefill_fp8.route(99, cpu) == "decode" and prefill_fp8.route(100, cpu) == "exact"
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "nvfp4")
     assert prefill_fp8.route(4096, cpu) == "decode"
-    monkeypatch.setenv("ADAQ_PREFILL_PATH", "fp8")  # no FP8 GEMM off a CUDA GPU: the exact path serves large M
-    assert prefill_fp8.route(4096, cpu) == "exact" and prefill_fp8.route(8, cpu) == "decode"
-    assert "FP8 PATH" in prefill_fp8.describe("fp8") and "exact" in prefill_fp8.describe("auto")
+    for path in ("fp8", "auto", "exact"):  # no FP8 GEMM off a CUDA GPU: the exact path serves large M
+        monkeypatch.setenv("ADAQ_PREFILL_PATH", path)
+        assert prefill_fp8.route(4096, cpu) == "exact" and prefill_fp8.route(8, cpu) == "decode"
+        assert not prefill_fp8.fp8_enabled(cpu)
+        assert "exact" in prefill_fp8.describe(path, cpu)
+    assert "decode kernels" in prefill_fp8.describe("nvfp4", cpu)
 
 
 def test_bench_puts_prefill_paths_side_by_side_on_cpu(tmp_path):
@@ -551,7 +554,7 @@ def test_gpu_exact_linear_column_segments_and_bias():
 def test_gpu_cuda_backend_routes_prefill(monkeypatch):
     from adaq.kernels import backend_cuda, prefill_fp8
 
-    monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
     monkeypatch.setenv("ADAQ_PREFILL_EXACT_MIN_TOKENS", "96")
     calls = []
     real = prefill_fp8.exact_linear
@@ -569,3 +572,34 @@ def test_gpu_cuda_backend_routes_prefill(monkeypatch):
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "nvfp4")
     backend.linear(random_rows(300, 2048).to(torch.bfloat16).cuda(), handle)
     assert calls == [96, 300]
+
+
+@gpu
+@needs_cuda
+def test_gpu_auto_path_is_fp8_on_fp8_gpus(monkeypatch):
+    """`auto` (the default) on sm_89 / sm_90: linears of >= 64 rows take the FP8 path, except the excluded role
+    (down_proj), which takes the exact path; fewer rows the decode kernels. Other GPUs: exact."""
+    from adaq.kernels import backend_cuda, prefill_fp8
+
+    monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
+    monkeypatch.delenv("ADAQ_PREFILL_FP8_EXCLUDE", raising=False)
+    calls = []
+    for name in ("fp8_linear", "exact_linear"):
+        real = getattr(prefill_fp8, name)
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, args[0].shape[0]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(prefill_fp8, name, spy)
+    backend = backend_cuda.CudaBackend("cuda")
+    fp8_gpu = torch.cuda.get_device_capability() >= (8, 9)
+    weight = random_nvfp4(640, 2048, seed=5)
+    for role in ("qkv_proj", "down_proj"):
+        handle = backend.prepare_linear(weight, dtype=torch.bfloat16, role=role)
+        assert (getattr(handle, "fp8_source", None) is not None) == (fp8_gpu and role == "qkv_proj")
+        for rows in (63, 300):
+            calls.clear()
+            backend.linear(random_rows(rows, 2048, seed=rows).to(torch.bfloat16).cuda(), handle)
+            expected = [] if rows < 64 else [("fp8_linear" if fp8_gpu and role == "qkv_proj" else "exact_linear", rows)]
+            assert calls == expected, (role, rows, calls)
+    assert ("FP8 PATH" in prefill_fp8.describe()) == fp8_gpu

@@ -93,7 +93,7 @@ def _one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
     (["hi", "--kv-cache-dtype", "int8"], ["--kv-cache-dtype"]),
     (["hi", "--backend", "tpu"], ["backend"]),
     (["hi", "--threads", "0"], ["--threads"]),
-    (["hi", "--prefill-path", "int4"], ["--prefill-path", "auto, fp8, nvfp4"]),
+    (["hi", "--prefill-path", "int4"], ["--prefill-path", "auto, fp8, exact, nvfp4"]),
 ])
 def test_bad_input_is_one_line(tiny, capsys, monkeypatch, args, fragments, restore_torch_threads):
     _one_line_error(*adaq(["run", tiny / "nvfp4", *FAST, "--max-tokens", "2", *args], capsys, monkeypatch),

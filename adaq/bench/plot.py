@@ -3,7 +3,8 @@ tok/s per variant and batch, and peak VRAM bars per variant and batch."""
 
 from pathlib import Path
 
-COLORS = {"nvfp4": "#76b900", "nvfp4-fp8": "#2ca02c", "nvfp4-decode": "#bcbd22", "bf16": "#1f77b4", "hf": "#ff7f0e"}
+COLORS = {"nvfp4": "#76b900", "nvfp4-fp8": "#2ca02c", "nvfp4-decode": "#bcbd22", "nvfp4-exact": "#17becf",
+          "bf16": "#1f77b4", "hf": "#ff7f0e"}
 
 
 def plot(report: dict, path: Path) -> None:

@@ -21,8 +21,9 @@ from adaq.errors import AdaqError
 
 BASELINES = ("bf16", "hf")
 # NVFP4 variants by prefill path (ADAQ_PREFILL_PATH in the variant's process; adaq.kernels.prefill_fp8):
-# auto = exact dequantize + cuBLAS bf16 for large M (the default), fp8 = the lossy FP8 path, nvfp4 = decode kernels only.
-PREFILL_VARIANTS = {"auto": "nvfp4", "fp8": "nvfp4-fp8", "nvfp4": "nvfp4-decode"}
+# auto = the FP8 path where the GPU has one, else exact (the default); fp8 = the FP8 path; exact = dequantize + cuBLAS
+# bf16 for large M; nvfp4 = decode kernels only.
+PREFILL_VARIANTS = {"auto": "nvfp4", "fp8": "nvfp4-fp8", "exact": "nvfp4-exact", "nvfp4": "nvfp4-decode"}
 
 
 def is_nvfp4(variant: str) -> bool:

@@ -61,9 +61,9 @@ def bench(
                                                   "hf (transformers generate, static cache), or none"),
     backend: str = typer.Option("auto", help="engine backend: auto, cuda or reference"),
     prefill_path: str = typer.Option("auto", help="NVFP4 prefill path(s), comma-separated, one NVFP4 variant each: "
-                                                  "auto (variant nvfp4: exact dequantize + cuBLAS bf16 for large M), "
-                                                  "fp8 (nvfp4-fp8: the lossy FP8 path), nvfp4 (nvfp4-decode: "
-                                                  "decode kernels at every M)"),
+                                                  "auto (variant nvfp4: FP8 on sm_89 / sm_90, else exact), fp8 "
+                                                  "(nvfp4-fp8), exact (nvfp4-exact: dequantize + cuBLAS bf16), "
+                                                  "nvfp4 (nvfp4-decode: decode kernels at every M)"),
     device: str = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)"),
     json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),
     plot_path: str = typer.Option(None, "--plot", help="write a PNG: tok/s against batch per variant, VRAM bars"),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
+
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
 
 
@@ -31,9 +33,7 @@ def run(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if any)."),
     system: str | None = typer.Option(None, "--system", help="System message for chat."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
-    prefill_path: str | None = typer.Option(None, "--prefill-path", help="NVFP4 prefill of many tokens: auto (exact, "
-                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, lossy: +0.5% ppl), "
-                                            "nvfp4 (decode kernels). Default: $ADAQ_PREFILL_PATH, else auto."),
+    prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
 ) -> None:
     """Generate text with adaq's engine: streams tokens, then prompt and decode tok/s and peak memory."""
     from rich.console import Console

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
+
 
 def serve(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
@@ -37,9 +39,7 @@ def serve(
     max_body_bytes: int = typer.Option(8 * 2**20, "--max-body-bytes", help="Largest request body (else 413)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
     json_output: bool = typer.Option(False, "--json", help="Print the ready line as one JSON object on stdout."),
-    prefill_path: str | None = typer.Option(None, "--prefill-path", help="NVFP4 prefill of many tokens: auto (exact, "
-                                            "dequantize + cuBLAS), fp8 (E4M3 GEMMs, faster, lossy: +0.5% ppl), "
-                                            "nvfp4 (decode kernels). Default: $ADAQ_PREFILL_PATH, else auto."),
+    prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (streaming and plain JSON), with Prometheus metrics."""
     from rich.console import Console

@@ -57,10 +57,9 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
-        path = prefill_fp8.configured_path()
-        if path == "fp8" and fp8_prefill.covers(role):  # opt-in FP8 prefill keeps the NVFP4 bytes to expand
+        if fp8_prefill.covers(role) and prefill_fp8.fp8_enabled(self.device):  # FP8 prefill expands these bytes
             handle.fp8_source = weight.to(self.device)
-        if path != "nvfp4" and prefill_fp8.exact_available():  # exact large-M path; workspace sized now, not in a graph
+        if prefill_fp8.configured_path() != "nvfp4" and prefill_fp8.exact_available():  # workspace sized now
             handle.exact_plan = prefill_fp8.exact_plan(packed)
             prefill_fp8.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
         return handle
@@ -71,11 +70,14 @@ class CudaBackend(ReferenceBackend):
         if handle.input_global_scale is not None:
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
         lead = x.shape[:-1]
-        route = prefill_fp8.route(x.numel() // x.shape[-1], x.device)  # ADAQ_PREFILL_PATH: auto | fp8 | nvfp4
+        rows = x.numel() // x.shape[-1]
+        route = prefill_fp8.route(rows, x.device)  # ADAQ_PREFILL_PATH: auto | fp8 | exact | nvfp4
         source = getattr(handle, "fp8_source", None)
         if route == "fp8" and source is not None:
             y = prefill_fp8.fp8_linear(x.reshape(-1, x.shape[-1]), source, None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, y.shape[-1])
+        if route == "fp8":  # a role the FP8 path excludes: the exact path where it beats the decode kernels
+            route = prefill_fp8.route(rows, x.device, path="exact")
         plan = getattr(handle, "exact_plan", None)
         if route != "decode" and plan is not None and not torch.cuda.is_current_stream_capturing():
             y = prefill_fp8.exact_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight, plan,
@@ -99,7 +101,7 @@ class CudaBackend(ReferenceBackend):
             packed_gate_up.append(self._fused_pair(pair))
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
-        if prefill_fp8.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0:
+        if hidden % 16 == 0 and intermediate % 16 == 0 and prefill_fp8.fp8_enabled(self.device):
             # the NVFP4 bytes of every expert, expanded to E4M3 per prefill (adaq.kernels.prefill_moe)
             handle.fp8 = prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device)
         return handle

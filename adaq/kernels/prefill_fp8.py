@@ -1,14 +1,18 @@
 """The prefill paths on the GPU: which kernel runs an NVFP4 linear of M rows (numerics: adaq.layers.fp8_prefill).
 
-`ADAQ_PREFILL_PATH`:
-- auto (default, accuracy-safe, every GPU): M >= `exact_min_tokens()` rows (the crossover with the decode kernels,
-  docs/KERNELS.md "Prefill paths (session 2)"): the EXACT path -- the layer's NVFP4 weight dequantized into one reused bf16 workspace
-  per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in bf16), cuBLAS bf16 GEMM, 1/global_scale applied as
-  the GEMM's fp32 alpha before its single bf16 rounding; fewer rows: the NVFP4 decode kernels (bytes-bound).
-- fp8 (opt-in, costs accuracy: +1.6 % perplexity on Gemma3-270M): M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default 64)
-  through FP8 -- sm_89 (Ada): the CUTLASS-generated FP8 GEMM (adaq/kernels/generated/); sm_90+ (Hopper): the same
-  E4M3 operands and scales through cuBLASLt's FP8 GEMM (`torch._scaled_mm`, row-wise scales), because Ada's FP8
-  mma.sync runs at a quarter of the bf16 rate there (NOTES.md). Fewer rows: decode kernels.
+`ADAQ_PREFILL_PATH` (`--prefill-path` of run / serve / bench):
+- auto (default): the FP8 path where the GPU has an FP8 GEMM and the FP8 extension builds (sm_89 Ada, sm_90
+  Hopper), the exact path elsewhere (other GPUs, or nvidia-cutlass missing).
+- fp8: the FP8 path; an error where it cannot run. M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default 64, the H100 sweep's
+  crossover with the decode kernels) through FP8 -- sm_89: the CUTLASS-generated FP8 GEMM
+  (adaq/kernels/generated/); sm_90: the same E4M3 operands and scales through cuBLASLt's FP8 GEMM
+  (`torch._scaled_mm`, row-wise scales), because Ada's FP8 mma.sync is slow there. Roles in
+  `ADAQ_PREFILL_FP8_EXCLUDE` (default down_proj, whose heavy-tailed input costs most of the accuracy) take the exact
+  path. Cost on the real Gemma3-270M: +0.47 % perplexity (docs/KERNELS.md). Fewer rows: decode kernels.
+- exact: M >= `exact_min_tokens()` rows (96, the H100 sweep's crossover with the decode kernels): the layer's NVFP4
+  weight dequantized into one reused bf16 workspace per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in
+  bf16), cuBLAS bf16 GEMM, 1/global_scale applied as the GEMM's fp32 alpha before its single bf16 rounding; fewer
+  rows: the NVFP4 decode kernels (bytes-bound).
 - nvfp4: the decode kernels only, at every M.
 `scaled_mm(..., kind="ada")` forces the Ada kernel on Hopper (tests, microbenchmark).
 
@@ -30,12 +34,11 @@ from adaq.layers import fp8_prefill
 PATH_ENV = "ADAQ_PREFILL_PATH"
 MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
 EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
-# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels. NOT YET SWEPT on a GPU (the sweep,
-# prefill_bench.threshold_sweep, run by scripts/gpu_prefill.sh, hands its value to the bench through
-# ADAQ_PREFILL_EXACT_MIN_TOKENS): 64 = one decode launch (beyond it the decode kernels re-read the weights per
-# 64-row chunk); docs/KERNELS.md "Prefill paths (session 2)" has the estimate behind it.
-EXACT_MIN_TOKENS = 64
-PATHS = ("auto", "fp8", "nvfp4")
+# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
+# (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
+# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Prefill paths (session 3)".
+EXACT_MIN_TOKENS = 96
+PATHS = ("auto", "fp8", "exact", "nvfp4")
 KERNELS = Path(__file__).resolve().parent
 GENERATED = KERNELS / "generated"
 SOURCES = (KERNELS / "csrc" / "fp8_binding.cpp", KERNELS / "csrc" / "fp8_quant.cu", KERNELS / "csrc" / "fp8_mma_peak.cu",
@@ -126,7 +129,7 @@ def min_tokens() -> int:
 
 def gemm_kind(device: torch.device) -> str | None:
     """'ada' (generated sm_89 kernel), 'hopper' (cuBLASLt FP8) or None (no FP8 path: exact NVFP4 kernels)."""
-    if configured_path() == "nvfp4" or torch.device(device).type != "cuda":
+    if configured_path() in ("nvfp4", "exact") or torch.device(device).type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) >= (9, 0):
@@ -136,8 +139,41 @@ def gemm_kind(device: torch.device) -> str | None:
     return None
 
 
+_EXTENSION_ERROR: list[str] = []  # why the FP8 extension could not be loaded, once tried
+
+
+def extension_ok() -> bool:
+    """Whether the FP8 extension loads (it needs nvidia-cutlass's headers and nvcc the first time)."""
+    if _EXTENSION is None and not _EXTENSION_ERROR:
+        try:
+            ext()
+        except Exception as error:  # noqa: BLE001 -- a missing wheel or a failed build: auto falls back to exact
+            _EXTENSION_ERROR.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    return _EXTENSION is not None
+
+
+def fp8_enabled(device: torch.device) -> bool:
+    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error."""
+    from adaq.errors import AdaqError
+
+    path = configured_path()
+    if path not in ("auto", "fp8") or torch.device(device).type != "cuda":
+        return False
+    if gemm_kind(device) is None:
+        if path == "fp8":
+            raise AdaqError(f"--prefill-path fp8 needs an FP8 GPU (sm_89 or newer); this one is sm_"
+                            f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: use auto or exact")
+        return False
+    if not extension_ok():
+        if path == "fp8":
+            raise AdaqError(f"--prefill-path fp8: the FP8 extension did not load ({_EXTENSION_ERROR[0]}); "
+                            "pip install nvidia-cutlass==4.2.0.0, or use --prefill-path exact")
+        return False
+    return True
+
+
 def use_fp8(rows: int, device: torch.device) -> bool:
-    return configured_path() == "fp8" and gemm_kind(device) is not None and rows >= min_tokens()
+    return rows >= min_tokens() and fp8_enabled(device)
 
 
 def exact_min_tokens() -> int:
@@ -145,25 +181,31 @@ def exact_min_tokens() -> int:
 
 
 def route(rows: int, device: torch.device, path: str | None = None) -> str:
-    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16) or 'decode'."""
+    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16) or 'decode'.
+    'fp8' only where the FP8 path is enabled; a layer without FP8 operands (an excluded role) asks again with
+    path='exact'."""
     path = path or configured_path()
     if path == "nvfp4":
         return "decode"
-    if path == "fp8" and gemm_kind(device) is not None and rows >= min_tokens():
+    if path in ("auto", "fp8") and rows >= min_tokens() and fp8_enabled(device):
         return "fp8"
     return "exact" if rows >= exact_min_tokens() else "decode"
 
 
-def describe(path: str | None = None) -> str:
-    """One line for labels: what runs prefill (large M) under `path`."""
+def describe(path: str | None = None, device: torch.device | None = None) -> str:
+    """One line for labels: what runs prefill (large M) under `path` on `device` (default: the current GPU)."""
     path = path or configured_path()
     if path == "nvfp4":
         return "prefill: NVFP4 decode kernels at every M"
     exact = f"dequantize + cuBLAS bf16 (exact) from M >= {exact_min_tokens()}"
-    if path == "auto":
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if path == "exact" or device is None or not fp8_enabled(device):
         return f"prefill: {exact}"
-    return (f"prefill: FP8 PATH (lossy: E4M3 weights per channel, E4M3 activations per token; cuBLASLt FP8 on sm_90, "
-            f"CUTLASS sm_89 GEMM on Ada) from M >= {min_tokens()}")
+    excluded = ", ".join(sorted(fp8_prefill.excluded_roles())) or "none"
+    gemm = "cuBLASLt FP8" if gemm_kind(device) == "hopper" else "CUTLASS sm_89 FP8 GEMM"
+    return (f"prefill: FP8 PATH ({gemm}; E4M3 weights per channel, E4M3 activations per token) from M >= "
+            f"{min_tokens()}; exact for {excluded}")
 
 
 def choose_tile(m: int, n: int, sm_count: int) -> int:

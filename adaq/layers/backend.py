@@ -18,7 +18,7 @@ from adaq.layers.linear import LinearHandle, Weight, can_fuse, check_shapes, fus
 
 BACKENDS = ("reference", "cuda", "auto")
 DEQUANT_CACHE_FRACTION = 0.4  # of the memory free when the backend is made
-PREFILL_PATH_ENV = "ADAQ_PREFILL_PATH"  # auto | fp8 | nvfp4 (adaq.kernels.prefill_fp8 reads it too)
+PREFILL_PATH_ENV = "ADAQ_PREFILL_PATH"  # auto | fp8 | exact | nvfp4 (adaq.kernels.prefill_fp8 reads it too)
 
 
 class ReferenceBackend:

@@ -42,10 +42,13 @@ EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
 DEFAULT_EXCLUDED = "down_proj"
 
 
+def excluded_roles() -> set[str]:
+    return {name.strip() for name in os.environ.get(EXCLUDE_ENV, DEFAULT_EXCLUDED).split(",") if name.strip()}
+
+
 def covers(role: str | None) -> bool:
     """Whether a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj; None: unnamed) takes the FP8 path."""
-    excluded = {name.strip() for name in os.environ.get(EXCLUDE_ENV, DEFAULT_EXCLUDED).split(",") if name.strip()}
-    return role not in excluded
+    return role not in excluded_roles()
 
 
 @dataclass
