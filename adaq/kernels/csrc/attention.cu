@@ -764,8 +764,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 // three blocks stay resident on an Ada SM (99 KB) as on the H100.
 // Numerics (as v3, docs/KERNELS.md "Attention v3"): FP8 K/V bytes are exact in f16; Q is exact in f16 after a
 // power of two per row that puts max|q| in [2^14, 2^15); the K scale multiplies the fp32 score per key; the V scale
-// multiplies P before its f16 rounding, relative to a running power of two 2^cv >= every V scale seen (rescaled like
-// the softmax max), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits. bf16 KV: bf16 MMA, P rounded to bf16.
+// multiplies P before its f16 rounding, relative to a running power of two 2^cv >= every V scale the ROW has seen
+// (rescaled like the softmax max; per row, not per warp as in v3, so a row whose keys all have small V scales is not
+// pushed into f16's subnormals by a neighbour's), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits. bf16 KV: bf16 MMA, P rounded to bf16.
 // Softmax in fp32, base 2, online per row. Masks per row: causal (key < ctx) and sliding window (key >= ctx - W).
 // Keys outside the block's range are zero-filled (an unwritten page's NaN bytes never reach 0 * NaN in P.V).
 constexpr int kFlashWarps = 4;
@@ -862,7 +863,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const A
   const int warp_hi = warp_rows > 0 ? ctx0 + warp * 16 + warp_rows - 1 : 0;
 
   float m[2] = {-1e30f, -1e30f}, l[2] = {0.f, 0.f};  // finite m: exp2(m_old - m_new) is never NaN
-  int cv_exp = -1000;                                 // FP8: 2^cv_exp >= every V scale seen so far
+  int cv_exp[2] = {-1000, -1000};                     // FP8, per row: 2^cv_exp >= every V scale it has seen
   float o[2 * kSteps][4];
 #pragma unroll
   for (int i = 0; i < 2 * kSteps; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
@@ -962,14 +963,24 @@ __global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const A
         row_max[h] = fmaxf(row_max[h], x);
       }
     }
-    int tile_exp = 0;
-    if constexpr (FP8) {  // the tile's largest V scale, as a power of two (every lane the same)
-      int e = -1000;
+    int row_exp[2] = {-1000, -1000};
+    if constexpr (FP8) {  // per row: the largest V scale among the keys it sees, as a power of two (its 4 lanes)
 #pragma unroll
-      for (int i = lane; i < KEYS; i += 32) e = max(e, ceil_exponent(v_scale_tile[i]));
+      for (int t = 0; t < kNT; ++t) {
+        const float2 vs = *reinterpret_cast<const float2*>(&v_scale_tile[8 * t + 2 * c]);
+        const int e0 = ceil_exponent(vs.x), e1 = ceil_exponent(vs.y);
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) e = max(e, __shfl_xor_sync(0xFFFFFFFFu, e, off));
-      tile_exp = max(cv_exp, e);
+        for (int h = 0; h < 2; ++h) {
+          if (s[t][2 * h] != -INFINITY) row_exp[h] = max(row_exp[h], e0);
+          if (s[t][2 * h + 1] != -INFINITY) row_exp[h] = max(row_exp[h], e1);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_exp[h] = max(row_exp[h], __shfl_xor_sync(0xFFFFFFFFu, row_exp[h], 1));
+        row_exp[h] = max(row_exp[h], __shfl_xor_sync(0xFFFFFFFFu, row_exp[h], 2));
+        row_exp[h] = max(cv_exp[h], row_exp[h]);
+      }
     }
     float alpha[2];
 #pragma unroll
@@ -981,13 +992,15 @@ __global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const A
       m[h] = m_new;
       l[h] *= alpha[h];
     }
-    float p_mul = 1.f;
+    float p_mul[2] = {1.f, 1.f};
     if constexpr (FP8) {
-      const float cv_ratio = __uint_as_float(static_cast<uint32_t>(127 + max(-126, cv_exp - tile_exp)) << 23);
-      alpha[0] *= cv_exp == -1000 ? 1.f : cv_ratio;
-      alpha[1] *= cv_exp == -1000 ? 1.f : cv_ratio;
-      cv_exp = tile_exp;
-      p_mul = __uint_as_float(static_cast<uint32_t>(127 - max(-126, min(126, cv_exp))) << 23);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (cv_exp[h] != -1000)  // O and l so far were relative to 2^cv_exp: rescale to the new power of two
+          alpha[h] *= __uint_as_float(static_cast<uint32_t>(127 + max(-126, cv_exp[h] - row_exp[h])) << 23);
+        cv_exp[h] = row_exp[h];
+        p_mul[h] = __uint_as_float(static_cast<uint32_t>(127 - max(-126, min(126, cv_exp[h]))) << 23);
+      }
     }
 #pragma unroll
     for (int i = 0; i < 2 * kSteps; ++i) {
@@ -999,12 +1012,11 @@ __global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const A
     for (int t = 0; t < kNT; ++t) {
       float pv[4];
       const float2 vs = FP8 ? *reinterpret_cast<const float2*>(&v_scale_tile[8 * t + 2 * c]) : make_float2(1.f, 1.f);
-      const float vs0 = vs.x * p_mul, vs1 = vs.y * p_mul;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float pe = exp2f(s[t][e] - m[e >> 1]);
         l[e >> 1] += pe;
-        pv[e] = FP8 ? pe * ((e & 1) ? vs1 : vs0) : pe;
+        pv[e] = FP8 ? pe * (((e & 1) ? vs.y : vs.x) * p_mul[e >> 1]) : pe;
       }
       const uint32_t top = FP8 ? pack_f16x2(pv[0], pv[1]) : pack_bf16x2(pv[0], pv[1]);
       const uint32_t bottom = FP8 ? pack_f16x2(pv[2], pv[3]) : pack_bf16x2(pv[2], pv[3]);
@@ -1031,11 +1043,11 @@ __global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const A
     l[h] += __shfl_xor_sync(0xFFFFFFFFu, l[h], 1);
     l[h] += __shfl_xor_sync(0xFFFFFFFFu, l[h], 2);
   }
-  const float cv = FP8 ? __uint_as_float(static_cast<uint32_t>(127 + max(-126, min(127, cv_exp))) << 23) : 1.f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int j = warp * 16 + r + 8 * h;
     if (j >= nq) continue;
+    const float cv = FP8 ? __uint_as_float(static_cast<uint32_t>(127 + max(-126, min(127, cv_exp[h]))) << 23) : 1.f;
     const float inv = l[h] > 0.f ? cv / l[h] : 0.f;
     __nv_bfloat16* dst = p.out + (static_cast<long long>(t0 + j) * p.heads + head) * D + 2 * c;
 #pragma unroll
