@@ -1016,7 +1016,9 @@ __global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const A
       for (int e = 0; e < 4; ++e) {
         const float pe = exp2f(s[t][e] - m[e >> 1]);
         l[e >> 1] += pe;
-        pv[e] = FP8 ? pe * (((e & 1) ? vs.y : vs.x) * p_mul[e >> 1]) : pe;
+        // (P * vs) first: a key this row does not see has P = 0 and a V scale the row's 2^cv need not cover, so
+        // vs * 2^-cv alone may overflow (0 * inf); the power-of-two factor after it is exact either way.
+        pv[e] = FP8 ? (pe * ((e & 1) ? vs.y : vs.x)) * p_mul[e >> 1] : pe;
       }
       const uint32_t top = FP8 ? pack_f16x2(pv[0], pv[1]) : pack_bf16x2(pv[0], pv[1]);
       const uint32_t bottom = FP8 ? pack_f16x2(pv[2], pv[3]) : pack_bf16x2(pv[2], pv[3]);
