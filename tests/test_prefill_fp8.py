@@ -340,7 +340,7 @@ def _on_gpu(weight: nvfp4.NVFP4Weight) -> nvfp4.NVFP4Weight:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("n,k", [(n, k) for _, n, k in ODD_SHAPES] + MODEL_LAYERS)
+@pytest.mark.parametrize("n,k", [(n, k) for _, n, k in ODD_SHAPES] + [(13, 1040), (9, 16)] + MODEL_LAYERS)
 def test_gpu_weight_expansion_is_bit_identical(n, k):
     from adaq.kernels import prefill_fp8
 
@@ -355,7 +355,7 @@ def test_gpu_weight_expansion_is_bit_identical(n, k):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("m,k", [(1, 64), (7, 80), (33, 2048), (257, 4096), (2048, 5376), (100, 21504)])
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 80), (33, 2048), (257, 4096), (2048, 5376), (100, 21504), (5, 4104)])
 def test_gpu_activation_quantization_is_bit_identical(m, k):
     from adaq.kernels import prefill_fp8
 

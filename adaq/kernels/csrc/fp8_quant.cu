@@ -35,9 +35,10 @@ __device__ float block_reduce(float v, float* scratch) {
 // The normalised row is rounded to bf16 first (what the model would feed the GEMM), then amax, scale and the IEEE
 // division x / scale are exactly the reference's; float_to_e4m3_exact matches torch's conversion bit for bit.
 // V values per thread per step: 8 (16-byte loads, 8-byte stores) when K % 8 == 0 and x is 16-byte aligned, else 1.
-// The row (<= 50 KB) is read three times (sum of squares, amax, quantization); the 2nd and 3rd reads hit L1/L2, so
-// DRAM sees it once. Scalar 2-byte loads and 1-byte stores ran at ~530 GB/s on the H100 (device run 1, session 3).
-template <int V>
+// CH > 0 (V = 8, K <= CH * 2048): the row is read once into registers, CH chunks of 8 per thread; otherwise it is
+// read once per pass (sum of squares, amax, quantization; the later reads hit L1/L2). Scalar 2-byte loads and 1-byte
+// stores ran at ~530 GB/s on the H100 (device run 1, session 3), the re-reading vector version at ~1.4 TB/s (run 2).
+template <int V, int CH>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(
     const __nv_bfloat16* __restrict__ x,     // [M, K] bf16 activations, row stride K
     const __nv_bfloat16* __restrict__ norm,  // [K] RMSNorm weight, or nullptr for no norm
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(
     uint8_t* __restrict__ out,               // [M, K] e4m3 bytes
     float* __restrict__ row_scale,           // [M] fp32 scales
     int k) {
+  static_assert(CH == 0 || V == 8, "the register-cached row uses 16-byte loads");
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const __nv_bfloat16* xr = x + row * k;
@@ -59,21 +61,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(
       v[0] = bf16_to_float(base[i]);
     }
   };
-  float inv_rms = 1.f;
-  if (norm != nullptr) {
-    float sq = 0.f;
-    for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
-      float v[V];
-      load(xr, i, v);
-#pragma unroll
-      for (int j = 0; j < V; ++j) sq = fmaf(v[j], v[j], sq);
-    }
-    inv_rms = 1.f / sqrtf(block_reduce<false>(sq, scratch) / k + eps);  // IEEE sqrt and division, not approx
-  }
   // The two roundings adaq.layers.norm uses: Gemma (normed * (1 + w)) in fp32; Qwen3 w * bf16(normed) in bf16.
-  auto values = [&](int i, float (&v)[V]) {
-    load(xr, i, v);
-    if (norm == nullptr) return;
+  auto normalise = [&](int i, float inv_rms, float (&v)[V]) {
     float w[V];
     load(norm, i, w);
 #pragma unroll
@@ -81,17 +70,10 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(
       v[j] = unit_offset ? bf16_to_float(__float2bfloat16_rn(v[j] * inv_rms * (1.f + w[j])))
                          : bf16_to_float(__float2bfloat16_rn(w[j] * bf16_to_float(__float2bfloat16_rn(v[j] * inv_rms))));
   };
-  float amax = 0.f;
-  for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
-    float v[V];
-    values(i, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(v[j]));
-  }
-  const float scale = fmaxf(__fdiv_rn(block_reduce<true>(amax, scratch), kE4M3Max), kMinRowScale);
-  for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
-    float v[V];
-    values(i, v);
+  auto inverse_rms = [&](float sq) {  // IEEE sqrt and division, not approx
+    return 1.f / sqrtf(block_reduce<false>(sq, scratch) / k + eps);
+  };
+  auto store = [&](int i, const float (&v)[V], float scale) {
     if constexpr (V == 8) {
       uint32_t lo = 0, hi = 0;
 #pragma unroll
@@ -102,6 +84,63 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(
       *reinterpret_cast<uint2*>(out + row * k + i) = make_uint2(lo, hi);
     } else {
       out[row * k + i] = float_to_e4m3_exact(__fdiv_rn(v[0], scale));
+    }
+  };
+  float scale;
+  if constexpr (CH > 0) {
+    float cached[CH][V];
+    float sq = 0.f, amax = 0.f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int i = (threadIdx.x + c * kQuantThreads) * V;
+#pragma unroll
+      for (int j = 0; j < V; ++j) cached[c][j] = 0.f;
+      if (i < k) load(xr, i, cached[c]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sq = fmaf(cached[c][j], cached[c][j], sq);
+    }
+    const float inv_rms = norm != nullptr ? inverse_rms(sq) : 1.f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int i = (threadIdx.x + c * kQuantThreads) * V;
+      if (norm != nullptr && i < k) normalise(i, inv_rms, cached[c]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(cached[c][j]));
+    }
+    scale = fmaxf(__fdiv_rn(block_reduce<true>(amax, scratch), kE4M3Max), kMinRowScale);
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int i = (threadIdx.x + c * kQuantThreads) * V;
+      if (i < k) store(i, cached[c], scale);
+    }
+  } else {
+    float inv_rms = 1.f;
+    if (norm != nullptr) {
+      float sq = 0.f;
+      for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
+        float v[V];
+        load(xr, i, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) sq = fmaf(v[j], v[j], sq);
+      }
+      inv_rms = inverse_rms(sq);
+    }
+    auto values = [&](int i, float (&v)[V]) {
+      load(xr, i, v);
+      if (norm != nullptr) normalise(i, inv_rms, v);
+    };
+    float amax = 0.f;
+    for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
+      float v[V];
+      values(i, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    }
+    scale = fmaxf(__fdiv_rn(block_reduce<true>(amax, scratch), kE4M3Max), kMinRowScale);
+    for (int i = threadIdx.x * V; i < k; i += kQuantThreads * V) {
+      float v[V];
+      values(i, v);
+      store(i, v, scale);
     }
   }
   if (threadIdx.x == 0) row_scale[row] = scale;
@@ -123,7 +162,7 @@ __device__ __forceinline__ uint32_t expand4(uint32_t codes16, uint32_t lut_lo, u
   return magnitudes | signs;
 }
 
-// NVFP4 -> E4M3 with one scale per output channel (one block per row n):
+// NVFP4 -> E4M3 with one scale per output channel (one warp per row n):
 //   c = max_k block_scale[n,k];  ratio = block_scale / c (IEEE division);  w8 = e4m3(e2m1 * (ratio * 64));
 //   col_scale[n] = (c / global_scale) * 2^-6.
 // Per-16 block scales cannot be applied inside Ada's m16n8k32 FP8 MMA (one instruction spans two blocks), so they
@@ -131,36 +170,58 @@ __device__ __forceinline__ uint32_t expand4(uint32_t codes16, uint32_t lut_lo, u
 // A 16-value block has one factor, so only its 8 magnitudes are converted (exact fp32 product, exact RNE
 // conversion) into an 8-byte table; the 16 values are then table lookups (byte permutes): the kernel stays
 // bytes-bound instead of spending ~30 instructions per value on the conversion.
-__global__ void expand_nvfp4_kernel(
+// One warp per row (8 rows per 256-thread block): the row max of the block scales is a warp reduction (no shared
+// memory, no barrier), and lane l takes 16-value blocks l, l + 32, ... four at a time with every load issued before
+// the first table is built, so a warp has 32 x 4 x 8 bytes of codes in flight and stores 2 KB per step contiguously.
+// The first version (one 128-thread block per row, one 16-value block per thread per step) ran at ~2.0 TB/s on the
+// H100 (device run 2, session 3).
+constexpr int kExpandRowsPerBlock = 8;
+constexpr int kExpandUnroll = 4;
+
+__global__ void __launch_bounds__(kExpandRowsPerBlock * 32) expand_nvfp4_kernel(
     const uint8_t* __restrict__ packed,       // [N, K/2] two E2M1 codes per byte, element 2j in the low nibble
     const uint8_t* __restrict__ block_scale,  // [N, K/16] e4m3 block scales
     const float* __restrict__ global_scale,   // [1] the NVFP4 global scale (a divisor)
     uint8_t* __restrict__ out,                // [N, K] e4m3 workspace
     float* __restrict__ col_scale,            // [N] fp32 per-channel scales
-    int k) {
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+    int n, int k) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kExpandRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= n) return;
   const int blocks = k / 16;
   const uint8_t* scales = block_scale + row * blocks;
   float cmax = 0.f;
-  for (int b = threadIdx.x; b < blocks; b += blockDim.x) cmax = fmaxf(cmax, e4m3x2_to_float2(scales[b]).x);
-  cmax = block_reduce<true>(cmax, scratch);
+  for (int b = lane; b < blocks; b += 32) cmax = fmaxf(cmax, e4m3x2_to_float2(__ldg(scales + b)).x);
+  cmax = warp_max(cmax);
   const float safe = cmax > 0.f ? cmax : 1.f;
-  // One thread per 16-value block: 8 packed bytes in, 16 E4M3 bytes out as one 16-byte store.
-  for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
-    const float factor = __fdiv_rn(e4m3x2_to_float2(scales[b]).x, safe) * kWeightHeadroom;
-    uint32_t lut_lo = 0, lut_hi = 0;
+  const uint2* codes_row = reinterpret_cast<const uint2*>(packed + row * (k / 2));
+  uint4* out_row = reinterpret_cast<uint4*>(out + row * k);
+  for (int b0 = lane; b0 < blocks; b0 += 32 * kExpandUnroll) {
+    uint2 codes[kExpandUnroll];
+    uint8_t scale[kExpandUnroll];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      lut_lo |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(i), factor))) << (8 * i);
-      lut_hi |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(4 + i), factor))) << (8 * i);
+    for (int u = 0; u < kExpandUnroll; ++u) {
+      const int b = b0 + 32 * u;
+      codes[u] = b < blocks ? __ldg(codes_row + b) : make_uint2(0u, 0u);
+      scale[u] = b < blocks ? __ldg(scales + b) : 0;
     }
-    const uint2 codes = *reinterpret_cast<const uint2*>(packed + row * (k / 2) + b * 8);
-    const uint4 words = make_uint4(expand4(codes.x & 0xFFFFu, lut_lo, lut_hi), expand4(codes.x >> 16, lut_lo, lut_hi),
-                                   expand4(codes.y & 0xFFFFu, lut_lo, lut_hi), expand4(codes.y >> 16, lut_lo, lut_hi));
-    *reinterpret_cast<uint4*>(out + row * k + b * 16) = words;
+#pragma unroll
+    for (int u = 0; u < kExpandUnroll; ++u) {
+      const int b = b0 + 32 * u;
+      if (b >= blocks) break;
+      // One factor per 16-value block: its 8 magnitudes become an 8-byte table, the 16 values byte permutes.
+      const float factor = __fdiv_rn(e4m3x2_to_float2(scale[u]).x, safe) * kWeightHeadroom;
+      uint32_t lut_lo = 0, lut_hi = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        lut_lo |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(i), factor))) << (8 * i);
+        lut_hi |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(4 + i), factor))) << (8 * i);
+      }
+      out_row[b] = make_uint4(expand4(codes[u].x & 0xFFFFu, lut_lo, lut_hi), expand4(codes[u].x >> 16, lut_lo, lut_hi),
+                              expand4(codes[u].y & 0xFFFFu, lut_lo, lut_hi), expand4(codes[u].y >> 16, lut_lo, lut_hi));
+    }
   }
-  if (threadIdx.x == 0) col_scale[row] = __fmul_rn(__fdiv_rn(cmax, *global_scale), 1.f / kWeightHeadroom);
+  if (lane == 0) col_scale[row] = __fmul_rn(__fdiv_rn(cmax, *global_scale), 1.f / kWeightHeadroom);
 }
 
 int quantize_rows(const void* x, const void* norm, float eps, int unit_offset, void* out, float* row_scale, int m,
@@ -169,7 +230,11 @@ int quantize_rows(const void* x, const void* norm, float eps, int unit_offset, v
   const bool vector = k % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
                       (reinterpret_cast<uintptr_t>(out) & 7) == 0 &&
                       (norm == nullptr || (reinterpret_cast<uintptr_t>(norm) & 15) == 0);
-  auto* launch = vector ? quantize_rows_kernel<8> : quantize_rows_kernel<1>;
+  const int chunks = vector ? (k + kQuantThreads * 8 - 1) / (kQuantThreads * 8) : 0;
+  auto* launch = !vector ? quantize_rows_kernel<1, 0>
+                 : chunks <= 2 ? quantize_rows_kernel<8, 2>
+                 : chunks <= 4 ? quantize_rows_kernel<8, 4>
+                               : quantize_rows_kernel<8, 0>;
   launch<<<m, kQuantThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(norm),
                                           eps, unit_offset, static_cast<uint8_t*>(out), row_scale, k);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
@@ -178,9 +243,11 @@ int quantize_rows(const void* x, const void* norm, float eps, int unit_offset, v
 int expand_nvfp4(const void* packed, const void* block_scale, const float* global_scale, void* out, float* col_scale,
                  int n, int k, cudaStream_t stream) {
   if (n <= 0 || k <= 0 || k % 16) return kUnsupportedShape;
-  expand_nvfp4_kernel<<<n, 128, 0, stream>>>(static_cast<const uint8_t*>(packed),
-                                             static_cast<const uint8_t*>(block_scale), global_scale,
-                                             static_cast<uint8_t*>(out), col_scale, k);
+  const unsigned grid = static_cast<unsigned>((n + kExpandRowsPerBlock - 1) / kExpandRowsPerBlock);
+  expand_nvfp4_kernel<<<grid, kExpandRowsPerBlock * 32, 0, stream>>>(static_cast<const uint8_t*>(packed),
+                                                                      static_cast<const uint8_t*>(block_scale),
+                                                                      global_scale, static_cast<uint8_t*>(out),
+                                                                      col_scale, n, k);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
