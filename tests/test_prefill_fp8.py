@@ -368,13 +368,14 @@ def test_gpu_activation_quantization_is_bit_identical(m, k):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("k", [2048, 5376, 12288])  # the row in registers (2, 4 chunks per thread), or re-read
 @pytest.mark.parametrize("unit_offset", [False, True])
-def test_gpu_fused_rms_norm_quantization(unit_offset):
+def test_gpu_fused_rms_norm_quantization(unit_offset, k):
     from adaq.kernels import prefill_fp8
     from adaq.layers.norm import rms_norm
 
-    x = random_rows(129, 2048).to(torch.bfloat16).cuda()
-    weight = (torch.randn(2048) * 0.2).to(torch.bfloat16).cuda()
+    x = random_rows(129, k).to(torch.bfloat16).cuda()
+    weight = (torch.randn(k) * 0.2).to(torch.bfloat16).cuda()
     x8, row_scale = prefill_fp8.quantize_rows(x, weight, 1e-6, unit_offset)
     expected, expected_scale = fp8_prefill.quantize_activation(rms_norm(x, weight, 1e-6, unit_offset))
     torch.testing.assert_close(row_scale, expected_scale, rtol=1e-2, atol=0)
