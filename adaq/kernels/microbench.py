@@ -164,11 +164,10 @@ def attention_suite(context: int = 8192, batches=(1, 16), variants=(0, 1, 2, 3),
     return out
 
 
-def prefill_attention(seqs: int, seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-                      kv_dtype: str = "fp8", block_size: int = 16, variant: int | None = None) -> dict:
-    """Prefill attention of `seqs` fresh prompts of `seq_len` tokens (causal, K/V already stored in the paged
-    cache) through the cuda backend, against torch SDPA (causal, bf16, GQA) on the same bf16 q/k/v; `variant` 4
-    times v3's prefill kernel instead of the flash kernel (ops.ATTENTION_VARIANTS)."""
+def prefill_attention_case(seqs: int, seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                           kv_dtype: str = "fp8", block_size: int = 16):
+    """`seqs` fresh prompts of `seq_len` tokens, K/V already stored in the paged cache: (our attention, torch SDPA
+    (causal, bf16, GQA) on the same bf16 q/k/v, FLOP of the causal QK^T + PV), the two as zero-argument calls."""
     from adaq.engine.context import Context
     from adaq.kernels.backend_cuda import CudaBackend
 
@@ -193,20 +192,30 @@ def prefill_attention(seqs: int, seq_len: int, heads: int = 32, kv_heads: int = 
                   max_context_len=seq_len)
     backend = CudaBackend("cuda")
     scale = head_dim ** -0.5
-    if variant is not None:
-        ops.set_attention_variant(variant)
-    try:
-        us = _time_graph(lambda i: backend.attention(q, k_cache, v_cache, *scales, ctx, scale=scale), 1)
-    finally:
-        if variant is not None:
-            ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
     qs = q.view(seqs, seq_len, heads, head_dim).transpose(1, 2)
     group = heads // kv_heads  # K/V expanded to every query head outside the timing: SDPA's flash path
     ks = k.view(seqs, seq_len, kv_heads, head_dim).repeat_interleave(group, dim=2).transpose(1, 2)
     vs = v.view(seqs, seq_len, kv_heads, head_dim).repeat_interleave(group, dim=2).transpose(1, 2)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    sdpa_us = _time_graph(lambda i: sdpa(qs, ks, vs, is_causal=True, scale=scale), 1)
     flop = 4 * seqs * heads * head_dim * seq_len * (seq_len + 1) / 2  # causal QK^T + PV
+    return (lambda: backend.attention(q, k_cache, v_cache, *scales, ctx, scale=scale),
+            lambda: sdpa(qs, ks, vs, is_causal=True, scale=scale), flop)
+
+
+def prefill_attention(seqs: int, seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                      kv_dtype: str = "fp8", block_size: int = 16, variant: int | None = None) -> dict:
+    """Prefill attention of `seqs` fresh prompts of `seq_len` tokens through the cuda backend against torch SDPA
+    (`prefill_attention_case`); `variant` 4 times v3's prefill kernel instead of the flash kernel
+    (ops.ATTENTION_VARIANTS)."""
+    ours, sdpa, flop = prefill_attention_case(seqs, seq_len, heads, kv_heads, head_dim, kv_dtype, block_size)
+    if variant is not None:
+        ops.set_attention_variant(variant)
+    try:
+        us = _time_graph(lambda i: ours(), 1)
+    finally:
+        if variant is not None:
+            ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
+    sdpa_us = _time_graph(lambda i: sdpa(), 1)
     return {"op": "prefill_attention", "variant": ops.DEFAULT_ATTENTION_VARIANT if variant is None else variant,
             "kv_dtype": kv_dtype, "seqs": seqs, "seq_len": seq_len, "heads": heads,
             "kv_heads": kv_heads, "head_dim": head_dim, "us": us, "TFLOP/s": flop / us / 1e6,

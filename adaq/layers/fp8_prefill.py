@@ -10,7 +10,8 @@ per-16 block scale cannot be applied inside it. Each output channel n instead ge
 |e2m1 * ratio| <= 6, so times 64 it stays <= 384 < 448; the power-of-two headroom keeps small products out of
 E4M3's subnormals. The only error against the exact dequantized weight is the E4M3 rounding of e2m1 * ratio.
 
-The exact large-M path (the default; adaq.kernels.prefill_fp8 runs it with cuBLAS) is no approximation: the bf16
+The exact large-M path (`exact`, and `auto` on GPUs without an FP8 GEMM; adaq.kernels.prefill_fp8 runs it with
+cuBLAS) is no approximation: the bf16
 workspace holds `e2m1 x block_scale` exactly (<= 6 significant bits, within bf16's range) and 1/global_scale
 multiplies the fp32 accumulator once, before the single rounding: `exact_linear_reference`.
 
@@ -22,7 +23,8 @@ Which layers: every NVFP4 linear of at least MIN_TOKENS rows except the roles in
 (comma-separated; default `down_proj`: its inputs, SiLU(gate) * up, have the heaviest tails, and on the real
 Gemma3-270M it alone costs +1.56 % perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 %
 on 64); docs/KERNELS.md).
-MoE experts are not covered by this setting: the grouped FP8 path runs both of their projections.
+MoE experts are not covered by this setting: the grouped FP8 path runs both of their projections (its accuracy is
+not measured on a real MoE checkpoint).
 """
 
 import os

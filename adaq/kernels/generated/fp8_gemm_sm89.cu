@@ -394,6 +394,134 @@ int run_grouped(const void* a, const void* b, const float* row_scale, const floa
 }
 }  // namespace adaq::tile_128x64_64x6
 
+namespace adaq::tile_64x64_64x6 {
+using OutputTileThreadMap = cutlass::epilogue::threadblock::OutputTileThreadLayout<
+    cutlass::gemm::GemmShape<64, 64, 64>,
+    cutlass::gemm::GemmShape<32, 32, 64>,
+    cutlass::bfloat16_t,
+    8,
+    1 /* epilogue stages */
+>;
+
+
+using Accum = cutlass::epilogue::threadblock::VisitorAccFetch;
+
+using ColScale = cutlass::epilogue::threadblock::VisitorRowBroadcast<
+    OutputTileThreadMap, float,
+    cute::Stride<cute::Int<0>, cute::Int<1>, cute::Int<0>>
+>;
+
+using RowScale = cutlass::epilogue::threadblock::VisitorColBroadcast<
+    OutputTileThreadMap, float,
+    cute::Stride<cute::Int<1>, cute::Int<0>, cute::Int<0>>
+>;
+
+using Compute0 = cutlass::epilogue::threadblock::VisitorCompute<
+    cutlass::multiplies, float, float,
+    cutlass::FloatRoundStyle::round_to_nearest
+>;
+
+using EVTCompute0 = cutlass::epilogue::threadblock::Sm80EVT<
+    Compute0,
+    Accum,
+    RowScale>;
+
+using Compute1 = cutlass::epilogue::threadblock::VisitorCompute<
+    cutlass::multiplies, cutlass::bfloat16_t, float,
+    cutlass::FloatRoundStyle::round_to_nearest
+>;
+
+using EVTCompute1 = cutlass::epilogue::threadblock::Sm80EVT<
+    Compute1,
+    EVTCompute0,
+    ColScale>;
+
+using D = cutlass::epilogue::threadblock::VisitorAuxStore<
+    OutputTileThreadMap, cutlass::bfloat16_t, cutlass::FloatRoundStyle::round_to_nearest,
+    cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>
+>;
+
+using EVTD = cutlass::epilogue::threadblock::Sm80EVT<
+    D,
+    EVTCompute1>;
+
+
+// Gemm operator cutlass_tensorop_bf16_s16832gemm_e4m3_64x64_64x6_tn_align16
+using cutlass_tensorop_bf16_s16832gemm_e4m3_64x64_64x6_tn_align16_base =
+    typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
+    cutlass::float_e4m3_t, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, 16,
+    cutlass::float_e4m3_t, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, 16,
+    cutlass::bfloat16_t, cutlass::layout::RowMajor, 8,
+    float,
+    float,
+    cutlass::arch::OpClassTensorOp,
+    cutlass::arch::Sm89,
+    cutlass::gemm::GemmShape<64, 64, 64>,
+    cutlass::gemm::GemmShape<32, 32, 64>,
+    cutlass::gemm::GemmShape<16, 8, 32>,
+    EVTD,
+    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<1>,
+    6,
+    cutlass::arch::OpMultiplyAdd,
+    1 /* epilogue stages */
+>::GemmKernel;
+
+// Define named type
+struct cutlass_tensorop_bf16_s16832gemm_e4m3_64x64_64x6_tn_align16_type :
+  public cutlass_tensorop_bf16_s16832gemm_e4m3_64x64_64x6_tn_align16_base { };
+
+using Kernel = cutlass_tensorop_bf16_s16832gemm_e4m3_64x64_64x6_tn_align16_type;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+static_assert(sizeof(typename Kernel::SharedStorage) <= 101376,
+              "tile 64x64_64x6 does not fit Ada's 99 KB of shared memory per block");
+constexpr int kSharedBytes = int(sizeof(typename Kernel::SharedStorage));
+constexpr int kTileM = Kernel::Mma::Shape::kM;
+
+// D = bf16(((A @ B^T) * row_scale[m]) * col_scale[n]); A [M,K] e4m3 row-major, B [N,K] e4m3 row-major (= K x N
+// column-major, CUTLASS's TN), D [M,N] bf16 row-major. Launched on `stream`; the identity swizzle without split-K
+// needs no workspace, so nothing is allocated.
+int run(const void* a, const void* b, const float* row_scale, const float* col_scale, void* d, int m, int n, int k,
+        cudaStream_t stream) {
+  typename EVTD::Arguments callbacks{
+      {{{}, {row_scale, 0.f, {}}, {}},  // acc * row_scale[m]
+       {col_scale, 0.f, {}},               // ... * col_scale[n]
+       {}},
+      {static_cast<cutlass::bfloat16_t*>(d), {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {m, n, k}, 1, callbacks, a, b, nullptr,
+                                nullptr, int64_t(m) * k, int64_t(n) * k, 0, 0, k, k, 0, 0);
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return adaq::kUnsupportedShape;
+  if (Gemm::get_workspace_size(args) != 0) return adaq::kWorkspaceTooSmall;
+  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return adaq::kCudaError;
+  return gemm.run(stream) == cutlass::Status::kSuccess ? adaq::kOk : adaq::kCudaError;
+}
+
+// The grouped (MoE) launch of the same kernel type (csrc/fp8_grouped.cuh): the epilogue's three pointers per group.
+struct GroupedOutput {
+  static CUTLASS_DEVICE typename EVTD::Params params(const float* row_scale, const float* col_scale,
+                                                     cutlass::bfloat16_t* d, int n) {
+    return {{{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+            {d, {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  }
+};
+
+int run_grouped(const void* a, const void* b, const float* row_scale, const float* col_scale, void* d,
+                const int* group_offsets, const int* group_expert, const int* tile_offsets, const int* num_groups,
+                int max_m_tiles, int n, int k, cudaStream_t stream) {
+  // Host-side parameters of a representative problem: only the operand iterators' strides (from K) are used.
+  typename EVTD::Arguments callbacks{
+      {{{}, {row_scale, 0.f, {}}, {}}, {col_scale, 0.f, {}}, {}},
+      {static_cast<cutlass::bfloat16_t*>(d), {int64_t(n), cute::Int<1>{}, cute::Int<0>{}}}};
+  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {kTileM, n, k}, 1, callbacks, a, b,
+                                nullptr, nullptr, 0, 0, 0, 0, k, k, 0, 0);
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return adaq::kUnsupportedShape;
+  typename Kernel::Params params(args, 1, 1);
+  return adaq::launch_fp8_grouped<Kernel, GroupedOutput>(
+      params, {a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets, num_groups, n, k},
+      max_m_tiles, stream);
+}
+}  // namespace adaq::tile_64x64_64x6
+
 namespace adaq {
 int fp8_gemm_sm89(int tile, const void* a, const void* b, const float* row_scale,
                   const float* col_scale, void* d, int m, int n, int k, cudaStream_t stream) {
@@ -402,6 +530,7 @@ int fp8_gemm_sm89(int tile, const void* a, const void* b, const float* row_scale
     case 0: return tile_128x64_64x4::run(a, b, row_scale, col_scale, d, m, n, k, stream);
     case 1: return tile_64x128_64x4::run(a, b, row_scale, col_scale, d, m, n, k, stream);
     case 2: return tile_128x64_64x6::run(a, b, row_scale, col_scale, d, m, n, k, stream);
+    case 3: return tile_64x64_64x6::run(a, b, row_scale, col_scale, d, m, n, k, stream);
     default: return kUnsupportedShape;
   }
 }
@@ -411,6 +540,7 @@ int fp8_gemm_sm89_shared_bytes(int tile) {
     case 0: return tile_128x64_64x4::kSharedBytes;
     case 1: return tile_64x128_64x4::kSharedBytes;
     case 2: return tile_128x64_64x6::kSharedBytes;
+    case 3: return tile_64x64_64x6::kSharedBytes;
     default: return 0;
   }
 }
@@ -420,6 +550,7 @@ int fp8_gemm_sm89_tile_m(int tile) {
     case 0: return tile_128x64_64x4::kTileM;
     case 1: return tile_64x128_64x4::kTileM;
     case 2: return tile_128x64_64x6::kTileM;
+    case 3: return tile_64x64_64x6::kTileM;
     default: return 0;
   }
 }
@@ -434,6 +565,8 @@ int fp8_grouped_gemm_sm89(int tile, const void* a, const void* b, const float* r
     case 1: return tile_64x128_64x4::run_grouped(a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets,
                                      num_groups, max_m_tiles, n, k, stream);
     case 2: return tile_128x64_64x6::run_grouped(a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets,
+                                     num_groups, max_m_tiles, n, k, stream);
+    case 3: return tile_64x64_64x6::run_grouped(a, b, row_scale, col_scale, d, group_offsets, group_expert, tile_offsets,
                                      num_groups, max_m_tiles, n, k, stream);
     default: return kUnsupportedShape;
   }

@@ -4,8 +4,8 @@
 #include <cuda_runtime.h>
 
 namespace adaq {
-// Tiles, in the order of fp8_gemm_sm89.json: 128x64_64x4, 64x128_64x4, 128x64_64x6.
-constexpr int kFp8GemmTiles = 3;
+// Tiles, in the order of fp8_gemm_sm89.json: 128x64_64x4, 64x128_64x4, 128x64_64x6, 64x64_64x6.
+constexpr int kFp8GemmTiles = 4;
 // Runs tile `tile` (0-based) on `stream`; returns an adaq::Status (0 = ok). M, N, K > 0, K and N multiples of 16,
 // pointers 16-byte aligned.
 int fp8_gemm_sm89(int tile, const void* a, const void* b, const float* row_scale, const float* col_scale, void* d,
