@@ -357,6 +357,25 @@ def test_gpu_weight_expansion_is_bit_identical(n, k):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("n,k", [(n, k) for _, n, k in ODD_SHAPES] + [(13, 1040), (9, 16), (40, 272)] + MODEL_LAYERS)
+def test_gpu_expansion_from_the_decode_layout_is_bit_identical(n, k):
+    """The cuda backend's FP8 weight operand, expanded from the decode kernels' layout (padded N and K included):
+    the same bytes as the spec on the original weight; the workspace is poisoned first."""
+    from adaq.kernels import layout, ops, prefill_fp8
+
+    weight = random_nvfp4(n, k, seed=3 * n + k, device="cuda").to("cpu")
+    expected = fp8_prefill.expand_weight(weight)
+    scales = prefill_fp8.Fp8Scales.of(weight, torch.device("cuda"))
+    packed = layout.repack(_on_gpu(weight), torch.device("cuda"))
+    out = torch.full((n * k + 64,), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    values = ops.nvfp4_expand_e4m3(packed, scales.row_mul, out)
+    assert torch.equal(values.cpu().view(torch.uint8), expected.values.view(torch.uint8))
+    assert torch.equal(out.view(torch.uint8)[n * k:].cpu(), torch.full((64,), 0x7F, dtype=torch.uint8))  # no overrun
+    assert torch.equal(scales.col_scale.cpu(), expected.col_scale)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("m,k", [(1, 64), (7, 80), (33, 2048), (257, 4096), (2048, 5376), (100, 21504), (5, 4104)])
 def test_gpu_activation_quantization_is_bit_identical(m, k):
     from adaq.kernels import prefill_fp8
@@ -467,6 +486,11 @@ def test_gpu_fp8_linear_matches_reference_backend(kind):
     backend = ReferenceBackend("cpu", prefill_fp8=True)
     expected = backend.linear(x.float(), backend.prepare_linear(weight, dtype=torch.float32))
     got = prefill_fp8.fp8_linear(x.cuda(), _on_gpu(weight), kind=kind)
+    from adaq.kernels import layout
+
+    packed = layout.repack(_on_gpu(weight), torch.device("cuda"))
+    scales = prefill_fp8.Fp8Scales.of(weight, torch.device("cuda"))
+    assert torch.equal(prefill_fp8.fp8_linear_packed(x.cuda(), packed, scales, kind=kind), got)  # same operands
     if kind == "ada":
         _assert_gemm_close(got, expected)
         return
@@ -587,7 +611,7 @@ def test_gpu_auto_path_is_fp8_on_fp8_gpus(monkeypatch):
     monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
     monkeypatch.delenv("ADAQ_PREFILL_FP8_EXCLUDE", raising=False)
     calls = []
-    for name in ("fp8_linear", "exact_linear"):
+    for name in ("fp8_linear_packed", "exact_linear"):
         real = getattr(prefill_fp8, name)
         def spy(*args, _real=real, _name=name, **kwargs):
             calls.append((_name, args[0].shape[0]))
@@ -599,10 +623,11 @@ def test_gpu_auto_path_is_fp8_on_fp8_gpus(monkeypatch):
     weight = random_nvfp4(640, 2048, seed=5)
     for role in ("qkv_proj", "down_proj"):
         handle = backend.prepare_linear(weight, dtype=torch.bfloat16, role=role)
-        assert (getattr(handle, "fp8_source", None) is not None) == (fp8_gpu and role == "qkv_proj")
+        assert (getattr(handle, "fp8_scales", None) is not None) == (fp8_gpu and role == "qkv_proj")
         for rows in (63, 300):
             calls.clear()
             backend.linear(random_rows(rows, 2048, seed=rows).to(torch.bfloat16).cuda(), handle)
-            expected = [] if rows < 64 else [("fp8_linear" if fp8_gpu and role == "qkv_proj" else "exact_linear", rows)]
+            fp8 = fp8_gpu and role == "qkv_proj"
+            expected = [] if rows < 64 else [("fp8_linear_packed" if fp8 else "exact_linear", rows)]
             assert calls == expected, (role, rows, calls)
     assert ("FP8 PATH" in prefill_fp8.describe()) == fp8_gpu

@@ -57,8 +57,8 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
-        if fp8_prefill.covers(role) and prefill_fp8.fp8_enabled(self.device):  # FP8 prefill expands these bytes
-            handle.fp8_source = weight.to(self.device)
+        if fp8_prefill.covers(role) and prefill_fp8.fp8_enabled(self.device):  # expanded from the decode layout
+            handle.fp8_scales = prefill_fp8.Fp8Scales.of(weight, self.device)
         if prefill_fp8.configured_path() != "nvfp4" and prefill_fp8.exact_available():  # workspace sized now
             handle.exact_plan = prefill_fp8.exact_plan(packed)
             prefill_fp8.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
@@ -72,9 +72,10 @@ class CudaBackend(ReferenceBackend):
         lead = x.shape[:-1]
         rows = x.numel() // x.shape[-1]
         route = prefill_fp8.route(rows, x.device)  # ADAQ_PREFILL_PATH: auto | fp8 | exact | nvfp4
-        source = getattr(handle, "fp8_source", None)
-        if route == "fp8" and source is not None:
-            y = prefill_fp8.fp8_linear(x.reshape(-1, x.shape[-1]), source, None if bias is None else bias.to(x.dtype))
+        scales = getattr(handle, "fp8_scales", None)
+        if route == "fp8" and scales is not None:
+            y = prefill_fp8.fp8_linear_packed(x.reshape(-1, x.shape[-1]), handle.kernel_weight, scales,
+                                              None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, y.shape[-1])
         if route == "fp8":  # a role the FP8 path excludes: the exact path where it beats the decode kernels
             route = prefill_fp8.route(rows, x.device, path="exact")
@@ -101,7 +102,10 @@ class CudaBackend(ReferenceBackend):
             packed_gate_up.append(self._fused_pair(pair))
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
-        if hidden % 16 == 0 and intermediate % 16 == 0 and prefill_fp8.fp8_enabled(self.device):
+        # The grouped FP8 path expands the experts from their original bytes, a second copy of every expert: only
+        # when asked for (--prefill-path fp8), never by `auto`.
+        if (prefill_fp8.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0
+                and prefill_fp8.fp8_enabled(self.device)):
             # the NVFP4 bytes of every expert, expanded to E4M3 per prefill (adaq.kernels.prefill_moe)
             handle.fp8 = prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device)
         return handle

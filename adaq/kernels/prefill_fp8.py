@@ -279,10 +279,39 @@ def scaled_mm(x8: torch.Tensor, row_scale: torch.Tensor, w8: torch.Tensor, col_s
 
 def fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, kind: str | None = None) -> torch.Tensor:
     """The FP8 prefill linear for bf16 x [M,K] and an NVFP4Weight on the GPU: expand, quantize, GEMM."""
-    kind = kind or gemm_kind(x.device)
     w8, col_scale = expand_weight(weight, x.device)
+    return _fp8_gemm(x, w8, col_scale, bias, kind)
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """What the FP8 path needs of a weight besides the decode layout: row_mul = 64 / (each row's largest block
+    scale) and col_scale = (that / global_scale) / 64, fp32 [N] each (adaq.layers.fp8_prefill.channel_scales)."""
+
+    row_mul: torch.Tensor
+    col_scale: torch.Tensor
+
+    @staticmethod
+    def of(weight, device: torch.device) -> "Fp8Scales":
+        row_mul, col_scale = fp8_prefill.channel_scales(weight)
+        return Fp8Scales(row_mul.to(device).contiguous(), col_scale.to(device).contiguous())
+
+
+def fp8_linear_packed(x: torch.Tensor, packed, scales: Fp8Scales, bias: torch.Tensor | None = None,
+                      kind: str | None = None) -> torch.Tensor:
+    """The FP8 prefill linear from the decode kernels' layout (layout.PackedNVFP4): the cuda backend's path, which
+    keeps no other copy of the weight. Bit for bit the same operands as `fp8_linear` on the original weight."""
+    from adaq.kernels import ops
+
+    n, k = packed.out_features, packed.in_features
+    w8 = ops.nvfp4_expand_e4m3(packed, scales.row_mul, workspace(x.device, n, k).values)
+    return _fp8_gemm(x, w8, scales.col_scale, bias, kind)
+
+
+def _fp8_gemm(x: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+              kind: str | None) -> torch.Tensor:
     x8, row_scale = quantize_rows(x)
-    y = scaled_mm(x8, row_scale, w8, col_scale, kind)
+    y = scaled_mm(x8, row_scale, w8, col_scale, kind or gemm_kind(x.device))
     return y if bias is None else y + bias
 
 

@@ -2,13 +2,15 @@
 
 Weights (NVFP4 -> E4M3, once per layer use): Ada's FP8 `mma.sync` spans 32 values of K, two NVFP4 blocks, so a
 per-16 block scale cannot be applied inside it. Each output channel n instead gets one scale: with
-`c[n] = max_k block_scale[n, k]` (as fp32) and `ratio = block_scale / c[n]` (<= 1, one fp32 division),
+`c[n] = max_k block_scale[n, k]` (as fp32) and `row_mul[n] = 64 / c[n]` (one fp32 division, made at load),
 
-    w8[n, k]     = e4m3(e2m1[n, k] * (ratio * 64))          one fp32 product, then one RNE rounding to E4M3
+    w8[n, k]     = e4m3((e2m1[n, k] * block_scale[n, k]) * row_mul[n])   exact product, one fp32 product, one RNE
     col_scale[n] = (c[n] / global_scale) * 2**-6
 
-|e2m1 * ratio| <= 6, so times 64 it stays <= 384 < 448; the power-of-two headroom keeps small products out of
-E4M3's subnormals. The only error against the exact dequantized weight is the E4M3 rounding of e2m1 * ratio.
+The first product is exact (<= 6 significant bits: the value the exact path dequantizes), so the GPU can expand
+from the decode kernels' own weight layout (no second copy of the NVFP4 bytes). |e2m1 * block_scale| <= 6 c[n], so
+times 64 / c[n] it stays <= 384 < 448; the power-of-two headroom keeps small products out of E4M3's subnormals. The
+error against the exact dequantized weight is the E4M3 rounding (and a 2^-24 fp32 one before it).
 
 The exact large-M path (`exact`, and `auto` on GPUs without an FP8 GEMM; adaq.kernels.prefill_fp8 runs it with
 cuBLAS) is no approximation: the bf16
@@ -61,22 +63,22 @@ class FP8Weight:
     col_scale: torch.Tensor  # float32 [N]
 
 
-def channel_scales(w: NVFP4Weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ratio fp32 [N, K/16], col_scale fp32 [N]): the per-block ratios to each row's largest block scale."""
-    scales = w.block_scale.float()
-    channel_max = scales.amax(dim=1)
+def channel_scales(w: NVFP4Weight, global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_mul fp32 [N] = 64 / c[n], col_scale fp32 [N]); `global_scale` overrides the weight's (a [N] tensor: one
+    per row, for stacked experts)."""
+    channel_max = w.block_scale.float().amax(dim=1)
     safe = torch.where(channel_max > 0, channel_max, torch.ones_like(channel_max))
-    ratio = scales / safe.unsqueeze(1)
-    col_scale = (channel_max / w.global_scale.float().reshape(1)) * (1.0 / WEIGHT_HEADROOM)
-    return ratio, col_scale
+    global_scale = w.global_scale.float().reshape(1) if global_scale is None else global_scale.float()
+    col_scale = (channel_max / global_scale) * (1.0 / WEIGHT_HEADROOM)
+    return WEIGHT_HEADROOM / safe, col_scale
 
 
 def expand_weight(w: NVFP4Weight) -> FP8Weight:
-    """NVFP4 -> E4M3 values and per-channel scales, exactly as the expansion kernel computes them."""
-    ratio, col_scale = channel_scales(w)
+    """NVFP4 -> E4M3 values and per-channel scales, exactly as the expansion kernels compute them."""
+    row_mul, col_scale = channel_scales(w)
     values = nvfp4.e2m1_decode(nvfp4.unpack_nibbles(w.packed)).unflatten(-1, (-1, nvfp4.GROUP_SIZE))
-    scaled = values * (ratio * WEIGHT_HEADROOM).unsqueeze(-1)
-    return FP8Weight(scaled.flatten(-2).to(E4M3), col_scale)
+    exact = values * w.block_scale.float().unsqueeze(-1)  # e2m1 x block scale: exact in fp32
+    return FP8Weight((exact.flatten(-2) * row_mul.unsqueeze(1)).to(E4M3), col_scale)
 
 
 def dequantize_expanded(w: FP8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

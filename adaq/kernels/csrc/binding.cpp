@@ -19,6 +19,8 @@ int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const voi
                        const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
                        int splits_override, cudaStream_t stream);
 int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream);
+int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void* out, int n, int k,
+                      cudaStream_t stream);
 int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
              void* k_cache, void* v_cache, float* k_scale, float* v_scale, const long long* slots, int tokens,
              int kv_heads, int head_dim, bool fp8, cudaStream_t stream);
@@ -149,15 +151,34 @@ void gemm_set_variant(int64_t variant) { adaq::nvfp4_gemm_set_variant(variant); 
 
 // wq/ws as layout.PackedNVFP4 holds them -> out (bf16, >= n*k elements, 16-byte aligned) as a row-major [n, k]
 // matrix of e2m1 x block_scale (exact; 1/global_scale not applied).
-void gemm_dequantize(torch::Tensor wq, torch::Tensor ws, torch::Tensor out, int64_t n, int64_t k) {
+static void check_layout_output(const torch::Tensor& wq, const torch::Tensor& ws, const torch::Tensor& out, int64_t n,
+                                int64_t k, const char* op) {
   ADAQ_CHECK_CUDA(wq);
   ADAQ_CHECK_CUDA(ws);
+  TORCH_CHECK(out.numel() >= n * k && out.is_contiguous(), op, ": out must hold ", n * k, " elements");
+  TORCH_CHECK(wq.numel() >= ((n + 15) / 16) * ((k + 127) / 128) * 1024, op, ": wq too small for [", n, ", ", k, "]");
+}
+
+void gemm_dequantize(torch::Tensor wq, torch::Tensor ws, torch::Tensor out, int64_t n, int64_t k) {
   ADAQ_CHECK_BF16(out);
-  TORCH_CHECK(out.numel() >= n * k && out.is_contiguous(), "gemm_dequantize: out must hold ", n * k, " elements");
-  TORCH_CHECK(wq.numel() >= ((n + 15) / 16) * ((k + 127) / 128) * 1024, "gemm_dequantize: wq too small for [", n, ", ", k, "]");
+  check_layout_output(wq, ws, out, n, k, "gemm_dequantize");
   const c10::cuda::CUDAGuard guard(out.device());
   const int status = adaq::nvfp4_dequantize(wq.data_ptr(), ws.data_ptr(), out.data_ptr(), n, k, stream());
   ADAQ_CHECK_STATUS(status, "nvfp4_dequantize N=" + std::to_string(n) + " K=" + std::to_string(k));
+}
+
+// The same layout -> out (float8_e4m3fn, >= n*k) = e4m3((e2m1 x block_scale) x row_mul[n]) (row_mul fp32 [n]):
+// the FP8 prefill path's weight operand (adaq.layers.fp8_prefill.expand_weight is the spec).
+void gemm_expand_e4m3(torch::Tensor wq, torch::Tensor ws, torch::Tensor row_mul, torch::Tensor out, int64_t n,
+                      int64_t k) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat8_e4m3fn, "gemm_expand_e4m3: out must be float8_e4m3fn");
+  TORCH_CHECK(row_mul.scalar_type() == at::kFloat && row_mul.is_cuda() && row_mul.numel() >= n,
+              "gemm_expand_e4m3: row_mul must be fp32 [n] on the GPU");
+  check_layout_output(wq, ws, out, n, k, "gemm_expand_e4m3");
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int status = adaq::nvfp4_expand_e4m3(wq.data_ptr(), ws.data_ptr(), row_mul.data_ptr<float>(),
+                                             out.data_ptr(), n, k, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_expand_e4m3 N=" + std::to_string(n) + " K=" + std::to_string(k));
 }
 
 void attention_set_variant(int64_t variant) { adaq::attention_set_variant(variant); }
@@ -335,6 +356,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_set_variant", &gemm_set_variant);
   m.def("gemm_grouped", &gemm_grouped);
   m.def("gemm_dequantize", &gemm_dequantize);
+  m.def("gemm_expand_e4m3", &gemm_expand_e4m3);
   m.def("store_kv", &store_kv);
   m.def("attention_splits", &attention_splits);
   m.def("attention_set_variant", &attention_set_variant);

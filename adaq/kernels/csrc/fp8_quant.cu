@@ -162,8 +162,8 @@ __device__ __forceinline__ uint32_t expand4(uint32_t codes16, uint32_t lut_lo, u
   return magnitudes | signs;
 }
 
-// NVFP4 -> E4M3 with one scale per output channel (one warp per row n):
-//   c = max_k block_scale[n,k];  ratio = block_scale / c (IEEE division);  w8 = e4m3(e2m1 * (ratio * 64));
+// NVFP4 -> E4M3 with one scale per output channel (one warp per row n), adaq.layers.fp8_prefill's spec:
+//   c = max_k block_scale[n,k];  row_mul = 64 / c (IEEE division);  w8 = e4m3((e2m1 * block_scale) * row_mul);
 //   col_scale[n] = (c / global_scale) * 2^-6.
 // Per-16 block scales cannot be applied inside Ada's m16n8k32 FP8 MMA (one instruction spans two blocks), so they
 // are folded into the E4M3 values; the only error is the E4M3 rounding of e2m1 * ratio (docs/KERNELS.md).
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kExpandRowsPerBlock * 32) expand_nvfp4_kernel(
   float cmax = 0.f;
   for (int b = lane; b < blocks; b += 32) cmax = fmaxf(cmax, e4m3x2_to_float2(__ldg(scales + b)).x);
   cmax = warp_max(cmax);
-  const float safe = cmax > 0.f ? cmax : 1.f;
+  const float row_mul = __fdiv_rn(kWeightHeadroom, cmax > 0.f ? cmax : 1.f);  // 64 / c, as the reference
   const uint2* codes_row = reinterpret_cast<const uint2*>(packed + row * (k / 2));
   uint4* out_row = reinterpret_cast<uint4*>(out + row * k);
   for (int b0 = lane; b0 < blocks; b0 += 32 * kExpandUnroll) {
@@ -209,13 +209,17 @@ __global__ void __launch_bounds__(kExpandRowsPerBlock * 32) expand_nvfp4_kernel(
     for (int u = 0; u < kExpandUnroll; ++u) {
       const int b = b0 + 32 * u;
       if (b >= blocks) break;
-      // One factor per 16-value block: its 8 magnitudes become an 8-byte table, the 16 values byte permutes.
-      const float factor = __fdiv_rn(e4m3x2_to_float2(scale[u]).x, safe) * kWeightHeadroom;
+      // One block scale per 16 values: its 8 magnitudes become an 8-byte table, the 16 values byte permutes.
+      // e4m3((magnitude x block_scale) x row_mul): the first product is exact (<= 6 significant bits).
+      const float block = e4m3x2_to_float2(scale[u]).x;
       uint32_t lut_lo = 0, lut_hi = 0;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        lut_lo |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(i), factor))) << (8 * i);
-        lut_hi |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(e2m1_magnitude(4 + i), factor))) << (8 * i);
+        lut_lo |= static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(__fmul_rn(e2m1_magnitude(i), block), row_mul)))
+                  << (8 * i);
+        lut_hi |= static_cast<uint32_t>(
+                      float_to_e4m3_exact(__fmul_rn(__fmul_rn(e2m1_magnitude(4 + i), block), row_mul)))
+                  << (8 * i);
       }
       out_row[b] = make_uint4(expand4(codes[u].x & 0xFFFFu, lut_lo, lut_hi), expand4(codes[u].x >> 16, lut_lo, lut_hi),
                               expand4(codes[u].y & 0xFFFFu, lut_lo, lut_hi), expand4(codes[u].y >> 16, lut_lo, lut_hi));

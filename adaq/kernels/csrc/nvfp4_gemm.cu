@@ -386,10 +386,17 @@ __device__ __forceinline__ int dequant_slot(int row, int chunk) {
   return row * 16 + (chunk ^ ((((chunk >> 3) & 1) << 1) | (row & 1)));
 }
 
+// E4M3 (OUT = uint8_t): the FP8 prefill path's weight operand from the same layout, adaq.layers.fp8_prefill's spec
+// e4m3((e2m1 x block_scale) x row_mul[n]) with row_mul = 64 / (the row's largest block scale), made at load: the
+// staged bf16 value is that exact product, so the output phase only multiplies, rounds (float_to_e4m3_exact, torch's
+// RNE bit for bit) and stores 2 rows x 128 contiguous bytes per instruction. The decode layout is the only copy of
+// the NVFP4 bytes the cuda backend keeps, so the FP8 path needs no second one.
+template <typename OUT>
 __global__ void __launch_bounds__(kGemmThreads) nvfp4_dequantize_kernel(const uint4* __restrict__ wq,
                                                                          const uint32_t* __restrict__ ws,
-                                                                         __nv_bfloat16* __restrict__ out, int n, int k,
-                                                                         int kst, long long super_tiles) {
+                                                                         const float* __restrict__ row_mul,
+                                                                         OUT* __restrict__ out, int n, int k, int kst,
+                                                                         long long super_tiles) {
   __shared__ uint4 stage[kGemmWarps][16 * 16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   uint4* tile_buf = stage[warp];
@@ -428,8 +435,23 @@ __global__ void __launch_bounds__(kGemmThreads) nvfp4_dequantize_kernel(const ui
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int r = 2 * j + (lane >> 4), row = tile * kTileN + r;
-      if (row < n && col < k)  // K % 16 == 0: an 8-value chunk is wholly inside K or wholly padding
-        *reinterpret_cast<uint4*>(out + static_cast<long long>(row) * k + col) = tile_buf[dequant_slot(r, chunk)];
+      if (row >= n || col >= k) continue;  // K % 16 == 0: an 8-value chunk is wholly inside K or wholly padding
+      const uint4 values = tile_buf[dequant_slot(r, chunk)];
+      if constexpr (sizeof(OUT) == 2) {
+        *reinterpret_cast<uint4*>(out + static_cast<long long>(row) * k + col) = values;
+      } else {
+        const float mul = __ldg(row_mul + row);
+        const uint32_t words[4] = {values.x, values.y, values.z, values.w};
+        uint32_t bytes[2] = {0u, 0u};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float lo = __uint_as_float(words[w] << 16), hi = __uint_as_float(words[w] & 0xFFFF0000u);
+          bytes[w >> 1] |= (static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(lo, mul))) |
+                            (static_cast<uint32_t>(float_to_e4m3_exact(__fmul_rn(hi, mul))) << 8))
+                           << (16 * (w & 1));
+        }
+        *reinterpret_cast<uint2*>(out + static_cast<long long>(row) * k + col) = make_uint2(bytes[0], bytes[1]);
+      }
     }
     __syncwarp();
     w0 = n0; w1 = n1; sc = nsc;
@@ -615,8 +637,9 @@ int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const voi
   return dispatch(p, plan, max_groups, stream);
 }
 
-// Dense e2m1 x block_scale [N, K] (bf16, row stride K) from a packed weight: wq/ws as layout.PackedNVFP4 holds them.
-int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream) {
+template <typename OUT>
+static int dequantize_layout(const void* wq, const void* ws, const float* row_mul, void* out, int n, int k,
+                             cudaStream_t stream) {
   if (n <= 0 || k <= 0 || k % 16 != 0) return kUnsupportedShape;
   if ((reinterpret_cast<uintptr_t>(out) & 15) != 0 || (reinterpret_cast<uintptr_t>(wq) & 15) != 0 ||
       (reinterpret_cast<uintptr_t>(ws) & 3) != 0)
@@ -625,10 +648,22 @@ int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cu
   const long long super_tiles = static_cast<long long>(ceil_div(n, kTileN)) * kst;
   // A few super-tiles per warp (the prefetch has something to overlap), at most ~16 resident blocks' worth per SM.
   const long long blocks = std::min<long long>((super_tiles + kGemmWarps - 1) / kGemmWarps, num_sms() * 16LL);
-  nvfp4_dequantize_kernel<<<static_cast<unsigned>(blocks), kGemmThreads, 0, stream>>>(
-      static_cast<const uint4*>(wq), static_cast<const uint32_t*>(ws), static_cast<__nv_bfloat16*>(out), n, k, kst,
+  nvfp4_dequantize_kernel<OUT><<<static_cast<unsigned>(blocks), kGemmThreads, 0, stream>>>(
+      static_cast<const uint4*>(wq), static_cast<const uint32_t*>(ws), row_mul, static_cast<OUT*>(out), n, k, kst,
       super_tiles);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+// Dense e2m1 x block_scale [N, K] (bf16, row stride K) from a packed weight: wq/ws as layout.PackedNVFP4 holds them.
+int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream) {
+  return dequantize_layout<__nv_bfloat16>(wq, ws, nullptr, out, n, k, stream);
+}
+
+// E4M3 [N, K] = e4m3((e2m1 x block_scale) x row_mul[n]) from the same packed weight (the FP8 prefill operand).
+int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void* out, int n, int k,
+                      cudaStream_t stream) {
+  if (row_mul == nullptr) return kUnsupportedShape;
+  return dequantize_layout<uint8_t>(wq, ws, row_mul, out, n, k, stream);
 }
 
 }  // namespace adaq
