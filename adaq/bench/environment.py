@@ -23,6 +23,8 @@ def describe(device: torch.device) -> dict:
         "command": command_line(),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "kernel_sources": kernel_sources(),
     }
 
 
@@ -59,6 +61,24 @@ def versions() -> dict:
 def command_line() -> str:
     program = Path(sys.argv[0]).name if sys.argv else "adaq"
     return shlex.join(["adaq" if program in ("adaq", "-c", "__main__.py", "cli.py") else program, *sys.argv[1:]])
+
+
+def git_dirty() -> bool | None:
+    """Whether the tree differs from that commit (a copied tree may carry an older .git: the sources hash says)."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        result = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        return bool(result.stdout.strip()) if result.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def kernel_sources() -> dict:
+    """Hashes of the CUDA sources the run was built from (the build caches' keys)."""
+    from adaq.kernels import build, prefill_fp8
+
+    return {"kernels": build.source_hash(), "fp8": prefill_fp8.source_hash()}
 
 
 def git_commit() -> str | None:
