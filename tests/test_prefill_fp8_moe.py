@@ -266,12 +266,44 @@ def test_gpu_stacked_expansion_is_bit_identical(distinct):
         assert torch.equal(col_scale.reshape(-1).cpu(), torch.cat([e.col_scale for e in expected]))
 
 
+
+def _decode_layout_experts(gate_up, down):
+    from adaq.kernels.backend_cuda import CudaBackend
+
+    return CudaBackend("cuda").prepare_experts(gate_up, down, dtype=torch.bfloat16).stacked
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("distinct", [False, True])
+def test_gpu_expansion_from_the_decode_layout_matches_the_stacked_copy(distinct):
+    """Experts expanded from the decode kernels' layout (no second copy of their bytes): the same E4M3 bytes and
+    column scales as the stacked-copy path (gate and up with different global scales included); shapes the layout
+    cannot serve as one weight are refused."""
+    gate_up, down = random_experts(4, 256, 128, distinct_up_scale=distinct)
+    stacked = _decode_layout_experts(gate_up, down)
+    layout = prefill_moe.Fp8Experts.from_layout(stacked, gate_up, down, torch.device("cuda"))
+    copy = prefill_moe.Fp8Experts.from_weights(gate_up, down, "cuda")
+    for ours, theirs in ((layout.gate_up, copy.gate_up), (layout.down, copy.down)):
+        values, col_scale = (t.clone() for t in prefill_moe.expand_projection(ours, torch.device("cuda")))
+        expected_values, expected_scale = prefill_moe.expand_projection(theirs, torch.device("cuda"))
+        assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+        assert torch.equal(col_scale, expected_scale)
+    assert layout.nbytes < copy.nbytes / 10
+    odd_gate_up, odd_down = random_experts(2, 256, 80)  # K of down = 80: not a multiple of 128
+    assert prefill_moe.Fp8Experts.from_layout(_decode_layout_experts(odd_gate_up, odd_down), odd_gate_up, odd_down,
+                                              torch.device("cuda")) is None
+
 def _check_moe(tokens: int, experts: int, top_k: int, hidden: int, intermediate: int, tile=None, seed=0):
     torch.backends.cuda.matmul.allow_tf32 = False
     gate_up, down = random_experts(experts, hidden, intermediate, seed=seed, device="cuda")
     x, logits = routed_inputs(tokens, hidden, experts, seed=seed + tokens, device="cuda")
     fp8 = prefill_moe.Fp8Experts.from_weights(gate_up, down, "cuda")
     got = prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True, tile=tile)
+    from_layout = prefill_moe.Fp8Experts.from_layout(_decode_layout_experts(gate_up, down), gate_up, down,
+                                                     torch.device("cuda"))
+    if from_layout is not None:  # the cuda backend's form: the same operands, so the same output bit for bit
+        assert torch.equal(prefill_moe.fp8_moe_forward(x, logits, from_layout, top_k, True, tile=tile), got)
     expected = prefill_moe.moe_fp8_reference(x, logits, gate_up, down, top_k, True).float()
     assert got.shape == x.shape and got.dtype == torch.bfloat16 and not torch.isnan(got).any()
     # Same numerics, two quantizations in a row: the tensor cores' fp32 sums differ from the reference's in the last

@@ -102,12 +102,14 @@ class CudaBackend(ReferenceBackend):
             packed_gate_up.append(self._fused_pair(pair))
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
-        # The grouped FP8 path expands the experts from their original bytes, a second copy of every expert: only
-        # when asked for (--prefill-path fp8), never by `auto`.
+        # The grouped FP8 path (adaq.kernels.prefill_moe) runs both expert projections in FP8, down included, whose
+        # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by
+        # `auto`. It expands from the decode kernels' layout; shapes that layout cannot serve as one weight (N % 16
+        # or K % 128) keep a stacked copy of the NVFP4 bytes instead.
         if (prefill_fp8.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0
                 and prefill_fp8.fp8_enabled(self.device)):
-            # the NVFP4 bytes of every expert, expanded to E4M3 per prefill (adaq.kernels.prefill_moe)
-            handle.fp8 = prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device)
+            handle.fp8 = (prefill_moe.Fp8Experts.from_layout(handle.stacked, gate_up, down, self.device)
+                          or prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device))
         return handle
 
     def _fused_pair(self, pair: list[NVFP4Weight]) -> layout.PackedNVFP4:

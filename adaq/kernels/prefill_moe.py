@@ -93,16 +93,66 @@ def expand_stacked_reference(w: StackedNVFP4) -> fp8_prefill.FP8Weight:
 
 
 @dataclass
-class Fp8Experts:
-    """A MoE layer's experts kept as NVFP4 bytes for the FP8 prefill path (expanded per use, never kept in E4M3)."""
+class LayoutProjection:
+    """One projection of every expert as the decode kernels hold it (ops.StackedExperts): when each expert's N is a
+    multiple of 16 and K of 128 the experts' layouts, back to back, are the layout of one [E * N, K] weight, so
+    `ops.nvfp4_expand_e4m3` expands them all in one launch with no second copy of the NVFP4 bytes. row_mul and
+    col_scale (fp32 [E * N]) are the spec's (fp8_prefill.channel_scales with each row's own global scale)."""
 
-    gate_up: StackedNVFP4  # [E * 2I, H]
-    down: StackedNVFP4  # [E * H, I]
+    wq: torch.Tensor
+    ws: torch.Tensor
+    row_mul: torch.Tensor
+    col_scale: torch.Tensor
+    experts: int
+    rows_per_expert: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.experts * self.rows_per_expert
+
+    @staticmethod
+    def fits(n: int, k: int) -> bool:
+        from adaq.kernels import layout
+
+        return n % layout.TILE_N == 0 and k % layout.TILE_K == 0
+
+    @classmethod
+    def of(cls, stacked_part, weights: list[list[NVFP4Weight]], device: torch.device) -> "LayoutProjection":
+        """stacked_part: ops.StackedExperts.tensors(...) (wq, ws, colscale, N, K); weights[e]: expert e's NVFP4
+        weights (row order), read for their block and global scales only."""
+        wq, ws, _, n, k = stacked_part
+        row_mul, col_scale = [], []
+        for w in (w for parts in weights for w in parts):  # as expand_stacked_reference: unit global scale, then
+            mul, col = fp8_prefill.channel_scales(w, torch.ones(1, device=w.block_scale.device))  # the row's own
+            row_mul.append(mul)
+            col_scale.append(col / w.global_scale.float().reshape(1))
+        return cls(wq.reshape(-1), ws.reshape(-1), torch.cat(row_mul).to(device).contiguous(),
+                   torch.cat(col_scale).to(device).contiguous(), len(weights), n, k)
+
+
+@dataclass
+class Fp8Experts:
+    """A MoE layer's experts for the FP8 prefill path, expanded to E4M3 per use (never kept in E4M3): from the
+    decode kernels' layout where the shapes allow (`LayoutProjection`), else from a stacked copy of their NVFP4
+    bytes (`StackedNVFP4`)."""
+
+    gate_up: "StackedNVFP4 | LayoutProjection"  # [E * 2I, H]
+    down: "StackedNVFP4 | LayoutProjection"  # [E * H, I]
 
     @classmethod
     def from_weights(cls, gate_up: list[list[NVFP4Weight]], down: list[NVFP4Weight],
                      device: torch.device | str) -> "Fp8Experts":
         return cls(StackedNVFP4.stack(gate_up, device), StackedNVFP4.stack([[w] for w in down], device))
+
+    @classmethod
+    def from_layout(cls, stacked, gate_up: list[list[NVFP4Weight]], down: list[NVFP4Weight],
+                    device: torch.device) -> "Fp8Experts | None":
+        """From ops.StackedExperts (the decode kernels' copy); None where a projection's shape does not allow it."""
+        parts = ((stacked.tensors("gate_up"), gate_up), (stacked.tensors("down"), [[w] for w in down]))
+        if not all(LayoutProjection.fits(part[3], part[4]) for part, _ in parts):
+            return None
+        return cls(*(LayoutProjection.of(part, weights, device) for part, weights in parts))
 
     @property
     def num_experts(self) -> int:
@@ -110,10 +160,22 @@ class Fp8Experts:
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        """Bytes this object adds to the decode kernels' copy (the scales only, from the layout)."""
+        return sum(p.nbytes if isinstance(p, StackedNVFP4) else 8 * p.out_features for p in (self.gate_up, self.down))
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def expand_projection(w: "StackedNVFP4 | LayoutProjection", device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts of one projection -> (e4m3 [E, N, K], col_scale [E, N]); the values in the shared FP8 workspace."""
+    if isinstance(w, StackedNVFP4):
+        return expand_stacked(w, device)
+    from adaq.kernels import ops, prefill_fp8
+
+    n, k = w.rows_per_expert, w.in_features
+    values = ops.nvfp4_expand_e4m3(w, w.row_mul, prefill_fp8.workspace(device, w.out_features, k).values)
+    return values.view(w.experts, n, k), w.col_scale.view(w.experts, n)
 
 
 def expand_stacked(w: StackedNVFP4, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +251,11 @@ def fp8_moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ex
     tile = choose_grouped_tile(rows, experts.num_experts) if tile is None else tile
     x8, row_scale = prefill_fp8.quantize_rows(x.contiguous())
     a, a_scale = _gather_rows(x8, row_scale, torch.div(row_ids, top_k, rounding_mode="floor"))
-    w8, col_scale = expand_stacked(experts.gate_up, x.device)
+    w8, col_scale = expand_projection(experts.gate_up, x.device)
     gate_up = grouped_gemm(a, a_scale, w8, col_scale, align, tile)
     hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
     h8, h_scale = prefill_fp8.quantize_rows(hidden)
-    w8, col_scale = expand_stacked(experts.down, x.device)
+    w8, col_scale = expand_projection(experts.down, x.device)
     y_sorted = grouped_gemm(h8, h_scale, w8, col_scale, align, tile)
     y = torch.empty_like(y_sorted)
     y.index_copy_(0, row_ids, y_sorted)
