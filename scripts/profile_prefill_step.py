@@ -4,7 +4,8 @@ variant (bf16 engine, NVFP4 exact path, NVFP4 FP8 path), profiled with torch.pro
     python scripts/profile_prefill_step.py --model qwen3-8b --input-len 2048 --batch 1 --out $OUT
 
 Prints per variant: prefill wall ms and GPU ms per kind (GEMM, attention, KV store, weight expansion, activation
-quantization, dequantization, norms, element-wise, other). Writes prefill_profile.json (with the top kernels).
+quantization, dequantization, norms, element-wise, other), the top kernels and the top host-side ops (self CPU
+time: where a wall time above the GPU time goes). Writes prefill_profile.json.
 """
 
 import argparse
@@ -63,21 +64,26 @@ def profile_variant(spec: VariantSpec, prompts) -> dict:
     engine = build_engine(spec, config, source, spec.kv_cache_dtype, torch.device(spec.device))
     prefill_once(engine, prompts)
     walls = sorted(prefill_once(engine, prompts) for _ in range(3))
-    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
         prefill_once(engine, prompts)
     kernels = {}
-    for event in prof.key_averages():
-        if event.self_device_time_total > 0:
+    on_gpu = torch.cuda.is_available()
+    for event in prof.key_averages():  # kernels only (with CPU activity on, aten ops carry device time too)
+        if event.self_device_time_total > 0 and (not on_gpu or event.device_type == torch.autograd.DeviceType.CUDA):
             kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e3
     kinds = {}
     for name, ms in kernels.items():
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
     top = sorted(kernels.items(), key=lambda item: -item[1])[:25]
+    host = sorted(((event.key, event.self_cpu_time_total / 1e3, event.count) for event in prof.key_averages()),
+                  key=lambda item: -item[1])[:25]
     del engine
     gc.collect()
     torch.cuda.empty_cache()
     return {"wall_ms": walls[1] * 1e3, "gpu_ms": sum(kernels.values()), "kinds_ms": kinds,
-            "top_kernels_ms": [[name[:120], ms] for name, ms in top]}
+            "top_kernels_ms": [[name[:120], ms] for name, ms in top],
+            "top_host_ms": [[name[:120], ms, count] for name, ms, count in host]}
 
 
 def main() -> None:
@@ -108,6 +114,9 @@ def main() -> None:
         print(f"{variant:<10} wall {r['wall_ms']:.1f} ms, GPU {r['gpu_ms']:.1f} ms: {kinds}", flush=True)
         for name, ms in r["top_kernels_ms"][:8]:
             print(f"    {ms:8.2f} ms  {name}")
+        print("    host (self CPU time):")
+        for name, ms, count in r["top_host_ms"][:12]:
+            print(f"    {ms:8.2f} ms  {count:6d}x  {name}")
     (out / "prefill_profile.json").write_text(json.dumps({"model": args.model, "input_len": args.input_len,
                                                           "batch": args.batch, "variants": results}, indent=1))
 
