@@ -521,14 +521,14 @@ LONG_PREFILL_CASES = [(32, 8, 128, None, None), (16, 16, 128, 1000, None), (8, 2
                       (12, 3, 64, 100, None)]
 
 
-@pytest.mark.parametrize("variant", [0, 4])
+@pytest.mark.parametrize("variant", [0, 4, 5])
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", LONG_PREFILL_CASES)
 def test_prefill_attention_long_prompts(variant, kv_dtype, heads, kv_heads, dim, window, softcap):
     """Fresh prompts of 2048, 700 and 65 tokens and a 301-token chunk after a 1000-token prefix, through the flash
-    kernel (variant 0) and v3's prefill (4); each last page's tail is NaN (never read); FP8 V scales spread over
-    2^-20 .. 2^20 per token for the flash kernel (its per-row power of two of the V scales), K scales over
-    2^-2 .. 2^2. Outputs poisoned; error per (token, head)."""
+    kernel in both block sizes (variants 0, 5) and v3's prefill (4); each last page's tail is NaN (never read); FP8 V
+    scales spread over 2^-20 .. 2^20 per token for the flash kernel (its per-row power of two of the V scales), K
+    scales over 2^-2 .. 2^2. Outputs poisoned; error per (token, head)."""
     from adaq.kernels.backend_cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(heads * dim + kv_heads)
@@ -540,7 +540,7 @@ def test_prefill_attention_long_prompts(variant, kv_dtype, heads, kv_heads, dim,
     if kv_dtype == torch.float8_e4m3fn:  # wide K scales would make the softmax one-hot: an ill-posed comparison
         # v3 shares its power of two of the V scales across a warp's columns: a row whose keys all have V scales
         # 2^14 below a neighbour's falls into f16's subnormals there, so it gets a realistic spread (2^+-3)
-        for scale, spread in ((k_scale, 2), (v_scale, 20 if variant == 0 else 3)):
+        for scale, spread in ((k_scale, 2), (v_scale, 3 if variant == 4 else 20)):
             powers = torch.randint(-spread, spread + 1, scale.shape[:2], device=DEV, generator=gen).float()
             scale.mul_(torch.exp2(powers)[..., None])
     ctx = decode_context(lens, block_size, num_blocks, gen)

@@ -88,7 +88,8 @@ def attention_splits(tokens: int, kv_heads: int, max_context: int, *, head_dim: 
 DEFAULT_ATTENTION_VARIANT = 0  # tensor cores where instantiated (csrc/attention.cu; docs/KERNELS.md "Attention v3")
 ATTENTION_VARIANTS = {0: "default", 1: "v2 CUDA cores", 2: "v3 tensor cores, other chunks per step",
                       3: "v3, splits merged in-kernel by the last block",
-                      4: "prefill: v3's kernel (queries as MMA columns) instead of the flash kernel"}
+                      4: "prefill: v3's kernel (queries as MMA columns) instead of the flash kernel",
+                      5: "prefill: the flash kernel with the other block size (8 warps instead of 4, or 4 for 8)"}
 
 
 def set_attention_variant(variant: int) -> None:

@@ -769,18 +769,21 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 // pushed into f16's subnormals by a neighbour's), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits. bf16 KV: bf16 MMA, P rounded to bf16.
 // Softmax in fp32, base 2, online per row. Masks per row: causal (key < ctx) and sliding window (key >= ctx - W).
 // Keys outside the block's range are zero-filled (an unwritten page's NaN bytes never reach 0 * NaN in P.V).
-constexpr int kFlashWarps = 4;
-constexpr int kFlashThreads = kFlashWarps * 32;
-constexpr int kFlashQueries = kFlashWarps * 16;  // queries of one head per block
+// W warps per block, 16 queries each: 4 (two blocks per SM) or 8 (one block per SM, each K/V tile converted and
+// stored by twice the threads and shared by twice the queries); attention_set_variant(5) runs the other one.
+constexpr int kFlashDefaultWarps = 4;
 
-template <int D, bool FP8>
+template <int D, bool FP8, int W>
 struct FlashShape {
-  static constexpr int kKeys = FP8 ? 64 : 32;                     // keys per tile
+  static constexpr int kThreads = W * 32;
+  static constexpr int kQueries = W * 16;                         // queries of one head per block
+  static constexpr int kKeys = FP8 || W == 8 ? 64 : 32;           // keys per tile (bf16 with 4 warps: 32, so that
+                                                                  // the prefetch registers stay at 32 per thread)
   static constexpr int kStride = D + 8;                           // halves per shared row: ldmatrix's 8 rows land
                                                                   // on 8 distinct 16-byte bank groups
   static constexpr int kChunks = D * (FP8 ? 1 : 2) / 16;          // 16-byte chunks of one cache row
-  static constexpr int kLoads = kKeys * kChunks / kFlashThreads;  // chunks of K (and of V) per thread per tile
-  static_assert(kLoads * kFlashThreads == kKeys * kChunks, "whole chunks per thread");
+  static constexpr int kLoads = kKeys * kChunks / kThreads;       // chunks of K (and of V) per thread per tile
+  static_assert(kLoads * kThreads == kKeys * kChunks, "whole chunks per thread");
 };
 
 // Smallest e with 2^e >= s (s > 0, finite), from the exponent field; s == 0: -1000 (no constraint).
@@ -790,10 +793,11 @@ __device__ __forceinline__ int ceil_exponent(float s) {
   return static_cast<int>(bits >> 23) - 127 + ((bits & 0x7FFFFFu) != 0);
 }
 
-template <int D, bool FP8>
-__global__ void __launch_bounds__(kFlashThreads, 2) prefill_flash_kernel(const AttnParams p) {
-  using Shape = FlashShape<D, FP8>;
+template <int D, bool FP8, int W>
+__global__ void __launch_bounds__(W * 32, 8 / W) prefill_flash_kernel(const AttnParams p) {
+  using Shape = FlashShape<D, FP8, W>;
   constexpr int KEYS = Shape::kKeys, STRIDE = Shape::kStride, CHUNKS = Shape::kChunks, LOADS = Shape::kLoads;
+  constexpr int kFlashThreads = Shape::kThreads, kFlashQueries = Shape::kQueries;
   constexpr int kSteps = D / 16;   // k16 steps of Q.K^T; n-tile pairs of P.V
   constexpr int kNT = KEYS / 8;    // n-tiles of S
   __shared__ __align__(16) uint16_t k_tile[KEYS][STRIDE];
@@ -1207,6 +1211,8 @@ struct AttentionKernelInfo {
   }
 };
 
+static int flash_warps() { return g_attention_variant == 5 ? 12 - kFlashDefaultWarps : kFlashDefaultWarps; }
+
 // Prefill over the cache. Head dims 64 and 128: the flash kernel (v4, 64 queries of one head per block). Otherwise
 // (and with attention_set_variant(4), for comparison) v3's prefill: QT consecutive queries of a sequence per block
 // (16 / G for head_dim <= 128: two n-tiles of 8 columns; 8 / G for 256: one), so each K/V chunk is read and
@@ -1244,7 +1250,10 @@ struct LaunchPrefill {
   }
   template <int D, bool FP8>
   int flash() const {  // writes the output itself: no splits, no merge
-    prefill_flash_kernel<D, FP8><<<dim3(blocks, p.heads), kFlashThreads, 0, stream>>>(p);
+    if (flash_warps() == 8)
+      prefill_flash_kernel<D, FP8, 8><<<dim3(blocks, p.heads), 256, 0, stream>>>(p);
+    else
+      prefill_flash_kernel<D, FP8, 4><<<dim3(blocks, p.heads), 128, 0, stream>>>(p);
     return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
   }
 };
@@ -1253,7 +1262,7 @@ struct PrefillBlockTokens {
   template <int D, int G, int TILES, bool FP8, int QT>
   int prefill() const { return QT; }
   template <int D, bool FP8>
-  int flash() const { return kFlashQueries; }
+  int flash() const { return flash_warps() * 16; }
 };
 
 int attention_prefill_block_tokens(int head_dim, int group, bool fp8, int block_size) {
