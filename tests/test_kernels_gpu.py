@@ -526,7 +526,7 @@ LONG_PREFILL_CASES = [(32, 8, 128, None, None), (16, 16, 128, 1000, None), (8, 2
 @pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", LONG_PREFILL_CASES)
 def test_prefill_attention_long_prompts(variant, kv_dtype, heads, kv_heads, dim, window, softcap):
     """Fresh prompts of 2048, 700 and 65 tokens and a 301-token chunk after a 1000-token prefix, through the flash
-    kernel in both block sizes (variants 0, 5) and v3's prefill (4); each last page's tail is NaN (never read); FP8 V
+    kernel in both block sizes (8 and 4 warps: variants 0, 5) and v3's prefill (4); each last page's tail is NaN (never read); FP8 V
     scales spread over 2^-20 .. 2^20 per token for the flash kernel (its per-row power of two of the V scales), K
     scales over 2^-2 .. 2^2. Outputs poisoned; error per (token, head)."""
     from adaq.kernels.backend_cuda import CudaBackend

@@ -89,7 +89,7 @@ DEFAULT_ATTENTION_VARIANT = 0  # tensor cores where instantiated (csrc/attention
 ATTENTION_VARIANTS = {0: "default", 1: "v2 CUDA cores", 2: "v3 tensor cores, other chunks per step",
                       3: "v3, splits merged in-kernel by the last block",
                       4: "prefill: v3's kernel (queries as MMA columns) instead of the flash kernel",
-                      5: "prefill: the flash kernel with the other block size (8 warps instead of 4, or 4 for 8)"}
+                      5: "prefill: the flash kernel in 4-warp blocks instead of 8"}
 
 
 def set_attention_variant(variant: int) -> None:

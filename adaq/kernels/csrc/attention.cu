@@ -754,14 +754,13 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 // Why: v3's prefill (several queries per block as the N columns, K as the A operand) converts each K/V chunk once
 // per 16 / G queries and keeps one or two 8-column n-tiles per warp: at 1 x 2048 tokens it ran at ~90 TFLOP/s (FP8)
 // and ~55 (bf16) on the H100, 4.6x / 7.6x torch SDPA (device run 1, session 3).
-// Here one block is 64 consecutive queries of one sequence and one query head (4 warps x 16 rows: the MMA's M); the
-// keys come in tiles of KEYS (64 for FP8, 32 for bf16), each loaded once per block into shared memory as f16 (FP8:
+// Here one block is 128 consecutive queries of one sequence and one query head (8 warps x 16 rows: the MMA's M; 4
+// warps as variant 5); the keys come in tiles of KEYS (64), each loaded once per block into shared memory as f16 (FP8:
 // converted once per block, exactly, by cvt.rn.f16x2.e4m3x2) or bf16, and read by every warp through ldmatrix:
 //   S [16 q x KEYS]  = Q [16 x D] . K^T         A = Q (registers, loaded once), B = K rows (ldmatrix)
 //   O [16 q x D]    += P [16 x KEYS] . V         A = P (S's C fragments re-packed), B = V (ldmatrix.trans)
 // The next tile's cache bytes (and scales) are loaded into registers while the warps compute on the current one,
-// then written to shared memory between two barriers: no cp.async ring, 35 KB of shared memory (D 128), so two or
-// three blocks stay resident on an Ada SM (99 KB) as on the H100.
+// then written to shared memory between two barriers: no cp.async ring, 35 KB of shared memory (D 128).
 // Numerics (as v3, docs/KERNELS.md "Attention v3"): FP8 K/V bytes are exact in f16; Q is exact in f16 after a
 // power of two per row that puts max|q| in [2^14, 2^15); the K scale multiplies the fp32 score per key; the V scale
 // multiplies P before its f16 rounding, relative to a running power of two 2^cv >= every V scale the ROW has seen
@@ -769,9 +768,11 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 // pushed into f16's subnormals by a neighbour's), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits. bf16 KV: bf16 MMA, P rounded to bf16.
 // Softmax in fp32, base 2, online per row. Masks per row: causal (key < ctx) and sliding window (key >= ctx - W).
 // Keys outside the block's range are zero-filled (an unwritten page's NaN bytes never reach 0 * NaN in P.V).
-// W warps per block, 16 queries each: 4 (two blocks per SM) or 8 (one block per SM, each K/V tile converted and
-// stored by twice the threads and shared by twice the queries); attention_set_variant(5) runs the other one.
-constexpr int kFlashDefaultWarps = 4;
+// W warps per block, 16 queries each: 8 (one block per SM, each K/V tile converted and stored by twice the threads
+// and shared by twice the queries; bf16 tiles of 64 keys) or 4 (two blocks per SM); attention_set_variant(5) runs
+// the other one. 8 measured faster on the H100 (device run 11, 1 x 2048 / 4 x 2048: FP8 300 / 999 us against
+// 309 / 1065, bf16 275 / 909 against 317 / 1062); both hold 8 warps per SM on Ada and the H100 (registers).
+constexpr int kFlashDefaultWarps = 8;
 
 template <int D, bool FP8, int W>
 struct FlashShape {
@@ -1220,7 +1221,7 @@ static int flash_warps() { return g_attention_variant == 5 ? 12 - kFlashDefaultW
 template <bool FP8, class Op>
 static int visit_prefill(int head_dim, int group, int block_size, Op&& op) {
   if (g_attention_variant == 1 || block_size % 16 != 0 || group < 1 || group > 8) return kUnsupportedShape;
-  if (g_attention_variant != 4) {
+  if (g_attention_variant != 4) {  // 5: the flash kernel with the other block size
     if (head_dim == 64) return op.template flash<64, FP8>();
     if (head_dim == 128) return op.template flash<128, FP8>();
   }
