@@ -765,7 +765,8 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 // power of two per row that puts max|q| in [2^14, 2^15); the K scale multiplies the fp32 score per key; the V scale
 // multiplies P before its f16 rounding, relative to a running power of two 2^cv >= every V scale the ROW has seen
 // (rescaled like the softmax max; per row, not per warp as in v3, so a row whose keys all have small V scales is not
-// pushed into f16's subnormals by a neighbour's), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits. bf16 KV: bf16 MMA, P rounded to bf16.
+// pushed into f16's subnormals by a neighbour's), so P * vs / 2^cv lies in [0, 1] and keeps f16's 11 bits.
+// bf16 KV: bf16 MMA, P rounded to bf16.
 // Softmax in fp32, base 2, online per row. Masks per row: causal (key < ctx) and sliding window (key >= ctx - W).
 // Keys outside the block's range are zero-filled (an unwritten page's NaN bytes never reach 0 * NaN in P.V).
 // W warps per block, 16 queries each: 8 (one block per SM, each K/V tile converted and stored by twice the threads
