@@ -342,6 +342,16 @@ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two) {  // low 16 b
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 }
 
+// FP8 KV: Q goes to f16 times 2^e with max|q| * 2^e in [2^14, 2^15) (exact for every q above 2^-28 max|q|, no
+// overflow); exponent field arithmetic, clamped far from the f16 / fp32 limits. The scores carry 2^-e back.
+__device__ __forceinline__ int q_exponent(float qmax) {
+  return qmax > 0.f ? min(100, max(-100, 14 - (static_cast<int>(__float_as_uint(qmax) >> 23) - 127))) : 0;
+}
+
+__device__ __forceinline__ float power_of_two(int e) {  // e in [-126, 127]
+  return __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
+}
+
 __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
@@ -497,10 +507,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
           qmax = fmaxf(qmax, fmaxf(fabsf(__uint_as_float(qw[nt][i] << 16)),
                                    fabsf(__uint_as_float(qw[nt][i] & 0xFFFF0000u))));
       qmax = warp_max(qmax);
-      // 2^e with max|q| * 2^e in [2^14, 2^15): exponent field arithmetic, clamped far from f16/fp32 limits.
-      const int e = qmax > 0.f ? min(100, max(-100, 14 - (static_cast<int>(__float_as_uint(qmax) >> 23) - 127))) : 0;
-      const float qmul = __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
-      score_mul *= __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
+      const int e = q_exponent(qmax);
+      const float qmul = power_of_two(e);
+      score_mul *= power_of_two(-e);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -846,9 +855,9 @@ __global__ void __launch_bounds__(W * 32, 8 / W) prefill_flash_kernel(const Attn
     if constexpr (FP8) {
       qmax = fmaxf(qmax, __shfl_xor_sync(0xFFFFFFFFu, qmax, 1));
       qmax = fmaxf(qmax, __shfl_xor_sync(0xFFFFFFFFu, qmax, 2));  // the row's 4 lanes hold all its dims
-      const int e = qmax > 0.f ? min(100, max(-100, 14 - (static_cast<int>(__float_as_uint(qmax) >> 23) - 127))) : 0;
-      const float qmul = __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
-      mul *= __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
+      const int e = q_exponent(qmax);
+      const float qmul = power_of_two(e);
+      mul *= power_of_two(-e);
 #pragma unroll
       for (int s = 0; s < kSteps; ++s)
 #pragma unroll
@@ -1003,9 +1012,9 @@ __global__ void __launch_bounds__(W * 32, 8 / W) prefill_flash_kernel(const Attn
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (cv_exp[h] != -1000)  // O and l so far were relative to 2^cv_exp: rescale to the new power of two
-          alpha[h] *= __uint_as_float(static_cast<uint32_t>(127 + max(-126, cv_exp[h] - row_exp[h])) << 23);
+          alpha[h] *= power_of_two(max(-126, cv_exp[h] - row_exp[h]));
         cv_exp[h] = row_exp[h];
-        p_mul[h] = __uint_as_float(static_cast<uint32_t>(127 - max(-126, min(126, cv_exp[h]))) << 23);
+        p_mul[h] = power_of_two(-max(-126, min(126, cv_exp[h])));
       }
     }
 #pragma unroll
@@ -1055,7 +1064,7 @@ __global__ void __launch_bounds__(W * 32, 8 / W) prefill_flash_kernel(const Attn
   for (int h = 0; h < 2; ++h) {
     const int j = warp * 16 + r + 8 * h;
     if (j >= nq) continue;
-    const float cv = FP8 ? __uint_as_float(static_cast<uint32_t>(127 + max(-126, min(127, cv_exp[h]))) << 23) : 1.f;
+    const float cv = FP8 ? power_of_two(max(-126, min(127, cv_exp[h]))) : 1.f;
     const float inv = l[h] > 0.f ? cv / l[h] : 0.f;
     __nv_bfloat16* dst = p.out + (static_cast<long long>(t0 + j) * p.heads + head) * D + 2 * c;
 #pragma unroll
