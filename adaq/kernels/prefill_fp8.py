@@ -36,7 +36,7 @@ MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
 EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
 # Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
 # (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
-# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Prefill paths (session 3)".
+# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Session 3".
 EXACT_MIN_TOKENS = 96
 PATHS = ("auto", "fp8", "exact", "nvfp4")
 KERNELS = Path(__file__).resolve().parent
@@ -201,7 +201,8 @@ def describe(path: str | None = None, device: torch.device | None = None) -> str
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if path == "exact" or device is None or not fp8_enabled(device):
-        return f"prefill: {exact}"
+        why = f" (FP8 path unavailable: {_EXTENSION_ERROR[0]})" if _EXTENSION_ERROR and path == "auto" else ""
+        return f"prefill: {exact}{why}"
     excluded = ", ".join(sorted(fp8_prefill.excluded_roles())) or "none"
     gemm = "cuBLASLt FP8" if gemm_kind(device) == "hopper" else "CUTLASS sm_89 FP8 GEMM"
     return (f"prefill: FP8 PATH ({gemm}; E4M3 weights per channel, E4M3 activations per token) from M >= "
