@@ -371,11 +371,8 @@ def test_prefill_attention_chunked(kv_dtype):
 def test_decode_attention_other_variants(variant, kv_dtype, heads, kv_heads, dim, window, softcap):
     """The non-default kernels (1: v2 on CUDA cores, 2: tensor cores with the other tiling, 3: splits merged in the
     kernel by the last block) stay correct."""
-    ops.set_attention_variant(variant)
-    try:
+    with ops.attention_variant(variant):
         test_decode_attention(kv_dtype, heads, kv_heads, dim, window, softcap, [5000, 33, 2049, 4096])
-    finally:
-        ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
 
 
 @pytest.mark.parametrize("block_size", [8, 32, 48])
@@ -437,11 +434,8 @@ def test_attention_fp8_error_bound_over_ranges(q_mul, v_mul, dim, heads, kv_head
 def test_attention_graph_replays_fresh_queries_and_cache(variant):
     """Decode attention with splits, captured once, replayed over new q and cache contents: equal to eager (variant 3:
     the in-kernel split merge resets its counters for the next replay)."""
-    ops.set_attention_variant(variant)
-    try:
+    with ops.attention_variant(variant):
         check_attention_graph_replay()
-    finally:
-        ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
 
 
 def check_attention_graph_replay():
@@ -551,13 +545,10 @@ def test_prefill_attention_long_prompts(variant, kv_dtype, heads, kv_heads, dim,
     q = torch.randn(sum(q_lens), heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
     ref = attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=dim ** -0.5,
                                         sliding_window=window, softcap=softcap)
-    ops.set_attention_variant(variant)
-    try:
+    with ops.attention_variant(variant):
         poison_allocator()
         out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=dim ** -0.5,
                                          sliding_window=window, softcap=softcap)
-    finally:
-        ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
     assert torch.isfinite(out).all()
     assert rel_error(out, ref) < 4e-3
     per_row = (out.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1).clamp(min=1e-30)

@@ -108,16 +108,11 @@ def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8
     tables = torch.randperm(num_blocks, device="cuda", generator=gen).int().view(batch, blocks_per_seq)
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    if variant is not None:
-        ops.set_attention_variant(variant)
-    try:
+    with ops.attention_variant(variant):
         splits = ops.attention_splits(batch, kv_heads, context, head_dim=head_dim, group=heads // kv_heads,
                                       fp8=kv_dtype == "fp8", block_size=block_size)
         us = _time_graph(lambda i: ops.paged_attention(q, *caches[i], tables, lens, scale=head_dim ** -0.5,
                                                        splits=splits), copies)
-    finally:
-        if variant is not None:
-            ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
     moved = 2 * batch * context * kv_heads * (head_dim * dtype.itemsize + (4 if kv_dtype == "fp8" else 0))
     result = {"op": "paged_attention", "name": name, "kv_dtype": kv_dtype, "batch": batch, "context": context,
               "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "splits": splits,
@@ -208,13 +203,8 @@ def prefill_attention(seqs: int, seq_len: int, heads: int = 32, kv_heads: int = 
     (`prefill_attention_case`); `variant` 4 times v3's prefill kernel instead of the flash kernel
     (ops.ATTENTION_VARIANTS)."""
     ours, sdpa, flop = prefill_attention_case(seqs, seq_len, heads, kv_heads, head_dim, kv_dtype, block_size)
-    if variant is not None:
-        ops.set_attention_variant(variant)
-    try:
+    with ops.attention_variant(variant):
         us = _time_graph(lambda i: ours(), 1)
-    finally:
-        if variant is not None:
-            ops.set_attention_variant(ops.DEFAULT_ATTENTION_VARIANT)
     sdpa_us = _time_graph(lambda i: sdpa(), 1)
     return {"op": "prefill_attention", "variant": ops.DEFAULT_ATTENTION_VARIANT if variant is None else variant,
             "kv_dtype": kv_dtype, "seqs": seqs, "seq_len": seq_len, "heads": heads,

@@ -5,6 +5,7 @@ The split-K arrival counters are the one persistent buffer (zero between launche
 """
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -98,6 +99,18 @@ def set_attention_variant(variant: int) -> None:
     if variant not in ATTENTION_VARIANTS:
         raise ValueError(f"attention variant must be one of {sorted(ATTENTION_VARIANTS)}, got {variant}")
     ext().attention_set_variant(int(variant))
+
+
+@contextmanager
+def attention_variant(variant: int | None):
+    """Run the block with attention kernel `variant` (None: leave the default), the default restored after."""
+    if variant is not None:
+        set_attention_variant(variant)
+    try:
+        yield
+    finally:
+        if variant is not None:
+            set_attention_variant(DEFAULT_ATTENTION_VARIANT)
 
 
 def paged_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, *, scale: float,
