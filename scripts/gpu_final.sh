@@ -35,7 +35,7 @@ if [ "${PREFILL:-0}" = 1 ]; then  # the default path (auto), the exact path and 
     --json "$OUT/prefill2048_allfp8.json" 2>&1 | grep -A 8 "^Prefill" | tee -a "$OUT/final.log"
 fi
 if [ "${ATTENTION:-0}" = 1 ]; then  # prefill attention: the flash kernel (v0), v3's prefill kernel (v4), SDPA
-  timeout 120 python3 -c "from adaq.kernels import microbench as m; print(chr(10).join(m.attention_lines(
+  timeout 120 python3 -c "from adaq.bench import microbench as m; print(chr(10).join(m.attention_lines(
     [m.prefill_attention(s, 2048, kv_dtype=d, variant=v) for s in (1, 4) for d in ('fp8', 'bf16') for v in (0, 5, 4)])))" \
     2>&1 | grep prefill | tee "$OUT/attention.txt"
 fi

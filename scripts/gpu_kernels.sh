@@ -32,7 +32,7 @@ if [ "$MODE" = attention ]; then  # focused: attention tests and timings only (d
   timeout 200 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
 import json, os
 import torch
-from adaq.kernels import microbench
+from adaq.bench import microbench
 copy = microbench.copy_bandwidth()
 gbs = copy["GB/s"]
 results = {"device": torch.cuda.get_device_name(), "copy": copy, "attention": []}
@@ -63,7 +63,7 @@ if [ "$MODE" = gemm ]; then
   log "gemm microbench"
   timeout ${GEMM_BENCH_TIMEOUT:-170} python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
 import json, os
-from adaq.kernels import microbench
+from adaq.bench import microbench
 report = microbench.gemm_report()
 json.dump(report, open(os.path.join(os.environ["OUT"], "gemm.json"), "w"), indent=1)
 print("\n".join(microbench.gemm_report_lines(report)))
@@ -102,7 +102,7 @@ timeout 330 python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs --tb=short
 log "microbench"
 MODE=$MODE timeout 300 python3 - <<'PY' 2>&1 | tee -a "$OUT/kernels.log"
 import json, os, sys
-from adaq.kernels import microbench
+from adaq.bench import microbench
 results = microbench.run_all(quick=os.environ.get('MODE') == 'quick', compare_v1=False)
 json.dump(results, open(os.path.join(os.environ["OUT"], "microbench.json"), "w"), indent=1)
 print("\n".join(microbench.summary_lines(results)))

@@ -25,7 +25,7 @@ if [ $main_rc -ne 0 ]; then  # adaq's kernels (decode GEMM, the layout's dequant
   log "MAIN KERNELS FAILED TO BUILD: tests of the FP8 GEMMs only"; grep -m 5 "error" /tmp/build_main.log
   timeout 300 python3 -m pytest tests/test_prefill_fp8.py -m gpu -q -rs --tb=short -p no:cacheprovider \
     -k "not exact and not dequantize and not routes" 2>&1 | tail -n 45 | tee -a "$OUT/prefill.log"
-  timeout 40 python3 -c "import json, os; from adaq.kernels import prefill_bench as b; r = b.hopper_accuracy(); \
+  timeout 40 python3 -c "import json, os; from adaq.bench import prefill_bench as b; r = b.hopper_accuracy(); \
 json.dump(r, open(os.environ['OUT'] + '/hopper_accuracy.json', 'w'), indent=1); print(chr(10).join(b.hopper_lines(r)))" \
     2>&1 | tee -a "$OUT/prefill.log"
   exit 1
@@ -36,7 +36,7 @@ if [ "$MODE" = all ]; then
   log "threshold sweep (decode kernels vs exact path vs FP8 vs bf16, one Qwen3-8B layer)"
   timeout 90 python3 - <<'PY' 2>&1 | tee -a "$OUT/prefill.log"
 import json, os
-from adaq.kernels import prefill_bench
+from adaq.bench import prefill_bench
 sweep = prefill_bench.threshold_sweep()
 json.dump(sweep, open(os.path.join(os.environ["OUT"], "prefill_sweep.json"), "w"), indent=1)
 print("\n".join(prefill_bench.sweep_lines(sweep)))
@@ -46,7 +46,7 @@ PY
 
   log "prefill attention: flash kernel (v0), v3's prefill kernel (v4), torch SDPA"
   timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tee -a "$OUT/prefill.log"
-from adaq.kernels import microbench as m
+from adaq.bench import microbench as m
 r = [m.prefill_attention(s, 2048, kv_dtype=d, variant=v) for s in (1, 4) for d in ("fp8", "bf16") for v in (0, 4)]
 print("\n".join(m.attention_lines(r)))
 PY
@@ -59,7 +59,7 @@ PY
 
   [ "${HOPPER_ACCURACY:-1}" = 1 ] && log "cuBLASLt FP8 accuracy split (accumulation vs epilogue)" && timeout 40 python3 - <<'PY' 2>&1 | tee -a "$OUT/prefill.log"
 import json, os
-from adaq.kernels import prefill_bench
+from adaq.bench import prefill_bench
 report = prefill_bench.hopper_accuracy()
 json.dump(report, open(os.path.join(os.environ["OUT"], "hopper_accuracy.json"), "w"), indent=1)
 print("\n".join(prefill_bench.hopper_lines(report)))

@@ -24,9 +24,9 @@ log "build (kernels + fp8 in parallel; ptxas report beside)"
 start=$(date +%s)
 python3 -c "from adaq.kernels import build; build.load(); print('kernels built')" > /tmp/b_main.log 2>&1 &
 main_pid=$!
-python3 -c "from adaq.kernels import prefill_fp8 as p; p.ext(); print('fp8 built', p.source_hash())" > /tmp/b_fp8.log 2>&1 &
+python3 -c "from adaq.kernels import fp8_gemm as p; p.ext(); print('fp8 built', p.source_hash())" > /tmp/b_fp8.log 2>&1 &
 fp8_pid=$!
-python3 -c "import json, os; from adaq.kernels import prefill_bench as b; \
+python3 -c "import json, os; from adaq.bench import prefill_bench as b; \
 json.dump(b.ptxas_report(), open(os.environ['OUT'] + '/ptxas_sm89.json', 'w'), indent=1)" > /tmp/b_ptxas.log 2>&1 &
 ptxas_pid=$!
 wait $fp8_pid; fp8_rc=$?; wait $main_pid; main_rc=$?
@@ -38,7 +38,7 @@ log "SASS of the built FP8 extension (sm_89 e4m3 mma.sync = QMMA.16832.F32.E4M3.
 python3 - <<'PY' 2>&1 | tee -a "$LOG"
 import glob, json, os, re, subprocess
 from adaq.kernels import build, prefill_fp8
-so = glob.glob(str(build.cache_root() / f"fp8-{prefill_fp8.source_hash()}" / "*.so"))
+so = glob.glob(str(build.cache_root() / f"fp8-{fp8_gemm.source_hash()}" / "*.so"))
 sass = subprocess.run(["cuobjdump", "-sass", so[0]], capture_output=True, text=True).stdout if so else ""
 gemm = [block for block in sass.split("Function : ")[1:] if "gemm" in block.split("\n", 1)[0]]
 report = {"sm_89 present": "arch = sm_89" in sass, "GEMM kernels": len(gemm),
@@ -54,7 +54,7 @@ wait $ptxas_pid
 log "FP8 mma.sync ceiling and the Ada GEMM (M = 2048)"
 timeout 120 python3 - <<'PY' 2>&1 | tee -a "$LOG"
 import json, os
-from adaq.kernels import prefill_bench
+from adaq.bench import prefill_bench
 ptxas = json.load(open(os.environ["OUT"] + "/ptxas_sm89.json")) if os.path.exists(os.environ["OUT"] + "/ptxas_sm89.json") else None
 results = prefill_bench.run_all(ptxas=ptxas)
 json.dump(results, open(os.path.join(os.environ["OUT"], "prefill_bench.json"), "w"), indent=1)

@@ -19,7 +19,7 @@ build_both() {
   python3 -c "from adaq.kernels import build; build.load(); print('kernels', build.source_hash())" \
     > /tmp/build_main.log 2>&1 &
   local main_pid=$!
-  python3 -c "from adaq.kernels import prefill_fp8 as p; p.ext(); print('fp8 built', p.source_hash())" \
+  python3 -c "from adaq.kernels import fp8_gemm as p; p.ext(); print('fp8 built', p.source_hash())" \
     > /tmp/build_fp8.log 2>&1 &
   local fp8_pid=$!
   wait $main_pid; MAIN_RC=$?; wait $fp8_pid; FP8_RC=$?

@@ -1,6 +1,6 @@
 """Accuracy of the FP8 prefill path on a real NVFP4 checkpoint (CPU, reference backend), as JSON.
 
-1. Weight expansion error: every NVFP4 linear expanded to E4M3 (adaq.layers.fp8_prefill) against its exact
+1. Weight expansion error: every NVFP4 linear expanded to E4M3 (adaq.formats.fp8_prefill) against its exact
    dequantization: relative Frobenius error and the largest element error relative to the row's amax.
 2. Perplexity (adaq.eval.perplexity windows) of the exact NVFP4 path and of the emulated FP8 path.
 
@@ -18,7 +18,7 @@ import torch
 def weight_errors(folder: str) -> dict:
     from adaq.formats import nvfp4
     from adaq.formats.checkpoint import open_checkpoint
-    from adaq.layers import fp8_prefill
+    from adaq.formats import fp8_prefill
 
     checkpoint = open_checkpoint(folder)
     sq_err = sq_ref = 0.0

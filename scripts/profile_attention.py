@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from adaq.kernels.microbench import prefill_attention_case
+from adaq.bench.microbench import prefill_attention_case
 
 kv_dtype, seqs, seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ours, _, _ = prefill_attention_case(seqs, seq_len, kv_dtype=kv_dtype)

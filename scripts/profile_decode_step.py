@@ -16,7 +16,7 @@ import torch
 
 from adaq.bench.runner import VariantSpec, Workload, build_engine, model_vocab, open_source
 from adaq.engine.sampling_params import SamplingParams
-from adaq.kernels.prefill_bench import median_ms
+from adaq.bench.prefill_bench import median_ms
 
 
 def engine_step_times(engine, prompts, new_tokens: int) -> list[float]:

@@ -3,7 +3,8 @@ import sys
 
 import torch
 
-from adaq.kernels import microbench, ops
+from adaq.bench import microbench
+from adaq.kernels import ops
 
 n, k, m = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (24576, 4096, 1)
 weight = microbench._random_weight(n, k, torch.Generator(device="cuda").manual_seed(0))

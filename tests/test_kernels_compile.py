@@ -182,7 +182,7 @@ def test_bad_weight_is_a_clear_error():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only install")
 def test_cpu_only_install_reports_unavailable():
     from adaq import kernels
-    from adaq.layers.backend import cuda_backend_class, get_backend
+    from adaq.backends import cuda_backend_class, get_backend
 
     assert kernels.available() is False
     assert cuda_backend_class() is None
@@ -200,8 +200,8 @@ def test_source_hash_tracks_sources(monkeypatch, tmp_path):
 
 
 def test_prefill_queries_give_each_token_its_causal_context():
-    from adaq.engine.context import Context
-    from adaq.kernels.backend_cuda import prefill_queries
+    from adaq.backends.context import Context
+    from adaq.backends.cuda import prefill_queries
 
     ctx = Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32),
                   context_lens=torch.tensor([10, 2], dtype=torch.int32))
@@ -230,8 +230,8 @@ def test_prefill_query_blocks_cover_every_query_once(block_tokens):
 
 
 def test_prefill_maps_are_made_once_per_step():
-    from adaq.engine.context import Context
-    from adaq.kernels.backend_cuda import prefill_maps
+    from adaq.backends.context import Context
+    from adaq.backends.cuda import prefill_maps
 
     ctx = Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32),
                   context_lens=torch.tensor([10, 2], dtype=torch.int32))
@@ -266,7 +266,7 @@ def test_no_decode_graphs_without_the_cuda_backend():
 def test_graph_safety_follows_kernel_coverage():
     from adaq.engine.cuda_graph import graph_safe
     from adaq.layers.attention import PagedAttention
-    from adaq.layers.moe import ExpertsHandle
+    from adaq.backends.handles import ExpertsHandle
 
     class Model(torch.nn.Module):
         def __init__(self, heads, kv_heads, dim, experts=None):

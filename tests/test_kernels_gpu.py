@@ -14,11 +14,11 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from adaq.engine.context import Context  # noqa: E402
+from adaq.backends.context import Context  # noqa: E402
 from adaq.formats import nvfp4  # noqa: E402
 from adaq.formats.nvfp4 import NVFP4Weight  # noqa: E402
 from adaq.kernels import layout, ops  # noqa: E402
-from adaq.layers import activation, attention, moe, norm, rotary  # noqa: E402
+from adaq.backends.numerics import activation, attention, moe, norm, rotary  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -161,8 +161,8 @@ def test_gemm_rows_beyond_one_launch(m):
 
 
 def test_gemm_matches_reference_backend_linear():
-    from adaq.kernels.backend_cuda import CudaBackend
-    from adaq.layers.backend import ReferenceBackend
+    from adaq.backends.cuda import CudaBackend
+    from adaq.backends.reference import ReferenceBackend
 
     gen = torch.Generator(device=DEV).manual_seed(5)
     weight = random_nvfp4(2048, 1024, gen)
@@ -199,7 +199,7 @@ def test_moe_decode(tokens, experts, top_k, hidden, inter, monkeypatch):
 
 
 def check_moe_decode(tokens, experts, top_k, hidden, inter):
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(tokens * 31 + experts)
     gate_up_pairs = [[random_nvfp4(inter, hidden, gen), random_nvfp4(inter, hidden, gen)] for _ in range(experts)]
@@ -323,7 +323,7 @@ def decode_context(lens, block_size, num_blocks, gen):
 @pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", ATTN_CASES)
 @pytest.mark.parametrize("lens", [[1], [17, 1, 300], [8192], [5000, 33, 2049, 4096]])
 def test_decode_attention(kv_dtype, heads, kv_heads, dim, window, softcap, lens):
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(sum(lens) + heads + dim)
     block_size = 16
@@ -345,7 +345,7 @@ def test_decode_attention(kv_dtype, heads, kv_heads, dim, window, softcap, lens)
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
 def test_prefill_attention_chunked(kv_dtype):
     """Prefill over the cache: two sequences, one with a cached prefix (chunked prefill), sliding window."""
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(3)
     heads, kv_heads, dim, block_size = 8, 2, 128, 16
@@ -379,7 +379,7 @@ def test_decode_attention_other_variants(variant, kv_dtype, heads, kv_heads, dim
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
 def test_decode_attention_block_sizes(block_size, kv_dtype):
     """Pages of 32/48 keys (tensor-core kernel, 16-key chunks inside a page) and of 8 (falls back to v2)."""
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(block_size)
     lens = [700, 1, 95, 3000]
@@ -408,7 +408,7 @@ FP8_ATTENTION_BOUND = 3e-3
 def test_attention_fp8_error_bound_over_ranges(q_mul, v_mul, dim, heads, kv_heads):
     """q far beyond f16's range (|q| ~ 1e5) or tiny, V scales from 1e-11 to 1e3: the kernel's power-of-two
     scalings (q to f16, P * vs / cv) keep the stated bound against fp32 attention over the dequantized cache."""
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(dim + int(math.log10(q_mul) * 7 + math.log10(v_mul)))
     lens, block_size = [3000, 17, 8192], 16
@@ -477,7 +477,7 @@ PREFILL_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
 def test_prefill_attention_query_blocks(kv_dtype, heads, kv_heads, dim, window, softcap):
     """Packed prefill (several queries of a sequence per block): fresh prompts of odd lengths, a chunk against a
     cached prefix, a single query, an empty sequence; causal, windows, softcap; outputs poisoned."""
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(heads * dim + (window or 0))
     block_size = 16
@@ -523,7 +523,7 @@ def test_prefill_attention_long_prompts(variant, kv_dtype, heads, kv_heads, dim,
     kernel in both block sizes (8 and 4 warps: variants 0, 5) and v3's prefill (4); each last page's tail is NaN (never read); FP8 V
     scales spread over 2^-20 .. 2^20 per token for the flash kernel (its per-row power of two of the V scales), K
     scales over 2^-2 .. 2^2. Outputs poisoned; error per (token, head)."""
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device=DEV).manual_seed(heads * dim + kv_heads)
     block_size = 16
@@ -652,7 +652,7 @@ def run_requests(engine, token_lists, params):
 def build_engine(source, backend_name):
     from adaq.engine.config import EngineConfig
     from adaq.engine.llm_engine import LLMEngine
-    from adaq.layers.backend import get_backend
+    from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
 
     engine_config = EngineConfig(model=source.path, backend=backend_name, kv_cache_dtype="bf16", max_model_len=256,

@@ -12,7 +12,7 @@ from adaq.errors import CheckpointError, UnsupportedArchitecture
 from adaq.formats import nvfp4
 from adaq.formats.architectures import SUPPORTED_ARCHITECTURES
 from adaq.formats.checkpoint import open_checkpoint
-from adaq.layers.backend import get_backend
+from adaq.backends import get_backend
 from adaq.models import build_model, load_weights
 
 ARCHS = ("qwen3", "qwen3_moe", "gemma3")

@@ -1,5 +1,5 @@
 """The FP8 prefill path: generated CUTLASS sources, the reference emulation's error, and (GPU) each kernel against
-the reference (adaq.layers.fp8_prefill)."""
+the reference (adaq.formats.fp8_prefill)."""
 
 import re
 import shutil
@@ -11,9 +11,10 @@ import pytest
 import torch
 from helpers.sass import cuobjdump, sass_of
 
-from adaq.formats import nvfp4
-from adaq.layers import fp8_prefill
-from adaq.layers.backend import ReferenceBackend
+from adaq.backends import prefill_route
+from adaq.backends.reference import ReferenceBackend
+from adaq.formats import fp8_prefill, nvfp4
+from adaq.kernels import fp8_gemm
 
 KERNELS = Path(__file__).resolve().parent.parent / "adaq" / "kernels"
 FP8_MMA = "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"
@@ -54,7 +55,7 @@ def test_generated_sources_are_current():
 def gemm_ptx(tmp_path_factory) -> tuple[str, str]:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
-    from adaq.kernels.prefill_fp8 import cutlass_include
+    from adaq.kernels.fp8_gemm import cutlass_include
 
     out = tmp_path_factory.mktemp("fp8") / "gemm.ptx"
     source = KERNELS / "generated" / "fp8_gemm_sm89.cu"
@@ -77,7 +78,7 @@ def test_generated_gemm_sass_has_e4m3_mma_and_no_local_memory(gemm_ptx):
     if cuobjdump() is None:
         pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
     sass = sass_of(GEMM_CUBIN["sm_89"])
-    tiles = __import__("adaq.kernels.prefill_fp8", fromlist=["tiles"]).tiles()
+    tiles = __import__("adaq.kernels.fp8_gemm", fromlist=["tiles"]).tiles()
     assert sass.count("Function : ") == 2 * len(tiles)
     # per k-tile, each kernel (dense and grouped): m16 x n8 fragments of its warp tile x k32 steps, e.g. 64x32x64:
     # 4 x 4 x 2 = 32 QMMA
@@ -93,7 +94,7 @@ def test_generated_gemm_compiles_for_sm89_with_fp8_mma(gemm_ptx):
     assert not [i for i in HOPPER_ONLY if re.search(rf"\b{re.escape(i)}\b", ptx)]
     kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_89'", ptxas)
     # every tile twice: the dense kernel and its grouped (MoE) launch (csrc/fp8_grouped.cuh)
-    assert len(kernels) == 2 * len(__import__("adaq.kernels.prefill_fp8", fromlist=["tiles"]).tiles())
+    assert len(kernels) == 2 * len(__import__("adaq.kernels.fp8_gemm", fromlist=["tiles"]).tiles())
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
     assert spills and not any(spills), ptxas
 
@@ -187,7 +188,7 @@ def test_fp8_path_skips_the_excluded_roles(monkeypatch):
     monkeypatch.setenv("ADAQ_PREFILL_FP8_EXCLUDE", "")
     assert torch.equal(backend.linear(x, backend.prepare_linear(weight, dtype=torch.float32, role="down_proj")), fp8)
     monkeypatch.setenv("ADAQ_PREFILL_FP8_EXCLUDE", "o_proj, qkv_proj")
-    assert [fp8_prefill.covers(r) for r in ("qkv_proj", "o_proj", "down_proj", None)] == [False, False, True, True]
+    assert [prefill_route.covers(r) for r in ("qkv_proj", "o_proj", "down_proj", None)] == [False, False, True, True]
 
 
 def test_reference_backend_fp8_flag_from_environment(monkeypatch):
@@ -200,7 +201,7 @@ def test_reference_backend_fp8_flag_from_environment(monkeypatch):
 
 
 def test_tile_choice_and_shared_memory():
-    from adaq.kernels.prefill_fp8 import choose_tile, tiles
+    from adaq.kernels.fp8_gemm import choose_tile, tiles
 
     options = tiles()
     assert options[choose_tile(4096, 4096, 132)]["name"] == "64x128_64x4"  # measured best of the Ada-fit tiles
@@ -211,7 +212,7 @@ def test_tile_choice_and_shared_memory():
 
 def test_invalid_path_setting_is_a_clear_error(monkeypatch):
     from adaq.errors import AdaqError
-    from adaq.kernels.prefill_fp8 import configured_path
+    from adaq.backends.prefill_route import configured_path
 
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "fast")
     with pytest.raises(AdaqError, match="ADAQ_PREFILL_PATH"):
@@ -241,7 +242,7 @@ def test_exact_linear_reference_is_dequantize_then_matmul():
 
 def test_exact_plan_segments_per_global_scale():
     from adaq.kernels import layout
-    from adaq.kernels.prefill_fp8 import exact_plan
+    from adaq.kernels.fp8_gemm import exact_plan
 
     weight = random_nvfp4(24, 64)
     plan = exact_plan(layout.repack(weight))
@@ -268,40 +269,39 @@ def _dequantize_on_cpu(packed, out):
 
 def test_exact_linear_plumbing_on_cpu(monkeypatch):
     """exact_linear's real code (plan, workspace, segments, alpha, bias) with the kernel emulated: equals the spec."""
-    from adaq.kernels import layout, prefill_fp8
+    from adaq.kernels import layout
 
     from adaq.kernels import ops
 
     monkeypatch.setattr(ops, "nvfp4_dequantize", _dequantize_on_cpu)
     weight, x = random_nvfp4(40, 272, seed=9), random_rows(9, 272).to(torch.bfloat16)
     packed = layout.repack(weight)
-    got = prefill_fp8.exact_linear(x, packed, prefill_fp8.exact_plan(packed))
+    got = fp8_gemm.exact_linear(x, packed, fp8_gemm.exact_plan(packed))
     expected = fp8_prefill.exact_linear_reference(x, weight)
     assert got.dtype == torch.bfloat16 and float((got.float() - expected.float()).abs().max()) <= float(
         expected.float().abs().max()) * 2 ** -7
     scales = torch.cat([torch.full((24,), float(weight.global_scale)), torch.full((16,), 3.0)])
     packed = layout.repack(weight, column_global_scales=scales)
     bias = torch.randn(40).to(torch.bfloat16)
-    got = prefill_fp8.exact_linear(x, packed, prefill_fp8.exact_plan(packed), bias)
+    got = fp8_gemm.exact_linear(x, packed, fp8_gemm.exact_plan(packed), bias)
     truth = (x.double() @ fp8_prefill.unscaled_weight(weight).double().T) / scales.double() + bias.double()
     assert float((got.double() - truth).norm() / truth.norm()) < 4e-3
 
 
 def test_route_by_path_and_rows(monkeypatch):
-    from adaq.kernels import prefill_fp8
 
     cpu = torch.device("cpu")
     monkeypatch.setenv("ADAQ_PREFILL_EXACT_MIN_TOKENS", "100")
     monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
-    assert prefill_fp8.route(99, cpu) == "decode" and prefill_fp8.route(100, cpu) == "exact"
+    assert prefill_route.route(99, cpu) == "decode" and prefill_route.route(100, cpu) == "exact"
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "nvfp4")
-    assert prefill_fp8.route(4096, cpu) == "decode"
+    assert prefill_route.route(4096, cpu) == "decode"
     for path in ("fp8", "auto", "exact"):  # no FP8 GEMM off a CUDA GPU: the exact path serves large M
         monkeypatch.setenv("ADAQ_PREFILL_PATH", path)
-        assert prefill_fp8.route(4096, cpu) == "exact" and prefill_fp8.route(8, cpu) == "decode"
-        assert not prefill_fp8.fp8_enabled(cpu)
-        assert "exact" in prefill_fp8.describe(path, cpu)
-    assert "decode kernels" in prefill_fp8.describe("nvfp4", cpu)
+        assert prefill_route.route(4096, cpu) == "exact" and prefill_route.route(8, cpu) == "decode"
+        assert not prefill_route.fp8_enabled(cpu)
+        assert "exact" in prefill_route.describe(path, cpu)
+    assert "decode kernels" in prefill_route.describe("nvfp4", cpu)
 
 
 def test_bench_puts_prefill_paths_side_by_side_on_cpu(tmp_path):
@@ -344,13 +344,12 @@ def _on_gpu(weight: nvfp4.NVFP4Weight) -> nvfp4.NVFP4Weight:
 @needs_cuda
 @pytest.mark.parametrize("n,k", [(n, k) for _, n, k in ODD_SHAPES] + [(13, 1040), (9, 16)] + MODEL_LAYERS)
 def test_gpu_weight_expansion_is_bit_identical(n, k):
-    from adaq.kernels import prefill_fp8
 
     weight = random_nvfp4(n, k, seed=n + k, device="cuda").to("cpu")
     expected = fp8_prefill.expand_weight(weight)
-    values, col_scale = prefill_fp8.workspace(torch.device("cuda"), n, k).view(n, k)
+    values, col_scale = fp8_gemm.workspace(torch.device("cuda"), n, k).view(n, k)
     values.view(torch.uint8).fill_(0x7F)  # poison (E4M3 NaN)
-    values, col_scale = prefill_fp8.expand_weight(_on_gpu(weight), torch.device("cuda"))
+    values, col_scale = fp8_gemm.expand_weight(_on_gpu(weight), torch.device("cuda"))
     assert torch.equal(values.cpu().view(torch.uint8), expected.values.view(torch.uint8))
     assert torch.equal(col_scale.cpu(), expected.col_scale)
 
@@ -361,11 +360,11 @@ def test_gpu_weight_expansion_is_bit_identical(n, k):
 def test_gpu_expansion_from_the_decode_layout_is_bit_identical(n, k):
     """The cuda backend's FP8 weight operand, expanded from the decode kernels' layout (padded N and K included):
     the same bytes as the spec on the original weight; the workspace is poisoned first."""
-    from adaq.kernels import layout, ops, prefill_fp8
+    from adaq.kernels import layout, ops
 
     weight = random_nvfp4(n, k, seed=3 * n + k, device="cuda").to("cpu")
     expected = fp8_prefill.expand_weight(weight)
-    scales = prefill_fp8.Fp8Scales.of(weight, torch.device("cuda"))
+    scales = fp8_gemm.Fp8Scales.of(weight, torch.device("cuda"))
     packed = layout.repack(_on_gpu(weight), torch.device("cuda"))
     out = torch.full((n * k + 64,), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
     values = ops.nvfp4_expand_e4m3(packed, scales.row_mul, out)
@@ -378,10 +377,9 @@ def test_gpu_expansion_from_the_decode_layout_is_bit_identical(n, k):
 @needs_cuda
 @pytest.mark.parametrize("m,k", [(1, 64), (7, 80), (33, 2048), (257, 4096), (2048, 5376), (100, 21504), (5, 4104)])
 def test_gpu_activation_quantization_is_bit_identical(m, k):
-    from adaq.kernels import prefill_fp8
 
     x = random_rows(m, k).to(torch.bfloat16)
-    x8, row_scale = prefill_fp8.quantize_rows(x.cuda())
+    x8, row_scale = fp8_gemm.quantize_rows(x.cuda())
     expected, expected_scale = fp8_prefill.quantize_activation(x)
     assert torch.equal(x8.cpu().view(torch.uint8), expected.view(torch.uint8))
     assert torch.equal(row_scale.cpu(), expected_scale)
@@ -392,12 +390,11 @@ def test_gpu_activation_quantization_is_bit_identical(m, k):
 @pytest.mark.parametrize("k", [2048, 5376, 12288])  # the row in registers (2, 4 chunks per thread), or re-read
 @pytest.mark.parametrize("unit_offset", [False, True])
 def test_gpu_fused_rms_norm_quantization(unit_offset, k):
-    from adaq.kernels import prefill_fp8
-    from adaq.layers.norm import rms_norm
+    from adaq.backends.numerics.norm import rms_norm
 
     x = random_rows(129, k).to(torch.bfloat16).cuda()
     weight = (torch.randn(k) * 0.2).to(torch.bfloat16).cuda()
-    x8, row_scale = prefill_fp8.quantize_rows(x, weight, 1e-6, unit_offset)
+    x8, row_scale = fp8_gemm.quantize_rows(x, weight, 1e-6, unit_offset)
     expected, expected_scale = fp8_prefill.quantize_activation(rms_norm(x, weight, 1e-6, unit_offset))
     torch.testing.assert_close(row_scale, expected_scale, rtol=1e-2, atol=0)
     got = x8.float() * row_scale.unsqueeze(1)
@@ -444,11 +441,10 @@ def _assert_hopper_close(got, expected, x8, row_scale, w8, col_scale):
 @pytest.mark.parametrize("tile", [0, 1, 2])  # every generated tile
 @pytest.mark.parametrize("m,n,k", ODD_SHAPES + [(rows, n, k) for rows in GPU_ROWS for n, k in MODEL_LAYERS[:4]])
 def test_gpu_ada_gemm_matches_reference(tile, m, n, k):
-    from adaq.kernels import prefill_fp8
 
     (x8, row_scale, w8, col_scale), expected = _gemm_case(m, n, k)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")  # poisoned
-    prefill_fp8.ext().fp8_gemm(x8, w8, row_scale, col_scale, out, tile)
+    fp8_gemm.ext().fp8_gemm(x8, w8, row_scale, col_scale, out, tile)
     _assert_gemm_close(out, expected)
 
 
@@ -456,10 +452,9 @@ def test_gpu_ada_gemm_matches_reference(tile, m, n, k):
 @needs_cuda
 @pytest.mark.parametrize("m,n,k", [(2048, n, k) for n, k in MODEL_LAYERS])
 def test_gpu_ada_gemm_every_model_layer(m, n, k):
-    from adaq.kernels import prefill_fp8
 
     (x8, row_scale, w8, col_scale), expected = _gemm_case(m, n, k)
-    _assert_gemm_close(prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada"), expected)
+    _assert_gemm_close(fp8_gemm.scaled_mm(x8, row_scale, w8, col_scale, "ada"), expected)
 
 
 @gpu
@@ -468,29 +463,27 @@ def test_gpu_ada_gemm_every_model_layer(m, n, k):
                     reason="cuBLASLt FP8 row-wise scaling needs sm_90")
 @pytest.mark.parametrize("m,n,k", [(64, 128, 64), (129, 640, 2048)] + [(2048, n, k) for n, k in MODEL_LAYERS[:4]])
 def test_gpu_hopper_gemm_matches_reference(m, n, k):
-    from adaq.kernels import prefill_fp8
 
     operands, expected = _gemm_case(m, n, k)
-    _assert_hopper_close(prefill_fp8.scaled_mm(*operands, "hopper"), expected, *operands)
+    _assert_hopper_close(fp8_gemm.scaled_mm(*operands, "hopper"), expected, *operands)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["ada", "hopper"])
 def test_gpu_fp8_linear_matches_reference_backend(kind):
-    from adaq.kernels import prefill_fp8
 
     if kind == "hopper" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs sm_90")
     weight, x = random_nvfp4(640, 2048), random_rows(300, 2048).to(torch.bfloat16)
     backend = ReferenceBackend("cpu", prefill_fp8=True)
     expected = backend.linear(x.float(), backend.prepare_linear(weight, dtype=torch.float32))
-    got = prefill_fp8.fp8_linear(x.cuda(), _on_gpu(weight), kind=kind)
+    got = fp8_gemm.fp8_linear(x.cuda(), _on_gpu(weight), kind=kind)
     from adaq.kernels import layout
 
     packed = layout.repack(_on_gpu(weight), torch.device("cuda"))
-    scales = prefill_fp8.Fp8Scales.of(weight, torch.device("cuda"))
-    assert torch.equal(prefill_fp8.fp8_linear_packed(x.cuda(), packed, scales, kind=kind), got)  # same operands
+    scales = fp8_gemm.Fp8Scales.of(weight, torch.device("cuda"))
+    assert torch.equal(fp8_gemm.fp8_linear_packed(x.cuda(), packed, scales, kind=kind), got)  # same operands
     if kind == "ada":
         _assert_gemm_close(got, expected)
         return
@@ -502,11 +495,10 @@ def test_gpu_fp8_linear_matches_reference_backend(kind):
 @gpu
 @needs_cuda
 def test_gpu_workspace_is_reused():
-    from adaq.kernels import prefill_fp8
 
     device = torch.device("cuda")
-    first = prefill_fp8.workspace(device, 4096, 4096).values.data_ptr()
-    assert prefill_fp8.workspace(device, 1024, 4096).values.data_ptr() == first
+    first = fp8_gemm.workspace(device, 4096, 4096).values.data_ptr()
+    assert fp8_gemm.workspace(device, 1024, 4096).values.data_ptr() == first
 
 
 # ---- GPU: the exact large-M path ----------------------------------------------------------------------------------
@@ -531,12 +523,12 @@ def _exact_bound_check(got: torch.Tensor, x: torch.Tensor, unscaled: torch.Tenso
 @needs_cuda
 @pytest.mark.parametrize("n,k", EXACT_SHAPES + MODEL_LAYERS)
 def test_gpu_dequantize_is_bit_exact(n, k):
-    from adaq.kernels import layout, prefill_fp8
+    from adaq.kernels import layout
 
     weight = random_nvfp4(n, k, seed=n + k, device="cuda")
     packed = layout.repack(weight, "cuda")
     out = torch.full((n * k + 4096,), float("nan"), dtype=torch.bfloat16, device="cuda")  # poisoned, guard tail
-    got = prefill_fp8.dequantize_packed(packed, out)
+    got = fp8_gemm.dequantize_packed(packed, out)
     assert torch.equal(got.float(), fp8_prefill.unscaled_weight(weight))
     assert torch.isnan(out[n * k:]).all()  # nothing written past [n, k]
 
@@ -546,14 +538,14 @@ def test_gpu_dequantize_is_bit_exact(n, k):
 @pytest.mark.parametrize("m,n,k", ODD_SHAPES + [(rows, n, k) for rows in (129, 2048) for n, k in MODEL_LAYERS[:4]]
                          + [(2048, n, k) for n, k in MODEL_LAYERS[4:]])
 def test_gpu_exact_linear_matches_reference(m, n, k):
-    from adaq.kernels import layout, prefill_fp8
+    from adaq.kernels import layout
 
     torch.backends.cuda.matmul.allow_tf32 = False
     weight = random_nvfp4(n, k, seed=m + n, device="cuda")
     packed = layout.repack(weight, "cuda")
     x = random_rows(m, k, seed=m).to(torch.bfloat16).cuda()
-    prefill_fp8.reserve_dense_workspace(torch.device("cuda"), n, k).fill_(float("nan"))  # poisoned
-    got = prefill_fp8.exact_linear(x, packed, prefill_fp8.exact_plan(packed))
+    fp8_gemm.reserve_dense_workspace(torch.device("cuda"), n, k).fill_(float("nan"))  # poisoned
+    got = fp8_gemm.exact_linear(x, packed, fp8_gemm.exact_plan(packed))
     assert got.shape == (m, n) and got.dtype == torch.bfloat16
     _exact_bound_check(got, x, fp8_prefill.unscaled_weight(weight), 1.0 / weight.global_scale.float().reshape(1))
     expected = fp8_prefill.exact_linear_reference(x, weight)  # the spec: fp32 accumulation, one rounding
@@ -563,29 +555,29 @@ def test_gpu_exact_linear_matches_reference(m, n, k):
 @gpu
 @needs_cuda
 def test_gpu_exact_linear_column_segments_and_bias():
-    from adaq.kernels import layout, prefill_fp8
+    from adaq.kernels import layout
 
     weight = random_nvfp4(48, 256, seed=5, device="cuda")
     scales = torch.cat([torch.full((32,), 2.0), torch.full((16,), 0.25)])  # fused weights, two global scales
     packed = layout.repack(weight, "cuda", column_global_scales=scales)
-    plan = prefill_fp8.exact_plan(packed)
+    plan = fp8_gemm.exact_plan(packed)
     assert [segment[:2] for segment in plan.segments] == [(0, 32), (32, 48)]
     x = random_rows(130, 256).to(torch.bfloat16).cuda()
     bias = (torch.randn(48) * 0.1).to(torch.bfloat16).cuda()
-    got = prefill_fp8.exact_linear(x, packed, plan, bias)
+    got = fp8_gemm.exact_linear(x, packed, plan, bias)
     _exact_bound_check(got, x, fp8_prefill.unscaled_weight(weight), (1.0 / scales).cuda(), bias)
 
 
 @gpu
 @needs_cuda
 def test_gpu_cuda_backend_routes_prefill(monkeypatch):
-    from adaq.kernels import backend_cuda, prefill_fp8
+    from adaq.backends import cuda as backend_cuda
 
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
     monkeypatch.setenv("ADAQ_PREFILL_EXACT_MIN_TOKENS", "96")
     calls = []
-    real = prefill_fp8.exact_linear
-    monkeypatch.setattr(prefill_fp8, "exact_linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    real = fp8_gemm.exact_linear
+    monkeypatch.setattr(fp8_gemm, "exact_linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     backend = backend_cuda.CudaBackend("cuda")
     weight = random_nvfp4(640, 2048, seed=3)
     handle = backend.prepare_linear(weight, dtype=torch.bfloat16)
@@ -606,18 +598,18 @@ def test_gpu_cuda_backend_routes_prefill(monkeypatch):
 def test_gpu_auto_path_is_fp8_on_fp8_gpus(monkeypatch):
     """`auto` (the default) on sm_89 / sm_90: linears of >= 64 rows take the FP8 path, except the excluded role
     (down_proj), which takes the exact path; fewer rows the decode kernels. Other GPUs: exact."""
-    from adaq.kernels import backend_cuda, prefill_fp8
+    from adaq.backends import cuda as backend_cuda
 
     monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
     monkeypatch.delenv("ADAQ_PREFILL_FP8_EXCLUDE", raising=False)
     calls = []
     for name in ("fp8_linear_packed", "exact_linear"):
-        real = getattr(prefill_fp8, name)
+        real = getattr(fp8_gemm, name)
         def spy(*args, _real=real, _name=name, **kwargs):
             calls.append((_name, args[0].shape[0]))
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(prefill_fp8, name, spy)
+        monkeypatch.setattr(fp8_gemm, name, spy)
     backend = backend_cuda.CudaBackend("cuda")
     fp8_gpu = torch.cuda.get_device_capability() >= (8, 9)
     weight = random_nvfp4(640, 2048, seed=5)
@@ -630,4 +622,4 @@ def test_gpu_auto_path_is_fp8_on_fp8_gpus(monkeypatch):
             fp8 = fp8_gpu and role == "qkv_proj"
             expected = [] if rows < 64 else [("fp8_linear_packed" if fp8 else "exact_linear", rows)]
             assert calls == expected, (role, rows, calls)
-    assert ("FP8 PATH" in prefill_fp8.describe()) == fp8_gpu
+    assert ("FP8 PATH" in prefill_route.describe()) == fp8_gpu

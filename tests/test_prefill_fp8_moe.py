@@ -11,10 +11,11 @@ import pytest
 import torch
 from helpers.sass import cuobjdump, sass_of
 
-from adaq.formats import nvfp4
-from adaq.kernels import prefill_moe
-from adaq.layers import fp8_prefill, moe
-from adaq.layers.backend import ReferenceBackend
+from adaq.backends import prefill_moe
+from adaq.backends.numerics import moe
+from adaq.backends.reference import ReferenceBackend
+from adaq.formats import fp8_prefill, nvfp4
+from adaq.kernels import fp8_gemm
 
 KERNELS = Path(__file__).resolve().parent.parent / "adaq" / "kernels"
 QWEN3_30B_A3B = {"experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768}
@@ -145,7 +146,7 @@ def test_sorted_alignment_is_moe_align_layout(tokens, top_k, experts):
 
 
 def test_grouped_tile_choice(monkeypatch):
-    from adaq.kernels.prefill_fp8 import tiles
+    from adaq.kernels.fp8_gemm import tiles
 
     assert tiles()[prefill_moe.choose_grouped_tile(2048 * 8, 128)]["name"] == "64x128_64x4"
     monkeypatch.setenv(prefill_moe.MOE_TILE_ENV, "2")
@@ -186,9 +187,9 @@ def _combine_emulated(y, weights, ids):
 
 @pytest.mark.parametrize("tokens", [1, 13, 70])
 def test_moe_orchestration_with_emulated_kernels_is_the_reference(monkeypatch, tokens):
-    from adaq.kernels import ops, prefill_fp8
+    from adaq.kernels import ops
 
-    monkeypatch.setattr(prefill_fp8, "ext", lambda: _KernelsEmulated)
+    monkeypatch.setattr(fp8_gemm, "ext", lambda: _KernelsEmulated)
     monkeypatch.setattr(ops, "router_topk", lambda logits, k, renorm: (lambda w, e: (w, e.int()))(
         *moe.route(logits, k, renorm)))
     monkeypatch.setattr(ops, "silu_and_mul", lambda x: torch.nn.functional.silu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
@@ -268,7 +269,7 @@ def test_gpu_stacked_expansion_is_bit_identical(distinct):
 
 
 def _decode_layout_experts(gate_up, down):
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     return CudaBackend("cuda").prepare_experts(gate_up, down, dtype=torch.bfloat16).stacked
 
@@ -335,7 +336,7 @@ def test_gpu_fp8_moe_matches_reference_qwen3_30b_a3b(tokens, tile):
 @gpu
 @needs_cuda
 def test_gpu_cuda_backend_routes_prefill_moe_through_fp8(monkeypatch):
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.cuda import CudaBackend
 
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "fp8")
     gate_up, down = random_experts(16, 256, 128)

@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from adaq.engine.context import Context
+from adaq.backends.context import Context
 from adaq.errors import AdaqError
 from adaq.formats import nvfp4
-from adaq.layers.attention import dequantize_kv_fp8, quantize_kv_fp8, store_kv_reference
-from adaq.layers.backend import ReferenceBackend, get_backend
-from adaq.layers.linear import Linear, quantize_activation_nvfp4
+from adaq.backends import get_backend
+from adaq.backends.numerics.attention import dequantize_kv_fp8, quantize_kv_fp8, store_kv_reference
+from adaq.backends.reference import ReferenceBackend
+from adaq.formats.nvfp4 import quantize_activation_nvfp4
+from adaq.layers.linear import Linear
 
 LINEAR_SHAPES = [(1, 16, 16), (3, 48, 32), (7, 64, 80), (33, 128, 96)]  # (M, N, K), odd M included
 

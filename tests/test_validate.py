@@ -684,7 +684,7 @@ def test_budget_bounds_the_engine_on_a_gpu(qwen3_8b):
     from adaq.engine.config import EngineConfig
     from adaq.engine.llm_engine import LLMEngine
     from adaq.engine.sampling_params import SamplingParams
-    from adaq.layers.backend import get_backend
+    from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
     from adaq.validate.budget import CUDA_CONTEXT_BYTES
 

@@ -76,9 +76,9 @@ def git_dirty() -> bool | None:
 
 def kernel_sources() -> dict:
     """Hashes of the CUDA sources the run was built from (the build caches' keys)."""
-    from adaq.kernels import build, prefill_fp8
+    from adaq.kernels import build, fp8_gemm
 
-    return {"kernels": build.source_hash(), "fp8": prefill_fp8.source_hash()}
+    return {"kernels": build.source_hash(), "fp8": fp8_gemm.source_hash()}
 
 
 def git_commit() -> str | None:

@@ -1,4 +1,4 @@
-"""`adaq bench kernels`: the kernel engineer's microbenchmarks (adaq.kernels.microbench), each figure beside the
+"""`adaq bench kernels`: the kernel engineer's microbenchmarks (adaq.bench.microbench), each figure beside the
 ceiling measured on this GPU and the bf16 reference kernel (cuBLAS), plus the RTX 4090 figure projected from the
 measured efficiency. A projection is labelled as one: it assumes the kernel reaches the same fraction of the 4090's
 bandwidth (or FP8 tensor-core peak) that it reaches here."""
@@ -24,7 +24,7 @@ def run(quick: bool = False) -> dict:
     from adaq.kernels.build import load
 
     load()  # raises AdaqError with the compiler's reason when the extension cannot be built
-    from adaq.kernels import microbench
+    from adaq.bench import microbench
 
     results = microbench.run_all(quick=quick)
     for rows in sections(results).values():
@@ -50,7 +50,7 @@ def tensor_core_peaks(size: int = 8192) -> dict:
 
 
 def _tflops(matmul, size: int, repeats: int = 10) -> float:
-    from adaq.kernels.prefill_bench import median_ms
+    from adaq.bench.prefill_bench import median_ms
 
     return 2 * size**3 / (median_ms(matmul, repeats) / 1e3) / 1e12
 

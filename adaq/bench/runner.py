@@ -20,7 +20,7 @@ from adaq.bench.shapes import load_model_config, model_tensors
 from adaq.errors import AdaqError
 
 BASELINES = ("bf16", "hf")
-# NVFP4 variants by prefill path (ADAQ_PREFILL_PATH in the variant's process; adaq.kernels.prefill_fp8):
+# NVFP4 variants by prefill path (ADAQ_PREFILL_PATH in the variant's process; adaq.kernels.fp8_gemm):
 # auto = the FP8 path where the GPU has one, else exact (the default); fp8 = the FP8 path; exact = dequantize + cuBLAS
 # bf16 for large M; nvfp4 = decode kernels only.
 PREFILL_VARIANTS = {"auto": "nvfp4", "fp8": "nvfp4-fp8", "exact": "nvfp4-exact", "nvfp4": "nvfp4-decode"}
@@ -234,7 +234,7 @@ def run_variant(spec: VariantSpec) -> VariantOutcome:
     path = prefill_path_of(spec.variant)
     if path is None:
         return _run_engine_variant(spec)
-    from adaq.kernels.prefill_fp8 import PATH_ENV
+    from adaq.backends.prefill_route import PATH_ENV
 
     previous = os.environ.get(PATH_ENV)
     os.environ[PATH_ENV] = path  # read by the cuda backend at load and per linear
@@ -341,7 +341,7 @@ def does_not_fit(weights: roofline.WeightBytes, config: dict, spec: VariantSpec,
 def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device: torch.device):
     from adaq.engine.config import EngineConfig
     from adaq.engine.llm_engine import LLMEngine
-    from adaq.layers.backend import get_backend
+    from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
 
     workload = spec.workload
@@ -363,7 +363,7 @@ def engine_label(engine, variant: str, kv_dtype: str) -> str:
     graphs = ", CUDA graphs" if getattr(engine.runner, "decode_graphs", None) is not None else ""
     prefill = ""
     if is_nvfp4(variant) and backend == "cuda":
-        from adaq.kernels.prefill_fp8 import describe
+        from adaq.backends.prefill_route import describe
 
         prefill = f", {describe(prefill_path_of(variant))}"
     elif is_nvfp4(variant) and prefill_path_of(variant) == "fp8":

@@ -41,7 +41,7 @@ def run(
     from adaq.engine.api import LLM
     from adaq.engine.sampling_params import SamplingParams
 
-    from adaq.kernels.prefill_fp8 import select_path
+    from adaq.backends.prefill_route import select_path
 
     console = Console(stderr=True)
     select_path(prefill_path)

@@ -50,7 +50,7 @@ def serve(
         raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)")
 
     from adaq.engine.config import EngineConfig
-    from adaq.kernels.prefill_fp8 import select_path
+    from adaq.backends.prefill_route import select_path
     from adaq.serve.app import ServeSettings
     from adaq.serve.server import serve as run_server
 

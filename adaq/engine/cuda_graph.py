@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaq.engine.context import get_context, reset_context, set_context
+from adaq.backends.context import get_context, reset_context, set_context
 
 DISABLE_ENV = "ADAQ_CUDA_GRAPHS"  # "0" turns decode graphs off
 
@@ -153,7 +153,7 @@ class DecodeGraphs:
 def graph_safe(model: torch.nn.Module) -> bool:
     """Every op of a decode step runs on a kernel: the reference fallbacks of attention (unsupported head shapes)
     and of MoE (bf16 experts) read device values on the host, which a capture cannot contain."""
-    from adaq.kernels.backend_cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
+    from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
 
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):

@@ -326,7 +326,7 @@ def _same_objects(a: list, b: list) -> bool:
 
 def load_model(model_config: dict, config: EngineConfig) -> torch.nn.Module:
     from adaq.formats.checkpoint import open_checkpoint
-    from adaq.layers.backend import get_backend
+    from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
 
     source = open_checkpoint(config.model)

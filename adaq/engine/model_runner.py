@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adaq.engine.config import EngineConfig, text_config
-from adaq.engine.context import reset_context, set_context
+from adaq.backends.context import reset_context, set_context
 from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch

@@ -156,3 +156,17 @@ def check_quantizable(weight: torch.Tensor) -> None:
         raise AdaqError(f"NVFP4 needs K (in_features) to be a multiple of {GROUP_SIZE}, got {weight.shape[1]}")
     if not torch.isfinite(weight).all():
         raise AdaqError("weight holds NaN or inf values")
+
+
+def quantize_activation_nvfp4(x: torch.Tensor, input_global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of activations [.., K] as compressed-tensors does for W4A4 checkpoints.
+
+    Per 16 values along K: scale = e4m3(input_global_scale * amax / 6) (zero -> 0.125), values rounded to E2M1 of
+    x / (scale / input_global_scale), saturating at 6. Computed in fp32, returned in x's dtype.
+    """
+    global_scale = input_global_scale.float().reshape(1).to(x.device)
+    blocks = x.float().unflatten(-1, (-1, GROUP_SIZE))
+    scale = block_scales(blocks.flatten(-2), global_scale)
+    step = effective_scales(scale, global_scale).unsqueeze(-1)
+    codes = e2m1_encode(blocks / step)
+    return (e2m1_decode(codes) * step).flatten(-2).to(x.dtype)

@@ -70,7 +70,7 @@ def nvfp4_dequantize(w: PackedNVFP4, out: torch.Tensor | None = None) -> torch.T
 
 def nvfp4_expand_e4m3(w: PackedNVFP4, row_mul: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn [N, K] = e4m3((e2m1 x block_scale) x row_mul[n]) from the kernel layout, into `out` (>= N*K
-    elements; a view is returned): the FP8 prefill path's weight (adaq.layers.fp8_prefill.expand_weight's spec)."""
+    elements; a view is returned): the FP8 prefill path's weight (adaq.formats.fp8_prefill.expand_weight's spec)."""
     n, k = w.out_features, w.in_features
     ext().gemm_expand_e4m3(w.wq, w.ws, row_mul, out, n, k)
     return out.reshape(-1)[:n * k].view(n, k)

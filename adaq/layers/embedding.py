@@ -4,11 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaq.layers.linear import Linear, Weight
+from adaq.backends.interface import Backend
+from adaq.backends.handles import Weight
+from adaq.layers.linear import Linear
 
 
 class Embedding(nn.Module):
-    def __init__(self, backend, vocab_size: int, hidden_size: int, scale: float | None = None):
+    def __init__(self, backend: Backend, vocab_size: int, hidden_size: int, scale: float | None = None):
         super().__init__()
         self.backend = backend
         self.vocab_size = vocab_size
@@ -34,7 +36,7 @@ class Embedding(nn.Module):
 class LMHead(nn.Module):
     """hidden [S, H] -> fp32 logits [S, V]: the GEMM in the compute dtype (as transformers), softcap in fp32."""
 
-    def __init__(self, backend, hidden_size: int, vocab_size: int, softcap: float | None = None):
+    def __init__(self, backend: Backend, hidden_size: int, vocab_size: int, softcap: float | None = None):
         super().__init__()
         self.linear = Linear(backend, hidden_size, vocab_size)
         self.softcap = softcap

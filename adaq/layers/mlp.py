@@ -3,12 +3,13 @@
 import torch
 from torch import nn
 
-from adaq.layers.activation import activation_kind
+from adaq.backends.interface import Backend
+from adaq.backends.numerics.activation import activation_kind
 from adaq.layers.linear import Linear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, backend, hidden_size: int, intermediate_size: int, activation: str):
+    def __init__(self, backend: Backend, hidden_size: int, intermediate_size: int, activation: str):
         super().__init__()
         self.backend = backend
         self.activation = activation_kind(activation)

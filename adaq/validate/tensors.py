@@ -215,7 +215,7 @@ def check_block_scales(checks: Checks, name: str, scale: torch.Tensor) -> None:
 
 def check_fused_groups(checks: Checks, scales: dict[str, tuple[float, ...]]) -> None:
     """q/k/v (and gate/up) must share their global (and input) scales to be fused into one GEMM
-    (adaq.layers.linear.can_fuse)."""
+    (adaq.backends.handles.can_fuse)."""
     for prefix in scales:
         parent, _, leaf = prefix.rpartition(".")
         if ".experts." in f"{parent}.":

@@ -6,7 +6,7 @@ so that a gather that ignores the table would read the wrong tokens.
 
 import torch
 
-from adaq.engine.context import reset_context, set_context
+from adaq.backends.context import reset_context, set_context
 
 
 class PagedRunner:

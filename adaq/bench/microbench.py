@@ -163,8 +163,8 @@ def prefill_attention_case(seqs: int, seq_len: int, heads: int = 32, kv_heads: i
                            kv_dtype: str = "fp8", block_size: int = 16):
     """`seqs` fresh prompts of `seq_len` tokens, K/V already stored in the paged cache: (our attention, torch SDPA
     (causal, bf16, GQA) on the same bf16 q/k/v, FLOP of the causal QK^T + PV), the two as zero-argument calls."""
-    from adaq.engine.context import Context
-    from adaq.kernels.backend_cuda import CudaBackend
+    from adaq.backends.context import Context
+    from adaq.backends.cuda import CudaBackend
 
     gen = torch.Generator(device="cuda").manual_seed(seq_len)
     tokens = seqs * seq_len

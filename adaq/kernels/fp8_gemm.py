@@ -1,24 +1,11 @@
-"""The prefill paths on the GPU: which kernel runs an NVFP4 linear of M rows (numerics: adaq.layers.fp8_prefill).
-
-`ADAQ_PREFILL_PATH` (`--prefill-path` of run / serve / bench):
-- auto (default): the FP8 path where the GPU has an FP8 GEMM and the FP8 extension builds (sm_89 Ada, sm_90
-  Hopper), the exact path elsewhere (other GPUs, or nvidia-cutlass missing).
-- fp8: the FP8 path; an error where it cannot run. M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default 64, the H100 sweep's
-  crossover with the decode kernels) through FP8 -- sm_89: the CUTLASS-generated FP8 GEMM
-  (adaq/kernels/generated/); sm_90: the same E4M3 operands and scales through cuBLASLt's FP8 GEMM
-  (`torch._scaled_mm`, row-wise scales), because Ada's FP8 mma.sync is slow there. Roles in
-  `ADAQ_PREFILL_FP8_EXCLUDE` (default down_proj, whose heavy-tailed input costs most of the accuracy) take the exact
-  path. Cost on the real Gemma3-270M: +0.47 % perplexity (docs/KERNELS.md). Fewer rows: decode kernels.
-- exact: M >= `exact_min_tokens()` rows (96, the H100 sweep's crossover with the decode kernels): the layer's NVFP4
-  weight dequantized into one reused bf16 workspace per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in
-  bf16), cuBLAS bf16 GEMM, 1/global_scale applied as the GEMM's fp32 alpha before its single bf16 rounding; fewer
-  rows: the NVFP4 decode kernels (bytes-bound).
-- nvfp4: the decode kernels only, at every M.
-`scaled_mm(..., kind="ada")` forces the Ada kernel on Hopper (tests, microbenchmark).
+"""The FP8 prefill GEMM extension (CUTLASS-generated sm_89 kernel, activation quantization, weight expansion, grouped
+MoE GEMM) and the exact path's dequantize + cuBLAS bf16 GEMM. Numerics: adaq.formats.fp8_prefill; which path runs a linear
+of M rows is chosen above this floor, in adaq.backends.prefill_route.
 
 FP8 operands: activations are quantized per token by `quantize_rows`; each NVFP4 weight is expanded to E4M3 into one
 `Fp8Workspace` buffer per device just before its GEMM, so the expanded model never exists at once. The exact path's
 bf16 workspace is likewise one buffer per device, reserved at load for the largest layer.
+`scaled_mm(..., kind="ada")` forces the Ada kernel on Hopper (tests, microbenchmark).
 """
 
 import hashlib
@@ -29,16 +16,8 @@ from pathlib import Path
 
 import torch
 
-from adaq.layers import fp8_prefill
+from adaq.formats import fp8_prefill
 
-PATH_ENV = "ADAQ_PREFILL_PATH"
-MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
-EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
-# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
-# (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
-# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Session 3".
-EXACT_MIN_TOKENS = 96
-PATHS = ("auto", "fp8", "exact", "nvfp4")
 KERNELS = Path(__file__).resolve().parent
 GENERATED = KERNELS / "generated"
 SOURCES = (KERNELS / "csrc" / "fp8_binding.cpp", KERNELS / "csrc" / "fp8_quant.cu", KERNELS / "csrc" / "fp8_mma_peak.cu",
@@ -101,44 +80,6 @@ def exact_available() -> bool:
     return hasattr(ops.ext(), "gemm_dequantize")
 
 
-# ---- path selection -----------------------------------------------------------------------------------------------
-
-def select_path(path: str | None) -> None:
-    """The `--prefill-path` of `adaq run` / `adaq serve`: None keeps $ADAQ_PREFILL_PATH (default auto)."""
-    from adaq.errors import AdaqError
-
-    if path is None:
-        return
-    if path not in PATHS:
-        raise AdaqError(f"invalid --prefill-path {path!r}: choose one of {', '.join(PATHS)}")
-    os.environ[PATH_ENV] = path
-
-
-def configured_path() -> str:
-    from adaq.errors import AdaqError
-
-    path = os.environ.get(PATH_ENV, "auto")
-    if path not in PATHS:
-        raise AdaqError(f"invalid {PATH_ENV}={path!r}: choose one of {', '.join(PATHS)}")
-    return path
-
-
-def min_tokens() -> int:
-    return int(os.environ.get(MIN_TOKENS_ENV, fp8_prefill.MIN_TOKENS))
-
-
-def gemm_kind(device: torch.device) -> str | None:
-    """'ada' (generated sm_89 kernel), 'hopper' (cuBLASLt FP8) or None (no FP8 path: exact NVFP4 kernels)."""
-    if configured_path() in ("nvfp4", "exact") or torch.device(device).type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) >= (9, 0):
-        return "hopper"
-    if (major, minor) >= (8, 9):
-        return "ada"
-    return None
-
-
 _EXTENSION_ERROR: list[str] = []  # why the FP8 extension could not be loaded, once tried
 
 
@@ -152,61 +93,21 @@ def extension_ok() -> bool:
     return _EXTENSION is not None
 
 
-def fp8_enabled(device: torch.device) -> bool:
-    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error."""
-    from adaq.errors import AdaqError
-
-    path = configured_path()
-    if path not in ("auto", "fp8") or torch.device(device).type != "cuda":
-        return False
-    if gemm_kind(device) is None:
-        if path == "fp8":
-            raise AdaqError(f"--prefill-path fp8 needs an FP8 GPU (sm_89 or newer); this one is sm_"
-                            f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: use auto or exact")
-        return False
-    if not extension_ok():
-        if path == "fp8":
-            raise AdaqError(f"--prefill-path fp8: the FP8 extension did not load ({_EXTENSION_ERROR[0]}); "
-                            "pip install nvidia-cutlass==4.2.0.0, or use --prefill-path exact")
-        return False
-    return True
+def gpu_fp8_kind(device: torch.device) -> str | None:
+    """The FP8 GEMM this GPU has: 'ada' (generated sm_89 kernel), 'hopper' (cuBLASLt FP8) or None."""
+    if torch.device(device).type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (9, 0):
+        return "hopper"
+    if (major, minor) >= (8, 9):
+        return "ada"
+    return None
 
 
-def use_fp8(rows: int, device: torch.device) -> bool:
-    return rows >= min_tokens() and fp8_enabled(device)
-
-
-def exact_min_tokens() -> int:
-    return int(os.environ.get(EXACT_MIN_TOKENS_ENV, EXACT_MIN_TOKENS))
-
-
-def route(rows: int, device: torch.device, path: str | None = None) -> str:
-    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16) or 'decode'.
-    'fp8' only where the FP8 path is enabled; a layer without FP8 operands (an excluded role) asks again with
-    path='exact'."""
-    path = path or configured_path()
-    if path == "nvfp4":
-        return "decode"
-    if path in ("auto", "fp8") and rows >= min_tokens() and fp8_enabled(device):
-        return "fp8"
-    return "exact" if rows >= exact_min_tokens() else "decode"
-
-
-def describe(path: str | None = None, device: torch.device | None = None) -> str:
-    """One line for labels: what runs prefill (large M) under `path` on `device` (default: the current GPU)."""
-    path = path or configured_path()
-    if path == "nvfp4":
-        return "prefill: NVFP4 decode kernels at every M"
-    exact = f"dequantize + cuBLAS bf16 (exact) from M >= {exact_min_tokens()}"
-    if device is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    if path == "exact" or device is None or not fp8_enabled(device):
-        why = f" (FP8 path unavailable: {_EXTENSION_ERROR[0]})" if _EXTENSION_ERROR and path == "auto" else ""
-        return f"prefill: {exact}{why}"
-    excluded = ", ".join(sorted(fp8_prefill.excluded_roles())) or "none"
-    gemm = "cuBLASLt FP8" if gemm_kind(device) == "hopper" else "CUTLASS sm_89 FP8 GEMM"
-    return (f"prefill: FP8 PATH ({gemm}; E4M3 weights per channel, E4M3 activations per token) from M >= "
-            f"{min_tokens()}; exact for {excluded}")
+def extension_error() -> str | None:
+    """Why the FP8 extension did not load, once `extension_ok` has tried."""
+    return _EXTENSION_ERROR[0] if _EXTENSION_ERROR else None
 
 
 def choose_tile(m: int, n: int, sm_count: int) -> int:
@@ -287,7 +188,7 @@ def fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, kind: 
 @dataclass(frozen=True)
 class Fp8Scales:
     """What the FP8 path needs of a weight besides the decode layout: row_mul = 64 / (each row's largest block
-    scale) and col_scale = (that / global_scale) / 64, fp32 [N] each (adaq.layers.fp8_prefill.channel_scales)."""
+    scale) and col_scale = (that / global_scale) / 64, fp32 [N] each (adaq.formats.fp8_prefill.channel_scales)."""
 
     row_mul: torch.Tensor
     col_scale: torch.Tensor
@@ -312,7 +213,7 @@ def fp8_linear_packed(x: torch.Tensor, packed, scales: Fp8Scales, bias: torch.Te
 def _fp8_gemm(x: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
               kind: str | None) -> torch.Tensor:
     x8, row_scale = quantize_rows(x)
-    y = scaled_mm(x8, row_scale, w8, col_scale, kind or gemm_kind(x.device))
+    y = scaled_mm(x8, row_scale, w8, col_scale, kind or gpu_fp8_kind(x.device))
     return y if bias is None else y + bias
 
 

@@ -1,7 +1,7 @@
 """MoE prefill on the FP8 path (issue 8, item 5): tokens grouped by expert, one grouped FP8 GEMM per projection.
 
-Numerics (`moe_fp8_reference`, plain PyTorch, any device): adaq.layers.moe.moe_reference with every expert linear
-replaced by the FP8 path's linear (adaq.layers.fp8_prefill): each expert's NVFP4 weight expanded to E4M3 with one
+Numerics (`moe_fp8_reference`, plain PyTorch, any device): adaq.backends.numerics.moe.moe_reference with every expert linear
+replaced by the FP8 path's linear (adaq.formats.fp8_prefill): each expert's NVFP4 weight expanded to E4M3 with one
 scale per output channel, activations E4M3 per token (per row: gate|up rows are the token's own, down rows are
 (token, expert) rows), fp32 accumulation, `((acc * row_scale) * col_scale)` rounded once to bf16; SiLU-and-mul in
 bf16; the weighted outputs summed in ascending expert order in bf16.
@@ -22,8 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from adaq.backends.handles import ExpertsHandle
+from adaq.backends.numerics import activation, moe
+from adaq.formats import fp8_prefill
 from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.layers import activation, fp8_prefill, moe
+from adaq.kernels import fp8_gemm
 
 MOE_ALIGN_MAX_ROWS = 2048  # moe_align's stable placement costs O(rows^2 / threads): sort-based grouping above
 MOE_TILE_ENV = "ADAQ_PREFILL_MOE_TILE"
@@ -46,7 +49,7 @@ class _Fp8ExpertLinears:
 def moe_fp8_reference(x: torch.Tensor, router_logits: torch.Tensor, gate_up: list[list[NVFP4Weight]],
                       down: list[NVFP4Weight], top_k: int, renormalize: bool) -> torch.Tensor:
     """x [T, H] -> [T, H]: the FP8 path's MoE (module doc). gate_up[e] = [gate, up] (or one fused weight)."""
-    experts = moe.ExpertsHandle([[fp8_prefill.expand_weight(w) for w in pair] for pair in gate_up],
+    experts = ExpertsHandle([[fp8_prefill.expand_weight(w) for w in pair] for pair in gate_up],
                                 [fp8_prefill.expand_weight(w) for w in down], down[0].in_features)
     return moe.moe_reference(_Fp8ExpertLinears(), x, router_logits, experts, top_k, renormalize)
 
@@ -171,21 +174,20 @@ def expand_projection(w: "StackedNVFP4 | LayoutProjection", device: torch.device
     """All experts of one projection -> (e4m3 [E, N, K], col_scale [E, N]); the values in the shared FP8 workspace."""
     if isinstance(w, StackedNVFP4):
         return expand_stacked(w, device)
-    from adaq.kernels import ops, prefill_fp8
+    from adaq.kernels import ops
 
     n, k = w.rows_per_expert, w.in_features
-    values = ops.nvfp4_expand_e4m3(w, w.row_mul, prefill_fp8.workspace(device, w.out_features, k).values)
+    values = ops.nvfp4_expand_e4m3(w, w.row_mul, fp8_gemm.workspace(device, w.out_features, k).values)
     return values.view(w.experts, n, k), w.col_scale.view(w.experts, n)
 
 
 def expand_stacked(w: StackedNVFP4, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """All experts of one projection -> (e4m3 [E, N, K], col_scale [E, N]) views of the shared FP8 workspace."""
-    from adaq.kernels import prefill_fp8
 
     rows, k = w.packed.shape[0], w.in_features
-    values, col_scale = prefill_fp8.workspace(device, rows, k).view(rows, k)
+    values, col_scale = fp8_gemm.workspace(device, rows, k).view(rows, k)
     ones = _ONES.setdefault(device, torch.ones(1, dtype=torch.float32, device=device))
-    prefill_fp8.ext().expand_nvfp4(w.packed, w.block_scale, ones, values, col_scale)
+    fp8_gemm.ext().expand_nvfp4(w.packed, w.block_scale, ones, values, col_scale)
     col_scale.div_(w.row_global_scale)
     return values.view(w.experts, w.rows_per_expert, k), col_scale.view(w.experts, w.rows_per_expert)
 
@@ -226,12 +228,11 @@ def choose_grouped_tile(rows: int, experts: int) -> int:
 def grouped_gemm(a: torch.Tensor, row_scale: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor, align,
                  tile: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """out [R, N] bf16: group g's rows of a [R,K] e4m3 times expert group_expert[g] of w8 [E,N,K] (fp8 epilogue)."""
-    from adaq.kernels import prefill_fp8
 
     offsets, group_expert, _, num_groups = align
     if out is None:
         out = torch.empty(a.shape[0], w8.shape[1], dtype=torch.bfloat16, device=a.device)
-    prefill_fp8.ext().fp8_grouped_gemm(a, w8, row_scale, col_scale, offsets, group_expert, num_groups, out, tile)
+    fp8_gemm.ext().fp8_grouped_gemm(a, w8, row_scale, col_scale, offsets, group_expert, num_groups, out, tile)
     return out
 
 
@@ -243,18 +244,18 @@ def _gather_rows(x8: torch.Tensor, row_scale: torch.Tensor, token_of_row: torch.
 def fp8_moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Fp8Experts,
                    activation_name: str = "silu", tile: int | None = None) -> torch.Tensor:
     """x [T, H] bf16 with its routing (weights [T, k] bf16, ids [T, k] int32) -> [T, H] bf16 (module doc, 2-5)."""
-    from adaq.kernels import ops, prefill_fp8
+    from adaq.kernels import ops
 
     top_k, rows = ids.shape[1], ids.numel()
     align = align_rows(ids, experts.num_experts)
     row_ids = align[2].long()
     tile = choose_grouped_tile(rows, experts.num_experts) if tile is None else tile
-    x8, row_scale = prefill_fp8.quantize_rows(x.contiguous())
+    x8, row_scale = fp8_gemm.quantize_rows(x.contiguous())
     a, a_scale = _gather_rows(x8, row_scale, torch.div(row_ids, top_k, rounding_mode="floor"))
     w8, col_scale = expand_projection(experts.gate_up, x.device)
     gate_up = grouped_gemm(a, a_scale, w8, col_scale, align, tile)
     hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
-    h8, h_scale = prefill_fp8.quantize_rows(hidden)
+    h8, h_scale = fp8_gemm.quantize_rows(hidden)
     w8, col_scale = expand_projection(experts.down, x.device)
     y_sorted = grouped_gemm(h8, h_scale, w8, col_scale, align, tile)
     y = torch.empty_like(y_sorted)

@@ -1,5 +1,5 @@
 """Microbenchmark of MoE prefill (Qwen3-30B-A3B experts: 128 experts, top-8, hidden 2048, moe_intermediate 768) on
-the GPU at hand: the FP8 path (adaq.kernels.prefill_moe: grouped FP8 GEMMs) against what the engine runs otherwise
+the GPU at hand: the FP8 path (adaq.backends.prefill_moe: grouped FP8 GEMMs) against what the engine runs otherwise
 -- the bf16 model's MoE (per-expert cuBLAS bf16 linears, the reference backend) and the NVFP4 decode kernels in
 chunks of 64 tokens (ops.moe_forward, the cuda backend's MoE without the FP8 path). Random weights generated on the
 GPU; times are medians of CUDA-event timings after warm-up (prefill_bench.median_ms). The grouped GEMMs' TFLOP/s
@@ -10,7 +10,9 @@ import torch
 
 from adaq.formats import nvfp4
 from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.kernels import prefill_bench, prefill_fp8, prefill_moe
+from adaq.backends import prefill_moe
+from adaq.bench import prefill_bench
+from adaq.kernels import fp8_gemm
 
 QWEN3_30B_A3B = {"experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768}
 
@@ -37,8 +39,8 @@ def random_experts(experts: int, hidden: int, intermediate: int, seed: int = 0):
 
 def run(tokens: tuple[int, ...] = (512, 2048, 8192), ceiling: float | None = None, shape: dict | None = None) -> dict:
     from adaq.kernels import ops
-    from adaq.kernels.backend_cuda import CudaBackend
-    from adaq.layers.backend import ReferenceBackend
+    from adaq.backends.cuda import CudaBackend
+    from adaq.backends.reference import ReferenceBackend
 
     shape = shape or QWEN3_30B_A3B
     experts, top_k, hidden, inter = shape["experts"], shape["top_k"], shape["hidden"], shape["intermediate"]
@@ -57,10 +59,10 @@ def run(tokens: tuple[int, ...] = (512, 2048, 8192), ceiling: float | None = Non
         flop = 2.0 * rows * (2 * inter * hidden + hidden * inter)
         entry = {"tokens": count, "rows": rows, "GFLOP": flop / 1e9,
                  "default_tile": prefill_moe.choose_grouped_tile(rows, experts), "fp8": {}}
-        for tile in range(len(prefill_fp8.tiles())):
+        for tile in range(len(fp8_gemm.tiles())):
             ms = prefill_bench.median_ms(lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True, tile=tile))
-            entry["fp8"][prefill_fp8.tiles()[tile]["name"]] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
-        entry["fp8_total"] = entry["fp8"][prefill_fp8.tiles()[entry["default_tile"]]["name"]]
+            entry["fp8"][fp8_gemm.tiles()[tile]["name"]] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
+        entry["fp8_total"] = entry["fp8"][fp8_gemm.tiles()[entry["default_tile"]]["name"]]
         entry["grouped_gemm"] = _grouped_gemm_only(x, logits, fp8, top_k, flop, ceiling)
         entry["expand_ms"] = prefill_bench.median_ms(lambda: (prefill_moe.expand_stacked(fp8.gate_up, device),
                                                                prefill_moe.expand_stacked(fp8.down, device)))
@@ -82,16 +84,16 @@ def _grouped_gemm_only(x, logits, fp8, top_k, flop, ceiling) -> dict:
     weights, ids = ops.router_topk(logits, top_k, True)
     align = prefill_moe.align_rows(ids, fp8.num_experts)
     rows = align[2].long()
-    x8, row_scale = prefill_fp8.quantize_rows(x)
+    x8, row_scale = fp8_gemm.quantize_rows(x)
     a, a_scale = x8.view(torch.uint8)[rows // top_k].view(x8.dtype), row_scale[rows // top_k]
     device = x.device
     gate_up = prefill_moe.expand_stacked(fp8.gate_up, device)
     gate_up = (gate_up[0].clone(), gate_up[1].clone())
     down = prefill_moe.expand_stacked(fp8.down, device)
     inter = fp8.down.in_features
-    h8, h_scale = prefill_fp8.quantize_rows(torch.randn(a.shape[0], inter, device=device).to(torch.bfloat16))
+    h8, h_scale = fp8_gemm.quantize_rows(torch.randn(a.shape[0], inter, device=device).to(torch.bfloat16))
     out = {}
-    for tile, spec in enumerate(prefill_fp8.tiles()):
+    for tile, spec in enumerate(fp8_gemm.tiles()):
         ms = prefill_bench.median_ms(lambda: (prefill_moe.grouped_gemm(a, a_scale, *gate_up, align, tile),
                                                prefill_moe.grouped_gemm(h8, h_scale, *down, align, tile)))
         tflops = flop / ms / 1e9
@@ -114,8 +116,8 @@ def _stages(x, logits, fp8, top_k) -> dict:
     y = torch.empty_like(y_sorted)
     timed = {
         "router_and_grouping": lambda: prefill_moe.align_rows(ops.router_topk(logits, top_k, True)[1], fp8.num_experts),
-        "quantize_and_gather": lambda: prefill_moe._gather_rows(*prefill_fp8.quantize_rows(x), rows // top_k),
-        "silu_and_quantize": lambda: prefill_fp8.quantize_rows(ops.silu_and_mul(gate_up)),
+        "quantize_and_gather": lambda: prefill_moe._gather_rows(*fp8_gemm.quantize_rows(x), rows // top_k),
+        "silu_and_quantize": lambda: fp8_gemm.quantize_rows(ops.silu_and_mul(gate_up)),
         "scatter_and_combine": lambda: ops.moe_combine(y.index_copy_(0, rows, y_sorted), weights, ids),
     }
     return {name: prefill_bench.median_ms(step) for name, step in timed.items()}
@@ -126,7 +128,7 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"MoE prefill, {s['experts']} experts top-{s['top_k']}, hidden {s['hidden']}, moe_intermediate "
              f"{s['intermediate']} (Qwen3-30B-A3B layer), random weights; ms per MoE layer"]
     for e in results["tokens"]:
-        tile = prefill_fp8.tiles()[e["default_tile"]]["name"]
+        tile = fp8_gemm.tiles()[e["default_tile"]]["name"]
         gemm = e["grouped_gemm"][tile]
         eff = gemm.get("efficiency_vs_fp8_mma_ceiling")
         projection = gemm.get("projected_rtx4090_TFLOP/s (projection)")
@@ -144,12 +146,12 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m adaq.kernels.prefill_moe_bench [--json PATH] [--tokens 512,2048,8192]`: the FP8 mma.sync ceiling,
+    """`python -m adaq.bench.prefill_moe_bench [--json PATH] [--tokens 512,2048,8192]`: the FP8 mma.sync ceiling,
     the Ada GEMM at M = 2048 (prefill_bench, with the ptxas report of its sm_89 code) and MoE prefill, as tables."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m adaq.kernels.prefill_moe_bench", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m adaq.bench.prefill_moe_bench", description=main.__doc__)
     parser.add_argument("--json", help="write every figure as JSON")
     parser.add_argument("--tokens", default="512,2048,8192", help="MoE prompt lengths, comma-separated")
     parser.add_argument("--no-moe", action="store_true", help="only the ceiling and the dense GEMM")

@@ -12,7 +12,7 @@ from the decode kernels' own weight layout (no second copy of the NVFP4 bytes). 
 times 64 / c[n] it stays <= 384 < 448; the power-of-two headroom keeps small products out of E4M3's subnormals. The
 error against the exact dequantized weight is the E4M3 rounding (and a 2^-24 fp32 one before it).
 
-The exact large-M path (`exact`, and `auto` on GPUs without an FP8 GEMM; adaq.kernels.prefill_fp8 runs it with
+The exact large-M path (`exact`, and `auto` on GPUs without an FP8 GEMM; adaq.kernels.fp8_gemm runs it with
 cuBLAS) is no approximation: the bf16
 workspace holds `e2m1 x block_scale` exactly (<= 6 significant bits, within bf16's range) and 1/global_scale
 multiplies the fp32 accumulator once, before the single rounding: `exact_linear_reference`.
@@ -21,7 +21,7 @@ Activations: per token (row) `row_scale[m] = max(amax(|x[m]|) / 448, 1e-12)`, `x
 (IEEE division, clamped to +-448 like the FP8 KV cache). Output: `y = ((x8 @ w8^T) * row_scale[m]) * col_scale[n]`
 in fp32, one rounding to the compute dtype, then the bias.
 
-Which layers: every NVFP4 linear of at least MIN_TOKENS rows except the roles in `$ADAQ_PREFILL_FP8_EXCLUDE`
+Which layers: every NVFP4 linear of at least MIN_TOKENS rows (adaq.backends.prefill_route) except the roles in `$ADAQ_PREFILL_FP8_EXCLUDE`
 (comma-separated; default `down_proj`: its inputs, SiLU(gate) * up, have the heaviest tails, and on the real
 Gemma3-270M it alone costs +1.56 % perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 %
 on 64); docs/KERNELS.md).
@@ -29,7 +29,6 @@ MoE experts are not covered by this setting: the grouped FP8 path runs both of t
 not measured on a real MoE checkpoint).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,18 +40,6 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 MIN_ROW_SCALE = 1e-12
 WEIGHT_HEADROOM = 64.0  # 2**6: 6 * 64 = 384 <= 448
-MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
-EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
-DEFAULT_EXCLUDED = "down_proj"
-
-
-def excluded_roles() -> set[str]:
-    return {name.strip() for name in os.environ.get(EXCLUDE_ENV, DEFAULT_EXCLUDED).split(",") if name.strip()}
-
-
-def covers(role: str | None) -> bool:
-    """Whether a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj; None: unnamed) takes the FP8 path."""
-    return role not in excluded_roles()
 
 
 @dataclass

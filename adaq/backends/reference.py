@@ -1,24 +1,22 @@
-"""Backends: one object the layers call for every op a GPU kernel may replace.
+"""The reference backend: plain PyTorch on any device, and the numerical spec every kernel is tested against.
 
-`ReferenceBackend` is plain PyTorch on any device and *is* the numerical spec: NVFP4 linears are exact
-dequantize-then-matmul (optionally with W4A4 activation emulation), the KV cache is rounded to FP8 exactly as
-`adaq.layers.attention.quantize_kv_fp8` says, attention is fp32 softmax over the paged cache. The `cuda` backend
-(adaq.kernels.backend_cuda) subclasses it and overrides the ops it has kernels for.
+NVFP4 linears are exact dequantize-then-matmul (optionally with W4A4 activation emulation, adaq.formats.nvfp4), the
+KV cache is rounded to FP8 exactly as `adaq.backends.numerics.attention.quantize_kv_fp8` says, attention is fp32
+softmax over the paged cache; the FP8 prefill path's emulation follows adaq.formats.fp8_prefill. The `cuda` backend
+(adaq.backends.cuda) subclasses it and overrides the ops it has kernels for.
 """
 
 import os
 
 import torch
 
-from adaq.errors import AdaqError
-from adaq.formats import nvfp4
-from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.layers import activation, attention, fp8_prefill, moe, norm, rotary
-from adaq.layers.linear import LinearHandle, Weight, can_fuse, check_shapes, fuse, quantize_activation_nvfp4
-
-BACKENDS = ("reference", "cuda", "auto")
+from adaq.backends import prefill_route
+from adaq.backends.handles import (ExpertsHandle, LinearHandle, Weight, can_fuse, check_shapes, fuse, weight_cols,
+                                   weight_rows)
+from adaq.backends.numerics import activation, attention, moe, norm, rotary
+from adaq.formats import fp8_prefill, nvfp4
+from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
 DEQUANT_CACHE_FRACTION = 0.4  # of the memory free when the backend is made
-PREFILL_PATH_ENV = "ADAQ_PREFILL_PATH"  # auto | fp8 | exact | nvfp4 (adaq.kernels.prefill_fp8 reads it too)
 
 
 class ReferenceBackend:
@@ -28,7 +26,7 @@ class ReferenceBackend:
       input_global_scale; False runs such checkpoints weight-only.
     - dequant_cache_bytes: how many bytes of dequantized weights (in the compute dtype) may be kept, so a linear
       is a plain matmul; None = 40% of the memory free now. 0 dequantizes on every call.
-    - prefill_fp8: emulate the FP8 prefill path exactly (adaq.layers.fp8_prefill) for NVFP4 linears called with at
+    - prefill_fp8: emulate the FP8 prefill path exactly (adaq.formats.fp8_prefill) for NVFP4 linears called with at
       least `prefill_fp8_min_tokens` rows; None = on when $ADAQ_PREFILL_PATH is `fp8`.
     """
 
@@ -36,10 +34,10 @@ class ReferenceBackend:
 
     def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
                  dequant_cache_bytes: int | None = None, prefill_fp8: bool | None = None,
-                 prefill_fp8_min_tokens: int = fp8_prefill.MIN_TOKENS):
+                 prefill_fp8_min_tokens: int = prefill_route.MIN_TOKENS):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.activation_quant = activation_quant
-        self.prefill_fp8 = os.environ.get(PREFILL_PATH_ENV) == "fp8" if prefill_fp8 is None else prefill_fp8
+        self.prefill_fp8 = os.environ.get(prefill_route.PATH_ENV) == "fp8" if prefill_fp8 is None else prefill_fp8
         self.prefill_fp8_min_tokens = prefill_fp8_min_tokens
         self.dequant_cache_bytes = free_memory(self.device) * DEQUANT_CACHE_FRACTION \
             if dequant_cache_bytes is None else dequant_cache_bytes
@@ -59,7 +57,7 @@ class ReferenceBackend:
         if self.dequant_cached_bytes + nbytes <= self.dequant_cache_bytes:
             handle.dense = nvfp4.dequantize(packed, dtype)
             self.dequant_cached_bytes += nbytes
-        if self.prefill_fp8 and fp8_prefill.covers(role):
+        if self.prefill_fp8 and prefill_route.covers(role):
             self._prepare_fp8(handle, packed)
         return handle
 
@@ -80,7 +78,7 @@ class ReferenceBackend:
 
     # Mixture of experts
     def prepare_experts(self, gate_up: list[list[Weight]], down: list[Weight], *,
-                        dtype: torch.dtype) -> moe.ExpertsHandle:
+                        dtype: torch.dtype) -> ExpertsHandle:
         intermediate = weight_rows(gate_up[0][0])
         hidden = weight_cols(gate_up[0][0])
         handles_gate_up, handles_down = [], []
@@ -90,9 +88,9 @@ class ReferenceBackend:
             pair = [fuse(pair)] if can_fuse(pair) else pair
             handles_gate_up.append([self.prepare_linear(w, dtype=dtype) for w in pair])
             handles_down.append(self.prepare_linear(down_weight, dtype=dtype))
-        return moe.ExpertsHandle(handles_gate_up, handles_down, intermediate)
+        return ExpertsHandle(handles_gate_up, handles_down, intermediate)
 
-    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: moe.ExpertsHandle, top_k: int,
+    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
             renormalize: bool) -> torch.Tensor:
         if self.prefill_fp8 and x.shape[0] >= self.prefill_fp8_min_tokens:  # the GPU's grouped FP8 path: the layer's
             return moe.moe_reference(_ExpertsOnFp8(self), x, router_logits, experts, top_k, renormalize)  # size
@@ -128,17 +126,6 @@ class ReferenceBackend:
         return rotary.apply_rotary(q, k, cos, sin)
 
 
-Backend = ReferenceBackend  # the interface: every backend is a ReferenceBackend with some ops overridden
-
-
-def weight_rows(weight: Weight) -> int:
-    return weight.out_features if isinstance(weight, NVFP4Weight) else weight.shape[0]
-
-
-def weight_cols(weight: Weight) -> int:
-    return weight.in_features if isinstance(weight, NVFP4Weight) else weight.shape[1]
-
-
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -148,36 +135,6 @@ def free_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def cuda_backend_class():
-    """The kernel backend's class, or None when CUDA or the compiled extension is missing."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from adaq.kernels import available
-        from adaq.kernels.backend_cuda import CudaBackend
-    except ImportError:
-        return None
-    return CudaBackend if available() else None
-
-
-def get_backend(name: str = "auto", device: torch.device | str | None = None, **options) -> ReferenceBackend:
-    """'reference', 'cuda' (error when it cannot run) or 'auto' (cuda when a GPU and the kernels are there)."""
-    if name not in BACKENDS:
-        raise AdaqError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
-    if name == "reference":
-        return ReferenceBackend(device, **options)
-    cuda_class = cuda_backend_class()
-    if cuda_class is not None:
-        return cuda_class(device or "cuda", **options)
-    if name == "cuda":
-        reason = "no CUDA GPU is visible" if not torch.cuda.is_available() else "adaq's CUDA kernels are not built"
-        raise AdaqError(f"backend 'cuda' cannot run: {reason}; use --backend reference")
-    return ReferenceBackend(device, **options)
-
-
-__all__ = ["Backend", "ReferenceBackend", "get_backend", "BACKENDS"]
 
 
 class _ExpertsOnFp8:

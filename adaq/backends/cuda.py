@@ -1,7 +1,7 @@
 """The `cuda` backend: the reference backend with its hot ops replaced by adaq's sm_89 kernels.
 
 What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode GEMM, weights repacked at load;
-large M: exact dequantize + cuBLAS bf16 or the opt-in FP8 path, adaq.kernels.prefill_fp8.route),
+large M: exact dequantize + cuBLAS bf16 or the opt-in FP8 path, adaq.backends.prefill_route.route),
 MoE experts (fused router, grouped GEMM), KV-cache store (FP8 or bf16), paged attention (decode and prefill over
 the cache), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else (dense bf16 linears: cuBLAS; other dtypes or
 shapes the kernels do not cover) falls through to the reference implementation.
@@ -9,11 +9,11 @@ shapes the kernels do not cover) falls through to the reference implementation.
 
 import torch
 
-from adaq.formats.nvfp4 import NVFP4Weight
-from adaq.kernels import layout, ops, prefill_fp8, prefill_moe
-from adaq.layers import fp8_prefill, moe
-from adaq.layers.backend import ReferenceBackend
-from adaq.layers.linear import LinearHandle, can_fuse, check_shapes, quantize_activation_nvfp4
+from adaq.backends import prefill_moe, prefill_route
+from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
+from adaq.backends.reference import ReferenceBackend
+from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
+from adaq.kernels import fp8_gemm, layout, ops
 
 ATTENTION_HEAD_DIMS = (64, 128, 256)
 ATTENTION_GROUPS = (1, 2, 4, 8)
@@ -57,11 +57,11 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
-        if fp8_prefill.covers(role) and prefill_fp8.fp8_enabled(self.device):  # expanded from the decode layout
-            handle.fp8_scales = prefill_fp8.Fp8Scales.of(weight, self.device)
-        if prefill_fp8.configured_path() != "nvfp4" and prefill_fp8.exact_available():  # workspace sized now
-            handle.exact_plan = prefill_fp8.exact_plan(packed)
-            prefill_fp8.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
+        if prefill_route.covers(role) and prefill_route.fp8_enabled(self.device):  # expanded from the decode layout
+            handle.fp8_scales = fp8_gemm.Fp8Scales.of(weight, self.device)
+        if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # workspace sized now
+            handle.exact_plan = fp8_gemm.exact_plan(packed)
+            fp8_gemm.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
         return handle
 
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,17 +71,17 @@ class CudaBackend(ReferenceBackend):
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
         lead = x.shape[:-1]
         rows = x.numel() // x.shape[-1]
-        route = prefill_fp8.route(rows, x.device)  # ADAQ_PREFILL_PATH: auto | fp8 | exact | nvfp4
+        route = prefill_route.route(rows, x.device)  # ADAQ_PREFILL_PATH: auto | fp8 | exact | nvfp4
         scales = getattr(handle, "fp8_scales", None)
         if route == "fp8" and scales is not None:
-            y = prefill_fp8.fp8_linear_packed(x.reshape(-1, x.shape[-1]), handle.kernel_weight, scales,
+            y = fp8_gemm.fp8_linear_packed(x.reshape(-1, x.shape[-1]), handle.kernel_weight, scales,
                                               None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, y.shape[-1])
         if route == "fp8":  # a role the FP8 path excludes: the exact path where it beats the decode kernels
-            route = prefill_fp8.route(rows, x.device, path="exact")
+            route = prefill_route.route(rows, x.device, path="exact")
         plan = getattr(handle, "exact_plan", None)
         if route != "decode" and plan is not None and not torch.cuda.is_current_stream_capturing():
-            y = prefill_fp8.exact_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight, plan,
+            y = fp8_gemm.exact_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight, plan,
                                          None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, y.shape[-1])
         y = ops.nvfp4_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight,
@@ -102,12 +102,12 @@ class CudaBackend(ReferenceBackend):
             packed_gate_up.append(self._fused_pair(pair))
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
-        # The grouped FP8 path (adaq.kernels.prefill_moe) runs both expert projections in FP8, down included, whose
+        # The grouped FP8 path (adaq.backends.prefill_moe) runs both expert projections in FP8, down included, whose
         # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by
         # `auto`. It expands from the decode kernels' layout; shapes that layout cannot serve as one weight (N % 16
         # or K % 128) keep a stacked copy of the NVFP4 bytes instead.
-        if (prefill_fp8.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0
-                and prefill_fp8.fp8_enabled(self.device)):
+        if (prefill_route.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0
+                and prefill_route.fp8_enabled(self.device)):
             handle.fp8 = (prefill_moe.Fp8Experts.from_layout(handle.stacked, gate_up, down, self.device)
                           or prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device))
         return handle
@@ -123,7 +123,7 @@ class CudaBackend(ReferenceBackend):
         if not isinstance(experts, KernelExpertsHandle) or x.dtype != torch.bfloat16:
             return super().moe(x, router_logits, experts, top_k, renormalize)
         fp8 = getattr(experts, "fp8", None)
-        if (fp8 is not None and prefill_fp8.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
+        if (fp8 is not None and prefill_route.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
                 and not torch.cuda.is_current_stream_capturing()):
             return prefill_moe.fp8_moe_forward(x, router_logits, fp8, top_k, renormalize)
         return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize)
@@ -221,4 +221,4 @@ def prefill_queries(ctx, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return query_seq.int(), query_ctx.int()
 
 
-__all__ = ["CudaBackend", "KernelLinearHandle", "KernelExpertsHandle", "moe"]
+__all__ = ["CudaBackend", "KernelLinearHandle", "KernelExpertsHandle"]

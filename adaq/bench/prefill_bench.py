@@ -11,8 +11,9 @@ import statistics
 
 import torch
 
-from adaq.kernels import prefill_fp8
-from adaq.layers import fp8_prefill
+from adaq.backends import prefill_route
+from adaq.formats import fp8_prefill
+from adaq.kernels import fp8_gemm
 
 RTX4090_FP8_TFLOPS = 330.0
 SHAPES = {  # name: (N, K) at M = 2048 prompt tokens
@@ -42,7 +43,7 @@ def mma_ceiling(iterations: int = 8192, threads: tuple[int, ...] = (128, 256)) -
     """The FP8 mma.sync ceiling (csrc/fp8_mma_peak.cu): full waves of register-only blocks, each warp issuing the
     generated GEMM's 64x32 warp tile of independent m16n8k32 e4m3 MMAs with new operands every k-step; the best of
     the block sizes tried."""
-    module = prefill_fp8.ext()
+    module = fp8_gemm.ext()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     mmas = module.fp8_mma_peak_mmas_per_iteration()
     runs = []
@@ -67,10 +68,10 @@ def ptxas_report(arch: str = "sm_89") -> dict:
 
     if shutil.which("nvcc") is None:
         return {"error": "nvcc not found"}
-    source = prefill_fp8.GENERATED / "fp8_gemm_sm89.cu"
+    source = fp8_gemm.GENERATED / "fp8_gemm_sm89.cu"
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
-                                 "-Xptxas", "-v", f"-I{prefill_fp8.cutlass_include()}", str(source), "-o",
+                                 "-Xptxas", "-v", f"-I{fp8_gemm.cutlass_include()}", str(source), "-o",
                                  f"{tmp}/gemm.cubin"], capture_output=True, text=True, timeout=900)
     if result.returncode:
         return {"error": result.stderr[-2000:]}
@@ -102,15 +103,15 @@ def _operands(m: int, n: int, k: int):
 def gemm_shape(name: str, m: int, n: int, k: int, ceiling: float) -> dict:
     x, weight, dense = _operands(m, n, k)
     flop = 2.0 * m * n * k
-    x8, row_scale = prefill_fp8.quantize_rows(x)
-    w8, col_scale = prefill_fp8.expand_weight(weight, x.device)
+    x8, row_scale = fp8_gemm.quantize_rows(x)
+    w8, col_scale = fp8_gemm.expand_weight(weight, x.device)
     w8, col_scale = w8.clone(), col_scale.clone()
     result = {"name": name, "M": m, "N": n, "K": k, "tiles": {}}
-    for index, tile in enumerate(prefill_fp8.tiles()):
-        ms = median_ms(lambda: prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada", tile=index))
+    for index, tile in enumerate(fp8_gemm.tiles()):
+        ms = median_ms(lambda: fp8_gemm.scaled_mm(x8, row_scale, w8, col_scale, "ada", tile=index))
         result["tiles"][tile["name"]] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    chosen = prefill_fp8.tiles()[prefill_fp8.choose_tile(m, n, sm)]["name"]
+    chosen = fp8_gemm.tiles()[fp8_gemm.choose_tile(m, n, sm)]["name"]
     best = max(result["tiles"].values(), key=lambda r: r["TFLOP/s"])
     result["ada"] = {"chosen_tile": chosen, **result["tiles"][chosen],
                      "efficiency_vs_fp8_mma_ceiling": result["tiles"][chosen]["TFLOP/s"] / ceiling,
@@ -120,16 +121,16 @@ def gemm_shape(name: str, m: int, n: int, k: int, ceiling: float) -> dict:
     ms = median_ms(lambda: torch.nn.functional.linear(x, dense))
     result["cublas_bf16"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
     if torch.cuda.get_device_capability() >= (9, 0):
-        ms = median_ms(lambda: prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "hopper"))
+        ms = median_ms(lambda: fp8_gemm.scaled_mm(x8, row_scale, w8, col_scale, "hopper"))
         result["cublaslt_fp8"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
-    ms = median_ms(lambda: prefill_fp8.expand_weight(weight, x.device))
+    ms = median_ms(lambda: fp8_gemm.expand_weight(weight, x.device))
     result["expand_nvfp4"] = {"ms": ms, "GB/s": (n * k * 1.5 + n * k / 16) / ms / 1e6}
-    ms = median_ms(lambda: prefill_fp8.quantize_rows(x))
+    ms = median_ms(lambda: fp8_gemm.quantize_rows(x))
     result["quantize_rows"] = {"ms": ms, "GB/s": m * k * 3 / ms / 1e6}
-    ms = median_ms(lambda: prefill_fp8.fp8_linear(x, weight))
-    result["fp8_linear_total"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9, "path": prefill_fp8.gemm_kind(x.device)}
+    ms = median_ms(lambda: fp8_gemm.fp8_linear(x, weight))
+    result["fp8_linear_total"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9, "path": prefill_route.gemm_kind(x.device)}
     reference = fp8_prefill.scaled_mm_reference(x8, row_scale, w8, col_scale, torch.float32)
-    got = prefill_fp8.scaled_mm(x8, row_scale, w8, col_scale, "ada")
+    got = fp8_gemm.scaled_mm(x8, row_scale, w8, col_scale, "ada")
     result["ada_rel_error_vs_reference"] = float((got.float() - reference).norm() / reference.norm())
     return result
 
@@ -197,9 +198,9 @@ def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = Non
         dense = torch.randn(n, k, device="cuda", generator=generator) * 0.02
         weight = nvfp4.quantize(dense)
         packed = layout.repack(weight, "cuda")
-        prefill_fp8.reserve_dense_workspace(torch.device("cuda"), n, k)
-        weights[name] = (weight, packed, prefill_fp8.exact_plan(packed), dense.to(torch.bfloat16))
-    kind = prefill_fp8.gemm_kind(torch.device("cuda")) or "none"
+        fp8_gemm.reserve_dense_workspace(torch.device("cuda"), n, k)
+        weights[name] = (weight, packed, fp8_gemm.exact_plan(packed), dense.to(torch.bfloat16))
+    kind = prefill_route.gemm_kind(torch.device("cuda")) or "none"
     per_rows = []
     for m in rows:
         entry = {"M": m, "layers": {}}
@@ -207,14 +208,14 @@ def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = Non
             x = torch.randn(m, dense.shape[1], device="cuda", generator=generator).to(torch.bfloat16)
             times = {
                 "decode": _median_cold_ms(lambda: ops.nvfp4_linear(x, packed), flush),
-                "exact": _median_cold_ms(lambda: prefill_fp8.exact_linear(x, packed, plan), flush),
-                "dequantize_only": _median_cold_ms(lambda: prefill_fp8.dequantize_packed(packed), flush),
+                "exact": _median_cold_ms(lambda: fp8_gemm.exact_linear(x, packed, plan), flush),
+                "dequantize_only": _median_cold_ms(lambda: fp8_gemm.dequantize_packed(packed), flush),
                 "bf16_cublas": _median_cold_ms(lambda: torch.nn.functional.linear(x, dense), flush),
             }
             if not kind.startswith("none"):
                 try:
-                    times["fp8"] = _median_cold_ms(lambda: prefill_fp8.fp8_linear(x, weight, kind=kind), flush)
-                    times["fp8_expand_only"] = _median_cold_ms(lambda: prefill_fp8.expand_weight(weight, x.device),
+                    times["fp8"] = _median_cold_ms(lambda: fp8_gemm.fp8_linear(x, weight, kind=kind), flush)
+                    times["fp8_expand_only"] = _median_cold_ms(lambda: fp8_gemm.expand_weight(weight, x.device),
                                                                flush)
                 except Exception as error:  # the FP8 extension needs CUTLASS; the sweep still serves the threshold
                     kind = f"none ({type(error).__name__}: {str(error)[:200]})"

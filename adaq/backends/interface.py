@@ -1,0 +1,62 @@
+"""What layers may call on a backend, with shapes. Both backends (reference, cuda) implement all of it.
+
+T tokens of one step packed one sequence after another, H query heads and Hkv KV heads of D dims, hidden size K,
+output features N, experts E, intermediate size I. Weights (`Weight`: an NVFP4Weight or a dense [N, K] tensor)
+reach a backend once, at load, through `prepare_*`, which returns a handle the layer passes back on every call.
+Activations arrive in the model's compute dtype and come back in it.
+"""
+
+from typing import Protocol
+
+import torch
+
+from adaq.backends.context import Context
+from adaq.backends.handles import ExpertsHandle, LinearHandle, Weight
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+
+    def prepare_linear(self, weight: Weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
+        """At load: keep (or repack) one weight. `role` names the projection (qkv_proj, o_proj, gate_up_proj,
+        down_proj) for paths that treat roles differently."""
+
+    def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [.., K] -> [.., N] = x W^T (+ bias)."""
+
+    def prepare_experts(self, gate_up: list[list[Weight]], down: list[Weight], *, dtype: torch.dtype) -> ExpertsHandle:
+        """At load: per expert its [gate, up] weights ([I, K] each) and its down weight ([K, I])."""
+
+    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
+            renormalize: bool) -> torch.Tensor:
+        """x [T, K], router_logits [T, E] -> [T, K]: softmax in fp32, top-k, optional renormalisation, experts'
+        outputs summed in ascending expert order."""
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+        """k, v [T, Hkv, D] into caches [blocks, block_size, Hkv, D] (FP8 scales [blocks, block_size, Hkv]) at
+        slot_mapping [T] (-1: skip)."""
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, ctx: Context, *, scale: float,
+                  sliding_window: int | None = None, softcap: float | None = None, k: torch.Tensor | None = None,
+                  v: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, H, D] over each sequence's cached keys -> [T, H, D]; without caches, over the step's own k/v."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, *, unit_offset: bool = False) -> torch.Tensor:
+        """x [T, K] normalised in fp32, times w (or Gemma's 1 + w with unit_offset)."""
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                     unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's step: (x + delta, rms_norm(x + delta)), [T, K] each."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """gate|up [T, 2I] -> [T, I]."""
+
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """gate|up [T, 2I] -> [T, I]."""
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, Hkv, D] rotated (rotate-half layout) at positions [T] with inv_freq fp32 [D/2]."""

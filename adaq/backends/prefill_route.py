@@ -1,0 +1,136 @@
+"""The prefill paths on the GPU: which kernel runs an NVFP4 linear of M rows (numerics: adaq.formats.fp8_prefill).
+
+`ADAQ_PREFILL_PATH` (`--prefill-path` of run / serve / bench):
+- auto (default): the FP8 path where the GPU has an FP8 GEMM and the FP8 extension builds (sm_89 Ada, sm_90
+  Hopper), the exact path elsewhere (other GPUs, or nvidia-cutlass missing).
+- fp8: the FP8 path; an error where it cannot run. M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default 64, the H100 sweep's
+  crossover with the decode kernels) through FP8 -- sm_89: the CUTLASS-generated FP8 GEMM
+  (adaq/kernels/generated/); sm_90: the same E4M3 operands and scales through cuBLASLt's FP8 GEMM
+  (`torch._scaled_mm`, row-wise scales), because Ada's FP8 mma.sync is slow there. Roles in
+  `ADAQ_PREFILL_FP8_EXCLUDE` (default down_proj, whose heavy-tailed input costs most of the accuracy) take the exact
+  path. Cost on the real Gemma3-270M: +0.47 % perplexity (docs/KERNELS.md). Fewer rows: decode kernels.
+- exact: M >= `exact_min_tokens()` rows (96, the H100 sweep's crossover with the decode kernels): the layer's NVFP4
+  weight dequantized into one reused bf16 workspace per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in
+  bf16), cuBLAS bf16 GEMM, 1/global_scale applied as the GEMM's fp32 alpha before its single bf16 rounding; fewer
+  rows: the NVFP4 decode kernels (bytes-bound).
+- nvfp4: the decode kernels only, at every M.
+"""
+
+
+import os
+
+import torch
+
+from adaq.kernels import fp8_gemm
+
+PATH_ENV = "ADAQ_PREFILL_PATH"
+MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
+EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
+EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
+PATHS = ("auto", "fp8", "exact", "nvfp4")
+MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
+# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
+# (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
+# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Session 3".
+EXACT_MIN_TOKENS = 96
+# down_proj's inputs, SiLU(gate) * up, have the heaviest tails: on the real Gemma3-270M it alone costs +1.56 %
+# perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 % on 64); docs/KERNELS.md.
+DEFAULT_EXCLUDED = "down_proj"
+
+
+def excluded_roles() -> set[str]:
+    return {name.strip() for name in os.environ.get(EXCLUDE_ENV, DEFAULT_EXCLUDED).split(",") if name.strip()}
+
+
+def covers(role: str | None) -> bool:
+    """Whether a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj; None: unnamed) takes the FP8 path."""
+    return role not in excluded_roles()
+
+
+def select_path(path: str | None) -> None:
+    """The `--prefill-path` of `adaq run` / `adaq serve`: None keeps $ADAQ_PREFILL_PATH (default auto)."""
+    from adaq.errors import AdaqError
+
+    if path is None:
+        return
+    if path not in PATHS:
+        raise AdaqError(f"invalid --prefill-path {path!r}: choose one of {', '.join(PATHS)}")
+    os.environ[PATH_ENV] = path
+
+
+def configured_path() -> str:
+    from adaq.errors import AdaqError
+
+    path = os.environ.get(PATH_ENV, "auto")
+    if path not in PATHS:
+        raise AdaqError(f"invalid {PATH_ENV}={path!r}: choose one of {', '.join(PATHS)}")
+    return path
+
+
+def min_tokens() -> int:
+    return int(os.environ.get(MIN_TOKENS_ENV, MIN_TOKENS))
+
+
+def gemm_kind(device: torch.device) -> str | None:
+    """'ada' (generated sm_89 kernel), 'hopper' (cuBLASLt FP8) or None (no FP8 path: exact NVFP4 kernels)."""
+    if configured_path() in ("nvfp4", "exact"):
+        return None
+    return fp8_gemm.gpu_fp8_kind(device)
+
+
+def fp8_enabled(device: torch.device) -> bool:
+    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error."""
+    from adaq.errors import AdaqError
+
+    path = configured_path()
+    if path not in ("auto", "fp8") or torch.device(device).type != "cuda":
+        return False
+    if gemm_kind(device) is None:
+        if path == "fp8":
+            raise AdaqError(f"--prefill-path fp8 needs an FP8 GPU (sm_89 or newer); this one is sm_"
+                            f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: use auto or exact")
+        return False
+    if not fp8_gemm.extension_ok():
+        if path == "fp8":
+            raise AdaqError(f"--prefill-path fp8: the FP8 extension did not load ({fp8_gemm.extension_error()}); "
+                            "pip install nvidia-cutlass==4.2.0.0, or use --prefill-path exact")
+        return False
+    return True
+
+
+def use_fp8(rows: int, device: torch.device) -> bool:
+    return rows >= min_tokens() and fp8_enabled(device)
+
+
+def exact_min_tokens() -> int:
+    return int(os.environ.get(EXACT_MIN_TOKENS_ENV, EXACT_MIN_TOKENS))
+
+
+def route(rows: int, device: torch.device, path: str | None = None) -> str:
+    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16) or 'decode'.
+    'fp8' only where the FP8 path is enabled; a layer without FP8 operands (an excluded role) asks again with
+    path='exact'."""
+    path = path or configured_path()
+    if path == "nvfp4":
+        return "decode"
+    if path in ("auto", "fp8") and rows >= min_tokens() and fp8_enabled(device):
+        return "fp8"
+    return "exact" if rows >= exact_min_tokens() else "decode"
+
+
+def describe(path: str | None = None, device: torch.device | None = None) -> str:
+    """One line for labels: what runs prefill (large M) under `path` on `device` (default: the current GPU)."""
+    path = path or configured_path()
+    if path == "nvfp4":
+        return "prefill: NVFP4 decode kernels at every M"
+    exact = f"dequantize + cuBLAS bf16 (exact) from M >= {exact_min_tokens()}"
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if path == "exact" or device is None or not fp8_enabled(device):
+        error = fp8_gemm.extension_error()
+        why = f" (FP8 path unavailable: {error})" if error and path == "auto" else ""
+        return f"prefill: {exact}{why}"
+    excluded = ", ".join(sorted(excluded_roles())) or "none"
+    gemm = "cuBLASLt FP8" if gemm_kind(device) == "hopper" else "CUTLASS sm_89 FP8 GEMM"
+    return (f"prefill: FP8 PATH ({gemm}; E4M3 weights per channel, E4M3 activations per token) from M >= "
+            f"{min_tokens()}; exact for {excluded}")
