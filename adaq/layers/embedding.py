@@ -17,6 +17,7 @@ class Embedding(nn.Module):
         self.hidden_size = hidden_size
         self.scale = scale  # Gemma: sqrt(hidden), rounded to the model dtype before the multiply
         self.weight: torch.Tensor | None = None
+        self.scale_tensor: torch.Tensor | None = None  # made at load: a CUDA-graph capture cannot copy it from the host
 
     def load(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         if tuple(weight.shape) != (self.vocab_size, self.hidden_size):
@@ -25,12 +26,14 @@ class Embedding(nn.Module):
             raise CheckpointError(f"embedding of shape {tuple(weight.shape)} where "
                                   f"{(self.vocab_size, self.hidden_size)} was expected")
         self.weight = weight.to(device=self.backend.device, dtype=dtype)
+        if self.scale is not None:
+            self.scale_tensor = torch.tensor(self.scale, dtype=dtype, device=self.backend.device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = F.embedding(input_ids, self.weight)
         if self.scale is None:
             return hidden
-        return hidden * torch.tensor(self.scale, dtype=hidden.dtype, device=hidden.device)
+        return hidden * self.scale_tensor.to(hidden.dtype)
 
 
 class LMHead(nn.Module):
