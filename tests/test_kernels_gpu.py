@@ -19,6 +19,7 @@ from adaq.formats import nvfp4  # noqa: E402
 from adaq.formats.nvfp4 import NVFP4Weight  # noqa: E402
 from adaq.kernels import layout, ops  # noqa: E402
 from adaq.backends.numerics import activation, attention, moe, norm, rotary  # noqa: E402
+from adaq.layers import rotary as layers_rotary  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -609,7 +610,7 @@ def test_rotary(heads, kv_heads, dim, base):
     q = torch.randn(tokens, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
     k = torch.randn(tokens, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
     positions = torch.randint(0, 40000, (tokens,), device=DEV, generator=gen)
-    inv_freq = rotary.inverse_frequencies(dim, {"rope_theta": base}).to(DEV)
+    inv_freq = layers_rotary.inverse_frequencies(dim, {"rope_theta": base}).to(DEV)
     q_ref, k_ref = rotary.apply_rotary(q, k, *rotary.cos_sin(positions, inv_freq, q.dtype))
     q_out, k_out = ops.rotary(q, k, positions, inv_freq)
     assert_close_bf16(q_out, q_ref, ulps=2, fraction=0.01)
