@@ -18,6 +18,11 @@ L2_FLUSH_BYTES = 256 << 20  # several times the L2 of a 4090 (72 MB) or an H100 
 
 QWEN3_8B_LINEARS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (24576, 4096),
                     "down_proj": (4096, 12288)}
+# Qwen3-30B-A3B's decode projections: attention (32 q / 4 KV heads of 128 over hidden 2048) and one expert (768).
+QWEN3_30B_A3B_LINEARS = {"qkv_proj": (5120, 2048), "o_proj": (2048, 4096), "expert_gate_up": (1536, 2048),
+                         "expert_down": (2048, 768)}
+INT4_GROUP_SIZE = 32  # torch's 4-bit weight-only GEMM, as gpt-fast runs it
+INT4_INNER_K_TILES = 8
 
 
 def _time_graph(step, copies: int) -> float:
@@ -82,9 +87,28 @@ def nvfp4_gemm(n: int, k: int, m: int, copy_gbs: float | None = None, splits: in
     dense = [torch.randn(n, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
     bf16_us = _time_graph(lambda i: torch.matmul(xs[i % copies], dense[i].T), len(dense))
     result.update(bf16_cublas_us=bf16_us, speedup_vs_bf16=bf16_us / us)
+    del dense
+    result.update(torch_int4_peer(n, k, xs, gen, us))
     if copy_gbs:
         result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
     return result
+
+
+def torch_int4_peer(n: int, k: int, xs: list[torch.Tensor], gen: torch.Generator, nvfp4_us: float) -> dict:
+    """torch's own 4-bit weight-only GEMM (`torch._weight_int4pack_mm`, group 32, random int4 codes, bf16 scales
+    and zeros) on the same shape and activations: the peer a PyTorch user reaches for first."""
+    copies = _copies(n * k // 2 + n * (k // INT4_GROUP_SIZE) * 4)
+    try:
+        packed = [torch._convert_weight_to_int4pack(
+            torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen), INT4_INNER_K_TILES)
+            for _ in range(copies)]
+        scales = [torch.rand(k // INT4_GROUP_SIZE, n, 2, device="cuda", generator=gen).to(torch.bfloat16) * 0.01
+                  for _ in range(copies)]
+        int4_us = _time_graph(lambda i: torch._weight_int4pack_mm(xs[i % len(xs)], packed[i], INT4_GROUP_SIZE,
+                                                                  scales[i]), copies)
+    except (RuntimeError, AttributeError) as error:  # not every torch build has the int4 kernel for every GPU
+        return {"torch_int4_error": str(error).splitlines()[0]}
+    return {"torch_int4_us": int4_us, "speedup_vs_torch_int4": int4_us / nvfp4_us}
 
 
 def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
@@ -129,6 +153,8 @@ def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
     gbs = copy["GB/s"]
     rows = (1, 16) if quick else (1, 4, 16, 32, 64)
     gemms = [nvfp4_gemm(n, k, m, gbs, name=name) for name, (n, k) in QWEN3_8B_LINEARS.items() for m in rows]
+    gemms += [nvfp4_gemm(n, k, m, gbs, name=f"30b-a3b {name}") for name, (n, k) in QWEN3_30B_A3B_LINEARS.items()
+              for m in (1, 16)]
     if compare_v1:
         ops.set_gemm_variant(1)
         gemms += [dict(nvfp4_gemm(n, k, m, gbs, name=name + "@v1"), variant=1)
@@ -231,12 +257,18 @@ def summary_lines(results: dict) -> list[str]:
     for r in results["gemm"]:
         lines.append(f"gemm {r['name']:>12} M={r['M']:<3} N={r['N']:<6} K={r['K']:<6} {r['us']:8.1f} us "
                      f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy  bf16 cuBLAS {r['bf16_cublas_us']:7.1f} us "
-                     f"x{r['speedup_vs_bf16']:.2f}")
+                     f"x{r['speedup_vs_bf16']:.2f}  torch int4 {_int4_text(r)}")
     lines += attention_lines(results["attention"])
     for r in results.get("moe", []):
         lines.append(f"moe  T={r['tokens']:<3} {r['routed_experts']} experts routed {r['us']:8.1f} us "
                      f"{r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f}% copy")
     return lines
+
+
+def _int4_text(row: dict) -> str:
+    if "torch_int4_us" not in row:
+        return f"n/a ({row.get('torch_int4_error', 'not run')})"
+    return f"{row['torch_int4_us']:7.1f} us x{row['speedup_vs_torch_int4']:.2f}"
 
 
 def gemm_sweep(shapes: dict | None = None, rows=(1, 16), variants=(1, 2, 3, 4, 5, 6, 7, 8), splits=(0,),
