@@ -216,3 +216,33 @@ def test_budget_fits_a_longer_context_and_says_why():
     assert any("window-sized KV off" in note for note in before.notes)
     short = plan(shape, weights, gpu, 16, 512)  # contexts within the window: nothing to save
     assert short.kv_cache == plan(shape, weights, gpu, 16, 512, window_kv=False).kv_cache + 52 * 2 * 16 * 132 * 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernels_and_decode_graphs_give_the_full_allocations_tokens(tmp_path):
+    """The cuda backend (paged-attention kernels, prefill and decode, and decode CUDA graphs with the sliding
+    tables as inputs): the same tokens and logits as the full allocation, with the null block poisoned (NaN)."""
+    from adaq.kernels import available
+
+    if not available():
+        pytest.skip("adaq's CUDA kernels are not built")
+    folder = make_checkpoint("gemma3", tmp_path, head_dim=128, sliding_window=32)
+    settings = dict(backend="cuda", kv_cache_dtype="fp8", device="cuda", block_size=16, max_model_len=512,
+                    max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=128)
+    prompts = [PROMPT * 3, PROMPT[:40], PROMPT[:7]]
+    runs = {}
+    for window_kv in (True, False):
+        llm = make_llm(folder, window_kv=window_kv, **settings)
+        runner = llm.engine.runner
+        assert runner.decode_graphs is not None
+        if window_kv:
+            runner.sliding_kv_cache[:, :, NULL_BLOCK].view(torch.uint8).fill_(0x7F)  # E4M3 NaN
+            runner.sliding_kv_scales[:, :, NULL_BLOCK] = float("nan")
+        rows = record_logits(llm)
+        tokens = [out.token_ids for out in llm.generate(prompts, greedy(40))]
+        runs[window_kv] = (torch.stack(rows).float(), tokens)
+    (windowed, tokens), (full, full_tokens) = runs[True], runs[False]
+    assert tokens == full_tokens
+    assert torch.isfinite(windowed).all()
+    assert (windowed - full).abs().max() <= 1e-3 * full.abs().max()
