@@ -11,9 +11,12 @@ Token layout of a step: the T query tokens of B sequences, packed one sequence a
   cached prefix before them).
 - `slot_mapping` [T] int64: cache slot (block * block_size + offset) of each token's K/V; -1 = do not store.
 - `block_tables` [B, max_blocks] int32: the cache blocks of each sequence, padded with -1.
+- `sliding_slot_mapping` [T], `sliding_block_tables` [B, max_blocks]: the same for the layers whose KV lives in the
+  sliding-window pool (None: those layers use the tables above). Entries of blocks wholly before a sequence's window
+  hold a null block that attention never reads (adaq/engine/block_manager.py).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,6 +30,20 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     max_context_len: int = 0
+    sliding_slot_mapping: torch.Tensor | None = None
+    sliding_block_tables: torch.Tensor | None = None
+    _sliding_view: "Context | None" = field(default=None, repr=False, compare=False)
+
+    def for_sliding_pool(self) -> "Context":
+        """This step as the sliding-pool layers see it: the sliding slots and tables in place of the global ones.
+        Made once per step, so what a backend keeps on a context (prefill maps) is shared by those layers too."""
+        if self.sliding_block_tables is None:
+            return self
+        if self._sliding_view is None:
+            self._sliding_view = replace(self, slot_mapping=self.sliding_slot_mapping,
+                                         block_tables=self.sliding_block_tables, sliding_slot_mapping=None,
+                                         sliding_block_tables=None)
+        return self._sliding_view
 
     @property
     def num_seqs(self) -> int:
@@ -57,10 +74,12 @@ def set_context(
     slot_mapping: torch.Tensor | None = None,
     block_tables: torch.Tensor | None = None,
     max_context_len: int = 0,
+    sliding_slot_mapping: torch.Tensor | None = None,
+    sliding_block_tables: torch.Tensor | None = None,
 ) -> Context:
     global _CONTEXT
     _CONTEXT = Context(is_prefill, cu_seqlens_q, max_seqlen_q, context_lens, slot_mapping, block_tables,
-                       max_context_len)
+                       max_context_len, sliding_slot_mapping, sliding_block_tables)
     return _CONTEXT
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaq.bench.shapes import TensorSpec, head_dim, layer_windows, text_config
+from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.formats.nvfp4 import GROUP_SIZE
 
 NVFP4_GLOBAL_SCALE_BYTES = 4
@@ -167,8 +168,20 @@ def decode_traffic(weights: WeightBytes, config: dict, *, batch: int, input_len:
     return StepTraffic(step_weight_bytes(weights, batch), kv_read, kv_write, batch)
 
 
-def kv_cache_bytes(config: dict, kv_cache_dtype: str, tokens: int) -> int:
-    return kv_bytes_per_token_per_layer(config, kv_cache_dtype) * text_config(config)["num_hidden_layers"] * tokens
+def kv_cache_bytes(config: dict, kv_cache_dtype: str, tokens: int, *, num_seqs: int = 1,
+                   step_tokens: int | None = None, block_size: int = 16, window_kv: bool = True) -> int:
+    """KV bytes of an engine whose global pool holds `tokens` (num_seqs x context). With window-sized KV its
+    sliding-window layers hold the sliding pool (num_seqs windows + a step of `step_tokens`, default `tokens`, plus the
+    null block), never more blocks than the global layers (adaq.engine.block_manager.sliding_pool_blocks)."""
+    per_layer = kv_bytes_per_token_per_layer(config, kv_cache_dtype)
+    windows = layer_windows(config)
+    sliding = [window for window in windows if window]
+    if not window_kv or not sliding or len(sliding) == len(windows):
+        return per_layer * len(windows) * tokens
+    global_blocks = -(-tokens // block_size)
+    need = sliding_pool_blocks(max(sliding), block_size, num_seqs, step_tokens or tokens)
+    sliding_tokens = (min(global_blocks, need) + 1) * block_size
+    return per_layer * ((len(windows) - len(sliding)) * tokens + len(sliding) * sliding_tokens)
 
 
 def _safetensors_entries(folder: Path):

@@ -159,6 +159,7 @@ class VariantOutcome:
     load_s: float | None = None
     weight_bytes: dict | None = None
     resident_weight_bytes: int | None = None  # allocator bytes after loading, before any KV cache
+    kv_cache_bytes: int | None = None  # the engine's KV allocation (both pools with window-sized KV)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,7 +264,7 @@ def _run_engine_variant(spec: VariantSpec) -> VariantOutcome:
         return VariantOutcome(spec.variant, spec.variant, skipped=f"out of GPU memory while loading ({error})")
     outcome = VariantOutcome(spec.variant, engine_label(engine, spec.variant, kv_dtype),
                              load_s=time.perf_counter() - started, weight_bytes=asdict(weights),
-                             resident_weight_bytes=_allocated(device))
+                             resident_weight_bytes=_allocated(device), kv_cache_bytes=engine.runner.kv_cache_bytes)
     vocab = model_vocab(config)
     for batch in spec.workload.batches:
         try:
@@ -329,13 +330,21 @@ def does_not_fit(weights: roofline.WeightBytes, config: dict, spec: VariantSpec,
     if device.type != "cuda":
         return None
     workload = spec.workload
-    kv = roofline.kv_cache_bytes(config, kv_dtype, max(workload.batches) * workload.max_len)
+    max_batch = max(workload.batches)
+    kv = roofline.kv_cache_bytes(config, kv_dtype, max_batch * workload.max_len, num_seqs=max_batch,
+                                 step_tokens=engine_step_tokens(workload),
+                                 window_kv=spec.variant != "hf")  # transformers' cache holds every layer's context
     free, _ = torch.cuda.mem_get_info(device)
     needed = weights.total + kv + MEMORY_MARGIN
     if needed <= free:
         return None
     return (f"does not fit: {spec.variant} weights {weights.total / 1e9:.1f} GB + KV cache {kv / 1e9:.1f} GB + "
             f"{MEMORY_MARGIN / 2**30:.0f} GiB margin > {free / 1e9:.1f} GB free on the GPU")
+
+
+def engine_step_tokens(workload) -> int:
+    """Every prompt of the largest batch in one step: the bench times whole prefills."""
+    return max(max(workload.batches) * workload.input_len, workload.max_len)
 
 
 def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device: torch.device):
@@ -349,7 +358,7 @@ def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device:
     blocks_per_seq = -(-workload.max_len // 16)
     engine_config = EngineConfig(
         model=str(source.path), backend=spec.backend, kv_cache_dtype=kv_dtype, max_model_len=workload.max_len,
-        max_num_seqs=max_batch, max_num_batched_tokens=max(max_batch * workload.input_len, workload.max_len),
+        max_num_seqs=max_batch, max_num_batched_tokens=engine_step_tokens(workload),
         num_kv_blocks=max_batch * blocks_per_seq, block_size=16, device=device, skip_tokenizer=True)
     backend = get_backend(spec.backend, device)
     model = build_model(config, backend, engine_config.dtype, device)

@@ -27,6 +27,8 @@ def run(
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size, e.g. 2GiB."),
+    window_kv: bool = typer.Option(True, "--window-kv/--no-window-kv",
+                                   help="Sliding-window layers keep only their window of KV (default on)."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     dtype: str | None = typer.Option(None, help="Compute dtype: bf16, fp16, fp32 (default bf16 GPU, fp32 CPU)."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch (default: its own)."),
@@ -50,7 +52,7 @@ def run(
     with console.status(f"loading {checkpoint}"):
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
-                  kv_cache_memory=kv_cache_memory)
+                  kv_cache_memory=kv_cache_memory, window_kv=window_kv)
     chosen = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     defaults = {**SAMPLING_FALLBACK, **llm.engine.default_sampling_params()}
     sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}

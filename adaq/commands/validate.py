@@ -18,6 +18,10 @@ def validate(
     context: int = typer.Option(None, help="Tokens per sequence (prompt + output); default min(4096, model max)."),
     kv_cache_dtype: str = typer.Option("fp8", help="KV cache dtype: fp8 (E4M3 + fp32 scales) or bf16."),
     gpu_memory_utilization: float = typer.Option(0.9, help="Share of GPU memory the engine may use (as `adaq run`)."),
+    window_kv: bool = typer.Option(True, "--window-kv/--no-window-kv",
+                                   help="Size sliding-window layers' KV to their window, as the engine does."),
+    max_num_batched_tokens: int = typer.Option(8192, help="Tokens per engine step (the chunk that sliding-window "
+                                                          "layers hold beyond their windows)."),
     compile: bool = typer.Option(False, "--compile", help="Also compile the CUDA kernels for --arch with nvcc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -29,7 +33,8 @@ def validate(
     try:
         report = validate_checkpoint(ckpt, arch=arch, gpu=gpu, batch=batch, context=context,
                                      kv_cache_dtype=kv_cache_dtype, compile=compile,
-                                     utilization=gpu_memory_utilization)
+                                     utilization=gpu_memory_utilization, window_kv=window_kv,
+                                     max_num_batched_tokens=max_num_batched_tokens)
     except CheckpointError as error:
         if as_json:
             typer.echo(json.dumps({"path": str(ckpt), "valid": False, "error": str(error)}))

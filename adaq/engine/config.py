@@ -31,6 +31,9 @@ class EngineConfig:
     # Share the KV blocks of common prompt prefixes (vLLM's automatic prefix caching). Off here so that timing
     # loops that repeat a prompt (bench) measure real prefills; adaq.LLM turns it on.
     enable_prefix_caching: bool = False
+    # Sliding-window layers keep only their window (+ one step's chunk) in a pool of their own (block_manager.py);
+    # False allocates them the whole context like the global layers.
+    window_kv: bool = True
     dtype: str | torch.dtype | None = None  # None: bf16 on GPU, fp32 on CPU
     device: str | torch.device | None = None  # None: cuda when available
     skip_tokenizer: bool = False

@@ -1,8 +1,9 @@
 """CUDA graphs for decode steps, one per batch-size bucket, sharing one memory pool.
 
 A decode step of B sequences replays the graph of the smallest bucket >= B: the live step context (slots, context
-lengths, block tables) and the tokens are copied into the bucket's static buffers first; padded rows write to
-slot -1 (the store kernel skips it) and attend over one key of a valid block, and their outputs are dropped.
+lengths, block tables; with a sliding-window pool also its slots and tables) and the tokens are copied into the
+bucket's static buffers first; padded rows write to slot -1 (the store kernel skips it) and attend over one key of
+a valid block, and their outputs are dropped.
 Attention's split count is fixed at capture for `max_model_len`, so one graph serves every context length.
 Only the `cuda` backend is captured: its kernels never sync with the host nor allocate outside torch's allocator.
 """
@@ -27,14 +28,16 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 @dataclass
 class _Bucket:
-    """A graph and its static inputs: two flat buffers (int64: tokens | positions | slots; int32: context lengths |
-    block tables) so that a step's inputs arrive in two host-to-device copies (see `staged`)."""
+    """A graph and its static inputs: two flat buffers (int64: tokens | positions | slots [| sliding slots]; int32:
+    context lengths | block tables [| sliding block tables]) so that a step's inputs arrive in two host-to-device
+    copies (see `staged`)."""
 
     size: int
     graph: torch.cuda.CUDAGraph
-    longs: torch.Tensor  # [3 * size] int64
-    ints: torch.Tensor  # [size * (1 + max_blocks)] int32
+    longs: torch.Tensor  # [(3 + sliding) * size] int64
+    ints: torch.Tensor  # [size * (1 + (1 + sliding) * max_blocks)] int32
     hidden: torch.Tensor
+    sliding: bool = False
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -46,7 +49,11 @@ class _Bucket:
 
     @property
     def slot_mapping(self) -> torch.Tensor:
-        return self.longs[2 * self.size:]
+        return self.longs[2 * self.size:3 * self.size]
+
+    @property
+    def sliding_slot_mapping(self) -> torch.Tensor | None:
+        return self.longs[3 * self.size:] if self.sliding else None
 
     @property
     def context_lens(self) -> torch.Tensor:
@@ -54,29 +61,43 @@ class _Bucket:
 
     @property
     def block_tables(self) -> torch.Tensor:
-        return self.ints[self.size:].view(self.size, -1)
+        tables = self.ints[self.size:].view(1 + self.sliding, self.size, -1)
+        return tables[0]
+
+    @property
+    def sliding_block_tables(self) -> torch.Tensor | None:
+        return self.ints[self.size:].view(2, self.size, -1)[1] if self.sliding else None
 
 
 def pack_decode_inputs(size: int, max_blocks: int, input_ids: list[int], positions: list[int], slots: list[int],
-                       context_lens: list[int], tables: list[list[int]]) -> tuple[list[int], list[int]]:
+                       context_lens: list[int], tables: list[list[int]], sliding_slots: list[int] | None = None,
+                       sliding_tables: list[list[int]] | None = None) -> tuple[list[int], list[int]]:
     """A decode step's inputs in a bucket's two flat buffers (`_Bucket`'s views), padded to `size` rows: a padded
-    row has token 0 at position 0, writes to slot -1 and attends over one key of block 0."""
+    row has token 0 at position 0, writes to slot -1 and attends over one key of block 0 (of either pool)."""
     pad = size - len(input_ids)
     longs = input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
     ints = context_lens + [1] * pad
+    _pack_tables(ints, tables, max_blocks, pad)
+    if sliding_tables is not None:
+        longs += sliding_slots + [-1] * pad
+        _pack_tables(ints, sliding_tables, max_blocks, pad)
+    return longs, ints
+
+
+def _pack_tables(ints: list[int], tables: list[list[int]], max_blocks: int, pad: int) -> None:
     for table in tables:
         ints += table
         ints += [0] * (max_blocks - len(table))
     ints += [0] * (pad * max_blocks)
-    return longs, ints
 
 
 class DecodeGraphs:
     """`run(input_ids, positions) -> hidden | None`, the seam ModelRunner calls for decode steps."""
 
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, buckets: list[int] | None = None):
+                 device: torch.device, buckets: list[int] | None = None, sliding: bool = False):
         self.model = model
+        self.sliding = sliding  # a sliding-window pool: its slots and block tables are graph inputs too
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
@@ -90,13 +111,15 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> _Bucket:
         device = self.device
-        longs = torch.zeros(3 * size, dtype=torch.int64, device=device)
-        ints = torch.zeros(size * (1 + self.max_blocks), dtype=torch.int32, device=device)
-        bucket = _Bucket(size, torch.cuda.CUDAGraph(), longs, ints, longs)
-        bucket.slot_mapping.fill_(-1)
+        groups = 1 + self.sliding
+        longs = torch.zeros((2 + groups) * size, dtype=torch.int64, device=device)
+        ints = torch.zeros(size * (1 + groups * self.max_blocks), dtype=torch.int32, device=device)
+        bucket = _Bucket(size, torch.cuda.CUDAGraph(), longs, ints, longs, self.sliding)
+        longs[2 * size:].fill_(-1)
         bucket.context_lens.fill_(1)
         set_context(is_prefill=False, context_lens=bucket.context_lens, slot_mapping=bucket.slot_mapping,
-                    block_tables=bucket.block_tables, max_seqlen_q=1, max_context_len=self.max_model_len)
+                    block_tables=bucket.block_tables, max_seqlen_q=1, max_context_len=self.max_model_len,
+                    sliding_slot_mapping=bucket.sliding_slot_mapping, sliding_block_tables=bucket.sliding_block_tables)
         try:
             self.model(bucket.input_ids, bucket.positions)  # warm-up outside the graph: lazy inits, workspaces
             torch.cuda.synchronize(device)
@@ -113,14 +136,15 @@ class DecodeGraphs:
         return None
 
     def staged(self, batch: int, input_ids: list[int], positions: list[int], slots: list[int],
-               context_lens: list[int], tables: list[list[int]]) -> _Bucket | None:
+               context_lens: list[int], tables: list[list[int]], sliding_slots: list[int] | None = None,
+               sliding_tables: list[list[int]] | None = None) -> _Bucket | None:
         """Write a decode step's inputs straight into its bucket's buffers, padded: a padded row writes to slot -1
         and attends over one key of block 0 (any real block). Two host-to-device copies; None when no bucket fits."""
         bucket = self.bucket_for(batch)
         if bucket is None or max(len(table) for table in tables) > self.max_blocks:
             return None
         longs, ints = pack_decode_inputs(bucket.size, self.max_blocks, input_ids, positions, slots, context_lens,
-                                         tables)
+                                         tables, sliding_slots, sliding_tables)
         bucket.longs.copy_(torch.tensor(longs, dtype=torch.int64).pin_memory(), non_blocking=True)
         bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32).pin_memory(), non_blocking=True)
         return bucket
@@ -146,6 +170,11 @@ class DecodeGraphs:
         bucket.block_tables[:batch, :width].copy_(ctx.block_tables)
         # A padded row attends over block_tables[row, 0]; keep it a real block even after -1 padding came in.
         bucket.block_tables[batch:, 0].fill_(0)
+        if self.sliding:
+            bucket.sliding_slot_mapping[:batch].copy_(ctx.sliding_slot_mapping)
+            bucket.sliding_slot_mapping[batch:].fill_(-1)
+            bucket.sliding_block_tables[:batch, :width].copy_(ctx.sliding_block_tables)
+            bucket.sliding_block_tables[batch:, 0].fill_(0)
         bucket.graph.replay()
         return bucket.hidden[:batch]
 
@@ -176,7 +205,8 @@ def maybe_decode_graphs(runner) -> DecodeGraphs | None:
         return None
     try:
         return DecodeGraphs(runner.model, runner.config.max_num_seqs, runner.max_model_len,
-                            runner.geometry.block_size, runner.device)
+                            runner.geometry.block_size, runner.device,
+                            sliding=getattr(runner, "sliding_geometry", None) is not None)
     except RuntimeError as error:  # a capture that fails must not take the engine down: decode runs eagerly
         warnings.warn(f"CUDA-graph capture failed, decoding eagerly: {str(error).splitlines()[0]}", stacklevel=2)
         return None

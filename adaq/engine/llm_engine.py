@@ -71,7 +71,9 @@ class LLMEngine:
         if model is None:
             model = load_model(self.model_config, config)
         self.runner = ModelRunner(model, self.model_config, config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.runner.sliding_window if self.runner.num_sliding_blocks else None,
+                                          self.runner.num_sliding_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = _eos_token_ids(config.model, self.model_config, self.tokenizer)
         self.stats = EngineStats()
@@ -189,13 +191,16 @@ class LLMEngine:
                 and len(step.sample_rows) == len(seqs) and not self.scheduler.waiting
                 and _same_objects(seqs, self.scheduler.running)
                 and len(seqs) <= self.config.max_num_batched_tokens
-                and self.block_manager.num_free_blocks >= self._blocks_for_look_ahead(seqs)
+                and self._look_ahead_blocks_free(seqs)
                 and all(seq.num_output_tokens + 1 < seq.max_tokens and not seq.is_finished for seq in seqs))
 
-    def _blocks_for_look_ahead(self, seqs) -> int:
-        """New blocks the look-ahead step takes: its token sits one past the one being computed now."""
+    def _look_ahead_blocks_free(self, seqs) -> bool:
+        """Whether both pools have the new blocks the look-ahead step takes: its token sits one past the one being
+        computed now."""
         manager = self.block_manager
-        return sum(max(0, manager.blocks_for(seq.num_computed_tokens + 2) - len(seq.block_table)) for seq in seqs)
+        needs = [manager.new_blocks_needed(seq, seq.num_computed_tokens + 2) for seq in seqs]
+        return (manager.num_free_blocks >= sum(need for need, _ in needs)
+                and manager.num_free_sliding_blocks >= sum(need for _, need in needs))
 
     def _look_ahead(self, step):
         for seq in step.batch.seqs:  # as if its token were known: computed, with a stand-in until it is read
@@ -217,6 +222,7 @@ class LLMEngine:
             else:
                 seq.num_computed_tokens += count
             self.block_manager.register_computed_blocks(seq)
+            self.block_manager.release_behind_window(seq)
             if token is not None:
                 self._append_token(seq, token, placed=step.advanced)
             elif not seq.wants_tokens and seq.num_computed_tokens >= seq.num_prompt_tokens:

@@ -6,6 +6,11 @@ docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
 fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
 
+Window-sized KV (`EngineConfig.window_kv`, on by default): a model with both sliding-window and global layers
+gets two such tensors, one per group, each with its own blocks (block_manager.py). The sliding pool holds what
+`max_num_seqs` windows and one step's chunks need (`sliding_pool_blocks`), never more blocks than the global pool;
+the rest of the memory goes to the global pool.
+
 Logits are computed only where they are needed: the last token of each sequence that samples in this step, and
 every prompt position of a request that asked for prompt log-probabilities (in slices, so a long prompt never
 holds a full [T, vocab] tensor).
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adaq.engine.block_manager import NULL_BLOCK, sliding_pool_blocks
 from adaq.engine.config import EngineConfig, text_config
 from adaq.backends.context import reset_context, set_context
 from adaq.engine.sampler import Sampler
@@ -85,14 +91,19 @@ class ModelRunner:
         self.attention_layers = [module for module in model.modules() if hasattr(module, "k_cache")]
         if not self.attention_layers:
             raise AdaqError("the model has no attention layers with a k_cache attribute: cannot attach a KV cache")
-        self.geometry = _kv_geometry(model_config, self.attention_layers, config)
+        self.global_layers, self.sliding_layers = _kv_groups(self.attention_layers, config.window_kv)
+        self.sliding_window = max((layer.sliding_window for layer in self.sliding_layers), default=None)
+        self.geometry = _kv_geometry(model_config, self.global_layers, config)
+        self.sliding_geometry = _kv_geometry(model_config, self.sliding_layers, config) if self.sliding_layers else None
         self.max_model_len = config.max_model_len
         self.sampler = Sampler()
         self.decode_graphs = None
         self.kv_cache: torch.Tensor | None = None
         self.kv_scales: torch.Tensor | None = None
-        self.num_blocks = self._plan_num_blocks()
-        self._allocate_kv_cache(self.num_blocks)
+        self.sliding_kv_cache: torch.Tensor | None = None
+        self.sliding_kv_scales: torch.Tensor | None = None
+        self.num_blocks, self.num_sliding_blocks = self._plan_num_blocks()
+        self._allocate_kv_cache()
         from adaq.engine.cuda_graph import maybe_decode_graphs  # cuda backend on a GPU only
 
         self.decode_graphs = maybe_decode_graphs(self)
@@ -100,25 +111,48 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------------------
     @property
     def kv_cache_bytes(self) -> int:
-        return self.num_blocks * self.geometry.bytes_per_block()
+        sliding = self.num_sliding_blocks * self.sliding_geometry.bytes_per_block() if self.sliding_geometry else 0
+        return self.num_blocks * self.geometry.bytes_per_block() + sliding
 
-    def _plan_num_blocks(self) -> int:
-        block_bytes = self.geometry.bytes_per_block()
+    def _plan_num_blocks(self) -> tuple[int, int]:
+        """(global blocks, sliding blocks including the null block; 0 without a sliding pool)."""
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.config.kv_cache_memory is not None:
-            num_blocks = self.config.kv_cache_memory // block_bytes
+            num_blocks = self._global_blocks_in(self.config.kv_cache_memory)
         elif self.device.type == "cuda":
-            num_blocks = self._gpu_free_bytes_after_warmup() // block_bytes
+            num_blocks = self._global_blocks_in(self._gpu_free_bytes_after_warmup())
         else:
-            num_blocks = self._cpu_default_blocks(block_bytes)
+            num_blocks = self._cpu_default_blocks()
         self._check_capacity(num_blocks)
-        return num_blocks
+        return num_blocks, self._sliding_blocks_beside(num_blocks)
 
-    def _cpu_default_blocks(self, block_bytes: int) -> int:
+    def _cpu_default_blocks(self) -> int:
         blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
-        affordable = CPU_DEFAULT_KV_BYTES // block_bytes
+        affordable = self._global_blocks_in(CPU_DEFAULT_KV_BYTES)
         return max(blocks_per_seq, min(affordable, blocks_per_seq * self.config.max_num_seqs))
+
+    def _sliding_pool_need(self) -> int:
+        return sliding_pool_blocks(self.sliding_window, self.geometry.block_size, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens)
+
+    def _sliding_blocks_beside(self, num_blocks: int) -> int:
+        """The sliding pool next to `num_blocks` global blocks: what it needs, never more than the global pool
+        (a sequence never holds more sliding blocks than global ones), plus the null block."""
+        return min(num_blocks, self._sliding_pool_need()) + 1 if self.sliding_geometry else 0
+
+    def _global_blocks_in(self, budget: int) -> int:
+        """Global blocks when `budget` bytes hold both pools: the sliding pool takes what it needs (or as many blocks
+        as the global pool, when the budget is too small for that), the global pool the rest."""
+        global_bytes = self.geometry.bytes_per_block()
+        if self.sliding_geometry is None:
+            return budget // global_bytes
+        sliding_bytes = self.sliding_geometry.bytes_per_block()
+        equal = (budget - sliding_bytes) // (global_bytes + sliding_bytes)
+        need = self._sliding_pool_need()
+        if equal <= need:
+            return max(equal, 0)
+        return (budget - (need + 1) * sliding_bytes) // global_bytes
 
     def _check_capacity(self, num_blocks: int) -> None:
         capacity = num_blocks * self.geometry.block_size
@@ -133,18 +167,22 @@ class ModelRunner:
         raise AdaqError(f"the KV cache holds {capacity} tokens, fewer than one sequence of --max-model-len "
                         f"{self.max_model_len}: {knob} or lower --max-model-len")
 
-    def _allocate_kv_cache(self, num_blocks: int) -> None:
-        g = self.geometry
-        shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=g.dtype, device=self.device)
-        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if g.has_scales else None
-        self._attach_cache(self.kv_cache, self.kv_scales)
+    def _allocate_kv_cache(self) -> None:
+        self.kv_cache, self.kv_scales = _cache_tensors(self.geometry, self.num_blocks, self.device)
+        self._attach_cache(self.global_layers, self.kv_cache, self.kv_scales)
+        if self.sliding_geometry is not None:
+            self.sliding_kv_cache, self.sliding_kv_scales = _cache_tensors(self.sliding_geometry,
+                                                                           self.num_sliding_blocks, self.device)
+            self._attach_cache(self.sliding_layers, self.sliding_kv_cache, self.sliding_kv_scales, in_sliding_pool=True)
 
-    def _attach_cache(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
-        for index, layer in enumerate(self.attention_layers):
+    @staticmethod
+    def _attach_cache(layers: list[torch.nn.Module], kv_cache: torch.Tensor, kv_scales: torch.Tensor | None,
+                      in_sliding_pool: bool = False) -> None:
+        for index, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = kv_cache[0, index], kv_cache[1, index]
             layer.k_scale = None if kv_scales is None else kv_scales[0, index]
             layer.v_scale = None if kv_scales is None else kv_scales[1, index]
+            layer.in_sliding_pool = in_sliding_pool
 
     def _gpu_free_bytes_after_warmup(self) -> int:
         torch.cuda.synchronize(self.device)
@@ -171,10 +209,10 @@ class ModelRunner:
         num_seqs = max(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens))
         seq_len = max(1, min(self.config.max_num_batched_tokens // num_seqs, self.max_model_len))
         g = self.geometry
-        dummy = torch.zeros((2, g.num_layers, 1, g.block_size, g.num_kv_heads, g.head_dim), dtype=g.dtype,
-                            device=self.device)
-        dummy_scales = torch.ones(dummy.shape[:-1], device=self.device) if g.has_scales else None
-        self._attach_cache(dummy, dummy_scales)
+        groups = [(self.global_layers, g)] + [(self.sliding_layers, self.sliding_geometry)] * bool(self.sliding_layers)
+        for layers, geometry in groups:  # no sliding tables in this context: every layer reads block 0
+            dummy, dummy_scales = _cache_tensors(geometry, 1, self.device, scale=1.0)
+            self._attach_cache(layers, dummy, dummy_scales)
         num_tokens = num_seqs * seq_len
         lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device=self.device)
         set_context(is_prefill=True, cu_seqlens_q=_offsets(lens), max_seqlen_q=seq_len, context_lens=lens,
@@ -191,7 +229,6 @@ class ModelRunner:
             self.sampler(logits, [Sequence(f"warmup-{i}", [0], warm_params) for i in range(num_seqs)])
         finally:
             reset_context()
-        del dummy, dummy_scales
 
     # ---- one step ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -273,7 +310,8 @@ class ModelRunner:
 
     def _prepare(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> StepInputs:
         bs = self.geometry.block_size
-        input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        sliding = self.sliding_geometry is not None
+        input_ids, positions, slots, sliding_slots, query_lens, context_lens = [], [], [], [], [], []
         sample_rows, sample_index, score_rows, candidate_rows = [], [], [], []
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + count
@@ -281,6 +319,8 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            if sliding:
+                sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(count)
             context_lens.append(end)
             if end == seq.num_tokens and seq.wants_tokens:
@@ -292,30 +332,37 @@ class ModelRunner:
             if seq.candidates is not None and end == seq.num_tokens:
                 candidate_rows.append((row, first + count - 1))
         tables = [seq.block_table for seq in batch.seqs]
+        sliding_tables = [seq.sliding_table for seq in batch.seqs] if sliding else None
         rows = StepInputs(None, None, sample_rows, sample_index, score_rows, candidate_rows)
         if batch.is_decode and self.decode_graphs is not None and len(sample_rows) == len(batch.seqs):
             rows.graph_bucket = self.decode_graphs.staged(len(batch.seqs), input_ids, positions, slots, context_lens,
-                                                          tables)
+                                                          tables, sliding_slots, sliding_tables)
         if rows.graph_bucket is not None:
             bucket = rows.graph_bucket
             if input_tokens is not None:
                 bucket.input_ids[:len(batch.seqs)].copy_(input_tokens)
             set_context(is_prefill=False, max_seqlen_q=1, context_lens=bucket.context_lens,
                         slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
-                        max_context_len=max(context_lens))
+                        max_context_len=max(context_lens), sliding_slot_mapping=bucket.sliding_slot_mapping,
+                        sliding_block_tables=bucket.sliding_block_tables)
             return rows
         width = max(len(table) for table in tables)
-        padded = [value for table in tables for value in table + [-1] * (width - len(table))]
-        rows.input_ids, rows.positions, slot_mapping = self._upload(input_ids + positions + slots, torch.int64,
-                                                                     [len(input_ids)] * 2 + [len(slots)])
+        padded = _padded(tables, width, -1)
+        sliding_padded = _padded(sliding_tables, width, NULL_BLOCK) if sliding else []
+        rows.input_ids, rows.positions, slot_mapping, sliding_slot_mapping = self._upload(
+            input_ids + positions + slots + sliding_slots, torch.int64,
+            [len(input_ids)] * 2 + [len(slots), len(sliding_slots)])
         if input_tokens is not None:
             rows.input_ids = input_tokens
-        lens, query, flat_tables = self._upload(context_lens + query_lens + padded, torch.int32,
-                                                [len(context_lens), len(query_lens), len(padded)])
+        lens, query, flat_tables, flat_sliding = self._upload(
+            context_lens + query_lens + padded + sliding_padded, torch.int32,
+            [len(context_lens), len(query_lens), len(padded), len(sliding_padded)])
         decode = batch.is_decode
         set_context(is_prefill=not decode, cu_seqlens_q=None if decode else _offsets(query),
                     max_seqlen_q=max(query_lens), context_lens=lens, slot_mapping=slot_mapping,
-                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens))
+                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens),
+                    sliding_slot_mapping=sliding_slot_mapping if sliding else None,
+                    sliding_block_tables=flat_sliding.view(len(tables), width) if sliding else None)
         return rows
 
     def _upload(self, values: list[int], dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:
@@ -324,6 +371,27 @@ class ModelRunner:
         if self.device.type != "cpu":
             host = host.pin_memory().to(self.device, non_blocking=True)
         return torch.split(host, sizes)
+
+
+def _padded(tables: list[list[int]], width: int, pad: int) -> list[int]:
+    return [value for table in tables for value in table + [pad] * (width - len(table))]
+
+
+def _cache_tensors(g: "KVGeometry", num_blocks: int, device, scale: float = 0.0):
+    """One group's cache [2, layers, blocks, block_size, kv_heads, head_dim] and, for FP8, its fp32 scales."""
+    shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
+    cache = torch.zeros(shape, dtype=g.dtype, device=device)
+    scales = torch.full(shape[:-1], scale, dtype=torch.float32, device=device) if g.has_scales else None
+    return cache, scales
+
+
+def _kv_groups(layers: list[torch.nn.Module], window_kv: bool) -> tuple[list, list]:
+    """(global-pool layers, sliding-pool layers): the sliding-window layers get a pool of their own when window_kv
+    is on and the model has global layers too (a model of sliding layers only keeps one full-size pool)."""
+    sliding = [layer for layer in layers if getattr(layer, "sliding_window", None)]
+    if not window_kv or not sliding or len(sliding) == len(layers):
+        return layers, []
+    return [layer for layer in layers if not getattr(layer, "sliding_window", None)], sliding
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K and V are in the cache
     block_table: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks of block_table known to the prefix cache
+    sliding_table: list[int] = field(default_factory=list)  # sliding-window layers' blocks (block_manager.py)
+    num_released_blocks: int = 0  # leading entries of sliding_table given back (NULL_BLOCK)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -12,7 +12,8 @@ from adaq.layers.norm import RMSNorm
 class PagedAttention(nn.Module):
     """Stores this step's K/V into the layer's cache views and attends over the cache, as the context says.
 
-    The model runner sets k_cache, v_cache (and k_scale, v_scale for FP8) after it allocates the cache.
+    The model runner sets k_cache, v_cache (and k_scale, v_scale for FP8) after it allocates the cache, and
+    `in_sliding_pool` when this layer's cache is the sliding-window pool (it then reads the step's sliding tables).
     """
 
     def __init__(self, backend: Backend, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -29,9 +30,12 @@ class PagedAttention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
+        self.in_sliding_pool = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
+        if self.in_sliding_pool:
+            ctx = ctx.for_sliding_pool()
         has_cache = self.k_cache is not None and self.k_cache.numel() > 0
         if has_cache:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, ctx.slot_mapping)

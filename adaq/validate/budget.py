@@ -2,9 +2,11 @@
 
 Every figure is in bytes and follows a stated formula, so a user can redo it by hand:
 - weights: quantized Linears in the decode kernel's layout (nvfp4_linear_bytes), kept tensors at bf16;
-- KV cache: batch × context rounded up to KV_BLOCK_SIZE × layers × 2 (K and V) × kv_heads × head_dim × bytes
-  per value, plus for FP8 one fp32 scale per (token, kv head) for K and for V (docs/ARCHITECTURE.md); every
-  layer holds the full context (the engine allocates Gemma3's sliding-window layers that way too);
+- KV cache: tokens × 2 (K and V) × kv_heads × head_dim × bytes per value, plus for FP8 one fp32 scale per
+  (token, kv head) for K and for V (docs/ARCHITECTURE.md), summed over layers. Global layers hold batch × context
+  rounded up to KV_BLOCK_SIZE; with window-sized KV (the engine's default) sliding-window layers hold what the
+  engine's sliding pool holds at max_num_seqs = batch: the lesser of that and batch × (window + 2 blocks) + one
+  step's tokens, plus its null block (adaq.engine.block_manager.sliding_pool_blocks);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
 - CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU.
 """
@@ -12,6 +14,7 @@ Every figure is in bytes and follows a stated formula, so a user can redo it by 
 import math
 from dataclasses import dataclass, field
 
+from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
 from adaq.validate.rules import kernel_tiles
@@ -95,13 +98,33 @@ def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
     """One token's K and V in every layer, with the FP8 scheme's fp32 scale per (token, kv head)."""
-    per_layer = 2 * shape.kv_heads * (shape.head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
-    return per_layer * shape.layers
+    return kv_bytes_per_token_per_layer(shape, kv_dtype) * shape.layers
 
 
-def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str) -> int:
-    tokens = math.ceil(context / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
-    return batch * tokens * kv_bytes_per_token(shape, kv_dtype)
+def kv_bytes_per_token_per_layer(shape: ModelShape, kv_dtype: str) -> int:
+    return 2 * shape.kv_heads * (shape.head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
+
+
+def windowed_layers(shape: ModelShape, window_kv: bool) -> int:
+    """Layers whose KV the engine sizes to their window: the sliding ones, when global layers exist beside them."""
+    return shape.sliding_layers if window_kv and 0 < shape.sliding_layers < shape.layers else 0
+
+
+def sliding_kv_tokens(shape: ModelShape, batch: int, context: int, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+    """Tokens a sliding-window layer holds: the engine's sliding pool at max_num_seqs = batch, its null block
+    included, never more blocks than the global layers hold."""
+    global_blocks = batch * math.ceil(context / KV_BLOCK_SIZE)
+    need = sliding_pool_blocks(shape.sliding_window, KV_BLOCK_SIZE, batch, batched_tokens)
+    return (min(global_blocks, need) + 1) * KV_BLOCK_SIZE
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str, window_kv: bool = True,
+                   batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+    per_layer = kv_bytes_per_token_per_layer(shape, kv_dtype)
+    windowed = windowed_layers(shape, window_kv)
+    tokens = batch * math.ceil(context / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+    sliding = sliding_kv_tokens(shape, batch, context, batched_tokens) if windowed else 0
+    return per_layer * ((shape.layers - windowed) * tokens + windowed * sliding)
 
 
 def step_tokens(batch: int, context: int) -> int:
@@ -142,7 +165,7 @@ class Budget:
     kv_dtype: str
     weights: WeightBytes
     kv_cache: int
-    kv_per_token: int
+    kv_per_token: int  # every layer, as if each held the whole context
     activations: dict[str, int]
     cuda_context: int
     max_batch: int  # at this context
@@ -175,8 +198,9 @@ class Budget:
         }
 
 
-def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str) -> int:
-    return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype)
+def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str,
+                window_kv: bool = True, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+    return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype, window_kv, batched_tokens)
             + sum(activation_bytes(shape, batch, context).values()) + CUDA_CONTEXT_BYTES)
 
 
@@ -199,26 +223,37 @@ def check_plan_options(batch: int, context: int | None, kv_dtype: str, utilizati
 
 
 def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context: int, kv_dtype: str = "fp8",
-         utilization: float = DEFAULT_UTILIZATION) -> Budget:
+         utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
+         batched_tokens: int = MAX_BATCHED_TOKENS) -> Budget:
+    """`window_kv`: the engine's window-sized KV for sliding layers (EngineConfig.window_kv); `batched_tokens`: its
+    max_num_batched_tokens (the chunk a sliding layer holds beyond its windows)."""
     check_plan_options(batch, context, kv_dtype, utilization)
     usable = int(gpu.memory * utilization)
-    fits = lambda b, t: total_bytes(shape, weights, b, t, kv_dtype) <= usable  # noqa: E731
+    kv_options = (kv_dtype, window_kv, batched_tokens)
+    fits = lambda b, t: total_bytes(shape, weights, b, t, *kv_options) <= usable  # noqa: E731
     context_limit = shape.max_position or MAX_SEARCH
     max_context = largest(lambda t: t == 0 or fits(batch, t), context_limit)
     return Budget(
         gpu=gpu, utilization=utilization, batch=batch, context=context, kv_dtype=kv_dtype, weights=weights,
-        kv_cache=kv_cache_bytes(shape, batch, context, kv_dtype), kv_per_token=kv_bytes_per_token(shape, kv_dtype),
+        kv_cache=kv_cache_bytes(shape, batch, context, *kv_options), kv_per_token=kv_bytes_per_token(shape, kv_dtype),
         activations=activation_bytes(shape, batch, context), cuda_context=CUDA_CONTEXT_BYTES,
         max_batch=largest(lambda b: b == 0 or fits(b, context)),
         max_context=max_context, max_context_capped=max_context == context_limit and shape.max_position is not None,
-        notes=budget_notes(shape),
+        notes=budget_notes(shape, batch, context, window_kv, batched_tokens),
     )
 
 
-def budget_notes(shape: ModelShape) -> list[str]:
+def budget_notes(shape: ModelShape, batch: int = 1, context: int = 0, window_kv: bool = True,
+                 batched_tokens: int = MAX_BATCHED_TOKENS) -> list[str]:
     notes = [f"activations at up to {MAX_BATCHED_TOKENS} prefill tokens per step (never less than one prompt); "
              f"CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
-    if shape.sliding_layers:
-        notes.append(f"KV at full context in all {shape.layers} layers: the engine allocates the "
-                     f"{shape.sliding_layers} sliding-window layers (window {shape.sliding_window}) like the others")
+    if windowed_layers(shape, window_kv):
+        tokens = sliding_kv_tokens(shape, batch, context, batched_tokens)
+        notes.append(f"window-sized KV: the {shape.sliding_layers} sliding-window layers (window "
+                     f"{shape.sliding_window}) hold {min(tokens, batch * context)} tokens at most (windows of {batch} "
+                     f"sequence(s) + a step of {batched_tokens}), the {shape.layers - shape.sliding_layers} global "
+                     f"layers the whole context")
+    elif shape.sliding_layers:
+        notes.append(f"KV at full context in all {shape.layers} layers: the {shape.sliding_layers} sliding-window "
+                     f"layers (window {shape.sliding_window}) allocated like the others (window-sized KV off)")
     return notes

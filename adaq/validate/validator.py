@@ -11,6 +11,7 @@ from adaq.formats.architectures import architecture_of
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
 from adaq.validate.budget import (
     DEFAULT_UTILIZATION,
+    MAX_BATCHED_TOKENS,
     Budget,
     Gpu,
     WeightBytes,
@@ -72,8 +73,10 @@ class ValidationReport:
 
 def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx4090", batch: int = 1,
                         context: int | None = None, kv_cache_dtype: str = "fp8", compile: bool = False,
-                        utilization: float = DEFAULT_UTILIZATION) -> ValidationReport:
-    """Check a checkpoint folder's layout and scales for `arch` and plan its VRAM on `gpu`.
+                        utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
+                        max_num_batched_tokens: int = MAX_BATCHED_TOKENS) -> ValidationReport:
+    """Check a checkpoint folder's layout and scales for `arch` and plan its VRAM on `gpu` (`window_kv`,
+    `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV).
 
     Raises CheckpointError for a folder that cannot be read at all (corrupt safetensors, no config.json);
     everything else becomes a Finding in the report."""
@@ -99,7 +102,8 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx40
     if shape is not None:
         context = context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
         weights = weights_from_index(index, prefixes, FORMAT_ROLES.get(checkpoint.format))
-        budget = plan(shape, weights, target, batch, context, kv_cache_dtype, utilization)
+        budget = plan(shape, weights, target, batch, context, kv_cache_dtype, utilization, window_kv,
+                      max_num_batched_tokens)
         check_budget(checks, budget, shape)
     compiled = compile_check(checks, arch) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),

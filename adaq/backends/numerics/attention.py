@@ -52,12 +52,14 @@ def store_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
 
 
 def gather_kv(cache: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor,
-              length: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence from the paged cache, dequantized to fp32: [length, Hkv, D]."""
+              length: int, start: int = 0) -> torch.Tensor:
+    """Tokens [start, length) of one sequence from the paged cache, dequantized to fp32: [length - start, Hkv, D].
+    Blocks wholly before `start` are not read (a sliding-window pool gives them back: their entries are null)."""
     block_size = cache.shape[1]
-    num_blocks = -(-length // block_size)
-    blocks = block_table[:num_blocks].long()
-    slots = (blocks[:, None] * block_size + torch.arange(block_size, device=cache.device)).flatten()[:length]
+    first, num_blocks = start // block_size, -(-length // block_size)
+    blocks = block_table[first:num_blocks].long()
+    slots = (blocks[:, None] * block_size + torch.arange(block_size, device=cache.device)).flatten()
+    slots = slots[start - first * block_size:length - first * block_size]
     flat = cache.view(-1, *cache.shape[2:])
     if is_fp8(cache):
         stored = flat.view(torch.uint8)[slots].view(FP8_KV_DTYPE)
@@ -66,8 +68,9 @@ def gather_kv(cache: torch.Tensor, scales: torch.Tensor | None, block_table: tor
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_position: int, scale: float,
-           sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-    """q [L, H, D] at positions first_position.., keys/values [N, Hkv, D] at 0..N-1, fp32 -> [L, H, D] fp32.
+           sliding_window: int | None, softcap: float | None, first_key: int = 0) -> torch.Tensor:
+    """q [L, H, D] at positions first_position.., keys/values [N, Hkv, D] at first_key..first_key+N-1, fp32 ->
+    [L, H, D] fp32.
 
     Causal (key j <= query position p) and, with a window W, only keys j > p - W (transformers' convention).
     """
@@ -78,7 +81,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_posi
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     query_pos = first_position + torch.arange(length, device=q.device)[:, None]
-    key_pos = torch.arange(keys.shape[0], device=q.device)[None, :]
+    key_pos = first_key + torch.arange(keys.shape[0], device=q.device)[None, :]
     allowed = key_pos <= query_pos
     if sliding_window:
         allowed &= key_pos > query_pos - sliding_window
@@ -94,18 +97,22 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: 
     """Attention of the packed queries q [T, H, D] over each sequence's cached keys; fp32 math, output in q.dtype.
 
     Without a cache (k_cache None, e.g. a warm-up pass) a prefill attends over the step's own k/v [T, Hkv, D].
+    With a window, keys before the first query's window are not read, as the kernels do.
     """
     offsets = ctx.query_offsets().tolist()
     lengths = None if ctx.context_lens is None else ctx.context_lens.tolist()
     out = torch.empty_like(q)
     for b in range(len(offsets) - 1):
         start, end = offsets[b], offsets[b + 1]
+        first_key = 0
         if k_cache is None:
             keys, values, length = k[start:end].float(), v[start:end].float(), end - start
         else:
             length = lengths[b]
-            keys = gather_kv(k_cache, k_scale, ctx.block_tables[b], length)
-            values = gather_kv(v_cache, v_scale, ctx.block_tables[b], length)
+            first_key = max(0, length - (end - start) + 1 - sliding_window) if sliding_window else 0
+            keys = gather_kv(k_cache, k_scale, ctx.block_tables[b], length, first_key)
+            values = gather_kv(v_cache, v_scale, ctx.block_tables[b], length, first_key)
         first = length - (end - start)
-        out[start:end] = attend(q[start:end], keys, values, first, scale, sliding_window, softcap).to(q.dtype)
+        out[start:end] = attend(q[start:end], keys, values, first, scale, sliding_window, softcap,
+                                first_key).to(q.dtype)
     return out

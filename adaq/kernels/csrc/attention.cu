@@ -8,9 +8,12 @@
 // CUDA-graph batch).
 //
 // Attention: each query token t attends to keys [start, ctx) of its sequence, ctx = its position + 1, start =
-// ctx - window for sliding layers. One block serves one (query token or block of queries, KV head, split): the
-// G = H / Hkv query heads of the group share each K/V byte read (GQA), and long contexts are cut into `splits`
-// ranges merged afterwards. Design, numerics and measurements: docs/KERNELS.md ("Attention v3").
+// ctx - window for sliding layers. No kernel reads a key before its first query's window start, nor the block-table
+// entry of a block that lies wholly before it: the engine's window-sized KV gives those blocks back to other
+// sequences and leaves a null block id in their entries (adaq/engine/block_manager.py). One block serves one (query
+// token or block of queries, KV head, split): the G = H / Hkv query heads of the group share each K/V byte read
+// (GQA), and long contexts are cut into `splits` ranges merged afterwards. Design, numerics and measurements:
+// docs/KERNELS.md ("Attention v3").
 #include "common.cuh"
 
 namespace adaq {
