@@ -12,7 +12,8 @@
 #   (keep one version of each; --strict needs the FP8 extension, hence nvidia-cutlass, for prefill-path auto)
 # Then: run(command="OUT=$OUT bash scripts/serve_load_gpu.sh", carry=[".whl", ".tok"]).
 # Settings: MODEL (gemma3-4b; gemma3-27b), CLIENTS (64), REQUESTS (500), SOLO (48), MAX_TOKENS ("32 128"),
-# MAX_MODEL_LEN (1024), MAX_NUM_SEQS (64), SERVE_ARGS (more `adaq serve` flags), TIME_LIMIT (570 s for everything).
+# MAX_MODEL_LEN (1024), MAX_NUM_SEQS (64), SERVE_ARGS (more `adaq serve` flags), TIME_LIMIT (570 s for everything),
+# BENCH_JSON (an `adaq bench --json` report of MODEL with batch 64: the served tok/s over the engine's decode tok/s).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -40,7 +41,7 @@ log "serve load: $MODEL, ${CLIENTS:-64} clients x ${REQUESTS:-500} requests, str
 # shellcheck disable=SC2086
 timeout $(( ${TIME_LIMIT:-570} - SECONDS )) python3 -m adaq.bench.serve_load --synthetic "$MODEL" \
   ${TOKENIZER:+--tokenizer "$TOKENIZER"} --clients "${CLIENTS:-64}" --requests "${REQUESTS:-500}" --solo "${SOLO:-48}" \
-  --max-tokens ${MAX_TOKENS:-32 128} --start-timeout-s 300 --load-timeout-s 400 --out "$OUT/serve_load_$MODEL.json" \
+  --max-tokens ${MAX_TOKENS:-32 128} ${BENCH_JSON:+--bench-json "$BENCH_JSON"} --start-timeout-s 300 --load-timeout-s 400 --out "$OUT/serve_load_$MODEL.json" \
   -- --max-model-len "${MAX_MODEL_LEN:-1024}" --max-num-seqs "${MAX_NUM_SEQS:-64}" --strict ${SERVE_ARGS:-} \
   2>&1 | tee -a "$OUT/serve_load.log"
 rc=${PIPESTATUS[0]}

@@ -249,3 +249,14 @@ def test_metrics_expose_each_fallback(tiny):
                                    kv_cache_memory="8MiB", strict=True))
     text = ServerMetrics(quiet, "tiny").render().decode()
     assert 'adaq_fallbacks{model_name="tiny"} 0.0' in text and "adaq_fallback{" not in text
+
+
+def test_serve_ready_line_names_the_fallbacks():
+    pytest.importorskip("uvicorn")
+    from adaq.serve.server import Listening
+
+    base = ("http://127.0.0.1:8000", "127.0.0.1", 8000, "m", 1024, 64, 100, 16, "cuda", "cuda")
+    fallback = Fallback("decode CUDA graphs -> eager", "capture failed: boom", "ADAQ_CUDA_GRAPHS=0")
+    line = Listening(*base, False, [vars(fallback)]).line()
+    assert line.endswith("cuda on cuda · FALLBACKS: decode CUDA graphs -> eager (capture failed: boom)")
+    assert Listening(*base, True, []).line().endswith("cuda on cuda, CUDA graphs · no fallbacks")

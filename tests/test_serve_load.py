@@ -72,3 +72,13 @@ def test_export_tokenizer_adds_a_chat_template_where_there_is_none(tiny_gemma3, 
     assert done["chat_template_added"] and "tokenizer.json" in done["files"]
     exported = json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())
     assert exported["chat_template"] == GEMMA3_CHAT_TEMPLATE
+
+
+def test_served_throughput_against_the_engines_own_figure(tmp_path):
+    from adaq.bench.serve_load import against_bench
+
+    bench = {"variants": [{"variant": "nvfp4", "results": [{"batch": 1, "decode_tokens_per_s": 100.0},
+                                                           {"batch": 64, "decode_tokens_per_s": 2000.0}]}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    assert against_bench(tmp_path / "bench.json", 64, 1700.0)["ratio"] == pytest.approx(0.85)
+    assert "no nvfp4 row at batch 16" in against_bench(tmp_path / "bench.json", 16, 1.0)["error"]

@@ -179,6 +179,22 @@ def engine_figures(metrics: dict[str, float]) -> dict:
             "kv_cache_blocks": int(metrics.get("adaq_kv_cache_blocks", 0))}
 
 
+def against_bench(path: Path, batch: int, served_tokens_per_s: float) -> dict:
+    """The served output tok/s over the engine's own decode tok/s at batch = clients (an `adaq bench --json`
+    report of the same model; issue 23's goal is >= 0.8)."""
+    try:
+        bench = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return {"error": f"{path}: {error}"}
+    rows = [result for variant in bench.get("variants", []) if variant["variant"] == "nvfp4"
+            for result in variant["results"] if result["batch"] == batch]
+    if not rows or not rows[0].get("decode_tokens_per_s"):
+        return {"error": f"{path}: no nvfp4 row at batch {batch}"}
+    engine = rows[0]["decode_tokens_per_s"]
+    return {"bench": str(path), "batch": batch, "engine_decode_tokens_per_s": engine,
+            "served_output_tokens_per_s": served_tokens_per_s, "ratio": served_tokens_per_s / engine}
+
+
 # ---- the run ------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, serve_args: list[str]) -> dict:
     out = Path(args.out)
@@ -196,6 +212,8 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.update(tokenizer=tokenizer, server_command=server.command[3:], server_exit=report_exit)
+    if args.bench_json:
+        report["vs_engine"] = against_bench(Path(args.bench_json), args.clients, report["load"]["output_tokens_per_s"])
     report["ok"] = bool(report["load"]["errors"] == 0 and report["agreement"]["equal"] == report["agreement"]["checked"]
                         and not report["server"].get("fallbacks") and report["engine"]["fallbacks"] == 0)
     return report
@@ -233,6 +251,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--load-timeout-s", type=float, default=1200.0)
     parser.add_argument("--request-timeout-s", type=float, default=300.0)
+    parser.add_argument("--bench-json", default=None, help="an adaq bench --json report of the same model: the "
+                        "served tok/s over its decode tok/s at batch = --clients")
     parser.add_argument("--export-tokenizer", default=None, metavar="FOLDER",
                         help="only copy the tokenizer (default: the demo's) into FOLDER, for a machine without it")
     args = parser.parse_args(ours)
