@@ -62,7 +62,8 @@ def test_strict_turns_a_fallback_into_a_one_line_adaq_error():
     from adaq.errors import AdaqError
 
     with pytest.raises(FallbackError) as error:
-        Fallbacks(strict=True).report("decode CUDA graphs -> eager", "capture failed: boom\ntrace", "ADAQ_CUDA_GRAPHS=0")
+        Fallbacks(strict=True).report("decode CUDA graphs -> eager", "capture failed: boom\ntrace",
+                                      "ADAQ_CUDA_GRAPHS=0")
     assert isinstance(error.value, AdaqError) and "\n" not in str(error.value)
     assert str(error.value) == "--strict: decode CUDA graphs -> eager: capture failed: boom (ADAQ_CUDA_GRAPHS=0)"
     earlier = Fallbacks()

@@ -71,7 +71,7 @@ def run(
                           **_figures(llm, output)}, indent=2))
         return
     output = _stream_reply(llm, token_ids, params)
-    console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+    _print_stats(console, llm, output)
 
 
 def _interactive(llm, params, system: str | None, console) -> None:
@@ -101,7 +101,7 @@ def _interactive(llm, params, system: str | None, console) -> None:
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": output.text})
-        console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+        _print_stats(console, llm, output)
 
 
 def _stream_reply(llm, token_ids: list[int], params):
@@ -143,6 +143,11 @@ def _figures(llm, output) -> dict:
         "cuda_graphs": llm.engine.runner.decode_graphs is not None,
         "fallbacks": llm.engine.fallbacks.as_dicts(),
     }
+
+
+def _print_stats(console, llm, output) -> None:
+    style = "yellow" if len(llm.engine.fallbacks) else "dim"  # a fallback should not read like a footnote
+    console.print(_stats_line(llm, output), style=style, soft_wrap=True)
 
 
 def _stats_line(llm, output) -> str:
