@@ -8,8 +8,10 @@
 #   python -m adaq.bench.serve_load --export-tokenizer .tok/gemma3      # the demo's tokenizer files only (~33 MB)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0 \
-#     fastapi starlette pydantic pydantic-core typing-inspection annotated-types uvicorn sse-starlette
-#   (keep one version of each; --strict needs the FP8 extension, hence nvidia-cutlass, for prefill-path auto)
+#     fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 \
+#     annotated-types==0.8.0 uvicorn==0.55.0 sse-starlette==3.7.1     (the versions of this project's .venv)
+#   (keep one version of each; --strict needs the FP8 extension, hence nvidia-cutlass, for prefill-path auto;
+#   the image has httpx, anyio, h11, click and prometheus-client already)
 # Then: run(command="OUT=$OUT bash scripts/serve_load_gpu.sh", carry=[".whl", ".tok"]).
 # Settings: MODEL (gemma3-4b; gemma3-27b), CLIENTS (64), REQUESTS (500), SOLO (48), MAX_TOKENS ("32 128"),
 # MAX_MODEL_LEN (1024), MAX_NUM_SEQS (64), SERVE_ARGS (more `adaq serve` flags), TIME_LIMIT (570 s for everything),

@@ -40,11 +40,14 @@ from adaq.serve.load import Job, make_jobs, run_load
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
-# Gemma 3's turn format (a system message becomes the first user turn's text, as Gemma has no system role).
+# Gemma 3's turn format: no system role, so a system message is put before the first user turn's text, as Gemma 3's
+# own template does.
 GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
-    "else 'user' %}<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    "{{ bos_token }}{% set first = '' %}{% if messages[0]['role'] == 'system' %}"
+    "{% set first = (messages[0]['content'] | trim) ~ '\\n\\n' %}{% set messages = messages[1:] %}{% endif %}"
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ (first if loop.first else '') ~ (message['content'] | trim) }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def demo_tokenizer() -> Path:
