@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(done))
             return 0
         report = run(args, serve_args)
-    except (AdaqError, asyncio.TimeoutError) as error:
-        print(f"error: {error or 'a phase ran past its deadline'}", file=sys.stderr)
+    except (AdaqError, asyncio.TimeoutError, httpx.HTTPError) as error:  # the server log says more
+        print(f"error: {str(error) or 'a phase ran past its deadline'}", file=sys.stderr)
         return 2
     from adaq.bench.environment import command_line
     from adaq.bench.report import write_json
