@@ -25,20 +25,28 @@ def cuda_backend_class():
 
 
 def get_backend(name: str = "auto", device: torch.device | str | None = None, **options):
-    """'reference', 'cuda' (error when it cannot run) or 'auto' (cuda when a GPU and the kernels are there)."""
+    """'reference', 'cuda' (error when it cannot run) or 'auto' (cuda when a GPU and the kernels are there).
+
+    `device` None means "wherever adaq can run": 'auto' on a machine without a usable GPU then gives the reference
+    backend and reports that as a fallback (into `options["fallbacks"]`, adaq.backends.fallbacks); an explicit CPU
+    device gives the reference backend as asked."""
+    from adaq.backends.fallbacks import BACKEND_SETTING
     from adaq.backends.reference import ReferenceBackend
 
     if name not in BACKENDS:
         raise AdaqError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
-    if name == "reference":
+    if name == "reference" or (name == "auto" and device is not None and torch.device(device).type == "cpu"):
         return ReferenceBackend(device, **options)
     cuda_class = cuda_backend_class()
     if cuda_class is not None:
         return cuda_class(device or "cuda", **options)
+    reason = "no CUDA GPU is visible" if not torch.cuda.is_available() else "adaq's CUDA kernels are not built"
     if name == "cuda":
-        reason = "no CUDA GPU is visible" if not torch.cuda.is_available() else "adaq's CUDA kernels are not built"
         raise AdaqError(f"backend 'cuda' cannot run: {reason}; use --backend reference")
-    return ReferenceBackend(device, **options)
+    backend = ReferenceBackend(device, **options)
+    backend.fallbacks.report("backend auto -> reference", f"{reason}: the reference backend runs instead of the "
+                             f"kernels", BACKEND_SETTING)
+    return backend
 
 
 __all__ = ["BACKENDS", "cuda_backend_class", "get_backend"]

@@ -4,12 +4,15 @@ What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode
 large M: exact dequantize + cuBLAS bf16 or the opt-in FP8 path, adaq.backends.prefill_route.route),
 MoE experts (fused router, grouped GEMM), KV-cache store (FP8 or bf16), paged attention (decode and prefill over
 the cache), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else (dense bf16 linears: cuBLAS; other dtypes or
-shapes the kernels do not cover) falls through to the reference implementation.
+shapes the kernels do not cover) falls through to the reference implementation, and each such fallback is reported
+once per (op, cause) into `self.fallbacks` (adaq.backends.fallbacks) where it happens: a dict lookup once known, no
+device work, so a fallback met during a CUDA-graph capture costs no sync (under --strict it stops the capture).
 """
 
 import torch
 
 from adaq.backends import prefill_moe, prefill_route
+from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
@@ -47,11 +50,32 @@ class CudaBackend(ReferenceBackend):
             raise AdaqError("the cuda backend needs a CUDA device")
         ops.ext()
         ops.counters(self.device)  # allocate now, never inside a CUDA-graph capture
+        self._prefill_checked = False
+
+    def _fell_back(self, op: str, cause: str) -> None:
+        self.fallbacks.report(f"{op} kernel -> reference", cause, KERNEL_SETTING)
+
+    def _check_prefill_route(self) -> None:
+        """Once, at the first NVFP4 linear: whether `auto` gives the FP8 prefill path or gives way to exact, and
+        whether the exact path itself can run (else large prefills run on the decode kernels)."""
+        self._prefill_checked = True
+        path = prefill_route.configured_path()
+        cause = prefill_route.fp8_unavailable(self.device) if path == "auto" else None
+        if cause:
+            self.fallbacks.report("FP8 prefill -> exact", cause, PREFILL_SETTING)
+        if path != "nvfp4" and not fp8_gemm.exact_available():
+            self.fallbacks.report("exact prefill -> NVFP4 decode kernels", "the kernels lack gemm_dequantize "
+                                  "(a stale build?)", "--prefill-path nvfp4 asks for the decode kernels")
 
     # ---- linear layers ---------------------------------------------------------------------------------------
     def prepare_linear(self, weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
-        if not isinstance(weight, NVFP4Weight) or dtype != torch.bfloat16:
+        if not isinstance(weight, NVFP4Weight):  # dense: cuBLAS through the reference op, by design
             return super().prepare_linear(weight, dtype=dtype, role=role)
+        if dtype != torch.bfloat16:
+            self._fell_back("NVFP4 linear", f"compute dtype {dtype} (the kernels take bf16)")
+            return super().prepare_linear(weight, dtype=dtype, role=role)
+        if not self._prefill_checked:
+            self._check_prefill_route()
         packed = layout.repack(weight, self.device)
         scale = None
         if self.activation_quant and weight.input_global_scale is not None:
@@ -65,7 +89,10 @@ class CudaBackend(ReferenceBackend):
         return handle
 
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(handle, KernelLinearHandle) or x.dtype != torch.bfloat16 or not x.is_cuda:
+        if not isinstance(handle, KernelLinearHandle):  # dense, or NVFP4 prepared for another dtype (reported)
+            return super().linear(x, handle, bias)
+        if x.dtype != torch.bfloat16 or not x.is_cuda:
+            self._fell_back("NVFP4 linear", f"input {x.dtype} on {x.device.type} (the kernels take bf16 on the GPU)")
             return super().linear(x, handle, bias)
         if handle.input_global_scale is not None:
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
@@ -93,6 +120,8 @@ class CudaBackend(ReferenceBackend):
         weights = [w for pair in gate_up for w in pair] + list(down)
         quantized = all(isinstance(w, NVFP4Weight) and w.input_global_scale is None for w in weights)
         if not quantized or dtype != torch.bfloat16:
+            self._fell_back("MoE experts", "experts not all NVFP4A16 (bf16 or W4A4 weights)" if not quantized
+                            else f"compute dtype {dtype} (the kernels take bf16)")
             return super().prepare_experts(gate_up, down, dtype=dtype)
         intermediate, hidden = gate_up[0][0].out_features, gate_up[0][0].in_features
         packed_gate_up, packed_down = [], []
@@ -106,10 +135,13 @@ class CudaBackend(ReferenceBackend):
         # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by
         # `auto`. It expands from the decode kernels' layout; shapes that layout cannot serve as one weight (N % 16
         # or K % 128) keep a stacked copy of the NVFP4 bytes instead.
-        if (prefill_route.configured_path() == "fp8" and hidden % 16 == 0 and intermediate % 16 == 0
-                and prefill_route.fp8_enabled(self.device)):
-            handle.fp8 = (prefill_moe.Fp8Experts.from_layout(handle.stacked, gate_up, down, self.device)
-                          or prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device))
+        if prefill_route.configured_path() == "fp8" and prefill_route.fp8_enabled(self.device):
+            if hidden % 16 == 0 and intermediate % 16 == 0:
+                handle.fp8 = (prefill_moe.Fp8Experts.from_layout(handle.stacked, gate_up, down, self.device)
+                              or prefill_moe.Fp8Experts.from_weights(gate_up, down, self.device))
+            else:
+                self.fallbacks.report("FP8 MoE prefill -> NVFP4 expert kernels", f"hidden {hidden} or intermediate "
+                                      f"{intermediate} not a multiple of 16", PREFILL_SETTING)
         return handle
 
     def _fused_pair(self, pair: list[NVFP4Weight]) -> layout.PackedNVFP4:
@@ -120,7 +152,10 @@ class CudaBackend(ReferenceBackend):
         return layout.repack(fused, self.device, column_global_scales=None if can_fuse(pair) else columns)
 
     def moe(self, x, router_logits, experts, top_k: int, renormalize: bool):
-        if not isinstance(experts, KernelExpertsHandle) or x.dtype != torch.bfloat16:
+        if not isinstance(experts, KernelExpertsHandle):  # prepared on the reference path (reported there)
+            return super().moe(x, router_logits, experts, top_k, renormalize)
+        if x.dtype != torch.bfloat16:
+            self._fell_back("MoE experts", f"input {x.dtype} (the kernels take bf16)")
             return super().moe(x, router_logits, experts, top_k, renormalize)
         fp8 = getattr(experts, "fp8", None)
         if (fp8 is not None and prefill_route.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
@@ -131,13 +166,19 @@ class CudaBackend(ReferenceBackend):
     # ---- KV cache and attention ------------------------------------------------------------------------------
     def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
         if not self._kv_kernel_ok(k, k_cache) or v.dtype != torch.bfloat16:
+            self._fell_back("KV store", _kv_cause(k, k_cache) or f"values {v.dtype} (the kernel takes bf16)")
             return super().store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
         ops.store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
 
     def attention(self, q, k_cache, v_cache, k_scale, v_scale, ctx, *, scale: float, sliding_window=None,
                   softcap=None, k=None, v=None) -> torch.Tensor:
-        if (k_cache is None or not self._kv_kernel_ok(q, k_cache)
+        if k_cache is None:  # a prefill before any cache exists (warm-up, tests): attends over its own K/V
+            return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
+                                     sliding_window=sliding_window, softcap=softcap, k=k, v=v)
+        if (not self._kv_kernel_ok(q, k_cache)
                 or q.shape[1] % k_cache.shape[2] or q.shape[1] // k_cache.shape[2] not in ATTENTION_GROUPS):
+            self._fell_back("attention", _kv_cause(q, k_cache) or f"{q.shape[1]} query heads over "
+                            f"{k_cache.shape[2]} KV heads (kernels: groups of {ATTENTION_GROUPS})")
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
         tokens, group, fp8 = q.shape[0], q.shape[1] // k_cache.shape[2], k_cache.dtype == torch.float8_e4m3fn
@@ -164,6 +205,7 @@ class CudaBackend(ReferenceBackend):
         if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0
                 and x.stride(-1) == 1 and x.dim() in (2, 3) and x.data_ptr() % 16 == 0
                 and all(s % 8 == 0 for s in x.stride()[:-1])):
+            self._fell_back("RMSNorm", _elementwise_cause(x, weight))
             return super().rms_norm(x, weight, eps, unit_offset=unit_offset)
         return ops.rms_norm(x, weight, eps, unit_offset)
 
@@ -171,16 +213,19 @@ class CudaBackend(ReferenceBackend):
         if not (x.is_cuda and x.dtype == delta.dtype == weight.dtype == torch.bfloat16 and x.shape == delta.shape
                 and x.shape[-1] % 8 == 0 and x.is_contiguous() and delta.is_contiguous()
                 and x.data_ptr() % 16 == 0 and delta.data_ptr() % 16 == 0):
+            self._fell_back("add + RMSNorm", _elementwise_cause(x, weight, delta))
             return super().add_rms_norm(x, delta, weight, eps, unit_offset=unit_offset)
         return ops.add_rms_norm(x, delta, weight, eps, unit_offset)
 
     def silu_and_mul(self, x):
         if not self._gated_ok(x):
+            self._fell_back("SiLU and mul", _elementwise_cause(x))
             return super().silu_and_mul(x)
         return ops.silu_and_mul(x)
 
     def gelu_tanh_and_mul(self, x):
         if not self._gated_ok(x):
+            self._fell_back("gelu-tanh and mul", _elementwise_cause(x))
             return super().gelu_tanh_and_mul(x)
         return ops.gelu_tanh_and_mul(x)
 
@@ -191,8 +236,32 @@ class CudaBackend(ReferenceBackend):
 
     def rotary(self, q, k, positions, inv_freq):
         if not (q.is_cuda and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.dim() == 3):
+            self._fell_back("RoPE", _elementwise_cause(q, k))
             return super().rotary(q, k, positions, inv_freq)
         return ops.rotary(q, k, positions, inv_freq)
+
+
+def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:
+    """Why the KV-store / attention kernels do not take these tensors (categories, not shapes: one report each)."""
+    if not x.is_cuda or x.dtype != torch.bfloat16:
+        return f"activations {x.dtype} on {x.device.type} (the kernels take bf16 on the GPU)"
+    if x.shape[-1] not in ATTENTION_HEAD_DIMS:
+        return f"head_dim {x.shape[-1]} (kernels: {ATTENTION_HEAD_DIMS})"
+    if cache is not None and cache.dtype not in (torch.float8_e4m3fn, torch.bfloat16):
+        return f"KV cache dtype {cache.dtype} (kernels: fp8, bf16)"
+    if cache is not None and not cache.is_contiguous():
+        return "a non-contiguous KV cache"
+    return None if cache is not None else "no KV cache"
+
+
+def _elementwise_cause(x: torch.Tensor, *others: torch.Tensor) -> str:
+    """Why an element-wise kernel does not take `x` (categories, not shapes: one report each)."""
+    dtypes = {str(t.dtype) for t in (x, *others)}
+    if not x.is_cuda or dtypes != {"torch.bfloat16"}:
+        return f"tensors {', '.join(sorted(dtypes))} on {x.device.type} (the kernels take bf16 on the GPU)"
+    if x.shape[-1] % 8:
+        return f"last dimension not a multiple of 8 (or 16 for gating): {x.shape[-1]}"
+    return "a layout the kernel does not take (strides, alignment or rank)"
 
 
 def prefill_maps(ctx, tokens: int, block_tokens: int):

@@ -98,6 +98,18 @@ def fp8_enabled(device: torch.device) -> bool:
     return True
 
 
+def fp8_unavailable(device: torch.device) -> str | None:
+    """Why `auto` cannot give this device the FP8 path (so prefill runs exact), or None when it can."""
+    if torch.device(device).type != "cuda":
+        return "not a CUDA device"
+    if fp8_gemm.gpu_fp8_kind(device) is None:
+        capability = "".join(map(str, torch.cuda.get_device_capability(device)))
+        return f"sm_{capability} has no FP8 GEMM (the FP8 path needs sm_89 or sm_90)"
+    if not fp8_gemm.extension_ok():
+        return f"the FP8 extension did not load ({fp8_gemm.extension_error()})"
+    return None
+
+
 def use_fp8(rows: int, device: torch.device) -> bool:
     return rows >= min_tokens() and fp8_enabled(device)
 

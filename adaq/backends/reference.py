@@ -11,6 +11,7 @@ import os
 import torch
 
 from adaq.backends import prefill_route
+from adaq.backends.fallbacks import Fallbacks
 from adaq.backends.handles import (ExpertsHandle, LinearHandle, Weight, can_fuse, check_shapes, fuse, weight_cols,
                                    weight_rows)
 from adaq.backends.numerics import activation, attention, moe, norm, rotary
@@ -28,13 +29,16 @@ class ReferenceBackend:
       is a plain matmul; None = 40% of the memory free now. 0 dequantizes on every call.
     - prefill_fp8: emulate the FP8 prefill path exactly (adaq.formats.fp8_prefill) for NVFP4 linears called with at
       least `prefill_fp8_min_tokens` rows; None = on when $ADAQ_PREFILL_PATH is `fp8`.
+    - fallbacks: the record (adaq.backends.fallbacks) that this backend, and the engine that runs it, report
+      fallbacks into; None = a fresh, non-strict one.
     """
 
     name = "reference"
 
     def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
                  dequant_cache_bytes: int | None = None, prefill_fp8: bool | None = None,
-                 prefill_fp8_min_tokens: int = prefill_route.MIN_TOKENS):
+                 prefill_fp8_min_tokens: int = prefill_route.MIN_TOKENS, fallbacks: Fallbacks | None = None):
+        self.fallbacks = Fallbacks() if fallbacks is None else fallbacks
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.activation_quant = activation_quant
         self.prefill_fp8 = os.environ.get(prefill_route.PATH_ENV) == "fp8" if prefill_fp8 is None else prefill_fp8

@@ -47,7 +47,7 @@ def render(report: dict, console: Console | None = None) -> None:
     console.print(adallm_table(report))
     console.print(prefill_table(report))
     for line in notes(report):
-        console.print(Text(line, style="red" if " failed: " in line else "dim"))
+        console.print(Text(line, style="red" if " failed: " in line or " FALLBACK " in line else "dim"))
 
 
 def headline(report: dict) -> str:
@@ -72,8 +72,9 @@ def main_table(report: dict) -> Table:
     if on_gpu:
         columns += ["bytes/step GB", "GB/s", "% roofline", "bound tok/s", "peak alloc GB", "device GB"]
     columns += [f"vs {name}" for name in baselines_present(report)]
+    columns += ["fallbacks"]
     for column in columns:
-        table.add_column(column, justify="left" if column == "variant" else "right")
+        table.add_column(column, justify="left" if column in ("variant", "fallbacks") else "right")
     for variant, result in rows(report):
         cells = [variant["variant"], str(result["batch"]), _ms(result["ttft_s"]), _num(result["prefill_tokens_per_s"]),
                  _ms(result["itl_p50_s"]), _ms(result["itl_p99_s"]), _num(result["decode_tokens_per_s"])]
@@ -83,7 +84,8 @@ def main_table(report: dict) -> Table:
                       _pct(result.get("roofline_fraction")), _num(result.get("bound_tokens_per_s")),
                       _gb(result.get("peak_allocated_bytes")), _gb(result.get("device_used_bytes"))]
         cells += [_speedup(result["speedup"].get(name)) for name in baselines_present(report)]
-        table.add_row(*cells)
+        cells.append(fallback_cell(result))
+        table.add_row(*cells, style="red" if result.get("fallbacks") else None)
     return table
 
 
@@ -115,6 +117,8 @@ def prefill_table(report: dict) -> Table:
 
 def notes(report: dict) -> list[str]:
     lines = [f"{variant['variant']}: {variant['label']}" for variant in report["variants"] if variant["results"]]
+    lines += [f"{variant['variant']} FALLBACK {f['what']}: {f['cause']} ({f['setting']})"
+              for variant in report["variants"] for f in variant.get("fallbacks") or []]
     lines += [f"{variant['variant']} skipped: {variant['skipped']}" for variant in report["variants"]
               if variant["skipped"]]
     lines += [f"{variant['variant']} failed: {variant['error']}" for variant in report["variants"]
@@ -126,6 +130,15 @@ def notes(report: dict) -> list[str]:
                      "% roofline = achieved GB/s over the measured copy bandwidth; vs = decode tok/s ratio")
     lines.append(f"command: {report['command']}")
     return lines
+
+
+def fallback_cell(result: dict) -> str:
+    """'none', the fallbacks' names, or '-' where the variant is not adaq's engine (reports older than the column
+    too)."""
+    fallbacks = result.get("fallbacks")
+    if fallbacks is None:
+        return "-"
+    return "; ".join(fallbacks) if fallbacks else "none"
 
 
 def rows(report: dict):

@@ -73,6 +73,8 @@ class VariantSpec:
     backend: str = "auto"
     kv_cache_dtype: str = "fp8"
     device: str = "cuda"
+    strict: bool = False  # EngineConfig.strict: a fallback fails the variant
+    device_given: bool = True  # False: the device was the default, so auto choosing the CPU is a fallback
 
 
 @dataclass
@@ -146,6 +148,9 @@ class BatchResult:
     speedup: dict = field(default_factory=dict)  # decode tok/s over each baseline's, same batch
     prefill_speedup: dict = field(default_factory=dict)  # prefill tok/s over each baseline's, same batch
     warmup_s: float | None = None  # the untimed first generation (compilation, graph capture)
+    # What fell back by the end of this batch (adaq.backends.fallbacks: "what" of each); None: not our engine (hf)
+    fallbacks: list[str] | None = None
+    graph_replays: int | None = None  # decode CUDA graphs replayed during this batch's timed runs (None: no graphs)
 
 
 @dataclass
@@ -160,6 +165,7 @@ class VariantOutcome:
     weight_bytes: dict | None = None
     resident_weight_bytes: int | None = None  # allocator bytes after loading, before any KV cache
     kv_cache_bytes: int | None = None  # the engine's KV allocation (both pools with window-sized KV)
+    fallbacks: list[dict] | None = None  # adaq.backends.fallbacks.Fallback as dicts (what, cause, setting)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +212,7 @@ class MemoryProbe:
         self.device = device
         self.device_used = 0
         self.warmup_s: float | None = None
+        self.graph_replays: int | None = None
 
     def reset(self) -> None:
         if self.on_gpu:
@@ -272,7 +279,10 @@ def _run_engine_variant(spec: VariantSpec) -> VariantOutcome:
         except torch.OutOfMemoryError:
             outcome.skipped = f"batch {batch} and larger: out of GPU memory"
             break
-        outcome.results.append(summarize(spec.variant, generations, probe.read(), probe.warmup_s))
+        result = summarize(spec.variant, generations, probe.read(), probe.warmup_s)
+        result.fallbacks, result.graph_replays = engine.fallbacks.names(), probe.graph_replays
+        outcome.results.append(result)
+    outcome.fallbacks = engine.fallbacks.as_dicts()
     del engine
     _release(device)
     return outcome
@@ -351,6 +361,7 @@ def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device:
     from adaq.engine.config import EngineConfig
     from adaq.engine.llm_engine import LLMEngine
     from adaq.backends import get_backend
+    from adaq.backends.fallbacks import Fallbacks
     from adaq.models import build_model, load_weights
 
     workload = spec.workload
@@ -359,8 +370,10 @@ def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device:
     engine_config = EngineConfig(
         model=str(source.path), backend=spec.backend, kv_cache_dtype=kv_dtype, max_model_len=workload.max_len,
         max_num_seqs=max_batch, max_num_batched_tokens=engine_step_tokens(workload),
-        num_kv_blocks=max_batch * blocks_per_seq, block_size=16, device=device, skip_tokenizer=True)
-    backend = get_backend(spec.backend, device)
+        num_kv_blocks=max_batch * blocks_per_seq, block_size=16, device=device, skip_tokenizer=True,
+        strict=spec.strict)
+    backend = get_backend(spec.backend, device if spec.device_given else None,
+                          fallbacks=Fallbacks(strict=spec.strict))
     model = build_model(config, backend, engine_config.dtype, device)
     load_weights(model, source)
     return LLMEngine(engine_config, model=model, model_config=config)
@@ -395,10 +408,13 @@ def time_engine(engine, workload: Workload, batch: int, vocab: int, probe: Memor
     generate_with_engine(engine, prompts, params)  # warm-up: graphs, kernels and allocator, not timed
     probe.warmup_s = time.perf_counter() - started
     probe.reset()
+    graphs = getattr(engine.runner, "decode_graphs", None)
+    replays_before = graphs.replays if graphs is not None else 0
     generations = []
     for _ in range(workload.repeats):
         generations.append(generate_with_engine(engine, prompts, params))
         probe.sample()
+    probe.graph_replays = graphs.replays - replays_before if graphs is not None else None
     return generations
 
 

@@ -24,6 +24,7 @@ class BenchOptions:
     kv_cache_dtype: str = "fp8"
     device: str | None = None
     prefill_paths: tuple[str, ...] = ("auto",)  # one NVFP4 variant per path: PREFILL_VARIANTS
+    strict: bool = False  # a fallback (adaq.backends.fallbacks) fails the variant instead of being measured
 
     def __post_init__(self):
         wrong = [path for path in self.prefill_paths if path not in PREFILL_VARIANTS]
@@ -61,7 +62,7 @@ def run_bench(options: BenchOptions, on_variant=lambda variant: None, on_partial
     for variant in options.variants:
         on_variant(variant)
         spec = VariantSpec(variant, options.model, options.synthetic, options.workload, options.backend,
-                           options.kv_cache_dtype, str(device))
+                           options.kv_cache_dtype, str(device), options.strict, options.device is not None)
         outcome = run_guarded(spec)
         add_roofline(outcome, config, options, bandwidth)
         outcomes.append(outcome)
@@ -130,7 +131,7 @@ def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: 
                   "vocab_size": text["vocab_size"]},
         "workload": {**asdict(options.workload), "batches": list(options.workload.batches),
                      "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype,
-                     "prefill_paths": list(options.prefill_paths)},
+                     "prefill_paths": list(options.prefill_paths), "strict": options.strict},
         "on_cpu": device.type != "cuda",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.0 TB/s"

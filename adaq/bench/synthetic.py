@@ -134,3 +134,20 @@ def _with_quantization_config(config: dict) -> dict:
     quantization = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
                     "quantization_status": "compressed", "config_groups": {"group_0": scheme}, "ignore": ignore}
     return {**config, "quantization_config": quantization}
+
+
+def synthetic_engine(name: str, config):
+    """An LLMEngine over random NVFP4 weights in the shapes of `name` (a bundled config or a config.json path), with
+    `config.model` as the folder of its tokenizer and generation_config.json (`adaq serve --synthetic`)."""
+    from adaq.backends import get_backend
+    from adaq.backends.fallbacks import Fallbacks
+    from adaq.bench.shapes import load_model_config
+    from adaq.engine.llm_engine import LLMEngine
+    from adaq.models import build_model, load_weights
+
+    source = SyntheticCheckpoint(load_model_config(name), quantized=True, device=config.device, name=name)
+    device = config.device if config.device_given else None  # None: auto choosing the CPU is a fallback
+    backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict))
+    model = build_model(source.config, backend, config.dtype, config.device)
+    load_weights(model, source)
+    return LLMEngine(config, model=model, model_config=source.config)

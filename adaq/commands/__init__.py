@@ -3,3 +3,5 @@
 PREFILL_PATH_HELP = ("NVFP4 prefill of many tokens: auto (the FP8 path on sm_89 / sm_90, else exact), fp8 (E4M3 GEMMs, "
                      "down_proj exact: +0.5% perplexity), exact (dequantize + cuBLAS bf16), nvfp4 (decode kernels). "
                      "Default: $ADAQ_PREFILL_PATH, else auto.")
+STRICT_HELP = ("Fail instead of falling back (CUDA graphs to eager, a kernel to the reference path, FP8 prefill to "
+               "exact, auto to the CPU): every fallback becomes a one-line error. Env: ADAQ_STRICT=1.")

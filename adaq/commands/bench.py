@@ -4,6 +4,7 @@
 import typer
 from typer.core import TyperGroup
 
+from adaq.commands import STRICT_HELP
 from adaq.errors import AdaqError
 
 
@@ -67,6 +68,7 @@ def bench(
     device: str = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)"),
     json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),
     plot_path: str = typer.Option(None, "--plot", help="write a PNG: tok/s against batch per variant, VRAM bars"),
+    strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ):
     if ctx.invoked_subcommand is not None:
         return
@@ -80,7 +82,7 @@ def bench(
         raise AdaqError("give either a checkpoint folder (adaq bench CKPT) or --synthetic NAME, not both or neither")
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
-                           backend, kv_cache_dtype, device, parse_baselines(prefill_path))
+                           backend, kv_cache_dtype, device, parse_baselines(prefill_path), strict)
     errors = Console(stderr=True)
     partial = (lambda report: bench_report.write_json(report, json_path)) if json_path else (lambda report: None)
     with errors.status("measuring copy bandwidth") as status:

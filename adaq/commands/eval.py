@@ -6,14 +6,17 @@ from pathlib import Path
 
 import typer
 
+from adaq.commands import STRICT_HELP
+
 app = typer.Typer(help="Accuracy of a checkpoint next to its baseline: MMLU-Pro (lm-eval) and perplexity, offline.",
                   no_args_is_help=True)
 
 RUNNER_HELP = "engine: adaq's engine (the default); transformers: cross-check through transformers"
 
 
-def _engine_settings(backend, kv_cache_dtype, dtype, max_model_len) -> dict:
-    return {"backend": backend, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "max_model_len": max_model_len}
+def _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict: bool = False) -> dict:
+    return {"backend": backend, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "max_model_len": max_model_len,
+            "strict": strict or None}
 
 
 def _label(source: str) -> str:
@@ -83,6 +86,7 @@ def mmlu_pro(
     max_model_len: int = typer.Option(None, help="context length for the engine"),
     batch_size: int = typer.Option(64, help="requests handed to the engine at once"),
     chunk_size: int = typer.Option(16, help="questions per lm-eval call (samples are saved after each)"),
+    strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ):
     """MMLU-Pro accuracy of CHECKPOINT (and of --baseline on the same questions), through lm-eval, offline."""
     os.environ["TQDM_DISABLE"] = "1"
@@ -95,7 +99,7 @@ def mmlu_pro(
     run = MMLUProRun(variant=variant, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, samples_path=samples,
                      categories=[c for c in categories.split(",") if c.strip()] if categories else None,
                      chunk_size=chunk_size)
-    settings = _engine_settings(backend, kv_cache_dtype, dtype, max_model_len)
+    settings = _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict)
     models = [ModelUnderTest(label, source, _lm_factory(source, runner, batch_size, settings))
               for label, source in _labels(checkpoint, baseline)]
     started = time.perf_counter()
@@ -128,6 +132,7 @@ def ppl(
     kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8 or bf16"),
     dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     batch_size: int = typer.Option(8, help="windows handed to the engine at once"),
+    strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ):
     """Perplexity over fixed non-overlapping windows (data/README.md's protocol), CHECKPOINT beside --baseline."""
     from adaq.eval.data import go_offline, read_text
@@ -138,7 +143,7 @@ def ppl(
     from adaq.eval.sources import load_scorer
 
     body = read_text(text)
-    settings = _engine_settings(backend, kv_cache_dtype, dtype, max(window, 2))
+    settings = _engine_settings(backend, kv_cache_dtype, dtype, max(window, 2), strict)
     started = time.perf_counter()
     results = {}
     with _progress() as progress:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
+from adaq.commands import STRICT_HELP
 
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
 
@@ -36,6 +37,7 @@ def run(
     system: str | None = typer.Option(None, "--system", help="System message for chat."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
+    strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ) -> None:
     """Generate text with adaq's engine: streams tokens, then prompt and decode tok/s and peak memory."""
     from rich.console import Console
@@ -52,7 +54,7 @@ def run(
     with console.status(f"loading {checkpoint}"):
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
-                  kv_cache_memory=kv_cache_memory, window_kv=window_kv)
+                  kv_cache_memory=kv_cache_memory, window_kv=window_kv, strict=strict)
     chosen = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     defaults = {**SAMPLING_FALLBACK, **llm.engine.default_sampling_params()}
     sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}
@@ -71,7 +73,7 @@ def run(
                           **_figures(llm, output)}, indent=2))
         return
     output = _stream_reply(llm, token_ids, params)
-    console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+    _print_stats(console, llm, output)
 
 
 def _interactive(llm, params, system: str | None, console) -> None:
@@ -101,7 +103,7 @@ def _interactive(llm, params, system: str | None, console) -> None:
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": output.text})
-        console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+        _print_stats(console, llm, output)
 
 
 def _stream_reply(llm, token_ids: list[int], params):
@@ -140,7 +142,14 @@ def _figures(llm, output) -> dict:
         "backend": llm.engine.runner.model.backend.name if hasattr(llm.engine.runner.model, "backend") else None,
         "kv_cache_dtype": llm.engine.config.kv_cache_dtype,
         "kv_cache_bytes": llm.engine.runner.kv_cache_bytes,
+        "cuda_graphs": llm.engine.runner.decode_graphs is not None,
+        "fallbacks": llm.engine.fallbacks.as_dicts(),
     }
+
+
+def _print_stats(console, llm, output) -> None:
+    style = "yellow" if len(llm.engine.fallbacks) else "dim"  # a fallback should not read like a footnote
+    console.print(_stats_line(llm, output), style=style, soft_wrap=True)
 
 
 def _stats_line(llm, output) -> str:
@@ -150,7 +159,9 @@ def _stats_line(llm, output) -> str:
     return (f"prompt: {f['prompt_tokens']} tokens, {rate(f['prompt_tok_s'])} tok/s · decode: {f['output_tokens']} "
             f"tokens, {rate(f['decode_tok_s'])} tok/s · {memory} {f['peak_memory_bytes'] / 2**30:.2f} GiB (KV cache "
             f"{f['kv_cache_bytes'] / 2**30:.2f} GiB) · "
-            f"{f['device']}, {f['backend']} backend, {f['kv_cache_dtype']} KV · {output.finish_reason}")
+            f"{f['device']}, {f['backend']} backend, {f['kv_cache_dtype']} KV"
+            f"{', CUDA graphs' if f['cuda_graphs'] else ''} · {llm.engine.fallbacks.summary()} · "
+            f"{output.finish_reason}")
 
 
 def _set_threads(threads: int) -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
+from adaq.commands import STRICT_HELP
 
 
 def serve(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
+    checkpoint: Path = typer.Argument(None, help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port (0: any free port, printed when ready)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="ADAQ_API_KEY",
@@ -40,14 +41,24 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
     json_output: bool = typer.Option(False, "--json", help="Print the ready line as one JSON object on stdout."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
+    strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
+    synthetic: str | None = typer.Option(None, "--synthetic", help="Instead of CHECKPOINT: random NVFP4 weights in a "
+                                         "real model's shapes (as adaq bench --synthetic), e.g. gemma3-4b."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="With --synthetic: a folder with the tokenizer "
+                                          "(and generation_config.json) to serve it with."),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (streaming and plain JSON), with Prometheus metrics."""
     from rich.console import Console
 
     from adaq.errors import AdaqError
 
-    if not (checkpoint / "config.json").is_file():
-        raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+    if synthetic is not None:
+        checkpoint, load_engine = _synthetic(synthetic, tokenizer, checkpoint)
+    elif checkpoint is None or not (checkpoint / "config.json").is_file():
+        raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)" if checkpoint else
+                        "give a CHECKPOINT folder (or --synthetic NAME --tokenizer FOLDER)")
+    else:
+        load_engine = None
 
     from adaq.engine.config import EngineConfig
     from adaq.backends.prefill_route import select_path
@@ -56,13 +67,13 @@ def serve(
 
     console = Console(stderr=True)
     select_path(prefill_path)
-    names = served_model_name or [checkpoint.name]
+    names = served_model_name or [f"synthetic-{Path(synthetic).stem}" if synthetic else checkpoint.name]
     settings = ServeSettings(names + [str(checkpoint)], str(checkpoint), api_key, max_queue, max_prompt_tokens,
                              max_output_tokens, max_body_bytes)
     config = EngineConfig(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
-                          enable_prefix_caching=prefix_caching, dtype=dtype, device=device)
+                          enable_prefix_caching=prefix_caching, dtype=dtype, device=device, strict=strict)
 
     status = console.status(f"loading {checkpoint}")
 
@@ -74,6 +85,21 @@ def serve(
 
     status.start()
     try:
-        run_server(config, settings, host, port, log_level, on_ready=ready)
+        run_server(config, settings, host, port, log_level, on_ready=ready,
+                   load_engine=None if load_engine is None else lambda: load_engine(config))
     finally:
         status.stop()
+
+
+def _synthetic(name: str, tokenizer: Path | None, checkpoint: Path | None):
+    """(the tokenizer folder, which stands for the checkpoint, and the engine loader) of `--synthetic NAME`."""
+    from adaq.errors import AdaqError
+
+    if checkpoint is not None:
+        raise AdaqError("give either a CHECKPOINT or --synthetic NAME, not both")
+    if tokenizer is None or not tokenizer.is_dir():
+        found = "" if tokenizer is None else f"; {tokenizer} is not a folder"
+        raise AdaqError(f"--synthetic needs --tokenizer FOLDER (a folder with tokenizer files){found}")
+    from adaq.bench.synthetic import synthetic_engine
+
+    return tokenizer, lambda config: synthetic_engine(name, config)

@@ -1,7 +1,7 @@
 """Engine settings, validated on creation; every error names the setting (and its command-line flag)."""
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,9 +37,15 @@ class EngineConfig:
     dtype: str | torch.dtype | None = None  # None: bf16 on GPU, fp32 on CPU
     device: str | torch.device | None = None  # None: cuda when available
     skip_tokenizer: bool = False
+    enforce_eager: bool = False  # decode without CUDA graphs, on purpose (not a fallback)
+    strict: bool = False  # any fallback (adaq.backends.fallbacks) is an AdaqError instead of a warning
+    # Whether `device` was chosen by the caller: auto picking the CPU because no GPU is visible is a fallback,
+    # `--device cpu` is not.
+    device_given: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         self.model = Path(self.model)
+        self.device_given = self.device is not None
         self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = self._resolve_dtype()
         self.kv_cache_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)

@@ -6,15 +6,17 @@ bucket's static buffers first; padded rows write to slot -1 (the store kernel sk
 a valid block, and their outputs are dropped.
 Attention's split count is fixed at capture for `max_model_len`, so one graph serves every context length.
 Only the `cuda` backend is captured: its kernels never sync with the host nor allocate outside torch's allocator.
+A model that cannot be captured, or a capture that fails, decodes eagerly and says so as a fallback
+(adaq.backends.fallbacks: a warning, or an AdaqError under --strict); `replays` counts the graphs replayed.
 """
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from adaq.backends.context import get_context, reset_context, set_context
+from adaq.backends.fallbacks import CUDA_GRAPHS_SETTING, Fallbacks, backend_fallbacks
 
 DISABLE_ENV = "ADAQ_CUDA_GRAPHS"  # "0" turns decode graphs off
 
@@ -103,6 +105,7 @@ class DecodeGraphs:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.buckets: list[_Bucket] = []
+        self.replays = 0  # graphs replayed since capture (tests and benchmarks check that decode used them)
         sizes = sorted(set(buckets or default_buckets(max_num_seqs)), reverse=True)
         with torch.inference_mode():
             for size in sizes:  # largest first: the smaller graphs reuse its pool memory
@@ -149,9 +152,9 @@ class DecodeGraphs:
         bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32).pin_memory(), non_blocking=True)
         return bucket
 
-    @staticmethod
-    def replay(bucket: _Bucket, batch: int) -> torch.Tensor:
+    def replay(self, bucket: _Bucket, batch: int) -> torch.Tensor:
         bucket.graph.replay()
+        self.replays += 1
         return bucket.hidden[:batch]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -175,38 +178,53 @@ class DecodeGraphs:
             bucket.sliding_slot_mapping[batch:].fill_(-1)
             bucket.sliding_block_tables[:batch, :width].copy_(ctx.sliding_block_tables)
             bucket.sliding_block_tables[batch:, 0].fill_(0)
-        bucket.graph.replay()
-        return bucket.hidden[:batch]
+        return self.replay(bucket, batch)
 
 
-def graph_safe(model: torch.nn.Module) -> bool:
-    """Every op of a decode step runs on a kernel: the reference fallbacks of attention (unsupported head shapes)
-    and of MoE (bf16 experts) read device values on the host, which a capture cannot contain."""
+def graph_blocker(model: torch.nn.Module) -> str | None:
+    """Why a decode step of this model cannot be captured, or None when every op of it runs on a kernel: the
+    reference fallbacks of attention (unsupported head shapes) and of MoE (bf16 or W4A4 experts) read device values
+    on the host, which a capture cannot contain."""
     from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
 
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
             groups = module.num_heads // max(module.num_kv_heads, 1)
-            if module.head_dim not in ATTENTION_HEAD_DIMS or groups not in ATTENTION_GROUPS:
-                return False
+            if module.head_dim not in ATTENTION_HEAD_DIMS:
+                return f"head_dim {module.head_dim} has no attention kernel (kernels: {ATTENTION_HEAD_DIMS})"
+            if groups not in ATTENTION_GROUPS or module.num_heads % max(module.num_kv_heads, 1):
+                return (f"{module.num_heads} query heads over {module.num_kv_heads} KV heads have no attention "
+                        f"kernel (kernels: groups of {ATTENTION_GROUPS})")
         experts = getattr(module, "experts", None)
         if experts is not None and not isinstance(experts, (KernelExpertsHandle, torch.nn.Module, list)):
-            return False
-    return True
+            return "MoE experts on the reference path (bf16 or W4A4 experts)"
+    return None
+
+
+def graph_safe(model: torch.nn.Module) -> bool:
+    return graph_blocker(model) is None
 
 
 def maybe_decode_graphs(runner) -> DecodeGraphs | None:
     """Decode graphs for a runner whose model uses the cuda backend on a GPU, unless ADAQ_CUDA_GRAPHS=0 or the
-    engine config says enforce_eager."""
+    engine config says enforce_eager (both on purpose, no fallback). A model that cannot be captured, or a capture
+    that fails, is reported to the runner's fallbacks and decodes eagerly (under --strict: an AdaqError)."""
     backend = getattr(runner.model, "backend", None)
-    if (runner.device.type != "cuda" or getattr(backend, "name", None) != "cuda"
-            or os.environ.get(DISABLE_ENV, "1") == "0" or getattr(runner.config, "enforce_eager", False)
-            or not graph_safe(runner.model)):
+    if runner.device.type != "cuda" or getattr(backend, "name", None) != "cuda":
+        return None  # CPU, or the reference backend: asked for, or reported by get_backend when auto chose it
+    if os.environ.get(DISABLE_ENV, "1") == "0" or getattr(runner.config, "enforce_eager", False):
+        return None
+    fallbacks = getattr(runner, "fallbacks", None)
+    fallbacks = fallbacks if isinstance(fallbacks, Fallbacks) else backend_fallbacks(backend)
+    blocker = graph_blocker(runner.model)
+    if blocker is not None:
+        fallbacks.report("decode CUDA graphs -> eager", blocker, CUDA_GRAPHS_SETTING)
         return None
     try:
         return DecodeGraphs(runner.model, runner.config.max_num_seqs, runner.max_model_len,
                             runner.geometry.block_size, runner.device,
                             sliding=getattr(runner, "sliding_geometry", None) is not None)
-    except RuntimeError as error:  # a capture that fails must not take the engine down: decode runs eagerly
-        warnings.warn(f"CUDA-graph capture failed, decoding eagerly: {str(error).splitlines()[0]}", stacklevel=2)
+    except RuntimeError as error:  # a capture that fails must not take the engine down unless --strict
+        fallbacks.report("decode CUDA graphs -> eager", f"capture failed: {str(error).strip()}",
+                         CUDA_GRAPHS_SETTING)
         return None

@@ -88,6 +88,11 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def fallbacks(self):
+        """What runs slower or less exact than asked (adaq.backends.fallbacks.Fallbacks; empty when nothing)."""
+        return self.runner.fallbacks
+
     def _resolve_max_model_len(self) -> int:
         asked = self.config.max_model_len
         if asked is None:
@@ -335,8 +340,11 @@ def load_model(model_config: dict, config: EngineConfig) -> torch.nn.Module:
     from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
 
+    from adaq.backends.fallbacks import Fallbacks
+
     source = open_checkpoint(config.model)
-    backend = get_backend(config.backend, config.device)
+    device = config.device if config.device_given else None  # None: auto choosing the CPU is a fallback
+    backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict))
     model = build_model(model_config, backend, config.dtype, config.device)
     load_weights(model, source)
     return model

@@ -24,6 +24,7 @@ import torch
 from adaq.engine.block_manager import NULL_BLOCK, sliding_pool_blocks
 from adaq.engine.config import EngineConfig, text_config
 from adaq.backends.context import reset_context, set_context
+from adaq.backends.fallbacks import CUDA_GRAPHS_SETTING, backend_fallbacks
 from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
@@ -88,6 +89,10 @@ class ModelRunner:
         self.model = model
         self.config = config
         self.device = config.device
+        # One record for the backend's fallbacks and the runner's own (decode graphs); strict before any work runs.
+        self.fallbacks = backend_fallbacks(getattr(model, "backend", None))
+        if config.strict:
+            self.fallbacks.make_strict()
         self.attention_layers = [module for module in model.modules() if hasattr(module, "k_cache")]
         if not self.attention_layers:
             raise AdaqError("the model has no attention layers with a k_cache attribute: cannot attach a KV cache")
@@ -337,6 +342,9 @@ class ModelRunner:
         if batch.is_decode and self.decode_graphs is not None and len(sample_rows) == len(batch.seqs):
             rows.graph_bucket = self.decode_graphs.staged(len(batch.seqs), input_ids, positions, slots, context_lens,
                                                           tables, sliding_slots, sliding_tables)
+            if rows.graph_bucket is None:  # unreachable by construction (buckets up to max_num_seqs): said if not
+                self.fallbacks.report("decode CUDA graphs -> eager", "a decode step larger than the largest bucket "
+                                      "or with a block table longer than max_model_len", CUDA_GRAPHS_SETTING)
         if rows.graph_bucket is not None:
             bucket = rows.graph_bucket
             if input_tokens is not None:

@@ -2,9 +2,11 @@
 
     python -m adaq.serve.load --url http://127.0.0.1:8000 --clients 64 --requests 500 [--api-key KEY] [--json]
 
-Each request is greedy (temperature 0) on a distinct prompt, completions and chat alternating. Reports errors,
-request and token throughput, end-to-end latency and time to first token (streamed requests) as percentiles.
-`run_load(...)` returns every response too, so tests can compare each against the same request served alone.
+Each request is greedy (temperature 0) on a distinct prompt, completions and chat alternating. Reports errors (by
+status, with the first few messages), request and token throughput, end-to-end latency, time to first token and time
+per output token after the first (streamed requests) as percentiles, and the mix of requests that ran.
+`run_load(...)` returns every response too, so tests can compare each against the same request served alone
+(`python -m adaq.bench.serve_load` starts a server, runs this and checks that agreement).
 """
 
 import argparse
@@ -51,6 +53,11 @@ class LoadReport:
     output_tokens_per_s: float
     latency_s: dict
     ttft_s: dict
+    tpot_s: dict = field(default_factory=dict)  # streamed requests: (latency - ttft) / (tokens - 1)
+    prompt_tokens: int = 0
+    errors_by_status: dict = field(default_factory=dict)  # "0" = no HTTP answer (connection, timeout, bad stream)
+    first_errors: list[str] = field(default_factory=list)
+    mix: dict = field(default_factory=dict)  # requests that succeeded, by endpoint and streamed or not
     results: list[Result] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -96,7 +103,7 @@ async def run_load(url: str, jobs: list[Job], clients: int, api_key: str | None 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - started
-    return _report(clients, results, wall)
+    return _report(clients, results, wall, jobs)
 
 
 async def _send(client: httpx.AsyncClient, index: int, job: Job) -> Result:
@@ -163,12 +170,26 @@ def _take_chunk(chunk: dict, job: Job, result: Result, pieces: list[str], starte
             result.finish_reason = choice["finish_reason"]
 
 
-def _report(clients: int, results: list[Result], wall: float) -> LoadReport:
+def _report(clients: int, results: list[Result], wall: float, jobs: list[Job] | None = None) -> LoadReport:
     ok = [r for r in results if r is not None and r.status == 200 and r.error is None]
+    failed = [r for r in results if r is None or not (r.status == 200 and r.error is None)]
     tokens = sum(r.completion_tokens or 0 for r in ok)
-    return LoadReport(clients, len(results), len(results) - len(ok), wall, len(ok) / wall, tokens, tokens / wall,
+    tpot = [(r.latency_s - r.ttft_s) / (r.completion_tokens - 1) for r in ok
+            if r.ttft_s and r.completion_tokens and r.completion_tokens > 1]
+    by_status: dict[str, int] = {}
+    for r in failed:
+        key = str(r.status) if r is not None else "0"
+        by_status[key] = by_status.get(key, 0) + 1
+    mix: dict[str, int] = {}
+    for r in ok:
+        if jobs is not None:
+            key = f"{jobs[r.job].endpoint}{' streamed' if jobs[r.job].stream else ''}"
+            mix[key] = mix.get(key, 0) + 1
+    return LoadReport(clients, len(results), len(failed), wall, len(ok) / wall, tokens, tokens / wall,
                       _percentiles([r.latency_s for r in ok]), _percentiles([r.ttft_s for r in ok if r.ttft_s]),
-                      list(results))
+                      _percentiles(tpot), sum(r.prompt_tokens or 0 for r in ok), by_status,
+                      [f"request {r.job}: {r.status} {(r.error or '')[:300]}" for r in failed[:5] if r is not None],
+                      mix, list(results))
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -204,7 +225,7 @@ def main() -> None:
     print(f"{summary['requests']} requests from {summary['clients']} clients in {summary['wall_s']:.1f} s: "
           f"{summary['errors']} errors, {summary['requests_per_s']:.1f} req/s, "
           f"{summary['output_tokens_per_s']:.1f} output tok/s")
-    for name in ("latency_s", "ttft_s"):
+    for name in ("latency_s", "ttft_s", "tpot_s"):
         print(f"{name}: " + ", ".join(f"{key} {value * 1000:.0f} ms" for key, value in summary[name].items()))
 
 

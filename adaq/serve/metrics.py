@@ -6,6 +6,7 @@ are read when scraped; counters and histograms are fed by the engine loop after 
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
+from prometheus_client.core import GaugeMetricFamily
 
 from adaq.engine.llm_engine import LLMEngine, RequestOutput
 
@@ -53,6 +54,10 @@ class ServerMetrics:
         gauge("adaq_kv_cache_usage_perc", "Share of KV-cache blocks in use (0..1)", engine.kv_usage)
         gauge("adaq_kv_cache_free_blocks", "Free KV-cache blocks", lambda: engine.block_manager.num_free_blocks)
         gauge("adaq_kv_cache_blocks", "KV-cache blocks in all", lambda: engine.block_manager.num_blocks)
+        gauge("adaq_fallbacks", "Fallbacks so far (adaq_fallback lists them)", lambda: len(engine.fallbacks))
+        gauge("adaq_cuda_graphs", "1 when decode steps replay CUDA graphs",
+              lambda: float(engine.runner.decode_graphs is not None))
+        self.registry.register(_FallbackCollector(engine, self._model))
 
     # ---- fed by the engine loop and the HTTP layer -------------------------------------------------------------
     def step(self, outputs: list[RequestOutput], seconds: float) -> None:
@@ -83,3 +88,21 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FallbackCollector:
+    """`adaq_fallback{what, cause, setting} 1` for each fallback the engine reported, read when scraped (a kernel
+    fallback may first happen while serving)."""
+
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def describe(self):
+        return []  # no samples known at registration: collected only when scraped
+
+    def collect(self):
+        family = GaugeMetricFamily("adaq_fallback", "A fallback the engine took (what gave way, why, the setting)",
+                                   labels=["model_name", "what", "cause", "setting"])
+        for fallback in self.engine.fallbacks:
+            family.add_metric([self.model_name, fallback.what, fallback.cause, fallback.setting], 1)
+        yield family

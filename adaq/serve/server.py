@@ -2,7 +2,7 @@
 
 import errno
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adaq.engine.config import EngineConfig
 from adaq.errors import AdaqError
@@ -23,11 +23,15 @@ class Listening:
     block_size: int
     backend: str
     device: str
+    cuda_graphs: bool = False
+    fallbacks: list[dict] = field(default_factory=list)  # adaq.backends.fallbacks.Fallback as dicts
 
     def line(self) -> str:
+        graphs = ", CUDA graphs" if self.cuda_graphs else ""
+        fallbacks = "; ".join(f"{f['what']} ({f['cause']})" for f in self.fallbacks)
         return (f"serving {self.model} at {self.url}/v1 · context {self.max_model_len} · up to {self.max_num_seqs} "
                 f"sequences · {self.kv_cache_blocks} KV blocks of {self.block_size} · {self.backend} on "
-                f"{self.device}")
+                f"{self.device}{graphs} · {'FALLBACKS: ' + fallbacks if fallbacks else 'no fallbacks'}")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -46,8 +50,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, log_level: str = "info",
-          on_ready=None) -> None:
-    """Serve until interrupted; `on_ready(Listening)` is called once the model is loaded and the socket bound."""
+          on_ready=None, load_engine=None) -> None:
+    """Serve until interrupted; `on_ready(Listening)` is called once the model is loaded and the socket bound.
+    `load_engine()` makes the engine when the model is not a checkpoint folder (a synthetic model)."""
     import uvicorn
 
     from adaq.engine.llm_engine import LLMEngine
@@ -55,7 +60,7 @@ def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, l
 
     sock = bind(host, port)
     try:
-        engine = LLMEngine(config)
+        engine = load_engine() if load_engine is not None else LLMEngine(config)
         app = build_app(engine, settings)
         if on_ready is not None:
             on_ready(_listening(engine, settings, sock, host))
@@ -86,4 +91,5 @@ def _listening(engine, settings: ServeSettings, sock: socket.socket, host: str) 
     backend = getattr(getattr(model, "backend", None), "name", engine.config.backend)
     return Listening(f"http://{shown_host}:{port}", host, port, settings.model_names[0], engine.max_model_len,
                      engine.config.max_num_seqs, engine.block_manager.num_blocks, engine.config.block_size,
-                     str(backend), str(engine.config.device))
+                     str(backend), str(engine.config.device), engine.runner.decode_graphs is not None,
+                     engine.fallbacks.as_dicts())
