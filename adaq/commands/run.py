@@ -43,8 +43,8 @@ def run(
     from adaq.engine.api import LLM
     from adaq.engine.chat import TemplateLimits, TemplateRenderer
     from adaq.engine.sampling_params import SamplingParams
-
     from adaq.kernels.prefill_fp8 import select_path
+    from adaq.validate import check_checkpoint
 
     console = Console(stderr=True)
     select_path(prefill_path)
@@ -52,6 +52,7 @@ def run(
     if threads is not None:
         _set_threads(threads)
     with console.status(f"loading {checkpoint}"):
+        check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, run runs
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
                   kv_cache_memory=kv_cache_memory)

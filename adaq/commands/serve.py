@@ -66,6 +66,7 @@ def serve(
     from adaq.kernels.prefill_fp8 import select_path
     from adaq.serve.app import ServeSettings
     from adaq.serve.server import serve as run_server
+    from adaq.validate import check_checkpoint
 
     console = Console(stderr=True)
     select_path(prefill_path)
@@ -90,6 +91,7 @@ def serve(
 
     status.start()
     try:
+        check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, serve serves
         run_server(config, settings, host, port, log_level, on_ready=ready, read_timeout_s=read_timeout,
                    keep_alive_s=keep_alive)
     finally:

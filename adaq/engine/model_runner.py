@@ -4,13 +4,17 @@ The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_siz
 cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
 docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
-fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
+fit in 1 GiB, never less than one sequence of `max_model_len` tokens. When `max_model_len` is the model's own
+(max_position_embeddings, not --max-model-len) and one sequence of it does not fit that budget, the context is
+capped to what fits, with one line that says so: a config claiming a 1e9-token context must not ask for 256 GB.
 
 Logits are computed only where they are needed: the last token of each sequence that samples in this step, and
 every prompt position of a request that asked for prompt log-probabilities (in slices, so a long prompt never
 holds a full [T, vocab] tensor).
 """
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +27,8 @@ from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
 from adaq.engine.sequence import Sequence
 from adaq.errors import AdaqError
+
+log = logging.getLogger("adaq.engine")
 
 CPU_DEFAULT_KV_BYTES = 2**30
 LOGPROB_SLICE_ROWS = 64  # 64 x a 262k vocabulary in fp32: 67 MB per slice
@@ -78,8 +84,10 @@ class ModelRunner:
     copies into its static buffers and replays (None: no graph for this batch, run eagerly).
     """
 
-    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig):
+    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig, fit_context: bool = False):
+        """`fit_context`: config.max_model_len is the model's own, and may be lowered to what the KV cache holds."""
         self.model = model
+        self.fit_context = fit_context
         self.config = config
         self.device = config.device
         self.attention_layers = [module for module in model.modules() if hasattr(module, "k_cache")]
@@ -112,13 +120,26 @@ class ModelRunner:
             num_blocks = self._gpu_free_bytes_after_warmup() // block_bytes
         else:
             num_blocks = self._cpu_default_blocks(block_bytes)
+        if self.fit_context:
+            self._fit_context(num_blocks)
         self._check_capacity(num_blocks)
         return num_blocks
 
     def _cpu_default_blocks(self, block_bytes: int) -> int:
         blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
-        affordable = CPU_DEFAULT_KV_BYTES // block_bytes
-        return max(blocks_per_seq, min(affordable, blocks_per_seq * self.config.max_num_seqs))
+        affordable = max(1, CPU_DEFAULT_KV_BYTES // block_bytes)
+        wanted = min(affordable, blocks_per_seq * self.config.max_num_seqs)
+        if self.fit_context or blocks_per_seq * block_bytes > _physical_memory_bytes() // 2:
+            return wanted  # too small for one sequence: _fit_context caps the context, or _check_capacity says so
+        return max(blocks_per_seq, wanted)
+
+    def _fit_context(self, num_blocks: int) -> None:
+        capacity = num_blocks * self.geometry.block_size
+        if 0 < capacity < self.max_model_len:
+            log.warning(f"context capped at {capacity} tokens, what the KV cache holds (the model claims "
+                        f"{self.max_model_len}); set --max-model-len (and --kv-cache-memory or "
+                        f"--gpu-memory-utilization) to change it")
+            self.max_model_len = self.config.max_model_len = capacity
 
     def _check_capacity(self, num_blocks: int) -> None:
         capacity = num_blocks * self.geometry.block_size
@@ -136,8 +157,13 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         g = self.geometry
         shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=g.dtype, device=self.device)
-        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if g.has_scales else None
+        try:
+            self.kv_cache = torch.zeros(shape, dtype=g.dtype, device=self.device)
+            self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if g.has_scales else None
+        except (RuntimeError, MemoryError) as error:  # torch's CPU and CUDA out-of-memory errors are RuntimeErrors
+            raise AdaqError(f"cannot allocate the KV cache ({num_blocks * g.bytes_per_block() / 2**30:.2f} GiB for "
+                            f"{num_blocks} blocks: {str(error).splitlines()[0][:200]}); lower --max-model-len or "
+                            f"--kv-cache-memory") from None
         self._attach_cache(self.kv_cache, self.kv_scales)
 
     def _attach_cache(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
@@ -324,6 +350,13 @@ class ModelRunner:
         if self.device.type != "cpu":
             host = host.pin_memory().to(self.device, non_blocking=True)
         return torch.split(host, sizes)
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 2**62  # unknown: no cap
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
 from adaq.validate.rules import kernel_tiles
-from adaq.validate.shapes import ModelShape
+from adaq.formats.shapes import ModelShape
 
 GiB = 1024**3
 MiB = 1024**2
