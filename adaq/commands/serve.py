@@ -2,6 +2,7 @@
 /health, /metrics) over one engine with continuous batching."""
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
 from adaq.engine.chat import DEFAULT_TIMEOUT_S
 
+API_KEY_ENV = "ADAQ_API_KEY"
 DEFAULT_READ_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S = 30.0, 5  # adaq.serve.server's (not imported: --help stays instant)
 
 
@@ -16,7 +18,7 @@ def serve(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port (0: any free port, printed when ready)."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="ADAQ_API_KEY",
+    api_key: str | None = typer.Option(None, "--api-key", envvar=API_KEY_ENV,
                                        help="Require 'Authorization: Bearer KEY' on every route but /health "
                                             "(env ADAQ_API_KEY)."),
     public_metrics: bool = typer.Option(False, "--public-metrics", help="Serve /metrics without the API key."),
@@ -59,6 +61,8 @@ def serve(
 
     from adaq.errors import AdaqError
 
+    if api_key is None and os.environ.get(API_KEY_ENV) is not None:
+        api_key = os.environ[API_KEY_ENV]  # click reads an empty variable as unset: ServeSettings refuses it
     if not (checkpoint / "config.json").is_file():
         raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)")
 
