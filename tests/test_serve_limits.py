@@ -78,12 +78,14 @@ def test_a_runaway_chat_template_gets_a_400_while_health_keeps_answering(server,
     assert server.post("/v1/chat/completions", json=chat("hello")).status_code == 200  # a fresh worker renders
 
 
-def test_the_template_renders_as_apply_chat_template_does(hostile_checkpoint):
+def test_the_template_renders_as_apply_chat_template_does(tiny_qwen3_nvfp4):
     from transformers import AutoTokenizer
 
     from adaq.engine.chat import TemplateRenderer, render_chat
 
-    tokenizer = AutoTokenizer.from_pretrained(str(hostile_checkpoint))
+    # Never the hostile template in this process: jinja folds constants when it compiles, so merely compiling
+    # {{ 'x' * 10000000000 }} allocates the 10 GB string.
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen3_nvfp4))
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo ☃"}]
     with TemplateRenderer() as renderer:
         assert render_chat(tokenizer, messages, renderer=renderer) == \

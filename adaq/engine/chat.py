@@ -2,7 +2,8 @@
 a worker process with a time limit and a memory limit.
 
 A chat template is code that comes with a checkpoint. jinja's sandbox keeps it from touching the system, not from
-looping for hours (`range(100000)` nested) or building a 10 GB string, and rendered in the caller's thread such a
+looping for hours (`range(100000)` nested) or building a 10 GB string (a constant one already while it compiles:
+jinja folds constants), so the parent never even compiles one. Rendered in the caller's thread, such a
 template froze `adaq serve` (SIGINT included) and took `adaq run` to 4 GB. So TemplateRenderer keeps a few
 spawned worker processes (no fork of a threaded parent), each under RLIMIT_AS; one that overruns its time is killed
 and replaced, and the caller gets a TemplateError (a one-line CLI error, an HTTP 400).
@@ -11,6 +12,7 @@ and replaced, and the caller gets a TemplateError (a one-line CLI error, an HTTP
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from adaq.errors import AdaqError
@@ -221,6 +223,7 @@ def worker_main() -> None:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     limit_address_space(int(sys.argv[1]))
+    threading.Thread(target=end_with_parent, args=(os.getppid(),), daemon=True).start()
     out = sys.stdout
     out.write(json.dumps("ready") + "\n")
     out.flush()
@@ -229,6 +232,14 @@ def worker_main() -> None:
         answer = render_one(render_jinja_template, template, messages, add_generation_prompt, special, max_chars)
         out.write(json.dumps(answer) + "\n")
         out.flush()
+
+
+def end_with_parent(parent: int) -> None:
+    """A parent killed mid-render (SIGKILL) cannot kill its worker: the worker notices it was orphaned and exits,
+    rather than loop for hours. (jinja renders in Python, so this thread gets the GIL in between.)"""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def render_one(render, template: str, messages: list[dict], add_generation_prompt: bool, special: dict,
