@@ -117,7 +117,7 @@ def nonfinite(tensor: torch.Tensor) -> str | None:
 def check_finite(path, name: str, tensor: torch.Tensor) -> torch.Tensor:
     problem = nonfinite(tensor)
     if problem is not None:
-        raise CheckpointError(f"{path}: tensor {name} holds {problem}: the checkpoint is corrupt")
+        raise CheckpointError(f"{path}: tensor {name} holds NaN or inf ({problem}): the checkpoint is corrupt")
     return tensor
 
 
