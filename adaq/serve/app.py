@@ -2,11 +2,11 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with `stream: true`, ended by
 `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus), /docs, /redoc, /openapi.json. With an API key every
-route but /health needs it (/metrics and the OpenAPI pages too, unless `public_metrics` / `public_docs`). Errors use OpenAI's body
-{"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a request the model cannot serve (prompt
-longer than the context, unsupported option), 401 wrong or missing API key (only /v1/* needs it), 404 unknown
-route or model, 413 body larger than `max_body_bytes`, 422 a field of the wrong type or out of range, 429 the
-server is at capacity (bounded queue), 500 the engine failed.
+route but /health needs it (/metrics and the OpenAPI pages too, unless `public_metrics` / `public_docs`).
+Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a request the
+model cannot serve (prompt longer than the context, a chat template that fails or overruns its limits, unsupported
+option), 401 wrong or missing API key, 404 unknown route or model, 413 body larger than `max_body_bytes`, 422 a
+field of the wrong type or out of range, 429 the server is at capacity (bounded queue), 500 the engine failed.
 """
 
 import asyncio
