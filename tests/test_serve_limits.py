@@ -142,6 +142,14 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
         assert error["code"] == "context_length_exceeded" and "60000 characters" in error["message"], error
 
 
+def test_a_prompt_that_cannot_be_tokenized_is_a_400(server):
+    for path, body in (("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}'),
+                       ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": '
+                                                b'"\\udfff"}], "max_tokens": 2}')):
+        response = server.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_prompt", response.text
+
+
 # ---- connections ---------------------------------------------------------------------------------------------------
 def test_idle_and_half_open_connections_are_closed(server):
     host, port = server.url.removeprefix("http://").split(":")

@@ -120,7 +120,14 @@ async def _encode(engine: LLMEngine, text: str, limits: Limits, param: str,
                   add_special_tokens: bool = True) -> list[int]:
     _check_prompt_chars(len(text), limits, param)
     # Off the event loop: even a prompt under the limit takes a while to tokenize.
-    return await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(_tokenize, engine, text, add_special_tokens, param)
+
+
+def _tokenize(engine: LLMEngine, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    try:
+        return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except (TypeError, ValueError, UnicodeError) as error:  # e.g. a lone surrogate ("\ud800"), valid JSON
+        raise bad_request(f"the prompt cannot be tokenized: {str(error)[:200]}", param, "invalid_prompt") from None
 
 
 def _check_prompt_chars(num_chars: int, limits: Limits, param: str) -> None:
