@@ -1,7 +1,7 @@
 """Checkpoint validation for adaq's sm_89 kernels and the VRAM budget of serving it (`adaq validate`)."""
 
-from adaq.validate.budget import Budget, Gpu, WeightBytes, estimate_weight_bytes, plan
 from adaq.formats.shapes import ModelShape
+from adaq.validate.budget import Budget, Gpu, WeightBytes, estimate_weight_bytes, plan
 from adaq.validate.tensors import Finding
 from adaq.validate.validator import ValidationReport, check_checkpoint, validate_checkpoint
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
-from adaq.validate.rules import kernel_tiles
 from adaq.formats.shapes import ModelShape
+from adaq.validate.rules import kernel_tiles
 
 GiB = 1024**3
 MiB = 1024**2

@@ -10,6 +10,7 @@ from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
 from adaq.formats.architectures import architecture_of
 from adaq.formats.consistency import layer_problems, linear_shapes, nonfinite, shape_problem
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
+from adaq.formats.shapes import ModelShape
 from adaq.validate.budget import (
     DEFAULT_UTILIZATION,
     Budget,
@@ -20,7 +21,6 @@ from adaq.validate.budget import (
     plan,
 )
 from adaq.validate.rules import FORMAT_ROLES, TensorRoles, tile_rules
-from adaq.formats.shapes import ModelShape
 from adaq.validate.tensors import Checks, Finding, TensorIndex, check_linears
 
 DEFAULT_CONTEXT = 4096
