@@ -58,6 +58,7 @@ class ServeSettings:
             raise AdaqError("invalid setting --api-key (or ADAQ_API_KEY): it is empty or starts or ends with "
                             "whitespace; give a real key, or leave both unset to serve without one")
         _require(self.max_queue >= 0, "max-queue", self.max_queue, ">= 0")
+        _require(self.chat_template_timeout > 0, "chat-template-timeout", self.chat_template_timeout, "> 0")
         for name in ("max_prompt_tokens", "max_output_tokens", "max_body_bytes"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name.replace("_", "-"), value, ">= 1")
