@@ -499,7 +499,8 @@ def test_serve_cli_errors_are_one_line(tmp_path, tiny_qwen3_nvfp4):
 
 @pytest.mark.parametrize("setting, flag", [({"max_queue": -1}, "--max-queue"),
                                            ({"max_prompt_tokens": 0}, "--max-prompt-tokens"),
-                                           ({"model_names": [""]}, "--served-model-name")])
+                                           ({"model_names": [""]}, "--served-model-name"),
+                                           ({"chat_template_timeout": 0}, "--chat-template-timeout")])
 def test_bad_server_settings_name_the_flag(setting, flag):
     from adaq.errors import AdaqError
     from adaq.serve.app import ServeSettings

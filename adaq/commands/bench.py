@@ -80,6 +80,10 @@ def bench(
 
     if (checkpoint is None) == (synthetic is None):
         raise AdaqError("give either a checkpoint folder (adaq bench CKPT) or --synthetic NAME, not both or neither")
+    if checkpoint is not None:
+        from adaq.validate import check_checkpoint
+
+        check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, bench runs
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
                            backend, kv_cache_dtype, device, parse_baselines(prefill_path), strict)

@@ -35,6 +35,8 @@ def run(
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch (default: its own)."),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if any)."),
     system: str | None = typer.Option(None, "--system", help="System message for chat."),
+    chat_template_timeout: float = typer.Option(10.0, "--chat-template-timeout",
+                                                help="Seconds the chat template may take to render (else an error)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
@@ -43,15 +45,19 @@ def run(
     from rich.console import Console
 
     from adaq.engine.api import LLM
+    from adaq.engine.chat import TemplateLimits, TemplateRenderer
     from adaq.engine.sampling_params import SamplingParams
 
     from adaq.backends.prefill_route import select_path
+    from adaq.validate import check_checkpoint
 
     console = Console(stderr=True)
     select_path(prefill_path)
+    template_limits = TemplateLimits(chat_template_timeout)
     if threads is not None:
         _set_threads(threads)
     with console.status(f"loading {checkpoint}"):
+        check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, run runs
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
                   kv_cache_memory=kv_cache_memory, window_kv=window_kv, strict=strict)
@@ -60,13 +66,13 @@ def run(
     sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}
     params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, ignore_eos=ignore_eos, **sampling)
     use_chat = _has_template(llm) if chat is None else chat
-    if prompt is None:
-        if json_output:
-            raise _error("--json needs a PROMPT (the interactive chat is for people)")
-        _interactive(llm, params, system, console)
-        return
-    messages = _messages(system, prompt)
-    token_ids = _encode(llm, messages if use_chat else prompt)
+    if json_output and prompt is None:
+        raise _error("--json needs a PROMPT (the interactive chat is for people)")
+    with TemplateRenderer(template_limits) as renderer:
+        if prompt is None:
+            _interactive(llm, params, system, console, renderer)
+            return
+        token_ids = _encode(llm, _messages(system, prompt) if use_chat else prompt, renderer)
     if json_output:
         output = llm.generate(token_ids, params)[0]
         print(json.dumps({"text": output.text, "token_ids": output.token_ids, "finish_reason": output.finish_reason,
@@ -76,7 +82,7 @@ def run(
     _print_stats(console, llm, output)
 
 
-def _interactive(llm, params, system: str | None, console) -> None:
+def _interactive(llm, params, system: str | None, console, renderer) -> None:
     from rich.prompt import Prompt
 
     from adaq.errors import AdaqError
@@ -97,7 +103,7 @@ def _interactive(llm, params, system: str | None, console) -> None:
             continue
         messages.append({"role": "user", "content": user})
         try:
-            output = _stream_reply(llm, _encode(llm, messages), params)
+            output = _stream_reply(llm, _encode(llm, messages, renderer), params)
         except AdaqError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             console.print(f"error: {error}; /clear starts a new conversation", style="red", soft_wrap=True)
             messages.pop()
@@ -183,12 +189,12 @@ def _messages(system: str | None, prompt: str | None) -> list[dict]:
     return messages + ([{"role": "user", "content": prompt}] if prompt is not None else [])
 
 
-def _encode(llm, prompt_or_messages) -> list[int]:
+def _encode(llm, prompt_or_messages, renderer) -> list[int]:
     from adaq.engine.chat import chat_token_ids
 
     if isinstance(prompt_or_messages, str):
         return llm.engine.encode(prompt_or_messages)
-    return chat_token_ids(llm.tokenizer, prompt_or_messages)
+    return chat_token_ids(llm.tokenizer, prompt_or_messages, renderer)
 
 
 def _has_template(llm) -> bool:

@@ -2,20 +2,29 @@
 /health, /metrics) over one engine with continuous batching."""
 
 import json
+import os
 from pathlib import Path
 
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
 from adaq.commands import STRICT_HELP
+from adaq.engine.chat import DEFAULT_TIMEOUT_S
+
+API_KEY_ENV = "ADAQ_API_KEY"
+DEFAULT_READ_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S = 30.0, 5  # adaq.serve.server's (not imported: --help stays instant)
 
 
 def serve(
     checkpoint: Path = typer.Argument(None, help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port (0: any free port, printed when ready)."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="ADAQ_API_KEY",
-                                       help="Require 'Authorization: Bearer KEY' on /v1/* (env ADAQ_API_KEY)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar=API_KEY_ENV,
+                                       help="Require 'Authorization: Bearer KEY' on every route but /health "
+                                            "(env ADAQ_API_KEY)."),
+    public_metrics: bool = typer.Option(False, "--public-metrics", help="Serve /metrics without the API key."),
+    public_docs: bool = typer.Option(False, "--public-docs",
+                                     help="Serve /docs, /redoc and /openapi.json without the API key."),
     served_model_name: list[str] = typer.Option([], "--served-model-name",
                                                 help="Model name clients use (repeatable; default: folder name)."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
@@ -38,6 +47,12 @@ def serve(
     max_output_tokens: int | None = typer.Option(None, "--max-output-tokens",
                                                  help="Largest max_tokens accepted (default: context - 1)."),
     max_body_bytes: int = typer.Option(8 * 2**20, "--max-body-bytes", help="Largest request body (else 413)."),
+    read_timeout: float = typer.Option(DEFAULT_READ_TIMEOUT_S, "--read-timeout",
+                                       help="Seconds a client has to send a whole request (headers and body)."),
+    keep_alive: int = typer.Option(DEFAULT_KEEP_ALIVE_S, "--keep-alive",
+                                   help="Seconds an idle keep-alive connection stays open."),
+    chat_template_timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--chat-template-timeout",
+                                                help="Seconds a chat template may take to render (else 400)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
     json_output: bool = typer.Option(False, "--json", help="Print the ready line as one JSON object on stdout."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
@@ -52,6 +67,8 @@ def serve(
 
     from adaq.errors import AdaqError
 
+    if api_key is None and os.environ.get(API_KEY_ENV) is not None:
+        api_key = os.environ[API_KEY_ENV]  # click reads an empty variable as unset: ServeSettings refuses it
     if synthetic is not None:
         checkpoint, load_engine = _synthetic(synthetic, tokenizer, checkpoint)
     elif checkpoint is None or not (checkpoint / "config.json").is_file():
@@ -64,12 +81,16 @@ def serve(
     from adaq.backends.prefill_route import select_path
     from adaq.serve.app import ServeSettings
     from adaq.serve.server import serve as run_server
+    from adaq.validate import check_checkpoint
 
     console = Console(stderr=True)
     select_path(prefill_path)
     names = served_model_name or [f"synthetic-{Path(synthetic).stem}" if synthetic else checkpoint.name]
     settings = ServeSettings(names + [str(checkpoint)], str(checkpoint), api_key, max_queue, max_prompt_tokens,
-                             max_output_tokens, max_body_bytes)
+                             max_output_tokens, max_body_bytes, public_metrics, public_docs, chat_template_timeout)
+    if not api_key and not is_loopback(host):
+        console.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use "
+                      f"the model", style="yellow", soft_wrap=True)
     config = EngineConfig(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
@@ -85,8 +106,10 @@ def serve(
 
     status.start()
     try:
-        run_server(config, settings, host, port, log_level, on_ready=ready,
-                   load_engine=None if load_engine is None else lambda: load_engine(config))
+        if load_engine is None:
+            check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, serve serves
+        run_server(config, settings, host, port, log_level, on_ready=ready, read_timeout_s=read_timeout,
+                   keep_alive_s=keep_alive, load_engine=None if load_engine is None else lambda: load_engine(config))
     finally:
         status.stop()
 
@@ -103,3 +126,14 @@ def _synthetic(name: str, tokenizer: Path | None, checkpoint: Path | None):
     from adaq.bench.synthetic import synthetic_engine
 
     return tokenizer, lambda config: synthetic_engine(name, config)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

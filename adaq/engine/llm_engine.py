@@ -67,10 +67,11 @@ class LLMEngine:
         self.model_config = model_config if model_config is not None else _read_model_config(config.model)
         self.tokenizer = tokenizer if tokenizer is not None or config.skip_tokenizer else load_tokenizer(config.model)
         self.model_max_len = _model_max_len(self.model_config)
+        fit_context = config.max_model_len is None  # the model's own length: the KV cache may cap it
         config.max_model_len = self._resolve_max_model_len()
         if model is None:
             model = load_model(self.model_config, config)
-        self.runner = ModelRunner(model, self.model_config, config)
+        self.runner = ModelRunner(model, self.model_config, config, fit_context)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.runner.sliding_window if self.runner.num_sliding_blocks else None,
                                           self.runner.num_sliding_blocks)

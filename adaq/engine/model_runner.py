@@ -4,7 +4,9 @@ The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_siz
 cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
 docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
-fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
+fit in 1 GiB, never less than one sequence of `max_model_len` tokens. When `max_model_len` is the model's own
+(max_position_embeddings, not --max-model-len) and one sequence of it does not fit that budget, the context is
+capped to what fits, with one line that says so: a config claiming a 1e9-token context must not ask for 256 GB.
 
 Window-sized KV (`EngineConfig.window_kv`, on by default): a model with both sliding-window and global layers
 gets two such tensors, one per group, each with its own blocks (block_manager.py). The sliding pool holds what
@@ -16,6 +18,8 @@ every prompt position of a request that asked for prompt log-probabilities (in s
 holds a full [T, vocab] tensor).
 """
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +34,8 @@ from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
 from adaq.engine.sequence import Sequence
 from adaq.errors import AdaqError
+
+log = logging.getLogger("adaq.engine")
 
 CPU_DEFAULT_KV_BYTES = 2**30
 LOGPROB_SLICE_ROWS = 64  # 64 x a 262k vocabulary in fp32: 67 MB per slice
@@ -85,8 +91,10 @@ class ModelRunner:
     copies into its static buffers and replays (None: no graph for this batch, run eagerly).
     """
 
-    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig):
+    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig, fit_context: bool = False):
+        """`fit_context`: config.max_model_len is the model's own, and may be lowered to what the KV cache holds."""
         self.model = model
+        self.fit_context = fit_context
         self.config = config
         self.device = config.device
         # One record for the backend's fallbacks and the runner's own (decode graphs); strict before any work runs.
@@ -129,13 +137,26 @@ class ModelRunner:
             num_blocks = self._global_blocks_in(self._gpu_free_bytes_after_warmup())
         else:
             num_blocks = self._cpu_default_blocks()
+        if self.fit_context:
+            self._fit_context(num_blocks)
         self._check_capacity(num_blocks)
         return num_blocks, self._sliding_blocks_beside(num_blocks)
 
     def _cpu_default_blocks(self) -> int:
         blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
-        affordable = self._global_blocks_in(CPU_DEFAULT_KV_BYTES)
-        return max(blocks_per_seq, min(affordable, blocks_per_seq * self.config.max_num_seqs))
+        affordable = max(1, self._global_blocks_in(CPU_DEFAULT_KV_BYTES))
+        wanted = min(affordable, blocks_per_seq * self.config.max_num_seqs)
+        if self.fit_context or blocks_per_seq * self.geometry.bytes_per_block() > _physical_memory_bytes() // 2:
+            return wanted  # too small for one sequence: _fit_context caps the context, or _check_capacity says so
+        return max(blocks_per_seq, wanted)
+
+    def _fit_context(self, num_blocks: int) -> None:
+        capacity = num_blocks * self.geometry.block_size
+        if 0 < capacity < self.max_model_len:
+            log.warning(f"context capped at {capacity} tokens, what the KV cache holds (the model claims "
+                        f"{self.max_model_len}); set --max-model-len (and --kv-cache-memory or "
+                        f"--gpu-memory-utilization) to change it")
+            self.max_model_len = self.config.max_model_len = capacity
 
     def _sliding_pool_need(self) -> int:
         return sliding_pool_blocks(self.sliding_window, self.geometry.block_size, self.config.max_num_seqs,
@@ -388,8 +409,13 @@ def _padded(tables: list[list[int]], width: int, pad: int) -> list[int]:
 def _cache_tensors(g: "KVGeometry", num_blocks: int, device, scale: float = 0.0):
     """One group's cache [2, layers, blocks, block_size, kv_heads, head_dim] and, for FP8, its fp32 scales."""
     shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
-    cache = torch.zeros(shape, dtype=g.dtype, device=device)
-    scales = torch.full(shape[:-1], scale, dtype=torch.float32, device=device) if g.has_scales else None
+    try:
+        cache = torch.zeros(shape, dtype=g.dtype, device=device)
+        scales = torch.full(shape[:-1], scale, dtype=torch.float32, device=device) if g.has_scales else None
+    except (RuntimeError, MemoryError) as error:  # torch's CPU and CUDA out-of-memory errors are RuntimeErrors
+        raise AdaqError(f"cannot allocate the KV cache ({num_blocks * g.bytes_per_block() / 2**30:.2f} GiB for "
+                        f"{num_blocks} blocks: {str(error).splitlines()[0][:200]}); lower --max-model-len or "
+                        f"--kv-cache-memory") from None
     return cache, scales
 
 
@@ -400,6 +426,13 @@ def _kv_groups(layers: list[torch.nn.Module], window_kv: bool) -> tuple[list, li
     if not window_kv or not sliding or len(sliding) == len(layers):
         return layers, []
     return [layer for layer in layers if not getattr(layer, "sliding_window", None)], sliding
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 2**62  # unknown: no cap
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Formats: `compressed-tensors` (nvfp4-pack-quantized, as llm-compressor writes it), `modelopt` (NVIDIA ModelOpt
 NVFP4) and `dense` (anything else in safetensors). Every shard's header is checked strictly before anything is
-read (adaq.formats.safetensors_check); tensors are then read lazily, one at a time. Never unpickles.
+read (adaq.formats.safetensors_check), and the tensors against config.json (adaq.formats.consistency); tensors are
+then read lazily, one at a time, each refused if it holds NaN or inf. Never unpickles.
 """
 
 import json
@@ -13,6 +14,7 @@ from safetensors import safe_open
 
 from adaq.errors import CheckpointError
 from adaq.formats import modelopt
+from adaq.formats.consistency import bad_block_scales, check_finite, raise_problems, structure_problems
 from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
@@ -62,11 +64,25 @@ class Checkpoint:
         return sorted(name for name, file in self._index.items() if file == shard)
 
     def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as stored; NaN or inf in a floating tensor is a CheckpointError."""
         shard = self._index.get(name)
         if shard is None:
             raise CheckpointError(f"{self.path}: tensor {name} is missing")
         with safe_open(shard, framework="pt") as reader:
-            return reader.get_tensor(name)
+            return check_finite(self.path, name, reader.get_tensor(name))
+
+    def specs(self) -> dict[str, tuple[str, list[int]]]:
+        """(safetensors dtype, shape) of every tensor, from the shard headers."""
+        specs = {}
+        for shard in self.shards():
+            header = self._headers.get(shard)
+            if header is None:
+                with safe_open(shard, framework="pt") as reader:
+                    header = {name: {"dtype": reader.get_slice(name).get_dtype(),
+                                     "shape": reader.get_slice(name).get_shape()} for name in reader.keys()}
+            specs.update({name: (entry["dtype"], list(entry["shape"])) for name, entry in header.items()
+                          if name != "__metadata__"})
+        return specs
 
     def tensor_spec(self, name: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
         """(dtype, shape) from the shard header, without reading the tensor; dtype None if torch has none."""
@@ -186,6 +202,18 @@ def check_nvfp4(path: Path, prefix: str, weight: NVFP4Weight, names: tuple[str, 
         raise CheckpointError(f"{path}: {scale_name} has shape {tuple(weight.block_scale.shape)}, expected "
                               f"{expected} for {packed_name} of shape {(rows, half_k)} (K = {half_k * 2} must be "
                               f"a multiple of {GROUP_SIZE})")
+    check_scale_values(path, prefix, weight, scale_name, global_name)
+
+
+def check_scale_values(path: Path, prefix: str, weight: NVFP4Weight, scale_name: str, global_name: str) -> None:
+    """The rules `adaq validate` reports as global-scale, input-scale and block-scale, enforced at load."""
+    scalars = [(global_name, weight.global_scale), (f"{prefix} input scale", weight.input_global_scale)]
+    for name, value in scalars:
+        if value is not None and not (bool(torch.isfinite(value).all()) and bool((value > 0).all())):
+            raise CheckpointError(f"{path}: {name} is {value.item():g}: a scale must be finite and positive")
+    problem = bad_block_scales(weight.block_scale)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {scale_name} holds {problem}: block scales must be finite and >= 0")
 
 
 def read_config(path: Path) -> dict:
@@ -228,7 +256,9 @@ def index_shards(path: Path, headers: dict[Path, dict] | None = None) -> dict[st
     return index
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, check: bool = True) -> Checkpoint:
+    """The checkpoint in folder `path`; with `check`, a CheckpointError when its tensors disagree with config.json
+    (layers, Linear shapes: adaq.formats.consistency). `adaq validate` opens with check=False and reports them."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
@@ -237,7 +267,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     index = index_shards(path, headers)
     section = modelopt.modelopt_quant_config(path, config)
     if section is not None:
-        return ModelOptCheckpoint(path, config, index, headers, section)
-    if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
-        return CompressedTensorsCheckpoint(path, config, index, headers)
-    return Checkpoint(path, config, index, headers)
+        checkpoint = ModelOptCheckpoint(path, config, index, headers, section)
+    elif (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        checkpoint = CompressedTensorsCheckpoint(path, config, index, headers)
+    else:
+        checkpoint = Checkpoint(path, config, index, headers)
+    if check:
+        raise_problems(path, structure_problems(config, checkpoint.specs(), set(checkpoint.quantized_prefixes())))
+    return checkpoint

@@ -6,11 +6,9 @@ import torch
 from torch import nn
 
 from adaq.errors import CheckpointError
+from adaq.formats.architectures import DECODER_PREFIXES
 from adaq.layers.attention import PagedAttention
 from adaq.backends.handles import Weight
-
-# Where the decoder's weights sit: text-only checkpoints, and Gemma3's multimodal ones (transformers 5, then 4).
-DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 
 class WeightReader:

@@ -28,8 +28,9 @@ def text_config(config: dict):
     fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
     try:
         parsed = AutoConfig.for_model(config.get("model_type"), **fields)
-    except (ValueError, TypeError, KeyError) as error:
-        raise AdaqError(f"config.json cannot be read as model_type {config.get('model_type')!r}: {error}") from None
+    except Exception as error:  # transformers' config classes raise many kinds (strict dataclass validators too)
+        reason = " ".join(str(error).split())[:300]
+        raise AdaqError(f"config.json cannot be read as model_type {config.get('model_type')!r}: {reason}") from None
     return getattr(parsed, "text_config", None) or parsed
 
 

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP API over one LLMEngine: build_app(engine, settings) -> a FastAPI (ASGI) app.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with `stream: true`, ended by
-`data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus). Errors use OpenAI's body
-{"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a request the model cannot serve (prompt
-longer than the context, unsupported option), 401 wrong or missing API key (only /v1/* needs it), 404 unknown
-route or model, 413 body larger than `max_body_bytes`, 422 a field of the wrong type or out of range, 429 the
-server is at capacity (bounded queue), 500 the engine failed.
+`data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus), /docs, /redoc, /openapi.json. With an API key every
+route but /health needs it (/metrics and the OpenAPI pages too, unless `public_metrics` / `public_docs`).
+Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a request the
+model cannot serve (prompt longer than the context, a chat template that fails or overruns its limits, unsupported
+option), 401 wrong or missing API key, 404 unknown route or model, 413 body larger than `max_body_bytes`, 422 a
+field of the wrong type or out of range, 429 the server is at capacity (bounded queue), 500 the engine failed.
 """
 
 import asyncio
@@ -19,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from adaq.engine.chat import (DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S, TemplateLimits, TemplateRenderer,
+                              has_chat_template)
 from adaq.engine.llm_engine import LLMEngine
 from adaq.errors import AdaqError
 from adaq.serve import completions as api
@@ -28,6 +31,10 @@ from adaq.serve.metrics import CONTENT_TYPE, ServerMetrics
 from adaq.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+TEMPLATE_WORKERS = 2
+OPEN_PATHS = ("/health",)
+METRICS_PATHS = ("/metrics",)
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 @dataclass
@@ -39,11 +46,19 @@ class ServeSettings:
     max_prompt_tokens: int | None = None  # None: the context length - 1
     max_output_tokens: int | None = None  # None: the context length - 1
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    public_metrics: bool = False  # /metrics without the API key
+    public_docs: bool = False  # /docs, /redoc, /openapi.json without the API key
+    chat_template_timeout: float = DEFAULT_TIMEOUT_S
+    chat_template_memory: int = DEFAULT_MEMORY_BYTES
 
     def __post_init__(self):
         _require(bool(self.model_names) and all(self.model_names), "served-model-name", self.model_names,
                  "a non-empty name")
+        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+            raise AdaqError("invalid setting --api-key (or ADAQ_API_KEY): it is empty or starts or ends with "
+                            "whitespace; give a real key, or leave both unset to serve without one")
         _require(self.max_queue >= 0, "max-queue", self.max_queue, ">= 0")
+        _require(self.chat_template_timeout > 0, "chat-template-timeout", self.chat_template_timeout, "> 0")
         for name in ("max_prompt_tokens", "max_output_tokens", "max_body_bytes"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name.replace("_", "-"), value, ">= 1")
@@ -51,6 +66,14 @@ class ServeSettings:
     def limits(self, max_model_len: int) -> api.Limits:
         return api.Limits(max_model_len, min(self.max_prompt_tokens or max_model_len - 1, max_model_len - 1),
                           min(self.max_output_tokens or max_model_len - 1, max_model_len - 1))
+
+    def open_paths(self) -> tuple[str, ...]:
+        """Routes that answer without the API key."""
+        return OPEN_PATHS + (METRICS_PATHS if self.public_metrics else ()) + (DOCS_PATHS if self.public_docs else ())
+
+    def template_limits(self, max_model_len: int) -> TemplateLimits:
+        return TemplateLimits(self.chat_template_timeout, self.chat_template_memory,
+                              self.limits(max_model_len).max_prompt_chars)
 
 
 def _require(condition: bool, flag: str, value, expected: str) -> None:
@@ -68,27 +91,35 @@ class BodyTooLarge(HTTPException):
 
 
 def build_app(engine: LLMEngine, settings: ServeSettings) -> FastAPI:
+    """The app; `app.state.renderer.close()` stops the chat template workers (a render in progress fails at once)."""
     metrics = ServerMetrics(engine, settings.model_names[0], in_flight=lambda: loop.num_in_flight)
     loop = EngineLoop(engine, settings.max_queue, metrics)
+    renderer = TemplateRenderer(settings.template_limits(engine.max_model_len), workers=TEMPLATE_WORKERS)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await loop.start()
+        chat = has_chat_template(engine.tokenizer)
+        warming = asyncio.create_task(asyncio.to_thread(renderer.warm)) if chat else None
         yield
+        renderer.close()
         await loop.stop()
+        if warming is not None:
+            await asyncio.gather(warming, return_exceptions=True)
 
     app = FastAPI(title="adaq", summary="OpenAI-compatible server on adaq's engine", lifespan=lifespan)
     app.state.engine_loop, app.state.metrics, app.state.settings = loop, metrics, settings
+    app.state.renderer = renderer
     _add_error_handlers(app)
-    _add_routes(app, engine, loop, metrics, settings)
-    app.add_middleware(Gatekeeper, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       metrics=metrics)
+    _add_routes(app, engine, loop, metrics, settings, renderer)
+    app.add_middleware(Gatekeeper, api_key=settings.api_key, open_paths=settings.open_paths(),
+                       max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 
 
 # ---- routes --------------------------------------------------------------------------------------------------------
 def _add_routes(app: FastAPI, engine: LLMEngine, loop: EngineLoop, metrics: ServerMetrics,
-                settings: ServeSettings) -> None:
+                settings: ServeSettings, renderer: TemplateRenderer) -> None:
     limits = settings.limits(engine.max_model_len)
     defaults = engine.default_sampling_params()
     model_name = settings.model_names[0]
@@ -125,7 +156,7 @@ def _add_routes(app: FastAPI, engine: LLMEngine, loop: EngineLoop, metrics: Serv
     async def create_completion(body: CompletionRequest, request: Request):
         check_model(body.model)
         api.reject_unsupported(body)
-        prompts = await api.completion_prompts(engine, body)
+        prompts = await api.completion_prompts(engine, body, limits)
         plan = api.plan_requests(body, prompts, limits, defaults, model_name, "cmpl", body.max_tokens, "prompt")
         return await _respond(request, loop, plan, body,
                               lambda group: api.completion_stream(plan, group, _include_usage(body), body.echo),
@@ -135,7 +166,7 @@ def _add_routes(app: FastAPI, engine: LLMEngine, loop: EngineLoop, metrics: Serv
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         api.reject_unsupported(body)
-        prompts = await api.chat_prompt(engine, body)
+        prompts = await api.chat_prompt(engine, body, limits, renderer)
         asked = body.max_completion_tokens or body.max_tokens
         plan = api.plan_requests(body, prompts, limits, defaults, model_name, "chatcmpl", asked, "messages")
         return await _respond(request, loop, plan, body,
@@ -238,10 +269,13 @@ def _validation_error(errors) -> APIError:
 
 # ---- authentication, body size and HTTP metrics, before anything is parsed ----------------------------------------
 class Gatekeeper:
-    """Pure ASGI middleware: the API key (only /v1/*), the body-size limit, and the per-status request counter."""
+    """Pure ASGI middleware: the API key (every route but `open_paths`), the body-size limit, and the per-status
+    request counter."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
-        self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+    def __init__(self, app, api_key: str | None, open_paths: tuple[str, ...], max_body_bytes: int,
+                 metrics: ServerMetrics):
+        self.app, self.api_key, self.open_paths = app, api_key, open_paths
+        self.max_body_bytes, self.metrics = max_body_bytes, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -265,7 +299,7 @@ class Gatekeeper:
 
     def _refusal(self, scope) -> APIError | None:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1"):
+        if self.api_key and scope["path"] not in self.open_paths:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from adaq.engine.chat import has_chat_template, render_chat
+from adaq.engine.chat import TemplateRenderer, has_chat_template, render_chat
 from adaq.engine.llm_engine import LLMEngine, RequestOutput
 from adaq.engine.sampling_params import SamplingParams
 from adaq.errors import AdaqError
@@ -18,6 +18,9 @@ from adaq.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, 
                                  CompletionRequest, CompletionResponse, Delta, SamplingFields, Usage)
 
 DONE = "data: [DONE]\n\n"
+# The longest text a token stands for in the vocabularies adaq runs is well under 32 characters (runs of spaces or
+# dashes): a prompt longer than max_prompt_tokens x 32 characters cannot fit, and is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -25,6 +28,10 @@ class Limits:
     max_model_len: int
     max_prompt_tokens: int
     max_output_tokens: int
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_prompt_tokens * MAX_CHARS_PER_TOKEN
 
 
 @dataclass
@@ -74,12 +81,12 @@ def reject_unsupported(body: SamplingFields) -> None:
             raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
 
 
-async def completion_prompts(engine: LLMEngine, body: CompletionRequest) -> list[Prompt]:
+async def completion_prompts(engine: LLMEngine, body: CompletionRequest, limits: Limits) -> list[Prompt]:
     prompt = body.prompt
     if isinstance(prompt, str):
-        return [Prompt(await _encode(engine, prompt), prompt)]
+        return [Prompt(await _encode(engine, prompt, limits, "prompt"), prompt)]
     if isinstance(prompt[0], str):
-        return [Prompt(await _encode(engine, text), text) for text in prompt]
+        return [Prompt(await _encode(engine, text, limits, "prompt"), text) for text in prompt]
     id_lists = [list(prompt)] if isinstance(prompt[0], int) else [list(ids) for ids in prompt]
     # echo needs the prompt's text: the decoded ids (the vocabulary check comes later, in the engine)
     texts = [_decode(engine, ids) if body.echo else None for ids in id_lists]
@@ -93,22 +100,41 @@ def _decode(engine: LLMEngine, ids: list[int]) -> str | None:
         return None
 
 
-async def chat_prompt(engine: LLMEngine, body: ChatCompletionRequest) -> list[Prompt]:
+async def chat_prompt(engine: LLMEngine, body: ChatCompletionRequest, limits: Limits,
+                      renderer: TemplateRenderer) -> list[Prompt]:
     if not has_chat_template(engine.tokenizer):
         raise bad_request("this model's tokenizer has no chat template (a base model?): use /v1/completions, or add "
                           "a chat_template to the checkpoint's tokenizer_config.json", "messages",
                           "chat_template_missing")
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+    _check_prompt_chars(sum(len(message["content"]) for message in messages), limits, "messages")
     try:
-        text = render_chat(engine.tokenizer, messages, add_generation_prompt=body.add_generation_prompt)
+        # In a worker process with a time and a memory limit, waited for off the event loop.
+        text = await asyncio.to_thread(render_chat, engine.tokenizer, messages, body.add_generation_prompt, renderer)
     except AdaqError as error:
-        raise bad_request(str(error), "messages") from None
-    return [Prompt(await _encode(engine, text, add_special_tokens=False))]
+        raise bad_request(str(error), "messages", "chat_template_failed") from None
+    return [Prompt(await _encode(engine, text, limits, "messages", add_special_tokens=False))]
 
 
-async def _encode(engine: LLMEngine, text: str, add_special_tokens: bool = True) -> list[int]:
-    # Off the event loop: a long prompt takes a while to tokenize.
-    return await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+async def _encode(engine: LLMEngine, text: str, limits: Limits, param: str,
+                  add_special_tokens: bool = True) -> list[int]:
+    _check_prompt_chars(len(text), limits, param)
+    # Off the event loop: even a prompt under the limit takes a while to tokenize.
+    return await asyncio.to_thread(_tokenize, engine, text, add_special_tokens, param)
+
+
+def _tokenize(engine: LLMEngine, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    try:
+        return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except (TypeError, ValueError, UnicodeError) as error:  # e.g. a lone surrogate ("\ud800"), valid JSON
+        raise bad_request(f"the prompt cannot be tokenized: {str(error)[:200]}", param, "invalid_prompt") from None
+
+
+def _check_prompt_chars(num_chars: int, limits: Limits, param: str) -> None:
+    if num_chars > limits.max_prompt_chars:
+        raise context_length_exceeded(
+            f"the prompt has {num_chars} characters: it cannot fit in the {limits.max_prompt_tokens} tokens this "
+            f"server accepts (--max-prompt-tokens; at most {MAX_CHARS_PER_TOKEN} characters a token)", param)
 
 
 def plan_requests(body: SamplingFields, prompts: list[Prompt], limits: Limits, defaults: dict, model: str,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
+from adaq.formats.shapes import ModelShape
 from adaq.validate.rules import kernel_tiles
-from adaq.validate.shapes import ModelShape
 
 GiB = 1024**3
 MiB = 1024**2

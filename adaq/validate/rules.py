@@ -73,6 +73,8 @@ RULES = {
     "config": "config.json describes the model",
     "architecture": "an architecture adaq runs",
     "tokenizer": "a loadable tokenizer",
+    "layers": "decoder layers 0..num_hidden_layers-1, no more",
+    "finite": "kept tensors (norms, embeddings, lm_head) finite",
     "tensors-present": "packed weight, block and global scales",
     "dtype": f"{PACKED_DTYPE} packed, {BLOCK_SCALE_DTYPE} block, {GLOBAL_SCALE_DTYPE} global",
     "shape": "[N, K/2], [N, K/16], one global value",

@@ -22,7 +22,6 @@ from adaq.validate.rules import (
     TensorRoles,
     TileRules,
 )
-from adaq.validate.shapes import ModelShape
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,17 @@ class Checks:
 
 
 def check_linears(prefixes: list[str], index: TensorIndex, roles: TensorRoles, tiles: TileRules,
-                  shape: ModelShape | None, needs_input_scale: bool) -> Checks:
+                  needs_input_scale: bool, read_values: bool = True) -> Checks:
+    """Layout from the headers; with `read_values`, the scales too (streamed). Shapes against config.json are
+    adaq.formats.consistency's rules, checked for every Linear by the validator."""
     checks = Checks()
-    loadable = [p for p in prefixes if check_layout(checks, p, index, roles, tiles, shape)]
-    global_scales = check_values(checks, loadable, index, roles, needs_input_scale)
-    check_fused_groups(checks, global_scales)
+    loadable = [p for p in prefixes if check_layout(checks, p, index, roles, tiles)]
+    if read_values:
+        check_fused_groups(checks, check_values(checks, loadable, index, roles, needs_input_scale))
     return checks
 
 
-def check_layout(checks: Checks, prefix: str, index: TensorIndex, roles: TensorRoles, tiles: TileRules,
-                 shape: ModelShape | None) -> bool:
+def check_layout(checks: Checks, prefix: str, index: TensorIndex, roles: TensorRoles, tiles: TileRules) -> bool:
     """Presence, dtypes and shapes from the headers; True when the scales can be read and judged."""
     names = {role: f"{prefix}.{getattr(roles, role)}" for role in ("packed", "block_scale", "global_scale")}
     missing = [name for name in names.values() if name not in index.entries]
@@ -97,7 +97,6 @@ def check_layout(checks: Checks, prefix: str, index: TensorIndex, roles: TensorR
     if shapes_ok:
         n, k = packed["shape"][0], packed["shape"][1] * 2
         check_alignment(checks, names["packed"], n, k, tiles)
-        check_against_config(checks, prefix, n, k, shape)
     return dtypes_ok and shapes_ok
 
 
@@ -128,13 +127,6 @@ def check_alignment(checks: Checks, name: str, n: int, k: int, tiles: TileRules)
         effect = f"zero-padded to {padded} at load" if tiles.padded else "the kernel cannot run it"
         checks.check(rule, size == padded, name,
                      f"{dim} = {size} is not a multiple of {multiple} ({tiles.why}): {effect}", severity)
-
-
-def check_against_config(checks: Checks, prefix: str, n: int, k: int, shape: ModelShape | None) -> None:
-    expected = shape.expected_linear_shape(prefix) if shape else None
-    if expected is not None:
-        checks.check("shape-vs-config", (n, k) == expected, prefix,
-                     f"weight is [{n}, {k}] but config.json gives [{expected[0]}, {expected[1]}]")
 
 
 def check_values(checks: Checks, prefixes: list[str], index: TensorIndex, roles: TensorRoles,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
 from adaq.formats.architectures import architecture_of
+from adaq.formats.consistency import layer_problems, linear_shapes, nonfinite, shape_problem
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
+from adaq.formats.shapes import ModelShape
 from adaq.validate.budget import (
     DEFAULT_UTILIZATION,
     MAX_BATCHED_TOKENS,
@@ -20,11 +22,11 @@ from adaq.validate.budget import (
     plan,
 )
 from adaq.validate.rules import FORMAT_ROLES, TensorRoles, tile_rules
-from adaq.validate.shapes import ModelShape
 from adaq.validate.tensors import Checks, Finding, TensorIndex, check_linears
 
 DEFAULT_CONTEXT = 4096
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+LEVELS = ("layout", "full")  # layout: headers and config only; full: also every scale and every kept tensor's values
 TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -71,23 +73,25 @@ class ValidationReport:
         return sum(1 for f in self.findings if f.rule == rule)
 
 
-def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx4090", batch: int = 1,
+def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None = "rtx4090", batch: int = 1,
                         context: int | None = None, kv_cache_dtype: str = "fp8", compile: bool = False,
                         utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
-                        max_num_batched_tokens: int = MAX_BATCHED_TOKENS) -> ValidationReport:
-    """Check a checkpoint folder's layout and scales for `arch` and plan its VRAM on `gpu` (`window_kv`,
-    `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV).
+                        max_num_batched_tokens: int = MAX_BATCHED_TOKENS, level: str = "full") -> ValidationReport:
+    """Check a checkpoint folder's layout and values for `arch` and plan its VRAM on `gpu` (None: no plan;
+    `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV).
 
     Raises CheckpointError for a folder that cannot be read at all (corrupt safetensors, no config.json);
-    everything else becomes a Finding in the report."""
+    everything else becomes a Finding in the report. `level` "layout" reads headers and config only."""
     from adaq.formats.checkpoint import open_checkpoint
 
     path = Path(path)
-    tiles, target = tile_rules(arch), Gpu.parse(gpu)
+    if level not in LEVELS:
+        raise AdaqError(f"unknown validation level {level!r}: one of {', '.join(LEVELS)}")
+    tiles, target = tile_rules(arch), None if gpu is None else Gpu.parse(gpu)
     check_plan_options(batch, context, kv_cache_dtype, utilization)
     require_folder(path)
     headers = check_safetensors_folder(path)
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(path, check=False)
     index = TensorIndex.from_headers(headers)
     prefixes = checkpoint.quantized_prefixes()
     checks = Checks()
@@ -95,11 +99,16 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx40
     shape = model_shape(checks, checkpoint.config)
     check_quantization_config(checks, checkpoint, index)
     check_tokenizer(checks, path)
-    if checkpoint.format in FORMAT_ROLES:
-        checks.merge(check_linears(prefixes, index, FORMAT_ROLES[checkpoint.format], tiles, shape,
-                                   needs_input_scale=checkpoint.scheme == "nvfp4"))
-    budget = None
+    roles = FORMAT_ROLES.get(checkpoint.format)
+    if roles is not None:
+        checks.merge(check_linears(prefixes, index, roles, tiles, needs_input_scale=checkpoint.scheme == "nvfp4",
+                                   read_values=level == "full"))
     if shape is not None:
+        check_structure(checks, shape, checkpoint, set(prefixes))
+    if level == "full":
+        check_kept_values(checks, index, kept_names(index, prefixes, roles))
+    budget = None
+    if shape is not None and target is not None:
         context = context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
         weights = weights_from_index(index, prefixes, FORMAT_ROLES.get(checkpoint.format))
         budget = plan(shape, weights, target, batch, context, kv_cache_dtype, utilization, window_kv,
@@ -108,6 +117,17 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str = "rtx40
     compiled = compile_check(checks, arch) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
                             len(index.entries), checks.findings, checks.applied, budget, compiled)
+
+
+def check_checkpoint(path: str | Path, level: str = "full") -> ValidationReport:
+    """The checks every command runs before it uses a checkpoint (those of `adaq validate`, without the VRAM plan):
+    a CheckpointError naming the first problem when there is one, else the report (warnings included)."""
+    report = validate_checkpoint(path, gpu=None, level=level)
+    errors = report.errors
+    if errors:
+        more = f" (and {len(errors) - 1} more; `adaq validate {path}` lists them)" if len(errors) > 1 else ""
+        raise CheckpointError(f"{path}: not a valid checkpoint: {errors[0].line()}{more}")
+    return report
 
 
 def require_folder(path: Path) -> None:
@@ -135,8 +155,48 @@ def model_shape(checks: Checks, config: dict) -> ModelShape | None:
     except CheckpointError as error:
         checks.check("config", False, "", str(error))
         return None
-    checks.check("config", True, "", "")
-    return shape
+    return shape if check_engine_config(checks, config) else None
+
+
+def check_engine_config(checks: Checks, config: dict) -> bool:
+    """The engine reads config.json through transformers' config class for its model_type: so does validate."""
+    from adaq.models.registry import text_config
+
+    try:
+        text_config(config)
+    except AdaqError as error:
+        return checks.check("config", False, "", str(error))
+    return checks.check("config", True, "", "")
+
+
+def check_structure(checks: Checks, shape: ModelShape, checkpoint, quantized: set[str]) -> None:
+    """Layers and Linear shapes against config.json: open_checkpoint's own rules (adaq.formats.consistency)."""
+    specs = checkpoint.specs()
+    problems = layer_problems(shape, specs)
+    checks.check("layers", not problems, "", "; ".join(problem.message for problem in problems))
+    for prefix, found, expected in linear_shapes(shape, specs, quantized):
+        checks.check("shape-vs-config", found == expected, prefix, shape_problem(prefix, found, expected).message)
+
+
+def kept_names(index: TensorIndex, prefixes: list[str], roles: TensorRoles | None) -> list[str]:
+    """Floating tensors the engine keeps as they are (norms, embeddings, lm_head, routers, dense Linears)."""
+    members = set(prefixes)
+    return [name for name, entry in index.entries.items()
+            if entry["dtype"] in FLOAT_DTYPES and (roles is None or name.rpartition(".")[0] not in members)]
+
+
+def check_kept_values(checks: Checks, index: TensorIndex, names: list[str]) -> None:
+    """NaN or inf in any kept tensor, streamed one tensor at a time, shard by shard."""
+    from safetensors import safe_open
+
+    by_shard: dict[Path, list[str]] = {}
+    for name in names:
+        by_shard.setdefault(index.shards[name], []).append(name)
+    for shard, shard_names in by_shard.items():
+        with safe_open(shard, framework="pt") as reader:
+            for name in shard_names:
+                problem = nonfinite(reader.get_tensor(name))
+                checks.check("finite", problem is None, name, f"holds {problem}: the checkpoint is corrupt")
 
 
 def check_tokenizer(checks: Checks, path: Path) -> None:
