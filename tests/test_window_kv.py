@@ -185,7 +185,7 @@ def test_engine_allocation_matches_the_bench_and_budget_formula(gemma):
 
 def gemma3_27b():
     from adaq.validate.budget import estimate_weight_bytes
-    from adaq.validate.shapes import ModelShape
+    from adaq.formats.shapes import ModelShape
 
     shape = ModelShape.from_config(json.loads((CONFIGS / "gemma3-27b.json").read_text()))
     return shape, estimate_weight_bytes(shape)
