@@ -16,7 +16,7 @@ REPORT_FILE = "compare.json"
 class CompareSettings:
     methods: list[str]
     schemes: list[str]
-    text: Path  # the text scored, e.g. ../shared/data/wikitext-2/test.txt
+    text: Path  # the text scored, e.g. data/wikitext-2/test.txt
     max_windows: int | None = 64
     window: int = 512
     runner: str = "engine"  # adaq.eval runner: the engine, or "transformers" (its own decompression)
