@@ -116,6 +116,37 @@ def test_chat_needs_a_template(tiny, tmp_path, capsys, monkeypatch):
     _one_line_error(*adaq(["run", folder, "hi", "--chat", *FAST], capsys, monkeypatch), "chat template")
 
 
+
+@pytest.fixture(scope="module")
+def no_template(tiny, tmp_path_factory):
+    folder = shutil.copytree(tiny / "nvfp4", tmp_path_factory.mktemp("base") / "plain")
+    write_tokenizer(folder, chat_template=False)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def test_interactive_without_a_template_continues_plain_text(no_template, capsys, monkeypatch):
+    code, out, err = adaq(["run", no_template, "--max-tokens", "4", "--temperature", "0", *FAST], capsys,
+                          monkeypatch, stdin="Hello\nhi there\n/exit\nnever read\n")
+    assert code == 0, err
+    assert "no chat template (a base model): plain completion" in err and err.count("prompt: ") == 2
+    from adaq.engine.api import LLM, SamplingParams
+
+    llm = LLM(no_template, backend="reference", device="cpu", max_model_len=256)
+    expected = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0))[0]
+    assert out.startswith(expected.text + "\n")
+
+
+def test_no_chat_forces_plain_completion(tiny, capsys, monkeypatch):
+    code, out, err = adaq(["run", tiny / "nvfp4", "--no-chat", "--max-tokens", "3", *FAST], capsys, monkeypatch,
+                          stdin="Hello\n")
+    assert code == 0, err
+    assert "--no-chat: plain completion" in err and err.count("prompt: ") == 1
+
+
+def test_interactive_chat_flag_needs_a_template(no_template, capsys, monkeypatch):
+    _one_line_error(*adaq(["run", no_template, "--chat", *FAST], capsys, monkeypatch), "chat template")
+
 @pytest.fixture
 def restore_torch_threads():
     """`adaq run --threads` runs in this process: give the next tests their thread count back."""

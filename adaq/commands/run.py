@@ -13,7 +13,7 @@ SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.
 
 def run(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
-    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive chat starts."),
+    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive session starts (chat, or plain completion)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
     temperature: float | None = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.8."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus mass (default: generation_config, else 0.95)."),
@@ -59,7 +59,7 @@ def run(
     if prompt is None:
         if json_output:
             raise _error("--json needs a PROMPT (the interactive chat is for people)")
-        _interactive(llm, params, system, console)
+        _interactive(llm, params, system, console, chat)
         return
     messages = _messages(system, prompt)
     token_ids = _encode(llm, messages if use_chat else prompt)
@@ -72,22 +72,49 @@ def run(
     console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
 
 
-def _interactive(llm, params, system: str | None, console) -> None:
+EXIT_COMMANDS = ("/exit", "/quit", "/bye")
+
+
+def _interactive(llm, params, system: str | None, console, chat: bool | None) -> None:
+    if chat and not _has_template(llm):
+        raise _error("--chat needs a tokenizer with a chat template; --no-chat (or no flag) continues plain text")
+    if chat is False or not _has_template(llm):
+        why = "--no-chat" if chat is False else "this model has no chat template (a base model)"
+        console.print(f"[dim]{why}: plain completion, each line you type is continued; /exit (or Ctrl-D) quits[/]")
+        _complete_interactively(llm, params, console)
+    else:
+        console.print("[dim]chat with the model; /exit (or Ctrl-D) to quit, /clear to forget the conversation[/]")
+        _chat_interactively(llm, params, system, console)
+
+
+def _ask(console) -> str | None:
+    """The next line typed, or None when the user quits."""
     from rich.prompt import Prompt
 
+    try:
+        line = Prompt.ask("[bold green]>>>[/]", console=console)
+    except (EOFError, KeyboardInterrupt):
+        return None
+    return None if line.strip() in EXIT_COMMANDS else line
+
+
+def _complete_interactively(llm, params, console) -> None:
     from adaq.errors import AdaqError
 
-    if not _has_template(llm):
-        raise _error("interactive chat needs a tokenizer with a chat template; give a PROMPT instead")
-    console.print("[dim]chat with the model; /exit (or Ctrl-D) to quit, /clear to forget the conversation[/]")
-    messages = _messages(system, None)
-    while True:
+    while (line := _ask(console)) is not None:
         try:
-            user = Prompt.ask("[bold green]>>>[/]", console=console)
-        except (EOFError, KeyboardInterrupt):
-            break
-        if user.strip() in ("/exit", "/quit", "/bye"):
-            break
+            output = _stream_reply(llm, llm.engine.encode(line), params)
+        except AdaqError as error:  # e.g. a line longer than the context: say so, keep going
+            console.print(f"error: {error}", style="red", soft_wrap=True)
+            continue
+        console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+
+
+def _chat_interactively(llm, params, system: str | None, console) -> None:
+    from adaq.errors import AdaqError
+
+    messages = _messages(system, None)
+    while (user := _ask(console)) is not None:
         if user.strip() == "/clear":
             messages = _messages(system, None)
             continue
