@@ -383,3 +383,35 @@ def test_defaults_are_the_repositorys_data(monkeypatch, tmp_path):
         data.repo_data(data.WIKITEXT_TEST)
     assert str(tmp_path / "site-packages" / "data" / data.WIKITEXT_TEST) in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def _ppl_report(*labels: str) -> dict:
+    from adaq.eval.perplexity import PerplexityResult
+    from adaq.eval.report import perplexity_json
+
+    def result(ppl: float):
+        import math
+
+        return PerplexityResult(perplexity=ppl, mean_nll=math.log(ppl), stderr=0.1, num_windows=2,
+                                num_scored_tokens=1022, window=512, window_nll=[511 * math.log(ppl)] * 2)
+
+    return perplexity_json({label: ("/a/rather/long/path/to/" + label, result(20.0 + i))
+                            for i, label in enumerate(labels)}, "data/wikitext-2/test.txt", 1.0)
+
+
+def _rendered(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(table)
+    return console.export_text()
+
+
+def test_perplexity_table_compares_only_with_a_baseline():
+    from adaq.eval.report import perplexity_table
+
+    alone = _rendered(perplexity_table(_ppl_report("nvfp4a16")))
+    assert "Δ vs" not in alone and "recovery" not in alone and "20.000" in alone
+    both = _rendered(perplexity_table(_ppl_report("baseline", "nvfp4a16")))
+    assert "Δ vs baseline" in both and "+1.000 (+5.0%)" in both and "95.2%" in both
+    assert all(len(line) <= 80 for line in both.splitlines())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from adaq.tables import Table
 from rich.text import Text
 
 GB = 1e9

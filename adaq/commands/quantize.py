@@ -109,7 +109,7 @@ def _size(nbytes: int) -> str:
 
 def render(report) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from adaq.tables import Table
 
     table = Table(title=f"adaq quantize → {report.out}", show_header=False)
     table.add_column(style="bold")

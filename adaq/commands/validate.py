@@ -59,7 +59,7 @@ def render(report) -> None:
 
 def summary_table(report):
     from rich.markup import escape
-    from rich.table import Table
+    from adaq.tables import Table
 
     table = Table(title=escape(f"adaq validate {report.path}"), show_header=False)
     table.add_column(style="bold")
@@ -73,7 +73,7 @@ def summary_table(report):
 
 
 def rules_table(report):
-    from rich.table import Table
+    from adaq.tables import Table
 
     from adaq.validate.rules import RULES
 
@@ -90,7 +90,7 @@ def rules_table(report):
 
 def findings_table(report):
     from rich.markup import escape
-    from rich.table import Table
+    from adaq.tables import Table
 
     table = Table(title=f"findings ({len(report.errors)} errors, {len(report.warnings)} warnings)")
     for column in ("", "rule", "tensor", "problem"):
@@ -106,7 +106,7 @@ def findings_table(report):
 
 def budget_table(budget):
     from rich.markup import escape
-    from rich.table import Table
+    from adaq.tables import Table
 
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     table = Table(title=f"VRAM on {budget.gpu.name}: batch {budget.batch} × context {budget.context}, "
@@ -134,7 +134,7 @@ def budget_table(budget):
 def compile_table(result: dict):
     """adaq.kernels.build.compile_check's report: one row per CUDA source, or its keys when it has no sources."""
     from rich.markup import escape
-    from rich.table import Table
+    from adaq.tables import Table
 
     sources = result.get("sources")
     if not isinstance(sources, dict):

@@ -110,7 +110,7 @@ def compare_methods(src: str, out_dir: str | Path, settings: CompareSettings,
 
 def compare_table(report: dict):
     """A rich table: one row per method and scheme, perplexity and its change against the bf16 source."""
-    from rich.table import Table
+    from adaq.tables import Table
 
     models, comparisons = report["models"], report.get("comparisons", {})
     base = models["bf16"]["perplexity"]
