@@ -29,7 +29,8 @@ def validate(
     try:
         report = validate_checkpoint(ckpt, arch=arch, gpu=gpu, batch=batch, context=context,
                                      kv_cache_dtype=kv_cache_dtype, compile=compile,
-                                     utilization=gpu_memory_utilization)
+                                     utilization=gpu_memory_utilization,
+                                     compile_progress=None if as_json else _compile_line(arch))
     except CheckpointError as error:
         if as_json:
             typer.echo(json.dumps({"path": str(ckpt), "valid": False, "error": str(error)}))
@@ -40,6 +41,21 @@ def validate(
         render(report)
     if not report.valid:
         raise typer.Exit(1)
+
+
+def _compile_line(arch: str):
+    """One line on stderr per CUDA source as nvcc and ptxas finish it (the whole check takes about a minute)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(f"[dim]compiling the CUDA kernels for {arch} with nvcc (a line per source as it finishes)[/]")
+
+    def done(source: str, entry: dict) -> None:
+        kernels, spills = len(entry.get("kernels") or {}), entry.get("spills", 0)
+        verdict = "ok" if entry.get("ok") else "[red]FAILED[/]"
+        console.print(f"  {source}: {verdict} ({kernels} kernels, {spills} bytes spilled)")
+
+    return done
 
 
 def render(report) -> None:
