@@ -76,7 +76,10 @@ def test_every_block_is_run_or_says_why_not():
 
 def _env(root: Path) -> dict:
     offline = {name: "1" for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return {**os.environ, **offline, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "COLUMNS": "120"}
+    # One torch thread for the Python examples too, as `adaq run` defaults to: on a shared CI CPU two threads are
+    # many times slower (README's --threads figures).
+    return {**os.environ, **offline, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "COLUMNS": "120",
+            "OMP_NUM_THREADS": "1"}
 
 
 def _command(block: Block) -> list[str]:
