@@ -491,6 +491,7 @@ def test_compile_shows_a_line_per_kernel_source_as_it_finishes(tiny, capsys, fak
                    "moe.cu": {"ok": False, "kernels": {}, "spills": 0}}
         for name, entry in sources.items():
             if progress:
+                progress(name, None)
                 progress(name, entry)
         return {"ok": False, "arch": arch, "sources": sources, "error": "moe.cu failed"}
 
@@ -498,8 +499,11 @@ def test_compile_shows_a_line_per_kernel_source_as_it_finishes(tiny, capsys, fak
     code, out, err = run_cli(capsys, "validate", str(tiny), "--compile")
     assert code == 1 and "compiling the CUDA kernels for sm_89" in err
     assert "nvfp4_gemm.cu: ok (2 kernels, 0 bytes spilled)" in err and "moe.cu: FAILED" in err
+    assert err.count("compiling the CUDA kernels") == 1
     code, report = json_report(capsys, tiny, "--compile")  # --json: nothing but the JSON
     assert report["compile"]["error"] == "moe.cu failed"
+    code, out, err = run_cli(capsys, "validate", str(tiny))
+    assert "compiling" not in err
 
 
 def test_compile_without_the_kernel_build_says_so(tiny, capsys, fake_kernels, monkeypatch):

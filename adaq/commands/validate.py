@@ -30,7 +30,7 @@ def validate(
         report = validate_checkpoint(ckpt, arch=arch, gpu=gpu, batch=batch, context=context,
                                      kv_cache_dtype=kv_cache_dtype, compile=compile,
                                      utilization=gpu_memory_utilization,
-                                     compile_progress=None if as_json else _compile_line(arch))
+                                     compile_progress=_CompileLines(arch) if compile and not as_json else None)
     except CheckpointError as error:
         if as_json:
             typer.echo(json.dumps({"path": str(ckpt), "valid": False, "error": str(error)}))
@@ -43,19 +43,23 @@ def validate(
         raise typer.Exit(1)
 
 
-def _compile_line(arch: str):
-    """One line on stderr per CUDA source as nvcc and ptxas finish it (the whole check takes about a minute)."""
-    from rich.console import Console
+class _CompileLines:
+    """Progress of `--compile` on stderr: a line when nvcc starts, then one per CUDA source as it finishes."""
 
-    console = Console(stderr=True)
-    console.print(f"[dim]compiling the CUDA kernels for {arch} with nvcc (a line per source as it finishes)[/]")
+    def __init__(self, arch: str):
+        from rich.console import Console
 
-    def done(source: str, entry: dict) -> None:
+        self.arch, self.console, self.started = arch, Console(stderr=True), False
+
+    def __call__(self, source: str, entry: dict | None) -> None:
+        if entry is None:
+            if not self.started:
+                self.started = True
+                self.console.print(f"[dim]compiling the CUDA kernels for {self.arch} with nvcc and ptxas[/]")
+            return
         kernels, spills = len(entry.get("kernels") or {}), entry.get("spills", 0)
         verdict = "ok" if entry.get("ok") else "[red]FAILED[/]"
-        console.print(f"  {source}: {verdict} ({kernels} kernels, {spills} bytes spilled)")
-
-    return done
+        self.console.print(f"  {source}: {verdict} ({kernels} kernels, {spills} bytes spilled)")
 
 
 def render(report) -> None:

@@ -180,7 +180,8 @@ def compile_check(arch: str = "sm_89", sass: bool = True, sources: tuple[str, ..
     """Compile every kernel source for `arch` with nvcc (PTX) and ptxas (machine code, -v); report registers and
     spills per kernel, which intended instructions the PTX (and SASS, where cuobjdump exists) holds, and that no
     Hopper-only instruction slipped in. Returns {"ok", "arch", "nvcc", "sources": {name: {...}}, "error"?}.
-    `progress(name, entry)`, if given, is called (from a worker thread) as each source finishes."""
+    `progress(name, entry)`, if given, is called (from a worker thread) as each source starts (entry None) and
+    finishes."""
     from adaq.errors import AdaqError
 
     if not re.fullmatch(r"sm_\d+", arch):
@@ -200,6 +201,8 @@ def compile_check(arch: str = "sm_89", sass: bool = True, sources: tuple[str, ..
 
 
 def _checked(name: str, arch: str, workdir: Path, sass: bool, progress) -> dict:
+    if progress is not None:
+        progress(name, None)
     entry = _check_source(name, arch, workdir, sass)
     if progress is not None:
         progress(name, entry)
