@@ -83,7 +83,9 @@ def _env(root: Path) -> dict:
 
 
 def _command(block: Block) -> list[str]:
-    return ["bash", "-euo", "pipefail", "-c", block.code] if block.lang == "bash" else [sys.executable, "-c", block.code]
+    if block.lang == "bash":
+        return ["bash", "-euo", "pipefail", "-c", block.code]
+    return [sys.executable, "-c", block.code]
 
 
 def _wait_until_healthy(process: subprocess.Popen, port: int, log: Path) -> None:

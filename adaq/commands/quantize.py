@@ -56,9 +56,8 @@ def quantize(
 def _compare(src, out, methods, scheme, recipe, calibration, device, eval_text, max_windows, runner, as_json):
     from rich.console import Console
 
-    from adaq.quant.compare import CompareSettings, compare_methods, compare_table, parse_methods
-
     from adaq.eval.data import WIKITEXT_TEST, repo_data
+    from adaq.quant.compare import CompareSettings, compare_methods, compare_table, parse_methods
 
     schemes = [scheme] if scheme else ["nvfp4a16"]
     eval_text = eval_text or repo_data(WIKITEXT_TEST)
@@ -109,6 +108,7 @@ def _size(nbytes: int) -> str:
 
 def render(report) -> None:
     from rich.console import Console
+
     from adaq.tables import Table
 
     table = Table(title=f"adaq quantize → {report.out}", show_header=False)

@@ -9,13 +9,13 @@ import typer
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
 
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
-# Demo decode on a busy 2-core CPU: 1 thread 8.6 and 7.5 tok/s, 2 threads (torch's default there) 1.1 tok/s (README).
+# The demo's decode on a busy 2-core CPU: 2.5-8.8 tok/s with 1 thread, 0.17-1.1 with 2 (README's --threads figures).
 DEFAULT_THREADS = 1
 
 
 def run(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
-    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive session starts (chat, or plain completion)."),
+    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive chat (or plain completion)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
     temperature: float | None = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.8."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus mass (default: generation_config, else 0.95)."),

@@ -79,6 +79,7 @@ def render(report) -> None:
 
 def summary_table(report):
     from rich.markup import escape
+
     from adaq.tables import Table
 
     table = Table(title=escape(f"adaq validate {report.path}"), show_header=False)
@@ -94,7 +95,6 @@ def summary_table(report):
 
 def rules_table(report):
     from adaq.tables import Table
-
     from adaq.validate.rules import RULES
 
     table = Table(title="rules")
@@ -110,6 +110,7 @@ def rules_table(report):
 
 def findings_table(report):
     from rich.markup import escape
+
     from adaq.tables import Table
 
     table = Table(title=f"findings ({len(report.errors)} errors, {len(report.warnings)} warnings)")
@@ -126,6 +127,7 @@ def findings_table(report):
 
 def budget_table(budget):
     from rich.markup import escape
+
     from adaq.tables import Table
 
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
@@ -154,6 +156,7 @@ def budget_table(budget):
 def compile_table(result: dict):
     """adaq.kernels.build.compile_check's report: one row per CUDA source, or its keys when it has no sources."""
     from rich.markup import escape
+
     from adaq.tables import Table
 
     sources = result.get("sources")

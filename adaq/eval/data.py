@@ -116,5 +116,5 @@ def load_mmlu_pro(data_dir: str | None = None, question_ids: list[int] | None = 
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise AdaqError(f"{path}: no such text file (wikitext-2's test.txt ships in the repository: {REPO_DATA / WIKITEXT_TEST})")
+        raise AdaqError(f"{path}: no such text file (the repository ships wikitext-2's as {REPO_DATA / WIKITEXT_TEST})")
     return path.read_text(encoding="utf-8")
