@@ -9,7 +9,8 @@ import typer
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
 
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
-# The demo's decode on a busy 2-core CPU: 2.5-8.8 tok/s with 1 thread, 0.17-1.1 with 2 (README's --threads figures).
+# The demo's decode on a busy 2-core CPU, median tok/s: 4.9 with 1 thread, 3.1 with torch's default (2), 0.87 with
+# an explicit 2 (README's --threads figures).
 DEFAULT_THREADS = 1
 
 
