@@ -13,6 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help wraps to any width; typer's rich panels cut option names at 80
 )
 
 # (module in adaq.commands, attribute, kind): kind "command" registers a function, "group" a sub-typer.

@@ -69,6 +69,17 @@ def gemma3_270m_folder() -> Path:
     return target
 
 
+DEMOS = {"gemma3-270m": gemma3_270m_folder}  # `demo:<name>` sources of adaq quantize
+
+
+def demo_folder(source: str) -> Path:
+    """The bf16 folder of `demo:<name>`; an unknown name gets the list of those there are."""
+    name = source.removeprefix("demo:")
+    if name not in DEMOS:
+        raise AdaqError(f"{source}: no such demo model; available: {', '.join(f'demo:{known}' for known in DEMOS)}")
+    return DEMOS[name]()
+
+
 def _is_current(folder: Path) -> bool:
     try:
         return json.loads((folder / _MARKER).read_text()).get("version") == FOLDER_VERSION

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-OUT=${ADAQ_DEMO_OUT:-out/gemma3-270m-nvfp4a16}
+OUT=${ADAQ_DEMO_OUT:-out/gemma3-270m-nvfp4}  # the checkpoint README's examples use
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "GPU found: adaq runs on $(python -c 'import torch; print(torch.cuda.get_device_name())')"
 else

@@ -13,5 +13,9 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev]"
+# compat: the editable install is one .pth line naming this folder, so a folder called adaq/ where Python starts (the
+# clone itself, seen from its parent) cannot shadow the package, as it does setuptools' default finder ("cannot
+# import name 'LLM' from 'adaq' (unknown location)"); tests/test_install.py checks it.
+EDITABLE_MODE=compat
+python -m pip install -q -e ".[dev]" --config-settings editable_mode=$EDITABLE_MODE
 echo "adaq installed in $(pwd)/.venv"

@@ -4,7 +4,7 @@
    dequantization: relative Frobenius error and the largest element error relative to the row's amax.
 2. Perplexity (adaq.eval.perplexity windows) of the exact NVFP4 path and of the emulated FP8 path.
 
-    python scripts/prefill_fp8_accuracy.py CHECKPOINT --windows 16 [--text ../shared/data/wikitext-2/test.txt]
+    python scripts/prefill_fp8_accuracy.py CHECKPOINT --windows 16 [--text data/wikitext-2/test.txt]
 """
 
 import argparse
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "../../shared/data/wikitext-2/test.txt"))
+    parser.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "../data/wikitext-2/test.txt"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     text = open(args.text, encoding="utf-8").read()

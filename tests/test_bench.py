@@ -294,6 +294,19 @@ def test_gpu_report_puts_roofline_and_speedups_beside_each_figure(tmp_path):
     write_json(report, tmp_path / "report.json")
     plot(json.loads((tmp_path / "report.json").read_text()), tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert png_width(tmp_path / "report.png") == png_width_of_panels(3)
+    plot({**json.loads((tmp_path / "report.json").read_text()), "on_cpu": True}, tmp_path / "cpu.png")
+    assert png_width(tmp_path / "cpu.png") == png_width_of_panels(2), "a CPU run draws no empty memory panel"
+
+
+def png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width field
+
+
+def png_width_of_panels(panels: int) -> int:
+    from adaq.bench.plot import PANEL_WIDTH_IN
+
+    return round(PANEL_WIDTH_IN * panels * 130)  # plot() saves at 130 dpi
 
 
 def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkeypatch):

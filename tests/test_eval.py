@@ -15,9 +15,6 @@ from adaq.eval import data
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SHARED_MMLU = data.PROJECT_ROOT.parent / "shared" / "data" / "mmlu_pro"
-needs_mmlu = pytest.mark.skipif(not (SHARED_MMLU / data.MMLU_PRO_FILES["test"]).is_file(),
-                                reason="MMLU-Pro parquet files not in ../shared/data/mmlu_pro")
 CORPUS = ["The quick brown fox jumps over the lazy dog. Question: what is 2 + 2? Answer: 4.",
           "Options:\nA. one\nB. two\nC. three\nD. four\nthe answer is (B)",
           "<unk> = Valkyria Chronicles = <unk> , the game began development in 2010 ."] * 20
@@ -204,7 +201,6 @@ class ScriptedLM:
         return _Scripted()
 
 
-@needs_mmlu
 def test_cot_answer_extraction_on_crafted_outputs():
     from adaq.eval.mmlu_pro import MMLUProRun, ModelUnderTest, run_mmlu_pro
 
@@ -219,7 +215,6 @@ def test_cot_answer_extraction_on_crafted_outputs():
     assert [r["correct"] for r in scores.records] == [p == r["target"] for p, r in zip(predictions, scores.records)]
 
 
-@needs_mmlu
 def test_interrupted_run_resumes_from_samples(tmp_path):
     from adaq.eval.mmlu_pro import MMLUProRun, ModelUnderTest, read_samples, run_mmlu_pro
 
@@ -237,7 +232,6 @@ def test_interrupted_run_resumes_from_samples(tmp_path):
     assert scores.accuracy == pytest.approx(sum(r["target"] == "C" for r in scores.records) / 6)
 
 
-@needs_mmlu
 def test_question_selection_is_balanced_and_stable():
     folder = data.resolve_mmlu_pro_dir(None)
     qids = data.select_questions(folder, 28, None)
@@ -305,7 +299,6 @@ def test_perplexity_windows_and_value(tiny):
 
 
 # ---- the command end to end on the real model ---------------------------------------------------------------------
-@needs_mmlu
 @pytest.mark.slow
 def test_cli_mmlu_pro_end_to_end_on_real_model(tmp_path):
     from typer.testing import CliRunner
@@ -379,3 +372,46 @@ def test_cli_errors_are_one_line(tmp_path):
     assert isinstance(bad.exception, AdaqError) and "--variant" in str(bad.exception)
     nodata = runner.invoke(app, ["eval", "mmlu-pro", str(tmp_path), "--data-dir", str(tmp_path / "d")])
     assert isinstance(nodata.exception, AdaqError) and "test-00000-of-00001.parquet" in str(nodata.exception)
+
+
+def test_defaults_are_the_repositorys_data(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert data.resolve_mmlu_pro_dir(None) == (data.PROJECT_ROOT / "data" / "mmlu_pro").resolve()
+    assert data.repo_data(data.WIKITEXT_TEST).is_file()
+    monkeypatch.setattr(data, "REPO_DATA", tmp_path / "site-packages" / "data")  # an install without the clone
+    with pytest.raises(AdaqError) as error:
+        data.repo_data(data.WIKITEXT_TEST)
+    assert str(tmp_path / "site-packages" / "data" / data.WIKITEXT_TEST) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def _ppl_report(*labels: str) -> dict:
+    from adaq.eval.perplexity import PerplexityResult
+    from adaq.eval.report import perplexity_json
+
+    def result(ppl: float):
+        import math
+
+        return PerplexityResult(perplexity=ppl, mean_nll=math.log(ppl), stderr=0.1, num_windows=2,
+                                num_scored_tokens=1022, window=512, window_nll=[511 * math.log(ppl)] * 2)
+
+    return perplexity_json({label: ("/a/rather/long/path/to/" + label, result(20.0 + i))
+                            for i, label in enumerate(labels)}, "data/wikitext-2/test.txt", 1.0)
+
+
+def _rendered(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(table)
+    return console.export_text()
+
+
+def test_perplexity_table_compares_only_with_a_baseline():
+    from adaq.eval.report import perplexity_table
+
+    alone = _rendered(perplexity_table(_ppl_report("nvfp4a16")))
+    assert "Δ vs" not in alone and "recovery" not in alone and "20.000" in alone
+    both = _rendered(perplexity_table(_ppl_report("baseline", "nvfp4a16")))
+    assert "Δ vs baseline" in both and "+1.000 (+5.0%)" in both and "95.2%" in both
+    assert all(len(line) <= 80 for line in both.splitlines())

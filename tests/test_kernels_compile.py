@@ -19,13 +19,18 @@ LAYOUT_SHAPES = [(8, 128), (24, 272), (5, 48), (64, 640), (1, 16), (40, 768), (1
 
 @pytest.fixture(scope="module")
 def report():
-    return build.compile_check("sm_89", sass=False)
+    finished = []
+    result = build.compile_check("sm_89", sass=False, progress=lambda name, entry: finished.append((name, entry)))
+    return {**result, "progress": finished}
 
 
 @needs_nvcc
 def test_every_kernel_compiles_for_sm89(report):
     assert report["ok"], report.get("error")
     assert set(report["sources"]) == set(build.CUDA_SOURCES)
+    finished = sorted((name, entry) for name, entry in report["progress"] if entry is not None)
+    assert finished == sorted(report["sources"].items()), "one progress call per source as it finishes"
+    assert sorted(name for name, entry in report["progress"] if entry is None) == sorted(build.CUDA_SOURCES)
 
 
 @needs_nvcc

@@ -203,3 +203,9 @@ def test_nan_weights_in_a_sharded_source_name_the_tensor(tiny_qwen3, tmp_path):
     with pytest.raises(AdaqError, match="layers.1.mlp.gate_proj.weight"):
         quantize_model(str(source), tmp_path / "out", device="cpu")
     assert_nothing_written(tmp_path, "out")
+
+
+def test_unknown_demo_lists_the_demo_names(tmp_path, monkeypatch, capsys):
+    code, err = run_main(monkeypatch, capsys, "quantize", "demo:gemma3-4b", "-o", str(tmp_path / "out"))
+    assert_clean_failure(code, err, "demo:gemma3-4b", "no such demo model", "available: demo:gemma3-270m")
+    assert_nothing_written(tmp_path, "out")

@@ -116,9 +116,40 @@ def test_chat_needs_a_template(tiny, tmp_path, capsys, monkeypatch):
     _one_line_error(*adaq(["run", folder, "hi", "--chat", *FAST], capsys, monkeypatch), "chat template")
 
 
-@pytest.fixture
+
+@pytest.fixture(scope="module")
+def no_template(tiny, tmp_path_factory):
+    folder = shutil.copytree(tiny / "nvfp4", tmp_path_factory.mktemp("base") / "plain")
+    write_tokenizer(folder, chat_template=False)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def test_interactive_without_a_template_continues_plain_text(no_template, capsys, monkeypatch):
+    code, out, err = adaq(["run", no_template, "--max-tokens", "4", "--temperature", "0", *FAST], capsys,
+                          monkeypatch, stdin="Hello\nhi there\n/exit\nnever read\n")
+    assert code == 0, err
+    assert "no chat template (a base model): plain completion" in err and err.count("prompt: ") == 2
+    from adaq.engine.api import LLM, SamplingParams
+
+    llm = LLM(no_template, backend="reference", device="cpu", max_model_len=256)
+    expected = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0))[0]
+    assert out.startswith(expected.text + "\n")
+
+
+def test_no_chat_forces_plain_completion(tiny, capsys, monkeypatch):
+    code, out, err = adaq(["run", tiny / "nvfp4", "--no-chat", "--max-tokens", "3", *FAST], capsys, monkeypatch,
+                          stdin="Hello\n")
+    assert code == 0, err
+    assert "--no-chat: plain completion" in err and err.count("prompt: ") == 1
+
+
+def test_interactive_chat_flag_needs_a_template(no_template, capsys, monkeypatch):
+    _one_line_error(*adaq(["run", no_template, "--chat", *FAST], capsys, monkeypatch), "chat template")
+
+@pytest.fixture(autouse=True)
 def restore_torch_threads():
-    """`adaq run --threads` runs in this process: give the next tests their thread count back."""
+    """`adaq run` (--threads, default 1) runs in this process: give the next tests their thread count back."""
     import torch
 
     original = torch.get_num_threads()
@@ -163,3 +194,14 @@ def test_real_gemma3_nvfp4_greedy_matches_transformers(tmp_path, capsys, monkeyp
         for prompt, run in zip(REAL_PROMPTS, runs):
             print(f"\n{prompt!r}: prompt {run['prompt_tok_s']:.1f} tok/s, decode {run['decode_tok_s']:.2f} tok/s, "
                   f"peak RSS {run['peak_memory_bytes'] / 2**30:.2f} GiB: {run['text'][:60]!r}")
+
+
+def test_threads_default_to_one(tiny, capsys, monkeypatch):
+    import torch
+
+    from adaq.commands.run import DEFAULT_THREADS
+
+    torch.set_num_threads(2)
+    code, _, err = adaq(["run", tiny / "nvfp4", "Hello", "--max-tokens", "1", "--json", *FAST], capsys, monkeypatch)
+    assert code == 0, err
+    assert torch.get_num_threads() == DEFAULT_THREADS == 1

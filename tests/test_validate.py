@@ -474,14 +474,36 @@ def fake_kernels(monkeypatch):
 
 
 def test_compile_relays_the_kernels_verdict(tiny, capsys, fake_kernels):
-    fake_kernels.compile_check = lambda arch: {"ok": True, "arch": arch, "instructions": {"mma.sync.e4m3": 12}}
+    fake_kernels.compile_check = lambda arch, progress: {"ok": True, "arch": arch,
+                                                         "instructions": {"mma.sync.e4m3": 12}}
     code, report = json_report(capsys, tiny, "--compile")
     assert code == 0 and report["compile"]["arch"] == "sm_89" and report["rules"]["compile"]["failed"] == 0
     code, out, _ = run_cli(capsys, "validate", str(tiny), "--compile")
     assert code == 0 and "compile check" in out and "mma.sync.e4m3" in out
-    fake_kernels.compile_check = lambda arch: {"ok": False, "error": "no FP8 mma.sync in decode_gemm.cu"}
+    fake_kernels.compile_check = lambda arch, progress: {"ok": False, "error": "no FP8 mma.sync in decode_gemm.cu"}
     code, report = json_report(capsys, tiny, "--compile")
     assert code == 1 and report["findings"][-1]["message"] == "no FP8 mma.sync in decode_gemm.cu"
+
+
+def test_compile_shows_a_line_per_kernel_source_as_it_finishes(tiny, capsys, fake_kernels):
+    def compile_check(arch, progress):
+        sources = {"nvfp4_gemm.cu": {"ok": True, "kernels": {"a": {}, "b": {}}, "spills": 0},
+                   "moe.cu": {"ok": False, "kernels": {}, "spills": 0}}
+        for name, entry in sources.items():
+            if progress:
+                progress(name, None)
+                progress(name, entry)
+        return {"ok": False, "arch": arch, "sources": sources, "error": "moe.cu failed"}
+
+    fake_kernels.compile_check = compile_check
+    code, out, err = run_cli(capsys, "validate", str(tiny), "--compile")
+    assert code == 1 and "compiling the CUDA kernels for sm_89" in err
+    assert "nvfp4_gemm.cu: ok (2 kernels, 0 bytes spilled)" in err and "moe.cu: FAILED" in err
+    assert err.count("compiling the CUDA kernels") == 1
+    code, report = json_report(capsys, tiny, "--compile")  # --json: nothing but the JSON
+    assert report["compile"]["error"] == "moe.cu failed"
+    code, out, err = run_cli(capsys, "validate", str(tiny))
+    assert "compiling" not in err
 
 
 def test_compile_without_the_kernel_build_says_so(tiny, capsys, fake_kernels, monkeypatch):

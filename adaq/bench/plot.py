@@ -1,10 +1,11 @@
 """`--plot FILE.png`: decode tok/s against batch size per variant (with each variant's roofline bound), prefill
-tok/s per variant and batch, and peak VRAM bars per variant and batch."""
+tok/s per variant and batch, and peak VRAM bars per variant and batch (GPU runs only)."""
 
 from pathlib import Path
 
 COLORS = {"nvfp4": "#76b900", "nvfp4-fp8": "#2ca02c", "nvfp4-decode": "#bcbd22", "nvfp4-exact": "#17becf",
           "bf16": "#1f77b4", "hf": "#ff7f0e"}
+PANEL_WIDTH_IN = 6.4
 
 
 def plot(report: dict, path: Path) -> None:
@@ -14,10 +15,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = [variant for variant in report["variants"] if variant["results"]]
-    figure, (speed, prefill, memory) = plt.subplots(1, 3, figsize=(19, 5))
-    draw_speed(speed, variants)
-    draw_prefill(prefill, variants)
-    draw_memory(memory, variants, report["on_cpu"])
+    panels = 2 if report["on_cpu"] else 3  # a CPU run has no GPU memory to draw
+    figure, axes = plt.subplots(1, panels, figsize=(PANEL_WIDTH_IN * panels, 5))
+    draw_speed(axes[0], variants)
+    draw_prefill(axes[1], variants)
+    if not report["on_cpu"]:
+        draw_memory(axes[2], variants)
     figure.suptitle(title(report), fontsize=10)
     figure.tight_layout()
     path = Path(path)
@@ -84,10 +87,6 @@ def legend(variant: dict) -> str:
     return f"{variant['variant']}: {label}" if len(label) < 60 else variant["variant"]
 
 
-def draw_memory(axes, variants: list[dict], on_cpu: bool) -> None:
-    if on_cpu:
-        axes.text(0.5, 0.5, "CPU run: no GPU memory figures", ha="center", va="center", transform=axes.transAxes)
-        axes.set_axis_off()
-        return
+def draw_memory(axes, variants: list[dict]) -> None:
     draw_bars_by_batch(axes, variants, lambda result: (result.get("peak_allocated_bytes") or 0) / 1e9, "%.1f",
                        "peak GPU memory, allocator (GB)")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
+
+from adaq.tables import Table
 
 GB = 1e9
 

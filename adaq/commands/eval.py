@@ -76,7 +76,7 @@ def mmlu_pro(
     categories: str = typer.Option(None, help="comma-separated categories, e.g. 'math,computer science'"),
     num_fewshot: int = typer.Option(5, help="few-shot examples (0-5)"),
     data_dir: str = typer.Option(None, help="folder with MMLU-Pro's parquet files [env ADAQ_DATA_DIR; "
-                                            "default ../shared/data/mmlu_pro]"),
+                                            "default: the repository's data/mmlu_pro]"),
     samples: Path = typer.Option(None, help="per-question JSONL; an interrupted run resumes from it"),
     json_path: str = typer.Option(None, "--json", help="write the results as JSON to this file"),
     runner: str = typer.Option("engine", help=RUNNER_HELP),
@@ -122,7 +122,7 @@ def _lm_factory(source: str, runner: str, batch_size: int, settings: dict):
 @app.command("ppl")
 def ppl(
     checkpoint: str = typer.Argument(..., help="NVFP4 checkpoint folder (or any HF folder / .gguf)"),
-    text: str = typer.Option(..., help="plain-text file, e.g. ../shared/data/wikitext-2/test.txt"),
+    text: str = typer.Option(None, help="plain-text file [default: the repository's data/wikitext-2/test.txt]"),
     baseline: str = typer.Option(None, help="baseline to compare with: bf16/fp16 HF folder or .gguf"),
     window: int = typer.Option(512, help="tokens per window (BOS + window-1 text tokens)"),
     max_windows: int = typer.Option(None, help="score only the first N windows (data/README.md's anchors: 64)"),
@@ -135,9 +135,10 @@ def ppl(
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ):
     """Perplexity over fixed non-overlapping windows (data/README.md's protocol), CHECKPOINT beside --baseline."""
-    from adaq.eval.data import go_offline, read_text
+    from adaq.eval.data import WIKITEXT_TEST, go_offline, read_text, repo_data
 
     go_offline()
+    text = text or str(repo_data(WIKITEXT_TEST))
     from adaq.eval.perplexity import make_windows, perplexity
     from adaq.eval.report import perplexity_json, perplexity_table, write_json
     from adaq.eval.sources import load_scorer

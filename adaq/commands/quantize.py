@@ -28,8 +28,8 @@ def quantize(
     compare: str = typer.Option(None, help="Comma-separated methods (e.g. rtn,search,search-act,gptq): quantize "
                                            "with each into OUT/<method>-<scheme>/ and print perplexity vs the "
                                            "source in one table (+ OUT/compare.json)."),
-    eval_text: Path = typer.Option(Path("../shared/data/wikitext-2/test.txt"),
-                                   help="--compare: text scored (data/README.md's windows)."),
+    eval_text: Path = typer.Option(None, help="--compare: text scored (data/README.md's windows) [default: the "
+                                              "repository's data/wikitext-2/test.txt]."),
     max_windows: int = typer.Option(64, help="--compare: windows of 512 tokens scored (0: all)."),
     runner: str = typer.Option("engine", help="--compare: engine (adaq's reference/CUDA backend) or "
                                               "transformers (its own decompression)."),
@@ -56,9 +56,11 @@ def quantize(
 def _compare(src, out, methods, scheme, recipe, calibration, device, eval_text, max_windows, runner, as_json):
     from rich.console import Console
 
+    from adaq.eval.data import WIKITEXT_TEST, repo_data
     from adaq.quant.compare import CompareSettings, compare_methods, compare_table, parse_methods
 
     schemes = [scheme] if scheme else ["nvfp4a16"]
+    eval_text = eval_text or repo_data(WIKITEXT_TEST)
     settings = CompareSettings(parse_methods(methods), schemes, eval_text, max_windows or None, runner=runner,
                                device=device)
     with RichProgress(enabled=not as_json) as progress:
@@ -106,7 +108,8 @@ def _size(nbytes: int) -> str:
 
 def render(report) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from adaq.tables import Table
 
     table = Table(title=f"adaq quantize → {report.out}", show_header=False)
     table.add_column(style="bold")

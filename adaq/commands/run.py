@@ -10,11 +10,14 @@ from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
 from adaq.commands import STRICT_HELP
 
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
+# The demo's decode on a busy 2-core CPU, median tok/s: 4.9 with 1 thread, 3.1 with torch's default (2), 0.87 with
+# an explicit 2 (README's --threads figures).
+DEFAULT_THREADS = 1
 
 
 def run(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (compressed-tensors NVFP4, ModelOpt or dense)."),
-    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive chat starts."),
+    prompt: str | None = typer.Argument(None, help="Prompt; without it, an interactive chat (or plain completion)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
     temperature: float | None = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.8."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus mass (default: generation_config, else 0.95)."),
@@ -32,7 +35,8 @@ def run(
                                    help="Sliding-window layers keep only their window of KV (default on)."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     dtype: str | None = typer.Option(None, help="Compute dtype: bf16, fp16, fp32 (default bf16 GPU, fp32 CPU)."),
-    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch (default: its own)."),
+    threads: int = typer.Option(DEFAULT_THREADS, "--threads", "-t",
+                                help="CPU threads for torch (1: the fastest measured on a busy 2-core CPU)."),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if any)."),
     system: str | None = typer.Option(None, "--system", help="System message for chat."),
     chat_template_timeout: float = typer.Option(10.0, "--chat-template-timeout",
@@ -54,8 +58,7 @@ def run(
     console = Console(stderr=True)
     select_path(prefill_path)
     template_limits = TemplateLimits(chat_template_timeout)
-    if threads is not None:
-        _set_threads(threads)
+    _set_threads(threads)
     with console.status(f"loading {checkpoint}"):
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, run runs
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
@@ -70,7 +73,7 @@ def run(
         raise _error("--json needs a PROMPT (the interactive chat is for people)")
     with TemplateRenderer(template_limits) as renderer:
         if prompt is None:
-            _interactive(llm, params, system, console, renderer)
+            _interactive(llm, params, system, console, chat, renderer)
             return
         token_ids = _encode(llm, _messages(system, prompt) if use_chat else prompt, renderer)
     if json_output:
@@ -82,22 +85,49 @@ def run(
     _print_stats(console, llm, output)
 
 
-def _interactive(llm, params, system: str | None, console, renderer) -> None:
+EXIT_COMMANDS = ("/exit", "/quit", "/bye")
+
+
+def _interactive(llm, params, system: str | None, console, chat: bool | None, renderer) -> None:
+    if chat and not _has_template(llm):
+        raise _error("--chat needs a tokenizer with a chat template; --no-chat (or no flag) continues plain text")
+    if chat is False or not _has_template(llm):
+        why = "--no-chat" if chat is False else "this model has no chat template (a base model)"
+        console.print(f"[dim]{why}: plain completion, each line you type is continued; /exit (or Ctrl-D) quits[/]")
+        _complete_interactively(llm, params, console)
+    else:
+        console.print("[dim]chat with the model; /exit (or Ctrl-D) to quit, /clear to forget the conversation[/]")
+        _chat_interactively(llm, params, system, console, renderer)
+
+
+def _ask(console) -> str | None:
+    """The next line typed, or None when the user quits."""
     from rich.prompt import Prompt
 
+    try:
+        line = Prompt.ask("[bold green]>>>[/]", console=console)
+    except (EOFError, KeyboardInterrupt):
+        return None
+    return None if line.strip() in EXIT_COMMANDS else line
+
+
+def _complete_interactively(llm, params, console) -> None:
     from adaq.errors import AdaqError
 
-    if not _has_template(llm):
-        raise _error("interactive chat needs a tokenizer with a chat template; give a PROMPT instead")
-    console.print("[dim]chat with the model; /exit (or Ctrl-D) to quit, /clear to forget the conversation[/]")
-    messages = _messages(system, None)
-    while True:
+    while (line := _ask(console)) is not None:
         try:
-            user = Prompt.ask("[bold green]>>>[/]", console=console)
-        except (EOFError, KeyboardInterrupt):
-            break
-        if user.strip() in ("/exit", "/quit", "/bye"):
-            break
+            output = _stream_reply(llm, llm.engine.encode(line), params)
+        except AdaqError as error:  # e.g. a line longer than the context: say so, keep going
+            console.print(f"error: {error}", style="red", soft_wrap=True)
+            continue
+        console.print(_stats_line(llm, output), style="dim", soft_wrap=True)
+
+
+def _chat_interactively(llm, params, system: str | None, console, renderer) -> None:
+    from adaq.errors import AdaqError
+
+    messages = _messages(system, None)
+    while (user := _ask(console)) is not None:
         if user.strip() == "/clear":
             messages = _messages(system, None)
             continue

@@ -34,7 +34,8 @@ def validate(
         report = validate_checkpoint(ckpt, arch=arch, gpu=gpu, batch=batch, context=context,
                                      kv_cache_dtype=kv_cache_dtype, compile=compile,
                                      utilization=gpu_memory_utilization, window_kv=window_kv,
-                                     max_num_batched_tokens=max_num_batched_tokens)
+                                     max_num_batched_tokens=max_num_batched_tokens,
+                                     compile_progress=_CompileLines(arch) if compile and not as_json else None)
     except CheckpointError as error:
         if as_json:
             typer.echo(json.dumps({"path": str(ckpt), "valid": False, "error": str(error)}))
@@ -45,6 +46,25 @@ def validate(
         render(report)
     if not report.valid:
         raise typer.Exit(1)
+
+
+class _CompileLines:
+    """Progress of `--compile` on stderr: a line when nvcc starts, then one per CUDA source as it finishes."""
+
+    def __init__(self, arch: str):
+        from rich.console import Console
+
+        self.arch, self.console, self.started = arch, Console(stderr=True), False
+
+    def __call__(self, source: str, entry: dict | None) -> None:
+        if entry is None:
+            if not self.started:
+                self.started = True
+                self.console.print(f"[dim]compiling the CUDA kernels for {self.arch} with nvcc and ptxas[/]")
+            return
+        kernels, spills = len(entry.get("kernels") or {}), entry.get("spills", 0)
+        verdict = "ok" if entry.get("ok") else "[red]FAILED[/]"
+        self.console.print(f"  {source}: {verdict} ({kernels} kernels, {spills} bytes spilled)")
 
 
 def render(report) -> None:
@@ -64,7 +84,8 @@ def render(report) -> None:
 
 def summary_table(report):
     from rich.markup import escape
-    from rich.table import Table
+
+    from adaq.tables import Table
 
     table = Table(title=escape(f"adaq validate {report.path}"), show_header=False)
     table.add_column(style="bold")
@@ -78,8 +99,7 @@ def summary_table(report):
 
 
 def rules_table(report):
-    from rich.table import Table
-
+    from adaq.tables import Table
     from adaq.validate.rules import RULES
 
     table = Table(title="rules")
@@ -95,7 +115,8 @@ def rules_table(report):
 
 def findings_table(report):
     from rich.markup import escape
-    from rich.table import Table
+
+    from adaq.tables import Table
 
     table = Table(title=f"findings ({len(report.errors)} errors, {len(report.warnings)} warnings)")
     for column in ("", "rule", "tensor", "problem"):
@@ -111,7 +132,8 @@ def findings_table(report):
 
 def budget_table(budget):
     from rich.markup import escape
-    from rich.table import Table
+
+    from adaq.tables import Table
 
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     table = Table(title=f"VRAM on {budget.gpu.name}: batch {budget.batch} × context {budget.context}, "
@@ -139,7 +161,8 @@ def budget_table(budget):
 def compile_table(result: dict):
     """adaq.kernels.build.compile_check's report: one row per CUDA source, or its keys when it has no sources."""
     from rich.markup import escape
-    from rich.table import Table
+
+    from adaq.tables import Table
 
     sources = result.get("sources")
     if not isinstance(sources, dict):

@@ -14,6 +14,17 @@ MMLU_PRO_CATEGORIES = (
     "history", "law", "math", "other", "philosophy", "physics", "psychology",
 )  # fmt: skip
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+REPO_DATA = PROJECT_ROOT / "data"  # ships with the repository, not with a wheel: a source checkout has it
+WIKITEXT_TEST = "wikitext-2/test.txt"
+
+
+def repo_data(relative: str) -> Path:
+    """A file or folder under the repository's data/ (data/README.md); a one-line error where it is missing."""
+    path = REPO_DATA / relative
+    if not path.exists():
+        raise AdaqError(f"{path}: not found; adaq's data/ ships with the repository (install it from a clone with "
+                        f"scripts/install.sh) or give the file's path")
+    return path
 
 
 def go_offline() -> None:
@@ -27,7 +38,7 @@ def _candidates(flag: str | Path | None) -> list[Path]:
         return [Path(flag)]
     if os.environ.get(DATA_DIR_ENV):
         return [Path(os.environ[DATA_DIR_ENV])]
-    return [PROJECT_ROOT.parent / "shared" / "data" / "mmlu_pro", Path.cwd().parent / "shared" / "data" / "mmlu_pro"]
+    return [REPO_DATA / "mmlu_pro"]
 
 
 def _holds_mmlu_pro(folder: Path) -> bool:
@@ -35,7 +46,7 @@ def _holds_mmlu_pro(folder: Path) -> bool:
 
 
 def resolve_mmlu_pro_dir(flag: str | Path | None = None) -> Path:
-    """The folder holding MMLU-Pro's two parquet files: --data-dir, else $ADAQ_DATA_DIR, else ../shared/data/mmlu_pro.
+    """The folder holding MMLU-Pro's two parquet files: --data-dir, else $ADAQ_DATA_DIR, else data/mmlu_pro.
 
     A data root that holds an `mmlu_pro/` folder is accepted too."""
     candidates = _candidates(flag)
@@ -89,7 +100,7 @@ def check_categories(categories: list[str]) -> list[str]:
 def load_mmlu_pro(data_dir: str | None = None, question_ids: list[int] | None = None, **_ignored):
     """`custom_dataset` of adaq's MMLU-Pro task YAMLs: the local parquet files as a DatasetDict.
 
-    lm-eval passes the task metadata here: `data_dir` (else $ADAQ_DATA_DIR, else ../shared/data/mmlu_pro) and
+    lm-eval passes the task metadata here: `data_dir` (else $ADAQ_DATA_DIR, else the repository's data/mmlu_pro) and
     optionally `question_ids`, the test questions to keep (adaq eval uses it to resume and to share questions)."""
     import datasets
 
@@ -105,5 +116,5 @@ def load_mmlu_pro(data_dir: str | None = None, question_ids: list[int] | None = 
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise AdaqError(f"{path}: no such text file (wikitext-2's test.txt lives in ../shared/data/wikitext-2/)")
+        raise AdaqError(f"{path}: no such text file (the repository ships wikitext-2's as {REPO_DATA / WIKITEXT_TEST})")
     return path.read_text(encoding="utf-8")

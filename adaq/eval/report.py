@@ -95,7 +95,7 @@ def _pct(value: float) -> str:
 
 
 def mmlu_pro_table(report: dict):
-    from rich.table import Table
+    from adaq.tables import Table
 
     labels = list(report["models"])
     title = (f"MMLU-Pro ({report['variant']}, {report['num_fewshot']}-shot), {report['questions']} questions: "
@@ -131,18 +131,25 @@ def _delta_cell(row: str, label: str, delta: float, report: dict) -> str:
 
 
 def perplexity_table(report: dict):
-    from rich.table import Table
+    from adaq.tables import Table
 
     labels = list(report["models"])
     first = report["models"][labels[0]]
+    compared = len(labels) > 1  # one model alone: no column comparing it with itself
     table = Table(title=f"Perplexity on {Path(report['text']).name}: {first['windows']} windows of "
                         f"{first['window']} tokens, {first['scored_tokens']} scored")
-    for column in ("model", "source", "perplexity", "stderr", "Δ vs " + labels[0], "recovery"):
+    columns = ("model", "source", "perplexity", "stderr") + (("Δ vs " + labels[0], "recovery") if compared else ())
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "source") else "right")
     for label in labels:
         model = report["models"][label]
-        comparison = report.get("comparisons", {}).get(f"{label}_vs_{labels[0]}")
-        delta = f"{comparison['delta']:+.3f} ({comparison['delta_percent']:+.1f}%)" if comparison else "—"
-        recovery = f"{comparison['recovery_percent']:.1f}%" if comparison else "—"
-        table.add_row(label, model["source"], f"{model['perplexity']:.3f}", f"{model['stderr']:.3f}", delta, recovery)
+        row = [label, model["source"], f"{model['perplexity']:.3f}", f"{model['stderr']:.3f}"]
+        table.add_row(*row, *(_comparison_cells(report, label, labels[0]) if compared else ()))
     return table
+
+
+def _comparison_cells(report: dict, label: str, baseline: str) -> tuple[str, str]:
+    comparison = report.get("comparisons", {}).get(f"{label}_vs_{baseline}")
+    if not comparison:
+        return "—", "—"
+    return f"{comparison['delta']:+.3f} ({comparison['delta_percent']:+.1f}%)", f"{comparison['recovery_percent']:.1f}%"

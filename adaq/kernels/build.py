@@ -175,10 +175,13 @@ def _check_source(name: str, arch: str, workdir: Path, sass: bool) -> dict:
     return entry
 
 
-def compile_check(arch: str = "sm_89", sass: bool = True, sources: tuple[str, ...] = CUDA_SOURCES) -> dict:
+def compile_check(arch: str = "sm_89", sass: bool = True, sources: tuple[str, ...] = CUDA_SOURCES,
+                  progress=None) -> dict:
     """Compile every kernel source for `arch` with nvcc (PTX) and ptxas (machine code, -v); report registers and
     spills per kernel, which intended instructions the PTX (and SASS, where cuobjdump exists) holds, and that no
-    Hopper-only instruction slipped in. Returns {"ok", "arch", "nvcc", "sources": {name: {...}}, "error"?}."""
+    Hopper-only instruction slipped in. Returns {"ok", "arch", "nvcc", "sources": {name: {...}}, "error"?}.
+    `progress(name, entry)`, if given, is called (from a worker thread) as each source starts (entry None) and
+    finishes."""
     from adaq.errors import AdaqError
 
     if not re.fullmatch(r"sm_\d+", arch):
@@ -187,7 +190,7 @@ def compile_check(arch: str = "sm_89", sass: bool = True, sources: tuple[str, ..
     version = _run([nvcc, "--version"]).stdout.strip().splitlines()[-1]
     with tempfile.TemporaryDirectory(prefix="adaq-compile-") as tmp:
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            results = dict(zip(sources, pool.map(lambda s: _check_source(s, arch, Path(tmp), sass), sources)))
+            results = dict(zip(sources, pool.map(lambda s: _checked(s, arch, Path(tmp), sass, progress), sources)))
     ok = all(entry["ok"] for entry in results.values())
     report = {"ok": ok, "arch": arch, "nvcc": version, "sources": results}
     if not ok:
@@ -195,6 +198,15 @@ def compile_check(arch: str = "sm_89", sass: bool = True, sources: tuple[str, ..
         report["error"] = f"compile check for {arch} failed in {', '.join(failed)}: " + "; ".join(
             entry.get("error") or _missing(entry) for name, entry in results.items() if not entry["ok"])
     return report
+
+
+def _checked(name: str, arch: str, workdir: Path, sass: bool, progress) -> dict:
+    if progress is not None:
+        progress(name, None)
+    entry = _check_source(name, arch, workdir, sass)
+    if progress is not None:
+        progress(name, entry)
+    return entry
 
 
 def _missing(entry: dict) -> str:

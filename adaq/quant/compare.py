@@ -16,7 +16,7 @@ REPORT_FILE = "compare.json"
 class CompareSettings:
     methods: list[str]
     schemes: list[str]
-    text: Path  # the text scored, e.g. ../shared/data/wikitext-2/test.txt
+    text: Path  # the text scored, e.g. data/wikitext-2/test.txt
     max_windows: int | None = 64
     window: int = 512
     runner: str = "engine"  # adaq.eval runner: the engine, or "transformers" (its own decompression)
@@ -110,7 +110,7 @@ def compare_methods(src: str, out_dir: str | Path, settings: CompareSettings,
 
 def compare_table(report: dict):
     """A rich table: one row per method and scheme, perplexity and its change against the bf16 source."""
-    from rich.table import Table
+    from adaq.tables import Table
 
     models, comparisons = report["models"], report.get("comparisons", {})
     base = models["bf16"]["perplexity"]

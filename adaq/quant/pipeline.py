@@ -24,7 +24,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json", "preprocessor_config.json",
                    "processor_config.json")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
-DEMO_SOURCE = "demo:gemma3-270m"  # the embedded real model (adaq.demo), built on first use
 
 
 @dataclass
@@ -76,10 +75,10 @@ def source_folder(src: str, scratch: Path):
     """The dense HF folder to quantize: SRC itself, its cached hub snapshot, a GGUF dequantized into scratch, or
     the embedded Gemma3-270M for `demo:gemma3-270m`."""
     path = Path(src).expanduser()
-    if src == DEMO_SOURCE:
-        from adaq.demo import gemma3_270m_folder
+    if src.startswith("demo:"):
+        from adaq.demo import demo_folder
 
-        yield gemma3_270m_folder(), "demo"
+        yield demo_folder(src), "demo"
     elif path.is_dir():
         yield path, "folder"
     elif path.suffix == ".gguf":

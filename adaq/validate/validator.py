@@ -76,7 +76,8 @@ class ValidationReport:
 def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None = "rtx4090", batch: int = 1,
                         context: int | None = None, kv_cache_dtype: str = "fp8", compile: bool = False,
                         utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
-                        max_num_batched_tokens: int = MAX_BATCHED_TOKENS, level: str = "full") -> ValidationReport:
+                        max_num_batched_tokens: int = MAX_BATCHED_TOKENS, level: str = "full",
+                        compile_progress=None) -> ValidationReport:
     """Check a checkpoint folder's layout and values for `arch` and plan its VRAM on `gpu` (None: no plan;
     `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV).
 
@@ -114,7 +115,7 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
         budget = plan(shape, weights, target, batch, context, kv_cache_dtype, utilization, window_kv,
                       max_num_batched_tokens)
         check_budget(checks, budget, shape)
-    compiled = compile_check(checks, arch) if compile else None
+    compiled = compile_check(checks, arch, compile_progress) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
                             len(index.entries), checks.findings, checks.applied, budget, compiled)
 
@@ -260,8 +261,9 @@ def check_budget(checks: Checks, budget: Budget, shape: ModelShape) -> None:
                  f"is {budget.max_batch}, at --batch {budget.batch} the largest context is {budget.max_context}")
 
 
-def compile_check(checks: Checks, arch: str) -> dict:
-    """Delegate to adaq.kernels.build.compile_check; say plainly when it or nvcc is missing."""
+def compile_check(checks: Checks, arch: str, progress=None) -> dict:
+    """Delegate to adaq.kernels.build.compile_check (`progress(source, entry)` per source compiled); say plainly when
+    it or nvcc is missing."""
     if shutil.which("nvcc") is None:
         message = ("nvcc not found on PATH: install the CUDA toolkit 12.4 or newer (e.g. `apt install cuda-nvcc-12-8` "
                    "or `pip install nvidia-cuda-nvcc-cu12`) to compile for sm_89")
@@ -274,7 +276,7 @@ def compile_check(checks: Checks, arch: str) -> dict:
         checks.check("compile", False, "", message)
         return {"ok": False, "error": message}
     try:
-        result = dict(kernels_compile_check(arch=arch))
+        result = dict(kernels_compile_check(arch=arch, progress=progress))
     except (AdaqError, OSError) as error:
         checks.check("compile", False, "", str(error))
         return {"ok": False, "error": str(error)}

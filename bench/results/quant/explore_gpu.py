@@ -20,7 +20,7 @@ from adaq.quant import scale_search as S, gptq as G, activation_aware as A
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODEL = Path(os.environ.get("QM_MODEL", "/root/qm/gemma3-270m-bf16"))
-DATA = Path(os.environ.get("QM_DATA", "../shared/data/wikitext-2"))
+DATA = Path(os.environ.get("QM_DATA", "data/wikitext-2"))
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 def build_model():
