@@ -11,6 +11,8 @@ Token layout of a step: the T query tokens of B sequences, packed one sequence a
   cached prefix before them).
 - `slot_mapping` [T] int64: cache slot (block * block_size + offset) of each token's K/V; -1 = do not store.
 - `block_tables` [B, max_blocks] int32: the cache blocks of each sequence, padded with -1.
+- `state_slots` [B] int64 (hybrid models only): each sequence's slot in the per-sequence state cache (Gated
+  DeltaNet conv and recurrent states); a sequence with no cached tokens before this step starts from a zero state.
 """
 
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     max_context_len: int = 0
+    state_slots: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -57,10 +60,11 @@ def set_context(
     slot_mapping: torch.Tensor | None = None,
     block_tables: torch.Tensor | None = None,
     max_context_len: int = 0,
+    state_slots: torch.Tensor | None = None,
 ) -> Context:
     global _CONTEXT
     _CONTEXT = Context(is_prefill, cu_seqlens_q, max_seqlen_q, context_lens, slot_mapping, block_tables,
-                       max_context_len)
+                       max_context_len, state_slots)
     return _CONTEXT
 
 

@@ -6,6 +6,10 @@ docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
 fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
 
+Hybrid models (Gated DeltaNet layers) also get a per-sequence state cache (adaq.engine.state_cache), sized from
+the same budget: its slots first (up to one per `max_num_seqs`, at most half the budget), the KV cache from the
+rest; each step's slot of every sequence goes into the step context.
+
 Logits are computed only where they are needed: the last token of each sequence that samples in this step, and
 every prompt position of a request that asked for prompt log-probabilities (in slices, so a long prompt never
 holds a full [T, vocab] tensor).
@@ -22,6 +26,7 @@ from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
 from adaq.engine.sequence import Sequence
+from adaq.engine.state_cache import StateCache, StateGeometry, StateSlots
 from adaq.errors import AdaqError
 
 CPU_DEFAULT_KV_BYTES = 2**30
@@ -86,6 +91,11 @@ class ModelRunner:
         if not self.attention_layers:
             raise AdaqError("the model has no attention layers with a k_cache attribute: cannot attach a KV cache")
         self.geometry = _kv_geometry(model_config, self.attention_layers, config)
+        self.state_layers = [module for module in model.modules() if hasattr(module, "ssm_state")]
+        self.state_geometry = StateGeometry.of(self.state_layers, config.dtype) if self.state_layers else None
+        self.num_state_slots = 0
+        self.state_cache: StateCache | None = None
+        self.state_slots: StateSlots | None = None
         self.max_model_len = config.max_model_len
         self.sampler = Sampler()
         self.decode_graphs = None
@@ -93,6 +103,7 @@ class ModelRunner:
         self.kv_scales: torch.Tensor | None = None
         self.num_blocks = self._plan_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
+        self._allocate_state_cache()
         from adaq.engine.cuda_graph import maybe_decode_graphs  # cuda backend on a GPU only
 
         self.decode_graphs = maybe_decode_graphs(self)
@@ -105,19 +116,38 @@ class ModelRunner:
     def _plan_num_blocks(self) -> int:
         block_bytes = self.geometry.bytes_per_block()
         if self.config.num_kv_blocks is not None:
+            self._plan_state_slots(None)
             num_blocks = self.config.num_kv_blocks
         elif self.config.kv_cache_memory is not None:
-            num_blocks = self.config.kv_cache_memory // block_bytes
+            num_blocks = self._plan_state_slots(self.config.kv_cache_memory) // block_bytes
         elif self.device.type == "cuda":
-            num_blocks = self._gpu_free_bytes_after_warmup() // block_bytes
+            num_blocks = self._plan_state_slots(self._gpu_free_bytes_after_warmup()) // block_bytes
         else:
             num_blocks = self._cpu_default_blocks(block_bytes)
         self._check_capacity(num_blocks)
         return num_blocks
 
+    def _plan_state_slots(self, budget: int | None) -> int:
+        """Hybrid models: choose the state slots (all of max_num_seqs when `budget` is None) and return the bytes
+        of `budget` left for the KV cache; other models: `budget` unchanged."""
+        if self.state_geometry is None:
+            return budget
+        g, max_seqs = self.state_geometry, self.config.max_num_seqs
+        self.num_state_slots = max_seqs if budget is None else g.slots_within(budget, max_seqs)
+        return None if budget is None else max(budget - self.num_state_slots * g.bytes_per_slot(), 0)
+
+    def _allocate_state_cache(self) -> None:
+        if self.state_geometry is not None:
+            self.state_cache = StateCache(self.state_layers, self.state_geometry, self.num_state_slots, self.device)
+            self.state_slots = StateSlots(self.num_state_slots)
+
+    @property
+    def state_cache_bytes(self) -> int:
+        return 0 if self.state_cache is None else self.state_cache.nbytes
+
     def _cpu_default_blocks(self, block_bytes: int) -> int:
         blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
-        affordable = CPU_DEFAULT_KV_BYTES // block_bytes
+        affordable = self._plan_state_slots(CPU_DEFAULT_KV_BYTES) // block_bytes
         return max(blocks_per_seq, min(affordable, blocks_per_seq * self.config.max_num_seqs))
 
     def _check_capacity(self, num_blocks: int) -> None:
@@ -315,8 +345,14 @@ class ModelRunner:
         decode = batch.is_decode
         set_context(is_prefill=not decode, cu_seqlens_q=None if decode else _offsets(query),
                     max_seqlen_q=max(query_lens), context_lens=lens, slot_mapping=slot_mapping,
-                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens))
+                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens),
+                    state_slots=self._state_slots_of(batch))
         return rows
+
+    def _state_slots_of(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        if self.state_slots is None:
+            return None
+        return self._upload([self.state_slots.slot_of(seq) for seq in batch.seqs], torch.int64, [len(batch.seqs)])[0]
 
     def _upload(self, values: list[int], dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         """One host-to-device copy (from pinned memory on a GPU) for several index tensors, returned as views."""

@@ -7,6 +7,11 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",  # its text model only
+    "Qwen3_5ForCausalLM",
+    "Qwen3_5ForConditionalGeneration",  # its text model only
+    "Qwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration",  # its text model only
+    "Qwen3NextForCausalLM",
 )
 
 
