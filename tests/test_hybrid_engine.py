@@ -98,3 +98,11 @@ def test_adaq_run_end_to_end(checkpoints, capsys, monkeypatch):
     llm = LLM(folder, backend="reference", device="cpu", kv_cache_dtype="bf16", max_model_len=256)
     expected = llm.generate("Hello", SamplingParams(max_tokens=12, temperature=0))[0]
     assert out == expected.text + "\n" and len(expected.token_ids) == 12
+
+
+def test_decode_graphs_refused_with_a_reason(checkpoints):
+    from adaq.engine.cuda_graph import graph_safe
+
+    model = make_llm(checkpoints["qwen3_5"] / "nvfp4").engine.runner.model
+    with pytest.warns(UserWarning, match="Gated DeltaNet"):
+        assert not graph_safe(model)

@@ -6,7 +6,9 @@ Every figure is in bytes and follows a stated formula, so a user can redo it by 
   per value, plus for FP8 one fp32 scale per (token, kv head) for K and for V (docs/ARCHITECTURE.md); every
   layer holds the full context (the engine allocates Gemma3's sliding-window layers that way too);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
-- CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU.
+- CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU;
+- hybrid models (Gated DeltaNet): KV only in the full-attention layers, plus the state cache, batch × every GDN
+  layer's conv state (C × (Kc-1) × 2 bytes) and recurrent state (Hv × Dk × Dv × 4 bytes) per sequence.
 """
 
 import math
@@ -77,26 +79,33 @@ def nvfp4_linear_bytes(n: int, k: int, input_scale: bool = False) -> int:
 
 def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale: bool = False) -> WeightBytes:
     """Weights from the config alone: every attention/MLP/expert Linear in NVFP4 (or bf16), the rest in bf16."""
-    linears = [*shape.layer_linears().values()] * shape.layers
+    attention = list(shape.layer_linears().values())[:4]
+    dense_mlp = list(shape.layer_linears().values())[4:]
+    linears = attention * shape.kv_layers + dense_mlp * shape.dense_layers
     if shape.moe_layers:
-        attention = list(shape.layer_linears().values())[:4]
-        dense_mlp = list(shape.layer_linears().values())[4:]
-        linears = attention * shape.layers + dense_mlp * shape.dense_layers
         linears += [*shape.expert_linears().values()] * shape.experts * shape.moe_layers
+        linears += [*shape.shared_expert_linears().values()] * shape.moe_layers
     linear_params = sum(n * k for n, k in linears)
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
     norms = shape.norms_per_layer * shape.layers + shape.hidden
-    routers = shape.experts * shape.hidden * shape.moe_layers
-    kept = 2 * (embeddings + norms + routers)
+    routers = (shape.experts + bool(shape.shared_expert_intermediate)) * shape.hidden * shape.moe_layers
+    kept = 2 * (embeddings + norms + routers + linear_attention_params(shape))
     if not quantized:
         return WeightBytes(0, kept + 2 * linear_params)
     return WeightBytes(sum(nvfp4_linear_bytes(n, k, input_scale) for n, k in linears), kept)
 
 
+def linear_attention_params(shape: ModelShape) -> int:
+    """Gated DeltaNet layers, kept in bf16 as the hybrid recipes keep them: projections, conv, A_log, dt_bias, norm."""
+    projections = sum(n * k for n, k in shape.linear_attention_linears().values())
+    conv = shape.linear_conv_dim * shape.linear_conv_kernel
+    return shape.linear_layers * (projections + conv + 2 * shape.linear_value_heads + shape.linear_value_dim)
+
+
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
-    """One token's K and V in every layer, with the FP8 scheme's fp32 scale per (token, kv head)."""
+    """One token's K and V in every layer with a KV cache, with the FP8 scheme's fp32 scale per (token, kv head)."""
     per_layer = 2 * shape.kv_heads * (shape.head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
-    return per_layer * shape.layers
+    return per_layer * shape.kv_layers
 
 
 def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str) -> int:
@@ -149,6 +158,7 @@ class Budget:
     max_context: int  # at this batch
     max_context_capped: bool  # max_context stopped at the model's max_position_embeddings
     notes: list[str] = field(default_factory=list)
+    state_cache: int = 0  # hybrid models: the Gated DeltaNet states of `batch` sequences
 
     @property
     def usable(self) -> int:
@@ -156,7 +166,8 @@ class Budget:
 
     @property
     def total(self) -> int:
-        return self.weights.total + self.kv_cache + sum(self.activations.values()) + self.cuda_context
+        return (self.weights.total + self.kv_cache + self.state_cache + sum(self.activations.values())
+                + self.cuda_context)
 
     @property
     def fits(self) -> bool:
@@ -168,6 +179,7 @@ class Budget:
             "usable_bytes": self.usable, "batch": self.batch, "context": self.context, "kv_cache_dtype": self.kv_dtype,
             "weights_quantized_bytes": self.weights.quantized, "weights_kept_bytes": self.weights.kept,
             "kv_cache_bytes": self.kv_cache, "kv_bytes_per_token": self.kv_per_token,
+            "state_cache_bytes": self.state_cache,
             "activations_bytes": sum(self.activations.values()), "activations": self.activations,
             "cuda_context_bytes": self.cuda_context, "total_bytes": self.total, "fits": self.fits,
             "max_batch_at_context": self.max_batch, "max_context_at_batch": self.max_context,
@@ -176,7 +188,7 @@ class Budget:
 
 
 def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str) -> int:
-    return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype)
+    return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype) + batch * shape.state_bytes_per_sequence()
             + sum(activation_bytes(shape, batch, context).values()) + CUDA_CONTEXT_BYTES)
 
 
@@ -211,7 +223,7 @@ def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context:
         activations=activation_bytes(shape, batch, context), cuda_context=CUDA_CONTEXT_BYTES,
         max_batch=largest(lambda b: b == 0 or fits(b, context)),
         max_context=max_context, max_context_capped=max_context == context_limit and shape.max_position is not None,
-        notes=budget_notes(shape),
+        notes=budget_notes(shape), state_cache=batch * shape.state_bytes_per_sequence(),
     )
 
 
@@ -221,4 +233,8 @@ def budget_notes(shape: ModelShape) -> list[str]:
     if shape.sliding_layers:
         notes.append(f"KV at full context in all {shape.layers} layers: the engine allocates the "
                      f"{shape.sliding_layers} sliding-window layers (window {shape.sliding_window}) like the others")
+    if shape.linear_layers:
+        notes.append(f"KV in the {shape.kv_layers} full-attention layers only; the {shape.linear_layers} Gated "
+                     f"DeltaNet layers keep {shape.state_bytes_per_sequence() / MiB:.2f} MiB of state per sequence "
+                     f"(conv bf16, recurrent fp32), whatever its length")
     return notes
