@@ -11,6 +11,8 @@ from helpers.tiny_tokenizer import write_tokenizer
 from test_engine import greedy, make_llm, record_logits, transformers_logits
 from test_run_cli import FAST, adaq
 
+from adaq.engine.api import LLM
+
 DECODE_STEPS = 33
 PROMPT = [249, 17, 200, 3, 96, 45, 150, 7, 88, 230, 61, 12, 5, 140]
 
@@ -106,3 +108,30 @@ def test_decode_graphs_refused_with_a_reason(checkpoints):
     model = make_llm(checkpoints["qwen3_5"] / "nvfp4").engine.runner.model
     with pytest.warns(UserWarning, match="Gated DeltaNet"):
         assert not graph_safe(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_state_cache_sizing_and_greedy_parity(checkpoints, capsys):
+    """On a GPU the state slots and KV blocks share what gpu_memory_utilization leaves; the reference backend's
+    tokens there equal the CPU's; the auto backend (cuda kernels where they exist, reference GDN ops) runs eagerly."""
+    folder = checkpoints["qwen3_next"] / "nvfp4"
+    settings = dict(dtype="fp32", kv_cache_dtype="bf16", max_model_len=128)
+    gpu = LLM(folder, backend="reference", device="cuda", gpu_memory_utilization=0.3, **settings)
+    runner = gpu.engine.runner
+    assert runner.num_state_slots == runner.config.max_num_seqs
+    assert runner.state_cache.ssm.device.type == "cuda"
+    prompts = [PROMPT, PROMPT[:3], PROMPT * 3]
+    on_gpu = [out.token_ids for out in gpu.generate(prompts, greedy(32))]
+    cpu = LLM(folder, backend="reference", device="cpu", **settings)
+    assert on_gpu == [out.token_ids for out in cpu.generate(prompts, greedy(32))]
+    del gpu
+    fast = LLM(folder, backend="auto", device="cuda", gpu_memory_utilization=0.3, kv_cache_dtype="bf16",
+               max_model_len=128)
+    assert fast.engine.runner.decode_graphs is None
+    tokens = [out.token_ids for out in fast.generate(prompts, greedy(32))]
+    agreement = sum(a == b for x, y in zip(tokens, on_gpu) for a, b in zip(x, y)) / sum(map(len, on_gpu))
+    with capsys.disabled():
+        print(f"\nbackend {fast.engine.runner.model.backend.name} (bf16) vs reference (fp32): "
+              f"{agreement:.0%} of greedy tokens equal")
+    assert all(len(t) == 32 for t in tokens)

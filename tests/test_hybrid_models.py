@@ -1,6 +1,7 @@
 """Qwen3.5, Qwen3.5-MoE and Qwen3-Next (hybrid Gated DeltaNet models) on tiny random NVFP4 checkpoints against
 transformers' forward on the same decompressed weights (fp32 compute, bf16 KV cache, reference backend; fla is not
-installed, so transformers runs its plain-PyTorch GDN fallbacks), plus the GDN numerics' two forms against each other."""
+installed, so transformers runs its plain-PyTorch GDN fallbacks), plus the GDN numerics' two forms against each
+other."""
 
 import json
 import warnings
@@ -215,3 +216,20 @@ def test_vision_language_checkpoint_runs_its_text_model(checkpoints, references,
         model = ours(folder)
     assert any("vision tower" in str(w.message) for w in caught)
     assert_close(prefill_logits(model, TOKENS[:30], kv_dtype=KV), references[arch][:30])
+
+
+def test_modelopt_copy_runs_the_same(checkpoints, references, tmp_path):
+    """A ModelOpt-layout NVFP4 Qwen3.5 folder (the same weights) loads and gives the same logits."""
+    from adaq.formats.modelopt import save_modelopt
+
+    ct = open_checkpoint(checkpoints["qwen3_5"] / "nvfp4")
+    quantized = {prefix: ct.nvfp4(prefix) for prefix in ct.quantized_prefixes()}
+    kept = {name: ct.tensor(name) for name in ct.tensor_names()}
+    config = {k: v for k, v in ct.config.items() if k != "quantization_config"}
+    save_modelopt(tmp_path / "modelopt", config, "nvfp4a16", ["lm_head", "*linear_attn*"], quantized, kept)
+    assert open_checkpoint(tmp_path / "modelopt").format == "modelopt"
+    tokens = TOKENS[:30]
+    expected = prefill_logits(ours(checkpoints["qwen3_5"] / "nvfp4"), tokens, kv_dtype=KV)
+    torch.testing.assert_close(prefill_logits(ours(tmp_path / "modelopt"), tokens, kv_dtype=KV), expected,
+                               atol=0, rtol=0)
+    assert_close(expected, references["qwen3_5"][:30])

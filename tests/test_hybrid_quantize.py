@@ -51,3 +51,27 @@ def test_rtn_bytes_equal_llmcompressor(arch, tiny_bf16, tmp_path):
     quantized = open_checkpoint(ours).quantized_prefixes()
     assert any(p.endswith("self_attn.q_proj") for p in quantized)
     assert not any("linear_attn" in p or p.endswith(("mlp.gate", "shared_expert_gate")) for p in quantized)
+
+
+def test_rtn_output_runs_like_transformers_decompression(tiny_bf16, tmp_path):
+    """adaq's Qwen3.5 NVFP4 folder, run by adaq, against transformers + compressed-tensors decompressing it."""
+    from helpers.paged import prefill_logits
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from adaq.backends import get_backend
+    from adaq.formats import nvfp4
+    from adaq.models import build_model, load_weights
+
+    out = tmp_path / "out"
+    quantize_model(str(tiny_bf16["qwen3_5"]), out, scheme="nvfp4a16", method="rtn", device="cpu")
+    checkpoint = open_checkpoint(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = hf.float().eval()
+    tokens = list(range(3, 40, 2))
+    with torch.no_grad():
+        for prefix in checkpoint.quantized_prefixes():  # exact dequantized values (transformers rounds to bf16)
+            hf.get_submodule(prefix).weight.copy_(nvfp4.dequantize(checkpoint.nvfp4(prefix)))
+        reference = hf(torch.tensor([tokens])).logits[0]
+    model = load_weights(build_model(checkpoint.config, get_backend("reference", "cpu"), torch.float32), checkpoint)
+    got = prefill_logits(model, tokens)
+    assert ((got - reference).abs().max() / reference.abs().max()).item() <= 1e-4

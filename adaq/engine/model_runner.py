@@ -92,7 +92,8 @@ class ModelRunner:
             raise AdaqError("the model has no attention layers with a k_cache attribute: cannot attach a KV cache")
         self.geometry = _kv_geometry(model_config, self.attention_layers, config)
         self.state_layers = [module for module in model.modules() if hasattr(module, "ssm_state")]
-        self.state_geometry = StateGeometry.of(self.state_layers, config.dtype) if self.state_layers else None
+        state_dtype = getattr(model, "dtype", config.dtype)  # conv states hold the model's activations
+        self.state_geometry = StateGeometry.of(self.state_layers, state_dtype) if self.state_layers else None
         self.num_state_slots = 0
         self.state_cache: StateCache | None = None
         self.state_slots: StateSlots | None = None

@@ -17,7 +17,7 @@ from adaq.layers.rotary import RopeTables
 from adaq.models.base import CausalLM, WeightReader
 from adaq.models.qwen3 import head_dim_of
 
-LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"
+LINEAR_ATTENTION = "linear_attention"  # the other layer type is "full_attention"
 
 
 def rotary_dim_of(config, head_dim: int) -> int:
@@ -27,8 +27,8 @@ def rotary_dim_of(config, head_dim: int) -> int:
 
 def gated_delta_net(config, backend, layer_class: type = GatedDeltaNet) -> GatedDeltaNet:
     return layer_class(backend, config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
-                         config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
-                         config.rms_norm_eps)
+                       config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
+                       config.rms_norm_eps)
 
 
 def gated_attention(config, backend, rope: RopeTables) -> GatedSelfAttention:

@@ -61,7 +61,8 @@ HYBRID_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$", "re:.*
 LINEAR_STD = {"qwen3": 0.06, "qwen3_moe": 0.06, "gemma3": 0.15, "qwen3_5": 0.06, "qwen3_5_moe": 0.06,
               "qwen3_next": 0.06}
 # Gated DeltaNet parameters that are not Linear weights: (mean, std) of their random values.
-GDN_PARAMS = {"conv1d.weight": (0.0, 0.4), "A_log": (0.0, 0.5), "dt_bias": (1.0, 0.3), "linear_attn.norm.weight": (1.0, 0.1)}
+GDN_PARAMS = {"conv1d.weight": (0.0, 0.4), "A_log": (0.0, 0.5), "dt_bias": (1.0, 0.3),
+              "linear_attn.norm.weight": (1.0, 0.1)}
 ROUTER_STD = 0.5
 
 QUANTIZED = re.compile(
