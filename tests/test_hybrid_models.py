@@ -233,3 +233,22 @@ def test_modelopt_copy_runs_the_same(checkpoints, references, tmp_path):
     torch.testing.assert_close(prefill_logits(ours(tmp_path / "modelopt"), tokens, kv_dtype=KV), expected,
                                atol=0, rtol=0)
     assert_close(expected, references["qwen3_5"][:30])
+
+
+def test_batched_decode_skips_padded_rows_and_zeroes_fresh_ones():
+    """The decode form a graph will run: slot -1 (a padded row) is neither read nor written; a sequence with no
+    cached tokens starts from zeros even when its slot holds NaN."""
+    q, k, v, g, beta, _ = random_gdn(3)
+    states = torch.randn(4, 4, 16, 8)
+    states[2] = float("nan")
+    before = states.clone()
+    slots, cached = torch.tensor([1, -1, 2]), torch.tensor([True, True, False])
+    out = gd.delta_rule_decode(q, k, v, g, beta, states, slots, cached)
+    assert torch.isfinite(out[[0, 2]]).all()
+    torch.testing.assert_close(states[[0, 3]], before[[0, 3]])
+    expected, _ = gd.recurrent_gated_delta_rule(q[2:, None], k[2:, None], v[2:, None], g[2:, None], beta[2:, None],
+                                                torch.zeros(1, 4, 16, 8))
+    torch.testing.assert_close(out[2], expected[0, 0])
+    conv_states = torch.full((4, 12, 3), float("nan"))
+    conv_out = gd.conv_decode(torch.randn(3, 12), torch.randn(12, 4), conv_states, slots, torch.tensor([False] * 3))
+    assert torch.isfinite(conv_out[[0, 2]]).all() and torch.isnan(conv_states[[0, 3]]).all()

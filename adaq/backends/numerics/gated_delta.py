@@ -145,10 +145,11 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor | None
 
 def conv_decode(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor, slots: torch.Tensor,
                 cached: torch.Tensor) -> torch.Tensor:
-    """One token per sequence, batched: x [B, C], the states at `slots` [B] (zeroed where not `cached` [B])."""
-    current = torch.where(cached[:, None, None], states[slots], 0)  # where, not *: a fresh slot may hold NaN
-    out, new_states = causal_conv1d_update(x, weight, current)
-    states[slots] = new_states
+    """One token per sequence, batched: x [B, C], the states at `slots` [B] (zeroed where not `cached` [B]; slot -1:
+    a padded row, whose state is neither read nor written)."""
+    current = torch.where((cached & (slots >= 0))[:, None, None], states[slots.clamp(min=0)], 0)  # where, not *:
+    out, new_states = causal_conv1d_update(x, weight, current)  # a fresh slot may hold NaN
+    write_states(states, slots, new_states)
     return out
 
 
@@ -177,12 +178,19 @@ def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
 
 def delta_rule_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                       states: torch.Tensor, slots: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-    """One token per sequence, batched: q, k [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv] -> [B, Hv, Dv]."""
-    current = torch.where(cached[:, None, None, None], states[slots], 0)
+    """One token per sequence, batched: q, k [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv] -> [B, Hv, Dv]; states
+    as in `conv_decode`."""
+    current = torch.where((cached & (slots >= 0))[:, None, None, None], states[slots.clamp(min=0)], 0)
     out, new_states = recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
                                                  current)
-    states[slots] = new_states
+    write_states(states, slots, new_states)
     return out[:, 0]
+
+
+def write_states(states: torch.Tensor, slots: torch.Tensor, new_states: torch.Tensor) -> None:
+    """states[slots] = new_states, skipping slot -1 (padded rows of a decode graph's bucket)."""
+    keep = slots >= 0
+    states[slots[keep]] = new_states[keep]
 
 
 def state_slots(ctx, num_seqs: int) -> list[int]:
