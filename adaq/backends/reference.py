@@ -125,7 +125,6 @@ class ReferenceBackend:
         cos, sin = self.cos_sin.get(positions, inv_freq, q.dtype)
         return rotary.apply_rotary(q, k, cos, sin)
 
-
     # Hybrid models: Gated DeltaNet and gated attention
     def moe_shared(self, routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         return moe.add_shared_expert(routed, shared, gate_logits)
