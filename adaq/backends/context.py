@@ -14,6 +14,8 @@ Token layout of a step: the T query tokens of B sequences, packed one sequence a
 - `sliding_slot_mapping` [T], `sliding_block_tables` [B, max_blocks]: the same for the layers whose KV lives in the
   sliding-window pool (None: those layers use the tables above). Entries of blocks wholly before a sequence's window
   hold a null block that attention never reads (adaq/engine/block_manager.py).
+- `state_slots` [B] int64 (hybrid models only): each sequence's slot in the per-sequence state cache (Gated
+  DeltaNet conv and recurrent states); a sequence with no cached tokens before this step starts from a zero state.
 """
 
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,7 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     max_context_len: int = 0
+    state_slots: torch.Tensor | None = None
     sliding_slot_mapping: torch.Tensor | None = None
     sliding_block_tables: torch.Tensor | None = None
     _sliding_view: "Context | None" = field(default=None, repr=False, compare=False)
@@ -76,10 +79,11 @@ def set_context(
     max_context_len: int = 0,
     sliding_slot_mapping: torch.Tensor | None = None,
     sliding_block_tables: torch.Tensor | None = None,
+    state_slots: torch.Tensor | None = None,
 ) -> Context:
     global _CONTEXT
     _CONTEXT = Context(is_prefill, cu_seqlens_q, max_seqlen_q, context_lens, slot_mapping, block_tables,
-                       max_context_len, sliding_slot_mapping, sliding_block_tables)
+                       max_context_len, state_slots, sliding_slot_mapping, sliding_block_tables)
     return _CONTEXT
 
 

@@ -94,3 +94,11 @@ def weight_rows(weight: Weight) -> int:
 
 def weight_cols(weight: Weight) -> int:
     return weight.in_features if isinstance(weight, NVFP4Weight) else weight.shape[1]
+
+
+def select_rows(weight: Weight, rows: torch.Tensor) -> Weight:
+    """Rows `rows` (output features) of a weight, in that order; exact for NVFP4 (rows are independent, the global
+    scales are per tensor)."""
+    if isinstance(weight, torch.Tensor):
+        return weight[rows]
+    return NVFP4Weight(weight.packed[rows], weight.block_scale[rows], weight.global_scale, weight.input_global_scale)

@@ -1,5 +1,8 @@
 """What layers may call on a backend, with shapes. Both backends (reference, cuda) implement all of it.
 
+Hybrid models (Gated DeltaNet): Hk key / Hv value heads of Dk / Dv dims, conv channels C = 2 Hk Dk + Hv Dv, conv
+kernel Kc; per-sequence states live in slots (`ctx.state_slots`), numerics in adaq.backends.numerics.gated_delta.
+
 T tokens of one step packed one sequence after another, H query heads and Hkv KV heads of D dims, hidden size K,
 output features N, experts E, intermediate size I. Weights (`Weight`: an NVFP4Weight or a dense [N, K] tensor)
 reach a backend once, at load, through `prepare_*`, which returns a handle the layer passes back on every call.
@@ -60,3 +63,28 @@ class Backend(Protocol):
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, Hkv, D] rotated (rotate-half layout) at positions [T] with inv_freq fp32 [D/2]."""
+
+    # ---- hybrid models: Gated DeltaNet layers and gated attention (Qwen3.5, Qwen3-Next) ----
+    def moe_shared(self, routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        """routed [T, K] + sigmoid(gate_logits [T, 1]) * shared [T, K]: the shared expert's gated contribution."""
+
+    def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x * sigmoid(gate), [T, N] each: the gated attention's output gate."""
+
+    def gdn_gates(self, a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor,
+                  dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a, b [T, Hv] -> (g = -exp(A_log) softplus(a + dt_bias) in fp32, beta = sigmoid(b))."""
+
+    def causal_conv1d(self, x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor | None,
+                      ctx: Context) -> torch.Tensor:
+        """x [T, C] -> silu(depthwise causal conv) [T, C] with weight [C, Kc]; each sequence continues from its
+        slot's state in conv_states [slots, C, Kc-1] (zero state when it has no cached tokens) and leaves its last
+        Kc-1 inputs there. conv_states None: zero states, nothing stored (warm-up)."""
+
+    def gated_delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                         beta: torch.Tensor, ssm_states: torch.Tensor | None, ctx: Context) -> torch.Tensor:
+        """q, k [T, Hk, Dk], v [T, Hv, Dv], g fp32 / beta [T, Hv] -> [T, Hv, Dv]; recurrent states fp32
+        [slots, Hv, Dk, Dv] read and updated per sequence as for `causal_conv1d`."""
+
+    def gated_rms_norm(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x, z [N, Dv] -> w * rms_norm(x) * silu(z)."""

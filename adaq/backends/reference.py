@@ -14,7 +14,7 @@ from adaq.backends import prefill_route
 from adaq.backends.fallbacks import Fallbacks
 from adaq.backends.handles import (ExpertsHandle, LinearHandle, Weight, can_fuse, check_shapes, fuse, weight_cols,
                                    weight_rows)
-from adaq.backends.numerics import activation, attention, moe, norm, rotary
+from adaq.backends.numerics import activation, attention, gated_delta, moe, norm, rotary
 from adaq.formats import fp8_prefill, nvfp4
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
 DEQUANT_CACHE_FRACTION = 0.4  # of the memory free when the backend is made
@@ -128,6 +128,34 @@ class ReferenceBackend:
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
         cos, sin = self.cos_sin.get(positions, inv_freq, q.dtype)
         return rotary.apply_rotary(q, k, cos, sin)
+
+    # Hybrid models: Gated DeltaNet and gated attention
+    def moe_shared(self, routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        return moe.add_shared_expert(routed, shared, gate_logits)
+
+    def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_delta.sigmoid_gate(x, gate)
+
+    def gdn_gates(self, a, b, a_log, dt_bias):
+        return gated_delta.gdn_gates(a, b, a_log, dt_bias)
+
+    def causal_conv1d(self, x, weight, conv_states, ctx) -> torch.Tensor:
+        if _batched_decode(ctx, conv_states):
+            return gated_delta.conv_decode(x, weight, conv_states, ctx.state_slots, ctx.context_lens > 1)
+        return gated_delta.conv_step(x, weight, conv_states, ctx)
+
+    def gated_delta_rule(self, q, k, v, g, beta, ssm_states, ctx) -> torch.Tensor:
+        if _batched_decode(ctx, ssm_states):
+            return gated_delta.delta_rule_decode(q, k, v, g, beta, ssm_states, ctx.state_slots, ctx.context_lens > 1)
+        return gated_delta.delta_rule_step(q, k, v, g, beta, ssm_states, ctx)
+
+    def gated_rms_norm(self, x, z, weight, eps: float) -> torch.Tensor:
+        return gated_delta.gated_rms_norm(x, z, weight, eps)
+
+
+def _batched_decode(ctx, states: torch.Tensor | None) -> bool:
+    """A pure decode step with a state cache: one token per sequence, the batched (graph-shaped) form."""
+    return not ctx.is_prefill and states is not None and ctx.state_slots is not None
 
 
 def free_memory(device: torch.device) -> int:

@@ -146,6 +146,9 @@ def budget_table(budget):
     else:
         table.add_row("weights (bf16)", gib(budget.weights.kept))
     table.add_row(f"KV cache ({budget.kv_per_token:,} B/token)", gib(budget.kv_cache))
+    if budget.state_cache:
+        table.add_row(f"state cache (Gated DeltaNet, {budget.state_cache // budget.batch:,} B/sequence)",
+                      gib(budget.state_cache))
     table.add_row("activations + workspace", gib(sum(budget.activations.values())))
     table.add_row("CUDA context", gib(budget.cuda_context))
     table.add_row("[bold]total[/bold]", f"[bold]{gib(budget.total)}[/bold]")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from adaq.engine.block_manager import BlockManager
 from adaq.engine.config import EngineConfig, text_config
 from adaq.engine.model_runner import ModelRunner
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import Scheduler
+from adaq.engine.state_cache import make_block_manager
 from adaq.engine.sequence import RequestMetrics, Sequence, SequenceStatus
 from adaq.errors import AdaqError
 
@@ -72,9 +72,9 @@ class LLMEngine:
         if model is None:
             model = load_model(self.model_config, config)
         self.runner = ModelRunner(model, self.model_config, config, fit_context)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          self.runner.sliding_window if self.runner.num_sliding_blocks else None,
-                                          self.runner.num_sliding_blocks)
+        self.block_manager = make_block_manager(
+            self.runner, self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+            self.runner.sliding_window if self.runner.num_sliding_blocks else None, self.runner.num_sliding_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = _eos_token_ids(config.model, self.model_config, self.tokenizer)
         self.stats = EngineStats()

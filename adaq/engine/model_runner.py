@@ -13,6 +13,10 @@ gets two such tensors, one per group, each with its own blocks (block_manager.py
 `max_num_seqs` windows and one step's chunks need (`sliding_pool_blocks`), never more blocks than the global pool;
 the rest of the memory goes to the global pool.
 
+Hybrid models (Gated DeltaNet layers) also get a per-sequence state cache (adaq.engine.state_cache), sized from
+the same budget: its slots first (up to one per `max_num_seqs`, at most half the budget), the KV cache from the
+rest; each step's slot of every sequence goes into the step context.
+
 Logits are computed only where they are needed: the last token of each sequence that samples in this step, and
 every prompt position of a request that asked for prompt log-probabilities (in slices, so a long prompt never
 holds a full [T, vocab] tensor).
@@ -33,6 +37,7 @@ from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
 from adaq.engine.sequence import Sequence
+from adaq.engine.state_cache import StateCache, StateGeometry, StateSlots
 from adaq.errors import AdaqError
 
 log = logging.getLogger("adaq.engine")
@@ -108,6 +113,12 @@ class ModelRunner:
         self.sliding_window = max((layer.sliding_window for layer in self.sliding_layers), default=None)
         self.geometry = _kv_geometry(model_config, self.global_layers, config)
         self.sliding_geometry = _kv_geometry(model_config, self.sliding_layers, config) if self.sliding_layers else None
+        self.state_layers = [module for module in model.modules() if hasattr(module, "ssm_state")]
+        state_dtype = getattr(model, "dtype", config.dtype)  # conv states hold the model's activations
+        self.state_geometry = StateGeometry.of(self.state_layers, state_dtype) if self.state_layers else None
+        self.num_state_slots = 0
+        self.state_cache: StateCache | None = None
+        self.state_slots: StateSlots | None = None
         self.max_model_len = config.max_model_len
         self.sampler = Sampler()
         self.decode_graphs = None
@@ -117,6 +128,7 @@ class ModelRunner:
         self.sliding_kv_scales: torch.Tensor | None = None
         self.num_blocks, self.num_sliding_blocks = self._plan_num_blocks()
         self._allocate_kv_cache()
+        self._allocate_state_cache()
         from adaq.engine.cuda_graph import maybe_decode_graphs  # cuda backend on a GPU only
 
         self.decode_graphs = maybe_decode_graphs(self)
@@ -130,11 +142,12 @@ class ModelRunner:
     def _plan_num_blocks(self) -> tuple[int, int]:
         """(global blocks, sliding blocks including the null block; 0 without a sliding pool)."""
         if self.config.num_kv_blocks is not None:
+            self._plan_state_slots(None)
             num_blocks = self.config.num_kv_blocks
         elif self.config.kv_cache_memory is not None:
-            num_blocks = self._global_blocks_in(self.config.kv_cache_memory)
+            num_blocks = self._global_blocks_in(self._plan_state_slots(self.config.kv_cache_memory))
         elif self.device.type == "cuda":
-            num_blocks = self._global_blocks_in(self._gpu_free_bytes_after_warmup())
+            num_blocks = self._global_blocks_in(self._plan_state_slots(self._gpu_free_bytes_after_warmup()))
         else:
             num_blocks = self._cpu_default_blocks()
         if self.fit_context:
@@ -144,7 +157,7 @@ class ModelRunner:
 
     def _cpu_default_blocks(self) -> int:
         blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
-        affordable = max(1, self._global_blocks_in(CPU_DEFAULT_KV_BYTES))
+        affordable = max(1, self._global_blocks_in(self._plan_state_slots(CPU_DEFAULT_KV_BYTES)))
         wanted = min(affordable, blocks_per_seq * self.config.max_num_seqs)
         if self.fit_context or blocks_per_seq * self.geometry.bytes_per_block() > _physical_memory_bytes() // 2:
             return wanted  # too small for one sequence: _fit_context caps the context, or _check_capacity says so
@@ -179,6 +192,24 @@ class ModelRunner:
         if equal <= need:
             return max(equal, 0)
         return (budget - (need + 1) * sliding_bytes) // global_bytes
+
+    def _plan_state_slots(self, budget: int | None) -> int:
+        """Hybrid models: choose the state slots (all of max_num_seqs when `budget` is None) and return the bytes
+        of `budget` left for the KV cache; other models: `budget` unchanged."""
+        if self.state_geometry is None:
+            return budget
+        g, max_seqs = self.state_geometry, self.config.max_num_seqs
+        self.num_state_slots = max_seqs if budget is None else g.slots_within(budget, max_seqs)
+        return None if budget is None else max(budget - self.num_state_slots * g.bytes_per_slot(), 0)
+
+    def _allocate_state_cache(self) -> None:
+        if self.state_geometry is not None:
+            self.state_cache = StateCache(self.state_layers, self.state_geometry, self.num_state_slots, self.device)
+            self.state_slots = StateSlots(self.num_state_slots)
+
+    @property
+    def state_cache_bytes(self) -> int:
+        return 0 if self.state_cache is None else self.state_cache.nbytes
 
     def _check_capacity(self, num_blocks: int) -> None:
         capacity = num_blocks * self.geometry.block_size
@@ -391,8 +422,14 @@ class ModelRunner:
                     max_seqlen_q=max(query_lens), context_lens=lens, slot_mapping=slot_mapping,
                     block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens),
                     sliding_slot_mapping=sliding_slot_mapping if sliding else None,
-                    sliding_block_tables=flat_sliding.view(len(tables), width) if sliding else None)
+                    sliding_block_tables=flat_sliding.view(len(tables), width) if sliding else None,
+                    state_slots=self._state_slots_of(batch))
         return rows
+
+    def _state_slots_of(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        if self.state_slots is None:
+            return None
+        return self._upload([self.state_slots.slot_of(seq) for seq in batch.seqs], torch.int64, [len(batch.seqs)])[0]
 
     def _upload(self, values: list[int], dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         """One host-to-device copy (from pinned memory on a GPU) for several index tensors, returned as views."""

@@ -9,6 +9,11 @@ MODEL_TYPES = {
     "Qwen3MoeForCausalLM": ("qwen3_moe",),
     "Gemma3ForCausalLM": ("gemma3_text", "gemma3"),
     "Gemma3ForConditionalGeneration": ("gemma3",),  # its text model only
+    "Qwen3_5ForCausalLM": ("qwen3_5_text", "qwen3_5"),
+    "Qwen3_5ForConditionalGeneration": ("qwen3_5",),  # its text model only
+    "Qwen3_5MoeForCausalLM": ("qwen3_5_moe_text", "qwen3_5_moe"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5_moe",),  # its text model only
+    "Qwen3NextForCausalLM": ("qwen3_next",),
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 

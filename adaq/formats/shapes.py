@@ -8,6 +8,9 @@ from adaq.errors import CheckpointError
 # Per-family defaults for keys a config may leave out (the transformers config classes' defaults).
 TIED_BY_DEFAULT = {"Gemma3ForCausalLM": True, "Gemma3ForConditionalGeneration": True}
 NORMS_PER_LAYER = {"Gemma3": 4}  # hidden-sized norms per layer: Gemma3 adds pre/post-feedforward norms
+HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_next")  # Gated DeltaNet + gated attention (q_proj twice as wide)
+DEFAULT_FULL_ATTENTION_INTERVAL = 4  # transformers' default when config.json leaves out layer_types
+STATE_DTYPE_BYTES = {"conv": 2, "recurrent": 4}  # conv state in the compute dtype (bf16), recurrent state fp32
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,16 @@ class ModelShape:
     moe_intermediate: int = 0
     sliding_window: int | None = None
     sliding_layers: int = 0
+    # Hybrid models: Gated DeltaNet ("linear attention") layers keep a per-sequence state instead of a KV cache.
+    linear_layers: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv_kernel: int = 0
+    linear_fused: bool = False  # Qwen3-Next: in_proj_qkvz / in_proj_ba
+    attention_output_gate: bool = False  # q_proj twice as wide: its second half gates the attention output
+    shared_expert_intermediate: int = 0
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
@@ -52,7 +65,43 @@ class ModelShape:
             experts_per_token=text.get("num_experts_per_tok", 0) if moe else 0,
             moe_intermediate=text.get("moe_intermediate_size", 0) if moe else 0,
             sliding_window=text.get("sliding_window") if sliding else None, sliding_layers=sliding,
+            shared_expert_intermediate=text.get("shared_expert_intermediate_size", 0) if moe else 0,
+            **hybrid_fields(text, layers),
         )
+
+    @property
+    def kv_layers(self) -> int:
+        """Layers with a KV cache (all but the Gated DeltaNet ones)."""
+        return self.layers - self.linear_layers
+
+    @property
+    def linear_conv_dim(self) -> int:
+        return 2 * self.linear_key_heads * self.linear_key_dim + self.linear_value_heads * self.linear_value_dim
+
+    def state_bytes_per_sequence(self) -> int:
+        """Every Gated DeltaNet layer's conv state [C, Kc-1] (bf16) and recurrent state [Hv, Dk, Dv] (fp32)."""
+        conv = self.linear_conv_dim * (self.linear_conv_kernel - 1) * STATE_DTYPE_BYTES["conv"]
+        recurrent = self.linear_value_heads * self.linear_key_dim * self.linear_value_dim * STATE_DTYPE_BYTES[
+            "recurrent"]
+        return self.linear_layers * (conv + recurrent)
+
+    def linear_attention_linears(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of each Linear of a Gated DeltaNet layer."""
+        value_dim, heads = self.linear_value_heads * self.linear_value_dim, self.linear_value_heads
+        out = {"linear_attn.out_proj": (self.hidden, value_dim)}
+        if self.linear_fused:
+            return out | {"linear_attn.in_proj_qkvz": (self.linear_conv_dim + value_dim, self.hidden),
+                          "linear_attn.in_proj_ba": (2 * heads, self.hidden)}
+        return out | {"linear_attn.in_proj_qkv": (self.linear_conv_dim, self.hidden),
+                      "linear_attn.in_proj_z": (value_dim, self.hidden),
+                      "linear_attn.in_proj_b": (heads, self.hidden), "linear_attn.in_proj_a": (heads, self.hidden)}
+
+    def shared_expert_linears(self) -> dict[str, tuple[int, int]]:
+        width = self.shared_expert_intermediate
+        if not width:
+            return {}
+        return {"mlp.shared_expert.gate_proj": (width, self.hidden), "mlp.shared_expert.up_proj": (width, self.hidden),
+                "mlp.shared_expert.down_proj": (self.hidden, width)}
 
     @property
     def q_width(self) -> int:
@@ -79,8 +128,9 @@ class ModelShape:
 
     def layer_linears(self) -> dict[str, tuple[int, int]]:
         """(N, K) of each Linear of a dense layer's attention and MLP; experts are in expert_linears()."""
+        q_rows = 2 * self.q_width if self.attention_output_gate else self.q_width
         linears = {
-            "self_attn.q_proj": (self.q_width, self.hidden), "self_attn.k_proj": (self.kv_width, self.hidden),
+            "self_attn.q_proj": (q_rows, self.hidden), "self_attn.k_proj": (self.kv_width, self.hidden),
             "self_attn.v_proj": (self.kv_width, self.hidden), "self_attn.o_proj": (self.hidden, self.q_width),
         }
         if self.intermediate:
@@ -98,6 +148,9 @@ class ModelShape:
         expert = re.search(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$", prefix)
         if expert and self.moe_layers:
             return self.expert_linears()[expert.group(1)]
+        hybrid = re.search(r"\.(linear_attn\.\w+|mlp\.shared_expert\.\w+)$", prefix)
+        if hybrid:
+            return (self.linear_attention_linears() | self.shared_expert_linears()).get(hybrid.group(1))
         attention_or_mlp = re.search(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$", prefix)
         return self.layer_linears().get(attention_or_mlp.group(1)) if attention_or_mlp else None
 
@@ -126,3 +179,25 @@ def sliding_layer_count(config: dict, layers: int) -> int:
     if pattern:
         return sum(1 for i in range(layers) if (i + 1) % pattern)
     return layers
+
+
+def linear_attention_layer_count(config: dict, layers: int) -> int:
+    if config.get("layer_types"):
+        return sum(1 for kind in config["layer_types"] if kind == "linear_attention")
+    if not (config.get("model_type") or "").startswith(HYBRID_MODEL_TYPES):
+        return 0
+    interval = config.get("full_attention_interval") or DEFAULT_FULL_ATTENTION_INTERVAL
+    return sum(1 for i in range(layers) if (i + 1) % interval)
+
+
+def hybrid_fields(config: dict, layers: int) -> dict:
+    """ModelShape's Gated DeltaNet fields (transformers' defaults where config.json leaves them out)."""
+    linear = linear_attention_layer_count(config, layers)
+    if not linear and not (config.get("model_type") or "").startswith(HYBRID_MODEL_TYPES):
+        return {}
+    return dict(linear_layers=linear, linear_key_heads=config.get("linear_num_key_heads", 16),
+                linear_value_heads=config.get("linear_num_value_heads", 32),
+                linear_key_dim=config.get("linear_key_head_dim", 128),
+                linear_value_dim=config.get("linear_value_head_dim", 128),
+                linear_conv_kernel=config.get("linear_conv_kernel_dim", 4),
+                linear_fused=config.get("model_type") == "qwen3_next", attention_output_gate=True)

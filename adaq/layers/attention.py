@@ -77,3 +77,36 @@ class SelfAttention(nn.Module):
         q, k = self.backend.rotary(q, k, positions, self.inv_freq)
         out = self.attn(q, k, v)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class GatedSelfAttention(SelfAttention):
+    """Qwen3.5 / Qwen3-Next full attention: q_proj is twice as wide (per head: D query dims, then D gate dims) and
+    the attention output is multiplied by sigmoid(gate); (1 + w) q/k norms; RoPE on the first `rotary_dim` dims."""
+
+    def __init__(self, backend: Backend, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 inv_freq: torch.Tensor, eps: float, scale: float):
+        super().__init__(backend, hidden_size, num_heads, num_kv_heads, head_dim, inv_freq, eps, scale,
+                         unit_offset_norm=True)
+        self.qkv_proj = Linear(backend, hidden_size, [2 * num_heads * head_dim, num_kv_heads * head_dim,
+                                                      num_kv_heads * head_dim], role="qkv_proj")
+        self.rotary_dim = 2 * inv_freq.numel()
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        q_gate, k, v = self.qkv_proj(hidden).split(self.qkv_proj.out_sizes, dim=-1)
+        q, gate = q_gate.reshape(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q.contiguous())
+        k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim))
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.partial_rotary(q, k, positions)
+        out = self.attn(q, k, v).reshape(tokens, self.num_heads * self.head_dim)
+        out = self.backend.sigmoid_gate(out, gate.reshape(tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out)
+
+    def partial_rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return self.backend.rotary(q, k, positions, self.inv_freq)
+        q_rot, k_rot = self.backend.rotary(q[..., :r].contiguous(), k[..., :r].contiguous(), positions,
+                                           self.inv_freq)
+        return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)

@@ -33,3 +33,24 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.moe(x, self.gate(x), self.experts, self.top_k, self.renormalize)
+
+
+class SharedExpertMoE(SparseMoE):
+    """Qwen3.5-MoE / Qwen3-Next: routed experts plus one shared expert scaled by sigmoid(shared_expert_gate(x))."""
+
+    def __init__(self, backend: Backend, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 renormalize: bool, shared_intermediate_size: int, activation: str):
+        super().__init__(backend, hidden_size, intermediate_size, num_experts, top_k, renormalize)
+        from adaq.layers.mlp import GatedMLP
+
+        self.shared_expert = GatedMLP(backend, hidden_size, shared_intermediate_size, activation)
+        self.shared_expert_gate = Linear(backend, hidden_size, 1)
+
+    def load(self, reader, prefix: str) -> None:
+        super().load(reader, prefix)
+        self.shared_expert.load(reader, f"{prefix}.shared_expert")
+        self.shared_expert_gate.load(reader.linear(f"{prefix}.shared_expert_gate"), reader.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = super().forward(x)
+        return self.backend.moe_shared(routed, self.shared_expert(x), self.shared_expert_gate(x))

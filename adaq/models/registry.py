@@ -1,5 +1,6 @@
 """config.json -> our model class; weights from a checkpoint (or any source with the same methods)."""
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -10,13 +11,22 @@ from adaq.models.base import CausalLM, WeightReader
 from adaq.models.gemma3 import Gemma3ForCausalLM
 from adaq.models.qwen3 import Qwen3ForCausalLM
 from adaq.models.qwen3_moe import Qwen3MoeForCausalLM
+from adaq.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
+from adaq.models.qwen3_next import Qwen3NextForCausalLM
 
 MODEL_CLASSES = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
+    "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
+    "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForCausalLM,
+    "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
 }
+# Vision-language packagings whose text model runs alone: a notice says the vision tower is ignored.
+VISION_TOWER_IGNORED = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 
 
@@ -43,7 +53,10 @@ def build_model(config: dict, backend, dtype: torch.dtype | None = None, device=
     and fp32 on the CPU. `device` must agree with the backend's (the backend places every tensor)."""
     if device is not None and torch.device(device).type != backend.device.type:
         raise AdaqError(f"device {device} differs from the backend's device {backend.device}")
-    model_class = MODEL_CLASSES[architecture_of(config)]
+    architecture = architecture_of(config)
+    if architecture in VISION_TOWER_IGNORED:
+        warnings.warn(f"{architecture}: running its text model; the vision tower's weights are ignored", stacklevel=2)
+    model_class = MODEL_CLASSES[architecture]
     model = model_class(text_config(config), backend, dtype or default_dtype(backend.device))
     return model.eval()
 

@@ -2,7 +2,9 @@
 global scale — decided from tensor names and shapes alone, so that nothing is loaded to plan.
 
 Linear modules of the supported architectures: attention q/k/v/o_proj, MLP and expert gate/up/down_proj, the MoE
-router (`mlp.gate`) and lm_head (a module even when tied to the embedding, as llm-compressor lists it).
+router (`mlp.gate`) and lm_head (a module even when tied to the embedding, as llm-compressor lists it); in hybrid
+models (Qwen3.5, Qwen3-Next) also the Gated DeltaNet projections (`linear_attn.in_proj_*`, `out_proj`) and the
+shared expert's gate (`shared_expert_gate`).
 """
 
 import re
@@ -14,7 +16,8 @@ from adaq.formats.nvfp4 import GROUP_SIZE
 from adaq.quant.recipe import Recipe
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-               "out_proj", "fc1", "fc2")
+               "out_proj", "fc1", "fc2", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz",
+               "in_proj_ba", "shared_expert_gate")
 # Siblings that read the same input and are fused into one GEMM at run time: one global scale each group.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
@@ -31,9 +34,17 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
+# The Gated DeltaNet's Linears in definition (named_modules) order: Qwen3-Next's fused pair before out_proj,
+# Qwen3.5's four projections after it. The two families share only out_proj, so one list serves both.
+LINEAR_ATTN_ORDER = ("in_proj_qkvz", "in_proj_ba", "out_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+
 def module_order(name: str) -> tuple:
     """named_modules() order where it matters (the ignore list): layers by number, lm_head last."""
-    return (name.rsplit(".", 1)[-1] == "lm_head", _natural_key(name))
+    head, _, last = name.rpartition(".")
+    if head.endswith("linear_attn") and last in LINEAR_ATTN_ORDER:
+        name = f"{head}.{LINEAR_ATTN_ORDER.index(last)}"
+    return (last == "lm_head", _natural_key(name))
 
 
 def is_linear_prefix(prefix: str) -> bool:

@@ -16,6 +16,7 @@ from adaq.errors import AdaqError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEME_PRESETS = {"nvfp4a16": "NVFP4A16", "nvfp4": "NVFP4"}
 MODIFIER = "QuantizationModifier"
+HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_next")  # layer_types may be absent from config.json: then the default mix
 
 
 @dataclass
@@ -130,7 +131,15 @@ def is_moe(config: dict) -> bool:
     return bool(text_config.get("num_experts") or text_config.get("num_local_experts"))
 
 
+def is_hybrid(config: dict) -> bool:
+    """A model with Gated DeltaNet layers (Qwen3.5, Qwen3-Next)."""
+    text_config = config.get("text_config") or config
+    model_type = text_config.get("model_type") or ""
+    return "linear_attention" in (text_config.get("layer_types") or []) or model_type.startswith(HYBRID_MODEL_TYPES)
+
+
 def default_recipe(config: dict, scheme: str) -> Recipe:
-    """The shipped recipe for this model: routers kept in bf16 for MoE models."""
-    kind = "moe" if is_moe(config) else "dense"
+    """The shipped recipe for this model: routers kept in bf16 for MoE models; for hybrid models what
+    llm-compressor's Qwen3.5 / Qwen3-Next examples keep (routers, shared-expert gates, linear attention)."""
+    kind = "hybrid" if is_hybrid(config) else "moe" if is_moe(config) else "dense"
     return load_recipe(RECIPES_DIR / f"{scheme}-{kind}.yaml")

@@ -8,7 +8,9 @@ Every figure is in bytes and follows a stated formula, so a user can redo it by 
   engine's sliding pool holds at max_num_seqs = batch: the lesser of that and batch × (window + 2 blocks) + one
   step's tokens, plus its null block (adaq.engine.block_manager.sliding_pool_blocks);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
-- CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU.
+- CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU;
+- hybrid models (Gated DeltaNet): KV only in the full-attention layers, plus the state cache, batch × every GDN
+  layer's conv state (C × (Kc-1) × 2 bytes) and recurrent state (Hv × Dk × Dv × 4 bytes) per sequence.
 """
 
 import math
@@ -80,25 +82,32 @@ def nvfp4_linear_bytes(n: int, k: int, input_scale: bool = False) -> int:
 
 def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale: bool = False) -> WeightBytes:
     """Weights from the config alone: every attention/MLP/expert Linear in NVFP4 (or bf16), the rest in bf16."""
-    linears = [*shape.layer_linears().values()] * shape.layers
+    attention = list(shape.layer_linears().values())[:4]
+    dense_mlp = list(shape.layer_linears().values())[4:]
+    linears = attention * shape.kv_layers + dense_mlp * shape.dense_layers
     if shape.moe_layers:
-        attention = list(shape.layer_linears().values())[:4]
-        dense_mlp = list(shape.layer_linears().values())[4:]
-        linears = attention * shape.layers + dense_mlp * shape.dense_layers
         linears += [*shape.expert_linears().values()] * shape.experts * shape.moe_layers
+        linears += [*shape.shared_expert_linears().values()] * shape.moe_layers
     linear_params = sum(n * k for n, k in linears)
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
     norms = shape.norms_per_layer * shape.layers + shape.hidden
-    routers = shape.experts * shape.hidden * shape.moe_layers
-    kept = 2 * (embeddings + norms + routers)
+    routers = (shape.experts + bool(shape.shared_expert_intermediate)) * shape.hidden * shape.moe_layers
+    kept = 2 * (embeddings + norms + routers + linear_attention_params(shape))
     if not quantized:
         return WeightBytes(0, kept + 2 * linear_params)
     return WeightBytes(sum(nvfp4_linear_bytes(n, k, input_scale) for n, k in linears), kept)
 
 
+def linear_attention_params(shape: ModelShape) -> int:
+    """Gated DeltaNet layers, kept in bf16 as the hybrid recipes keep them: projections, conv, A_log, dt_bias, norm."""
+    projections = sum(n * k for n, k in shape.linear_attention_linears().values())
+    conv = shape.linear_conv_dim * shape.linear_conv_kernel
+    return shape.linear_layers * (projections + conv + 2 * shape.linear_value_heads + shape.linear_value_dim)
+
+
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
-    """One token's K and V in every layer, with the FP8 scheme's fp32 scale per (token, kv head)."""
-    return kv_bytes_per_token_per_layer(shape, kv_dtype) * shape.layers
+    """One token's K and V in every layer with a KV cache, with the FP8 scheme's fp32 scale per (token, kv head)."""
+    return kv_bytes_per_token_per_layer(shape, kv_dtype) * shape.kv_layers
 
 
 def kv_bytes_per_token_per_layer(shape: ModelShape, kv_dtype: str) -> int:
@@ -124,7 +133,7 @@ def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str, w
     windowed = windowed_layers(shape, window_kv)
     tokens = batch * math.ceil(context / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
     sliding = sliding_kv_tokens(shape, batch, context, batched_tokens) if windowed else 0
-    return per_layer * ((shape.layers - windowed) * tokens + windowed * sliding)
+    return per_layer * ((shape.kv_layers - windowed) * tokens + windowed * sliding)
 
 
 def step_tokens(batch: int, context: int) -> int:
@@ -172,6 +181,7 @@ class Budget:
     max_context: int  # at this batch
     max_context_capped: bool  # max_context stopped at the model's max_position_embeddings
     notes: list[str] = field(default_factory=list)
+    state_cache: int = 0  # hybrid models: the Gated DeltaNet states of `batch` sequences
 
     @property
     def usable(self) -> int:
@@ -179,7 +189,8 @@ class Budget:
 
     @property
     def total(self) -> int:
-        return self.weights.total + self.kv_cache + sum(self.activations.values()) + self.cuda_context
+        return (self.weights.total + self.kv_cache + self.state_cache + sum(self.activations.values())
+                + self.cuda_context)
 
     @property
     def fits(self) -> bool:
@@ -191,6 +202,7 @@ class Budget:
             "usable_bytes": self.usable, "batch": self.batch, "context": self.context, "kv_cache_dtype": self.kv_dtype,
             "weights_quantized_bytes": self.weights.quantized, "weights_kept_bytes": self.weights.kept,
             "kv_cache_bytes": self.kv_cache, "kv_bytes_per_token": self.kv_per_token,
+            "state_cache_bytes": self.state_cache,
             "activations_bytes": sum(self.activations.values()), "activations": self.activations,
             "cuda_context_bytes": self.cuda_context, "total_bytes": self.total, "fits": self.fits,
             "max_batch_at_context": self.max_batch, "max_context_at_batch": self.max_context,
@@ -201,6 +213,7 @@ class Budget:
 def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str,
                 window_kv: bool = True, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
     return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype, window_kv, batched_tokens)
+            + batch * shape.state_bytes_per_sequence()
             + sum(activation_bytes(shape, batch, context).values()) + CUDA_CONTEXT_BYTES)
 
 
@@ -240,6 +253,7 @@ def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context:
         max_batch=largest(lambda b: b == 0 or fits(b, context)),
         max_context=max_context, max_context_capped=max_context == context_limit and shape.max_position is not None,
         notes=budget_notes(shape, batch, context, window_kv, batched_tokens),
+        state_cache=batch * shape.state_bytes_per_sequence(),
     )
 
 
@@ -256,4 +270,8 @@ def budget_notes(shape: ModelShape, batch: int = 1, context: int = 0, window_kv:
     elif shape.sliding_layers:
         notes.append(f"KV at full context in all {shape.layers} layers: the {shape.sliding_layers} sliding-window "
                      f"layers (window {shape.sliding_window}) allocated like the others (window-sized KV off)")
+    if shape.linear_layers:
+        notes.append(f"KV in the {shape.kv_layers} full-attention layers only; the {shape.linear_layers} Gated "
+                     f"DeltaNet layers keep {shape.state_bytes_per_sequence() / MiB:.2f} MiB of state per sequence "
+                     f"(conv bf16, recurrent fp32), whatever its length")
     return notes

@@ -1,7 +1,9 @@
 """A minimal stand-in for the engine's model runner: a paged KV cache per layer and hand-built step contexts.
 
 Sequence b owns blocks [b * blocks_per_seq, (b + 1) * blocks_per_seq), listed in reverse order in its block table
-so that a gather that ignores the table would read the wrong tokens.
+so that a gather that ignores the table would read the wrong tokens. Hybrid models (Gated DeltaNet layers) get a
+state cache too: sequence b owns state slot num_seqs - b, and slot 0, never owned, plus every slot before its
+sequence's first step hold NaN, so a read of a state that is not the sequence's own shows.
 """
 
 import torch
@@ -28,6 +30,13 @@ class PagedRunner:
             fp8 = kv_dtype == torch.float8_e4m3fn
             layer.k_scale = torch.zeros(shape[:-1], device=self.device) if fp8 else None
             layer.v_scale = torch.zeros(shape[:-1], device=self.device) if fp8 else None
+        self.state_layers = model.state_layers() if hasattr(model, "state_layers") else []
+        self.state_slots = torch.arange(num_seqs, 0, -1, device=self.device)
+        for layer in self.state_layers:
+            nan = float("nan")
+            layer.conv_state = torch.full((num_seqs + 1, *layer.conv_state_shape()), nan, dtype=model.dtype,
+                                          device=self.device)
+            layer.ssm_state = torch.full((num_seqs + 1, *layer.ssm_state_shape()), nan, device=self.device)
 
     def slot(self, seq: int, position: int) -> int:
         block = int(self.block_tables[seq, position // self.block_size])
@@ -54,7 +63,8 @@ class PagedRunner:
         decode = all(n == 1 for n in lens)
         set_context(is_prefill=not decode, cu_seqlens_q=None if decode else cu, max_seqlen_q=max(lens),
                     context_lens=context_lens, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-                    block_tables=self.block_tables[seqs], max_context_len=int(context_lens.max()))
+                    block_tables=self.block_tables[seqs], max_context_len=int(context_lens.max()),
+                    state_slots=self.state_slots[seqs] if self.state_layers else None)
         try:
             hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device))
         finally:

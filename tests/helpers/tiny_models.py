@@ -1,4 +1,4 @@
-"""Tiny random Qwen3 / Qwen3-MoE / Gemma3 checkpoints for CPU tests.
+"""Tiny random Qwen3 / Qwen3-MoE / Gemma3 / Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoints for CPU tests.
 
 `make_checkpoint(arch, folder, scheme)` writes three folders under `folder`:
 - `dense/`: the random model as transformers saves it (fp32);
@@ -39,14 +39,34 @@ CONFIGS = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}),
 }
+HYBRID = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+              linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=512,
+              tie_word_embeddings=False)
+HYBRID_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+CONFIGS |= {
+    "qwen3_5": dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", **HYBRID),
+    "qwen3_5_moe": dict(architectures=["Qwen3_5MoeForCausalLM"], model_type="qwen3_5_moe_text", **HYBRID,
+                        **HYBRID_MOE),
+    "qwen3_next": dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", **HYBRID, **HYBRID_MOE,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2]),
+}
+HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+# What llm-compressor's Qwen3.5 / Qwen3-Next NVFP4 examples keep in bf16.
+HYBRID_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$", "re:.*linear_attn.*"]
 
 # Weight spread per architecture: large enough that attention, RoPE and routing matter, small enough that the
 # logits are not chaotic (a bf16 KV cache moves them by less than 1e-3 of their max). Gemma's post-norms keep
 # its activations at unit scale whatever the weights; a wide router keeps top-k choices away from near-ties.
-LINEAR_STD = {"qwen3": 0.06, "qwen3_moe": 0.06, "gemma3": 0.15}
+LINEAR_STD = {"qwen3": 0.06, "qwen3_moe": 0.06, "gemma3": 0.15, "qwen3_5": 0.06, "qwen3_5_moe": 0.06,
+              "qwen3_next": 0.06}
+# Gated DeltaNet parameters that are not Linear weights: (mean, std) of their random values.
+GDN_PARAMS = {"conv1d.weight": (0.0, 0.4), "A_log": (0.0, 0.5), "dt_bias": (1.0, 0.3),
+              "linear_attn.norm.weight": (1.0, 0.1)}
 ROUTER_STD = 0.5
 
-QUANTIZED = re.compile(r".*layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
+QUANTIZED = re.compile(
+    r".*layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_expert\.)?(gate|up|down)_proj)\.weight$")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -65,7 +85,12 @@ def random_model(arch: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            gdn = next((v for k, v in GDN_PARAMS.items() if name.endswith(k)), None)
+            if gdn is not None:
+                param.normal_(*gdn)
+            elif "norm" in name and arch in HYBRIDS:  # (1 + w) norms
+                param.normal_(0.0, 0.1)
+            elif "norm" in name:
                 offset = 0.0 if arch == "gemma3" else 1.0  # Gemma's norms are (1 + w)
                 param.copy_(offset + 0.1 * torch.randn_like(param))
             elif "embed_tokens" in name:
@@ -150,7 +175,7 @@ def make_checkpoint(arch: str, folder: Path, scheme: str = "nvfp4a16", seed: int
             if scheme == "nvfp4":
                 packed[f"{prefix}.input_global_scale"] = input_global_scale(prefix)
     kept = {n: t for n, t in state.items() if n not in quantized_names}
-    ignore = ["lm_head", "re:.*mlp.gate$"]
+    ignore = HYBRID_IGNORE if arch in HYBRIDS else ["lm_head", "re:.*mlp.gate$"]
     write_folder(folder / "nvfp4", {**kept, **packed}, {**config, "quantization_config":
                                                         quantization_config(scheme, ignore)})
     write_folder(folder / "decompressed", decompressed, config)

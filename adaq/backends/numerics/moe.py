@@ -26,3 +26,8 @@ def moe_reference(backend, x: torch.Tensor, router_logits: torch.Tensor, experts
         y = backend.linear(backend.silu_and_mul(gate_up), experts.down[expert])
         out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
     return out
+
+
+def add_shared_expert(routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Qwen3.5-MoE / Qwen3-Next: routed [T, H] + sigmoid(shared_expert_gate(x)) [T, 1] * shared expert [T, H]."""
+    return routed + torch.sigmoid(gate_logits) * shared
