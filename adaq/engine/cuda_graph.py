@@ -188,9 +188,8 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
     from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
 
     if any(hasattr(module, "ssm_state") for module in model.modules()):
-        warnings.warn("decoding eagerly: Gated DeltaNet layers have no graph-safe decode kernels yet (their "
-                      "reference ops read the state slots on the host)", stacklevel=2)
-        return False
+        return ("Gated DeltaNet layers have no graph-safe decode kernels yet (their reference ops read the state "
+                "slots on the host)")
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
             groups = module.num_heads // max(module.num_kv_heads, 1)
