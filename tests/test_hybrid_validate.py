@@ -8,7 +8,7 @@ from helpers.tiny_tokenizer import write_tokenizer
 
 from adaq.quant.pipeline import quantize_model
 from adaq.validate.budget import estimate_weight_bytes, plan, Gpu
-from adaq.validate.shapes import ModelShape
+from adaq.formats.shapes import ModelShape
 from adaq.validate.validator import validate_checkpoint
 
 
