@@ -228,7 +228,7 @@ def test_cuda_kernels_and_decode_graphs_give_the_full_allocations_tokens(tmp_pat
     if not available():
         pytest.skip("adaq's CUDA kernels are not built")
     folder = make_checkpoint("gemma3", tmp_path, head_dim=128, sliding_window=32)
-    settings = dict(backend="cuda", kv_cache_dtype="fp8", device="cuda", block_size=16, max_model_len=512,
+    settings = dict(backend="cuda", kv_cache_dtype="fp8", dtype="bf16", device="cuda", block_size=16, max_model_len=512,
                     max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=128)
     prompts = [PROMPT * 3, PROMPT[:40], PROMPT[:7]]
     runs = {}
