@@ -273,6 +273,15 @@ def dequantize_packed(packed, out: torch.Tensor | None = None) -> torch.Tensor:
     return ops.nvfp4_dequantize(packed, out)
 
 
+def workspace_bytes(device: torch.device) -> int:
+    """Bytes of this device's reused prefill workspaces (the exact path's bf16 one and the FP8 weight one)."""
+    device = _key(device)
+    dense = _DENSE_WORKSPACES.get(device)
+    fp8 = _WORKSPACES.get(device)
+    return ((0 if dense is None else dense.numel() * dense.element_size())
+            + (0 if fp8 is None else fp8.values.numel() + fp8.col_scale.numel() * 4))
+
+
 def exact_linear(x: torch.Tensor, packed, plan: ExactPlan, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = (x [M, K] bf16 @ (e2m1 x block_scale)^T) * (1/global_scale) (+ bias): one cuBLAS bf16 GEMM per
     segment, the scale as cuBLAS's fp32 alpha, one bf16 rounding."""
