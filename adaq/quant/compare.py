@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaq.errors import AdaqError
+from adaq.formats.outputs import check_apart, make_parent
 from adaq.quant.methods import CalibrationSpec, Progress, method_names
 
 REPORT_FILE = "compare.json"
@@ -93,8 +94,12 @@ def compare_methods(src: str, out_dir: str | Path, settings: CompareSettings,
     """Quantize SRC with every method and scheme into OUT_DIR/<method>-<scheme>/, score all; the report as a dict."""
     from adaq.eval.report import perplexity_json, write_json
 
+    from adaq.quant.pipeline import declared_inputs
+
     progress, out_dir = progress or Progress(), Path(out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_apart(out_dir, {**declared_inputs(src, calibration, recipe_path), "eval text": settings.text})
+    make_parent(out_dir)
+    out_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
     rows = _quantize_all(src, out_dir, settings, calibration, recipe_path, progress)
     results = _score_all(src, rows, settings, progress)
