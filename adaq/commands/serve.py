@@ -48,6 +48,8 @@ def serve(
 
     if not (checkpoint / "config.json").is_file():
         raise AdaqError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+    if not 0 <= port <= 65535:
+        raise AdaqError(f"invalid setting --port {port}: must be 0-65535 (0: any free port)")
 
     from adaq.engine.config import EngineConfig
     from adaq.kernels.prefill_fp8 import select_path
