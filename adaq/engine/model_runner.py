@@ -11,6 +11,7 @@ every prompt position of a request that asked for prompt log-probabilities (in s
 holds a full [T, vocab] tensor).
 """
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from adaq.engine.sequence import Sequence
 from adaq.errors import AdaqError
 
 CPU_DEFAULT_KV_BYTES = 2**30
+HOST_MEMORY_SHARE = 0.8  # of the free RAM, at most, for a CPU KV cache: the rest is the activations' and the OS's
 LOGPROB_SLICE_ROWS = 64  # 64 x a 262k vocabulary in fp32: 67 MB per slice
 
 
@@ -70,6 +72,18 @@ class LaunchedStep:
     advanced: bool = False  # the engine already counted its tokens as computed (a step was launched after it)
 
 
+def available_host_bytes() -> int:
+    """Free RAM: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class ModelRunner:
     """Owns the model, its KV cache and the sampler.
 
@@ -113,6 +127,8 @@ class ModelRunner:
         else:
             num_blocks = self._cpu_default_blocks(block_bytes)
         self._check_capacity(num_blocks)
+        if self.device.type == "cpu":
+            self._check_host_memory(num_blocks * block_bytes)
         return num_blocks
 
     def _cpu_default_blocks(self, block_bytes: int) -> int:
@@ -132,6 +148,19 @@ class ModelRunner:
             knob = f"raise --gpu-memory-utilization (now {self.config.gpu_memory_utilization})"
         raise AdaqError(f"the KV cache holds {capacity} tokens, fewer than one sequence of --max-model-len "
                         f"{self.max_model_len}: {knob} or lower --max-model-len")
+
+    def _check_host_memory(self, kv_bytes: int) -> None:
+        """A KV cache larger than the free RAM fails here, in one line, not in a huge allocation."""
+        free = int(available_host_bytes() * HOST_MEMORY_SHARE)
+        if kv_bytes <= free:
+            return
+        if self.config.kv_cache_memory is not None or self.config.num_kv_blocks is not None:
+            knob = "lower --kv-cache-memory"
+        else:
+            fits = free // self.geometry.bytes_per_block() * self.geometry.block_size
+            knob = f"pass --max-model-len {fits} or less (the model's context is {self.max_model_len})"
+        raise AdaqError(f"the KV cache would take {kv_bytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB it may take "
+                        f"of the free RAM: {knob}")
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         g = self.geometry
