@@ -113,7 +113,8 @@ def calibrate_input_amax(job, plan) -> dict[str, torch.Tensor]:
     spec = job.calibration
     tokenizer = AutoTokenizer.from_pretrained(str(job.source))
     windows = calibration_windows(tokenizer, load_texts(spec.path), spec.num_samples, spec.seq_len)
-    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype="auto").to(job.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype="auto", use_safetensors=True)
+    model = model.to(job.device).eval()
     stats: dict[str, torch.Tensor] = {}
     handles = _attach_hooks(model, set(plan.quantize), stats)
     task = job.progress.task("calibrating", len(windows))
