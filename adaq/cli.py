@@ -50,16 +50,13 @@ def _register() -> None:
 _register()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every `finally` cleans up as for Ctrl-C (typer turns both
-    into exit code 130; `seen` tells them apart afterwards)."""
-
-    seen = False
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `finally` cleans up as for Ctrl-C. Not a
+    KeyboardInterrupt: `adaq run` takes Ctrl-C as "stop this reply", and SIGTERM must end the process."""
 
 
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    Terminated.seen = True
     raise Terminated
 
 
@@ -88,10 +85,7 @@ def one_line(error: BaseException) -> str:
 
 
 def _exit_after_interrupt(exit: SystemExit) -> None:
-    if Terminated.seen:
-        typer.secho("error: terminated (SIGTERM)", fg="red", err=True)
-        sys.exit(128 + signal.SIGTERM)
-    if exit.code == 130:
+    if exit.code == 130:  # typer's exit for a KeyboardInterrupt (Ctrl-C, SIGINT)
         typer.secho("error: interrupted", fg="red", err=True)
         sys.exit(130)
 
@@ -99,7 +93,14 @@ def _exit_after_interrupt(exit: SystemExit) -> None:
 def main() -> None:
     """The console script: a user's mistake is one line; an unexpected failure is one line and a log file
     (ADAQ_DEBUG=1 shows its traceback instead)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _run_app()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_app() -> None:
     debug = os.environ.get("ADAQ_DEBUG", "") not in ("", "0")
     try:
         app()
@@ -113,6 +114,9 @@ def main() -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _exit_after_interrupt(SystemExit(130))
+    except Terminated:
+        typer.secho("error: terminated (SIGTERM)", fg="red", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as error:  # noqa: BLE001 - the last guard: never a bare traceback
         if debug:
             raise

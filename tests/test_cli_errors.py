@@ -128,3 +128,20 @@ def test_adaq_debug_shows_the_traceback(monkeypatch, tiny_qwen3, tmp_path):
     monkeypatch.setattr(sys, "argv", ["adaq", "quantize", str(tiny_qwen3), "-o", str(tmp_path / "out")])
     with pytest.raises(RuntimeError, match="boom"):
         main()
+
+
+def test_sigterm_ends_an_interactive_chat(tiny_qwen3_nvfp4):
+    """SIGTERM is not Ctrl-C: in `adaq run`'s chat, Ctrl-C stops one reply, SIGTERM ends the process."""
+    import signal
+    import subprocess
+
+    from helpers.cli import adaq_process
+
+    process = adaq_process("run", tiny_qwen3_nvfp4, *CPU, stdin=subprocess.PIPE)
+    for line in process.stderr:
+        if "chat with the model" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 143, err
+    assert_one_line_error(process.returncode, err, "terminated (SIGTERM)")
