@@ -236,3 +236,12 @@ def test_destination_below_a_read_only_folder_is_one_line(monkeypatch, capsys, t
     folder = unwritable_folder(tmp_path)
     code, err = quantize(monkeypatch, capsys, tiny_qwen3, folder / "deeper" / "out")
     assert_one_line_error(code, err, "cannot create")
+
+
+def test_compare_refuses_a_folder_of_the_users(monkeypatch, capsys, tiny_qwen3, calib_text, tmp_path):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text('{"mine": true}')
+    code, err = quantize(monkeypatch, capsys, tiny_qwen3, out, "--compare", "rtn", "--eval-text", calib_text)
+    assert_one_line_error(code, err, "not an earlier --compare's output")
+    assert (out / "compare.json").read_text() == '{"mine": true}'
