@@ -29,7 +29,8 @@ def _texts_from_file(path: Path) -> list[str]:
         if "text" not in frame.columns:
             raise AdaqError(f"{path}: a calibration parquet file needs a 'text' column (has {list(frame.columns)})")
         return [str(t) for t in frame["text"]]
-    lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+    text = path.read_text(errors="replace")  # bytes that are not UTF-8 then fail as JSON, in one line
+    lines = text.splitlines() if path.suffix == ".jsonl" else [text]
     rows = []
     for line in filter(str.strip, lines):
         try:
