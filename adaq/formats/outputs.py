@@ -144,6 +144,30 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return stale
 
 
+@contextmanager
+def staged_folder(out: Path, force: bool):
+    """Under OUT's lock, a fresh temp folder beside OUT that becomes OUT when the block succeeds; removed whatever
+    happens, so an interrupted run leaves no OUT."""
+    make_parent(out)
+    with output_lock(out):
+        check_replaceable(out, force)
+        remove_stale_temps(out)
+        with scratch_folder(out, "tmp") as tmp:
+            yield tmp
+            tmp.chmod(0o755)  # mkdtemp makes 0700; OUT is an ordinary folder
+            replace_folder(tmp, out)
+
+
+@contextmanager
+def scratch_folder(out: Path, kind: str = "src"):
+    """A temp folder beside OUT for the duration of the block."""
+    folder = temp_folder(out, kind)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
     """Move a finished temp folder into place; an older OUT goes only once the new one is complete, through a
     backup folder of this run (never `OUT.old`, which may be the user's)."""

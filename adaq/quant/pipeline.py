@@ -13,8 +13,7 @@ from pathlib import Path
 
 from adaq.errors import AdaqError, CheckpointError
 from adaq.formats.architectures import architecture_of
-from adaq.formats.outputs import (ADAQ_MARKER, check_apart, check_replaceable, make_parent, output_lock,
-                                  remove_stale_temps, replace_folder, temp_folder)
+from adaq.formats.outputs import ADAQ_MARKER, check_apart, scratch_folder, staged_folder
 from adaq.formats.safetensors_check import check_safetensors_folder
 from adaq.quant.methods import CalibrationSpec, Progress, QuantJob, get_method
 from adaq.quant.recipe import Recipe, default_recipe, load_recipe
@@ -119,13 +118,6 @@ def check_source(folder: Path) -> dict:
     return config
 
 
-def prepare_out(out: Path, force: bool) -> Path:
-    """A fresh temp folder beside OUT (same filesystem, so the final rename is atomic); call under output_lock."""
-    check_replaceable(out, force)
-    remove_stale_temps(out)
-    return temp_folder(out, "tmp")
-
-
 def declared_inputs(src: str, calibration: CalibrationSpec | None, recipe_path: str | None) -> dict:
     return {"source": src if src != DEMO_SOURCE else None, "calibration data": calibration and calibration.path,
             "recipe": recipe_path}
@@ -159,11 +151,6 @@ def check_output(folder: Path, scheme: str, expected: int) -> None:
     if len(checkpoint.quantized_prefixes()) != expected:
         raise AdaqError(f"internal: {len(checkpoint.quantized_prefixes())} quantized layers written, "
                         f"{expected} expected")
-
-
-def replace_into(tmp: Path, out: Path) -> None:
-    tmp.chmod(0o755)
-    replace_folder(tmp, out)
 
 
 def choose_recipe(config: dict, scheme: str | None, recipe_path: str | None) -> Recipe:
@@ -201,23 +188,15 @@ def quantize_model(src: str, out: str | Path, scheme: str | None = None, recipe_
     out, started = Path(out).expanduser().resolve(), datetime.now(timezone.utc)
     chosen = get_method(method)
     check_apart(out, declared_inputs(src, calibration, recipe_path))
-    make_parent(out)
-    with output_lock(out):
-        tmp = prepare_out(out, force)
-        scratch = temp_folder(out, "src")
-        try:
-            with source_folder(src, scratch) as (folder, kind):
-                check_apart(out, {"source": folder})
-                recipe = choose_recipe(check_source(folder), scheme, recipe_path)
-                if (recipe.scheme == "nvfp4" or chosen.needs_calibration) and calibration is None:
-                    raise AdaqError(f"--scheme {recipe.scheme} with --method {method} needs calibration data: "
-                                    "pass --calib-data FILE|DIR")
-                job = QuantJob(folder, tmp, recipe.scheme, recipe, calibration, resolve_device(device),
-                               progress or Progress())
-                report = run_method(job, method, src, out, started)
-                write_metadata(tmp, report, kind, started)
-            replace_into(tmp, out)
-            return report
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(scratch, ignore_errors=True)
+    with staged_folder(out, force) as tmp, scratch_folder(out) as scratch:
+        with source_folder(src, scratch) as (folder, kind):
+            check_apart(out, {"source": folder})
+            recipe = choose_recipe(check_source(folder), scheme, recipe_path)
+            if (recipe.scheme == "nvfp4" or chosen.needs_calibration) and calibration is None:
+                raise AdaqError(f"--scheme {recipe.scheme} with --method {method} needs calibration data: "
+                                "pass --calib-data FILE|DIR")
+            job = QuantJob(folder, tmp, recipe.scheme, recipe, calibration, resolve_device(device),
+                           progress or Progress())
+            report = run_method(job, method, src, out, started)
+            write_metadata(tmp, report, kind, started)
+    return report
