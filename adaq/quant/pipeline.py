@@ -52,13 +52,11 @@ def safetensors_bytes(folder: Path) -> int:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """auto, cpu, cuda or cuda:N, checked as the engine checks --device."""
+    from adaq.engine import config
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdaqError(f"--device {device}: no CUDA GPU is visible (use --device cpu)")
-    return device
+    chosen = config.resolve_device(None if device == "auto" else device)
+    return device if device != "auto" else chosen.type
 
 
 def resolve_hub_id(name: str) -> Path:
