@@ -219,6 +219,7 @@ class Outcome:
     seconds: float
     traceback: bool
     hang: bool
+    hang_cpu_seconds: float | None  # CPU time of a command killed at the timeout: a spin, or a starved machine
     data_lost: list[str]
     first_error: str
 
@@ -235,6 +236,14 @@ def fingerprint(paths: list[Path]) -> dict[str, str]:
     return prints
 
 
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
@@ -247,10 +256,12 @@ def run_case(case: str, command: list[str], inputs: list[Path], timeout: float, 
     process = subprocess.Popen([sys.executable, "-m", "adaq", *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=limit_memory,
                                start_new_session=True)
+    cpu = None
     try:
         _, err = process.communicate(timeout=timeout)
         hang = False
     except subprocess.TimeoutExpired:
+        cpu = cpu_seconds(process.pid)
         os.killpg(process.pid, 9)
         _, err = process.communicate()
         hang = True
@@ -258,19 +269,22 @@ def run_case(case: str, command: list[str], inputs: list[Path], timeout: float, 
     lost = sorted(name for name in before if after.get(name) != before[name])
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     return Outcome(case, " ".join(command), process.returncode, round(time.monotonic() - started, 1),
-                   "Traceback" in err, hang, lost, (errors or [""])[0].replace(f"{cwd}/", "")[:200])
+                   "Traceback" in err, hang, cpu, lost, (errors or [""])[0].replace(f"{cwd}/", "")[:200])
 
 
-def commands_for(folder: Path, kind: str, work: Path) -> list[list[str]]:
-    """The commands run on one mutant: each reads it, quantize also writes beside it (and must refuse to write
-    over it)."""
+def commands_for(folder: Path, kind: str, work: Path, overlaps: bool) -> list[list[str]]:
+    """The commands run on one mutant; with `overlaps`, also quantize writes that must be refused because OUT is,
+    contains or lies inside the input (a symlink to it included)."""
     run = ["run", str(folder), "Hello", "--max-tokens", "2", "--backend", "reference", "--device", "cpu",
            "--temperature", "0"]
     commands = [["validate", str(folder)], run]
+    quantize = ["quantize", str(folder), "--device", "cpu", "-o"]
     if kind == "dense":
-        quantize = ["quantize", str(folder), "--device", "cpu", "-o"]
-        commands += [[*quantize, str(work / "out")], [*quantize, str(folder), "--force"],
-                     [*quantize, str(folder.parent), "--force"]]
+        commands.append([*quantize, str(work / "out")])
+    if overlaps:
+        commands += [[*quantize, str(folder), "--force"], [*quantize, str(work), "--force"],
+                     [*quantize, str(folder / "nested")], [*quantize, str(work / "link-to-ckpt"), "--force"],
+                     [*quantize, str(work / SENTINEL), "--force"]]
     return commands
 
 
@@ -282,20 +296,23 @@ def prepare(base: Path, mutations: list, work: Path) -> Path:
     folder = work / "ckpt"
     shutil.copytree(base, folder)
     (folder / SENTINEL).write_text("inside the input")
+    (work / "link-to-ckpt").symlink_to(folder)
     for mutate in mutations:
         mutate(folder)
     return folder
 
 
-def plan_cases(bases: dict[str, Path], max_cases: int, seed: int) -> list[tuple[str, str, list]]:
-    cases = [(name, "dense", [mutate]) for name, mutate in MUTATIONS.items()]
-    cases += [(name, "nvfp4", [mutate]) for name, mutate in {**MUTATIONS, **quantized_mutations()}.items()]
+def plan_cases(bases: dict[str, Path], max_cases: int, seed: int) -> list[tuple[str, str, list, bool]]:
+    """(name, base, mutations, overlaps): the intact checkpoints and a few mutants also get the overlapping outputs."""
+    cases = [("intact", kind, [], True) for kind in bases]
+    cases += [(name, "dense", [mutate], index % 8 == 0) for index, (name, mutate) in enumerate(MUTATIONS.items())]
+    cases += [(name, "nvfp4", [mutate], False) for name, mutate in {**MUTATIONS, **quantized_mutations()}.items()]
     rng = random.Random(seed)
     names = list(MUTATIONS)
     while len(cases) < max_cases:  # pairs of mutations, for what one alone does not reach
         first, second = rng.sample(names, 2)
         kind = rng.choice(list(bases))
-        cases.append((f"{first} + {second}", kind, [MUTATIONS[first], MUTATIONS[second]]))
+        cases.append((f"{first} + {second}", kind, [MUTATIONS[first], MUTATIONS[second]], False))
     return cases[:max_cases]
 
 
@@ -315,14 +332,15 @@ def fuzz(args) -> list[Outcome]:
 
 
 def fuzz_case(index: int, case, bases: dict[str, Path], scratch: Path, args, deadline: float) -> list[Outcome]:
-    name, kind, mutations = case
+    name, kind, mutations, overlaps = case
     outcomes = []
-    for position in range(len(commands_for(Path(), kind, Path()))):
+    for position in range(len(commands_for(Path(), kind, Path(), overlaps))):
         if time.monotonic() > deadline:
             break
         work = scratch / f"case-{index}-{position}"
         folder = prepare(bases[kind], mutations, work)
-        outcome = run_case(f"{kind}: {name}", commands_for(folder, kind, work)[position], [work], args.timeout, work)
+        command = commands_for(folder, kind, work, overlaps)[position]
+        outcome = run_case(f"{kind}: {name}", command, [work], args.timeout, work)
         report_line(outcome)
         outcomes.append(outcome)
         shutil.rmtree(work, ignore_errors=True)
@@ -341,9 +359,10 @@ def summary(outcomes: list[Outcome]) -> dict:
     by_command: dict[str, dict] = {}
     for outcome in outcomes:
         command = outcome.command.split()[0]
-        counts = by_command.setdefault(command, {"runs": 0, "exit_0": 0, "clean_errors": 0})
+        counts = by_command.setdefault(command, {"runs": 0, "exit_0": 0, "exit_0_on_a_mutant": 0, "clean_errors": 0})
         counts["runs"] += 1
         counts["exit_0"] += outcome.exit_code == 0
+        counts["exit_0_on_a_mutant"] += outcome.exit_code == 0 and not outcome.case.endswith(": intact")
         counts["clean_errors"] += outcome.exit_code not in (0, None) and not outcome.traceback and not outcome.hang
     return {"runs": len(outcomes), "tracebacks": sum(o.traceback for o in outcomes),
             "hangs": sum(o.hang for o in outcomes), "data_lost": sum(bool(o.data_lost) for o in outcomes),
@@ -352,9 +371,10 @@ def summary(outcomes: list[Outcome]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-cases", type=int, default=120, help="mutants (each runs 2-5 commands)")
-    parser.add_argument("--budget", type=float, default=900, help="seconds for the whole run")
-    parser.add_argument("--timeout", type=float, default=90, help="seconds before a command counts as a hang")
+    parser.add_argument("--max-cases", type=int, default=110, help="mutants (each runs 2-8 commands)")
+    parser.add_argument("--budget", type=float, default=1800, help="seconds for the whole run (no new command after)")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds before a command counts as a hang (a busy machine needs many)")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every outcome and the counts here")
