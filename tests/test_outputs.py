@@ -141,7 +141,7 @@ def test_temp_folders_are_named_after_the_run(monkeypatch, tiny_qwen3, tmp_path)
 # ---- one writer at a time -----------------------------------------------------------------------------------------
 def test_a_second_writer_fails_at_once(monkeypatch, capsys, tiny_qwen3, tmp_path):
     out = tmp_path / "out"
-    hold = (f"import time; from pathlib import Path; from adaq.formats.outputs import output_lock\n"
+    hold = ("import time; from pathlib import Path; from adaq.formats.outputs import output_lock\n"
             f"with output_lock(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True, env=child_env())
     try:
