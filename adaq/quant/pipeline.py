@@ -183,9 +183,9 @@ def quantize_model(src: str, out: str | Path, scheme: str | None = None, recipe_
                    method: str = "rtn", calibration: CalibrationSpec | None = None, force: bool = False,
                    device: str = "auto", progress: Progress | None = None) -> QuantReport:
     """Quantize SRC (folder, cached hub id, .gguf or demo:gemma3-270m) into the compressed-tensors folder OUT."""
+    check_apart(out, declared_inputs(src, calibration, recipe_path))  # named as the user wrote it
     out, started = Path(out).expanduser().resolve(), datetime.now(timezone.utc)
     chosen = get_method(method)
-    check_apart(out, declared_inputs(src, calibration, recipe_path))
     with staged_folder(out, force) as tmp, scratch_folder(out) as scratch:
         with source_folder(src, scratch) as (folder, kind):
             check_apart(out, {"source": folder})
