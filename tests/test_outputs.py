@@ -244,3 +244,24 @@ def test_compare_refuses_a_folder_of_the_users(monkeypatch, capsys, tiny_qwen3, 
     code, err = quantize(monkeypatch, capsys, tiny_qwen3, out, "--compare", "rtn", "--eval-text", calib_text)
     assert_one_line_error(code, err, "not an earlier --compare's output")
     assert (out / "compare.json").read_text() == '{"mine": true}'
+
+
+def test_a_failed_swap_puts_the_old_output_back(monkeypatch, tmp_path):
+    from adaq.formats.outputs import replace_folder
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    (out / ADAQ_MARKER).write_text("old")
+    new.mkdir()
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self == new:
+            raise OSError("disk full")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="disk full"):
+        replace_folder(new, out)
+    assert (out / ADAQ_MARKER).read_text() == "old"
+    assert leftovers(tmp_path, "out") == []
