@@ -171,10 +171,16 @@ def test_the_lock_is_exclusive_in_one_process_too(tmp_path):
 
 
 # ---- interrupts and stale temp folders ----------------------------------------------------------------------------
+def hear_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so: the child must hear Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_slow_quantize(source: Path, out: Path, calib_text: Path) -> subprocess.Popen:
     """W4A4 with calibration: slow enough to be caught with its temp folder in place."""
     process = adaq_process("quantize", source, "-o", out, "--scheme", "nvfp4", "--calib-data", calib_text,
-                           "--num-samples", "4", "--seq-len", "64", "--device", "cpu", "--json")
+                           "--num-samples", "4", "--seq-len", "64", "--device", "cpu", "--json",
+                           preexec_fn=hear_sigint)
     deadline = time.monotonic() + 60
     while not list(out.parent.glob(f".{out.name}.adaq-tmp-*")) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
