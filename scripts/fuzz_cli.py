@@ -51,9 +51,25 @@ def tiny_nvfp4(dense: Path, folder: Path) -> Path:
 
 
 # ---- mutations: each edits a copy of a checkpoint in place --------------------------------------------------------
+class NotApplicable(Exception):
+    """A mutation that cannot apply after an earlier one (e.g. editing a shard that is now a symlink)."""
+
+
+def regular_file(path: Path) -> Path:
+    # Never read through a symlink here: one to /dev/zero would fill this process's memory.
+    if path.is_symlink() or not path.is_file():
+        raise NotApplicable(path.name)
+    return path
+
+
 def edit_config(**changes):
     def mutate(folder: Path) -> None:
-        config = json.loads((folder / "config.json").read_text())
+        try:
+            config = json.loads(regular_file(folder / "config.json").read_text())
+        except ValueError:
+            raise NotApplicable("config.json") from None
+        if not isinstance(config, dict):
+            raise NotApplicable("config.json")
         for key, value in changes.items():
             if value is DELETE:
                 config.pop(key, None)
@@ -70,7 +86,7 @@ def edit_tensors(edit):
     def mutate(folder: Path) -> None:
         from safetensors.torch import load_file, save_file
 
-        shard = folder / "model.safetensors"
+        shard = regular_file(folder / "model.safetensors")
         tensors = load_file(shard)
         edit(tensors)
         save_file(tensors, shard, metadata={"format": "pt"})
@@ -100,14 +116,14 @@ def drop_tensor(name_part: str):
 
 def truncate(fraction: float):
     def mutate(folder: Path) -> None:
-        shard = folder / "model.safetensors"
+        shard = regular_file(folder / "model.safetensors")
         shard.write_bytes(shard.read_bytes()[: int(shard.stat().st_size * fraction)])
     return mutate
 
 
 def header_length(value: int):
     def mutate(folder: Path) -> None:
-        shard = folder / "model.safetensors"
+        shard = regular_file(folder / "model.safetensors")
         data = bytearray(shard.read_bytes())
         data[:8] = value.to_bytes(8, "little")
         shard.write_bytes(bytes(data))
@@ -115,7 +131,7 @@ def header_length(value: int):
 
 
 def garble_header(folder: Path) -> None:
-    shard = folder / "model.safetensors"
+    shard = regular_file(folder / "model.safetensors")
     data = bytearray(shard.read_bytes())
     data[8:40] = b"{not json at all!!" + b" " * 14
     shard.write_bytes(bytes(data))
@@ -123,6 +139,8 @@ def garble_header(folder: Path) -> None:
 
 def remove(name: str):
     def mutate(folder: Path) -> None:
+        if not (folder / name).is_file():
+            raise NotApplicable(name)
         (folder / name).unlink()
     return mutate
 
@@ -146,7 +164,7 @@ def shard_index(weight_map: dict):
 
 
 def pickle_only(folder: Path) -> None:
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    regular_file(folder / "model.safetensors").rename(folder / "pytorch_model.bin")
 
 
 MUTATIONS = {
@@ -338,7 +356,12 @@ def fuzz_case(index: int, case, bases: dict[str, Path], scratch: Path, args, dea
         if time.monotonic() > deadline:
             break
         work = scratch / f"case-{index}-{position}"
-        folder = prepare(bases[kind], mutations, work)
+        try:
+            folder = prepare(bases[kind], mutations, work)
+        except (NotApplicable, RuntimeError, StopIteration) as skipped:
+            print(f"skip: {kind}: {name} (the mutations clash on {skipped})", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+            return outcomes
         command = commands_for(folder, kind, work, overlaps)[position]
         outcome = run_case(f"{kind}: {name}", command, [work], args.timeout, work)
         report_line(outcome)
