@@ -145,3 +145,13 @@ def test_sigterm_ends_an_interactive_chat(tiny_qwen3_nvfp4):
     _, err = process.communicate(timeout=30)
     assert process.returncode == 143, err
     assert_one_line_error(process.returncode, err, "terminated (SIGTERM)")
+
+
+@pytest.mark.parametrize("command", [["run", "{ckpt}", "Hi", *CPU], ["quantize", "{ckpt}", "-o", "{out}"]])
+def test_binary_config_json(monkeypatch, capsys, tiny_qwen3, tmp_path, command):
+    """Found by scripts/fuzz_cli.py: a config.json that is not UTF-8 was a UnicodeDecodeError."""
+    checkpoint = shutil.copytree(tiny_qwen3, tmp_path / "ckpt")
+    (checkpoint / "config.json").write_bytes(bytes(range(256)))
+    args = [part.format(ckpt=checkpoint, out=tmp_path / "out") for part in command]
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert_one_line_error(code, err, "config.json: not valid JSON")
