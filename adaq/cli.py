@@ -1,7 +1,13 @@
 """The `adaq` command line: a thin typer app; each subcommand lives in adaq/commands/ and imports heavy libraries lazily."""
 
 import importlib
+import os
+import signal
 import sys
+import tempfile
+import traceback
+from datetime import datetime
+from pathlib import Path
 
 import typer
 
@@ -45,12 +51,76 @@ def _register() -> None:
 _register()
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `finally` cleans up as for Ctrl-C. Not a
+    KeyboardInterrupt: `adaq run` takes Ctrl-C as "stop this reply", and SIGTERM must end the process."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+def log_dir() -> Path:
+    return Path(os.environ.get("ADAQ_CACHE", Path.home() / ".cache" / "adaq")) / "logs"
+
+
+def write_crash_log(error: BaseException) -> Path:
+    """The full traceback and command line in a log file (adaq's cache, else the temp folder)."""
+    name = f"adaq-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    text = f"adaq {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(error))
+    for folder in (log_dir(), Path(tempfile.gettempdir()) / "adaq-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return Path("(no log: adaq's cache and the temp folder are not writable)")
+
+
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+def _exit_after_interrupt(exit: SystemExit) -> None:
+    if exit.code == 130:  # typer's exit for a KeyboardInterrupt (Ctrl-C, SIGINT)
+        typer.secho("error: interrupted", fg="red", err=True)
+        sys.exit(130)
+
+
 def main() -> None:
+    """The console script: a user's mistake is one line; an unexpected failure is one line and a log file
+    (ADAQ_DEBUG=1 shows its traceback instead)."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _run_app()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_app() -> None:
+    debug = os.environ.get("ADAQ_DEBUG", "") not in ("", "0")
     try:
         app()
+    except SystemExit as exit:
+        _exit_after_interrupt(exit)
+        raise
     except AdaqError as error:
+        if debug:
+            raise
         typer.secho(f"error: {error}", fg="red", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        typer.secho("interrupted", fg="red", err=True)
-        sys.exit(130)
+        _exit_after_interrupt(SystemExit(130))
+    except Terminated:
+        typer.secho("error: terminated (SIGTERM)", fg="red", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    except Exception as error:  # noqa: BLE001 - the last guard: never a bare traceback
+        if debug:
+            raise
+        log = write_crash_log(error)
+        typer.secho(f"error: {type(error).__name__}: {one_line(error)} (full log: {log})", fg="red", err=True)
+        sys.exit(1)

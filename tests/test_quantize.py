@@ -175,12 +175,13 @@ def test_cli_table_and_recipe_scheme_override(tiny_qwen3, tmp_path):
     assert open_checkpoint(tmp_path / "q").scheme == "nvfp4a16"
 
 
-def test_force_replaces_an_existing_output(tiny_qwen3, tmp_path):
+def test_force_replaces_an_output_adaq_wrote(tiny_qwen3, tmp_path):
     out = tmp_path / "q"
-    out.mkdir()
+    quantize_model(str(tiny_qwen3), out, device="cpu")
     (out / "stale.txt").write_text("old")
     quantize_model(str(tiny_qwen3), out, force=True, device="cpu")
     assert not (out / "stale.txt").exists() and open_checkpoint(out).format == "compressed-tensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"], "no backup, temp or lock file left beside OUT"
 
 
 def test_gguf_source_is_dequantized_into_scratch_and_removed(monkeypatch, tiny_qwen3, tiny_nvfp4, tmp_path):

@@ -47,6 +47,15 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
 
 
+def _check_outputs(checkpoint: str | None, synthetic: str | None, json_path: str | None, plot_path: str | None):
+    """Before the benchmark runs: --json and --plot can be written and are none of the inputs."""
+    from adaq.formats.outputs import check_writable_file
+
+    inputs = {"checkpoint": checkpoint, "synthetic config": synthetic}
+    check_writable_file(json_path, "--json", inputs)
+    check_writable_file(plot_path, "--plot", {**inputs, "--json file": json_path})
+
+
 @app.callback()
 def bench(
     ctx: typer.Context,
@@ -80,6 +89,11 @@ def bench(
 
     if (checkpoint is None) == (synthetic is None):
         raise AdaqError("give either a checkpoint folder (adaq bench CKPT) or --synthetic NAME, not both or neither")
+    _check_outputs(checkpoint, synthetic, json_path, plot_path)
+    if device is not None:
+        from adaq.engine.config import resolve_device
+
+        resolve_device(device)
     if checkpoint is not None:
         from adaq.validate import check_checkpoint
 
@@ -115,7 +129,9 @@ def kernels(
     """Each kernel by shape (GEMMs by M/N/K, attention by context): time, % of the measured copy bandwidth or
     tensor-core peak, against the bf16 reference kernels (cuBLAS); RTX 4090 figures are labelled projections."""
     from adaq.bench import kernels as kernel_bench
+    from adaq.formats.outputs import check_writable_file
 
+    check_writable_file(json_path, "--json")
     result = kernel_bench.run(quick=quick)
     kernel_bench.render(result)
     if json_path:
@@ -134,7 +150,9 @@ def show(
     from pathlib import Path
 
     from adaq.bench import report as bench_report
+    from adaq.formats.outputs import check_writable_file
 
+    check_writable_file(plot_path, "--plot", {"report": json_file})
     try:
         result = json.loads(Path(json_file).read_text())
     except (OSError, json.JSONDecodeError) as error:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from adaq.commands import STRICT_HELP
+from adaq.errors import AdaqError
 
 app = typer.Typer(help="Accuracy of a checkpoint next to its baseline: MMLU-Pro (lm-eval) and perplexity, offline.",
                   no_args_is_help=True)
@@ -34,6 +35,20 @@ def _labels(checkpoint: str, baseline: str | None) -> list[tuple[str, str]]:
     if baseline is None:
         return [(label, checkpoint)]
     return [("baseline", baseline), (label if label != "bf16" else "model", checkpoint)]
+
+
+def _require_positive(**settings: int | None) -> None:
+    for name, value in settings.items():
+        if value is not None and value < 1:
+            raise AdaqError(f"invalid setting --{name.replace('_', '-')} {value}: must be >= 1")
+
+
+def _check_outputs(inputs: dict[str, str | Path | None], **outputs: str | Path | None) -> None:
+    """Before any work: each output file is writable and is none of the inputs."""
+    from adaq.formats.outputs import check_writable_file
+
+    for flag, path in outputs.items():
+        check_writable_file(path, f"--{flag}", inputs)
 
 
 def _progress():
@@ -89,6 +104,9 @@ def mmlu_pro(
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ):
     """MMLU-Pro accuracy of CHECKPOINT (and of --baseline on the same questions), through lm-eval, offline."""
+    _require_positive(limit=limit, batch_size=batch_size, chunk_size=chunk_size, max_model_len=max_model_len)
+    _check_outputs({"checkpoint": checkpoint, "baseline": baseline, "data": data_dir}, json=json_path,
+                   samples=samples)
     os.environ["TQDM_DISABLE"] = "1"
     from adaq.eval.data import go_offline
 
@@ -135,6 +153,10 @@ def ppl(
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
 ):
     """Perplexity over fixed non-overlapping windows (data/README.md's protocol), CHECKPOINT beside --baseline."""
+    _require_positive(batch_size=batch_size, max_windows=max_windows)
+    if window < 2:
+        raise AdaqError(f"invalid setting --window {window}: must be >= 2 (BOS and one scored token)")
+    _check_outputs({"checkpoint": checkpoint, "baseline": baseline, "text": text}, json=json_path)
     from adaq.eval.data import WIKITEXT_TEST, go_offline, read_text, repo_data
 
     go_offline()

@@ -46,7 +46,7 @@ class EngineConfig:
     def __post_init__(self):
         self.model = Path(self.model)
         self.device_given = self.device is not None
-        self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(self.device)
         self.dtype = self._resolve_dtype()
         self.kv_cache_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
         on_gpu = self.device.type == "cuda"
@@ -77,6 +77,21 @@ class EngineConfig:
     @property
     def kv_dtype(self) -> torch.dtype:
         return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """cpu, cuda or cuda:N (None: cuda when available), refused when torch sees no such GPU."""
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise AdaqError(f"invalid setting --device {device}: must be cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = " (a CPU-only build)" if torch.version.cuda is None else ""
+        raise AdaqError(f"invalid setting --device {device}: torch {torch.__version__}{build} sees no CUDA GPU; "
+                        "use --device cpu")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise AdaqError(f"invalid setting --device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return chosen
 
 
 def parse_size(value: int | str) -> int:

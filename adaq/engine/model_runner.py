@@ -43,6 +43,7 @@ from adaq.errors import AdaqError
 log = logging.getLogger("adaq.engine")
 
 CPU_DEFAULT_KV_BYTES = 2**30
+HOST_MEMORY_SHARE = 0.8  # of the free RAM, at most, for a CPU KV cache: the rest is the activations' and the OS's
 LOGPROB_SLICE_ROWS = 64  # 64 x a 262k vocabulary in fp32: 67 MB per slice
 
 
@@ -86,6 +87,18 @@ class LaunchedStep:
     ready: object  # torch.cuda.Event | None
     started: float = field(default_factory=time.perf_counter)
     advanced: bool = False  # the engine already counted its tokens as computed (a step was launched after it)
+
+
+def available_host_bytes() -> int:
+    """Free RAM: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class ModelRunner:
@@ -153,7 +166,11 @@ class ModelRunner:
         if self.fit_context:
             self._fit_context(num_blocks)
         self._check_capacity(num_blocks)
-        return num_blocks, self._sliding_blocks_beside(num_blocks)
+        sliding = self._sliding_blocks_beside(num_blocks)
+        if self.device.type == "cpu":
+            sliding_bytes = sliding * self.sliding_geometry.bytes_per_block() if self.sliding_geometry else 0
+            self._check_host_memory(num_blocks * self.geometry.bytes_per_block() + sliding_bytes)
+        return num_blocks, sliding
 
     def _cpu_default_blocks(self) -> int:
         blocks_per_seq = -(-self.max_model_len // self.geometry.block_size)
@@ -223,6 +240,19 @@ class ModelRunner:
             knob = f"raise --gpu-memory-utilization (now {self.config.gpu_memory_utilization})"
         raise AdaqError(f"the KV cache holds {capacity} tokens, fewer than one sequence of --max-model-len "
                         f"{self.max_model_len}: {knob} or lower --max-model-len")
+
+    def _check_host_memory(self, kv_bytes: int) -> None:
+        """A KV cache larger than the free RAM fails here, in one line, not in a huge allocation."""
+        free = int(available_host_bytes() * HOST_MEMORY_SHARE)
+        if kv_bytes <= free:
+            return
+        if self.config.kv_cache_memory is not None or self.config.num_kv_blocks is not None:
+            knob = "lower --kv-cache-memory"
+        else:
+            fits = free // self.geometry.bytes_per_block() * self.geometry.block_size
+            knob = f"pass --max-model-len {fits} or less (the model's context is {self.max_model_len})"
+        raise AdaqError(f"the KV cache would take {kv_bytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB it may take "
+                        f"of the free RAM: {knob}")
 
     def _allocate_kv_cache(self) -> None:
         self.kv_cache, self.kv_scales = _cache_tensors(self.geometry, self.num_blocks, self.device)

@@ -117,4 +117,7 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise AdaqError(f"{path}: no such text file (the repository ships wikitext-2's as {REPO_DATA / WIKITEXT_TEST})")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise AdaqError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); give a plain-text file") from None

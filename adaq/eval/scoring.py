@@ -60,13 +60,16 @@ class TransformersScorer:
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "TransformersScorer":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from adaq.formats.safetensors_check import check_safetensors_folder
+
+        check_safetensors_folder(path)  # transformers would torch.load a .bin: refuse pickles before it looks
         options = {}
         quantization = getattr(AutoConfig.from_pretrained(path), "quantization_config", None) or {}
         if quantization.get("quant_method") == "compressed-tensors":
             from transformers import CompressedTensorsConfig
 
             options["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options).to(dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **options).to(dtype)
         return cls(model, AutoTokenizer.from_pretrained(path))
 
     def _hidden(self, tokens: list[int]) -> torch.Tensor:

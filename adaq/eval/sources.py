@@ -27,7 +27,8 @@ def model_folder(source: str | Path) -> Path:
 
 
 def gguf_folder(path: Path) -> Path:
-    from adaq.formats.gguf import gguf_to_hf_folder, replace_dir
+    from adaq.formats.gguf import gguf_to_hf_folder
+    from adaq.formats.outputs import replace_folder
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -36,7 +37,7 @@ def gguf_folder(path: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         gguf_to_hf_folder(path, tmp)
-        replace_dir(tmp, target)
+        replace_folder(tmp, target)
     return target
 
 

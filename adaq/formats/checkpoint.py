@@ -222,7 +222,7 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: no config.json")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_file}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: not a JSON object")

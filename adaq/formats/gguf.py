@@ -8,7 +8,6 @@ back to <0xXX> byte tokens, and control/user-defined tokens are matched first, o
 """
 
 import json
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,14 +208,3 @@ def _drop_gguf_marker(folder: Path) -> None:
     config.pop("quantization_config", None)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temp folder into place; an older target is removed only once the new one is complete."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)

@@ -294,7 +294,8 @@ def quantize_calibrated(job, quantize_group: GroupQuantizer, with_hessian: bool,
     tokenizer = AutoTokenizer.from_pretrained(str(job.source))
     spec = job.calibration
     ids = calibration_windows(tokenizer, load_texts(spec.path), spec.num_samples, spec.seq_len).to(job.device)
-    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype=torch.float32).to(job.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype=torch.float32,
+                                                 use_safetensors=True).to(job.device).eval()
     w4a4 = job.scheme == "nvfp4"
     quantizer = _CalibratedQuantizer(model, checkpoint, plan, quantize_group, w4a4, job.device)
     task = job.progress.task("calibrating and quantizing layers", len(decoder_layers(model)))

@@ -29,7 +29,8 @@ def _texts_from_file(path: Path) -> list[str]:
         if "text" not in frame.columns:
             raise AdaqError(f"{path}: a calibration parquet file needs a 'text' column (has {list(frame.columns)})")
         return [str(t) for t in frame["text"]]
-    lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+    text = path.read_text(errors="replace")  # bytes that are not UTF-8 then fail as JSON, in one line
+    lines = text.splitlines() if path.suffix == ".jsonl" else [text]
     rows = []
     for line in filter(str.strip, lines):
         try:
@@ -113,7 +114,8 @@ def calibrate_input_amax(job, plan) -> dict[str, torch.Tensor]:
     spec = job.calibration
     tokenizer = AutoTokenizer.from_pretrained(str(job.source))
     windows = calibration_windows(tokenizer, load_texts(spec.path), spec.num_samples, spec.seq_len)
-    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype="auto").to(job.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype="auto", use_safetensors=True)
+    model = model.to(job.device).eval()
     stats: dict[str, torch.Tensor] = {}
     handles = _attach_hooks(model, set(plan.quantize), stats)
     task = job.progress.task("calibrating", len(windows))

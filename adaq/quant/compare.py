@@ -2,11 +2,13 @@
 checkpoint and the source on the same WikiText windows (adaq.eval's perplexity, data/README.md's protocol) and report
 perplexity against the source in one table (+ JSON in DIR/compare.json)."""
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaq.errors import AdaqError
+from adaq.formats.outputs import check_apart, make_parent
 from adaq.quant.methods import CalibrationSpec, Progress, method_names
 
 REPORT_FILE = "compare.json"
@@ -87,14 +89,32 @@ def _score_all(src: str, rows: list[Row], settings: CompareSettings, progress: P
     return results
 
 
+def check_compare_folder(out_dir: Path) -> None:
+    """OUT is new, empty, or an earlier --compare's (its compare.json says so): never a folder of the user's."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    try:
+        earlier = json.loads((out_dir / REPORT_FILE).read_text()).get("benchmark") == "quantize-compare"
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise AdaqError(f"{out_dir} exists and is not an earlier --compare's output (no adaq {REPORT_FILE}): "
+                        "remove it yourself or choose another -o")
+
+
 def compare_methods(src: str, out_dir: str | Path, settings: CompareSettings,
                     calibration: CalibrationSpec | None = None, recipe_path: str | None = None,
                     progress: Progress | None = None) -> dict:
     """Quantize SRC with every method and scheme into OUT_DIR/<method>-<scheme>/, score all; the report as a dict."""
     from adaq.eval.report import perplexity_json, write_json
 
+    from adaq.quant.pipeline import declared_inputs
+
     progress, out_dir = progress or Progress(), Path(out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_apart(out_dir, {**declared_inputs(src, calibration, recipe_path), "eval text": settings.text})
+    check_compare_folder(out_dir)
+    make_parent(out_dir)
+    out_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
     rows = _quantize_all(src, out_dir, settings, calibration, recipe_path, progress)
     results = _score_all(src, rows, settings, progress)

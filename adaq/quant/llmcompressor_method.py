@@ -29,7 +29,7 @@ def quantize_llmcompressor(job: QuantJob) -> MethodResult:
     from adaq.formats.checkpoint import open_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(str(job.source))
-    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(str(job.source), dtype="auto", use_safetensors=True)
     recipe_file = job.out_dir / "recipe.input.yaml"
     recipe_file.write_text(job.recipe.to_yaml())
     extra = _calibration_dataset(job, tokenizer) if job.calibration is not None else {}

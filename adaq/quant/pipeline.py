@@ -1,11 +1,10 @@
 """`adaq quantize` as a library call: resolve the source, run a registered method into a temp folder, add tokenizer
 files, the applied recipe and adaq's metadata, check the result, and rename it into place (atomic: an interrupted
-run leaves no OUT, and an existing OUT is replaced only once the new one is complete)."""
+run leaves no OUT, and an existing OUT is replaced only once the new one is complete). OUT is kept apart from
+every input and locked while written; adaq.formats.outputs has the rules."""
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -14,10 +13,12 @@ from pathlib import Path
 
 from adaq.errors import AdaqError, CheckpointError
 from adaq.formats.architectures import architecture_of
+from adaq.formats.outputs import ADAQ_MARKER, check_apart, scratch_folder, staged_folder
+from adaq.formats.safetensors_check import check_safetensors_folder
 from adaq.quant.methods import CalibrationSpec, Progress, QuantJob, get_method
 from adaq.quant.recipe import Recipe, default_recipe, load_recipe
 
-METADATA_FILE = "adaq_quantize.json"
+METADATA_FILE = ADAQ_MARKER
 RECIPE_FILE = "recipe.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
@@ -50,13 +51,11 @@ def safetensors_bytes(folder: Path) -> int:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """auto, cpu, cuda or cuda:N, checked as the engine checks --device."""
+    from adaq.engine import config
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdaqError(f"--device {device}: no CUDA GPU is visible (use --device cpu)")
-    return device
+    chosen = config.resolve_device(None if device == "auto" else device)
+    return device if device != "auto" else chosen.type
 
 
 def resolve_hub_id(name: str) -> Path:
@@ -107,6 +106,7 @@ def check_source(folder: Path) -> dict:
     except CheckpointError as error:
         raise AdaqError(f"{error} (quantize needs a Hugging Face model folder)") from None
     architecture_of(config)
+    check_safetensors_folder(folder)  # before anything (transformers, llm-compressor) could unpickle a .bin
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise AdaqError(f"{folder}: already quantized ({method}); quantize reads a bf16/fp16/fp32 checkpoint")
@@ -115,37 +115,9 @@ def check_source(folder: Path) -> dict:
     return config
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(out: Path) -> None:
-    """Temp folders of earlier runs on OUT that were killed (their process is gone)."""
-    for folder in out.parent.glob(f".{out.name}.adaq-*"):
-        pid = folder.name.removeprefix(f".{out.name}.adaq-").split("-")[1:2]
-        if folder.is_dir() and pid and pid[0].isdigit() and not _pid_alive(int(pid[0])):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def temp_beside(out: Path, kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-{kind}-{os.getpid()}-", dir=out.parent))
-
-
-def prepare_out(out: Path, force: bool) -> Path:
-    """A fresh temp folder beside OUT (same filesystem, so the final rename is atomic)."""
-    if out.exists() and not force:
-        raise AdaqError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise AdaqError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    return temp_beside(out, "tmp")
+def declared_inputs(src: str, calibration: CalibrationSpec | None, recipe_path: str | None) -> dict:
+    return {"source": src if src != DEMO_SOURCE else None, "calibration data": calibration and calibration.path,
+            "recipe": recipe_path}
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
@@ -176,13 +148,6 @@ def check_output(folder: Path, scheme: str, expected: int) -> None:
     if len(checkpoint.quantized_prefixes()) != expected:
         raise AdaqError(f"internal: {len(checkpoint.quantized_prefixes())} quantized layers written, "
                         f"{expected} expected")
-
-
-def replace_into(tmp: Path, out: Path) -> None:
-    from adaq.formats.gguf import replace_dir
-
-    tmp.chmod(0o755)
-    replace_dir(tmp, out)
 
 
 def choose_recipe(config: dict, scheme: str | None, recipe_path: str | None) -> Recipe:
@@ -217,12 +182,12 @@ def quantize_model(src: str, out: str | Path, scheme: str | None = None, recipe_
                    method: str = "rtn", calibration: CalibrationSpec | None = None, force: bool = False,
                    device: str = "auto", progress: Progress | None = None) -> QuantReport:
     """Quantize SRC (folder, cached hub id, .gguf or demo:gemma3-270m) into the compressed-tensors folder OUT."""
+    check_apart(out, declared_inputs(src, calibration, recipe_path))  # named as the user wrote it
     out, started = Path(out).expanduser().resolve(), datetime.now(timezone.utc)
     chosen = get_method(method)
-    tmp = prepare_out(out, force)
-    scratch = temp_beside(out, "src")
-    try:
+    with staged_folder(out, force) as tmp, scratch_folder(out) as scratch:
         with source_folder(src, scratch) as (folder, kind):
+            check_apart(out, {"source": folder})
             recipe = choose_recipe(check_source(folder), scheme, recipe_path)
             if (recipe.scheme == "nvfp4" or chosen.needs_calibration) and calibration is None:
                 raise AdaqError(f"--scheme {recipe.scheme} with --method {method} needs calibration data: "
@@ -231,8 +196,4 @@ def quantize_model(src: str, out: str | Path, scheme: str | None = None, recipe_
                            progress or Progress())
             report = run_method(job, method, src, out, started)
             write_metadata(tmp, report, kind, started)
-        replace_into(tmp, out)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+    return report
