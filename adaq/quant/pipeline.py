@@ -116,7 +116,7 @@ def check_source(folder: Path) -> dict:
 
 
 def declared_inputs(src: str, calibration: CalibrationSpec | None, recipe_path: str | None) -> dict:
-    return {"source": src if src != DEMO_SOURCE else None, "calibration data": calibration and calibration.path,
+    return {"source": None if src.startswith("demo:") else src, "calibration data": calibration and calibration.path,
             "recipe": recipe_path}
 
 
