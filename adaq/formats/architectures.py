@@ -7,6 +7,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",  # its text model only
+    "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration",  # dense and MoE; the latter's text model only
 )
 
 

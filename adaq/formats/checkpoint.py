@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from adaq.errors import CheckpointError
 from adaq.formats import modelopt
+from adaq.formats.fused_experts import per_expert_view
 from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
@@ -240,4 +241,4 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return ModelOptCheckpoint(path, config, index, headers, section)
     if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
         return CompressedTensorsCheckpoint(path, config, index, headers)
-    return Checkpoint(path, config, index, headers)
+    return per_expert_view(Checkpoint(path, config, index, headers))

@@ -8,6 +8,7 @@ from adaq.errors import AdaqError
 from adaq.formats.architectures import SUPPORTED_ARCHITECTURES, architecture_of
 from adaq.models.base import CausalLM, WeightReader
 from adaq.models.gemma3 import Gemma3ForCausalLM
+from adaq.models.gemma4 import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 from adaq.models.qwen3 import Qwen3ForCausalLM
 from adaq.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -16,6 +17,7 @@ MODEL_CLASSES = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
+    "Gemma4ForCausalLM": Gemma4ForCausalLM, "Gemma4ForConditionalGeneration": Gemma4ForConditionalGeneration,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 

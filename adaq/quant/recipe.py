@@ -130,7 +130,12 @@ def is_moe(config: dict) -> bool:
     return bool(text_config.get("num_experts") or text_config.get("num_local_experts"))
 
 
+def is_gemma4(config: dict) -> bool:
+    return config.get("model_type") in ("gemma4", "gemma4_text")
+
+
 def default_recipe(config: dict, scheme: str) -> Recipe:
-    """The shipped recipe for this model: routers kept in bf16 for MoE models."""
-    kind = "moe" if is_moe(config) else "dense"
+    """The shipped recipe for this model: routers kept in bf16 for MoE models; Gemma 4 as llm-compressor's example
+    (embeddings, routers, vision and audio towers kept)."""
+    kind = "gemma4" if is_gemma4(config) else "moe" if is_moe(config) else "dense"
     return load_recipe(RECIPES_DIR / f"{scheme}-{kind}.yaml")

@@ -1,0 +1,128 @@
+"""Gemma 4 (dense and MoE) on tiny random NVFP4 checkpoints against transformers' forward on the same decompressed
+weights: batched prefill of sequences of different lengths, then 40 decode steps through a bf16 paged KV cache
+(fp32 compute, reference backend). The generic prefill / chunked / packed / dense / KV-dtype checks run on these
+models in test_models.py."""
+
+import json
+
+import pytest
+import torch
+from helpers.paged import PagedRunner, prefill_logits
+from helpers.tiny_models import make_checkpoint
+from test_models import PROMPT, MultimodalSource, assert_close, hf_logits, ours
+
+from adaq.backends import get_backend
+from adaq.errors import UnsupportedArchitecture
+from adaq.formats.checkpoint import open_checkpoint
+from adaq.models import build_model, load_weights
+
+ARCHS = ("gemma4", "gemma4_moe")
+DECODE_STEPS = 40
+CONTINUATION = [(17 * i + 5) % 256 for i in range(DECODE_STEPS)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {arch: make_checkpoint(arch, tmp_path_factory.mktemp(arch)) for arch in ARCHS}
+
+
+def batched_decode(model, prompts: list[list[int]], kv_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per sequence: logits [1 + DECODE_STEPS, V] of its prompt's last token and of each decode step."""
+    longest = max(map(len, prompts)) + DECODE_STEPS
+    runner = PagedRunner(model, len(prompts), longest, block_size=4, kv_dtype=kv_dtype)
+    steps = [runner.step(dict(enumerate(prompts)))]
+    for token in CONTINUATION:
+        steps.append(runner.step({b: [(token + 31 * b) % 256] for b in range(len(prompts))}))
+    return [torch.stack([step[b] for step in steps]) for b in range(len(prompts))]
+
+
+def continued(prompt: list[int], b: int) -> list[int]:
+    return prompt + [(token + 31 * b) % 256 for token in CONTINUATION]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_prefill_and_decode_match_transformers(checkpoints, arch):
+    """Three sequences (3, 13 and 22 tokens, window 8) in one prefill, then 40 decode steps of all three."""
+    model = ours(checkpoints[arch] / "nvfp4")
+    prompts = [PROMPT[3:6], PROMPT[:13], PROMPT]
+    errors = []
+    for b, logits in enumerate(batched_decode(model, prompts, torch.bfloat16)):
+        tokens = continued(prompts[b], b)
+        reference = hf_logits(checkpoints[arch] / "decompressed", tokens)[len(prompts[b]) - 1:]
+        errors.append(assert_close(logits, reference))
+    print(f"{arch}: max |delta logit| / max |logit| = {max(errors):.2e} (bf16 KV, {DECODE_STEPS} decode steps)")
+
+
+def test_layer_kinds_head_dims_and_kv_heads(checkpoints):
+    config = json.loads((checkpoints["gemma4"] / "nvfp4" / "config.json").read_text())
+    model = ours(checkpoints["gemma4"] / "nvfp4")
+    layers = model.attention_layers()
+    assert [layer.sliding_window for layer in layers] == [config["sliding_window"]] * 5 + [None]
+    assert [(layer.head_dim, layer.num_kv_heads) for layer in layers] == [(16, 2)] * 5 + [(32, 1)]
+    assert [layer.scale for layer in layers] == [1.0] * 6
+    assert model.layers[5].self_attn.projections == "qk"  # k_eq_v: no v_proj
+    assert model.layers[0].self_attn.projections == "qkv"
+    inv_freq = model.layers[5].self_attn.inv_freq  # proportional: a quarter of the 16 frequencies rotate
+    assert int((inv_freq > 0).sum()) == 4 and inv_freq.numel() == 16
+
+
+def test_moe_layers_hold_dense_mlp_and_experts(checkpoints):
+    model = ours(checkpoints["gemma4_moe"] / "nvfp4")
+    layer = model.layers[0]
+    assert layer.mlp.gate_up_proj.fused and layer.experts.experts is not None
+    assert layer.router.proj.handles[0].packed is None  # the router stays bf16, as llm-compressor leaves it
+    assert layer.experts.activation == "gelu_tanh" and layer.experts.top_k == 2
+
+
+def test_multimodal_packaging_runs_its_text_model(checkpoints, capsys):
+    source = MultimodalSource(open_checkpoint(checkpoints["gemma4_moe"] / "nvfp4"))
+    source.config["architectures"] = ["Gemma4ForConditionalGeneration"]
+    source.config["model_type"] = "gemma4"
+    model = load_weights(build_model(source.config, get_backend("reference", "cpu")), source)
+    assert "vision and audio towers are ignored" in capsys.readouterr().err
+    assert_close(prefill_logits(model, PROMPT), hf_logits(checkpoints["gemma4_moe"] / "decompressed", PROMPT))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size_per_layer_input", 16, "per-layer inputs"),
+    ("num_kv_shared_layers", 2, "KV shared across layers"),
+])
+def test_e2b_style_variants_are_refused_in_one_line(checkpoints, field, value, message):
+    config = json.loads((checkpoints["gemma4"] / "nvfp4" / "config.json").read_text())
+    config[field] = value
+    with pytest.raises(UnsupportedArchitecture, match=message) as error:
+        build_model(config, get_backend("reference", "cpu"))
+    assert "\n" not in str(error.value)
+
+
+GEMMA4_IGNORE = ["lm_head", "re:.*embed.*", "re:.*router", "re:.*vision_tower.*", "re:.*audio_tower.*"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rtn_bytes_equal_llmcompressor(arch, tiny_folder, tiny_nvfp4, tmp_path):
+    """llm-compressor linearizes the fused 3-D experts into one Linear per expert and projection; adaq reads the
+    same slices (adaq.formats.fused_experts): same tensors, same bytes, same config (routers in `ignore`)."""
+    from test_quantize import assert_same_tensors, llmcompressor_oneshot, quantization_config
+
+    theirs = llmcompressor_oneshot(tiny_folder(arch), tmp_path / "lc", "NVFP4A16", GEMMA4_IGNORE)
+    ours = tiny_nvfp4(arch)
+    assert_same_tensors(ours, theirs)
+    assert quantization_config(ours) == quantization_config(theirs)
+    if arch == "gemma4_moe":
+        assert "model.layers.0.router" in quantization_config(ours)["ignore"]
+        assert "model.layers.0.experts.3.up_proj" in open_checkpoint(ours).quantized_prefixes()
+
+
+def test_fused_experts_are_read_per_expert(tiny_folder):
+    checkpoint = open_checkpoint(tiny_folder("gemma4_moe"))
+    names = checkpoint.tensor_names()
+    assert "model.layers.0.experts.gate_up_proj" not in names
+    fused = load_file_tensor(tiny_folder("gemma4_moe"), "model.layers.0.experts.gate_up_proj")
+    assert torch.equal(checkpoint.tensor("model.layers.0.experts.2.up_proj.weight"), fused[2, 32:])
+    assert checkpoint.tensor_spec("model.layers.0.experts.2.down_proj.weight")[1] == (64, 32)
+
+
+def load_file_tensor(folder, name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")[name]
