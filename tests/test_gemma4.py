@@ -126,3 +126,17 @@ def load_file_tensor(folder, name: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(folder / "model.safetensors")[name]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adaq_run_end_to_end_on_the_cpu(checkpoints, arch, capsys, monkeypatch):
+    """`adaq run` through the CLI entry point: engine, paged FP8 KV cache, sampler, detokenizer."""
+    from helpers.tiny_tokenizer import write_tokenizer
+    from test_run_cli import FAST, adaq
+
+    write_tokenizer(checkpoints[arch] / "nvfp4")
+    code, out, err = adaq(["run", checkpoints[arch] / "nvfp4", "Hello there", "--no-chat", "--json",
+                           "--temperature", "0", "--max-tokens", "12", *FAST], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] in ("length", "stop") and result["text"]

@@ -56,6 +56,10 @@ CONFIGS = {
         moe_intermediate_size=32, final_logit_softcapping=30.0, max_position_embeddings=512),
 }
 GEMMA = ("gemma3", "gemma4", "gemma4_moe")
+GEMMA4 = ("gemma4", "gemma4_moe")
+# Gemma 4 attends with scale 1.0 on unit-RMS q and k: q/k norm weights of 0.3 keep the scores' spread near what
+# 1/sqrt(head_dim) gives, so a bf16 KV cache moves the logits by less than 1e-3 of their max.
+GEMMA4_QK_NORM = 0.3
 
 # Weight spread per architecture: large enough that attention, RoPE and routing matter, small enough that the
 # logits are not chaotic (a bf16 KV cache moves them by less than 1e-3 of their max). Gemma's post-norms keep
@@ -85,12 +89,14 @@ def random_model(arch: str, seed: int = 0, **overrides):
             if "norm" in name or name.endswith(("router.scale", "per_expert_scale")):
                 offset = 0.0 if arch == "gemma3" else 1.0  # Gemma 3's norms are (1 + w)
                 param.copy_(offset + 0.1 * torch.randn_like(param))
+                if arch in GEMMA4 and name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.mul_(GEMMA4_QK_NORM)
             elif "embed_tokens" in name:
-                param.normal_(0, 0.5 if arch in GEMMA else 1.0)
+                param.normal_(0, 1.0 if arch not in GEMMA or arch in GEMMA4 else 0.5)
             elif name.endswith("mlp.gate.weight"):
                 param.normal_(0, ROUTER_STD)
             elif name.endswith("router.proj.weight"):  # its input is scaled by hidden^-0.5
-                param.normal_(0, ROUTER_STD * model.config.hidden_size ** 0.5)
+                param.normal_(0, 3 * ROUTER_STD * model.config.hidden_size ** 0.5)
             else:
                 param.normal_(0, LINEAR_STD[arch])
         for name, buffer in model.named_buffers():
