@@ -140,3 +140,42 @@ def test_adaq_run_end_to_end_on_the_cpu(checkpoints, arch, capsys, monkeypatch):
     assert code == 0, err
     result = json.loads(out)
     assert result["finish_reason"] in ("length", "stop") and result["text"]
+
+
+def test_bench_shapes_of_the_real_models():
+    """Parameter counts from the bundled configs (values partly assumed: see their _adaq_source), Gemma 4's global
+    layers with their own KV heads and head_dim in the KV bytes, and only the top-k experts in a MoE step."""
+    from adaq.bench import roofline
+    from adaq.bench.shapes import layer_windows, load_model_config, model_tensors
+
+    expected_billions = {"gemma4-31b": 30.70, "gemma4-26b-a4b": 25.23}
+    for name, billions in expected_billions.items():
+        config = load_model_config(name)
+        assert sum(spec.numel for spec in model_tensors(config)) / 1e9 == pytest.approx(billions, abs=0.01), name
+    config = load_model_config("gemma4-26b-a4b")
+    windows = layer_windows(config)
+    assert windows.count(None) == 5 and set(windows) == {1024, None}
+    per_layer = roofline.kv_bytes_per_layer(config, "bf16")
+    assert per_layer[0] == 2 * 8 * 256 * 2 and per_layer[5] == 2 * 2 * 512 * 2  # sliding; global (k_eq_v)
+    weights = roofline.weight_bytes(model_tensors(config), config, quantized=True)
+    assert weights.experts_per_token == 8 and weights.num_experts == 128
+    assert weights.expert == 30 * 128 * 3 * roofline.nvfp4_bytes(704, 2816)
+    one = roofline.step_weight_bytes(weights, 1)
+    assert one == pytest.approx(weights.linear + weights.router + weights.lm_head + weights.norm + 2816 * 2
+                                + weights.expert * 8 / 128)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_synthetic_source_loads_into_the_model(arch):
+    """bench --synthetic's weights carry exactly the names and shapes the model reads."""
+    from helpers.tiny_models import CONFIGS, hf_config
+
+    from adaq.bench.synthetic import SyntheticCheckpoint
+
+    config = hf_config(arch).to_dict()
+    assert config["per_layer_config"]
+    config = {k: v for k, v in CONFIGS[arch].items()} | {"layer_types": config["layer_types"],
+                                                         "rope_parameters": config["rope_parameters"]}
+    source = SyntheticCheckpoint(config, quantized=True, device="cpu")
+    model = load_weights(build_model(source.config, get_backend("reference", "cpu")), source)
+    assert torch.isfinite(prefill_logits(model, PROMPT[:6])).all()
