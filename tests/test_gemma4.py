@@ -179,3 +179,31 @@ def test_synthetic_source_loads_into_the_model(arch):
     source = SyntheticCheckpoint(config, quantized=True, device="cpu")
     model = load_weights(build_model(source.config, get_backend("reference", "cpu")), source)
     assert torch.isfinite(prefill_logits(model, PROMPT[:6])).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_validate_knows_gemma4(checkpoints, arch):
+    """Global layers' own q/k/o shapes (and no v_proj with k_eq_v) pass the shape check; the KV budget counts the
+    slot the engine gives every layer (the widest layer's K or V) and says so."""
+    from adaq.validate.validator import validate_checkpoint
+
+    report = validate_checkpoint(checkpoints[arch] / "nvfp4")
+    assert report.valid, [f.message for f in report.findings if f.severity == "error"]
+    assert any("Gemma 4: 1 global layers" in note for note in report.budget.notes)
+    heads, dim = (2, 16) if arch == "gemma4" else (1, 32)  # 2 x 16 sliding vs 1 x 32 global; 1 x 16 vs 1 x 32
+    assert report.budget.kv_per_token == 6 * 2 * heads * (dim * 1 + 4)  # fp8 values + fp32 scale per head
+
+
+def test_validate_shapes_of_the_real_models():
+    from adaq.bench.shapes import load_model_config
+    from adaq.validate.shapes import ModelShape
+
+    shape = ModelShape.from_config(load_model_config("gemma4-31b"))
+    assert shape.global_layers[:2] == (5, 11) and len(shape.global_layers) == 10
+    assert (shape.global_head_dim, shape.global_kv_heads, shape.k_eq_v) == (512, 4, True)
+    assert shape.expected_linear_shape("model.layers.5.self_attn.q_proj") == (32 * 512, 5376)
+    assert shape.expected_linear_shape("model.layers.4.self_attn.k_proj") == (16 * 256, 5376)
+    assert "self_attn.v_proj" not in shape.layer_linears(5) and shape.kv_slot == (16, 256)
+    moe = ModelShape.from_config(load_model_config("gemma4-26b-a4b"))
+    assert moe.dense_layers == moe.moe_layers == 30 and moe.experts_per_token == 8
+    assert moe.expected_linear_shape("model.layers.0.experts.7.down_proj") == (2816, 704)

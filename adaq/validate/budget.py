@@ -4,7 +4,8 @@ Every figure is in bytes and follows a stated formula, so a user can redo it by 
 - weights: quantized Linears in the decode kernel's layout (nvfp4_linear_bytes), kept tensors at bf16;
 - KV cache: batch × context rounded up to KV_BLOCK_SIZE × layers × 2 (K and V) × kv_heads × head_dim × bytes
   per value, plus for FP8 one fp32 scale per (token, kv head) for K and for V (docs/ARCHITECTURE.md); every
-  layer holds the full context (the engine allocates Gemma3's sliding-window layers that way too);
+  layer holds the full context (the engine allocates Gemma3's sliding-window layers that way too) in a slot as
+  wide as the widest layer's (Gemma 4's global layers have their own kv_heads × head_dim: ModelShape.kv_slot);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
 - CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU.
 """
@@ -77,11 +78,12 @@ def nvfp4_linear_bytes(n: int, k: int, input_scale: bool = False) -> int:
 
 def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale: bool = False) -> WeightBytes:
     """Weights from the config alone: every attention/MLP/expert Linear in NVFP4 (or bf16), the rest in bf16."""
-    linears = [*shape.layer_linears().values()] * shape.layers
+    per_layer = [shape.layer_linears(layer) for layer in range(shape.layers)]
+    linears = [shape for layer in per_layer for shape in layer.values()]
     if shape.moe_layers:
-        attention = list(shape.layer_linears().values())[:4]
-        dense_mlp = list(shape.layer_linears().values())[4:]
-        linears = attention * shape.layers + dense_mlp * shape.dense_layers
+        attention = [nk for layer in per_layer for name, nk in layer.items() if name.startswith("self_attn.")]
+        dense_mlp = [nk for name, nk in per_layer[0].items() if name.startswith("mlp.")]
+        linears = attention + dense_mlp * shape.dense_layers
         linears += [*shape.expert_linears().values()] * shape.experts * shape.moe_layers
     linear_params = sum(n * k for n, k in linears)
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
@@ -95,7 +97,8 @@ def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
     """One token's K and V in every layer, with the FP8 scheme's fp32 scale per (token, kv head)."""
-    per_layer = 2 * shape.kv_heads * (shape.head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
+    kv_heads, head_dim = shape.kv_slot
+    per_layer = 2 * kv_heads * (head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
     return per_layer * shape.layers
 
 
@@ -218,6 +221,12 @@ def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context:
 def budget_notes(shape: ModelShape) -> list[str]:
     notes = [f"activations at up to {MAX_BATCHED_TOKENS} prefill tokens per step (never less than one prompt); "
              f"CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
+    if shape.global_layers:
+        heads, dim = shape.kv_slot
+        notes.append(f"Gemma 4: {len(shape.global_layers)} global layers (head_dim {shape.global_head_dim}, "
+                     f"{shape.global_kv_heads} KV heads{', K used as V' if shape.k_eq_v else ''}) and "
+                     f"{shape.layers - len(shape.global_layers)} others (head_dim {shape.head_dim}, {shape.kv_heads} "
+                     f"KV heads); each layer's KV slot holds {heads} heads x {dim}, the widest layer's K or V")
     if shape.sliding_layers:
         notes.append(f"KV at full context in all {shape.layers} layers: the engine allocates the "
                      f"{shape.sliding_layers} sliding-window layers (window {shape.sliding_window}) like the others")
