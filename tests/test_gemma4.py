@@ -172,10 +172,8 @@ def test_synthetic_source_loads_into_the_model(arch):
 
     from adaq.bench.synthetic import SyntheticCheckpoint
 
-    config = hf_config(arch).to_dict()
-    assert config["per_layer_config"]
-    config = {k: v for k, v in CONFIGS[arch].items()} | {"layer_types": config["layer_types"],
-                                                         "rope_parameters": config["rope_parameters"]}
+    parsed = hf_config(arch).to_dict()
+    config = CONFIGS[arch] | {key: parsed[key] for key in ("layer_types", "rope_parameters")}
     source = SyntheticCheckpoint(config, quantized=True, device="cpu")
     model = load_weights(build_model(source.config, get_backend("reference", "cpu")), source)
     assert torch.isfinite(prefill_logits(model, PROMPT[:6])).all()

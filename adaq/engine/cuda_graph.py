@@ -151,14 +151,17 @@ class DecodeGraphs:
 
 
 def graph_safe(model: torch.nn.Module) -> bool:
-    """Every op of a decode step runs on a kernel: the reference fallbacks of attention (unsupported head shapes)
-    and of MoE (bf16 experts) read device values on the host, which a capture cannot contain."""
+    """Every op of a decode step runs on a kernel: the reference fallbacks of attention (unsupported head shapes,
+    e.g. Gemma 4's head_dim 512; layers of different KV shapes, whose narrower caches are strided views of the
+    shared slot) and of MoE (bf16 experts) read device values on the host, which a capture cannot contain."""
     from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
 
+    kv_shapes = set()
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
             groups = module.num_heads // max(module.num_kv_heads, 1)
-            if module.head_dim not in ATTENTION_HEAD_DIMS or groups not in ATTENTION_GROUPS:
+            kv_shapes.add((module.num_kv_heads, module.head_dim))
+            if module.head_dim not in ATTENTION_HEAD_DIMS or groups not in ATTENTION_GROUPS or len(kv_shapes) > 1:
                 return False
         experts = getattr(module, "experts", None)
         if experts is not None and not isinstance(experts, (KernelExpertsHandle, torch.nn.Module, list)):
