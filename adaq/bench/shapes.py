@@ -138,28 +138,27 @@ def _mlp(config: dict, layer: int) -> list[TensorSpec]:
 def _moe(config: dict, layer: int) -> list[TensorSpec]:
     if layer in config.get("mlp_only_layers", []) or (layer + 1) % config.get("decoder_sparse_step", 1):
         return _mlp(config, layer)
-    hidden, inter, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    hidden, experts = config["hidden_size"], config["num_experts"]
     prefix = f"model.layers.{layer}.mlp"
-    specs = [TensorSpec(f"{prefix}.gate.weight", (experts, hidden), "router", layer)]
-    for expert in range(experts):
-        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-        specs += [TensorSpec(f"{prefix}.experts.{expert}.{name}", shape, "expert", layer)
-                  for name, shape in shapes.items()]
-    return specs
+    return [TensorSpec(f"{prefix}.gate.weight", (experts, hidden), "router", layer)] + _experts(config, prefix, layer)
+
+
+def _experts(config: dict, prefix: str, layer: int) -> list[TensorSpec]:
+    """`{prefix}.experts.{e}.{gate,up,down}_proj`, per expert as checkpoints (and llm-compressor) store them."""
+    hidden, inter = config["hidden_size"], config["moe_intermediate_size"]
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return [TensorSpec(f"{prefix}.experts.{expert}.{name}", shape, "expert", layer)
+            for expert in range(config["num_experts"]) for name, shape in shapes.items()]
 
 
 def _gemma4_moe(config: dict, layer: int) -> list[TensorSpec]:
-    """The experts beside Gemma 4's dense MLP, per expert as llm-compressor writes them, and the router."""
-    hidden, inter, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    """The router and experts beside Gemma 4's dense MLP."""
+    hidden, experts = config["hidden_size"], config["num_experts"]
     prefix = f"model.layers.{layer}"
-    specs = [TensorSpec(f"{prefix}.router.proj.weight", (experts, hidden), "router", layer),
-             TensorSpec(f"{prefix}.router.scale", (hidden,), "norm", layer),
-             TensorSpec(f"{prefix}.router.per_expert_scale", (experts,), "norm", layer)]
-    for expert in range(experts):
-        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-        specs += [TensorSpec(f"{prefix}.experts.{expert}.{name}", shape, "expert", layer)
-                  for name, shape in shapes.items()]
-    return specs
+    router = [TensorSpec(f"{prefix}.router.proj.weight", (experts, hidden), "router", layer),
+              TensorSpec(f"{prefix}.router.scale", (hidden,), "norm", layer),
+              TensorSpec(f"{prefix}.router.per_expert_scale", (experts,), "norm", layer)]
+    return router + _experts(config, prefix, layer)
 
 
 def _layer_norms(config: dict, layer: int, family: str) -> list[TensorSpec]:

@@ -2,10 +2,11 @@
 
 The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_size, kv_heads, head_dim]` in the
 cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
-docs/ARCHITECTURE.md). Layers whose KV heads or head_dim differ (Gemma 4) each see their own
-`[blocks, block_size, kv_heads, head_dim]` view inside a slot as wide as the widest layer's. On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
-activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
-fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
+docs/ARCHITECTURE.md); layers whose KV heads or head_dim differ (Gemma 4) each see their own
+`[blocks, block_size, kv_heads, head_dim]` view inside a slot as wide as the widest layer's. On a GPU its size is
+what `gpu_memory_utilization` leaves after the weights and the activation peak of a warm-up step; on the CPU it is
+`kv_cache_memory`, by default enough for the sequences that fit in 1 GiB, never less than one sequence of
+`max_model_len` tokens.
 
 Logits are computed only where they are needed: the last token of each sequence that samples in this step, and
 every prompt position of a request that asked for prompt log-probabilities (in slices, so a long prompt never
