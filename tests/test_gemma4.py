@@ -205,3 +205,45 @@ def test_validate_shapes_of_the_real_models():
     moe = ModelShape.from_config(load_model_config("gemma4-26b-a4b"))
     assert moe.dense_layers == moe.moe_layers == 30 and moe.experts_per_token == 8
     assert moe.expected_linear_shape("model.layers.0.experts.7.down_proj") == (2816, 704)
+
+
+@pytest.fixture(scope="module")
+def vl_folder(tmp_path_factory):
+    """A Gemma4ForConditionalGeneration folder as transformers saves it: the tiny MoE text model under
+    model.language_model.*, a one-layer vision tower, fused 3-D experts."""
+    from helpers.tiny_models import random_model
+    from helpers.tiny_tokenizer import write_tokenizer
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
+
+    text = random_model("gemma4_moe", seed=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16)
+    config = AutoConfig.for_model("gemma4", text_config=text.config.to_dict(), vision_config=vision)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    folder = tmp_path_factory.mktemp("gemma4-vl") / "dense"
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+def test_multimodal_folder_runs_its_text_model_and_quantizes(vl_folder, tmp_path, capsys):
+    """The real layout (vision tower, embed_vision, experts fused): our text model against transformers'
+    Gemma4ForConditionalGeneration on text; `adaq quantize` keeps the tower and the result loads and runs."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from adaq.quant.pipeline import quantize_model
+
+    reference_model = Gemma4ForConditionalGeneration.from_pretrained(vl_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = reference_model(input_ids=torch.tensor([PROMPT])).logits[0]
+    assert_close(prefill_logits(ours(vl_folder), PROMPT), reference)
+    assert "vision and audio towers are ignored" in capsys.readouterr().err
+    out = tmp_path / "nvfp4"
+    quantize_model(str(vl_folder), out, device="cpu")
+    checkpoint = open_checkpoint(out)
+    assert any(name.startswith("model.vision_tower.") for name in checkpoint.tensor_names())
+    assert all(prefix.startswith("model.language_model.layers.") for prefix in checkpoint.quantized_prefixes())
+    assert "model.language_model.layers.0.experts.3.down_proj" in checkpoint.quantized_prefixes()
+    quantized = prefill_logits(ours(out), PROMPT)  # exactness of NVFP4 Gemma 4 is checked on the text layout above
+    assert quantized.shape == reference.shape and torch.isfinite(quantized).all()
