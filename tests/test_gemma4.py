@@ -247,3 +247,20 @@ def test_multimodal_folder_runs_its_text_model_and_quantizes(vl_folder, tmp_path
     assert "model.language_model.layers.0.experts.3.down_proj" in checkpoint.quantized_prefixes()
     quantized = prefill_logits(ours(out), PROMPT)  # exactness of NVFP4 Gemma 4 is checked on the text layout above
     assert quantized.shape == reference.shape and torch.isfinite(quantized).all()
+
+
+def test_bench_synthetic_end_to_end_on_cpu(tmp_path):
+    """`adaq bench --synthetic` on a tiny Gemma 4 MoE config: adaq NVFP4, adaq bf16 and transformers all run."""
+    from helpers.tiny_models import CONFIGS, hf_config
+    from test_bench import _adaq
+
+    parsed = hf_config("gemma4_moe").to_dict()
+    config = tmp_path / "tiny-gemma4.json"
+    config.write_text(json.dumps(CONFIGS["gemma4_moe"] | {k: parsed[k] for k in ("layer_types", "rope_parameters")}))
+    result = _adaq("bench", "--synthetic", str(config), "--batch", "1", "--input-len", "8", "--output-len", "4",
+                   "--repeats", "1", "--json", str(tmp_path / "out.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [variant["variant"] for variant in report["variants"]] == ["nvfp4", "bf16", "hf"]
+    assert all(variant["skipped"] is None and variant["results"][0]["decode_tokens_per_s"] > 0
+               for variant in report["variants"])
