@@ -2,7 +2,8 @@
 
 Tiny random checkpoints, as Hugging Face folders in bf16 with a real tokenizer (tests/helpers/tiny_tokenizer.py,
 256 ids, BOS prepended, chat template) — configs in tests/helpers/tiny_models.py:
-- `tiny_folder(arch)` -> Path, arch in "qwen3", "qwen3_moe", "gemma3" (factory; cached per arch);
+- `tiny_folder(arch)` -> Path, arch in "qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe" (factory; cached per
+  arch; Gemma 4 MoE experts fused in 3-D tensors, as transformers saves them);
   `tiny_qwen3`, `tiny_qwen3_moe`, `tiny_gemma3`: the same folders as fixtures.
 - `tiny_nvfp4(arch, scheme="nvfp4a16")` -> Path: that folder quantized by adaq's RTN (`adaq.quant.pipeline`,
   compressed-tensors, as `adaq quantize` writes it); scheme "nvfp4" (W4A4) is calibrated on `calib_text`.
@@ -20,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TINY_ARCHS = ("qwen3", "qwen3_moe", "gemma3")
+TINY_ARCHS = ("qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe")
 CALIB_TEXT = " ".join(
     f"Sentence {i}: the quick brown fox jumps over the lazy dog, and {i * 7 % 13} cats watch it."
     for i in range(200)

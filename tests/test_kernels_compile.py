@@ -284,3 +284,7 @@ def test_graph_safety_follows_kernel_coverage():
     assert not graph_safe(Model(32, 8, 96))  # head_dim without a kernel: reference attention
     assert not graph_safe(Model(24, 8, 128))  # 3 query heads per KV head
     assert not graph_safe(Model(32, 8, 128, ExpertsHandle([], [], 8)))  # bf16 experts: reference MoE
+    assert not graph_safe(Model(32, 4, 512))  # Gemma 4's global head_dim: reference attention, eager decode
+    mixed = Model(32, 8, 128)
+    mixed.other = PagedAttention(None, 32, 4, 256, 1.0)  # both kernel shapes, but one is a strided view of the slot
+    assert not graph_safe(mixed)

@@ -1,5 +1,5 @@
-"""Our Qwen3, Qwen3-MoE and Gemma3 on tiny random NVFP4 checkpoints against transformers' forward on the same
-decompressed weights (fp32 compute, reference backend, through a paged KV cache)."""
+"""Our Qwen3, Qwen3-MoE, Gemma3 and Gemma 4 (dense, MoE) on tiny random NVFP4 checkpoints against transformers'
+forward on the same decompressed weights (fp32 compute, reference backend, through a paged KV cache)."""
 
 import json
 
@@ -15,7 +15,7 @@ from adaq.formats.checkpoint import open_checkpoint
 from adaq.backends import get_backend
 from adaq.models import build_model, load_weights
 
-ARCHS = ("qwen3", "qwen3_moe", "gemma3")
+ARCHS = ("qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe")
 TOLERANCE = 1e-3  # max |delta logit| <= TOLERANCE * max |logit|
 PROMPT = [249, 17, 200, 3, 96, 45, 150, 7, 88, 230, 61, 12, 5, 140, 33, 201, 99, 18, 77, 254, 1, 64]  # > window 8
 

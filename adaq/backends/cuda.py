@@ -151,17 +151,22 @@ class CudaBackend(ReferenceBackend):
         columns = torch.cat([w.global_scale.float().reshape(1).expand(w.out_features) for w in pair])
         return layout.repack(fused, self.device, column_global_scales=None if can_fuse(pair) else columns)
 
-    def moe(self, x, router_logits, experts, top_k: int, renormalize: bool):
+    def moe(self, x, router_logits, experts, top_k: int, renormalize: bool, *, activation: str = "silu",
+            expert_scale=None):
         if not isinstance(experts, KernelExpertsHandle):  # prepared on the reference path (reported there)
-            return super().moe(x, router_logits, experts, top_k, renormalize)
+            return super().moe(x, router_logits, experts, top_k, renormalize, activation=activation,
+                               expert_scale=expert_scale)
         if x.dtype != torch.bfloat16:
             self._fell_back("MoE experts", f"input {x.dtype} (the kernels take bf16)")
-            return super().moe(x, router_logits, experts, top_k, renormalize)
+            return super().moe(x, router_logits, experts, top_k, renormalize, activation=activation,
+                               expert_scale=expert_scale)
         fp8 = getattr(experts, "fp8", None)
-        if (fp8 is not None and prefill_route.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
+        plain = activation == "silu" and expert_scale is None  # what the grouped FP8 path implements
+        if (fp8 is not None and plain and prefill_route.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
                 and not torch.cuda.is_current_stream_capturing()):
             return prefill_moe.fp8_moe_forward(x, router_logits, fp8, top_k, renormalize)
-        return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize)
+        return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize,
+                               activation, expert_scale)
 
     # ---- KV cache and attention ------------------------------------------------------------------------------
     def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:

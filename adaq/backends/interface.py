@@ -32,9 +32,11 @@ class Backend(Protocol):
         """At load: per expert its [gate, up] weights ([I, K] each) and its down weight ([K, I])."""
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
-            renormalize: bool) -> torch.Tensor:
+            renormalize: bool, *, activation: str = "silu",
+            expert_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K], router_logits [T, E] -> [T, K]: softmax in fp32, top-k, optional renormalisation, experts'
-        outputs summed in ascending expert order."""
+        outputs summed in ascending expert order. `activation` gates the experts ("silu" or "gelu_tanh");
+        `expert_scale` [E] (Gemma 4) multiplies each chosen expert's fp32 weight after renormalisation."""
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:

@@ -95,10 +95,12 @@ class ReferenceBackend:
         return ExpertsHandle(handles_gate_up, handles_down, intermediate)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
-            renormalize: bool) -> torch.Tensor:
+            renormalize: bool, *, activation: str = "silu", expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+        options = dict(activation=activation, expert_scale=expert_scale)
         if self.prefill_fp8 and x.shape[0] >= self.prefill_fp8_min_tokens:  # the GPU's grouped FP8 path: the layer's
-            return moe.moe_reference(_ExpertsOnFp8(self), x, router_logits, experts, top_k, renormalize)  # size
-        return moe.moe_reference(self, x, router_logits, experts, top_k, renormalize)
+            return moe.moe_reference(_ExpertsOnFp8(self), x, router_logits, experts, top_k, renormalize,  # size
+                                     **options)
+        return moe.moe_reference(self, x, router_logits, experts, top_k, renormalize, **options)
 
     # KV cache and attention
     def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
@@ -185,3 +187,6 @@ class _ExpertsOnFp8:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.silu_and_mul(x)
+
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.gelu_tanh_and_mul(x)

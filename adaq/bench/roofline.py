@@ -11,7 +11,7 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaq.bench.shapes import TensorSpec, head_dim, layer_windows, text_config
+from adaq.bench.shapes import TensorSpec, head_dim, layer_attention_shape, layer_windows, text_config
 from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.formats.nvfp4 import GROUP_SIZE
 
@@ -129,7 +129,7 @@ def _assemble(by_role: dict[str, int], config: dict, embedding_dtype_bytes: int)
         linear=by_role.get("linear", 0), expert=by_role.get("expert", 0), router=by_role.get("router", 0),
         lm_head=embedding if tied else by_role["lm_head"], embedding=embedding,
         embedding_row=text["hidden_size"] * embedding_dtype_bytes, norm=by_role.get("norm", 0),
-        num_experts=text.get("num_experts", 0) or 0, experts_per_token=text.get("num_experts_per_tok", 0) or 0,
+        num_experts=text.get("num_experts", 0) or 0, experts_per_token=text.get("num_experts_per_tok") or text.get("top_k_experts") or 0,
         tied=tied)
 
 
@@ -147,24 +147,30 @@ def step_weight_bytes(weights: WeightBytes, batch: int) -> float:
             + batch * weights.embedding_row)
 
 
-def kv_bytes_per_token_per_layer(config: dict, kv_cache_dtype: str) -> int:
-    """K and V of one token in one layer: head_dim values per KV head, plus the FP8 scheme's fp32 scales."""
-    text = text_config(config)
+def kv_bytes_per_token_per_layer(config: dict, kv_cache_dtype: str, layer: int = 0) -> int:
+    """K and V of one token in one layer: head_dim values per KV head, plus the FP8 scheme's fp32 scales (Gemma 4's
+    global layers have their own KV heads and head_dim)."""
+    kv_heads, dim, _ = layer_attention_shape(config, layer)
     element = KV_ELEMENT_BYTES[kv_cache_dtype]
     scale = FP8_KV_SCALE_BYTES if kv_cache_dtype == "fp8" else 0
-    return 2 * text["num_key_value_heads"] * (head_dim(config) * element + scale)
+    return 2 * kv_heads * (dim * element + scale)
+
+
+def kv_bytes_per_layer(config: dict, kv_cache_dtype: str) -> list[int]:
+    return [kv_bytes_per_token_per_layer(config, kv_cache_dtype, layer)
+            for layer in range(text_config(config)["num_hidden_layers"])]
 
 
 def decode_traffic(weights: WeightBytes, config: dict, *, batch: int, input_len: int, output_len: int,
                    kv_cache_dtype: str) -> StepTraffic:
     """Mean bytes per decode step: decode step j (1 .. output_len-1) attends over input_len + j cached tokens."""
     steps = max(output_len - 1, 1)
-    per_token = kv_bytes_per_token_per_layer(config, kv_cache_dtype)
+    per_layer = kv_bytes_per_layer(config, kv_cache_dtype)
     windows = layer_windows(config)
-    read_tokens = sum(min(input_len + step, window or input_len + step)
-                      for step in range(1, steps + 1) for window in windows)
-    kv_read = batch * per_token * read_tokens / steps
-    kv_write = batch * per_token * len(windows)
+    read_bytes = sum(per_token * min(input_len + step, window or input_len + step)
+                     for step in range(1, steps + 1) for window, per_token in zip(windows, per_layer))
+    kv_read = batch * read_bytes / steps
+    kv_write = batch * sum(per_layer)
     return StepTraffic(step_weight_bytes(weights, batch), kv_read, kv_write, batch)
 
 
@@ -173,15 +179,15 @@ def kv_cache_bytes(config: dict, kv_cache_dtype: str, tokens: int, *, num_seqs: 
     """KV bytes of an engine whose global pool holds `tokens` (num_seqs x context). With window-sized KV its
     sliding-window layers hold the sliding pool (num_seqs windows + a step of `step_tokens`, default `tokens`, plus the
     null block), never more blocks than the global layers (adaq.engine.block_manager.sliding_pool_blocks)."""
-    per_layer = kv_bytes_per_token_per_layer(config, kv_cache_dtype)
+    per_layer = kv_bytes_per_layer(config, kv_cache_dtype)
     windows = layer_windows(config)
     sliding = [window for window in windows if window]
     if not window_kv or not sliding or len(sliding) == len(windows):
-        return per_layer * len(windows) * tokens
+        return sum(per_layer) * tokens
     global_blocks = -(-tokens // block_size)
     need = sliding_pool_blocks(max(sliding), block_size, num_seqs, step_tokens or tokens)
     sliding_tokens = (min(global_blocks, need) + 1) * block_size
-    return per_layer * ((len(windows) - len(sliding)) * tokens + len(sliding) * sliding_tokens)
+    return sum(nbytes * (sliding_tokens if window else tokens) for nbytes, window in zip(per_layer, windows))
 
 
 def _safetensors_entries(folder: Path):

@@ -69,15 +69,32 @@ def text_config(config: dict) -> dict:
 
 def model_family(config: dict) -> str:
     model_type = text_config(config).get("model_type", "")
-    for family in ("qwen3_moe", "qwen3", "gemma3"):
+    for family in ("qwen3_moe", "qwen3", "gemma3", "gemma4"):
         if model_type.startswith(family):
             return family
-    raise UnsupportedArchitecture(f"bench knows Qwen3, Qwen3-MoE and Gemma3 shapes, not model_type {model_type!r}")
+    raise UnsupportedArchitecture(f"bench knows Qwen3, Qwen3-MoE, Gemma3 and Gemma4 shapes, not model_type "
+                                  f"{model_type!r}")
 
 
 def head_dim(config: dict) -> int:
     config = text_config(config)
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def is_global_gemma4(config: dict, layer: int) -> bool:
+    return (model_family(config) == "gemma4"
+            and text_config(config).get("layer_types", [])[layer:layer + 1] == ["full_attention"])
+
+
+def layer_attention_shape(config: dict, layer: int) -> tuple[int, int, bool]:
+    """(KV heads, head_dim, K used as V) of one layer: Gemma 4's global layers have their own (transformers'
+    defaults: global_head_dim 512; num_global_key_value_heads only with attention_k_eq_v)."""
+    text = text_config(config)
+    if not is_global_gemma4(config, layer):
+        return text["num_key_value_heads"], head_dim(config), False
+    k_eq_v = bool(text.get("attention_k_eq_v"))
+    heads = text.get("num_global_key_value_heads") if k_eq_v else None
+    return heads or text["num_key_value_heads"], text.get("global_head_dim", 512), k_eq_v
 
 
 def model_tensors(config: dict) -> list[TensorSpec]:
@@ -89,6 +106,7 @@ def model_tensors(config: dict) -> list[TensorSpec]:
     for layer in range(config["num_hidden_layers"]):
         specs += _attention(config, layer)
         specs += _moe(config, layer) if family == "qwen3_moe" else _mlp(config, layer)
+        specs += _gemma4_moe(config, layer) if family == "gemma4" and config.get("enable_moe_block") else []
         specs += _layer_norms(config, layer, family)
     specs.append(TensorSpec("model.norm.weight", (hidden,), "norm"))
     if not config.get("tie_word_embeddings", False):
@@ -97,11 +115,14 @@ def model_tensors(config: dict) -> list[TensorSpec]:
 
 
 def _attention(config: dict, layer: int) -> list[TensorSpec]:
-    hidden, dim = config["hidden_size"], head_dim(config)
-    q_out, kv_out = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
+    kv_heads, dim, k_eq_v = layer_attention_shape(config, layer)
+    hidden = config["hidden_size"]
+    q_out, kv_out = config["num_attention_heads"] * dim, kv_heads * dim
     prefix = f"model.layers.{layer}.self_attn"
     shapes = {"q_proj": (q_out, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden),
               "o_proj": (hidden, q_out)}
+    if k_eq_v:
+        del shapes["v_proj"]
     specs = [TensorSpec(f"{prefix}.{name}", shape, "linear", layer) for name, shape in shapes.items()]
     specs += [TensorSpec(f"{prefix}.{name}.weight", (dim,), "norm", layer) for name in ("q_norm", "k_norm")]
     return specs
@@ -117,20 +138,38 @@ def _mlp(config: dict, layer: int) -> list[TensorSpec]:
 def _moe(config: dict, layer: int) -> list[TensorSpec]:
     if layer in config.get("mlp_only_layers", []) or (layer + 1) % config.get("decoder_sparse_step", 1):
         return _mlp(config, layer)
-    hidden, inter, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    hidden, experts = config["hidden_size"], config["num_experts"]
     prefix = f"model.layers.{layer}.mlp"
-    specs = [TensorSpec(f"{prefix}.gate.weight", (experts, hidden), "router", layer)]
-    for expert in range(experts):
-        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-        specs += [TensorSpec(f"{prefix}.experts.{expert}.{name}", shape, "expert", layer)
-                  for name, shape in shapes.items()]
-    return specs
+    return [TensorSpec(f"{prefix}.gate.weight", (experts, hidden), "router", layer)] + _experts(config, prefix, layer)
+
+
+def _experts(config: dict, prefix: str, layer: int) -> list[TensorSpec]:
+    """`{prefix}.experts.{e}.{gate,up,down}_proj`, per expert as checkpoints (and llm-compressor) store them."""
+    hidden, inter = config["hidden_size"], config["moe_intermediate_size"]
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return [TensorSpec(f"{prefix}.experts.{expert}.{name}", shape, "expert", layer)
+            for expert in range(config["num_experts"]) for name, shape in shapes.items()]
+
+
+def _gemma4_moe(config: dict, layer: int) -> list[TensorSpec]:
+    """The router and experts beside Gemma 4's dense MLP."""
+    hidden, experts = config["hidden_size"], config["num_experts"]
+    prefix = f"model.layers.{layer}"
+    router = [TensorSpec(f"{prefix}.router.proj.weight", (experts, hidden), "router", layer),
+              TensorSpec(f"{prefix}.router.scale", (hidden,), "norm", layer),
+              TensorSpec(f"{prefix}.router.per_expert_scale", (experts,), "norm", layer)]
+    return router + _experts(config, prefix, layer)
 
 
 def _layer_norms(config: dict, layer: int, family: str) -> list[TensorSpec]:
     names = ["input_layernorm", "post_attention_layernorm"]
-    if family == "gemma3":
+    if family in ("gemma3", "gemma4"):
         names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    if family == "gemma4" and config.get("enable_moe_block"):
+        names += ["post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"]
+    if family == "gemma4":
+        return ([TensorSpec(f"model.layers.{layer}.{name}.weight", (config["hidden_size"],), "norm", layer)
+                 for name in names] + [TensorSpec(f"model.layers.{layer}.layer_scalar", (1,), "norm", layer)])
     return [TensorSpec(f"model.layers.{layer}.{name}.weight", (config["hidden_size"],), "norm", layer)
             for name in names]
 
@@ -139,7 +178,7 @@ def layer_windows(config: dict) -> list[int | None]:
     """The attention window of each layer (None = full attention): what the KV bytes of a decode step depend on."""
     config = text_config(config)
     layers = config["num_hidden_layers"]
-    if model_family(config) != "gemma3":
+    if model_family(config) not in ("gemma3", "gemma4"):
         window = config.get("sliding_window") if config.get("use_sliding_window") else None
         return [window] * layers
     types = config.get("layer_types") or [

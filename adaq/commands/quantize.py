@@ -15,7 +15,8 @@ def quantize(
     scheme: str = typer.Option(None, help="nvfp4a16 (weights only, default) or nvfp4 (W4A4, calibrated); "
                                           "overrides the recipe's scheme."),
     recipe: str = typer.Option(None, help="Recipe YAML in llm-compressor's shape; default: the shipped one for "
-                                          "the architecture (recipes/nvfp4a16-dense.yaml, ...-moe.yaml)."),
+                                          "the architecture (recipes/nvfp4a16-dense.yaml, ...-moe.yaml, "
+                                          "...-gemma4.yaml)."),
     method: str = typer.Option("rtn", help="rtn (ours, streamed), search (MSE scale search), search-act "
                                            "(activation-aware search), gptq (GPTQ + searched scales, most "
                                            "accurate), gptq-llmcompressor or llmcompressor (oneshot)."),

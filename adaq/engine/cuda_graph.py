@@ -190,9 +190,14 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
     if any(hasattr(module, "ssm_state") for module in model.modules()):
         return ("Gated DeltaNet layers have no graph-safe decode kernels yet (their reference ops read the state "
                 "slots on the host)")
+    kv_shapes = set()
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
             groups = module.num_heads // max(module.num_kv_heads, 1)
+            kv_shapes.add((module.num_kv_heads, module.head_dim))
+            if len(kv_shapes) > 1:
+                return ("layers of different KV shapes (Gemma 4): the narrower caches are strided views of the "
+                        "shared slot, which the attention kernels do not take")
             if module.head_dim not in ATTENTION_HEAD_DIMS:
                 return f"head_dim {module.head_dim} has no attention kernel (kernels: {ATTENTION_HEAD_DIMS})"
             if groups not in ATTENTION_GROUPS or module.num_heads % max(module.num_kv_heads, 1):

@@ -2,7 +2,8 @@
 
 The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_size, kv_heads, head_dim]` in the
 cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
-docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
+docs/ARCHITECTURE.md); layers whose KV heads or head_dim differ (Gemma 4) each see their own
+`[blocks, block_size, kv_heads, head_dim]` view inside a slot as wide as the widest layer's. On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
 fit in 1 GiB, never less than one sequence of `max_model_len` tokens. When `max_model_len` is the model's own
 (max_position_embeddings, not --max-model-len) and one sequence of it does not fit that budget, the context is
@@ -256,19 +257,22 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         self.kv_cache, self.kv_scales = _cache_tensors(self.geometry, self.num_blocks, self.device)
-        self._attach_cache(self.global_layers, self.kv_cache, self.kv_scales)
+        self._attach_cache(self.global_layers, self.kv_cache, self.kv_scales, self.geometry)
         if self.sliding_geometry is not None:
             self.sliding_kv_cache, self.sliding_kv_scales = _cache_tensors(self.sliding_geometry,
                                                                            self.num_sliding_blocks, self.device)
-            self._attach_cache(self.sliding_layers, self.sliding_kv_cache, self.sliding_kv_scales, in_sliding_pool=True)
+            self._attach_cache(self.sliding_layers, self.sliding_kv_cache, self.sliding_kv_scales,
+                               self.sliding_geometry, in_sliding_pool=True)
 
     @staticmethod
     def _attach_cache(layers: list[torch.nn.Module], kv_cache: torch.Tensor, kv_scales: torch.Tensor | None,
-                      in_sliding_pool: bool = False) -> None:
+                      geometry: "KVGeometry", in_sliding_pool: bool = False) -> None:
         for index, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = kv_cache[0, index], kv_cache[1, index]
-            layer.k_scale = None if kv_scales is None else kv_scales[0, index]
-            layer.v_scale = None if kv_scales is None else kv_scales[1, index]
+            heads = getattr(layer, "num_kv_heads", None) or geometry.num_kv_heads
+            dim = getattr(layer, "head_dim", None) or geometry.head_dim
+            layer.k_cache, layer.v_cache = (layer_view(kv_cache[kind, index], heads, dim) for kind in (0, 1))
+            layer.k_scale = None if kv_scales is None else kv_scales[0, index, ..., :heads]
+            layer.v_scale = None if kv_scales is None else kv_scales[1, index, ..., :heads]
             layer.in_sliding_pool = in_sliding_pool
 
     def _gpu_free_bytes_after_warmup(self) -> int:
@@ -299,7 +303,7 @@ class ModelRunner:
         groups = [(self.global_layers, g)] + [(self.sliding_layers, self.sliding_geometry)] * bool(self.sliding_layers)
         for layers, geometry in groups:  # no sliding tables in this context: every layer reads block 0
             dummy, dummy_scales = _cache_tensors(geometry, 1, self.device, scale=1.0)
-            self._attach_cache(layers, dummy, dummy_scales)
+            self._attach_cache(layers, dummy, dummy_scales, geometry)
         num_tokens = num_seqs * seq_len
         lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device=self.device)
         set_context(is_prefill=True, cu_seqlens_q=_offsets(lens), max_seqlen_q=seq_len, context_lens=lens,
@@ -507,9 +511,21 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _kv_geometry(model_config: dict, layers: list[torch.nn.Module], config: EngineConfig) -> KVGeometry:
-    """Cache geometry from the attention layers themselves (num_kv_heads, head_dim), else from config.json."""
+    """Cache geometry from the attention layers themselves (num_kv_heads, head_dim), else from config.json; with
+    layers of different shapes, the most KV heads and a head_dim that makes the slot as wide as the widest layer."""
     text = text_config(model_config)
     num_heads = text["num_attention_heads"]
-    head_dim = getattr(layers[0], "head_dim", None) or text.get("head_dim") or text["hidden_size"] // num_heads
-    num_kv_heads = getattr(layers[0], "num_kv_heads", None) or text.get("num_key_value_heads") or num_heads
+    default_dim = text.get("head_dim") or text["hidden_size"] // num_heads
+    default_heads = text.get("num_key_value_heads") or num_heads
+    shapes = [(getattr(layer, "num_kv_heads", None) or default_heads, getattr(layer, "head_dim", None) or default_dim)
+              for layer in layers]
+    num_kv_heads = max(heads for heads, _ in shapes)
+    head_dim = -(-max(heads * dim for heads, dim in shapes) // num_kv_heads)
     return KVGeometry(len(layers), num_kv_heads, head_dim, config.block_size, config.kv_dtype)
+
+
+def layer_view(cache: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """A layer's [blocks, block_size, heads, dim] in the first heads * dim values of each slot of `cache`."""
+    if cache.shape[-2:] == (heads, dim):
+        return cache
+    return cache.flatten(2)[..., :heads * dim].unflatten(2, (heads, dim))

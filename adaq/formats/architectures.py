@@ -14,6 +14,8 @@ MODEL_TYPES = {
     "Qwen3_5MoeForCausalLM": ("qwen3_5_moe_text", "qwen3_5_moe"),
     "Qwen3_5MoeForConditionalGeneration": ("qwen3_5_moe",),  # its text model only
     "Qwen3NextForCausalLM": ("qwen3_next",),
+    "Gemma4ForCausalLM": ("gemma4_text", "gemma4"),
+    "Gemma4ForConditionalGeneration": ("gemma4",),  # dense and MoE; its text model only
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 

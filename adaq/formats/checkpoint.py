@@ -15,6 +15,7 @@ from safetensors import safe_open
 from adaq.errors import CheckpointError
 from adaq.formats import modelopt
 from adaq.formats.consistency import bad_block_scales, check_finite, raise_problems, structure_problems
+from adaq.formats.fused_experts import per_expert_view
 from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
@@ -271,7 +272,7 @@ def open_checkpoint(path: str | Path, check: bool = True) -> Checkpoint:
     elif (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
         checkpoint = CompressedTensorsCheckpoint(path, config, index, headers)
     else:
-        checkpoint = Checkpoint(path, config, index, headers)
+        checkpoint = per_expert_view(Checkpoint(path, config, index, headers))
     if check:
         raise_problems(path, structure_problems(config, checkpoint.specs(), set(checkpoint.quantized_prefixes())))
     return checkpoint

@@ -42,6 +42,11 @@ class ModelShape:
     linear_fused: bool = False  # Qwen3-Next: in_proj_qkvz / in_proj_ba
     attention_output_gate: bool = False  # q_proj twice as wide: its second half gates the attention output
     shared_expert_intermediate: int = 0
+    # Gemma 4: its full-attention layers have their own head_dim and KV heads, and no v_proj when k_eq_v.
+    global_layers: tuple[int, ...] = ()
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    k_eq_v: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
@@ -51,6 +56,7 @@ class ModelShape:
         heads, layers = need("num_attention_heads"), need("num_hidden_layers")
         moe = moe_layer_count(text, layers)
         sliding = sliding_layer_count(text, layers)
+        gemma4 = gemma4_globals(text, layers)
         return cls(
             architecture=architecture,
             hidden=need("hidden_size"), layers=layers, heads=heads,
@@ -60,14 +66,28 @@ class ModelShape:
             tied_embeddings=text.get("tie_word_embeddings", config.get(
                 "tie_word_embeddings", TIED_BY_DEFAULT.get(architecture, False))),
             max_position=text.get("max_position_embeddings"),
-            dense_layers=layers - moe, moe_layers=moe,
+            dense_layers=layers if gemma4 else layers - moe, moe_layers=moe,  # Gemma 4: dense MLP beside experts
             experts=text.get("num_experts", 0) if moe else 0,
-            experts_per_token=text.get("num_experts_per_tok", 0) if moe else 0,
+            experts_per_token=(text.get("num_experts_per_tok") or text.get("top_k_experts") or 0) if moe else 0,
             moe_intermediate=text.get("moe_intermediate_size", 0) if moe else 0,
             sliding_window=text.get("sliding_window") if sliding else None, sliding_layers=sliding,
             shared_expert_intermediate=text.get("shared_expert_intermediate_size", 0) if moe else 0,
             **hybrid_fields(text, layers),
+            **gemma4,
         )
+
+    def attention_shape(self, layer: int | None = None) -> tuple[int, int]:
+        """(KV heads, head_dim) of a layer (None: a sliding / ordinary one)."""
+        if layer in self.global_layers:
+            return self.global_kv_heads, self.global_head_dim
+        return self.kv_heads, self.head_dim
+
+    @property
+    def kv_slot(self) -> tuple[int, int]:
+        """(KV heads, head_dim) of the engine's per-layer cache slot: as wide as the widest layer's K or V."""
+        shapes = [self.attention_shape(None)] + [self.attention_shape(layer) for layer in self.global_layers]
+        heads = max(h for h, _ in shapes)
+        return heads, -(-max(h * d for h, d in shapes) // heads)
 
     @property
     def kv_layers(self) -> int:
@@ -126,13 +146,18 @@ class ModelShape:
         """Widest MLP intermediate a token passes through in one layer (top-k experts for MoE)."""
         return max(self.dense_intermediate, self.experts_per_token * self.moe_intermediate)
 
-    def layer_linears(self) -> dict[str, tuple[int, int]]:
-        """(N, K) of each Linear of a dense layer's attention and MLP; experts are in expert_linears()."""
-        q_rows = 2 * self.q_width if self.attention_output_gate else self.q_width
+    def layer_linears(self, layer: int | None = None) -> dict[str, tuple[int, int]]:
+        """(N, K) of each Linear of a dense layer's attention and MLP (of `layer` where layers differ: Gemma 4);
+        experts are in expert_linears()."""
+        kv_heads, head_dim = self.attention_shape(layer)
+        q_width, kv_width = self.heads * head_dim, kv_heads * head_dim
+        q_rows = 2 * q_width if self.attention_output_gate else q_width
         linears = {
-            "self_attn.q_proj": (q_rows, self.hidden), "self_attn.k_proj": (self.kv_width, self.hidden),
-            "self_attn.v_proj": (self.kv_width, self.hidden), "self_attn.o_proj": (self.hidden, self.q_width),
+            "self_attn.q_proj": (q_rows, self.hidden), "self_attn.k_proj": (kv_width, self.hidden),
+            "self_attn.v_proj": (kv_width, self.hidden), "self_attn.o_proj": (self.hidden, q_width),
         }
+        if self.k_eq_v and layer in self.global_layers:
+            del linears["self_attn.v_proj"]
         if self.intermediate:
             linears |= {"mlp.gate_proj": (self.intermediate, self.hidden),
                         "mlp.up_proj": (self.intermediate, self.hidden),
@@ -145,14 +170,16 @@ class ModelShape:
 
     def expected_linear_shape(self, prefix: str) -> tuple[int, int] | None:
         """(N, K) this config gives the Linear named prefix, or None for a name it does not describe."""
-        expert = re.search(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$", prefix)
+        expert = re.search(r"\.(mlp\.)?experts\.\d+\.(gate_proj|up_proj|down_proj)$", prefix)
         if expert and self.moe_layers:
-            return self.expert_linears()[expert.group(1)]
+            return self.expert_linears()[expert.group(2)]
         hybrid = re.search(r"\.(linear_attn\.\w+|mlp\.shared_expert\.\w+)$", prefix)
         if hybrid:
             return (self.linear_attention_linears() | self.shared_expert_linears()).get(hybrid.group(1))
         attention_or_mlp = re.search(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$", prefix)
-        return self.layer_linears().get(attention_or_mlp.group(1)) if attention_or_mlp else None
+        layer = re.search(r"layers\.(\d+)\.", prefix)
+        linears = self.layer_linears(int(layer.group(1)) if layer else None)
+        return linears.get(attention_or_mlp.group(1)) if attention_or_mlp else None
 
 
 def required(config: dict, key: str) -> int:
@@ -168,6 +195,22 @@ def moe_layer_count(config: dict, layers: int) -> int:
     step = config.get("decoder_sparse_step") or 1
     dense_only = set(config.get("mlp_only_layers") or [])
     return sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+
+
+def gemma4_globals(config: dict, layers: int) -> dict:
+    """Gemma 4's global layers and their (head_dim, KV heads), from `per_layer_config` as transformers saves it or
+    from `global_head_dim` / `num_global_key_value_heads` (the latter only with attention_k_eq_v), as it reads them."""
+    if not str(config.get("model_type", "")).startswith("gemma4"):
+        return {}
+    types = config.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                          for i in range(layers)]
+    global_layers = tuple(i for i, kind in enumerate(types) if kind == "full_attention")
+    k_eq_v = bool(config.get("attention_k_eq_v"))
+    overrides = (config.get("per_layer_config") or {}).get(str(global_layers[0]) if global_layers else "", {})
+    head_dim = overrides.get("head_dim") or config.get("global_head_dim", 512)
+    kv_heads = (overrides.get("num_key_value_heads") or (config.get("num_global_key_value_heads") if k_eq_v else None)
+                or config.get("num_key_value_heads") or config["num_attention_heads"])
+    return dict(global_layers=global_layers, global_head_dim=head_dim, global_kv_heads=kv_heads, k_eq_v=k_eq_v)
 
 
 def sliding_layer_count(config: dict, layers: int) -> int:

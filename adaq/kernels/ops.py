@@ -217,15 +217,18 @@ class StackedExperts:
 
 
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: StackedExperts, top_k: int,
-                renormalize: bool, activation: str = "silu") -> torch.Tensor:
+                renormalize: bool, activation: str = "silu", expert_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode MoE: fused router, rows grouped by expert, two grouped NVFP4 GEMMs, weighted combine (<= 64 tokens
-    per call; more run in chunks)."""
+    per call; more run in chunks). `expert_scale` [E] (Gemma 4) multiplies the routing weights after the router."""
     tokens = x.shape[0]
     if tokens > MAX_DECODE_ROWS:
         return torch.cat([moe_forward(x[i:i + MAX_DECODE_ROWS], router_logits[i:i + MAX_DECODE_ROWS], experts,
-                                      top_k, renormalize, activation) for i in range(0, tokens, MAX_DECODE_ROWS)])
+                                      top_k, renormalize, activation, expert_scale)
+                          for i in range(0, tokens, MAX_DECODE_ROWS)])
     weights, ids, *align = ext().moe_route(router_logits, top_k, renormalize, min(experts.num_experts,
                                                                                tokens * top_k))
+    if expert_scale is not None:
+        weights = weights * expert_scale[ids.long()].to(weights.dtype)
     rows = tokens * top_k
     gate_up = grouped_linear(x.contiguous(), top_k, experts, "gate_up", align, rows, tokens)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)

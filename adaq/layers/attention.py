@@ -45,35 +45,46 @@ class PagedAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """q/k/v projection (fused when it can be), per-head q/k RMSNorm, RoPE, paged attention, output projection."""
+    """q/k/v projection (fused when it can be), per-head q/k RMSNorm, RoPE, paged attention, output projection.
+
+    Gemma 4 options: `value_from_key` (no v_proj: the key projection, before its norm and RoPE, is the value) and
+    `value_norm` (a scale-free RMSNorm on the values)."""
 
     def __init__(self, backend: Backend, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  inv_freq: torch.Tensor, eps: float, scale: float, unit_offset_norm: bool = False,
-                 sliding_window: int | None = None, softcap: float | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None, value_from_key: bool = False,
+                 value_norm: bool = False):
         super().__init__()
         self.backend = backend
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.qkv_proj = Linear(backend, hidden_size, [num_heads * head_dim, num_kv_heads * head_dim,
-                                                      num_kv_heads * head_dim], role="qkv_proj")
+        self.projections = "qk" if value_from_key else "qkv"
+        kv_size = num_kv_heads * head_dim
+        self.qkv_proj = Linear(backend, hidden_size, [num_heads * head_dim] + [kv_size] * (len(self.projections) - 1),
+                               role="qkv_proj")
         self.o_proj = Linear(backend, num_heads * head_dim, hidden_size, role="o_proj")
         self.q_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
         self.k_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
+        self.v_norm = RMSNorm(backend, head_dim, eps) if value_norm else None
         self.inv_freq = inv_freq  # fp32 [D/2] on the backend's device, shared by the layers of one RoPE base
         self.attn = PagedAttention(backend, num_heads, num_kv_heads, head_dim, scale, sliding_window, softcap)
 
     def load(self, reader, prefix: str) -> None:
-        names = [f"{prefix}.{p}_proj" for p in "qkv"]
+        names = [f"{prefix}.{p}_proj" for p in self.projections]
         self.qkv_proj.load([reader.linear(n) for n in names], reader.dtype, [reader.bias(n) for n in names])
         self.o_proj.load(reader.linear(f"{prefix}.o_proj"), reader.dtype, [reader.bias(f"{prefix}.o_proj")])
         self.q_norm.load(reader.tensor(f"{prefix}.q_norm.weight"), reader.dtype)
         self.k_norm.load(reader.tensor(f"{prefix}.k_norm.weight"), reader.dtype)
+        if self.v_norm is not None:  # scale-free: a unit weight
+            self.v_norm.load(torch.ones(self.head_dim), reader.dtype)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.out_sizes, dim=-1)
+        q, k, *v = self.qkv_proj(hidden).split(self.qkv_proj.out_sizes, dim=-1)
+        v = (v[0] if v else k).reshape(tokens, self.num_kv_heads, self.head_dim)
         q = self.q_norm(q.reshape(tokens, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim))
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         q, k = self.backend.rotary(q, k, positions, self.inv_freq)
         out = self.attn(q, k, v)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

@@ -1,16 +1,18 @@
-"""Sparse mixture of experts (Qwen3-MoE): softmax router, top-k experts, optional renormalised top-k weights."""
+"""Sparse mixture of experts: softmax router, top-k experts, optional renormalised top-k weights (Qwen3-MoE), and
+the experts alone for models whose router is their own (Gemma 4: a per-expert scale on the routing weights)."""
 
 import torch
 from torch import nn
 
 from adaq.backends.handles import ExpertsHandle, Weight
 from adaq.backends.interface import Backend
+from adaq.backends.numerics.activation import activation_kind
 from adaq.layers.linear import Linear
 
 
 class SparseMoE(nn.Module):
     def __init__(self, backend: Backend, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool):
+                 renormalize: bool, activation: str = "silu", router: bool = True):
         super().__init__()
         self.backend = backend
         self.hidden_size = hidden_size
@@ -18,21 +20,29 @@ class SparseMoE(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
-        self.gate = Linear(backend, hidden_size, num_experts)
+        self.activation = activation_kind(activation)
+        self.gate = Linear(backend, hidden_size, num_experts) if router else None
         self.experts: ExpertsHandle | None = None
 
     def load(self, reader, prefix: str) -> None:
         self.gate.load(reader.linear(f"{prefix}.gate"), reader.dtype)
+        self.load_experts(reader, f"{prefix}.experts")
+
+    def load_experts(self, reader, prefix: str) -> None:
+        """Per-expert weights `{prefix}.{e}.{gate,up,down}_proj`."""
         gate_up: list[list[Weight]] = []
         down: list[Weight] = []
         for e in range(self.num_experts):
-            expert = f"{prefix}.experts.{e}"
-            gate_up.append([reader.linear(f"{expert}.gate_proj"), reader.linear(f"{expert}.up_proj")])
-            down.append(reader.linear(f"{expert}.down_proj"))
+            gate_up.append([reader.linear(f"{prefix}.{e}.gate_proj"), reader.linear(f"{prefix}.{e}.up_proj")])
+            down.append(reader.linear(f"{prefix}.{e}.down_proj"))
         self.experts = self.backend.prepare_experts(gate_up, down, dtype=reader.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.moe(x, self.gate(x), self.experts, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor | None = None,
+                expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H]; router_logits [T, E] from the model's own router, else from `gate(x)`."""
+        logits = self.gate(x) if router_logits is None else router_logits
+        return self.backend.moe(x, logits, self.experts, self.top_k, self.renormalize, activation=self.activation,
+                                expert_scale=expert_scale)
 
 
 class SharedExpertMoE(SparseMoE):

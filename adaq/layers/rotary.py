@@ -4,8 +4,9 @@ import torch
 
 from adaq.errors import UnsupportedArchitecture
 
-# RoPE whose tables do not depend on the sequence length ("dynamic" and "longrope" do).
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# RoPE whose tables do not depend on the sequence length ("dynamic" and "longrope" do). "proportional" (Gemma 4's
+# global layers): the first partial_rotary_factor of the frequencies rotate, the rest are zero (cos 1, sin 0).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "proportional")
 
 
 class RopeTables:

@@ -9,6 +9,7 @@ from adaq.errors import AdaqError
 from adaq.formats.architectures import SUPPORTED_ARCHITECTURES, architecture_of
 from adaq.models.base import CausalLM, WeightReader
 from adaq.models.gemma3 import Gemma3ForCausalLM
+from adaq.models.gemma4 import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 from adaq.models.qwen3 import Qwen3ForCausalLM
 from adaq.models.qwen3_moe import Qwen3MoeForCausalLM
 from adaq.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
@@ -24,6 +25,7 @@ MODEL_CLASSES = {
     "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForCausalLM,
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
+    "Gemma4ForCausalLM": Gemma4ForCausalLM, "Gemma4ForConditionalGeneration": Gemma4ForConditionalGeneration,
 }
 # Vision-language packagings whose text model runs alone: a notice says the vision tower is ignored.
 VISION_TOWER_IGNORED = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")

@@ -1,10 +1,11 @@
 """Which tensors of a dense checkpoint are Linear weights, which of them a recipe quantizes, and which share a
 global scale — decided from tensor names and shapes alone, so that nothing is loaded to plan.
 
-Linear modules of the supported architectures: attention q/k/v/o_proj, MLP and expert gate/up/down_proj, the MoE
-router (`mlp.gate`) and lm_head (a module even when tied to the embedding, as llm-compressor lists it); in hybrid
-models (Qwen3.5, Qwen3-Next) also the Gated DeltaNet projections (`linear_attn.in_proj_*`, `out_proj`) and the
-shared expert's gate (`shared_expert_gate`).
+Linear modules of the supported architectures: attention q/k/v/o_proj, MLP and expert gate/up/down_proj (fused 3-D
+experts seen per expert, adaq.formats.fused_experts), the MoE router (`mlp.gate`, Gemma 4's `router.proj`) and lm_head
+(a module even when tied to the embedding, as llm-compressor lists it); in hybrid models (Qwen3.5, Qwen3-Next) also
+the Gated DeltaNet projections (`linear_attn.in_proj_*`, `out_proj`) and the shared expert's gate
+(`shared_expert_gate`).
 """
 
 import re
@@ -49,7 +50,14 @@ def module_order(name: str) -> tuple:
 
 def is_linear_prefix(prefix: str) -> bool:
     last = prefix.rsplit(".", 1)[-1]
-    return last in PROJECTIONS or last == "lm_head" or prefix.endswith("mlp.gate") or last in ("w1", "w2", "w3")
+    return (last in PROJECTIONS or last == "lm_head" or prefix.endswith(("mlp.gate", ".router.proj"))
+            or last in ("w1", "w2", "w3"))
+
+
+def router_modules(prefixes: list[str]) -> list[str]:
+    """Gemma 4's router modules around their `proj` Linear: compressed-tensors types any *Router class as a Linear,
+    never quantizes it (no weight of its own) and so always lists it in `ignore`, as llm-compressor's output shows."""
+    return [prefix.removesuffix(".proj") for prefix in prefixes if prefix.endswith(".router.proj")]
 
 
 def linear_prefixes(checkpoint: Checkpoint) -> list[str]:
@@ -76,10 +84,12 @@ def fused_group(prefix: str, available: set[str]) -> tuple[str, ...]:
 
 def plan_linears(checkpoint: Checkpoint, recipe: Recipe) -> LinearPlan:
     quantize, ignored = [], []
-    for prefix in linear_prefixes(checkpoint):
+    prefixes = linear_prefixes(checkpoint)
+    for prefix in prefixes:
         if not recipe.is_target(prefix):
             continue
         (ignored if recipe.is_ignored(prefix) else quantize).append(prefix)
+    ignored = sorted(ignored + router_modules(prefixes), key=module_order)
     quantize = [p for p in quantize if f"{p}.weight" in checkpoint.tensor_names()]
     if not quantize:
         raise AdaqError(f"{checkpoint.path}: the recipe ({recipe.source}) selects no Linear weights to quantize")

@@ -138,8 +138,13 @@ def is_hybrid(config: dict) -> bool:
     return "linear_attention" in (text_config.get("layer_types") or []) or model_type.startswith(HYBRID_MODEL_TYPES)
 
 
+def is_gemma4(config: dict) -> bool:
+    return config.get("model_type") in ("gemma4", "gemma4_text")
+
+
 def default_recipe(config: dict, scheme: str) -> Recipe:
     """The shipped recipe for this model: routers kept in bf16 for MoE models; for hybrid models what
-    llm-compressor's Qwen3.5 / Qwen3-Next examples keep (routers, shared-expert gates, linear attention)."""
-    kind = "hybrid" if is_hybrid(config) else "moe" if is_moe(config) else "dense"
+    llm-compressor's Qwen3.5 / Qwen3-Next examples keep (routers, shared-expert gates, linear attention); Gemma 4 as
+    llm-compressor's example (embeddings, routers, vision and audio towers kept)."""
+    kind = "hybrid" if is_hybrid(config) else "gemma4" if is_gemma4(config) else "moe" if is_moe(config) else "dense"
     return load_recipe(RECIPES_DIR / f"{scheme}-{kind}.yaml")

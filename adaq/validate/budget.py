@@ -7,6 +7,8 @@ Every figure is in bytes and follows a stated formula, so a user can redo it by 
   rounded up to KV_BLOCK_SIZE; with window-sized KV (the engine's default) sliding-window layers hold what the
   engine's sliding pool holds at max_num_seqs = batch: the lesser of that and batch × (window + 2 blocks) + one
   step's tokens, plus its null block (adaq.engine.block_manager.sliding_pool_blocks);
+  every layer's KV sits in a slot as wide as the widest layer's (Gemma 4's global layers have their own
+  kv_heads × head_dim: ModelShape.kv_slot);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
 - CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU;
 - hybrid models (Gated DeltaNet): KV only in the full-attention layers, plus the state cache, batch × every GDN
@@ -82,9 +84,11 @@ def nvfp4_linear_bytes(n: int, k: int, input_scale: bool = False) -> int:
 
 def estimate_weight_bytes(shape: ModelShape, quantized: bool = True, input_scale: bool = False) -> WeightBytes:
     """Weights from the config alone: every attention/MLP/expert Linear in NVFP4 (or bf16), the rest in bf16."""
-    attention = list(shape.layer_linears().values())[:4]
-    dense_mlp = list(shape.layer_linears().values())[4:]
-    linears = attention * shape.kv_layers + dense_mlp * shape.dense_layers
+    per_layer = [shape.layer_linears(layer) for layer in range(shape.layers)]
+    attention = [nk for layer in per_layer[:shape.kv_layers] for name, nk in layer.items()
+                 if name.startswith("self_attn.")]  # hybrid models: full-attention layers only, all alike
+    dense_mlp = [nk for name, nk in per_layer[0].items() if name.startswith("mlp.")]
+    linears = attention + dense_mlp * shape.dense_layers
     if shape.moe_layers:
         linears += [*shape.expert_linears().values()] * shape.experts * shape.moe_layers
         linears += [*shape.shared_expert_linears().values()] * shape.moe_layers
@@ -111,7 +115,8 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
 
 
 def kv_bytes_per_token_per_layer(shape: ModelShape, kv_dtype: str) -> int:
-    return 2 * shape.kv_heads * (shape.head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
+    kv_heads, head_dim = shape.kv_slot
+    return 2 * kv_heads * (head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
 
 
 def windowed_layers(shape: ModelShape, window_kv: bool) -> int:
@@ -261,6 +266,12 @@ def budget_notes(shape: ModelShape, batch: int = 1, context: int = 0, window_kv:
                  batched_tokens: int = MAX_BATCHED_TOKENS) -> list[str]:
     notes = [f"activations at up to {MAX_BATCHED_TOKENS} prefill tokens per step (never less than one prompt); "
              f"CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
+    if shape.global_layers:
+        heads, dim = shape.kv_slot
+        notes.append(f"Gemma 4: {len(shape.global_layers)} global layers (head_dim {shape.global_head_dim}, "
+                     f"{shape.global_kv_heads} KV heads{', K used as V' if shape.k_eq_v else ''}) and "
+                     f"{shape.layers - len(shape.global_layers)} others (head_dim {shape.head_dim}, {shape.kv_heads} "
+                     f"KV heads); each layer's KV slot holds {heads} heads x {dim}, the widest layer's K or V")
     if windowed_layers(shape, window_kv):
         tokens = sliding_kv_tokens(shape, batch, context, batched_tokens)
         notes.append(f"window-sized KV: the {shape.sliding_layers} sliding-window layers (window "

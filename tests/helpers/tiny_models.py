@@ -1,9 +1,11 @@
-"""Tiny random Qwen3 / Qwen3-MoE / Gemma3 / Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoints for CPU tests.
+"""Tiny random Qwen3 / Qwen3-MoE / Gemma3 / Gemma4 (dense, MoE) / Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoints for
+CPU tests.
 
 `make_checkpoint(arch, folder, scheme)` writes three folders under `folder`:
 - `dense/`: the random model as transformers saves it (fp32);
 - `nvfp4/`: a compressed-tensors NVFP4 (scheme "nvfp4a16") or W4A4 (scheme "nvfp4") checkpoint of it, q/k/v and
-  gate/up sharing their global scales as llm-compressor writes them;
+  gate/up sharing their global scales as llm-compressor writes them (fused 3-D experts written per expert, as
+  llm-compressor linearizes them);
 - `decompressed/`: the dense model with every quantized Linear replaced by its exact dequantized weight, i.e. what
   transformers' forward on the decompressed weights should equal.
 """
@@ -16,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaq.formats import nvfp4
+from adaq.formats.fused_experts import expert_slices, split_experts
 
 VOCAB = 256
 
@@ -38,6 +41,20 @@ CONFIGS = {
         attn_logit_softcapping=2.0, rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}),
+    # 5 sliding layers (head_dim 16, 2 KV heads) and 1 global (global_head_dim 32, proportional RoPE); the dense one
+    # has k_eq_v global layers with 1 KV head, the MoE one a v_proj on every layer.
+    "gemma4": dict(
+        architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=VOCAB, final_logit_softcapping=30.0,
+        max_position_embeddings=512),
+    "gemma4_moe": dict(
+        architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        global_head_dim=32, attention_k_eq_v=False, sliding_window=8, hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=VOCAB, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32, final_logit_softcapping=30.0, max_position_embeddings=512),
 }
 HYBRID = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -54,19 +71,24 @@ CONFIGS |= {
 HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 # What llm-compressor's Qwen3.5 / Qwen3-Next NVFP4 examples keep in bf16.
 HYBRID_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$", "re:.*linear_attn.*"]
+GEMMA = ("gemma3", "gemma4", "gemma4_moe")
+GEMMA4 = ("gemma4", "gemma4_moe")
+# Gemma 4 attends with scale 1.0 on unit-RMS q and k: q/k norm weights of 0.3 keep the scores' spread near what
+# 1/sqrt(head_dim) gives, so a bf16 KV cache moves the logits by less than 1e-3 of their max.
+GEMMA4_QK_NORM = 0.3
 
 # Weight spread per architecture: large enough that attention, RoPE and routing matter, small enough that the
 # logits are not chaotic (a bf16 KV cache moves them by less than 1e-3 of their max). Gemma's post-norms keep
 # its activations at unit scale whatever the weights; a wide router keeps top-k choices away from near-ties.
-LINEAR_STD = {"qwen3": 0.06, "qwen3_moe": 0.06, "gemma3": 0.15, "qwen3_5": 0.06, "qwen3_5_moe": 0.06,
-              "qwen3_next": 0.06}
+LINEAR_STD = {"qwen3": 0.06, "qwen3_moe": 0.06, "gemma3": 0.15, "gemma4": 0.15, "gemma4_moe": 0.15, "qwen3_5": 0.06,
+              "qwen3_5_moe": 0.06, "qwen3_next": 0.06}
 # Gated DeltaNet parameters that are not Linear weights: (mean, std) of their random values.
 GDN_PARAMS = {"conv1d.weight": (0.0, 0.4), "A_log": (0.0, 0.5), "dt_bias": (1.0, 0.3),
               "linear_attn.norm.weight": (1.0, 0.1)}
 ROUTER_STD = 0.5
 
-QUANTIZED = re.compile(
-    r".*layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_expert\.)?(gate|up|down)_proj)\.weight$")
+QUANTIZED = re.compile(r".*layers\.\d+\.(self_attn\.[qkvo]_proj|(mlp\.)?(experts\.\d+\.|shared_expert\.)?(gate|up|down)_proj)"
+                       r"\.weight$")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -90,15 +112,22 @@ def random_model(arch: str, seed: int = 0, **overrides):
                 param.normal_(*gdn)
             elif "norm" in name and arch in HYBRIDS:  # (1 + w) norms
                 param.normal_(0.0, 0.1)
-            elif "norm" in name:
-                offset = 0.0 if arch == "gemma3" else 1.0  # Gemma's norms are (1 + w)
+            elif "norm" in name or name.endswith(("router.scale", "per_expert_scale")):
+                offset = 0.0 if arch == "gemma3" else 1.0  # Gemma 3's norms are (1 + w)
                 param.copy_(offset + 0.1 * torch.randn_like(param))
+                if arch in GEMMA4 and name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.mul_(GEMMA4_QK_NORM)
             elif "embed_tokens" in name:
-                param.normal_(0, 0.5 if arch == "gemma3" else 1.0)
+                param.normal_(0, 1.0 if arch not in GEMMA or arch in GEMMA4 else 0.5)
             elif name.endswith("mlp.gate.weight"):
                 param.normal_(0, ROUTER_STD)
+            elif name.endswith("router.proj.weight"):  # its input is scaled by hidden^-0.5
+                param.normal_(0, 3 * ROUTER_STD * model.config.hidden_size ** 0.5)
             else:
                 param.normal_(0, LINEAR_STD[arch])
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -161,11 +190,12 @@ def make_checkpoint(arch: str, folder: Path, scheme: str = "nvfp4a16", seed: int
     model = random_model(arch, seed, **overrides)
     model.save_pretrained(folder / "dense")
     config = json.loads((folder / "dense" / "config.json").read_text())
-    state = load_file(folder / "dense" / "model.safetensors")
+    fused = load_file(folder / "dense" / "model.safetensors")
+    state = {k: v for name, tensor in fused.items() for k, v in split_experts(name, tensor).items()}
     quantized_names = [n for n in state if QUANTIZED.match(n)]
     packed, decompressed = {}, dict(state)
     for group in sibling_groups(quantized_names):
-        for name, weight in quantize_group({n: state[n] for n in group}).items():
+        for name, weight in quantize_group({n: state[n] for n in group if n in state}).items():
             prefix = name.removesuffix(".weight")
             del decompressed[name]
             decompressed[name] = nvfp4.dequantize(weight, torch.float32)
@@ -178,5 +208,18 @@ def make_checkpoint(arch: str, folder: Path, scheme: str = "nvfp4a16", seed: int
     ignore = HYBRID_IGNORE if arch in HYBRIDS else ["lm_head", "re:.*mlp.gate$"]
     write_folder(folder / "nvfp4", {**kept, **packed}, {**config, "quantization_config":
                                                         quantization_config(scheme, ignore)})
-    write_folder(folder / "decompressed", decompressed, config)
+    write_folder(folder / "decompressed", fuse_experts(decompressed, fused), config)
     return folder
+
+
+def fuse_experts(state: dict[str, torch.Tensor], fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert weights back into the fused tensors of `fused` (the layout transformers loads)."""
+    out = dict(state)
+    for name, tensor in fused.items():
+        slices = expert_slices(name, tuple(tensor.shape))
+        if slices:
+            whole = tensor.clone()
+            for part, (e, start, end) in slices.items():
+                whole[e, start:end] = out.pop(part)
+            out[name] = whole
+    return out
