@@ -11,7 +11,7 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaq.bench.shapes import TensorSpec, head_dim, layer_attention_shape, layer_windows, text_config
+from adaq.bench.shapes import TensorSpec, layer_attention_shape, layer_windows, text_config
 from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.formats.nvfp4 import GROUP_SIZE
 
