@@ -136,7 +136,15 @@ def _bundled_names() -> list[str]:
     return bundled_names()
 
 
-@pytest.mark.parametrize("name", _bundled_names())
+# Bench configs whose decode cannot be captured yet, and why (each an xfail that must keep failing until fixed).
+NO_GRAPHS_YET = {name: "Gemma 4's global layers: head_dim 512 and KV shapes unlike the sliding layers' have no "
+                       "attention kernel yet (decode runs eagerly, reported as a fallback)"
+                 for name in ("gemma4-31b", "gemma4-26b-a4b")}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(reason=NO_GRAPHS_YET[name], strict=True)) if name in NO_GRAPHS_YET
+    else name for name in _bundled_names()])
 def test_every_bench_config_captures_under_strict(name):
     from adaq.backends import get_backend
     from adaq.backends.fallbacks import Fallbacks
