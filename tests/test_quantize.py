@@ -207,7 +207,7 @@ def test_gguf_source_is_dequantized_into_scratch_and_removed(monkeypatch, tiny_q
 def test_demo_source_alias(monkeypatch, tiny_gemma3, tiny_nvfp4, tmp_path):
     import adaq.demo
 
-    monkeypatch.setattr(adaq.demo, "gemma3_270m_folder", lambda: tiny_gemma3)
+    monkeypatch.setitem(adaq.demo.DEMOS, "gemma3-270m", lambda: tiny_gemma3)
     quantize_model("demo:gemma3-270m", tmp_path / "out", device="cpu")
     assert_same_tensors(tmp_path / "out", tiny_nvfp4("gemma3"))
 

@@ -76,8 +76,6 @@ def serve(
                         "give a CHECKPOINT folder (or --synthetic NAME --tokenizer FOLDER)")
     else:
         load_engine = None
-    if not 0 <= port <= 65535:
-        raise AdaqError(f"invalid setting --port {port}: must be 0-65535 (0: any free port)")
 
     from adaq.engine.config import EngineConfig
     from adaq.backends.prefill_route import select_path
