@@ -192,6 +192,7 @@ def test_bench_rows_have_a_fallback_column_and_strict_bench_fails(tmp_path, monk
     from adaq.errors import AdaqError
 
     monkeypatch.delenv("ADAQ_STRICT", raising=False)
+    monkeypatch.setenv("COLUMNS", "250")  # rich folds cells to the terminal's width (80 when none)
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY_QWEN3))
     args = ["bench", "--synthetic", str(config), "--batch", "1,2", "--input-len", "4", "--output-len", "2",

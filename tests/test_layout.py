@@ -1,7 +1,8 @@
 """The package's floors: data flows checkpoint -> model -> engine -> kernels, and no folder imports one above it.
 
 formats < kernels < backends < layers < models < engine < {quant, validate, bench, eval, serve} < commands.
-`adaq.errors` sits under every floor; `adaq.demo` (the embedded checkpoint's source) sits with formats.
+`adaq.errors` sits under every floor; `adaq.demo` (the embedded checkpoint's source) sits with formats;
+`adaq.tables` (rich tables that fold to the terminal) with the tools that render.
 """
 
 import ast
@@ -18,7 +19,7 @@ FLOORS = {
     "layers": 3,
     "models": 4,
     "engine": 5,
-    "quant": 6, "validate": 6, "bench": 6, "eval": 6, "serve": 6,
+    "quant": 6, "validate": 6, "bench": 6, "eval": 6, "serve": 6, "tables": 6,
     "commands": 7, "cli": 7, "__main__": 7, "__init__": 7,
 }
 FLOOR_NAMES = {0: "formats", 1: "kernels", 2: "backends", 3: "layers", 4: "models", 5: "engine", 6: "tools",

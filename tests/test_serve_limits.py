@@ -202,7 +202,7 @@ def test_no_key_on_a_public_address_warns_and_a_bad_port_is_one_line(hostile_che
     result = run_cli_env({}, "serve", str(hostile_checkpoint), "--host", "0.0.0.0", "--port", "-1")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "warning: serving on 0.0.0.0 without --api-key" in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "error: invalid setting --port -1: must be in 0..65535 (0: any " \
+    assert result.stderr.strip().splitlines()[-1] == "error: invalid setting --port -1: must be 0-65535 (0: any " \
                                                       "free port)"
 
 

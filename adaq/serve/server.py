@@ -53,7 +53,7 @@ class Listening:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads so that a busy port fails at once."""
     if not 0 <= port <= 65535:
-        raise AdaqError(f"invalid setting --port {port}: must be in 0..65535 (0: any free port)")
+        raise AdaqError(f"invalid setting --port {port}: must be 0-65535 (0: any free port)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
