@@ -78,7 +78,7 @@ def mmlu_pro(
     json_path: str = typer.Option(None, "--json", help="write the results as JSON to this file"),
     runner: str = typer.Option("engine", help=RUNNER_HELP),
     backend: str = typer.Option(None, help="engine backend: auto, reference, cuda"),
-    kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8 or bf16"),
+    kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8, nvfp4 or bf16"),
     dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     max_model_len: int = typer.Option(None, help="context length for the engine"),
     batch_size: int = typer.Option(64, help="requests handed to the engine at once"),
@@ -125,7 +125,7 @@ def ppl(
     json_path: str = typer.Option(None, "--json", help="write the results as JSON to this file"),
     runner: str = typer.Option("engine", help=RUNNER_HELP),
     backend: str = typer.Option(None, help="engine backend: auto, reference, cuda"),
-    kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8 or bf16"),
+    kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8, nvfp4 or bf16"),
     dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     batch_size: int = typer.Option(8, help="windows handed to the engine at once"),
 ):

@@ -1,8 +1,9 @@
 """Runs the model for one scheduled batch: packs the tokens, sets the step context, owns the KV cache.
 
 The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_size, kv_heads, head_dim]` in the
-cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
-docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
+cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]`; NVFP4 rows are
+`head_dim / 2 + head_dim / 16` bytes (uint8) with one uint8 E8M0 exponent per (token, head) in the scale tensor (the
+schemes are in docs/ARCHITECTURE.md). On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
 fit in 1 GiB, never less than one sequence of `max_model_len` tokens.
 
@@ -18,6 +19,7 @@ import torch
 
 from adaq.engine.config import EngineConfig, text_config
 from adaq.backends.context import reset_context, set_context
+from adaq.backends.numerics.attention import NVFP4_KV_DTYPE, NVFP4_KV_EXP_BIAS, nvfp4_kv_row_bytes
 from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
@@ -37,12 +39,29 @@ class KVGeometry:
     dtype: torch.dtype
 
     @property
+    def nvfp4(self) -> bool:
+        return self.dtype == NVFP4_KV_DTYPE
+
+    @property
     def has_scales(self) -> bool:
-        return self.dtype == torch.float8_e4m3fn
+        return self.dtype == torch.float8_e4m3fn or self.nvfp4
+
+    @property
+    def row_width(self) -> int:
+        """Last dimension of the cache: head_dim values, or an NVFP4 row's bytes (values, then block scales)."""
+        return nvfp4_kv_row_bytes(self.head_dim) if self.nvfp4 else self.head_dim
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """fp32 per (token, head) for FP8, the E8M0 exponent byte for NVFP4."""
+        return torch.uint8 if self.nvfp4 else torch.float32
+
+    def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.row_width)
 
     def bytes_per_block(self) -> int:
-        values = self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        scales = self.num_kv_heads * 4 if self.has_scales else 0
+        values = self.num_kv_heads * self.row_width * self.dtype.itemsize
+        scales = self.num_kv_heads * self.scale_dtype.itemsize if self.has_scales else 0
         return 2 * self.num_layers * self.block_size * (values + scales)
 
 
@@ -135,9 +154,9 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         g = self.geometry
-        shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
+        shape = g.cache_shape(num_blocks)
         self.kv_cache = torch.zeros(shape, dtype=g.dtype, device=self.device)
-        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if g.has_scales else None
+        self.kv_scales = torch.zeros(shape[:-1], dtype=g.scale_dtype, device=self.device) if g.has_scales else None
         self._attach_cache(self.kv_cache, self.kv_scales)
 
     def _attach_cache(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
@@ -171,9 +190,10 @@ class ModelRunner:
         num_seqs = max(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens))
         seq_len = max(1, min(self.config.max_num_batched_tokens // num_seqs, self.max_model_len))
         g = self.geometry
-        dummy = torch.zeros((2, g.num_layers, 1, g.block_size, g.num_kv_heads, g.head_dim), dtype=g.dtype,
-                            device=self.device)
-        dummy_scales = torch.ones(dummy.shape[:-1], device=self.device) if g.has_scales else None
+        dummy = torch.zeros(g.cache_shape(1), dtype=g.dtype, device=self.device)
+        unit = NVFP4_KV_EXP_BIAS if g.nvfp4 else 1  # a scale of 1 (E8M0 127 = 2^0)
+        dummy_scales = torch.full(dummy.shape[:-1], unit, dtype=g.scale_dtype, device=self.device) \
+            if g.has_scales else None
         self._attach_cache(dummy, dummy_scales)
         num_tokens = num_seqs * seq_len
         lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device=self.device)

@@ -42,6 +42,17 @@ NVFP4_KV_EXP_BIAS = 127  # E8M0: stored byte b means 2^(b - 127)
 NVFP4_KV_EXP_MIN, NVFP4_KV_EXP_MAX = -100, 100  # far from fp32's limits: 2^e * e4m3 * e2m1 never under/overflows
 
 
+def kv_bytes_per_token_head(kv_cache_dtype: str, head_dim: int) -> int:
+    """Bytes of one token's K (or V) for one KV head, scales included: bf16 2D, fp8 D + 4 (fp32 scale), nvfp4
+    D/2 + D/16 + 1 (E8M0 exponent)."""
+    if kv_cache_dtype == "nvfp4":
+        return nvfp4_kv_row_bytes(head_dim) + 1
+    return {"bf16": 2 * head_dim, "fp8": head_dim + 4}[kv_cache_dtype]
+
+
+KV_CACHE_DTYPE_NAMES = ("fp8", "bf16", "nvfp4")
+
+
 def nvfp4_kv_row_bytes(head_dim: int) -> int:
     """Bytes of one (token, head) row of an NVFP4 cache: D/2 of E2M1 pairs + D/16 E4M3 block scales."""
     if head_dim % GROUP_SIZE:
