@@ -71,9 +71,10 @@ def is_nvfp4(cache: torch.Tensor) -> bool:
 def nvfp4_kv_exponent(amax: torch.Tensor) -> torch.Tensor:
     """The smallest e with amax / 2^e <= 6 * 448 (int32, clamped to [-100, 100]): the token's largest block then has
     an E4M3 scale in [224, 448] and every block down to 2^-15 of it keeps a normal E4M3 scale."""
-    mantissa, exponent = torch.frexp(amax.float() / (FP4_MAX * FP8_MAX))  # r = m * 2^k, m in [0.5, 1)
+    ratio = amax.float() / (FP4_MAX * FP8_MAX)
+    mantissa, exponent = torch.frexp(ratio)  # r = m * 2^k, m in [0.5, 1)
     e = torch.where(mantissa == 0.5, exponent - 1, exponent)  # r exactly 2^(k-1)
-    e = torch.where(amax > 0, e, torch.full_like(e, NVFP4_KV_EXP_MIN))
+    e = torch.where(ratio > 0, e, torch.full_like(e, NVFP4_KV_EXP_MIN))  # 0, or amax so small the ratio is 0
     return e.clamp(NVFP4_KV_EXP_MIN, NVFP4_KV_EXP_MAX)
 
 
