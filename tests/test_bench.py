@@ -86,6 +86,11 @@ def test_qwen3_8b_decode_step_roofline_by_hand(qwen3_8b):
                                       kv_cache_dtype="fp8")
     assert batch16.weights - traffic.weights == 15 * 4096 * 2
     assert batch16.kv_read == pytest.approx(16 * traffic.kv_read)
+    # NVFP4 KV: 128 / 2 bytes of E2M1 + 8 E4M3 block scales + 1 E8M0 exponent per (token, head), for K and for V
+    nvfp4 = roofline.decode_traffic(quantized, config, batch=16, input_len=8192, output_len=2, kv_cache_dtype="nvfp4")
+    fp8 = roofline.decode_traffic(quantized, config, batch=16, input_len=8192, output_len=2, kv_cache_dtype="fp8")
+    assert nvfp4.kv_read == pytest.approx(16 * 2 * 8 * 73 * 36 * 8193)
+    assert fp8.kv_read / nvfp4.kv_read == pytest.approx(132 / 73)
 
 
 def test_moe_step_reads_only_routed_experts():

@@ -111,15 +111,16 @@ def test_batch_invariance_with_preemption(checkpoints):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
-def test_fp8_kv_cache_error_is_bounded(checkpoints, arch, capsys):
+def test_fp8_and_nvfp4_kv_cache_error_is_bounded(checkpoints, arch, capsys):
     """Teacher-forced logits at 53 positions (prefill in chunks of 8, so most keys come from the cache) against
     transformers in fp32 with an unrounded cache: E4M3 keeps 3 mantissa bits to bf16's 8, so its error may be up
-    to 2^5 times bf16's (twice that as slack), and stays under an absolute bound."""
+    to 2^5 times bf16's (twice that as slack), and stays under an absolute bound. NVFP4 (E2M1: 1 mantissa bit,
+    ~9 % RMS per row against E4M3's ~2.5 %) may be up to 8x FP8's and under 0.25 of max |logit|."""
     folder = checkpoints[arch]
     tokens = PROMPT + [(31 * i + 7) % 240 + 1 for i in range(40)]
     reference = transformers_logits(folder / "decompressed", tokens, kv_bf16=False)[:-1]
     errors, agreement = {}, {}
-    for kv_dtype in ("bf16", "fp8"):
+    for kv_dtype in ("bf16", "fp8", "nvfp4"):
         llm = make_llm(folder / "nvfp4", kv_cache_dtype=kv_dtype, max_num_batched_tokens=8)
         rows = record_logits(llm)
         llm.prompt_logprobs([tokens])
@@ -128,10 +129,12 @@ def test_fp8_kv_cache_error_is_bounded(checkpoints, arch, capsys):
         agreement[kv_dtype] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     with capsys.disabled():
         print(f"\n{arch}: max |dlogit| / max |logit| against transformers fp32: bf16 KV {errors['bf16']:.2e}, "
-              f"fp8 KV {errors['fp8']:.2e}; top-1 agreement bf16 {agreement['bf16']:.1%}, fp8 {agreement['fp8']:.1%}")
+              f"fp8 KV {errors['fp8']:.2e}, nvfp4 KV {errors['nvfp4']:.2e}; top-1 agreement bf16 "
+              f"{agreement['bf16']:.1%}, fp8 {agreement['fp8']:.1%}, nvfp4 {agreement['nvfp4']:.1%}")
     assert errors["bf16"] <= 1e-2
     assert errors["bf16"] < errors["fp8"] <= min(64 * errors["bf16"], 0.15)
-    assert agreement["fp8"] >= 0.9
+    assert errors["fp8"] < errors["nvfp4"] <= min(8 * errors["fp8"], 0.25)
+    assert agreement["fp8"] >= 0.9 and agreement["nvfp4"] >= 0.75
 
 
 def test_prompt_logprobs_match_transformers(checkpoints):
@@ -350,3 +353,20 @@ def test_gpu_cache_sizing_and_greedy_parity(tmp_path):
     prompts = [PROMPT, PROMPT[:3], PROMPT * 3]
     on_gpu = [out.token_ids for out in gpu.generate(prompts, greedy(32))]
     assert on_gpu == [out.token_ids for out in cpu.generate(prompts, greedy(32))]
+
+
+def test_nvfp4_kv_cache_geometry_and_tokens_per_gib(checkpoints):
+    """The engine's NVFP4 cache: uint8 rows of D/2 + D/16 bytes and a uint8 exponent per (token, head); a block
+    costs 73/132 of FP8's at D = 128, so >= 1.8x the tokens per GiB (tiny qwen3: D = 16, 10 bytes against 20)."""
+    llm = make_llm(checkpoints["qwen3"] / "nvfp4", kv_cache_dtype="nvfp4", kv_cache_memory="1MiB")
+    runner = llm.engine.runner
+    g = runner.geometry
+    assert runner.kv_cache.dtype == torch.uint8 and runner.kv_cache.shape[-1] == g.head_dim // 2 + g.head_dim // 16
+    assert runner.kv_scales.dtype == torch.uint8 and runner.kv_scales.shape == runner.kv_cache.shape[:-1]
+    per_token_head = g.head_dim // 2 + g.head_dim // 16 + 1
+    assert g.bytes_per_block() == 2 * g.num_layers * g.block_size * g.num_kv_heads * per_token_head
+    fp8 = make_llm(checkpoints["qwen3"] / "nvfp4", kv_cache_dtype="fp8", kv_cache_memory="1MiB").engine.runner
+    assert fp8.geometry.bytes_per_block() / g.bytes_per_block() == (g.head_dim + 4) / per_token_head
+    assert runner.num_blocks >= 1.8 * fp8.num_blocks
+    out = llm.generate([PROMPT], greedy(8))[0]
+    assert len(out.token_ids) == 8

@@ -288,3 +288,102 @@ def test_graph_safety_follows_kernel_coverage():
     mixed = Model(32, 8, 128)
     mixed.other = PagedAttention(None, 32, 4, 256, 1.0)  # both kernel shapes, but one is a strided view of the slot
     assert not graph_safe(mixed)
+
+
+# ---- NVFP4 KV cache: the kernels' instantiations and their arithmetic, emulated bit for bit on the CPU ------------
+
+@needs_nvcc
+def test_nvfp4_kv_kernels_exist(report):
+    """Store per head dim; decode (QT 1) and prefill (QT > 1) attention with NV4 = true for every head dim and
+    group (tiles per csrc/attention.cu visit_attention_nv4 / visit_prefill_nv4); none spills (checked above)."""
+    names = report["sources"]["attention.cu"]["kernels"]
+    for dim in (64, 128, 256):
+        assert any(f"store_kv_nvfp4_kernelILi{dim}E" in n for n in names), dim
+    tiles = {(64, g): 4 for g in (1, 2, 4, 8)} | {(128, g): 4 for g in (1, 2, 8)} | {(128, 4): 2} \
+        | {(256, g): 1 for g in (1, 2, 4, 8)}
+    for (dim, group), t in tiles.items():
+        name = f"paged_attention_mma_kernelILi{dim}ELi{group}ELi{t}ELb1ELi1ELb1E"
+        assert any(name in n for n in names), name
+    for dim, group, t, queries in ((64, 1, 2, 16), (128, 4, 2, 4), (128, 8, 2, 2), (256, 4, 1, 2)):
+        name = f"paged_attention_mma_kernelILi{dim}ELi{group}ELi{t}ELb1ELi{queries}ELb1E"
+        assert any(name in n for n in names), name
+
+
+def e2m1x2_to_f16x2(x: torch.Tensor) -> torch.Tensor:
+    """csrc/attention.cu e2m1x2_to_f16x2 on int64 words: two f16 per word (low half first)."""
+    bits = ((x & 0x7) << 9) | ((x & 0x8) << 12) | ((x & 0x70) << 21) | ((x & 0x80) << 24)
+    return _u16_to_f16(torch.stack([bits & 0xFFFF, bits >> 16], dim=-1))
+
+
+def _u16_to_f16(halves: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(halves >= 0x8000, halves - 0x10000, halves).to(torch.int16)
+    return signed.view(torch.float16)
+
+
+def test_e2m1_to_f16_bit_trick_is_exact_for_every_byte():
+    """Every byte (two E2M1 codes) becomes f16 pairs equal to e2m1 * 2^-14 (subnormal f16 for +-0.5 * 2^-14)."""
+    byte = torch.arange(256, dtype=torch.int64)
+    pairs = e2m1x2_to_f16x2(byte).double() * 2.0 ** 14
+    expected = torch.stack([nvfp4.e2m1_decode(byte & 0xF), nvfp4.e2m1_decode(byte >> 4)], dim=-1).double()
+    assert torch.equal(pairs, expected)
+    assert torch.equal(torch.signbit(pairs), ((byte[:, None] >> torch.tensor([3, 7])) & 1).bool())  # -0 kept
+
+
+def test_e2m1_times_block_scale_is_exact_in_f16():
+    """mul.rn.f16x2(e2m1 * 2^-14, s * 2^7) = e2m1 * s * 2^-7 exactly for every code and every finite positive E4M3
+    scale, subnormals included (emulated with torch's f16 multiply: fp32 product, one rounding to f16)."""
+    codes = torch.arange(16, dtype=torch.int64)
+    values = _u16_to_f16(((codes & 7) << 9) | ((codes & 8) << 12))  # the low half of the trick
+    scale_bytes = torch.arange(1, 0x7F, dtype=torch.uint8)  # 0x7F is NaN
+    scales = scale_bytes.view(torch.float8_e4m3fn).to(torch.float16) * 128  # nv4_scales_f16x2: exact (<= 57344)
+    assert torch.isfinite(scales).all()
+    product = (values[:, None].float() * scales[None, :].float()).to(torch.float16)  # one rounding, as mul.rn.f16
+    exact = nvfp4.e2m1_decode(codes).double()[:, None] * scale_bytes.view(torch.float8_e4m3fn).double()[None, :] \
+        * 2.0 ** -7
+    assert torch.equal(product.double(), exact)
+
+
+def test_v_nibble_regrouping_pairs_keys_per_dim():
+    """The V path's masks: from bytes x (key 2c) and y (key 2c+1), byte 0 pairs their dim 2i (low nibbles), byte 1
+    their dim 2i + 1 (high nibbles), low nibble = key 2c."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 2**32, (1000,), dtype=torch.int64, generator=gen) for _ in range(2))
+    for i in range(4):
+        xb, yb = (x >> (8 * i)) & 0xFF, (y >> (8 * i)) & 0xFF
+        low = (xb & 0x0F) | ((yb & 0x0F) << 4)
+        high = ((xb >> 4) & 0x0F) | (yb & 0xF0)
+        assert torch.equal(low & 0xF, xb & 0xF) and torch.equal(low >> 4, yb & 0xF)
+        assert torch.equal(high & 0xF, xb >> 4) and torch.equal(high >> 4, yb >> 4)
+
+
+def kernel_e2m1_encode(q: torch.Tensor) -> torch.Tensor:
+    """csrc/attention.cu e2m1_encode: comparisons against the midpoints, the reference's tie rule."""
+    a = q.abs()
+    code = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int() + (a > 2.5).int()
+            + (a >= 3.5).int() + (a > 5.0).int())
+    return (code | torch.where(q < 0, 8, 0)).to(torch.uint8)
+
+
+def test_store_kernel_encode_matches_the_reference_codec():
+    """Midpoints, their fp32 neighbours, saturation, signed zeros and random values: the kernel's comparisons give
+    adaq.formats.nvfp4.e2m1_encode's codes."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30, 0.0])
+    near = torch.cat([mids, torch.nextafter(mids, torch.zeros_like(mids)), torch.nextafter(mids, mids + 1)])
+    q = torch.cat([near, -near, torch.tensor([-0.0]), torch.randn(100000) * 3])
+    assert torch.equal(kernel_e2m1_encode(q), nvfp4.e2m1_encode(q))
+
+
+def kernel_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """csrc/attention.cu nvfp4_kv_exponent from the fp32 bits of amax / 2688."""
+    bits = (amax.float() / 2688.0).view(torch.int32).long()
+    biased = bits >> 23
+    e = biased - 127 + ((bits & 0x7FFFFF) != 0).long()
+    return torch.where(biased == 0, torch.full_like(e, -100), e.clamp(-100, 100))
+
+
+def test_store_kernel_exponent_matches_the_reference():
+    from adaq.backends.numerics.attention import nvfp4_kv_exponent
+
+    amax = torch.cat([torch.tensor([0.0, 2688.0, 2688.0 * 2, 2688.0 * 2 ** -50, 1e-38, 1e-45, 3e38, 6.0]),
+                      torch.exp2(torch.rand(10000) * 200 - 100), torch.rand(1000) * 1e4])
+    assert torch.equal(kernel_exponent(amax), nvfp4_kv_exponent(amax).long())

@@ -7,7 +7,8 @@ from adaq.backends.context import Context
 from adaq.errors import AdaqError
 from adaq.formats import nvfp4
 from adaq.backends import get_backend
-from adaq.backends.numerics.attention import dequantize_kv_fp8, quantize_kv_fp8, store_kv_reference
+from adaq.backends.numerics.attention import (dequantize_kv_fp8, dequantize_kv_nvfp4, nvfp4_kv_row_bytes,
+                                             quantize_kv_fp8, quantize_kv_nvfp4, store_kv_reference)
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats.nvfp4 import quantize_activation_nvfp4
 from adaq.layers.linear import Linear
@@ -103,6 +104,68 @@ def test_fp8_kv_rounding_is_per_token_and_head():
     assert (stored.float().abs().amax(-1)[amax > 0] == 448).all()
 
 
+def test_nvfp4_kv_rounding_is_two_level_per_token_and_head():
+    """E8M0 exponent per (token, head) puts the row's amax at <= 6 * 448; E4M3 scale per 16; E2M1 codes."""
+    x = torch.randn(6, 3, 64) * torch.tensor([1e-3, 1.0, 300.0])[None, :, None]
+    x[2, 1] = 0
+    x[4, 0, 16:32] *= 1e-4  # a block far below the row's max keeps a normal E4M3 scale
+    rows, exponent = quantize_kv_nvfp4(x)
+    assert rows.dtype == torch.uint8 and rows.shape == (6, 3, nvfp4_kv_row_bytes(64)) == (6, 3, 36)
+    assert exponent.dtype == torch.uint8 and exponent.shape == (6, 3)
+    e = exponent.int() - 127
+    amax = x.abs().amax(-1)
+    live = amax > 0
+    pow2 = torch.ldexp(torch.ones_like(amax), e)
+    assert (amax[live] / pow2[live] <= 2688).all() and (amax[live] / pow2[live] > 1344).all()
+    assert e[2, 1] == -100
+    scales = rows[..., 32:].contiguous().view(torch.float8_e4m3fn).float()
+    assert (scales.amax(-1)[live] >= 224).all() and (scales <= 448).all()
+    restored = dequantize_kv_nvfp4(rows, exponent)
+    assert (restored[2, 1] == 0).all()
+    # E2M1 keeps 1 mantissa bit: within half a step of the block's grid, the step at most s * 2^e (values 4..6);
+    # the scale's own E4M3 rounding (1/16) can push the block max past 6 * s: saturation costs at most amax / 16.
+    step = (scales * pow2[..., None]).repeat_interleave(16, dim=-1)
+    assert ((restored - x).abs() <= step + x.abs() / 16 + 1e-30).all()
+    block_err = ((restored - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-30))[live]
+    assert block_err.max() < 0.15  # ~9% RMS for Gaussian rows (FP8: ~2.5%)
+    small = x[4, 0, 16:32]
+    # the tiny block is quantized on its own scale, not flushed to 0
+    assert (restored[4, 0, 16:32] - small).norm() < 0.2 * small.norm()
+
+
+def test_nvfp4_kv_bytes_are_the_spec():
+    """Codes, nibble order and the scale bytes, checked against adaq.formats.nvfp4's codec."""
+    x = torch.tensor([[[0.5, -1.0, 6.0, -6.0] + [0.0] * 12 + [3.0] * 16]])  # [1, 1, 32]
+    rows, exponent = quantize_kv_nvfp4(x)
+    # amax 6 -> e = -8 (6 / 2^-8 = 1536 <= 2688 < 3072); block 0 scale (6/6) * 2^8 = 256, block 1 (3/6) * 2^8 = 128
+    assert int(exponent) == 127 - 8
+    assert rows[0, 0, 16:].view(torch.float8_e4m3fn).float().tolist() == [256.0, 128.0]
+    # step 256 * 2^-8 = 1: 0.5 -> code 1, -1 -> 8 | 2; 6 -> 7, -6 -> 8 | 7 (element 2j in the low nibble)
+    assert rows[0, 0, :3].tolist() == [0x1 | 0xA << 4, 0x7 | 0xF << 4, 0]
+    assert rows[0, 0, 8:16].tolist() == [0x77] * 8  # 3.0 on step 128 * 2^-8 = 0.5: 6, code 7
+    torch.testing.assert_close(dequantize_kv_nvfp4(rows, exponent), x, rtol=0, atol=0)
+
+
+def test_store_kv_nvfp4_writes_slots_and_skips_minus_one():
+    blocks, block_size, heads, dim = 5, 4, 2, 32
+    k, v = torch.randn(6, heads, dim), torch.randn(6, heads, dim) * 0.01
+    slots = torch.tensor([3, 17, -1, 0, 9, -1])
+    width = nvfp4_kv_row_bytes(dim)
+    k_cache = torch.full((blocks, block_size, heads, width), 7, dtype=torch.uint8)
+    v_cache = k_cache.clone()
+    k_scale = torch.full((blocks, block_size, heads), 7, dtype=torch.uint8)
+    v_scale = k_scale.clone()
+    store_kv_reference(k, v, k_cache, v_cache, k_scale, v_scale, slots)
+    written = slots >= 0
+    for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        rows, exponent = quantize_kv_nvfp4(x[written])
+        assert torch.equal(cache.view(-1, heads, width)[slots[written]], rows)
+        assert torch.equal(scales.view(-1, heads)[slots[written]], exponent)
+        untouched = torch.ones(blocks * block_size, dtype=torch.bool)
+        untouched[slots[written]] = False
+        assert (cache.view(-1, heads, width)[untouched] == 7).all() and (scales.view(-1, heads)[untouched] == 7).all()
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.float32])
 def test_store_kv_writes_slots_and_skips_minus_one(kv_dtype):
     blocks, block_size, heads, dim = 5, 4, 2, 16
@@ -143,7 +206,7 @@ def naive_attention(q, keys, values, first_position, scale, window=None, softcap
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 3.0)])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn, torch.uint8])
 def test_paged_attention_mixed_prefill_chunks_and_decode(window, softcap, kv_dtype):
     """Three sequences in one step: a fresh prompt, a chunk after a cached prefix, one decode token."""
     heads, kv_heads, dim, block_size = 4, 2, 16, 4
@@ -153,10 +216,13 @@ def test_paged_attention_mixed_prefill_chunks_and_decode(window, softcap, kv_dty
                          dtype=torch.int32)
     keys = [torch.randn(n, kv_heads, dim) for n in totals]
     values = [torch.randn(n, kv_heads, dim) for n in totals]
-    shape = (3 * blocks_per_seq, block_size, kv_heads, dim)
+    nvfp4_kv = kv_dtype == torch.uint8  # the NVFP4 cache: packed rows + E8M0 exponents
+    shape = (3 * blocks_per_seq, block_size, kv_heads, nvfp4_kv_row_bytes(dim) if nvfp4_kv else dim)
     k_cache, v_cache = torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype)
     fp8 = kv_dtype == torch.float8_e4m3fn
-    k_scale, v_scale = (torch.zeros(shape[:-1]), torch.zeros(shape[:-1])) if fp8 else (None, None)
+    scale_dtype = torch.uint8 if nvfp4_kv else torch.float32
+    k_scale, v_scale = (torch.zeros(shape[:-1], dtype=scale_dtype), torch.zeros(shape[:-1], dtype=scale_dtype)) \
+        if fp8 or nvfp4_kv else (None, None)
     for b in range(3):
         slots = torch.tensor([int(table[b, p // block_size]) * block_size + p % block_size for p in range(totals[b])])
         store_kv_reference(keys[b], values[b], k_cache, v_cache, k_scale, v_scale, slots)
@@ -167,8 +233,12 @@ def test_paged_attention_mixed_prefill_chunks_and_decode(window, softcap, kv_dty
     out = get_backend("reference", "cpu").attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=0.3,
                                                     sliding_window=window, softcap=softcap)
     for b in range(3):
-        seen_k = dequantize_kv_fp8(*quantize_kv_fp8(keys[b])) if fp8 else keys[b]
-        seen_v = dequantize_kv_fp8(*quantize_kv_fp8(values[b])) if fp8 else values[b]
+        seen_k, seen_v = keys[b], values[b]
+        if fp8:
+            seen_k, seen_v = dequantize_kv_fp8(*quantize_kv_fp8(seen_k)), dequantize_kv_fp8(*quantize_kv_fp8(seen_v))
+        if nvfp4_kv:
+            seen_k = dequantize_kv_nvfp4(*quantize_kv_nvfp4(seen_k))
+            seen_v = dequantize_kv_nvfp4(*quantize_kv_nvfp4(seen_v))
         expected = naive_attention(q[cu[b]:cu[b + 1]], seen_k, seen_v, totals[b] - q_lens[b], 0.3, window, softcap)
         torch.testing.assert_close(out[cu[b]:cu[b + 1]], expected, rtol=1e-5, atol=1e-5)
 

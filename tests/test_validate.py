@@ -560,6 +560,29 @@ def test_qwen3_8b_kv_cache(qwen3_8b):
     assert kv_bytes_per_token(qwen3_8b, "bf16") == 36 * 2 * 8 * 256 == 147_456
 
 
+
+def test_qwen3_8b_nvfp4_kv_cache(qwen3_8b):
+    # NVFP4 per (token, kv head): 128 / 2 bytes of E2M1 + 128 / 16 E4M3 block scales + 1 E8M0 exponent = 73
+    assert kv_bytes_per_token(qwen3_8b, "nvfp4") == 36 * 2 * 8 * 73 == 42_048
+    per_gib = {dtype: 2**30 / kv_bytes_per_token(qwen3_8b, dtype) for dtype in ("bf16", "fp8", "nvfp4")}
+    assert round(per_gib["bf16"]) == 7_282 and round(per_gib["fp8"]) == 14_122 and round(per_gib["nvfp4"]) == 25_536
+    assert per_gib["nvfp4"] / per_gib["fp8"] == 132 / 73 >= 1.8  # issue 18's goal
+
+
+def test_qwen3_8b_nvfp4_kv_on_an_rtx4090(qwen3_8b):
+    # Batch 16, t >= 8192: fixed 7,332,308,992 B; KV 16 · ceil16(t) · 42,048 and 102,404 B of activations per token.
+    # t = 20,433 (KV of 20,448 tokens): 7,332,308,992 + 13,756,760,064 + 2,092,420,932 = 23,181,489,988 B, 8,789
+    # under the usable 23,181,498,777; one token more adds 102,404. FP8: 12,016 (1.70x at batch 16: activations
+    # per token do not shrink with the cache). Batch 1: both reach the model's 40,960 positions.
+    weights = estimate_weight_bytes(qwen3_8b)
+    fp8 = {b: plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=b, context=4096) for b in (1, 16)}
+    nvfp4 = {b: plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=b, context=4096, kv_dtype="nvfp4")
+             for b in (1, 16)}
+    assert nvfp4[16].max_context == 20_433 and fp8[16].max_context == 12_016
+    assert nvfp4[1].max_context == fp8[1].max_context == 40_960 and nvfp4[1].max_context_capped
+    assert nvfp4[16].max_batch == 86 and fp8[16].max_batch == 48  # at 4096 tokens each
+    assert nvfp4[16].kv_cache == 16 * 4096 * 42_048
+
 def test_qwen3_8b_activations(qwen3_8b):
     # batch 16 × 4096: the largest step holds T = 8192 tokens.
     parts = activation_bytes(qwen3_8b, 16, 4096)

@@ -2,11 +2,12 @@
 
 What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode GEMM, weights repacked at load;
 large M: exact dequantize + cuBLAS bf16 or the opt-in FP8 path, adaq.backends.prefill_route.route),
-MoE experts (fused router, grouped GEMM), KV-cache store (FP8 or bf16), paged attention (decode and prefill over
-the cache), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else (dense bf16 linears: cuBLAS; other dtypes or
-shapes the kernels do not cover) falls through to the reference implementation, and each such fallback is reported
-once per (op, cause) into `self.fallbacks` (adaq.backends.fallbacks) where it happens: a dict lookup once known, no
-device work, so a fallback met during a CUDA-graph capture costs no sync (under --strict it stops the capture).
+MoE experts (fused router, grouped GEMM), KV-cache store (FP8, NVFP4 or bf16), paged attention (decode and prefill
+over the cache; NVFP4 needs pages of a multiple of 16 keys), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else
+(dense bf16 linears: cuBLAS; other dtypes or shapes the kernels do not cover) falls through to the reference
+implementation, and each such fallback is reported once per (op, cause) into `self.fallbacks` (adaq.backends.fallbacks)
+where it happens: a dict lookup once known, no device work, so a fallback met during a CUDA-graph capture costs no
+sync (under --strict it stops the capture).
 """
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from adaq.backends import prefill_moe, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
+from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
 from adaq.kernels import fp8_gemm, layout, ops
@@ -187,23 +189,28 @@ class CudaBackend(ReferenceBackend):
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
         tokens, group, fp8 = q.shape[0], q.shape[1] // k_cache.shape[2], k_cache.dtype == torch.float8_e4m3fn
+        nvfp4 = k_cache.dtype == torch.uint8
         query_seq = query_ctx = query_blocks = None
         if ctx.is_prefill:  # block_tokens > 1: several queries of a sequence per block, K/V read once for them all
-            block_tokens = ops.prefill_block_tokens(q.shape[2], group, fp8, k_cache.shape[1])
+            block_tokens = ops.prefill_block_tokens(q.shape[2], group, fp8, k_cache.shape[1], nvfp4=nvfp4)
             query_seq, query_ctx, query_blocks = prefill_maps(ctx, tokens, block_tokens)
         max_context = ctx.max_context_len or k_cache.shape[1] * ctx.block_tables.shape[1]
         if sliding_window:
             max_context = min(max_context, sliding_window)
         splits = ops.attention_splits(tokens, k_cache.shape[2], max_context, head_dim=q.shape[2], group=group,
-                                      fp8=fp8, block_size=k_cache.shape[1])
+                                      fp8=fp8, block_size=k_cache.shape[1], nvfp4=nvfp4)
         return ops.paged_attention(q, k_cache, v_cache, k_scale, v_scale, ctx.block_tables, ctx.context_lens,
                                    scale=scale, sliding_window=sliding_window, softcap=softcap, query_seq=query_seq,
                                    query_ctx=query_ctx, splits=splits, query_blocks=query_blocks)
 
     @staticmethod
     def _kv_kernel_ok(x: torch.Tensor, cache: torch.Tensor | None) -> bool:
-        return (cache is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] in ATTENTION_HEAD_DIMS
-                and cache.dtype in (torch.float8_e4m3fn, torch.bfloat16) and cache.is_contiguous())
+        if cache is None or not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] in ATTENTION_HEAD_DIMS
+                                 and cache.is_contiguous()):
+            return False
+        if cache.dtype == torch.uint8:  # NVFP4 rows; the attention kernel reads pages of 16 keys
+            return cache.shape[-1] == nvfp4_kv_row_bytes(x.shape[-1]) and cache.shape[1] % 16 == 0
+        return cache.dtype in (torch.float8_e4m3fn, torch.bfloat16)
 
     # ---- element-wise ----------------------------------------------------------------------------------------
     def rms_norm(self, x, weight, eps: float, *, unit_offset: bool = False):

@@ -40,8 +40,8 @@ class Backend(Protocol):
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
-        """k, v [T, Hkv, D] into caches [blocks, block_size, Hkv, D] (FP8 scales [blocks, block_size, Hkv]) at
-        slot_mapping [T] (-1: skip)."""
+        """k, v [T, Hkv, D] into caches [blocks, block_size, Hkv, D] (FP8 scales [blocks, block_size, Hkv]; NVFP4:
+        uint8 caches [..., D/2 + D/16] and uint8 exponents [blocks, block_size, Hkv]) at slot_mapping [T] (-1: skip)."""
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, ctx: Context, *, scale: float,

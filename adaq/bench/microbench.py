@@ -10,6 +10,7 @@ import statistics
 
 import torch
 
+from adaq.backends.numerics.attention import kv_bytes_per_token_head
 from adaq.kernels import layout, ops
 
 REPEATS = 20
@@ -115,29 +116,23 @@ def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8
                     kv_dtype: str = "fp8", copy_gbs: float | None = None, block_size: int = 16,
                     variant: int | None = None, name: str = "") -> dict:
     """Decode attention of `batch` sequences of `context` keys each (Qwen3-8B heads by default); `variant` picks
-    the kernel (ops.ATTENTION_VARIANTS; None = default)."""
-    dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    the kernel (ops.ATTENTION_VARIANTS; None = default; NVFP4 has one kernel). kv_dtype: fp8, bf16 or nvfp4."""
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
-    per_cache = num_blocks * block_size * kv_heads * head_dim * dtype.itemsize
+    per_token_head = kv_bytes_per_token_head(kv_dtype, head_dim)
+    per_cache = num_blocks * block_size * kv_heads * per_token_head
     copies = _copies(2 * per_cache)
     gen = torch.Generator(device="cuda").manual_seed(context)
-    caches = []
-    for _ in range(copies):
-        k = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
-        v = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
-        scales = [torch.rand(num_blocks, block_size, kv_heads, device="cuda", generator=gen) + 0.01
-                  for _ in range(2)] if kv_dtype == "fp8" else [None, None]
-        caches.append((k, v, *scales))
+    caches = [_random_kv(kv_dtype, (num_blocks, block_size, kv_heads, head_dim), gen) for _ in range(copies)]
     tables = torch.randperm(num_blocks, device="cuda", generator=gen).int().view(batch, blocks_per_seq)
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
     with ops.attention_variant(variant):
         splits = ops.attention_splits(batch, kv_heads, context, head_dim=head_dim, group=heads // kv_heads,
-                                      fp8=kv_dtype == "fp8", block_size=block_size)
+                                      fp8=kv_dtype == "fp8", block_size=block_size, nvfp4=kv_dtype == "nvfp4")
         us = _time_graph(lambda i: ops.paged_attention(q, *caches[i], tables, lens, scale=head_dim ** -0.5,
                                                        splits=splits), copies)
-    moved = 2 * batch * context * kv_heads * (head_dim * dtype.itemsize + (4 if kv_dtype == "fp8" else 0))
+    moved = 2 * batch * context * kv_heads * per_token_head
     result = {"op": "paged_attention", "name": name, "kv_dtype": kv_dtype, "batch": batch, "context": context,
               "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "splits": splits,
               "variant": ops.DEFAULT_ATTENTION_VARIANT if variant is None else variant, "us": us, "bytes": moved,
@@ -145,6 +140,29 @@ def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8
     if copy_gbs:
         result["pct_of_copy"] = 100 * result["GB/s"] / copy_gbs
     return result
+
+
+def _random_kv(kv_dtype: str, shape: tuple[int, ...], gen: torch.Generator) -> tuple:
+    """(k_cache, v_cache, k_scale, v_scale) of random contents in the cache's format: FP8/bf16 values of N(0, 1) with
+    fp32 scales in (0.01, 1.01); NVFP4 random E2M1 bytes, E4M3 block scales in [2^-3, 2^5) (bytes 0x20..0x5F: no
+    NaN) and exponents 2^-8 .. 2^-1."""
+    blocks, block_size, kv_heads, head_dim = shape
+    if kv_dtype == "nvfp4":
+        def one():
+            values = torch.randint(0, 256, (*shape[:-1], head_dim // 2), dtype=torch.uint8, device="cuda",
+                                   generator=gen)
+            scales = torch.randint(0x20, 0x60, (*shape[:-1], head_dim // 16), dtype=torch.uint8, device="cuda",
+                                   generator=gen)
+            return torch.cat([values, scales], dim=-1).contiguous()
+
+        exps = [torch.randint(119, 127, shape[:-1], dtype=torch.uint8, device="cuda", generator=gen) for _ in range(2)]
+        return (one(), one(), *exps)
+    dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    k = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    scales = [torch.rand(shape[:-1], device="cuda", generator=gen) + 0.01
+              for _ in range(2)] if kv_dtype == "fp8" else [None, None]
+    return (k, v, *scales)
 
 
 def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
@@ -160,12 +178,26 @@ def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
         gemms += [dict(nvfp4_gemm(n, k, m, gbs, name=name + "@v1"), variant=1)
                   for name, (n, k) in QWEN3_8B_LINEARS.items() for m in (1, 16)]
         ops.set_gemm_variant(ops.DEFAULT_GEMM_VARIANT)
-    attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d, name="qwen3-8b") for d in ("fp8", "bf16")
+    attn = [paged_attention(b, 8192, copy_gbs=gbs, kv_dtype=d, name="qwen3-8b") for d in ("fp8", "nvfp4", "bf16")
             for b in (1, 16)]
     attn += [paged_attention(b, 8192, heads=32, kv_heads=4, copy_gbs=gbs, name="qwen3-30b-a3b")  # 8 heads per KV
              for b in (1, 16)]
     moe = [moe_decode(t, copy_gbs=gbs) for t in (1, 16)]
     return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn, "moe": moe}
+
+
+def kv_nvfp4_suite(contexts=(8192, 32768), batches=(1, 16), copy_gbs: float | None = None) -> list[dict]:
+    """Issue 18's measurement: decode attention of Qwen3-8B's heads (32 q / 8 KV of 128) over FP8 and NVFP4 caches
+    at 8k and 32k keys, batch 1 and 16 (goal: >= 70 % of copy bandwidth at 32k x 16)."""
+    if copy_gbs is None:
+        copy_gbs = copy_bandwidth()["GB/s"]
+    out = []
+    for context in contexts:
+        for batch in batches:
+            for kv_dtype in ("fp8", "nvfp4"):
+                out.append(paged_attention(batch, context, copy_gbs=copy_gbs, kv_dtype=kv_dtype, name="qwen3-8b"))
+                torch.cuda.empty_cache()
+    return out
 
 
 ATTENTION_GEOMETRIES = {"qwen3-8b": (32, 8, 128), "qwen3-30b-a3b": (32, 4, 128), "gemma3-27b": (32, 16, 128)}

@@ -11,15 +11,15 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adaq.backends.numerics.attention import KV_CACHE_DTYPE_NAMES, kv_bytes_per_token_head
 from adaq.bench.shapes import TensorSpec, layer_attention_shape, layer_windows, text_config
 from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.formats.nvfp4 import GROUP_SIZE
 
 NVFP4_GLOBAL_SCALE_BYTES = 4
-FP8_KV_SCALE_BYTES = 4  # one fp32 scale per (token, KV head) for each of K and V
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
                "I64": 8, "BOOL": 1, "U16": 2, "I16": 2}
-KV_ELEMENT_BYTES = {"fp8": 1, "bf16": 2}
+KV_CACHE_DTYPES = KV_CACHE_DTYPE_NAMES  # fp8 (E4M3 + fp32 scale), bf16, nvfp4 (E2M1 + E4M3 / 16 + E8M0 exponent)
 RTX_4090_BANDWIDTH = 1.0e12  # bytes/s (NOTES; the datasheet says 1.008 TB/s)
 
 
@@ -148,12 +148,10 @@ def step_weight_bytes(weights: WeightBytes, batch: int) -> float:
 
 
 def kv_bytes_per_token_per_layer(config: dict, kv_cache_dtype: str, layer: int = 0) -> int:
-    """K and V of one token in one layer: head_dim values per KV head, plus the FP8 scheme's fp32 scales (Gemma 4's
-    global layers have their own KV heads and head_dim)."""
+    """K and V of one token in one layer: per KV head its head_dim values plus the scheme's scales (Gemma 4's global
+    layers have their own KV heads and head_dim)."""
     kv_heads, dim, _ = layer_attention_shape(config, layer)
-    element = KV_ELEMENT_BYTES[kv_cache_dtype]
-    scale = FP8_KV_SCALE_BYTES if kv_cache_dtype == "fp8" else 0
-    return 2 * kv_heads * (dim * element + scale)
+    return 2 * kv_heads * kv_bytes_per_token_head(kv_cache_dtype, dim)
 
 
 def kv_bytes_per_layer(config: dict, kv_cache_dtype: str) -> list[int]:

@@ -34,8 +34,8 @@ class BenchOptions:
         unknown = [name for name in self.baselines if name not in BASELINES]
         if unknown:
             raise AdaqError(f"unknown baseline {unknown[0]!r} in --baselines: choose from {', '.join(BASELINES)}")
-        if self.kv_cache_dtype not in roofline.KV_ELEMENT_BYTES:
-            raise AdaqError(f"invalid --kv-cache-dtype {self.kv_cache_dtype}: choose fp8 or bf16")
+        if self.kv_cache_dtype not in roofline.KV_CACHE_DTYPES:
+            raise AdaqError(f"invalid --kv-cache-dtype {self.kv_cache_dtype}: choose fp8, nvfp4 or bf16")
         if self.backend not in ("auto", "cuda", "reference"):
             raise AdaqError(f"invalid --backend {self.backend}: choose auto, cuda or reference")
         if self.backend == "cuda" and self.resolved_device().type != "cuda":

@@ -65,7 +65,7 @@ def bench(
     batch: str = typer.Option("1,4,16", help="batch size, or a comma-separated list"),
     input_len: int = typer.Option(128, help="prompt tokens per request"),
     output_len: int = typer.Option(256, help="generated tokens per request (EOS ignored)"),
-    kv_cache_dtype: str = typer.Option("fp8", help="KV cache of the NVFP4 variant: fp8 or bf16 (baselines: bf16)"),
+    kv_cache_dtype: str = typer.Option("fp8", help="KV cache of the NVFP4 variant: fp8, nvfp4 or bf16 (baselines: bf16)"),
     repeats: int = typer.Option(3, help="timed runs per batch size after one warm-up; figures are medians"),
     baselines: str = typer.Option("bf16,hf", help="comma-separated: bf16 (our engine, bf16 weights, cuBLAS), "
                                                   "hf (transformers generate, static cache), or none"),

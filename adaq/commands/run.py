@@ -26,7 +26,7 @@ def run(
     seed: int | None = typer.Option(None, help="Seed of this request's sampler."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); trimmed from the output."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
-    kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales) or bf16."),
+    kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales), nvfp4 (E2M1 + E4M3 per 16, 0.57 B/value) or bf16."),
     backend: str = typer.Option("auto", help="auto (cuda when a GPU and the kernels are there), cuda, reference."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),

@@ -33,7 +33,7 @@ def serve(
     max_num_batched_tokens: int | None = typer.Option(None, "--max-num-batched-tokens",
                                                       help="Token budget of one step (default 8192 GPU, 2048 CPU)."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),
-    kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales) or bf16."),
+    kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales), nvfp4 (E2M1 + E4M3 per 16, 0.57 B/value) or bf16."),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size on CPU, e.g. 2GiB."),
     backend: str = typer.Option("auto", help="auto (cuda when a GPU and the kernels are there), cuda, reference."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)."),

@@ -16,7 +16,7 @@ def validate(
     gpu: str = typer.Option("rtx4090", help="GPU for the VRAM budget: rtx4090, rtx4080, l40s, h100 or a size in GiB."),
     batch: int = typer.Option(1, help="Concurrent sequences for the VRAM budget."),
     context: int = typer.Option(None, help="Tokens per sequence (prompt + output); default min(4096, model max)."),
-    kv_cache_dtype: str = typer.Option("fp8", help="KV cache dtype: fp8 (E4M3 + fp32 scales) or bf16."),
+    kv_cache_dtype: str = typer.Option("fp8", help="KV cache dtype: fp8 (E4M3 + fp32 scales), nvfp4 (E2M1 + E4M3 per 16 + E8M0 per token) or bf16."),
     gpu_memory_utilization: float = typer.Option(0.9, help="Share of GPU memory the engine may use (as `adaq run`)."),
     window_kv: bool = typer.Option(True, "--window-kv/--no-window-kv",
                                    help="Size sliding-window layers' KV to their window, as the engine does."),

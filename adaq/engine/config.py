@@ -8,7 +8,8 @@ import torch
 
 from adaq.errors import AdaqError
 
-KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+# The cache tensor's storage dtype per --kv-cache-dtype; nvfp4 is packed bytes (adaq.backends.numerics.attention).
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "nvfp4": torch.uint8}
 MODEL_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                 "fp32": torch.float32, "float32": torch.float32}
 BACKENDS = ("auto", "reference", "cuda")

@@ -1,8 +1,9 @@
 """Runs the model for one scheduled batch: packs the tokens, sets the step context, owns the KV cache.
 
 The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_size, kv_heads, head_dim]` in the
-cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]` (the scheme is in
-docs/ARCHITECTURE.md); layers whose KV heads or head_dim differ (Gemma 4) each see their own
+cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]`; NVFP4 rows are
+`head_dim / 2 + head_dim / 16` bytes (uint8) with one uint8 E8M0 exponent per (token, head) in the scale tensor (the
+schemes are in docs/ARCHITECTURE.md); layers whose KV heads or head_dim differ (Gemma 4) each see their own
 `[blocks, block_size, kv_heads, head_dim]` view inside a slot as wide as the widest layer's. On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
 fit in 1 GiB, never less than one sequence of `max_model_len` tokens. When `max_model_len` is the model's own
@@ -34,6 +35,7 @@ from adaq.engine.block_manager import NULL_BLOCK, sliding_pool_blocks
 from adaq.engine.config import EngineConfig, text_config
 from adaq.backends.context import reset_context, set_context
 from adaq.backends.fallbacks import CUDA_GRAPHS_SETTING, backend_fallbacks
+from adaq.backends.numerics.attention import NVFP4_KV_DTYPE, NVFP4_KV_EXP_BIAS, nvfp4_kv_row_bytes
 from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
@@ -57,12 +59,29 @@ class KVGeometry:
     dtype: torch.dtype
 
     @property
+    def nvfp4(self) -> bool:
+        return self.dtype == NVFP4_KV_DTYPE
+
+    @property
     def has_scales(self) -> bool:
-        return self.dtype == torch.float8_e4m3fn
+        return self.dtype == torch.float8_e4m3fn or self.nvfp4
+
+    @property
+    def row_width(self) -> int:
+        """Last dimension of the cache: head_dim values, or an NVFP4 row's bytes (values, then block scales)."""
+        return nvfp4_kv_row_bytes(self.head_dim) if self.nvfp4 else self.head_dim
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """fp32 per (token, head) for FP8, the E8M0 exponent byte for NVFP4."""
+        return torch.uint8 if self.nvfp4 else torch.float32
+
+    def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.row_width)
 
     def bytes_per_block(self) -> int:
-        values = self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        scales = self.num_kv_heads * 4 if self.has_scales else 0
+        values = self.num_kv_heads * self.row_width * self.dtype.itemsize
+        scales = self.num_kv_heads * self.scale_dtype.itemsize if self.has_scales else 0
         return 2 * self.num_layers * self.block_size * (values + scales)
 
 
@@ -270,6 +289,9 @@ class ModelRunner:
         for index, layer in enumerate(layers):
             heads = getattr(layer, "num_kv_heads", None) or geometry.num_kv_heads
             dim = getattr(layer, "head_dim", None) or geometry.head_dim
+            if geometry.nvfp4 and (heads, dim) != (geometry.num_kv_heads, geometry.head_dim):
+                raise AdaqError("--kv-cache-dtype nvfp4 does not take layers of different KV shapes (Gemma 4) yet: "
+                                "use fp8 or bf16")
             layer.k_cache, layer.v_cache = (layer_view(kv_cache[kind, index], heads, dim) for kind in (0, 1))
             layer.k_scale = None if kv_scales is None else kv_scales[0, index, ..., :heads]
             layer.v_scale = None if kv_scales is None else kv_scales[1, index, ..., :heads]
@@ -302,7 +324,7 @@ class ModelRunner:
         g = self.geometry
         groups = [(self.global_layers, g)] + [(self.sliding_layers, self.sliding_geometry)] * bool(self.sliding_layers)
         for layers, geometry in groups:  # no sliding tables in this context: every layer reads block 0
-            dummy, dummy_scales = _cache_tensors(geometry, 1, self.device, scale=1.0)
+            dummy, dummy_scales = _cache_tensors(geometry, 1, self.device, unit_scales=True)
             self._attach_cache(layers, dummy, dummy_scales, geometry)
         num_tokens = num_seqs * seq_len
         lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device=self.device)
@@ -477,12 +499,15 @@ def _padded(tables: list[list[int]], width: int, pad: int) -> list[int]:
     return [value for table in tables for value in table + [pad] * (width - len(table))]
 
 
-def _cache_tensors(g: "KVGeometry", num_blocks: int, device, scale: float = 0.0):
-    """One group's cache [2, layers, blocks, block_size, kv_heads, head_dim] and, for FP8, its fp32 scales."""
-    shape = (2, g.num_layers, num_blocks, g.block_size, g.num_kv_heads, g.head_dim)
+def _cache_tensors(g: "KVGeometry", num_blocks: int, device, unit_scales: bool = False):
+    """One group's cache [2, layers, blocks, block_size, kv_heads, row] and, for FP8 and NVFP4, its scales (fp32, or
+    NVFP4's E8M0 exponent bytes); `unit_scales`: every scale 1 (a warm-up cache), else 0."""
+    shape = g.cache_shape(num_blocks)
+    unit = NVFP4_KV_EXP_BIAS if g.nvfp4 else 1.0  # E8M0 127 = 2^0
     try:
         cache = torch.zeros(shape, dtype=g.dtype, device=device)
-        scales = torch.full(shape[:-1], scale, dtype=torch.float32, device=device) if g.has_scales else None
+        scales = torch.full(shape[:-1], unit if unit_scales else 0, dtype=g.scale_dtype, device=device) \
+            if g.has_scales else None
     except (RuntimeError, MemoryError) as error:  # torch's CPU and CUDA out-of-memory errors are RuntimeErrors
         raise AdaqError(f"cannot allocate the KV cache ({num_blocks * g.bytes_per_block() / 2**30:.2f} GiB for "
                         f"{num_blocks} blocks: {str(error).splitlines()[0][:200]}); lower --max-model-len or "

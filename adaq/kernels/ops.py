@@ -77,13 +77,21 @@ def nvfp4_expand_e4m3(w: PackedNVFP4, row_mul: torch.Tensor, out: torch.Tensor) 
 
 
 def store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
+    """K/V [T, Hkv, D] bf16 into the cache: FP8 (fp32 scales), bf16, or NVFP4 (uint8 rows of D/2 + D/16 bytes, uint8
+    E8M0 exponents as the scales; adaq.backends.numerics.attention.quantize_kv_nvfp4 bit for bit). Slot -1: skipped."""
     ext().store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping.long())
 
 
+def kv_format(fp8: bool, nvfp4: bool = False) -> int:
+    """The kernels' cache format code: 0 bf16, 1 FP8, 2 NVFP4 (csrc/attention.cu KvFormat)."""
+    return 2 if nvfp4 else int(bool(fp8))
+
+
 def attention_splits(tokens: int, kv_heads: int, max_context: int, *, head_dim: int = 128, group: int = 4,
-                     fp8: bool = True, block_size: int = 16) -> int:
+                     fp8: bool = True, block_size: int = 16, nvfp4: bool = False) -> int:
     """Context splits per (query token, KV head) for the kernel this shape runs (flash-decoding)."""
-    return int(ext().attention_splits(tokens, kv_heads, max(1, max_context), head_dim, group, bool(fp8), block_size))
+    return int(ext().attention_splits(tokens, kv_heads, max(1, max_context), head_dim, group, kv_format(fp8, nvfp4),
+                                      block_size))
 
 
 DEFAULT_ATTENTION_VARIANT = 0  # tensor cores where instantiated (csrc/attention.cu; docs/KERNELS.md "Attention v3")
@@ -124,9 +132,9 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context
                                  counters(q.device), query_blocks)
 
 
-def prefill_block_tokens(head_dim: int, group: int, fp8: bool, block_size: int) -> int:
+def prefill_block_tokens(head_dim: int, group: int, fp8: bool, block_size: int, nvfp4: bool = False) -> int:
     """Queries per block of the prefill attention kernel for this shape (0: none, the per-query kernel serves it)."""
-    return int(ext().attention_prefill_block_tokens(head_dim, group, bool(fp8), block_size))
+    return int(ext().attention_prefill_block_tokens(head_dim, group, kv_format(fp8, nvfp4), block_size))
 
 
 def prefill_query_blocks(query_offsets: torch.Tensor, tokens: int, block_tokens: int) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Every figure is in bytes and follows a stated formula, so a user can redo it by hand:
 - weights: quantized Linears in the decode kernel's layout (nvfp4_linear_bytes), kept tensors at bf16;
-- KV cache: tokens × 2 (K and V) × kv_heads × head_dim × bytes per value, plus for FP8 one fp32 scale per
-  (token, kv head) for K and for V (docs/ARCHITECTURE.md), summed over layers. Global layers hold batch × context
+- KV cache: tokens × 2 (K and V) × kv_heads × bytes per (token, kv head): bf16 2 × head_dim, FP8 head_dim + a
+  4-byte scale, NVFP4 head_dim / 2 + head_dim / 16 + a 1-byte exponent
+  (adaq.backends.numerics.attention.kv_bytes_per_token_head, docs/ARCHITECTURE.md), summed over layers. Global layers hold batch × context
   rounded up to KV_BLOCK_SIZE; with window-sized KV (the engine's default) sliding-window layers hold what the
   engine's sliding pool holds at max_num_seqs = batch: the lesser of that and batch × (window + 2 blocks) + one
   step's tokens, plus its null block (adaq.engine.block_manager.sliding_pool_blocks);
@@ -18,6 +19,7 @@ Every figure is in bytes and follows a stated formula, so a user can redo it by 
 import math
 from dataclasses import dataclass, field
 
+from adaq.backends.numerics.attention import KV_CACHE_DTYPE_NAMES, kv_bytes_per_token_head
 from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
@@ -27,8 +29,6 @@ from adaq.validate.rules import kernel_tiles
 GiB = 1024**3
 MiB = 1024**2
 KV_BLOCK_SIZE = 16  # tokens per paged KV block
-KV_BYTES = {"fp8": 1, "bf16": 2}
-KV_SCALE_BYTES = {"fp8": 4, "bf16": 0}  # fp32 scale per (token, kv head), for K and for V
 MAX_BATCHED_TOKENS = 8192  # tokens the engine prefills in one step (at least one whole prompt)
 DECODE_SPLITS = 16  # flash-decoding partial results per (sequence, head)
 # Memory outside torch's allocator, measured on the H100 (driver 580, torch 2.11 + CUDA 13, lazy module loading):
@@ -116,7 +116,7 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
 
 def kv_bytes_per_token_per_layer(shape: ModelShape, kv_dtype: str) -> int:
     kv_heads, head_dim = shape.kv_slot
-    return 2 * kv_heads * (head_dim * KV_BYTES[kv_dtype] + KV_SCALE_BYTES[kv_dtype])
+    return 2 * kv_heads * kv_bytes_per_token_head(kv_dtype, head_dim)
 
 
 def windowed_layers(shape: ModelShape, window_kv: bool) -> int:
@@ -232,8 +232,8 @@ def largest(fits, limit: int = MAX_SEARCH) -> int:
 
 
 def check_plan_options(batch: int, context: int | None, kv_dtype: str, utilization: float) -> None:
-    if kv_dtype not in KV_BYTES:
-        raise AdaqError(f"--kv-cache-dtype {kv_dtype}: choose one of {', '.join(KV_BYTES)}")
+    if kv_dtype not in KV_CACHE_DTYPE_NAMES:
+        raise AdaqError(f"--kv-cache-dtype {kv_dtype}: choose one of {', '.join(KV_CACHE_DTYPE_NAMES)}")
     if batch < 1 or (context is not None and context < 1):
         raise AdaqError(f"--batch and --context must be at least 1 (got {batch} and {context})")
     if not 0 < utilization <= 1:

@@ -9,6 +9,7 @@ sequence's first step hold NaN, so a read of a state that is not the sequence's 
 import torch
 
 from adaq.backends.context import reset_context, set_context
+from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 
 
 class PagedRunner:
@@ -24,12 +25,15 @@ class PagedRunner:
             dtype=torch.int32, device=self.device)
         self.cached = [0] * num_seqs
         for layer in model.attention_layers():
-            shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+            nvfp4 = kv_dtype == torch.uint8  # the NVFP4 cache: packed rows, E8M0 exponents as its scales
+            width = nvfp4_kv_row_bytes(layer.head_dim) if nvfp4 else layer.head_dim
+            shape = (num_blocks, block_size, layer.num_kv_heads, width)
             layer.k_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
-            fp8 = kv_dtype == torch.float8_e4m3fn
-            layer.k_scale = torch.zeros(shape[:-1], device=self.device) if fp8 else None
-            layer.v_scale = torch.zeros(shape[:-1], device=self.device) if fp8 else None
+            scaled = kv_dtype == torch.float8_e4m3fn or nvfp4
+            scale_dtype = torch.uint8 if nvfp4 else torch.float32
+            layer.k_scale = torch.zeros(shape[:-1], dtype=scale_dtype, device=self.device) if scaled else None
+            layer.v_scale = torch.zeros(shape[:-1], dtype=scale_dtype, device=self.device) if scaled else None
         self.state_layers = model.state_layers() if hasattr(model, "state_layers") else []
         self.state_slots = torch.arange(num_seqs, 0, -1, device=self.device)
         for layer in self.state_layers:

@@ -4,7 +4,9 @@
 //
 // Cache per layer: [num_blocks, block_size, num_kv_heads, head_dim], E4M3 bytes or bf16; FP8 caches carry fp32
 // scales [num_blocks, block_size, num_kv_heads]: s = max(amax(|x[token, head, :]|) / 448, 1e-12), stored
-// e4m3(x / s) (docs/ARCHITECTURE.md). Slot = block * block_size + offset; slot -1 is skipped (padded rows of a
+// e4m3(x / s) (docs/ARCHITECTURE.md). NVFP4 caches: rows of D/2 bytes of E2M1 pairs + D/16 E4M3 block scales, and
+// a uint8 E8M0 exponent per (token, head) where FP8 keeps its fp32 scale (store_kv_nvfp4_kernel; the decode kernel's
+// NV4 path dequantizes in registers to f16 for the same tensor-core loop). Slot = block * block_size + offset; slot -1 is skipped (padded rows of a
 // CUDA-graph batch).
 //
 // Attention: each query token t attends to keys [start, ctx) of its sequence, ctx = its position + 1, start =
@@ -84,6 +86,98 @@ int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_str
   ADAQ_STORE(128)
   ADAQ_STORE(256)
 #undef ADAQ_STORE
+  return kUnsupportedShape;
+}
+
+// ---- NVFP4 KV store (docs/ARCHITECTURE.md "NVFP4 KV cache scheme") ---------------------------------------------
+//
+// Row of one (token, head): D/2 bytes of E2M1 pairs (dim 2j in the low nibble), then D/16 E4M3 block scales; the
+// E8M0 exponent e + 127 goes to the scale tensor (uint8 [blocks, block_size, Hkv]). One warp per (token, KV head,
+// K-or-V), D/32 values per lane, so a block of 16 values is 512/D consecutive lanes. Every operation is the
+// reference's, rounding for rounding (adaq.backends.numerics.attention.quantize_kv_nvfp4): amax / 2688 and
+// amax(block) / 6 and x / step with IEEE division, products with powers of two (exact), E4M3 by
+// float_to_e4m3_exact; the stored bytes match the reference bit for bit.
+
+// E2M1 code of q (round to nearest, ties to the even code, saturating at 6), the sign in bit 3 for q < 0: the
+// reference's bucketize over the midpoints 0.25 0.75 1.25 1.75 2.5 3.5 5 (a tie goes to the even neighbour: down at
+// 0.25, 1.25, 2.5, 5; up at 0.75, 1.75, 3.5).
+__device__ __forceinline__ uint32_t e2m1_encode(float q) {
+  const float a = fabsf(q);
+  const uint32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
+  return code | (q < 0.f ? 8u : 0u);
+}
+
+// The smallest e with amax / 2^e <= 6 * 448, clamped to [-100, 100] (0 or an fp32 subnormal ratio: -100).
+__device__ __forceinline__ int nvfp4_kv_exponent(float amax) {
+  const uint32_t bits = __float_as_uint(__fdiv_rn(amax, 2688.f));
+  const int biased = static_cast<int>(bits >> 23);
+  if (biased == 0) return -100;  // 0 or below 2^-126: far under the clamp anyway
+  const int e = biased - 127 + ((bits & 0x007FFFFFu) != 0u);  // ceil(log2(ratio)) from the exponent field
+  return min(100, max(-100, e));
+}
+
+template <int D>
+__global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+                                      long long k_tok_stride, long long v_tok_stride,  // elements between tokens
+                                      uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,  // rows
+                                      uint8_t* __restrict__ k_exp, uint8_t* __restrict__ v_exp,  // [slot, Hkv]
+                                      const long long* __restrict__ slots, int tokens, int kv_heads) {
+  constexpr int kPerLane = D / 32;          // 2, 4, 8 values: 1, 2, 4 packed bytes
+  constexpr int kBlockLanes = 16 / kPerLane;  // lanes of one 16-value block: 8, 4, 2
+  constexpr int kRow = D / 2 + D / 16;
+  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+  const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
+  const int t = pair / kv_heads, h = pair % kv_heads;
+  if (t >= tokens) return;
+  const long long slot = slots[t];
+  if (slot < 0) return;
+  const __nv_bfloat16* src = (which ? v + t * v_tok_stride : k + t * k_tok_stride) + h * D + lane * kPerLane;
+  float x[kPerLane];
+  float bmax = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    x[i] = __bfloat162float(src[i]);
+    bmax = fmaxf(bmax, fabsf(x[i]));
+  }
+  const int e = nvfp4_kv_exponent(warp_max(bmax));
+#pragma unroll
+  for (int o = 1; o < kBlockLanes; o <<= 1) bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, o));
+  const float inv_pow2 = __uint_as_float(static_cast<uint32_t>(127 - e) << 23);  // 2^-e, exact
+  uint8_t sbyte = float_to_e4m3_exact(fminf(__fdiv_rn(bmax, 6.f) * inv_pow2, 448.f));
+  if ((sbyte & 0x7Fu) == 0u) sbyte = 0x20u;  // a zero scale becomes 0.125 (as for weights): no 0 / 0
+  const float step = e4m3x2_to_float2(sbyte).x * __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
+  uint32_t packed = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) packed |= e2m1_encode(__fdiv_rn(x[i], step)) << (4 * i);
+  const long long row = slot * kv_heads + h;
+  uint8_t* dst = (which ? v_cache : k_cache) + row * kRow;
+  if constexpr (kPerLane == 2) {
+    dst[lane] = static_cast<uint8_t>(packed);
+  } else if constexpr (kPerLane == 4) {
+    reinterpret_cast<uint16_t*>(dst)[lane] = static_cast<uint16_t>(packed);  // row offsets: multiples of 8
+  } else {
+    reinterpret_cast<uint32_t*>(dst)[lane] = packed;  // rows of 144 bytes: 16-byte aligned
+  }
+  if (lane % kBlockLanes == 0) dst[D / 2 + lane / kBlockLanes] = sbyte;
+  if (lane == 0) (which ? v_exp : k_exp)[row] = static_cast<uint8_t>(e + 127);
+}
+
+int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
+                   void* k_cache, void* v_cache, void* k_exp, void* v_exp, const long long* slots, int tokens,
+                   int kv_heads, int head_dim, cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  const int blocks = ceil_div(tokens * kv_heads * 2 * 32, 256);
+#define ADAQ_STORE_NV4(DIM)                                                                                       \
+  if (head_dim == DIM) {                                                                                         \
+    store_kv_nvfp4_kernel<DIM><<<blocks, 256, 0, stream>>>(                                                      \
+        k, v, k_tok_stride, v_tok_stride, static_cast<uint8_t*>(k_cache), static_cast<uint8_t*>(v_cache),         \
+        static_cast<uint8_t*>(k_exp), static_cast<uint8_t*>(v_exp), slots, tokens, kv_heads);                    \
+    return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;                                                 \
+  }
+  ADAQ_STORE_NV4(64)
+  ADAQ_STORE_NV4(128)
+  ADAQ_STORE_NV4(256)
+#undef ADAQ_STORE_NV4
   return kUnsupportedShape;
 }
 
@@ -381,6 +475,63 @@ __device__ __forceinline__ float ld_scale(const float* ptr) {
   return v;
 }
 
+// NVFP4 KV: two E2M1 codes (bits [0, 4) and [4, 8) of x) -> f16x2 of e2m1 * 2^-14, exact, by placing each code's
+// 3 magnitude bits as the f16's low 2 exponent bits and top mantissa bit (exponent field e = 1..3 gives 2^(e-15) *
+// (1 + m/2) = 2^-14 * e2m1; e = 0 is the f16 subnormal m * 2^-15 = 2^-14 * (m / 2)) and its sign as the f16's.
+// Four bit-field moves (LOP3/SHF), no table, no conversion instruction.
+__device__ __forceinline__ uint32_t e2m1x2_to_f16x2(uint32_t x) {
+  return ((x & 0x7u) << 9) | ((x & 0x8u) << 12) | ((x & 0x70u) << 21) | ((x & 0x80u) << 24);
+}
+
+// f16x2 product (round to nearest; every product the NVFP4 path forms is exact: see paged_attention_mma_kernel).
+__device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// Two E4M3 block scales (bytes 0 and 1 of two) -> f16x2 of s * 2^7: exact (s * 2^7 <= 448 * 128 = 57344 < 65504);
+// the 2^7 brings e2m1 * 2^-14 * s * 2^7 = e2m1 * s * 2^-7 into f16 with every product exact, the kernel's per-token
+// power of two carries 2^7 back.
+__device__ __forceinline__ uint32_t nv4_scales_f16x2(uint32_t two) {
+  return hmul2_u32(e4m3x2_to_f16x2(two), 0x58005800u);  // 0x5800 = f16 128
+}
+
+// 1, 2 or 4 bytes of the cache (aligned to their size), not kept in L1.
+template <int N>
+__device__ __forceinline__ uint32_t ld_nc_bytes(const uint8_t* ptr) {
+  uint32_t v;
+  if constexpr (N == 1) {
+    asm("ld.global.nc.L1::no_allocate.u8 %0, [%1];\n" : "=r"(v) : "l"(ptr));
+  } else if constexpr (N == 2) {
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];\n" : "=r"(v) : "l"(ptr));
+    v &= 0xFFFFu;
+  } else {
+    static_assert(N == 4, "1, 2 or 4 bytes");
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(ptr));
+  }
+  return v;
+}
+
+// N words of an NVFP4 row at a pointer aligned to A bytes (rows are 9D/16 bytes: 36, 72, 144 -> A = 4, 8, 16).
+template <int N, int A>
+__device__ __forceinline__ void load_words_aligned(uint32_t (&w)[N], const uint8_t* ptr) {
+  if constexpr (A == 16 && N % 4 == 0) {
+    load_words<N>(w, ptr);
+  } else if constexpr (A >= 8 && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2)
+      asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(w[i]), "=r"(w[i + 1]) : "l"(ptr + 4 * i));
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = ld_nc_bytes<4>(ptr + 4 * i);
+  }
+}
+
+// E8M0 exponent byte b (e + 127) -> 2^(e + 7) in fp32: the per-token factor of an NVFP4 row whose values the kernel
+// holds as e2m1 * s * 2^-7. b in [27, 227]: always a normal fp32.
+__device__ __forceinline__ float nv4_token_scale(uint32_t b) { return __uint_as_float((b + 7u) << 23); }
+
 // Split-K epilogue without a second kernel (the threadFenceReduction pattern): every block publishes its partial
 // rows, the last of the `splits` blocks of a (token, KV head) to arrive merges them (fixed split order: deterministic)
 // and resets the counter for the next launch (graph replays need no memset). Saves the merge kernel's launch and its
@@ -430,13 +581,27 @@ __device__ __forceinline__ void merge_splits_in_last_block(const AttnParams& p, 
 // cache: QT consecutive queries of one sequence (a `query_blocks` entry), their G * QT (token, head) pairs being the
 // columns of NT = G * QT / 8 n-tiles: each K/V chunk is loaded and converted once for QT queries, each column keeps its
 // own causal/window range and softmax state.
-template <int D, int G, int TILES, bool FP8, int QT = 1>
+//
+// NV4 (with FP8 = true: the same scaled-f16 path): the NVFP4 cache (docs/ARCHITECTURE.md). A thread loads the
+// packed bytes of the same dims as for FP8 (D/8 bytes of K for its D/4 dims, D/16 bytes of V for its D/8 dims: half
+// the registers), the E4M3 scales of the 16-dim blocks those dims lie in, and each token's E8M0 exponent. Values
+// become f16 as e2m1x2_to_f16x2 (e2m1 * 2^-14) times the block scale as f16 s * 2^7 (one mul.f16x2 per pair):
+// e2m1 * s * 2^-7, exact (|e2m1| <= 6 has 2 significant bits, s 4; the smallest nonzero product 0.5 * 2^-9 * 2^-7
+// = 2^-17 is a multiple of f16's subnormal step 2^-24 and the largest, 21, is far from f16's max). The per-token
+// factor 2^(e + 7) then takes the FP8 scale's place exactly: on the fp32 scores for K, on P (relative to the running
+// power of two cv) for V. So the kernel computes on exactly the reference's dequantized values, as for FP8.
+template <int D, int G, int TILES, bool FP8, int QT = 1, bool NV4 = false>
 __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const AttnParams p) {
+  static_assert(!NV4 || FP8, "NVFP4 runs the scaled f16 path");
   constexpr int kWarps = kAttnThreads / 32;
   constexpr int kSteps = D / 16;               // k16 steps of QK^T = m16 tiles of PV
-  constexpr int kKW = FP8 ? D / 16 : D / 8;    // words of one K row held by a thread (D/4 dims)
-  constexpr int kVW = FP8 ? D / 32 : D / 16;   // words of one V row held by a thread (D/8 dims)
+  constexpr int kKW = NV4 ? D / 32 : FP8 ? D / 16 : D / 8;   // words of one K row held by a thread (D/4 dims)
+  constexpr int kVW = NV4 ? D / 64 : FP8 ? D / 32 : D / 16;  // words of one V row held by a thread (D/8 dims)
   constexpr int kElem = FP8 ? 1 : 2;
+  constexpr int kRowNV4 = D / 2 + D / 16;      // NVFP4: bytes of one (token, head) row
+  constexpr int kAlignNV4 = D == 64 ? 4 : D == 128 ? 8 : 16;  // of every thread's slice of a row
+  constexpr int kKSB = D / 64;                 // NVFP4: K block scales of a thread's D/4 dims (1, 2, 4 bytes)
+  constexpr int kVSB = D < 128 ? 1 : D / 128;  // NVFP4: V block scales of a thread's D/8 dims (1, 1, 2 bytes)
   constexpr int kCols = G * QT;                // (query token, head) columns; column = token * G + head
   constexpr int NT = (kCols + 7) / 8;          // n-tiles of 8 columns
   static_assert(G >= 1 && G <= 8 && (QT == 1 || kCols % 8 == 0), "columns fill whole n-tiles in prefill");
@@ -468,9 +633,17 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
   // MMA (0 * NaN in P.V); their scores are -inf, their P 0.
   const long long safe_row =
       lo < hi ? static_cast<long long>(table[lo / p.block_size]) * p.block_size + lo % p.block_size : 0;
-  const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache) + (static_cast<long long>(kvh) * D + c * (D / 4)) * kElem;
-  const uint8_t* v_base = static_cast<const uint8_t*>(p.v_cache) + (static_cast<long long>(kvh) * D + r * (D / 8)) * kElem;
-  const long long row_bytes = static_cast<long long>(p.kv_heads) * D * kElem;
+  const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache) +
+                         (NV4 ? kvh * kRowNV4 + c * (D / 8) : (static_cast<long long>(kvh) * D + c * (D / 4)) * kElem);
+  const uint8_t* v_base = static_cast<const uint8_t*>(p.v_cache) +
+                         (NV4 ? kvh * kRowNV4 + r * (D / 16) : (static_cast<long long>(kvh) * D + r * (D / 8)) * kElem);
+  const long long row_bytes = NV4 ? static_cast<long long>(p.kv_heads) * kRowNV4
+                                  : static_cast<long long>(p.kv_heads) * D * kElem;
+  // NVFP4 block scales of this thread's dims: K blocks c * D/64 .., V block r * D/128 (D 64: r / 2) ..
+  const uint8_t* ks_base = static_cast<const uint8_t*>(p.k_cache) + kvh * kRowNV4 + D / 2 + c * kKSB;
+  const uint8_t* vs_base = static_cast<const uint8_t*>(p.v_cache) + kvh * kRowNV4 + D / 2 + (r * (D / 8)) / 16;
+  const uint8_t* k_exp = reinterpret_cast<const uint8_t*>(p.k_scale);  // NVFP4: E8M0 bytes [slot, Hkv]
+  const uint8_t* v_exp = reinterpret_cast<const uint8_t*>(p.v_scale);
 
   // Keys each of this thread's columns (2c, 2c+1 of every n-tile) attends to: [col_lo, col_hi), empty for padding.
   int col_lo[NT][2], col_hi[NT][2];
@@ -541,6 +714,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
     // ---- Fetch every K/V byte and scale of the step before any is used.
     uint32_t kw[TILES][2][kKW], vw[TILES][4][kVW];
     float ksc[TILES][2], vsc[TILES][2];
+    uint32_t kbs[TILES][2], vbs[TILES][4];  // NVFP4: raw E4M3 block-scale bytes of the K rows / V columns
 #pragma unroll
     for (int u = 0; u < TILES; ++u) {
       const int tok0 = (ch + u) * 16;
@@ -551,8 +725,15 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
       for (int j = 0; j < 2; ++j) {
         const int off = r + 8 * j, tok = tok0 + off;
         const long long row = tok >= lo && tok < hi ? row0 + off : safe_row;
-        load_words(kw[u][j], k_base + row * row_bytes);
-        if constexpr (FP8) {
+        if constexpr (NV4) {
+          load_words_aligned<kKW, kAlignNV4>(kw[u][j], k_base + row * row_bytes);
+          kbs[u][j] = ld_nc_bytes<kKSB>(ks_base + row * row_bytes);
+          ksc[u][j] = nv4_token_scale(ld_nc_bytes<1>(k_exp + row * p.kv_heads + kvh));
+          vsc[u][j] = nv4_token_scale(ld_nc_bytes<1>(v_exp + row * p.kv_heads + kvh));
+        } else {
+          load_words(kw[u][j], k_base + row * row_bytes);
+        }
+        if constexpr (FP8 && !NV4) {
           ksc[u][j] = ld_scale(p.k_scale + row * p.kv_heads + kvh);
           vsc[u][j] = ld_scale(p.v_scale + row * p.kv_heads + kvh);
         }
@@ -561,7 +742,12 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
       for (int j = 0; j < 4; ++j) {
         const int off = 2 * c + (j & 1) + 8 * (j >> 1), tok = tok0 + off;
         const long long row = tok >= lo && tok < hi ? row0 + off : safe_row;
-        load_words(vw[u][j], v_base + row * row_bytes);
+        if constexpr (NV4) {
+          load_words_aligned<kVW, kAlignNV4>(vw[u][j], v_base + row * row_bytes);
+          vbs[u][j] = ld_nc_bytes<kVSB>(vs_base + row * row_bytes);
+        } else {
+          load_words(vw[u][j], v_base + row * row_bytes);
+        }
       }
     }
     // ---- S^T = K Q^T per chunk: each K fragment converted once, used by every n-tile.
@@ -573,7 +759,16 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 #pragma unroll
       for (int kk = 0; kk < kSteps; ++kk) {
         uint32_t a[4];
-        if constexpr (FP8) {
+        if constexpr (NV4) {  // dims 4kk + {0,1} | {2,3}: bytes 2kk, 2kk + 1 of the slice; block kk / 4
+          const int sh = 16 * (kk & 1);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const uint32_t sb = (kbs[u][j] >> (8 * (kk / 4))) & 0xFFu;
+            const uint32_t sc = nv4_scales_f16x2(sb | (sb << 8));
+            a[j] = hmul2_u32(e2m1x2_to_f16x2(kw[u][j][kk / 2] >> sh), sc);
+            a[2 + j] = hmul2_u32(e2m1x2_to_f16x2(kw[u][j][kk / 2] >> (sh + 8)), sc);
+          }
+        } else if constexpr (FP8) {
           a[0] = e4m3x2_to_f16x2(kw[u][0][kk]);
           a[1] = e4m3x2_to_f16x2(kw[u][1][kk]);
           a[2] = e4m3x2_to_f16x2(kw[u][0][kk] >> 16);
@@ -679,7 +874,19 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 #pragma unroll
       for (int i = 0; i < kSteps; ++i) {
         uint32_t a[4];
-        if constexpr (FP8) {  // dims r*D/8 + 2i (row r) and + 1 (row r + 8) of keys (2c, 2c+1), (2c+8, 2c+9)
+        if constexpr (NV4) {
+          // Byte i of the slice holds dims r*D/8 + 2i (low nibble: row r) and + 1 (high: row r + 8). Regroup the
+          // nibbles of keys (2c, 2c+1) and (2c+8, 2c+9) into bytes (key x, key y) of one dim; block (2i) / 16.
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t x = vw[u][2 * h][i / 4] >> (8 * (i & 3)), y = vw[u][2 * h + 1][i / 4] >> (8 * (i & 3));
+            const int b = (2 * i) / 16;
+            const uint32_t sc = nv4_scales_f16x2(((vbs[u][2 * h] >> (8 * b)) & 0xFFu) |
+                                                 (((vbs[u][2 * h + 1] >> (8 * b)) & 0xFFu) << 8));
+            a[2 * h] = hmul2_u32(e2m1x2_to_f16x2((x & 0x0Fu) | ((y & 0x0Fu) << 4)), sc);
+            a[2 * h + 1] = hmul2_u32(e2m1x2_to_f16x2(((x >> 4) & 0x0Fu) | (y & 0xF0u)), sc);
+          }
+        } else if constexpr (FP8) {  // dims r*D/8 + 2i (row r) and + 1 (row r + 8) of keys (2c, 2c+1), (2c+8, 2c+9)
           const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
           const uint32_t z01 = __byte_perm(vw[u][0][i / 2], vw[u][1][i / 2], sel);
           const uint32_t z23 = __byte_perm(vw[u][2][i / 2], vw[u][3][i / 2], sel);
@@ -1184,13 +1391,62 @@ static int visit_attention(int head_dim, int group, int block_size, Op&& op) {
 template <int G, bool FP8>
 constexpr int v2_tokens_per_step() { return FP8 && G < 8 ? 8 : 4; }
 
+// KV cache formats as the host functions take them (binding.cpp picks one from the cache's dtype).
+enum KvFormat : int { kKvBf16 = 0, kKvFp8 = 1, kKvNvfp4 = 2 };
+
+// NVFP4 KV, decode: the tensor-core kernel only (no v2: pages must hold a multiple of 16 keys, the engine's 16 do),
+// every head dim and group. TILES: head_dim 64 / 128 keep FP8's 4 chunks per warp step (half the raw bytes in
+// flight, and room for the scale registers), but 128 with 4 heads per KV head takes 2 and 256 takes 1: with more,
+// ptxas spilled (sm_89, nvcc 13: 8 bytes at 168 registers for 128 x 4, 28-40 bytes at 255 for 256 x 2 tiles).
+// Speed on Ada not measured yet (the H100 runs it through PTX, docs/KERNELS.md).
+template <class Op>
+static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op) {
+  if (block_size % 16 != 0) return kUnsupportedShape;
+#define ADAQ_ATTN_NV4(DIM, GRP, TILES) \
+  if (head_dim == DIM && group == GRP) return op.template mma<DIM, GRP, TILES, true, true>();
+#define ADAQ_ATTN_NV4_G(DIM, TILES) \
+  ADAQ_ATTN_NV4(DIM, 1, TILES) ADAQ_ATTN_NV4(DIM, 2, TILES) ADAQ_ATTN_NV4(DIM, 4, TILES) ADAQ_ATTN_NV4(DIM, 8, TILES)
+  ADAQ_ATTN_NV4_G(64, 4)
+  ADAQ_ATTN_NV4(128, 1, 4) ADAQ_ATTN_NV4(128, 2, 4) ADAQ_ATTN_NV4(128, 4, 2) ADAQ_ATTN_NV4(128, 8, 4)
+  ADAQ_ATTN_NV4_G(256, 1)
+#undef ADAQ_ATTN_NV4_G
+#undef ADAQ_ATTN_NV4
+  return kUnsupportedShape;
+}
+
+// NVFP4 KV, prefill over the cache: v3's prefill (QT consecutive queries per block, as FP8 head_dim 256 runs), for
+// every head dim; the flash kernel (v4) stages K/V tiles in shared memory as FP8/bf16 and has no NVFP4 loader yet.
+// Head dim 256 with 8 heads per KV head has no whole n-tile pair: the per-query decode kernel serves it.
+template <class Op>
+static int visit_prefill_nv4(int head_dim, int group, int block_size, Op&& op) {
+  if (block_size % 16 != 0 || group < 1 || group > 8) return kUnsupportedShape;
+#define ADAQ_ATTN_PF_NV4(DIM, GRP, TILES, QT) \
+  if (head_dim == DIM && group == GRP) return op.template prefill<DIM, GRP, TILES, true, QT, true>();
+  ADAQ_ATTN_PF_NV4(64, 1, 2, 16) ADAQ_ATTN_PF_NV4(64, 2, 2, 8) ADAQ_ATTN_PF_NV4(64, 4, 2, 4)
+  ADAQ_ATTN_PF_NV4(64, 8, 2, 2)
+  ADAQ_ATTN_PF_NV4(128, 1, 2, 16) ADAQ_ATTN_PF_NV4(128, 2, 2, 8) ADAQ_ATTN_PF_NV4(128, 4, 2, 4)
+  ADAQ_ATTN_PF_NV4(128, 8, 2, 2)
+  ADAQ_ATTN_PF_NV4(256, 1, 1, 8) ADAQ_ATTN_PF_NV4(256, 2, 1, 4) ADAQ_ATTN_PF_NV4(256, 4, 1, 2)
+#undef ADAQ_ATTN_PF_NV4
+  return kUnsupportedShape;
+}
+
+// One visit per cache format.
+template <class Op>
+static int visit_attention_kv(int kv_format, int head_dim, int group, int block_size, Op&& op) {
+  if (kv_format == kKvNvfp4) return visit_attention_nv4(head_dim, group, block_size, op);
+  return kv_format == kKvFp8 ? visit_attention<true>(head_dim, group, block_size, op)
+                             : visit_attention<false>(head_dim, group, block_size, op);
+}
+
 struct LaunchAttention {
   const AttnParams& p;
   int tokens;
   cudaStream_t stream;
-  template <int D, int G, int TILES, bool FP8>
+  template <int D, int G, int TILES, bool FP8, bool NV4 = false>
   int mma() const {
-    paged_attention_mma_kernel<D, G, TILES, FP8><<<dim3(p.splits, p.kv_heads, tokens), kAttnThreads, 0, stream>>>(p);
+    paged_attention_mma_kernel<D, G, TILES, FP8, 1, NV4>
+        <<<dim3(p.splits, p.kv_heads, tokens), kAttnThreads, 0, stream>>>(p);
     if (cudaGetLastError() != cudaSuccess) return kCudaError;
     return p.counters != nullptr ? kOk : merge_splits(p, tokens, D, stream);
   }
@@ -1210,9 +1466,9 @@ struct AttentionKernelInfo {
   const void* fn = nullptr;
   int round_keys = 0;
   bool tensor_cores = false;
-  template <int D, int G, int TILES, bool FP8>
+  template <int D, int G, int TILES, bool FP8, bool NV4 = false>
   int mma() {
-    fn = reinterpret_cast<const void*>(paged_attention_mma_kernel<D, G, TILES, FP8>);
+    fn = reinterpret_cast<const void*>(paged_attention_mma_kernel<D, G, TILES, FP8, 1, NV4>);
     round_keys = (kAttnThreads / 32) * TILES * 16;
     tensor_cores = true;
     return kOk;
@@ -1255,11 +1511,12 @@ struct LaunchPrefill {
   const AttnParams& p;
   int blocks;
   cudaStream_t stream;
-  template <int D, int G, int TILES, bool FP8, int QT>
+  template <int D, int G, int TILES, bool FP8, int QT, bool NV4 = false>
   int prefill() const {
     AttnParams q = p;
     q.counters = nullptr;
-    paged_attention_mma_kernel<D, G, TILES, FP8, QT><<<dim3(q.splits, q.kv_heads, blocks), kAttnThreads, 0, stream>>>(q);
+    paged_attention_mma_kernel<D, G, TILES, FP8, QT, NV4>
+        <<<dim3(q.splits, q.kv_heads, blocks), kAttnThreads, 0, stream>>>(q);
     return cudaGetLastError() == cudaSuccess ? merge_splits(q, p.tokens_total, D, stream) : kCudaError;
   }
   template <int D, bool FP8>
@@ -1273,15 +1530,21 @@ struct LaunchPrefill {
 };
 
 struct PrefillBlockTokens {
-  template <int D, int G, int TILES, bool FP8, int QT>
+  template <int D, int G, int TILES, bool FP8, int QT, bool NV4 = false>
   int prefill() const { return QT; }
   template <int D, bool FP8>
   int flash() const { return flash_warps() * 16; }
 };
 
-int attention_prefill_block_tokens(int head_dim, int group, bool fp8, int block_size) {
-  const int qt = fp8 ? visit_prefill<true>(head_dim, group, block_size, PrefillBlockTokens{})
-                     : visit_prefill<false>(head_dim, group, block_size, PrefillBlockTokens{});
+template <class Op>
+static int visit_prefill_kv(int kv_format, int head_dim, int group, int block_size, Op&& op) {
+  if (kv_format == kKvNvfp4) return visit_prefill_nv4(head_dim, group, block_size, op);
+  return kv_format == kKvFp8 ? visit_prefill<true>(head_dim, group, block_size, op)
+                             : visit_prefill<false>(head_dim, group, block_size, op);
+}
+
+int attention_prefill_block_tokens(int head_dim, int group, int kv_format, int block_size) {
+  const int qt = visit_prefill_kv(kv_format, head_dim, group, block_size, PrefillBlockTokens{});
   return qt == kUnsupportedShape ? 0 : qt;
 }
 
@@ -1304,13 +1567,13 @@ static int blocks_per_sm(const void* fn) {
 // Splits of the context per (query token, KV head). Tensor-core kernel: at most one wave of resident blocks (slots
 // from the occupancy API), the fewest splits with the fewest rounds of chunks per block, so that at batch 1 every
 // K/V byte is requested at the start; v2: about two blocks per SM, >= 64 keys each.
-int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, bool fp8, int block_size) {
+int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, int kv_format,
+                     int block_size) {
   int sms = 0, dev = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   AttentionKernelInfo info;
-  const int status = fp8 ? visit_attention<true>(head_dim, group, block_size, info)
-                         : visit_attention<false>(head_dim, group, block_size, info);
+  const int status = visit_attention_kv(kv_format, head_dim, group, block_size, info);
   const int work = tokens * kv_heads;
   int s;
   if (status != kOk || !info.tensor_cores) {
@@ -1329,7 +1592,7 @@ int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, in
 }
 
 int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_cache, const void* v_cache,
-                    const float* k_scale, const float* v_scale, bool fp8, const int* block_tables, int table_stride,
+                    const float* k_scale, const float* v_scale, int kv_format, const int* block_tables, int table_stride,
                     const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
                     float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
                     int block_size, int splits, int window, float scale, float softcap, int* counters,
@@ -1352,12 +1615,10 @@ int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_ca
   if (query_blocks != nullptr) {
     if (num_query_blocks < 1) return kOk;
     const LaunchPrefill launch{p, num_query_blocks, stream};
-    return fp8 ? visit_prefill<true>(head_dim, group, block_size, launch)
-               : visit_prefill<false>(head_dim, group, block_size, launch);
+    return visit_prefill_kv(kv_format, head_dim, group, block_size, launch);
   }
   const LaunchAttention launch{p, tokens, stream};
-  return fp8 ? visit_attention<true>(head_dim, group, block_size, launch)
-             : visit_attention<false>(head_dim, group, block_size, launch);
+  return visit_attention_kv(kv_format, head_dim, group, block_size, launch);
 }
 
 }  // namespace adaq

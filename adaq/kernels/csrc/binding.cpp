@@ -24,15 +24,19 @@ int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void
 int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
              void* k_cache, void* v_cache, float* k_scale, float* v_scale, const long long* slots, int tokens,
              int kv_heads, int head_dim, bool fp8, cudaStream_t stream);
-int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, bool fp8, int block_size);
+int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
+                   void* k_cache, void* v_cache, void* k_exp, void* v_exp, const long long* slots, int tokens,
+                   int kv_heads, int head_dim, cudaStream_t stream);
+int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, int kv_format,
+                     int block_size);
 void attention_set_variant(int variant);
 int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_cache, const void* v_cache,
-                    const float* k_scale, const float* v_scale, bool fp8, const int* block_tables, int table_stride,
+                    const float* k_scale, const float* v_scale, int kv_format, const int* block_tables, int table_stride,
                     const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
                     float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
                     int block_size, int splits, int window, float scale, float softcap, int* counters,
                     int num_counters, const int* query_blocks, int num_query_blocks, cudaStream_t stream);
-int attention_prefill_block_tokens(int head_dim, int group, bool fp8, int block_size);
+int attention_prefill_block_tokens(int head_dim, int group, int kv_format, int block_size);
 int rms_norm(const __nv_bfloat16* x, long long outer_stride, long long inner_stride, int inner,
              const __nv_bfloat16* w, __nv_bfloat16* y, int rows, int dim, float eps, bool unit_offset,
              cudaStream_t stream);
@@ -136,6 +140,21 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(v.dim() == 3 && v.stride(2) == 1 && v.stride(1) == v.size(2), "v must be [T, Hkv, D] with dense heads");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), "slot_mapping must be int64 [T]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  if (k_cache.scalar_type() == at::kByte) {  // NVFP4: rows of D/2 + D/16 bytes, uint8 E8M0 exponents as scales
+    const int64_t D = k.size(2);
+    TORCH_CHECK(k_cache.size(-1) == D / 2 + D / 16 && v_cache.scalar_type() == at::kByte,
+                "an NVFP4 KV cache has rows of head_dim / 2 + head_dim / 16 bytes");
+    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kByte && v_scale->scalar_type() == at::kByte &&
+                    k_scale->is_contiguous() && v_scale->is_contiguous(),
+                "an NVFP4 KV cache needs its uint8 exponent tensors");
+    const c10::cuda::CUDAGuard guard(k.device());
+    const int status = adaq::store_kv_nvfp4(
+        bf16_ptr(k), bf16_ptr(v), k.stride(0), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_scale->data_ptr(), v_scale->data_ptr(), reinterpret_cast<const long long*>(slots.data_ptr<int64_t>()),
+        k.size(0), k.size(1), D, stream());
+    ADAQ_CHECK_STATUS(status, "store_kv (nvfp4) head_dim=" + std::to_string(D));
+    return;
+  }
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 || k_cache.scalar_type() == at::kBFloat16, "KV cache must be float8_e4m3fn or bfloat16");
   TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
@@ -183,13 +202,14 @@ void gemm_expand_e4m3(torch::Tensor wq, torch::Tensor ws, torch::Tensor row_mul,
 
 void attention_set_variant(int64_t variant) { adaq::attention_set_variant(variant); }
 
-int64_t attention_prefill_block_tokens(int64_t head_dim, int64_t group, bool fp8, int64_t block_size) {
-  return adaq::attention_prefill_block_tokens(head_dim, group, fp8, block_size);
+// kv_format: 0 bf16, 1 FP8, 2 NVFP4 (adaq::KvFormat).
+int64_t attention_prefill_block_tokens(int64_t head_dim, int64_t group, int64_t kv_format, int64_t block_size) {
+  return adaq::attention_prefill_block_tokens(head_dim, group, kv_format, block_size);
 }
 
 int64_t attention_splits(int64_t tokens, int64_t kv_heads, int64_t max_context, int64_t head_dim, int64_t group,
-                         bool fp8, int64_t block_size) {
-  return adaq::attention_splits(tokens, kv_heads, max_context, head_dim, group, fp8, block_size);
+                         int64_t kv_format, int64_t block_size) {
+  return adaq::attention_splits(tokens, kv_heads, max_context, head_dim, group, kv_format, block_size);
 }
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -204,7 +224,11 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  const bool nvfp4 = k_cache.scalar_type() == at::kByte;
   TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
+  TORCH_CHECK(!nvfp4 || (k_cache.size(3) == q.size(2) / 2 + q.size(2) / 16 && k_scale && v_scale &&
+                         k_scale->scalar_type() == at::kByte && v_scale->scalar_type() == at::kByte),
+              "an NVFP4 KV cache: rows of head_dim / 2 + head_dim / 16 bytes and uint8 exponents");
   TORCH_CHECK(!query_blocks || (query_blocks->scalar_type() == at::kInt && query_blocks->dim() == 2 &&
                                 query_blocks->size(1) == 3 && query_blocks->is_contiguous() && query_ctx),
               "query_blocks must be int32 [blocks, 3] (sequence, first token, count), with query_ctx");
@@ -217,8 +241,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     part_lse = torch::empty({T, H, splits}, q.options().dtype(at::kFloat));
   }
   const int status = adaq::paged_attention(
-      bf16_ptr(q), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), fp8 ? k_scale->data_ptr<float>() : nullptr,
-      fp8 ? v_scale->data_ptr<float>() : nullptr, fp8, block_tables.data_ptr<int>(), block_tables.stride(0),
+      bf16_ptr(q), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+      fp8 || nvfp4 ? static_cast<const float*>(k_scale->data_ptr()) : nullptr,
+      fp8 || nvfp4 ? static_cast<const float*>(v_scale->data_ptr()) : nullptr, nvfp4 ? 2 : fp8 ? 1 : 0,
+      block_tables.data_ptr<int>(), block_tables.stride(0),
       context_lens.data_ptr<int>(), query_seq ? query_seq->data_ptr<int>() : nullptr,
       query_ctx ? query_ctx->data_ptr<int>() : nullptr, bf16_mut(out), splits > 1 ? part_out.data_ptr<float>() : nullptr,
       splits > 1 ? part_lse.data_ptr<float>() : nullptr, T, H, Hkv, D, k_cache.size(1), splits, window, scale, softcap,
