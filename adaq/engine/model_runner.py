@@ -292,7 +292,8 @@ class ModelRunner:
             if geometry.nvfp4 and (heads, dim) != (geometry.num_kv_heads, geometry.head_dim):
                 raise AdaqError("--kv-cache-dtype nvfp4 does not take layers of different KV shapes (Gemma 4) yet: "
                                 "use fp8 or bf16")
-            layer.k_cache, layer.v_cache = (layer_view(kv_cache[kind, index], heads, dim) for kind in (0, 1))
+            width = geometry.row_width if geometry.nvfp4 else dim  # an NVFP4 row: packed values, then block scales
+            layer.k_cache, layer.v_cache = (layer_view(kv_cache[kind, index], heads, width) for kind in (0, 1))
             layer.k_scale = None if kv_scales is None else kv_scales[0, index, ..., :heads]
             layer.v_scale = None if kv_scales is None else kv_scales[1, index, ..., :heads]
             layer.in_sliding_pool = in_sliding_pool
