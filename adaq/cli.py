@@ -95,10 +95,26 @@ def main() -> None:
     """The console script: a user's mistake is one line; an unexpected failure is one line and a log file
     (ADAQ_DEBUG=1 shows its traceback instead)."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _one_line_warnings()
     try:
         _run_app()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warnings() -> None:
+    """adaq's own warnings (a fallback, a capped context) read as one `warning:` line, not Python's file:line and
+    source echo; other libraries' warnings keep their form."""
+    import warnings
+
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("adaq."):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
 
 
 def _run_app() -> None:
