@@ -175,3 +175,21 @@ def test_a_huge_max_position_embeddings_is_capped_to_the_kv_budget(tiny_qwen3_nv
     code, _, err = adaq(["run", folder, "hi", *FAST, "--kv-cache-memory", "8MiB", "--max-model-len", str(10**9)],
                         capsys, monkeypatch)
     one_error_line(code, err, "--max-model-len")
+
+
+def test_a_missing_o_proj_or_a_wrong_embedding_is_invalid_for_validate_and_refused_by_run(tiny_qwen3, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Found by scripts/fuzz_cli.py: validate called these valid while run refused them."""
+    from safetensors.torch import load_file, save_file
+
+    for case, edit in (("o_proj", lambda t: t.pop("model.layers.1.self_attn.o_proj.weight")),
+                       ("embedding", lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"][:7]}))):
+        folder = copy_of(tiny_qwen3, tmp_path, case)
+        shard = next(folder.glob("*.safetensors"))
+        tensors = load_file(shard)
+        edit(tensors)
+        save_file(tensors, shard, metadata={"format": "pt"})
+        errors = validate_findings(folder, capsys, monkeypatch)
+        assert errors and errors[0]["rule"] == "shape-vs-config", errors
+        code, _, err = adaq(["run", folder, "hi", *FAST], capsys, monkeypatch)
+        one_error_line(code, err, "o_proj" if case == "o_proj" else "embed")

@@ -16,6 +16,7 @@ from adaq.formats.architectures import DECODER_PREFIXES, architecture_of
 from adaq.formats.shapes import ModelShape
 
 LAYER = re.compile(r"^(?:" + "|".join(re.escape(prefix) for prefix in DECODER_PREFIXES) + r")layers\.(\d+)\.")
+EMBEDDINGS = {f"{prefix}embed_tokens.weight" for prefix in DECODER_PREFIXES}  # the decoder's, not a tower's
 LINEAR_WEIGHT = re.compile(r"^(?P<prefix>.+)\.(?P<suffix>weight|weight_packed)$")
 # E4M3 (fn) as bytes: NaN is S.1111.111; a sign bit with any other bit set is negative (0x80 is -0.0).
 E4M3_NAN_BITS, E4M3_SIGN = 0x7F, 0x80
@@ -40,7 +41,8 @@ def structure_problems(config: dict, specs: dict[str, tuple[str, list[int]]], qu
         shape = ModelShape.from_config(config)
     except (UnsupportedArchitecture, CheckpointError):
         return []
-    return layer_problems(shape, specs) + linear_problems(shape, specs, quantized)
+    return (layer_problems(shape, specs) + linear_problems(shape, specs, quantized) + missing_linear_problems(shape, specs)
+            + embedding_problems(shape, specs))
 
 
 def layer_problems(shape: ModelShape, specs: dict) -> list[Problem]:
@@ -55,6 +57,32 @@ def layer_problems(shape: ModelShape, specs: dict) -> list[Problem]:
         problems.append(Problem("layers", "", f"the tensors hold layer {_ranges(extra)} beyond config.json's "
                                               f"num_hidden_layers {shape.layers}"))
     return problems
+
+
+def missing_linear_problems(shape: ModelShape, specs: dict) -> list[Problem]:
+    """A layer whose attention (or dense MLP) holds some of its Linears but not all that config.json gives it."""
+    present: dict[int, set[str]] = {}
+    for name in specs:
+        layer, match = LAYER.match(name), LINEAR_WEIGHT.match(name)
+        if layer and match:
+            present.setdefault(int(layer.group(1)), set()).add(match.group("prefix")[layer.end():])
+    problems = []
+    for index, names in sorted(present.items()):
+        for group in ("self_attn.", "mlp."):
+            expected = {name for name in shape.layer_linears(index) if name.startswith(group)}
+            found = names & expected
+            if found and found != expected:
+                missing = ", ".join(sorted(expected - found))
+                problems.append(Problem("shape-vs-config", f"layers.{index}", f"{missing} missing beside "
+                                                                              f"{', '.join(sorted(found))}"))
+    return problems
+
+
+def embedding_problems(shape: ModelShape, specs: dict) -> list[Problem]:
+    expected = [shape.vocab, shape.hidden]
+    return [Problem("shape-vs-config", name, f"embedding is {list(dims)} but config.json gives {expected}")
+            for name, (_, dims) in specs.items()
+            if name in EMBEDDINGS and list(dims) != expected]
 
 
 def linear_problems(shape: ModelShape, specs: dict, quantized: set[str]) -> list[Problem]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
 from adaq.formats.architectures import architecture_of
-from adaq.formats.consistency import layer_problems, linear_shapes, nonfinite, shape_problem
+from adaq.formats.consistency import (embedding_problems, layer_problems, linear_shapes, missing_linear_problems,
+                                     nonfinite, shape_problem)
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
 from adaq.formats.shapes import ModelShape
 from adaq.validate.budget import (
@@ -177,6 +178,8 @@ def check_structure(checks: Checks, shape: ModelShape, checkpoint, quantized: se
     checks.check("layers", not problems, "", "; ".join(problem.message for problem in problems))
     for prefix, found, expected in linear_shapes(shape, specs, quantized):
         checks.check("shape-vs-config", found == expected, prefix, shape_problem(prefix, found, expected).message)
+    for problem in missing_linear_problems(shape, specs) + embedding_problems(shape, specs):
+        checks.check(problem.rule, False, problem.tensor, problem.message)
 
 
 def kept_names(index: TensorIndex, prefixes: list[str], roles: TensorRoles | None) -> list[str]:
