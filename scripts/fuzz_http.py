@@ -28,18 +28,13 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers.hostile import HOSTILE_TEMPLATE, READ_TIMEOUT_S, TEMPLATE_TIMEOUT_S  # noqa: E402
+
 API_KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "tiny"
 BATCH = 20
-READ_TIMEOUT_S = 2
-TEMPLATE_TIMEOUT_S = 3
-HOSTILE_TEMPLATE = (
-    "{% if messages[-1].content == 'loop' %}"
-    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
-    "{% elif messages[-1].content == 'big' %}{{ 'x' * 10000000000 }}"
-    "{% else %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>{% endif %}"
-)
 SERVER_FLAGS = ["--backend", "reference", "--device", "cpu", "--dtype", "fp32", "--kv-cache-dtype", "bf16",
                 "--max-model-len", "192", "--max-num-seqs", "8", "--max-queue", "16", "--max-prompt-tokens", "128",
                 "--max-output-tokens", "8", "--max-body-bytes", str(256 * 1024), "--kv-cache-memory", "64MiB",
@@ -57,7 +52,6 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
 
 # ---- the server ----------------------------------------------------------------------------------------------------
 def tiny_checkpoint(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
     import torch
     from helpers.tiny_models import random_model
     from helpers.tiny_tokenizer import write_tokenizer

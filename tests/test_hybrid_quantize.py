@@ -3,8 +3,7 @@ ignore list (llm-compressor's Qwen3.5 / Qwen3-Next NVFP4 examples), and the resu
 
 import pytest
 import torch
-from helpers.tiny_models import HYBRID_IGNORE, HYBRIDS, random_model
-from helpers.tiny_tokenizer import write_tokenizer
+from helpers.tiny_models import HYBRID_IGNORE, HYBRIDS, hybrid_bf16_folders
 from safetensors.torch import load_file
 from test_quantize import llmcompressor_oneshot, quantization_config, raw_bytes
 
@@ -14,13 +13,7 @@ from adaq.quant.pipeline import quantize_model
 
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory):
-    folders = {}
-    for arch in HYBRIDS:
-        folder = tmp_path_factory.mktemp(f"bf16-{arch}")
-        random_model(arch, seed=1).to(torch.bfloat16).save_pretrained(folder)
-        write_tokenizer(folder)
-        folders[arch] = folder
-    return folders
+    return hybrid_bf16_folders(tmp_path_factory)
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:

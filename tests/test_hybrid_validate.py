@@ -2,9 +2,7 @@
 state cache in the VRAM budget."""
 
 import pytest
-import torch
-from helpers.tiny_models import HYBRIDS, random_model
-from helpers.tiny_tokenizer import write_tokenizer
+from helpers.tiny_models import HYBRIDS, hybrid_bf16_folders
 
 from adaq.quant.pipeline import quantize_model
 from adaq.validate.budget import estimate_weight_bytes, plan, Gpu
@@ -15,10 +13,7 @@ from adaq.validate.validator import validate_checkpoint
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     folders = {}
-    for arch in HYBRIDS:
-        source = tmp_path_factory.mktemp(f"bf16-{arch}")
-        random_model(arch, seed=1).to(torch.bfloat16).save_pretrained(source)
-        write_tokenizer(source)
+    for arch, source in hybrid_bf16_folders(tmp_path_factory).items():
         folders[arch] = tmp_path_factory.mktemp(f"nvfp4-{arch}") / "out"
         quantize_model(str(source), folders[arch], scheme="nvfp4a16", method="rtn", device="cpu")
     return folders

@@ -14,18 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.hostile import HOSTILE_TEMPLATE, READ_TIMEOUT_S, TEMPLATE_TIMEOUT_S
 from test_serve import API_KEY, AUTH, MODEL, SERVER_FLAGS, Server, run_cli, start_server, stop_server
 
-READ_TIMEOUT_S = 2
-TEMPLATE_TIMEOUT_S = 3
-# One template, three behaviours picked by the last message: a runaway loop (10^10 iterations), a 10 GB string,
-# or the tiny tokenizer's own plain rendering.
-HOSTILE_TEMPLATE = (
-    "{% if messages[-1].content == 'loop' %}"
-    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
-    "{% elif messages[-1].content == 'big' %}{{ 'x' * 10000000000 }}"
-    "{% else %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>{% endif %}"
-)
 LIMIT_FLAGS = ["--read-timeout", str(READ_TIMEOUT_S), "--keep-alive", "1", "--chat-template-timeout",
                str(TEMPLATE_TIMEOUT_S), "--api-key", API_KEY, "--served-model-name", MODEL]
 

@@ -223,3 +223,16 @@ def fuse_experts(state: dict[str, torch.Tensor], fused: dict[str, torch.Tensor])
                 whole[e, start:end] = out.pop(part)
             out[name] = whole
     return out
+
+
+def hybrid_bf16_folders(tmp_path_factory) -> dict[str, "Path"]:
+    """A bf16 checkpoint folder (with the tiny tokenizer) per hybrid family, for quantize and validate tests."""
+    from helpers.tiny_tokenizer import write_tokenizer
+
+    folders = {}
+    for arch in HYBRIDS:
+        folder = tmp_path_factory.mktemp(f"bf16-{arch}")
+        random_model(arch, seed=1).to(torch.bfloat16).save_pretrained(folder)
+        write_tokenizer(folder)
+        folders[arch] = folder
+    return folders
