@@ -11,15 +11,18 @@ constexpr int kMaxTopK = 16;
 // One warp per token: softmax in fp32 over E logits, then top_k rounds of warp argmax (ties: lowest expert, as
 // torch.topk returns them), renormalised in fp32 when asked, weights rounded to bf16 like the reference. ids_copy
 // (optional) receives the token's expert ids too (the fused route kernel's shared-memory copy).
+// PER_LANE = ceil(E / 32) rounded up to 4, 8 or 16: each top-k round scans PER_LANE registers per lane before its
+// 5 shuffle steps, so a 128-expert router does 4 compares per round, not the 16 that 512 experts need (the decode
+// step profile of Qwen3-30B-A3B had this kernel at 9.5 us, the largest non-GEMM launch of a MoE layer).
+template <int PER_LANE>
 __device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ logits, int t, int experts, int top_k,
                                             bool renormalize, __nv_bfloat16* __restrict__ weights,
                                             int* __restrict__ ids, int* ids_copy) {
   const int lane = threadIdx.x & 31;
-  constexpr int kPerLane = kMaxExperts / 32;
-  float p[kPerLane];
+  float p[PER_LANE];
   float mx = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
+  for (int i = 0; i < PER_LANE; ++i) {
     const int e = lane + 32 * i;
     p[i] = e < experts ? __bfloat162float(logits[static_cast<long long>(t) * experts + e]) : -INFINITY;
     mx = fmaxf(mx, p[i]);
@@ -27,76 +30,105 @@ __device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ lo
   mx = warp_max(mx);
   float sum = 0.f;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.f;
-    sum += p[i];
+  for (int i = 0; i < PER_LANE; ++i) {
+    p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : -1.f;  // -1: never chosen (probabilities are >= 0)
+    sum += fmaxf(p[i], 0.f);
   }
   sum = warp_sum(sum);
-  float chosen_w[kMaxTopK];
-  int chosen_e[kMaxTopK];
+  // Lane j keeps round j's choice: registers indexed by a loop counter would live in local memory.
+  float my_w = 0.f;
+  int my_e = 0;
   float total = 0.f;
   for (int j = 0; j < top_k; ++j) {
     float best = -1.f;
-    int best_e = 0x7fffffff;
+    int best_i = 0;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int e = lane + 32 * i;
-      if (e < experts && (p[i] > best || (p[i] == best && e < best_e))) { best = p[i]; best_e = e; }
-    }
+    for (int i = 0; i < PER_LANE; ++i)
+      if (p[i] > best) { best = p[i]; best_i = i; }  // ascending i: ties keep the lowest expert of this lane
+    int best_e = best >= 0.f ? lane + 32 * best_i : 0x7fffffff;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float ob = __shfl_xor_sync(0xffffffffu, best, o);
       const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
       if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
     }
+    if ((best_e & 31) == lane) {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
-      if (lane + 32 * i == best_e) p[i] = -2.f;  // taken
-    chosen_w[j] = best / sum;
-    chosen_e[j] = best_e;
-    total += chosen_w[j];
-  }
-  if (lane == 0) {
-    for (int j = 0; j < top_k; ++j) {
-      const float w = renormalize ? chosen_w[j] / total : chosen_w[j];
-      weights[static_cast<long long>(t) * top_k + j] = __float2bfloat16_rn(w);
-      ids[static_cast<long long>(t) * top_k + j] = chosen_e[j];
-      if (ids_copy != nullptr) ids_copy[t * top_k + j] = chosen_e[j];
+      for (int i = 0; i < PER_LANE; ++i)
+        if (i == (best_e >> 5)) p[i] = -2.f;  // taken
     }
+    const float w = best / sum;
+    if (lane == j) { my_w = w; my_e = best_e; }
+    total += w;
   }
+  if (lane < top_k) {
+    const float w = renormalize ? my_w / total : my_w;
+    weights[static_cast<long long>(t) * top_k + lane] = __float2bfloat16_rn(w);
+    ids[static_cast<long long>(t) * top_k + lane] = my_e;
+    if (ids_copy != nullptr) ids_copy[t * top_k + lane] = my_e;
+  }
+}
+
+// The route_token instantiation for `experts` (<= kMaxExperts, checked by the host functions).
+__device__ __forceinline__ void route_token_any(const __nv_bfloat16* __restrict__ logits, int t, int experts,
+                                                int top_k, bool renormalize, __nv_bfloat16* __restrict__ weights,
+                                                int* __restrict__ ids, int* ids_copy) {
+  if (experts <= 128) route_token<4>(logits, t, experts, top_k, renormalize, weights, ids, ids_copy);
+  else if (experts <= 256) route_token<8>(logits, t, experts, top_k, renormalize, weights, ids, ids_copy);
+  else route_token<16>(logits, t, experts, top_k, renormalize, weights, ids, ids_copy);
 }
 
 __global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int tokens, int experts, int top_k,
                                    bool renormalize, __nv_bfloat16* __restrict__ weights, int* __restrict__ ids) {
   const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (t >= tokens) return;
-  route_token(logits, t, experts, top_k, renormalize, weights, ids, nullptr);
+  route_token_any(logits, t, experts, top_k, renormalize, weights, ids, nullptr);
 }
 
 // One block: counts per expert, the list of experts in use (ascending), their row ranges, and the rows (t * k + j)
 // sorted by expert, ascending row order within an expert (a stable order keeps runs reproducible).
-// Whole block; ids may live in global or shared memory (visible to every thread of the block).
+// Whole block (at least 32 threads); ids may live in global or shared memory (visible to every thread of the block).
+// The exclusive scan over experts is one warp's: each lane sums a run of kMaxExperts / 32 consecutive counts, a warp
+// scan of those sums, then each lane walks its run (a single thread walking 128-512 experts took microseconds).
 __device__ __forceinline__ void align_rows(const int* ids, int rows, int experts, int* __restrict__ group_offsets,
                                            int* __restrict__ group_expert, int* __restrict__ row_ids,
                                            int* __restrict__ num_groups) {
+  constexpr int kRun = kMaxExperts / 32;
   __shared__ int count[kMaxExperts], start[kMaxExperts];
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
+  for (int e = threadIdx.x; e < kMaxExperts; e += blockDim.x) count[e] = 0;
   __syncthreads();
   for (int r = threadIdx.x; r < rows; r += blockDim.x) atomicAdd(&count[ids[r]], 1);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int offset = 0, groups = 0;
-    for (int e = 0; e < experts; ++e) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x, e0 = lane * kRun;
+    int rows_in_run = 0, used_in_run = 0;
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) {
+      rows_in_run += count[e0 + i];
+      used_in_run += count[e0 + i] > 0;
+    }
+    int rows_before = rows_in_run, used_before = used_in_run;  // inclusive warp scans, made exclusive below
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int a = __shfl_up_sync(0xffffffffu, rows_before, o), b = __shfl_up_sync(0xffffffffu, used_before, o);
+      if (lane >= o) { rows_before += a; used_before += b; }
+    }
+    int offset = rows_before - rows_in_run, group = used_before - used_in_run;
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) {
+      const int e = e0 + i;
       start[e] = offset;
-      if (count[e] > 0) {
-        group_offsets[groups] = offset;
-        group_expert[groups] = e;
-        ++groups;
+      if (count[e] > 0 && e < experts) {
+        group_offsets[group] = offset;
+        group_expert[group] = e;
+        ++group;
       }
       offset += count[e];
     }
-    group_offsets[groups] = offset;
-    *num_groups = groups;
+    if (lane == 31) {
+      group_offsets[group] = offset;
+      *num_groups = group;
+    }
   }
   __syncthreads();
   // Stable placement: row r's rank among earlier rows of its expert (rows <= a few thousand in decode).
@@ -115,7 +147,8 @@ __global__ void moe_align_kernel(const int* __restrict__ ids, int rows, int expe
 
 // Router + grouping in one launch for decode batches (tokens * top_k <= kMaxRouteRows): one warp per token routes
 // into global memory and a shared copy of the ids, then the whole block groups the rows by expert. One launch
-// instead of two in every MoE layer of a decode step.
+// instead of two in every MoE layer of a decode step. The block has one warp per token up to 32 warps: a batch-1
+// step launches 32 threads, not 1024 that would mostly wait at the barriers.
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxRouteRows = 64 * kMaxTopK;
 __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(
@@ -123,8 +156,8 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(
     __nv_bfloat16* __restrict__ weights, int* __restrict__ ids, int* __restrict__ group_offsets,
     int* __restrict__ group_expert, int* __restrict__ row_ids, int* __restrict__ num_groups) {
   __shared__ int ids_s[kMaxRouteRows];
-  for (int t = threadIdx.x >> 5; t < tokens; t += kRouteThreads / 32)
-    route_token(logits, t, experts, top_k, renormalize, weights, ids, ids_s);
+  for (int t = threadIdx.x >> 5; t < tokens; t += blockDim.x / 32)
+    route_token_any(logits, t, experts, top_k, renormalize, weights, ids, ids_s);
   __syncthreads();
   align_rows(ids_s, tokens * top_k, experts, group_offsets, group_expert, row_ids, num_groups);
 }
@@ -175,7 +208,8 @@ int moe_route(const __nv_bfloat16* logits, int tokens, int experts, int top_k, b
   if (tokens == 0) return kOk;
   if (experts > kMaxExperts || top_k > kMaxTopK || top_k > experts || tokens * top_k > kMaxRouteRows)
     return kUnsupportedShape;
-  moe_route_kernel<<<1, kRouteThreads, 0, stream>>>(logits, tokens, experts, top_k, renormalize, weights, ids,
+  const int threads = 32 * min(tokens, kRouteThreads / 32);
+  moe_route_kernel<<<1, threads, 0, stream>>>(logits, tokens, experts, top_k, renormalize, weights, ids,
                                                     group_offsets, group_expert, row_ids, num_groups);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
