@@ -3,7 +3,9 @@
 What runs on a kernel (bf16 activations on a CUDA device): NVFP4 linears (decode GEMM, weights repacked at load;
 large M: exact dequantize + cuBLAS bf16 or the opt-in FP8 path, adaq.backends.prefill_route.route),
 MoE experts (fused router, grouped GEMM), KV-cache store (FP8, NVFP4 or bf16), paged attention (decode and prefill
-over the cache; NVFP4 needs pages of a multiple of 16 keys), RMSNorm, SiLU/gelu-tanh gating, RoPE. Everything else
+over the cache; NVFP4 needs pages of a multiple of 16 keys), RMSNorm, SiLU/gelu-tanh gating, RoPE, and the Gated
+DeltaNet ops of hybrid models (decode: conv update and the fused gates + delta rule over state slots, gated RMSNorm;
+prefill: fla-core's chunked kernel where installed, the conv as batched torch ops). Everything else
 (dense bf16 linears: cuBLAS; other dtypes or shapes the kernels do not cover) falls through to the reference
 implementation, and each such fallback is reported once per (op, cause) into `self.fallbacks` (adaq.backends.fallbacks)
 where it happens: a dict lookup once known, no device work, so a fallback met during a CUDA-graph capture costs no
@@ -12,9 +14,10 @@ sync (under --strict it stops the capture).
 
 import torch
 
-from adaq.backends import prefill_moe, prefill_route
+from adaq.backends import gdn_prefill, prefill_moe, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
+from adaq.backends.numerics import gated_delta
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
@@ -22,6 +25,8 @@ from adaq.kernels import fp8_gemm, layout, ops
 
 ATTENTION_HEAD_DIMS = (64, 128, 256)
 ATTENTION_GROUPS = (1, 2, 4, 8)
+GDN_KEY_HEAD_DIMS = (32, 64, 128, 256)  # csrc/gated_delta.cu's instantiations; value head dims: multiples of 32
+GDN_CONV_WIDTHS = (2, 3, 4)
 
 
 class KernelLinearHandle(LinearHandle):
@@ -246,6 +251,38 @@ class CudaBackend(ReferenceBackend):
         return (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 16 == 0
                 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
 
+    # ---- Gated DeltaNet (hybrid models) -----------------------------------------------------------------------
+    def causal_conv1d(self, x, weight, conv_states, ctx):
+        cause = _gdn_conv_cause(x, weight, conv_states)
+        if cause:
+            self._fell_back("GDN conv1d", cause)
+            return super().causal_conv1d(x, weight, conv_states, ctx)
+        if ctx.is_prefill:  # batched torch ops over the packed step, no per-sequence loop
+            return gated_delta.conv_packed(x, weight, conv_states, ctx)
+        return ops.gdn_conv_update(x, weight, conv_states, _slots(ctx, conv_states), ctx.context_lens)
+
+    def gated_delta_rule(self, q, k, v, a, b, a_log, dt_bias, ssm_states, ctx):
+        cause = _gdn_rule_cause(q, v, ssm_states, a_log, dt_bias)
+        if cause:
+            self._fell_back("gated delta rule", cause)
+            return super().gated_delta_rule(q, k, v, a, b, a_log, dt_bias, ssm_states, ctx)
+        if not ctx.is_prefill:
+            return ops.gdn_decode(q, k, v, a, b, a_log, dt_bias, ssm_states, _slots(ctx, ssm_states),
+                                  ctx.context_lens)
+        missing = gdn_prefill.unavailable()
+        if missing:
+            self.fallbacks.report("GDN chunked prefill kernel -> reference", missing, gdn_prefill.INSTALL_HINT)
+            return super().gated_delta_rule(q, k, v, a, b, a_log, dt_bias, ssm_states, ctx)
+        g, beta = self.gdn_gates(a, b, a_log, dt_bias)
+        return gdn_prefill.chunk_prefill(q, k, v, g, beta, ssm_states, ctx)
+
+    def gated_rms_norm(self, x, z, weight, eps: float):
+        if not (x.is_cuda and x.dtype == z.dtype == weight.dtype == torch.bfloat16 and x.dim() == 2
+                and x.is_contiguous() and z.stride(-1) == 1):
+            self._fell_back("gated RMSNorm", _elementwise_cause(x, z, weight))
+            return super().gated_rms_norm(x, z, weight, eps)
+        return ops.gated_rms_norm(x, z, weight, eps)
+
     def rotary(self, q, k, positions, inv_freq):
         if not (q.is_cuda and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.dim() == 3):
             self._fell_back("RoPE", _elementwise_cause(q, k))
@@ -264,6 +301,32 @@ def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:
     if cache is not None and not cache.is_contiguous():
         return "a non-contiguous KV cache"
     return None if cache is not None else "no KV cache"
+
+
+def _slots(ctx, states: torch.Tensor | None) -> torch.Tensor | None:
+    return None if states is None else ctx.state_slots
+
+
+def _gdn_conv_cause(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor | None) -> str | None:
+    """Why the GDN conv kernel does not take these tensors (categories, one report each), or None."""
+    if not x.is_cuda or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return f"tensors {x.dtype}, {weight.dtype} on {x.device.type} (the kernels take bf16 on the GPU)"
+    if weight.shape[1] not in GDN_CONV_WIDTHS:
+        return f"conv kernel width {weight.shape[1]} (kernels: {GDN_CONV_WIDTHS})"
+    if states is not None and (states.dtype != torch.bfloat16 or not states.is_contiguous()):
+        return f"conv states {states.dtype} (the kernel takes a contiguous bf16 state cache)"
+    return None
+
+
+def _gdn_rule_cause(q: torch.Tensor, v: torch.Tensor, states: torch.Tensor | None, a_log: torch.Tensor,
+                    dt_bias: torch.Tensor) -> str | None:
+    if not q.is_cuda or {q.dtype, v.dtype, a_log.dtype, dt_bias.dtype} != {torch.bfloat16}:
+        return f"tensors {q.dtype}, {a_log.dtype} on {q.device.type} (the kernels take bf16 on the GPU)"
+    if q.shape[-1] not in GDN_KEY_HEAD_DIMS or v.shape[-1] % 32:
+        return f"head dims {q.shape[-1]} / {v.shape[-1]} (kernels: key {GDN_KEY_HEAD_DIMS}, value a multiple of 32)"
+    if states is not None and not states.is_contiguous():
+        return "a non-contiguous state cache"
+    return None
 
 
 def _elementwise_cause(x: torch.Tensor, *others: torch.Tensor) -> str:

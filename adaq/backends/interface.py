@@ -83,10 +83,12 @@ class Backend(Protocol):
         slot's state in conv_states [slots, C, Kc-1] (zero state when it has no cached tokens) and leaves its last
         Kc-1 inputs there. conv_states None: zero states, nothing stored (warm-up)."""
 
-    def gated_delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                         beta: torch.Tensor, ssm_states: torch.Tensor | None, ctx: Context) -> torch.Tensor:
-        """q, k [T, Hk, Dk], v [T, Hv, Dv], g fp32 / beta [T, Hv] -> [T, Hv, Dv]; recurrent states fp32
-        [slots, Hv, Dk, Dv] read and updated per sequence as for `causal_conv1d`."""
+    def gated_delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         a_log: torch.Tensor, dt_bias: torch.Tensor, ssm_states: torch.Tensor | None,
+                         ctx: Context) -> torch.Tensor:
+        """q, k [T, Hk, Dk], v [T, Hv, Dv], the raw gate inputs a, b [T, Hv] (gates as `gdn_gates`, so that a decode
+        kernel computes them in place) -> [T, Hv, Dv]; recurrent states fp32 [slots, Hv, Dk, Dv] read and updated
+        per sequence as for `causal_conv1d`."""
 
     def gated_rms_norm(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x, z [N, Dv] -> w * rms_norm(x) * silu(z)."""

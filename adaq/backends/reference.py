@@ -146,7 +146,8 @@ class ReferenceBackend:
             return gated_delta.conv_decode(x, weight, conv_states, ctx.state_slots, ctx.context_lens > 1)
         return gated_delta.conv_step(x, weight, conv_states, ctx)
 
-    def gated_delta_rule(self, q, k, v, g, beta, ssm_states, ctx) -> torch.Tensor:
+    def gated_delta_rule(self, q, k, v, a, b, a_log, dt_bias, ssm_states, ctx) -> torch.Tensor:
+        g, beta = self.gdn_gates(a, b, a_log, dt_bias)
         if _batched_decode(ctx, ssm_states):
             return gated_delta.delta_rule_decode(q, k, v, g, beta, ssm_states, ctx.state_slots, ctx.context_lens > 1)
         return gated_delta.delta_rule_step(q, k, v, g, beta, ssm_states, ctx)

@@ -2,8 +2,9 @@
 
 A decode step reads every weight it uses once (all dense weights, the routed experts of MoE layers, the whole
 output layer, one embedding row per sequence) and, per sequence and layer, the K and V of every cached token in
-the attention window, and writes the new token's K and V. Activations are left out: the figure is a lower bound,
-and `bytes / bandwidth` is the fastest a step can be.
+the attention window, and writes the new token's K and V. A hybrid model's Gated DeltaNet layers have no KV: per
+sequence and layer they read and write their states once (conv state and fp32 recurrent state, 2 x the state bytes).
+Activations are left out: the figure is a lower bound, and `bytes / bandwidth` is the fastest a step can be.
 """
 
 import json
@@ -12,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaq.backends.numerics.attention import KV_CACHE_DTYPE_NAMES, kv_bytes_per_token_head
-from adaq.bench.shapes import TensorSpec, layer_attention_shape, layer_windows, text_config
+from adaq.bench.shapes import (TensorSpec, gdn_state_bytes, is_linear_attention, layer_attention_shape, layer_windows,
+                               text_config)
 from adaq.engine.block_manager import sliding_pool_blocks
 from adaq.formats.nvfp4 import GROUP_SIZE
 
@@ -53,10 +55,11 @@ class StepTraffic:
     kv_read: float
     kv_write: float
     batch: int
+    state: float = 0.0  # Gated DeltaNet states read and written (hybrid models)
 
     @property
     def total(self) -> float:
-        return self.weights + self.kv_read + self.kv_write
+        return self.weights + self.kv_read + self.kv_write + self.state
 
     def bound_step_seconds(self, bandwidth: float) -> float:
         return self.total / bandwidth
@@ -126,9 +129,9 @@ def _assemble(by_role: dict[str, int], config: dict, embedding_dtype_bytes: int)
     embedding = by_role.get("embedding", 0)
     tied = "lm_head" not in by_role
     return WeightBytes(
-        linear=by_role.get("linear", 0), expert=by_role.get("expert", 0), router=by_role.get("router", 0),
+        linear=by_role.get("linear", 0) + by_role.get("dense", 0), expert=by_role.get("expert", 0), router=by_role.get("router", 0),
         lm_head=embedding if tied else by_role["lm_head"], embedding=embedding,
-        embedding_row=text["hidden_size"] * embedding_dtype_bytes, norm=by_role.get("norm", 0),
+        embedding_row=text["hidden_size"] * embedding_dtype_bytes, norm=by_role.get("norm", 0) + by_role.get("gdn", 0),
         num_experts=text.get("num_experts", 0) or 0, experts_per_token=text.get("num_experts_per_tok") or text.get("top_k_experts") or 0,
         tied=tied)
 
@@ -149,7 +152,9 @@ def step_weight_bytes(weights: WeightBytes, batch: int) -> float:
 
 def kv_bytes_per_token_per_layer(config: dict, kv_cache_dtype: str, layer: int = 0) -> int:
     """K and V of one token in one layer: per KV head its head_dim values plus the scheme's scales (Gemma 4's global
-    layers have their own KV heads and head_dim)."""
+    layers have their own KV heads and head_dim; a Gated DeltaNet layer has none)."""
+    if is_linear_attention(config, layer):
+        return 0
     kv_heads, dim, _ = layer_attention_shape(config, layer)
     return 2 * kv_heads * kv_bytes_per_token_head(kv_cache_dtype, dim)
 
@@ -169,7 +174,8 @@ def decode_traffic(weights: WeightBytes, config: dict, *, batch: int, input_len:
                      for step in range(1, steps + 1) for window, per_token in zip(windows, per_layer))
     kv_read = batch * read_bytes / steps
     kv_write = batch * sum(per_layer)
-    return StepTraffic(step_weight_bytes(weights, batch), kv_read, kv_write, batch)
+    state = batch * 2 * gdn_state_bytes(config)
+    return StepTraffic(step_weight_bytes(weights, batch), kv_read, kv_write, batch, state)
 
 
 def kv_cache_bytes(config: dict, kv_cache_dtype: str, tokens: int, *, num_seqs: int = 1,

@@ -11,8 +11,12 @@ from pathlib import Path
 
 from adaq.errors import AdaqError, UnsupportedArchitecture
 
-# Roles: "linear" and "expert" are the Linear weights NVFP4 quantizes; the rest stay in the model dtype.
+# Roles: "linear" and "expert" are the Linear weights NVFP4 quantizes; the rest stay in the model dtype ("dense":
+# Linear weights a recipe keeps in bf16, as llm-compressor's Qwen3.5 / Qwen3-Next examples keep `linear_attn`;
+# "gdn": a Gated DeltaNet layer's small parameters, conv weight, A_log, dt_bias and its output norm).
 QUANTIZABLE_ROLES = ("linear", "expert")
+HYBRID_FAMILIES = ("qwen3_5_moe", "qwen3_5", "qwen3_next")
+LINEAR_ATTENTION = "linear_attention"
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,41 @@ def text_config(config: dict) -> dict:
 
 def model_family(config: dict) -> str:
     model_type = text_config(config).get("model_type", "")
-    for family in ("qwen3_moe", "qwen3", "gemma3", "gemma4"):
+    for family in (*HYBRID_FAMILIES, "qwen3_moe", "qwen3", "gemma3", "gemma4"):
         if model_type.startswith(family):
             return family
-    raise UnsupportedArchitecture(f"bench knows Qwen3, Qwen3-MoE, Gemma3 and Gemma4 shapes, not model_type "
-                                  f"{model_type!r}")
+    raise UnsupportedArchitecture(f"bench knows Qwen3, Qwen3-MoE, Gemma3, Gemma4, Qwen3.5 and Qwen3-Next shapes, "
+                                  f"not model_type {model_type!r}")
+
+
+def hybrid_layer_types(config: dict) -> list[str] | None:
+    """A hybrid model's `layer_types` (linear_attention / full_attention), None for other families: as the config
+    lists them, else every `full_attention_interval`-th layer full (transformers' default: 4)."""
+    if model_family(config) not in HYBRID_FAMILIES:
+        return None
+    text = text_config(config)
+    if text.get("layer_types"):
+        return list(text["layer_types"])
+    interval = text.get("full_attention_interval", 4)
+    return ["full_attention" if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(text["num_hidden_layers"])]
+
+
+def is_linear_attention(config: dict, layer: int) -> bool:
+    types = hybrid_layer_types(config)
+    return types is not None and types[layer] == LINEAR_ATTENTION
+
+
+def gdn_state_bytes(config: dict, conv_dtype_bytes: int = 2) -> int:
+    """One sequence's Gated DeltaNet states over all layers: conv [C, Kc-1] in the model dtype, recurrent [Hv, Dk,
+    Dv] in fp32 (adaq.engine.state_cache)."""
+    layers = sum(is_linear_attention(config, i) for i in range(text_config(config)["num_hidden_layers"]))
+    if not layers:
+        return 0
+    text = text_config(config)
+    hk, hv = text["linear_num_key_heads"], text["linear_num_value_heads"]
+    dk, dv = text["linear_key_head_dim"], text["linear_value_head_dim"]
+    conv = (2 * hk * dk + hv * dv) * (text.get("linear_conv_kernel_dim", 4) - 1) * conv_dtype_bytes
+    return layers * (conv + hv * dk * dv * 4)
 
 
 def head_dim(config: dict) -> int:
@@ -103,6 +137,8 @@ def model_tensors(config: dict) -> list[TensorSpec]:
     config = text_config(config)
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), "embedding")]
+    if family in HYBRID_FAMILIES:
+        return _hybrid_tensors(config, family, specs)
     for layer in range(config["num_hidden_layers"]):
         specs += _attention(config, layer)
         specs += _moe(config, layer) if family == "qwen3_moe" else _mlp(config, layer)
@@ -114,13 +150,63 @@ def model_tensors(config: dict) -> list[TensorSpec]:
     return specs
 
 
-def _attention(config: dict, layer: int) -> list[TensorSpec]:
+def _hybrid_tensors(config: dict, family: str, specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Qwen3.5 / Qwen3.5-MoE / Qwen3-Next: Gated DeltaNet or gated attention, then a dense MLP or a MoE with a
+    shared expert (Qwen3.5-MoE: every layer; Qwen3-Next: as decoder_sparse_step and mlp_only_layers say)."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    for layer in range(config["num_hidden_layers"]):
+        if is_linear_attention(config, layer):
+            specs += _gated_delta_net(config, layer, fused=family == "qwen3_next")
+        else:
+            specs += _attention(config, layer, gated=True)
+        if family == "qwen3_5" or (family == "qwen3_next" and not _sparse(config, layer)):
+            specs += _mlp(config, layer)
+        else:
+            specs += _shared_expert_moe(config, layer)
+        specs += _layer_norms(config, layer, family)
+    specs.append(TensorSpec("model.norm.weight", (hidden,), "norm"))
+    if not config.get("tie_word_embeddings", False):
+        specs.append(TensorSpec("lm_head.weight", (vocab, hidden), "lm_head"))
+    return specs
+
+
+def _sparse(config: dict, layer: int) -> bool:
+    return layer not in config.get("mlp_only_layers", []) and (layer + 1) % config.get("decoder_sparse_step", 1) == 0
+
+
+def _gated_delta_net(config: dict, layer: int, fused: bool) -> list[TensorSpec]:
+    """Qwen3.5 stores q|k|v, z, b, a apart; Qwen3-Next as in_proj_qkvz and in_proj_ba (grouped per key head)."""
+    hidden, hk, hv = config["hidden_size"], config["linear_num_key_heads"], config["linear_num_value_heads"]
+    key, value = hk * config["linear_key_head_dim"], hv * config["linear_value_head_dim"]
+    conv, prefix = 2 * key + value, f"model.layers.{layer}.linear_attn"
+    projections = ({"in_proj_qkvz": conv + value, "in_proj_ba": 2 * hv} if fused else
+                   {"in_proj_qkv": conv, "in_proj_z": value, "in_proj_b": hv, "in_proj_a": hv})
+    specs = [TensorSpec(f"{prefix}.{name}.weight", (rows, hidden), "dense", layer)
+             for name, rows in projections.items()]
+    specs.append(TensorSpec(f"{prefix}.out_proj.weight", (hidden, value), "dense", layer))
+    small = {"conv1d.weight": (conv, 1, config.get("linear_conv_kernel_dim", 4)), "A_log": (hv,), "dt_bias": (hv,),
+             "norm.weight": (config["linear_value_head_dim"],)}
+    return specs + [TensorSpec(f"{prefix}.{name}", shape, "gdn", layer) for name, shape in small.items()]
+
+
+def _shared_expert_moe(config: dict, layer: int) -> list[TensorSpec]:
+    hidden, experts, shared = config["hidden_size"], config["num_experts"], config["shared_expert_intermediate_size"]
+    prefix = f"model.layers.{layer}.mlp"
+    specs = [TensorSpec(f"{prefix}.gate.weight", (experts, hidden), "router", layer)]
+    specs += _experts(config, prefix, layer)
+    shapes = {"gate_proj": (shared, hidden), "up_proj": (shared, hidden), "down_proj": (hidden, shared)}
+    specs += [TensorSpec(f"{prefix}.shared_expert.{name}", shape, "linear", layer) for name, shape in shapes.items()]
+    return specs + [TensorSpec(f"{prefix}.shared_expert_gate.weight", (1, hidden), "router", layer)]
+
+
+def _attention(config: dict, layer: int, gated: bool = False) -> list[TensorSpec]:
     kv_heads, dim, k_eq_v = layer_attention_shape(config, layer)
     hidden = config["hidden_size"]
     q_out, kv_out = config["num_attention_heads"] * dim, kv_heads * dim
     prefix = f"model.layers.{layer}.self_attn"
-    shapes = {"q_proj": (q_out, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden),
-              "o_proj": (hidden, q_out)}
+    # gated (Qwen3.5, Qwen3-Next): q_proj holds per head D query rows then D gate rows
+    shapes = {"q_proj": (2 * q_out if gated else q_out, hidden), "k_proj": (kv_out, hidden),
+              "v_proj": (kv_out, hidden), "o_proj": (hidden, q_out)}
     if k_eq_v:
         del shapes["v_proj"]
     specs = [TensorSpec(f"{prefix}.{name}", shape, "linear", layer) for name, shape in shapes.items()]

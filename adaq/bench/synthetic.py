@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-from adaq.bench.shapes import TensorSpec, model_family, model_tensors, text_config
+from adaq.bench.shapes import HYBRID_FAMILIES, TensorSpec, model_family, model_tensors, text_config
 from adaq.formats.nvfp4 import FP4_MAX, FP8_MAX, GROUP_SIZE, NVFP4Weight, quantize, unpack_nibbles
 
 # A Gaussian block of 16 has amax ~ exp(N(0.70, 0.23)) standard deviations (measured on 16M values), and a tensor
@@ -36,7 +36,8 @@ class SyntheticCheckpoint:
         self._by_name = {spec.name: spec for spec in self.specs}
         self.config = _with_quantization_config(config) if quantized else dict(config)
         self._std = float(text_config(config).get("initializer_range", 0.02))
-        self._norm_offset = 0.0 if model_family(config) == "gemma3" else 1.0  # Gemma stores norm weights as w - 1
+        # Gemma 3 and the hybrids' (1 + w) norms store w - 1; a GDN layer's gated output norm stores w.
+        self._norm_offset = 0.0 if model_family(config) in ("gemma3", *HYBRID_FAMILIES) else 1.0
 
     @property
     def scheme(self) -> str | None:
@@ -59,9 +60,10 @@ class SyntheticCheckpoint:
         if spec is None or (self.quantized and spec.quantizable):
             raise KeyError(f"{self.path}: no tensor {name}")
         generator = self._generator(name)
-        if spec.role == "norm":
+        if spec.role == "norm" or name.endswith("linear_attn.norm.weight"):
+            offset = 1.0 if spec.role == "gdn" else self._norm_offset
             noise = torch.randn(spec.shape, generator=generator, device=self.device) * 0.05
-            return (noise + self._norm_offset).to(self.dtype)
+            return (noise + offset).to(self.dtype)
         return (torch.randn(spec.shape, generator=generator, device=self.device) * self._std).to(self.dtype)
 
     def _tensor_name(self, spec: TensorSpec) -> str:
@@ -128,6 +130,8 @@ def _with_quantization_config(config: dict) -> dict:
     ignore = ["lm_head"]
     if model_family(config) == "qwen3_moe":
         ignore.append("re:.*mlp.gate$")
+    if model_family(config) in HYBRID_FAMILIES:  # llm-compressor's Qwen3.5 / Qwen3-Next NVFP4 examples
+        ignore += ["re:.*mlp.gate$", "re:.*shared_expert_gate$", "re:.*linear_attn.*"]
     weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": GROUP_SIZE,
                "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
     scheme = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}

@@ -1,9 +1,10 @@
 """CUDA graphs for decode steps, one per batch-size bucket, sharing one memory pool.
 
 A decode step of B sequences replays the graph of the smallest bucket >= B: the live step context (slots, context
-lengths, block tables; with a sliding-window pool also its slots and tables) and the tokens are copied into the
-bucket's static buffers first; padded rows write to slot -1 (the store kernel skips it) and attend over one key of
-a valid block, and their outputs are dropped.
+lengths, block tables; with a sliding-window pool also its slots and tables; for a hybrid model the state slots of
+its Gated DeltaNet layers) and the tokens are copied into the bucket's static buffers first; padded rows write to
+slot -1 (the store kernel skips it), keep state slot -1 (the GDN kernels neither read nor write a state for it) and
+attend over one key of a valid block, and their outputs are dropped.
 Attention's split count is fixed at capture for `max_model_len`, so one graph serves every context length.
 Only the `cuda` backend is captured: its kernels never sync with the host nor allocate outside torch's allocator.
 A model that cannot be captured, or a capture that fails, decodes eagerly and says so as a fallback
@@ -30,16 +31,17 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 @dataclass
 class _Bucket:
-    """A graph and its static inputs: two flat buffers (int64: tokens | positions | slots [| sliding slots]; int32:
-    context lengths | block tables [| sliding block tables]) so that a step's inputs arrive in two host-to-device
-    copies (see `staged`)."""
+    """A graph and its static inputs: two flat buffers (int64: tokens | positions | slots [| sliding slots]
+    [| state slots]; int32: context lengths | block tables [| sliding block tables]) so that a step's inputs arrive
+    in two host-to-device copies (see `staged`)."""
 
     size: int
     graph: torch.cuda.CUDAGraph
-    longs: torch.Tensor  # [(3 + sliding) * size] int64
+    longs: torch.Tensor  # [(3 + sliding + hybrid) * size] int64
     ints: torch.Tensor  # [size * (1 + (1 + sliding) * max_blocks)] int32
     hidden: torch.Tensor
     sliding: bool = False
+    hybrid: bool = False
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -55,7 +57,12 @@ class _Bucket:
 
     @property
     def sliding_slot_mapping(self) -> torch.Tensor | None:
-        return self.longs[3 * self.size:] if self.sliding else None
+        return self.longs[3 * self.size:4 * self.size] if self.sliding else None
+
+    @property
+    def state_slots(self) -> torch.Tensor | None:
+        start = (3 + self.sliding) * self.size
+        return self.longs[start:start + self.size] if self.hybrid else None
 
     @property
     def context_lens(self) -> torch.Tensor:
@@ -73,9 +80,11 @@ class _Bucket:
 
 def pack_decode_inputs(size: int, max_blocks: int, input_ids: list[int], positions: list[int], slots: list[int],
                        context_lens: list[int], tables: list[list[int]], sliding_slots: list[int] | None = None,
-                       sliding_tables: list[list[int]] | None = None) -> tuple[list[int], list[int]]:
+                       sliding_tables: list[list[int]] | None = None,
+                       state_slots: list[int] | None = None) -> tuple[list[int], list[int]]:
     """A decode step's inputs in a bucket's two flat buffers (`_Bucket`'s views), padded to `size` rows: a padded
-    row has token 0 at position 0, writes to slot -1 and attends over one key of block 0 (of either pool)."""
+    row has token 0 at position 0, writes to slot -1, has state slot -1 and attends over one key of block 0 (of
+    either pool)."""
     pad = size - len(input_ids)
     longs = input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
     ints = context_lens + [1] * pad
@@ -83,6 +92,8 @@ def pack_decode_inputs(size: int, max_blocks: int, input_ids: list[int], positio
     if sliding_tables is not None:
         longs += sliding_slots + [-1] * pad
         _pack_tables(ints, sliding_tables, max_blocks, pad)
+    if state_slots is not None:
+        longs += state_slots + [-1] * pad
     return longs, ints
 
 
@@ -97,9 +108,11 @@ class DecodeGraphs:
     """`run(input_ids, positions) -> hidden | None`, the seam ModelRunner calls for decode steps."""
 
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, buckets: list[int] | None = None, sliding: bool = False):
+                 device: torch.device, buckets: list[int] | None = None, sliding: bool = False,
+                 hybrid: bool = False):
         self.model = model
         self.sliding = sliding  # a sliding-window pool: its slots and block tables are graph inputs too
+        self.hybrid = hybrid  # a state cache (Gated DeltaNet layers): the state slots are graph inputs too
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
@@ -115,14 +128,15 @@ class DecodeGraphs:
     def _capture(self, size: int) -> _Bucket:
         device = self.device
         groups = 1 + self.sliding
-        longs = torch.zeros((2 + groups) * size, dtype=torch.int64, device=device)
+        longs = torch.zeros((2 + groups + self.hybrid) * size, dtype=torch.int64, device=device)
         ints = torch.zeros(size * (1 + groups * self.max_blocks), dtype=torch.int32, device=device)
-        bucket = _Bucket(size, torch.cuda.CUDAGraph(), longs, ints, longs, self.sliding)
+        bucket = _Bucket(size, torch.cuda.CUDAGraph(), longs, ints, longs, self.sliding, self.hybrid)
         longs[2 * size:].fill_(-1)
         bucket.context_lens.fill_(1)
         set_context(is_prefill=False, context_lens=bucket.context_lens, slot_mapping=bucket.slot_mapping,
                     block_tables=bucket.block_tables, max_seqlen_q=1, max_context_len=self.max_model_len,
-                    sliding_slot_mapping=bucket.sliding_slot_mapping, sliding_block_tables=bucket.sliding_block_tables)
+                    sliding_slot_mapping=bucket.sliding_slot_mapping, sliding_block_tables=bucket.sliding_block_tables,
+                    state_slots=bucket.state_slots)
         try:
             self.model(bucket.input_ids, bucket.positions)  # warm-up outside the graph: lazy inits, workspaces
             torch.cuda.synchronize(device)
@@ -140,14 +154,16 @@ class DecodeGraphs:
 
     def staged(self, batch: int, input_ids: list[int], positions: list[int], slots: list[int],
                context_lens: list[int], tables: list[list[int]], sliding_slots: list[int] | None = None,
-               sliding_tables: list[list[int]] | None = None) -> _Bucket | None:
+               sliding_tables: list[list[int]] | None = None, state_slots: list[int] | None = None) -> _Bucket | None:
         """Write a decode step's inputs straight into its bucket's buffers, padded: a padded row writes to slot -1
         and attends over one key of block 0 (any real block). Two host-to-device copies; None when no bucket fits."""
         bucket = self.bucket_for(batch)
         if bucket is None or max(len(table) for table in tables) > self.max_blocks:
             return None
+        if self.hybrid and state_slots is None:
+            return None
         longs, ints = pack_decode_inputs(bucket.size, self.max_blocks, input_ids, positions, slots, context_lens,
-                                         tables, sliding_slots, sliding_tables)
+                                         tables, sliding_slots, sliding_tables, state_slots if self.hybrid else None)
         bucket.longs.copy_(torch.tensor(longs, dtype=torch.int64).pin_memory(), non_blocking=True)
         bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32).pin_memory(), non_blocking=True)
         return bucket
@@ -161,7 +177,8 @@ class DecodeGraphs:
         ctx = get_context()
         batch = input_ids.numel()
         bucket = self.bucket_for(batch)
-        if bucket is None or ctx.block_tables is None or ctx.block_tables.shape[1] > self.max_blocks:
+        if (bucket is None or ctx.block_tables is None or ctx.block_tables.shape[1] > self.max_blocks
+                or (self.hybrid and ctx.state_slots is None)):
             return None
         bucket.input_ids[:batch].copy_(input_ids)
         bucket.positions[:batch].copy_(positions)
@@ -178,18 +195,21 @@ class DecodeGraphs:
             bucket.sliding_slot_mapping[batch:].fill_(-1)
             bucket.sliding_block_tables[:batch, :width].copy_(ctx.sliding_block_tables)
             bucket.sliding_block_tables[batch:, 0].fill_(0)
+        if self.hybrid:
+            bucket.state_slots[:batch].copy_(ctx.state_slots)
+            bucket.state_slots[batch:].fill_(-1)
         return self.replay(bucket, batch)
 
 
 def graph_blocker(model: torch.nn.Module) -> str | None:
     """Why a decode step of this model cannot be captured, or None when every op of it runs on a kernel: the
-    reference fallbacks of attention (unsupported head shapes) and of MoE (bf16 or W4A4 experts) read device values
-    on the host, which a capture cannot contain."""
+    reference fallbacks of attention (unsupported head shapes), of MoE (bf16 or W4A4 experts) and of the Gated
+    DeltaNet ops read device values on the host, which a capture cannot contain."""
     from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
 
-    if any(hasattr(module, "ssm_state") for module in model.modules()):
-        return ("Gated DeltaNet layers have no graph-safe decode kernels yet (their reference ops read the state "
-                "slots on the host)")
+    for module in model.modules():
+        if hasattr(module, "ssm_state") and (cause := _gdn_blocker(module)):
+            return cause
     kv_shapes = set()
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
@@ -206,6 +226,22 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
         experts = getattr(module, "experts", None)
         if experts is not None and not isinstance(experts, (KernelExpertsHandle, torch.nn.Module, list)):
             return "MoE experts on the reference path (bf16 or W4A4 experts)"
+    return None
+
+
+def _gdn_blocker(layer) -> str | None:
+    """A Gated DeltaNet layer whose decode ops would take the reference path (it reads the state slots on the host)."""
+    from adaq.backends.cuda import GDN_CONV_WIDTHS, GDN_KEY_HEAD_DIMS
+
+    prefix = "Gated DeltaNet layers on the reference path (their ops read the state slots on the host): "
+    dtype = None if layer.conv_weight is None else layer.conv_weight.dtype
+    if dtype is not None and dtype != torch.bfloat16:
+        return prefix + f"compute dtype {dtype} (the kernels take bf16)"
+    if layer.head_k_dim not in GDN_KEY_HEAD_DIMS or layer.head_v_dim % 32:
+        return prefix + (f"head dims {layer.head_k_dim} / {layer.head_v_dim} (kernels: key {GDN_KEY_HEAD_DIMS}, "
+                         "value a multiple of 32)")
+    if layer.conv_kernel not in GDN_CONV_WIDTHS:
+        return prefix + f"conv kernel width {layer.conv_kernel} (kernels: {GDN_CONV_WIDTHS})"
     return None
 
 
@@ -231,7 +267,8 @@ def maybe_decode_graphs(runner) -> DecodeGraphs | None:
     try:
         return DecodeGraphs(runner.model, runner.config.max_num_seqs, runner.max_model_len,
                             runner.geometry.block_size, runner.device,
-                            sliding=getattr(runner, "sliding_geometry", None) is not None)
+                            sliding=getattr(runner, "sliding_geometry", None) is not None,
+                            hybrid=getattr(runner, "state_cache", None) is not None)
     except RuntimeError as error:  # a capture that fails must not take the engine down unless --strict
         fallbacks.report("decode CUDA graphs -> eager", f"capture failed: {str(error).strip()}",
                          CUDA_GRAPHS_SETTING)

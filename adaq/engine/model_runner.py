@@ -449,8 +449,9 @@ class ModelRunner:
         sliding_tables = [seq.sliding_table for seq in batch.seqs] if sliding else None
         rows = StepInputs(None, None, sample_rows, sample_index, score_rows, candidate_rows)
         if batch.is_decode and self.decode_graphs is not None and len(sample_rows) == len(batch.seqs):
+            state_slots = None if self.state_slots is None else [self.state_slots.slot_of(s) for s in batch.seqs]
             rows.graph_bucket = self.decode_graphs.staged(len(batch.seqs), input_ids, positions, slots, context_lens,
-                                                          tables, sliding_slots, sliding_tables)
+                                                          tables, sliding_slots, sliding_tables, state_slots)
             if rows.graph_bucket is None:  # unreachable by construction (buckets up to max_num_seqs): said if not
                 self.fallbacks.report("decode CUDA graphs -> eager", "a decode step larger than the largest bucket "
                                       "or with a block table longer than max_model_len", CUDA_GRAPHS_SETTING)
@@ -461,7 +462,7 @@ class ModelRunner:
             set_context(is_prefill=False, max_seqlen_q=1, context_lens=bucket.context_lens,
                         slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
                         max_context_len=max(context_lens), sliding_slot_mapping=bucket.sliding_slot_mapping,
-                        sliding_block_tables=bucket.sliding_block_tables)
+                        sliding_block_tables=bucket.sliding_block_tables, state_slots=bucket.state_slots)
             return rows
         width = max(len(table) for table in tables)
         padded = _padded(tables, width, -1)

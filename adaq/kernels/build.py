@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
-CUDA_SOURCES = ("nvfp4_gemm.cu", "attention.cu", "elementwise.cu", "moe.cu")
+CUDA_SOURCES = ("nvfp4_gemm.cu", "attention.cu", "elementwise.cu", "moe.cu", "gated_delta.cu")
 BINDING = "binding.cpp"
 HEADERS = ("common.cuh",)
 ARCH_LIST = "8.9+PTX"
@@ -33,6 +33,7 @@ REQUIRED_PTX = {
                      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.shared.b16"),
     "elementwise.cu": ("rsqrt.approx.f32",),
     "moe.cu": ("shfl.sync.bfly",),
+    "gated_delta.cu": ("ld.global.cs.f32", "st.global.cs.f32", "shfl.sync.bfly"),
 }
 REQUIRED_SASS = {
     "nvfp4_gemm.cu": ("HMMA.16816.F32.BF16", "HFMA2.BF16_V2", "SHF.R.W.U32", "LDG.E.NA.128"),

@@ -242,3 +242,22 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: StackedEx
     hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
     y = grouped_linear(hidden, 1, experts, "down", align, rows, tokens)
     return moe_combine(y, weights, ids)
+
+
+# ---- Gated DeltaNet decode (csrc/gated_delta.cu) -------------------------------------------------------------------
+def gdn_conv_update(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None,
+                    slots: torch.Tensor | None, context_lens: torch.Tensor) -> torch.Tensor:
+    """x [B, C] -> silu(conv) [B, C]; conv_state [slots, C, Kc-1] read (sequences with context_len > 1) and written
+    in place at `slots` (int64 [B], -1 skipped); None state or slots: zero states, nothing written."""
+    return ext().gdn_conv_update(x, weight, conv_state, slots, context_lens)
+
+
+def gdn_decode(q, k, v, a, b, a_log, dt_bias, ssm_state: torch.Tensor | None, slots: torch.Tensor | None,
+               context_lens: torch.Tensor) -> torch.Tensor:
+    """One token per row: q, k [B, Hk, Dk], v [B, Hv, Dv], raw gate inputs a, b [B, Hv] -> o [B, Hv, Dv]; the fp32
+    states [slots, Hv, Dk, Dv] updated in place as for `gdn_conv_update`."""
+    return ext().gdn_decode(q, k, v, a, b, a_log, dt_bias, ssm_state, slots, context_lens)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return ext().gated_rms_norm(x, z, weight, float(eps))

@@ -70,11 +70,10 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = self.in_proj(hidden).split(self.in_proj.out_sizes, dim=-1)
         qkv = backend.causal_conv1d(qkv.contiguous(), self.conv_weight, self.conv_state, ctx)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        g, beta = backend.gdn_gates(a, b, self.a_log, self.dt_bias)
         out = backend.gated_delta_rule(q.reshape(tokens, self.num_k_heads, self.head_k_dim),
                                        k.reshape(tokens, self.num_k_heads, self.head_k_dim),
-                                       v.reshape(tokens, self.num_v_heads, self.head_v_dim), g, beta,
-                                       self.ssm_state, ctx)
+                                       v.reshape(tokens, self.num_v_heads, self.head_v_dim), a, b, self.a_log,
+                                       self.dt_bias, self.ssm_state, ctx)
         out = backend.gated_rms_norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim),
                                      self.norm_weight, self.eps)
         return self.out_proj(out.reshape(tokens, self.value_dim))

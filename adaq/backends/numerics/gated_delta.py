@@ -143,6 +143,50 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor | None
     return out
 
 
+def conv_packed(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor | None, ctx) -> torch.Tensor:
+    """`conv_step` for every sequence of a packed step at once, in device ops only (no host sync, no per-sequence
+    loop): the GPU's prefill conv. Each output tap reads the token K-1-j places back, or the sequence's conv state
+    (zeros when it has no cached tokens) before its first token; sum over taps in fp32 in tap order. The new
+    states (the last K-1 inputs of each sequence) go to the step's slots, which a prefill step never pads (no -1)."""
+    tokens, width = x.shape[0], weight.shape[1]
+    history = width - 1
+    offsets = ctx.query_offsets().long()
+    q_lens = offsets[1:] - offsets[:-1]
+    rows = torch.arange(tokens, device=x.device)
+    seq = torch.repeat_interleave(torch.arange(q_lens.numel(), device=x.device), q_lens, output_size=tokens)
+    local = rows - offsets[:-1][seq]
+    previous = _previous_states(x, states, ctx, q_lens, history)  # [B, C, K-1]
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for j in range(width):
+        back = history - j  # this tap reads the input `back` tokens before the current one
+        tap = torch.where((local >= back)[:, None], x[(rows - back).clamp(min=0)],
+                          previous[seq, :, (local - back + history).clamp(0, history - 1)])
+        acc = acc + tap.float() * weight[:, j].float()
+    if states is not None and ctx.state_slots is not None:
+        states.index_copy_(0, ctx.state_slots.long(), _last_inputs(x, previous, offsets, q_lens, history))
+    return F.silu(acc).to(x.dtype)
+
+
+def _previous_states(x: torch.Tensor, states: torch.Tensor | None, ctx, q_lens: torch.Tensor,
+                     history: int) -> torch.Tensor:
+    if states is None or ctx.state_slots is None:
+        return x.new_zeros(q_lens.numel(), x.shape[1], history)
+    cached = ctx.context_lens.long() > q_lens
+    return torch.where(cached[:, None, None], states[ctx.state_slots.long()], 0).to(x.dtype)  # where: NaN-safe
+
+
+def _last_inputs(x: torch.Tensor, previous: torch.Tensor, offsets: torch.Tensor, q_lens: torch.Tensor,
+                 history: int) -> torch.Tensor:
+    """[B, C, K-1]: each sequence's last K-1 window values (its tokens, or the state before them if it is short)."""
+    seqs = torch.arange(q_lens.numel(), device=x.device)
+    columns = []
+    for m in range(history):
+        source = q_lens - history + m  # the window value's index within the sequence's tokens
+        columns.append(torch.where((source >= 0)[:, None], x[(offsets[1:] - history + m).clamp(min=0)],
+                                   previous[seqs, :, (q_lens + m).clamp(max=history - 1)]))
+    return torch.stack(columns, dim=-1)
+
+
 def conv_decode(x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor, slots: torch.Tensor,
                 cached: torch.Tensor) -> torch.Tensor:
     """One token per sequence, batched: x [B, C], the states at `slots` [B] (zeroed where not `cached` [B]; slot -1:

@@ -56,6 +56,16 @@ int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* gr
               int* num_groups, cudaStream_t stream);
 int moe_combine(const __nv_bfloat16* y, const __nv_bfloat16* w, const int* ids, __nv_bfloat16* out, int tokens,
                 int top_k, int hidden, cudaStream_t stream);
+int gdn_conv_update(const __nv_bfloat16* x, long long ldx, const __nv_bfloat16* weight, __nv_bfloat16* state,
+                    const long long* slots, const int* context_lens, __nv_bfloat16* out, int rows, int channels,
+                    int kernel_width, cudaStream_t stream);
+int gdn_decode(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, long long q_stride,
+               long long k_stride, long long v_stride, const __nv_bfloat16* a, const __nv_bfloat16* b,
+               long long a_stride, long long b_stride, const __nv_bfloat16* a_log, const __nv_bfloat16* dt_bias,
+               float* state, const long long* slots, const int* context_lens, __nv_bfloat16* out, int rows,
+               int k_heads, int v_heads, int dk, int dv, cudaStream_t stream);
+int gated_rms_norm(const __nv_bfloat16* x, const __nv_bfloat16* z, long long ldz, const __nv_bfloat16* w,
+                   __nv_bfloat16* y, int rows, int dim, float eps, cudaStream_t stream);
 }  // namespace adaq
 
 namespace {
@@ -375,6 +385,84 @@ torch::Tensor moe_combine(torch::Tensor y, torch::Tensor w, torch::Tensor ids) {
   return out;
 }
 
+// ---- Gated DeltaNet decode (csrc/gated_delta.cu) ----
+void check_state_inputs(const c10::optional<torch::Tensor>& state, const c10::optional<torch::Tensor>& slots,
+                        const torch::Tensor& context_lens, int64_t rows) {
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.numel() == rows && context_lens.is_contiguous(),
+              "context_lens must be int32 [", rows, "]");
+  TORCH_CHECK(!slots || (slots->scalar_type() == at::kLong && slots->numel() == rows && slots->is_contiguous()),
+              "state slots must be int64 [", rows, "]");
+  TORCH_CHECK(!state || state->is_contiguous(), "the state cache must be contiguous");
+}
+
+const long long* slots_ptr(const c10::optional<torch::Tensor>& slots) {
+  return slots ? reinterpret_cast<const long long*>(slots->data_ptr<int64_t>()) : nullptr;
+}
+
+torch::Tensor gdn_conv_update(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> state,
+                              c10::optional<torch::Tensor> slots, torch::Tensor context_lens) {
+  ADAQ_CHECK_BF16(x);
+  ADAQ_CHECK_BF16(weight);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [B, C] with unit column stride");
+  const int64_t B = x.size(0), C = x.size(1), K = weight.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C && weight.is_contiguous(), "conv weight must be [", C, ", K]");
+  TORCH_CHECK(!state || (state->scalar_type() == at::kBFloat16 && state->dim() == 3 && state->size(1) == C &&
+                         state->size(2) == K - 1), "conv state must be bf16 [slots, ", C, ", ", K - 1, "]");
+  check_state_inputs(state, slots, context_lens, B);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({B, C}, x.options());
+  const int status = adaq::gdn_conv_update(bf16_ptr(x), x.stride(0), bf16_ptr(weight),
+                                           state ? bf16_mut(*state) : nullptr, slots_ptr(slots),
+                                           context_lens.data_ptr<int>(), bf16_mut(out), B, C, K, stream());
+  ADAQ_CHECK_STATUS(status, "gdn_conv_update channels=" + std::to_string(C) + " kernel=" + std::to_string(K) +
+                                " (kernel widths 2, 3, 4)");
+  return out;
+}
+
+torch::Tensor gdn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
+                         torch::Tensor a_log, torch::Tensor dt_bias, c10::optional<torch::Tensor> state,
+                         c10::optional<torch::Tensor> slots, torch::Tensor context_lens) {
+  for (const auto* t : {&q, &k, &v, &a, &b, &a_log, &dt_bias}) ADAQ_CHECK_BF16(*t);
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && q.stride(2) == 1 && k.stride(2) == 1 &&
+                  q.stride(1) == q.size(2) && k.stride(1) == k.size(2), "q, k must be [B, Hk, Dk] with dense heads");
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == q.size(0) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "v must be [B, Hv, Dv] with dense heads");
+  const int64_t B = q.size(0), Hk = q.size(1), Dk = q.size(2), Hv = v.size(1), Dv = v.size(2);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == B && b.size(0) == B && a.size(1) == Hv &&
+                  b.size(1) == Hv && a.stride(1) == 1 && b.stride(1) == 1, "a, b must be [B, ", Hv, "]");
+  TORCH_CHECK(a_log.numel() == Hv && dt_bias.numel() == Hv && a_log.is_contiguous() && dt_bias.is_contiguous(),
+              "A_log and dt_bias must be [", Hv, "]");
+  TORCH_CHECK(!state || (state->scalar_type() == at::kFloat && state->dim() == 4 && state->size(1) == Hv &&
+                         state->size(2) == Dk && state->size(3) == Dv),
+              "recurrent state must be fp32 [slots, ", Hv, ", ", Dk, ", ", Dv, "]");
+  check_state_inputs(state, slots, context_lens, B);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = torch::empty({B, Hv, Dv}, v.options());
+  const int status = adaq::gdn_decode(
+      bf16_ptr(q), bf16_ptr(k), bf16_ptr(v), q.stride(0), k.stride(0), v.stride(0), bf16_ptr(a), bf16_ptr(b),
+      a.stride(0), b.stride(0), bf16_ptr(a_log), bf16_ptr(dt_bias), state ? state->data_ptr<float>() : nullptr,
+      slots_ptr(slots), context_lens.data_ptr<int>(), bf16_mut(out), B, Hk, Hv, Dk, Dv, stream());
+  ADAQ_CHECK_STATUS(status, "gdn_decode key_heads=" + std::to_string(Hk) + " value_heads=" + std::to_string(Hv) +
+                                " head_k_dim=" + std::to_string(Dk) + " head_v_dim=" + std::to_string(Dv) +
+                                " (head_k_dim 32, 64, 128 or 256; head_v_dim a multiple of 32)");
+  return out;
+}
+
+torch::Tensor gated_rms_norm(torch::Tensor x, torch::Tensor z, torch::Tensor w, double eps) {
+  ADAQ_CHECK_BF16(x);
+  ADAQ_CHECK_BF16(z);
+  ADAQ_CHECK_BF16(w);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && z.dim() == 2 && z.sizes() == x.sizes() && z.stride(1) == 1,
+              "gated_rms_norm: x [N, D] contiguous and z [N, D] with unit column stride");
+  TORCH_CHECK(w.numel() == x.size(1) && w.is_contiguous(), "gated_rms_norm: weight [", x.size(1), "]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty_like(x);
+  const int status = adaq::gated_rms_norm(bf16_ptr(x), bf16_ptr(z), z.stride(0), bf16_ptr(w), bf16_mut(y), x.size(0),
+                                          x.size(1), eps, stream());
+  ADAQ_CHECK_STATUS(status, "gated_rms_norm dim=" + std::to_string(x.size(1)));
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -396,4 +484,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_align", &moe_align);
   m.def("moe_route", &moe_route);
   m.def("moe_combine", &moe_combine);
+  m.def("gdn_conv_update", &gdn_conv_update);
+  m.def("gdn_decode", &gdn_decode);
+  m.def("gated_rms_norm", &gated_rms_norm);
 }
