@@ -14,6 +14,12 @@ if ! python3 -c "import cutlass_library" 2>/dev/null; then
   fi
 fi
 
+# fla-core (Gated DeltaNet chunked prefill, optional) and einops from the carried wheels, when they are there.
+if ! python3 -c "import fla" 2>/dev/null && ls .whl/fla_core-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fla-site \
+    .whl/fla_core-*.whl .whl/einops-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/fla-site
+fi
+
 build_both() {
   local start=$(date +%s)
   python3 -c "from adaq.kernels import build; build.load(); print('kernels', build.source_hash())" \

@@ -144,8 +144,6 @@ def _bundled_names() -> list[str]:
 NO_GRAPHS_YET = {name: "Gemma 4's global layers: head_dim 512 and KV shapes unlike the sliding layers' have no "
                        "attention kernel yet (decode runs eagerly, reported as a fallback)"
                  for name in ("gemma4-31b", "gemma4-26b-a4b")}
-NO_GRAPHS_YET["qwen3.5-27b"] = ("24 query heads over 4 KV heads: groups of 6, which the attention kernels do not have "
-                                "(groups of 1, 2, 4, 8): attention and decode run on the reference path, reported")
 
 
 @pytest.mark.parametrize("name", [

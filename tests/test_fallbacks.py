@@ -134,21 +134,16 @@ def test_a_model_that_cannot_be_captured_says_why():
 def test_every_bench_config_has_attention_shapes_the_kernels_capture():
     """graph_blocker's attention rules against every synthetic config `adaq bench --synthetic` knows (the MoE rule
     needs the kernel backend: test_decode_graphs_gpu.py builds each one on the GPU)."""
-    from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS
+    from adaq.backends.cuda import attention_covers
     from adaq.bench.shapes import bundled_names, load_model_config, text_config
 
     for name in bundled_names():
         if name.startswith("gemma4"):  # no head_dim-512 kernel yet: test_decode_graphs_gpu.NO_GRAPHS_YET
             continue
-        if name == "qwen3.5-27b":  # 24 q / 4 KV heads: groups of 6, no kernel yet (test_decode_graphs_gpu too)
-            text = text_config(load_model_config(name))
-            assert text["num_attention_heads"] // text["num_key_value_heads"] not in ATTENTION_GROUPS
-            continue
         text = text_config(load_model_config(name))
         heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
-        assert head_dim in ATTENTION_HEAD_DIMS and heads % kv_heads == 0, name
-        assert heads // kv_heads in ATTENTION_GROUPS, name
+        assert attention_covers(head_dim, heads, kv_heads), name
 
 
 # ---- visible: adaq run, bench, /metrics --------------------------------------------------------------------------

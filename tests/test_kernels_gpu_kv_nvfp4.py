@@ -32,10 +32,12 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (8, 8, 64, None, 50.0),  # softcap, no GQA
     (16, 2, 256, None, None),
     (64, 8, 64, 100, None),  # 8 heads per KV head, head_dim 64
+    (24, 4, 256, None, None),  # Qwen3.5-27B full-attention layer: groups of 6
 ]
 PREFILL_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (32, 8, 128, None, None), (32, 4, 128, None, None), (32, 16, 128, 64, None), (8, 8, 64, None, 30.0),
     (4, 1, 256, 100, None), (16, 2, 256, None, None), (16, 16, 128, None, None), (64, 8, 256, None, None),
+    (24, 4, 256, None, None),
 ]
 
 

@@ -25,6 +25,15 @@ from adaq.kernels import fp8_gemm, layout, ops
 
 ATTENTION_HEAD_DIMS = (64, 128, 256)
 ATTENTION_GROUPS = (1, 2, 4, 8)
+ATTENTION_EXTRA_SHAPES = ((256, 6),)  # (head_dim, group) beyond the grid above: Qwen3.5-27B's 24 over 4 heads
+
+
+def attention_covers(head_dim: int, heads: int, kv_heads: int) -> bool:
+    """Whether the attention kernels (decode and prefill, every KV dtype) take this head shape."""
+    if kv_heads < 1 or heads % kv_heads:
+        return False
+    group = heads // kv_heads
+    return (head_dim in ATTENTION_HEAD_DIMS and group in ATTENTION_GROUPS) or (head_dim, group) in ATTENTION_EXTRA_SHAPES
 GDN_KEY_HEAD_DIMS = (32, 64, 128, 256)  # csrc/gated_delta.cu's instantiations; value head dims: multiples of 32
 GDN_CONV_WIDTHS = (2, 3, 4)
 
@@ -187,10 +196,10 @@ class CudaBackend(ReferenceBackend):
         if k_cache is None:  # a prefill before any cache exists (warm-up, tests): attends over its own K/V
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
-        if (not self._kv_kernel_ok(q, k_cache)
-                or q.shape[1] % k_cache.shape[2] or q.shape[1] // k_cache.shape[2] not in ATTENTION_GROUPS):
+        if not self._kv_kernel_ok(q, k_cache) or not attention_covers(q.shape[2], q.shape[1], k_cache.shape[2]):
             self._fell_back("attention", _kv_cause(q, k_cache) or f"{q.shape[1]} query heads over "
-                            f"{k_cache.shape[2]} KV heads (kernels: groups of {ATTENTION_GROUPS})")
+                            f"{k_cache.shape[2]} KV heads of {q.shape[2]} (kernels: groups of {ATTENTION_GROUPS}, "
+                            f"and {ATTENTION_EXTRA_SHAPES} as (head_dim, group))")
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
         tokens, group, fp8 = q.shape[0], q.shape[1] // k_cache.shape[2], k_cache.dtype == torch.float8_e4m3fn

@@ -205,7 +205,7 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
     """Why a decode step of this model cannot be captured, or None when every op of it runs on a kernel: the
     reference fallbacks of attention (unsupported head shapes), of MoE (bf16 or W4A4 experts) and of the Gated
     DeltaNet ops read device values on the host, which a capture cannot contain."""
-    from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle
+    from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle, attention_covers
 
     for module in model.modules():
         if hasattr(module, "ssm_state") and (cause := _gdn_blocker(module)):
@@ -220,7 +220,7 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
                         "shared slot, which the attention kernels do not take")
             if module.head_dim not in ATTENTION_HEAD_DIMS:
                 return f"head_dim {module.head_dim} has no attention kernel (kernels: {ATTENTION_HEAD_DIMS})"
-            if groups not in ATTENTION_GROUPS or module.num_heads % max(module.num_kv_heads, 1):
+            if not attention_covers(module.head_dim, module.num_heads, module.num_kv_heads):
                 return (f"{module.num_heads} query heads over {module.num_kv_heads} KV heads have no attention "
                         f"kernel (kernels: groups of {ATTENTION_GROUPS})")
         experts = getattr(module, "experts", None)

@@ -1373,17 +1373,19 @@ static int visit_attention(int head_dim, int group, int block_size, Op&& op) {
     ADAQ_ATTN_MMA_G(128, FP8 ? 4 : 2)
     if constexpr (FP8) {
       ADAQ_ATTN_MMA_G(256, 1)
+      ADAQ_ATTN_MMA(256, 6, 1)  // Qwen3.5-27B: 24 query heads over 4 KV heads; 6 of the n-tile's 8 columns used
     }
 #undef ADAQ_ATTN_MMA_G
 #undef ADAQ_ATTN_MMA
   }
-  // v2: head_dim 64 / 128 / 256 x heads per KV head 1, 2, 4, 8; VPL keeps G * VPL <= 64 registers of q and of the
+  // v2: head_dim 64 / 128 / 256 x heads per KV head 1, 2, 4, 8 (and 256 x 6); VPL keeps G * VPL <= 64 registers of q and of the
   // accumulator.
 #define ADAQ_ATTN(DIM, GRP, VPL) \
   if (head_dim == DIM && group == GRP) return op.template v2<DIM, GRP, VPL, FP8>();
   ADAQ_ATTN(64, 1, 16) ADAQ_ATTN(64, 2, 16) ADAQ_ATTN(64, 4, 16) ADAQ_ATTN(64, 8, 8)
   ADAQ_ATTN(128, 1, 16) ADAQ_ATTN(128, 2, 16) ADAQ_ATTN(128, 4, 16) ADAQ_ATTN(128, 8, 8)
   ADAQ_ATTN(256, 1, 16) ADAQ_ATTN(256, 2, 16) ADAQ_ATTN(256, 4, 16) ADAQ_ATTN(256, 8, 8)
+  ADAQ_ATTN(256, 6, 8)  // Qwen3.5-27B's bf16 baseline (bf16 KV): G * VPL = 48
 #undef ADAQ_ATTN
   return kUnsupportedShape;
 }
@@ -1411,6 +1413,7 @@ static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op)
   ADAQ_ATTN_NV4_G(64, 4)
   ADAQ_ATTN_NV4(128, 1, 4) ADAQ_ATTN_NV4(128, 2, 4) ADAQ_ATTN_NV4(128, 4, 3) ADAQ_ATTN_NV4(128, 8, 4)
   ADAQ_ATTN_NV4_G(256, 1)
+  ADAQ_ATTN_NV4(256, 6, 1)
 #undef ADAQ_ATTN_NV4_G
 #undef ADAQ_ATTN_NV4
   return kUnsupportedShape;
