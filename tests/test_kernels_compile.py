@@ -305,9 +305,16 @@ def test_graph_safety_follows_kernel_coverage():
     assert not graph_safe(Model(32, 8, 96))  # head_dim without a kernel: reference attention
     assert not graph_safe(Model(24, 8, 128))  # 3 query heads per KV head
     assert not graph_safe(Model(32, 8, 128, ExpertsHandle([], [], 8)))  # bf16 experts: reference MoE
-    assert not graph_safe(Model(32, 4, 512))  # Gemma 4's global head_dim: reference attention, eager decode
-    mixed = Model(32, 8, 128)
-    mixed.other = PagedAttention(None, 32, 4, 256, 1.0)  # both kernel shapes, but one is a strided view of the slot
+    assert graph_safe(Model(32, 4, 512))  # Gemma 4's global head_dim (split-dims kernel)
+    mixed = Model(32, 16, 256)
+    mixed.other = PagedAttention(None, 32, 4, 512, 1.0)  # Gemma 4: the global layer a view into the wider slot
+    slot = torch.zeros(2, 4, 16, 16 * 256, dtype=torch.float8_e4m3fn)
+    mixed.attn.k_cache = slot[0].unflatten(-1, (16, 256))
+    mixed.other.k_cache = slot[1][..., :4 * 512].unflatten(-1, (4, 512))
+    assert graph_safe(mixed)
+    mixed.other.k_cache = torch.zeros(4, 8, 4, 512, dtype=torch.float8_e4m3fn)  # pages of 8: no kernel at 512
+    assert not graph_safe(mixed)
+    mixed.other.k_cache = torch.zeros(4, 16, 512, 4, dtype=torch.float8_e4m3fn).transpose(2, 3)  # heads not dense
     assert not graph_safe(mixed)
 
 
