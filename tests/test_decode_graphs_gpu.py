@@ -141,9 +141,8 @@ def _bundled_names() -> list[str]:
 
 
 # Bench configs whose decode cannot be captured yet, and why (each an xfail that must keep failing until fixed).
-NO_GRAPHS_YET = {name: "Gemma 4's global layers: head_dim 512 and KV shapes unlike the sliding layers' have no "
-                       "attention kernel yet (decode runs eagerly, reported as a fallback)"
-                 for name in ("gemma4-31b", "gemma4-26b-a4b")}
+# Empty since Gemma 4's head_dim 512 global layers got their kernels (tests/test_gemma4_gpu.py).
+NO_GRAPHS_YET: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [

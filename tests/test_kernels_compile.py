@@ -92,6 +92,27 @@ def test_attention_runs_on_tensor_cores(report):
         assert any(name in n for n in names), name
 
 
+@needs_nvcc
+def test_head_dim_512_instantiations(report):
+    """Gemma 4's global layers (head_dim 512, groups up to 8): the split-dims tensor-core kernel for decode and
+    prefill over FP8, bf16 and NVFP4 caches, the split merge and both store kernels; none spills (checked above)."""
+    names = report["sources"]["attention.cu"]["kernels"]
+
+    def has(fragment: str) -> bool:
+        return any(fragment in n for n in names)
+
+    nvfp4_decode_tiles = {1: 4, 2: 4, 4: 2, 8: 4}
+    for group in (1, 2, 4, 8):
+        for tiles, fp8, nv4 in ((4, 1, 0), (2, 0, 0), (nvfp4_decode_tiles[group], 1, 1)):
+            assert has(f"paged_attention_mma_kernelILi512ELi{group}ELi{tiles}ELb{fp8}ELi1ELb{nv4}E"), (group, fp8, nv4)
+        for tiles, fp8, nv4 in ((2, 1, 0), (1, 0, 0), (2, 1, 1)):
+            name = f"paged_attention_mma_kernelILi512ELi{group}ELi{tiles}ELb{fp8}ELi{16 // group}ELb{nv4}E"
+            assert has(name), name
+    for fragment in ("merge_splits_kernelILi512E", "store_kv_kernelILi512ELb1E", "store_kv_kernelILi512ELb0E",
+                     "store_kv_nvfp4_kernelILi512E"):
+        assert has(fragment), fragment
+
+
 
 @needs_nvcc
 def test_prefill_flash_kernels_fit_their_launch_bounds(report):
@@ -284,9 +305,16 @@ def test_graph_safety_follows_kernel_coverage():
     assert not graph_safe(Model(32, 8, 96))  # head_dim without a kernel: reference attention
     assert not graph_safe(Model(24, 8, 128))  # 3 query heads per KV head
     assert not graph_safe(Model(32, 8, 128, ExpertsHandle([], [], 8)))  # bf16 experts: reference MoE
-    assert not graph_safe(Model(32, 4, 512))  # Gemma 4's global head_dim: reference attention, eager decode
-    mixed = Model(32, 8, 128)
-    mixed.other = PagedAttention(None, 32, 4, 256, 1.0)  # both kernel shapes, but one is a strided view of the slot
+    assert graph_safe(Model(32, 4, 512))  # Gemma 4's global head_dim (split-dims kernel)
+    mixed = Model(32, 16, 256)
+    mixed.other = PagedAttention(None, 32, 4, 512, 1.0)  # Gemma 4: the global layer a view into the wider slot
+    slot = torch.zeros(2, 4, 16, 16 * 256, dtype=torch.float8_e4m3fn)
+    mixed.attn.k_cache = slot[0].unflatten(-1, (16, 256))
+    mixed.other.k_cache = slot[1][..., :4 * 512].unflatten(-1, (4, 512))
+    assert graph_safe(mixed)
+    mixed.other.k_cache = torch.zeros(4, 8, 4, 512, dtype=torch.float8_e4m3fn)  # pages of 8: no kernel at 512
+    assert not graph_safe(mixed)
+    mixed.other.k_cache = torch.zeros(4, 16, 512, 4, dtype=torch.float8_e4m3fn).transpose(2, 3)  # heads not dense
     assert not graph_safe(mixed)
 
 

@@ -266,7 +266,7 @@ def make_cache(num_blocks, block_size, kv_heads, dim, dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
-@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("dim", [64, 128, 256, 512])
 def test_store_kv_bitwise(kv_dtype, dim):
     gen = torch.Generator(device=DEV).manual_seed(dim)
     tokens, kv_heads, block_size, blocks = 37, 4, 16, 8
@@ -305,6 +305,10 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (8, 8, 64, None, 50.0),  # softcap, no GQA
     (16, 2, 256, None, None),
     (24, 4, 256, None, None),  # Qwen3.5-27B full-attention layer: groups of 6
+    (32, 4, 512, None, 30.0),  # Gemma4-31B global layer (its final softcap on the attention for coverage)
+    (16, 2, 512, None, None),  # Gemma4-26B-A4B global layer
+    (4, 4, 512, 700, None),  # head_dim 512, no GQA, sliding window
+    (6, 3, 512, None, None),  # 2 heads per KV head, odd KV heads
 ]
 
 
@@ -406,7 +410,7 @@ FP8_ATTENTION_BOUND = 3e-3
 
 
 @pytest.mark.parametrize("q_mul,v_mul", [(1.0, 1.0), (3e4, 1.0), (1e-6, 1.0), (1.0, 1e-9), (30.0, 1e5)])
-@pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (256, 16, 2), (64, 8, 8)])
+@pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (256, 16, 2), (64, 8, 8), (512, 32, 4)])
 def test_attention_fp8_error_bound_over_ranges(q_mul, v_mul, dim, heads, kv_heads):
     """q far beyond f16's range (|q| ~ 1e5) or tiny, V scales from 1e-11 to 1e3: the kernel's power-of-two
     scalings (q to f16, P * vs / cv) keep the stated bound against fp32 attention over the dequantized cache."""
@@ -471,6 +475,8 @@ def check_attention_graph_replay():
 PREFILL_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (32, 8, 128, None, None), (32, 4, 128, None, None), (32, 16, 128, 64, None), (8, 8, 64, None, 30.0),
     (4, 1, 256, 100, None), (16, 2, 256, None, None), (16, 16, 128, None, None), (24, 4, 256, None, None),
+    (4, 1, 256, 100, None), (16, 2, 256, None, None), (16, 16, 128, None, None),
+    (32, 4, 512, None, None), (16, 2, 512, 100, None), (4, 4, 512, None, 30.0), (12, 3, 512, None, None),
 ]
 
 

@@ -33,11 +33,15 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (16, 2, 256, None, None),
     (64, 8, 64, 100, None),  # 8 heads per KV head, head_dim 64
     (24, 4, 256, None, None),  # Qwen3.5-27B full-attention layer: groups of 6
+    (32, 4, 512, None, None),  # Gemma4-31B global layer
+    (16, 2, 512, 300, 30.0),  # Gemma4-26B-A4B global layer shape, window and softcap
+    (4, 1, 512, None, None), (12, 3, 512, None, None),  # 4 heads per KV head (2 chunks per step), odd KV heads
 ]
 PREFILL_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (32, 8, 128, None, None), (32, 4, 128, None, None), (32, 16, 128, 64, None), (8, 8, 64, None, 30.0),
     (4, 1, 256, 100, None), (16, 2, 256, None, None), (16, 16, 128, None, None), (64, 8, 256, None, None),
     (24, 4, 256, None, None),
+    (32, 4, 512, None, None), (16, 2, 512, 100, None), (4, 4, 512, None, 30.0), (12, 3, 512, None, None),
 ]
 
 
@@ -99,7 +103,7 @@ def poison_page_tails(rows, exps, ctx, lens, block_size):
 
 # ---- store -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("dim", [64, 128, 256, 512])
 def test_store_kv_nvfp4_bitwise(dim):
     """ops.store_kv into an NVFP4 cache writes the reference's bytes exactly (rows and exponents), skips slot -1,
     reads strided V; rows of every magnitude, a zero row, a tiny block, exact E2M1 ties."""

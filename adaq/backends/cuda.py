@@ -23,9 +23,10 @@ from adaq.backends.reference import ReferenceBackend
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
 from adaq.kernels import fp8_gemm, layout, ops
 
-ATTENTION_HEAD_DIMS = (64, 128, 256)
+ATTENTION_HEAD_DIMS = (64, 128, 256, 512)
 ATTENTION_GROUPS = (1, 2, 4, 8)
 ATTENTION_EXTRA_SHAPES = ((256, 6),)  # (head_dim, group) beyond the grid above: Qwen3.5-27B's 24 over 4 heads
+PAGED_ONLY_HEAD_DIMS = (512,)  # tensor-core kernels only: pages must hold a multiple of 16 keys (the engine's 16 do)
 
 
 def attention_covers(head_dim: int, heads: int, kv_heads: int) -> bool:
@@ -33,7 +34,10 @@ def attention_covers(head_dim: int, heads: int, kv_heads: int) -> bool:
     if kv_heads < 1 or heads % kv_heads:
         return False
     group = heads // kv_heads
-    return (head_dim in ATTENTION_HEAD_DIMS and group in ATTENTION_GROUPS) or (head_dim, group) in ATTENTION_EXTRA_SHAPES
+    in_grid = head_dim in ATTENTION_HEAD_DIMS and group in ATTENTION_GROUPS
+    return in_grid or (head_dim, group) in ATTENTION_EXTRA_SHAPES
+
+
 GDN_KEY_HEAD_DIMS = (32, 64, 128, 256)  # csrc/gated_delta.cu's instantiations; value head dims: multiples of 32
 GDN_CONV_WIDTHS = (2, 3, 4)
 
@@ -219,12 +223,7 @@ class CudaBackend(ReferenceBackend):
 
     @staticmethod
     def _kv_kernel_ok(x: torch.Tensor, cache: torch.Tensor | None) -> bool:
-        if cache is None or not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] in ATTENTION_HEAD_DIMS
-                                 and cache.is_contiguous()):
-            return False
-        if cache.dtype == torch.uint8:  # NVFP4 rows; the attention kernel reads pages of 16 keys
-            return cache.shape[-1] == nvfp4_kv_row_bytes(x.shape[-1]) and cache.shape[1] % 16 == 0
-        return cache.dtype in (torch.float8_e4m3fn, torch.bfloat16)
+        return _kv_cause(x, cache) is None
 
     # ---- element-wise ----------------------------------------------------------------------------------------
     def rms_norm(self, x, weight, eps: float, *, unit_offset: bool = False):
@@ -300,16 +299,53 @@ class CudaBackend(ReferenceBackend):
 
 
 def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:
-    """Why the KV-store / attention kernels do not take these tensors (categories, not shapes: one report each)."""
+    """Why the KV-store / attention kernels do not take these tensors (categories, not shapes: one report each), or
+    None when they do."""
     if not x.is_cuda or x.dtype != torch.bfloat16:
         return f"activations {x.dtype} on {x.device.type} (the kernels take bf16 on the GPU)"
     if x.shape[-1] not in ATTENTION_HEAD_DIMS:
         return f"head_dim {x.shape[-1]} (kernels: {ATTENTION_HEAD_DIMS})"
-    if cache is not None and cache.dtype not in (torch.float8_e4m3fn, torch.bfloat16):
-        return f"KV cache dtype {cache.dtype} (kernels: fp8, bf16)"
-    if cache is not None and not cache.is_contiguous():
-        return "a non-contiguous KV cache"
-    return None if cache is not None else "no KV cache"
+    return "no KV cache" if cache is None else _cache_cause(cache, x.shape[-1])
+
+
+def attention_kernel_cause(heads: int, kv_heads: int, head_dim: int, cache: torch.Tensor | None) -> str | None:
+    """Why the attention kernels do not serve a layer of these heads (and this cache, when attached), or None: what
+    the decode graphs ask of every layer before capturing (adaq.engine.cuda_graph.graph_blocker)."""
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} has no attention kernel (kernels: {ATTENTION_HEAD_DIMS})"
+    if not attention_covers(head_dim, heads, kv_heads):
+        return f"{heads} query heads over {kv_heads} KV heads have no attention kernel (kernels: groups of " \
+               f"{ATTENTION_GROUPS}, and {ATTENTION_EXTRA_SHAPES} as (head_dim, group))"
+    return None if cache is None else _cache_cause(cache, head_dim)
+
+
+def _cache_cause(cache: torch.Tensor, dim: int) -> str | None:
+    if cache.dtype not in (torch.float8_e4m3fn, torch.bfloat16, torch.uint8):
+        return f"KV cache dtype {cache.dtype} (kernels: fp8, bf16, nvfp4)"
+    if cache.dtype == torch.uint8 and cache.shape[-1] != nvfp4_kv_row_bytes(dim):
+        return f"NVFP4 KV rows of {cache.shape[-1]} bytes for head_dim {dim}"
+    if (cache.dtype == torch.uint8 or dim in PAGED_ONLY_HEAD_DIMS) and cache.shape[1] % 16:
+        return f"pages of {cache.shape[1]} keys (NVFP4 KV and head_dim {PAGED_ONLY_HEAD_DIMS} need multiples of 16)"
+    if not _paged_layout(cache, _slot_alignment(cache, dim)):
+        return "a KV cache layout the kernels do not take (heads or rows not dense)"
+    return None
+
+
+def _slot_alignment(cache: torch.Tensor, dim: int) -> int:
+    """Bytes the kernels' loads need each slot aligned to (csrc/binding.cpp cache_alignment)."""
+    return {64: 4, 128: 8}.get(dim, 16) if cache.dtype == torch.uint8 else 16
+
+
+def _paged_layout(cache: torch.Tensor, alignment: int) -> bool:
+    """[blocks, block_size, Hkv, row] with dense heads and rows; the slots may be wider than Hkv rows (a layer's
+    view into the slot of the widest layer: Gemma 4), whole rows per slot, aligned (csrc/binding.cpp cache_slot_rows)."""
+    if cache.dim() != 4:
+        return False
+    _, block_size, heads, row = cache.shape
+    stride = cache.stride()
+    return (stride[3] == 1 and stride[2] == row and stride[1] >= heads * row and stride[1] % row == 0
+            and stride[0] == block_size * stride[1]
+            and (stride[1] * cache.element_size()) % alignment == 0 and cache.data_ptr() % alignment == 0)
 
 
 def _slots(ctx, states: torch.Tensor | None) -> torch.Tensor | None:

@@ -203,26 +203,20 @@ class DecodeGraphs:
 
 def graph_blocker(model: torch.nn.Module) -> str | None:
     """Why a decode step of this model cannot be captured, or None when every op of it runs on a kernel: the
-    reference fallbacks of attention (unsupported head shapes), of MoE (bf16 or W4A4 experts) and of the Gated
-    DeltaNet ops read device values on the host, which a capture cannot contain."""
-    from adaq.backends.cuda import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, KernelExpertsHandle, attention_covers
+    reference fallbacks of attention (head shapes or caches the kernels do not take) and of MoE (bf16 or W4A4
+    experts) and of the Gated DeltaNet ops read device values on the host, which a capture cannot contain. Layers of different KV shapes (Gemma
+    4) are fine: the kernels take a layer's view into a wider cache slot."""
+    from adaq.backends.cuda import KernelExpertsHandle, attention_kernel_cause
 
     for module in model.modules():
         if hasattr(module, "ssm_state") and (cause := _gdn_blocker(module)):
             return cause
-    kv_shapes = set()
     for module in model.modules():
         if hasattr(module, "num_kv_heads") and hasattr(module, "k_cache"):
-            groups = module.num_heads // max(module.num_kv_heads, 1)
-            kv_shapes.add((module.num_kv_heads, module.head_dim))
-            if len(kv_shapes) > 1:
-                return ("layers of different KV shapes (Gemma 4): the narrower caches are strided views of the "
-                        "shared slot, which the attention kernels do not take")
-            if module.head_dim not in ATTENTION_HEAD_DIMS:
-                return f"head_dim {module.head_dim} has no attention kernel (kernels: {ATTENTION_HEAD_DIMS})"
-            if not attention_covers(module.head_dim, module.num_heads, module.num_kv_heads):
-                return (f"{module.num_heads} query heads over {module.num_kv_heads} KV heads have no attention "
-                        f"kernel (kernels: groups of {ATTENTION_GROUPS})")
+            cache = module.k_cache if isinstance(module.k_cache, torch.Tensor) else None
+            cause = attention_kernel_cause(module.num_heads, module.num_kv_heads, module.head_dim, cache)
+            if cause is not None:
+                return cause
         experts = getattr(module, "experts", None)
         if experts is not None and not isinstance(experts, (KernelExpertsHandle, torch.nn.Module, list)):
             return "MoE experts on the reference path (bf16 or W4A4 experts)"

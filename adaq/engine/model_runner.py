@@ -4,7 +4,10 @@ The KV cache is one tensor for all layers, `[2 (K, V), layers, blocks, block_siz
 cache dtype, plus for FP8 one fp32 scale tensor `[2, layers, blocks, block_size, kv_heads]`; NVFP4 rows are
 `head_dim / 2 + head_dim / 16` bytes (uint8) with one uint8 E8M0 exponent per (token, head) in the scale tensor (the
 schemes are in docs/ARCHITECTURE.md); layers whose KV heads or head_dim differ (Gemma 4) each see their own
-`[blocks, block_size, kv_heads, head_dim]` view inside a slot as wide as the widest layer's. On a GPU its size is what `gpu_memory_utilization` leaves after the weights and the
+`[blocks, block_size, kv_heads, row]` view inside a slot as wide as the widest layer's (the kernels take such
+strided views: csrc/binding.cpp cache_slot_rows). With window-sized KV on, Gemma 4's sliding and global layers sit
+in pools of their own, each of one shape, so no slot is wider than its layers. On a GPU its size is what
+`gpu_memory_utilization` leaves after the weights and the
 activation peak of a warm-up step; on the CPU it is `kv_cache_memory`, by default enough for the sequences that
 fit in 1 GiB, never less than one sequence of `max_model_len` tokens. When `max_model_len` is the model's own
 (max_position_embeddings, not --max-model-len) and one sequence of it does not fit that budget, the context is
@@ -289,10 +292,7 @@ class ModelRunner:
         for index, layer in enumerate(layers):
             heads = getattr(layer, "num_kv_heads", None) or geometry.num_kv_heads
             dim = getattr(layer, "head_dim", None) or geometry.head_dim
-            if geometry.nvfp4 and (heads, dim) != (geometry.num_kv_heads, geometry.head_dim):
-                raise AdaqError("--kv-cache-dtype nvfp4 does not take layers of different KV shapes (Gemma 4) yet: "
-                                "use fp8 or bf16")
-            width = geometry.row_width if geometry.nvfp4 else dim  # an NVFP4 row: packed values, then block scales
+            width = nvfp4_kv_row_bytes(dim) if geometry.nvfp4 else dim  # NVFP4: packed values, then block scales
             layer.k_cache, layer.v_cache = (layer_view(kv_cache[kind, index], heads, width) for kind in (0, 1))
             layer.k_scale = None if kv_scales is None else kv_scales[0, index, ..., :heads]
             layer.v_scale = None if kv_scales is None else kv_scales[1, index, ..., :heads]

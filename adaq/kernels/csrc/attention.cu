@@ -32,7 +32,8 @@ __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_
                                 long long k_tok_stride, long long v_tok_stride,  // elements between tokens
                                 void* __restrict__ k_cache, void* __restrict__ v_cache,
                                 float* __restrict__ k_scale, float* __restrict__ v_scale,
-                                const long long* __restrict__ slots, int tokens, int kv_heads) {
+                                const long long* __restrict__ slots, int tokens, int kv_heads,
+                                int slot_rows, int scale_stride) {  // rows / scales from one cache slot to the next
   constexpr int kPerLane = D / 32;
   const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
@@ -44,23 +45,24 @@ __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_
   float x[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) x[i] = __bfloat162float(src[i]);
-  const long long row = (slot * kv_heads + h);
+  const long long row = (slot * slot_rows + h) * D;  // first element of this (token, head) in the cache
+  const long long scale_at = slot * scale_stride + h;
   if constexpr (FP8) {
     float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) amax = fmaxf(amax, fabsf(x[i]));
     amax = warp_max(amax);
     const float s = fmaxf(amax / 448.f, 1e-12f);
-    uint8_t* dst = static_cast<uint8_t*>(which ? v_cache : k_cache) + row * D + lane * kPerLane;
+    uint8_t* dst = static_cast<uint8_t*>(which ? v_cache : k_cache) + row + lane * kPerLane;
 #pragma unroll
     for (int i = 0; i < kPerLane; i += 2) {
       const uint16_t two = static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i], s))) |
                            static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i + 1], s)) << 8);
       *reinterpret_cast<uint16_t*>(dst + i) = two;
     }
-    if (lane == 0) (which ? v_scale : k_scale)[row] = s;
+    if (lane == 0) (which ? v_scale : k_scale)[scale_at] = s;
   } else {
-    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(which ? v_cache : k_cache) + row * D + lane * kPerLane;
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(which ? v_cache : k_cache) + row + lane * kPerLane;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) dst[i] = src[i];
   }
@@ -68,7 +70,7 @@ __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_
 
 int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
              void* k_cache, void* v_cache, float* k_scale, float* v_scale, const long long* slots, int tokens,
-             int kv_heads, int head_dim, bool fp8, cudaStream_t stream) {
+             int kv_heads, int head_dim, int slot_rows, int scale_stride, bool fp8, cudaStream_t stream) {
   if (tokens == 0) return kOk;
   const int warps = tokens * kv_heads * 2;
   const int blocks = ceil_div(warps * 32, 256);
@@ -76,15 +78,18 @@ int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_str
   if (head_dim == DIM) {                                                                                        \
     if (fp8)                                                                                                    \
       store_kv_kernel<DIM, true><<<blocks, 256, 0, stream>>>(k, v, k_tok_stride, v_tok_stride, k_cache, v_cache, \
-                                                             k_scale, v_scale, slots, tokens, kv_heads);        \
+                                                             k_scale, v_scale, slots, tokens, kv_heads,         \
+                                                             slot_rows, scale_stride);                          \
     else                                                                                                        \
       store_kv_kernel<DIM, false><<<blocks, 256, 0, stream>>>(k, v, k_tok_stride, v_tok_stride, k_cache,         \
-                                                              v_cache, k_scale, v_scale, slots, tokens, kv_heads); \
+                                                              v_cache, k_scale, v_scale, slots, tokens, kv_heads, \
+                                                              slot_rows, scale_stride);                         \
     return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;                                                \
   }
   ADAQ_STORE(64)
   ADAQ_STORE(128)
   ADAQ_STORE(256)
+  ADAQ_STORE(512)
 #undef ADAQ_STORE
   return kUnsupportedShape;
 }
@@ -93,7 +98,7 @@ int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_str
 //
 // Row of one (token, head): D/2 bytes of E2M1 pairs (dim 2j in the low nibble), then D/16 E4M3 block scales; the
 // E8M0 exponent e + 127 goes to the scale tensor (uint8 [blocks, block_size, Hkv]). One warp per (token, KV head,
-// K-or-V), D/32 values per lane, so a block of 16 values is 512/D consecutive lanes. Every operation is the
+// K-or-V), D/32 values per lane, so a block of 16 values is 512/D consecutive lanes (D 512: one lane, 8 bytes). Every operation is the
 // reference's, rounding for rounding (adaq.backends.numerics.attention.quantize_kv_nvfp4): amax / 2688 and
 // amax(block) / 6 and x / step with IEEE division, products with powers of two (exact), E4M3 by
 // float_to_e4m3_exact; the stored bytes match the reference bit for bit.
@@ -121,9 +126,10 @@ __global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const
                                       long long k_tok_stride, long long v_tok_stride,  // elements between tokens
                                       uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,  // rows
                                       uint8_t* __restrict__ k_exp, uint8_t* __restrict__ v_exp,  // [slot, Hkv]
-                                      const long long* __restrict__ slots, int tokens, int kv_heads) {
-  constexpr int kPerLane = D / 32;          // 2, 4, 8 values: 1, 2, 4 packed bytes
-  constexpr int kBlockLanes = 16 / kPerLane;  // lanes of one 16-value block: 8, 4, 2
+                                      const long long* __restrict__ slots, int tokens, int kv_heads,
+                                      int slot_rows, int scale_stride) {  // rows / exponents between slots
+  constexpr int kPerLane = D / 32;          // 2, 4, 8, 16 values: 1, 2, 4, 8 packed bytes
+  constexpr int kBlockLanes = 16 / kPerLane;  // lanes of one 16-value block: 8, 4, 2, 1
   constexpr int kRow = D / 2 + D / 16;
   const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
@@ -146,37 +152,42 @@ __global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const
   uint8_t sbyte = float_to_e4m3_exact(fminf(__fdiv_rn(bmax, 6.f) * inv_pow2, 448.f));
   if ((sbyte & 0x7Fu) == 0u) sbyte = 0x20u;  // a zero scale becomes 0.125 (as for weights): no 0 / 0
   const float step = e4m3x2_to_float2(sbyte).x * __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
-  uint32_t packed = 0;
+  unsigned long long packed = 0;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) packed |= e2m1_encode(__fdiv_rn(x[i], step)) << (4 * i);
-  const long long row = slot * kv_heads + h;
-  uint8_t* dst = (which ? v_cache : k_cache) + row * kRow;
+  for (int i = 0; i < kPerLane; ++i)
+    packed |= static_cast<unsigned long long>(e2m1_encode(__fdiv_rn(x[i], step))) << (4 * i);
+  uint8_t* dst = (which ? v_cache : k_cache) + (slot * slot_rows + h) * kRow;
   if constexpr (kPerLane == 2) {
     dst[lane] = static_cast<uint8_t>(packed);
   } else if constexpr (kPerLane == 4) {
     reinterpret_cast<uint16_t*>(dst)[lane] = static_cast<uint16_t>(packed);  // row offsets: multiples of 8
+  } else if constexpr (kPerLane == 8) {
+    reinterpret_cast<uint32_t*>(dst)[lane] = static_cast<uint32_t>(packed);  // rows of 144 bytes: 16-byte aligned
   } else {
-    reinterpret_cast<uint32_t*>(dst)[lane] = packed;  // rows of 144 bytes: 16-byte aligned
+    reinterpret_cast<uint2*>(dst)[lane] =  // rows of 288 bytes: 16-byte aligned
+        make_uint2(static_cast<uint32_t>(packed), static_cast<uint32_t>(packed >> 32));
   }
   if (lane % kBlockLanes == 0) dst[D / 2 + lane / kBlockLanes] = sbyte;
-  if (lane == 0) (which ? v_exp : k_exp)[row] = static_cast<uint8_t>(e + 127);
+  if (lane == 0) (which ? v_exp : k_exp)[slot * scale_stride + h] = static_cast<uint8_t>(e + 127);
 }
 
 int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
                    void* k_cache, void* v_cache, void* k_exp, void* v_exp, const long long* slots, int tokens,
-                   int kv_heads, int head_dim, cudaStream_t stream) {
+                   int kv_heads, int head_dim, int slot_rows, int scale_stride, cudaStream_t stream) {
   if (tokens == 0) return kOk;
   const int blocks = ceil_div(tokens * kv_heads * 2 * 32, 256);
 #define ADAQ_STORE_NV4(DIM)                                                                                       \
   if (head_dim == DIM) {                                                                                         \
     store_kv_nvfp4_kernel<DIM><<<blocks, 256, 0, stream>>>(                                                      \
         k, v, k_tok_stride, v_tok_stride, static_cast<uint8_t*>(k_cache), static_cast<uint8_t*>(v_cache),         \
-        static_cast<uint8_t*>(k_exp), static_cast<uint8_t*>(v_exp), slots, tokens, kv_heads);                    \
+        static_cast<uint8_t*>(k_exp), static_cast<uint8_t*>(v_exp), slots, tokens, kv_heads, slot_rows,         \
+        scale_stride);                                                                                           \
     return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;                                                 \
   }
   ADAQ_STORE_NV4(64)
   ADAQ_STORE_NV4(128)
   ADAQ_STORE_NV4(256)
+  ADAQ_STORE_NV4(512)
 #undef ADAQ_STORE_NV4
   return kUnsupportedShape;
 }
@@ -198,6 +209,9 @@ struct AttnParams {
   float* part_out;               // [T, H, splits, D] normalised partial outputs (splits > 1)
   float* part_lse;               // [T, H, splits] log2-sum-exp of each split (splits > 1)
   long long q_stride;
+  int slot_rows;                 // (head_dim or NVFP4) rows from one cache slot (token) to the next: Hkv when the
+                                 // layer owns its cache, more when it is a view into a wider slot (Gemma 4)
+  int scale_stride;              // scales (NVFP4: exponents) from one slot to the next
   int table_stride, block_size, kv_heads, heads, splits, window;
   float scale_log2;              // softmax scale (softcap off) or 1 (softcap on), times log2(e) when off
   float softcap;                 // 0 = off
@@ -288,12 +302,12 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const Att
       valid[u] = tok < t1;
       const int tk = valid[u] ? tok : t0;
       const long long cache_row = static_cast<long long>(table[tk / p.block_size]) * p.block_size + tk % p.block_size;
-      const long long elem = (cache_row * p.kv_heads + kvh) * D + sub * VPL;
+      const long long elem = (cache_row * p.slot_rows + kvh) * D + sub * VPL;
       kr[u].load(p.k_cache, elem);
       vr[u].load(p.v_cache, elem);
       if constexpr (FP8) {
-        ks[u] = __ldg(p.k_scale + cache_row * p.kv_heads + kvh);
-        vs[u] = __ldg(p.v_scale + cache_row * p.kv_heads + kvh);
+        ks[u] = __ldg(p.k_scale + cache_row * p.scale_stride + kvh);
+        vs[u] = __ldg(p.v_scale + cache_row * p.scale_stride + kvh);
       } else {
         ks[u] = 1.f;
         vs[u] = 1.f;
@@ -590,26 +604,45 @@ __device__ __forceinline__ void merge_splits_in_last_block(const AttnParams& p, 
 // = 2^-17 is a multiple of f16's subnormal step 2^-24 and the largest, 21, is far from f16's max). The per-token
 // factor 2^(e + 7) then takes the FP8 scale's place exactly: on the fp32 scores for K, on P (relative to the running
 // power of two cv) for V. So the kernel computes on exactly the reference's dequantized values, as for FP8.
+//
+// Head dim 512 (Gemma 4's global layers; kSplitD): the warps split D instead of the keys. Kept whole per warp, a
+// 512-dim row would need 64 registers of Q, 128 of the O accumulator and 128 of raw FP8 K/V for a single chunk (320
+// > Ada's 255 per thread), and the end-of-block merge 64 KB of shared memory at G = 8 (static shared memory stops at
+// 48 KB). So all 4 warps take the same chunks, each warp running the 128-dim path on its quarter of every row (Q, K,
+// V and O dims [128 w, 128 w + 128)): its registers are the D = 128 kernel's, and so are the bytes in flight per
+// block (TILES chunks of 16 whole rows). QK^T needs the other quarters: each warp writes its partial S^T fragments
+// to shared memory (double-buffered: one barrier per step) and every warp sums the 4 partials in the same fixed
+// order, so every warp holds the same scores, hence the same softmax state (m, l, cv) with no further exchange, and
+// writes its own quarter of O at the end (no merge of warps). Q's power of two is taken over the whole row (the
+// partials are summed before scaling). Cost: one barrier and 16 bytes of shared traffic per score per step.
 template <int D, int G, int TILES, bool FP8, int QT = 1, bool NV4 = false>
 __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const AttnParams p) {
   static_assert(!NV4 || FP8, "NVFP4 runs the scaled f16 path");
   constexpr int kWarps = kAttnThreads / 32;
-  constexpr int kSteps = D / 16;               // k16 steps of QK^T = m16 tiles of PV
-  constexpr int kKW = NV4 ? D / 32 : FP8 ? D / 16 : D / 8;   // words of one K row held by a thread (D/4 dims)
-  constexpr int kVW = NV4 ? D / 64 : FP8 ? D / 32 : D / 16;  // words of one V row held by a thread (D/8 dims)
+  constexpr bool kSplitD = D > 256;            // the warps split each row's dims (above)
+  constexpr int DW = kSplitD ? D / kWarps : D;  // dims of a row this warp computes on
+  constexpr int kSteps = DW / 16;              // k16 steps of QK^T = m16 tiles of PV
+  constexpr int kKW = NV4 ? DW / 32 : FP8 ? DW / 16 : DW / 8;   // words of one K row held by a thread (DW/4 dims)
+  constexpr int kVW = NV4 ? DW / 64 : FP8 ? DW / 32 : DW / 16;  // words of one V row held by a thread (DW/8 dims)
   constexpr int kElem = FP8 ? 1 : 2;
   constexpr int kRowNV4 = D / 2 + D / 16;      // NVFP4: bytes of one (token, head) row
   constexpr int kAlignNV4 = D == 64 ? 4 : D == 128 ? 8 : 16;  // of every thread's slice of a row
-  constexpr int kKSB = D / 64;                 // NVFP4: K block scales of a thread's D/4 dims (1, 2, 4 bytes)
-  constexpr int kVSB = D < 128 ? 1 : D / 128;  // NVFP4: V block scales of a thread's D/8 dims (1, 1, 2 bytes)
+  constexpr int kKSB = DW / 64;                // NVFP4: K block scales of a thread's DW/4 dims (1, 2, 4 bytes)
+  constexpr int kVSB = DW < 128 ? 1 : DW / 128;  // NVFP4: V block scales of a thread's DW/8 dims (1, 1, 2 bytes)
   constexpr int kCols = G * QT;                // (query token, head) columns; column = token * G + head
   constexpr int NT = (kCols + 7) / 8;          // n-tiles of 8 columns
+  constexpr int kScores = TILES * NT * 4;      // S^T fragment values per thread per step
   static_assert(G >= 1 && G <= 8 && (QT == 1 || kCols % 8 == 0), "columns fill whole n-tiles in prefill");
+  static_assert(!kSplitD || DW == 128, "split rows: 128 dims per warp");
   __shared__ float red_m[kWarps][kCols], red_l[kWarps][kCols];
-  __shared__ __align__(16) float red_acc[kWarps][kCols][D];
+  // The warps' merge (keys split) or their partial scores (dims split: [buffer][warp][value][lane]); the other is
+  // one float.
+  __shared__ __align__(16) float red_acc[kSplitD ? 1 : kWarps][kSplitD ? 1 : kCols][kSplitD ? 1 : D];
+  __shared__ float s_part[kSplitD ? 2 : 1][kSplitD ? kWarps : 1][kSplitD ? kScores : 1][32];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, c = lane & 3;
   const int split = blockIdx.x, kvh = blockIdx.y;
+  const int wd0 = kSplitD ? warp * DW : 0;  // first dim of this warp's part of every row
   int t0 = blockIdx.z, nq = 1, seq;
   if constexpr (QT > 1) {
     const int* blk = p.query_blocks + 3 * blockIdx.z;  // (sequence, first query token, query count)
@@ -633,15 +666,17 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
   // MMA (0 * NaN in P.V); their scores are -inf, their P 0.
   const long long safe_row =
       lo < hi ? static_cast<long long>(table[lo / p.block_size]) * p.block_size + lo % p.block_size : 0;
-  const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache) +
-                         (NV4 ? kvh * kRowNV4 + c * (D / 8) : (static_cast<long long>(kvh) * D + c * (D / 4)) * kElem);
-  const uint8_t* v_base = static_cast<const uint8_t*>(p.v_cache) +
-                         (NV4 ? kvh * kRowNV4 + r * (D / 16) : (static_cast<long long>(kvh) * D + r * (D / 8)) * kElem);
-  const long long row_bytes = NV4 ? static_cast<long long>(p.kv_heads) * kRowNV4
-                                  : static_cast<long long>(p.kv_heads) * D * kElem;
-  // NVFP4 block scales of this thread's dims: K blocks c * D/64 .., V block r * D/128 (D 64: r / 2) ..
-  const uint8_t* ks_base = static_cast<const uint8_t*>(p.k_cache) + kvh * kRowNV4 + D / 2 + c * kKSB;
-  const uint8_t* vs_base = static_cast<const uint8_t*>(p.v_cache) + kvh * kRowNV4 + D / 2 + (r * (D / 8)) / 16;
+  const uint8_t* k_base =
+      static_cast<const uint8_t*>(p.k_cache) +
+      (NV4 ? kvh * kRowNV4 + (wd0 + c * (DW / 4)) / 2 : (static_cast<long long>(kvh) * D + wd0 + c * (DW / 4)) * kElem);
+  const uint8_t* v_base =
+      static_cast<const uint8_t*>(p.v_cache) +
+      (NV4 ? kvh * kRowNV4 + (wd0 + r * (DW / 8)) / 2 : (static_cast<long long>(kvh) * D + wd0 + r * (DW / 8)) * kElem);
+  const long long row_bytes = NV4 ? static_cast<long long>(p.slot_rows) * kRowNV4  // from one cache slot to the next
+                                  : static_cast<long long>(p.slot_rows) * D * kElem;
+  // NVFP4 block scales of this thread's dims: K blocks (wd0 + c * DW/4) / 16 .., V block (wd0 + r * DW/8) / 16 ..
+  const uint8_t* ks_base = static_cast<const uint8_t*>(p.k_cache) + kvh * kRowNV4 + D / 2 + (wd0 + c * (DW / 4)) / 16;
+  const uint8_t* vs_base = static_cast<const uint8_t*>(p.v_cache) + kvh * kRowNV4 + D / 2 + (wd0 + r * (DW / 8)) / 16;
   const uint8_t* k_exp = reinterpret_cast<const uint8_t*>(p.k_scale);  // NVFP4: E8M0 bytes [slot, Hkv]
   const uint8_t* v_exp = reinterpret_cast<const uint8_t*>(p.v_scale);
 
@@ -670,7 +705,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
       const bool used = col < kCols && j < nq;
       const uint32_t* qp = reinterpret_cast<const uint32_t*>(
           p.q + static_cast<long long>(used ? t0 + j : t0) * p.q_stride +
-          static_cast<long long>(kvh * G + (used ? col % G : 0)) * D + c * (D / 4));
+          static_cast<long long>(kvh * G + (used ? col % G : 0)) * D + wd0 + c * (DW / 4));
 #pragma unroll
       for (int i = 0; i < 2 * kSteps; ++i) qw[nt][i] = used ? __ldg(qp + i) : 0u;
     }
@@ -683,6 +718,13 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
           qmax = fmaxf(qmax, fmaxf(fabsf(__uint_as_float(qw[nt][i] << 16)),
                                    fabsf(__uint_as_float(qw[nt][i] & 0xFFFF0000u))));
       qmax = warp_max(qmax);
+      if constexpr (kSplitD) {  // one power of two for the whole row: the warps' partial scores are summed
+        __shared__ float q_red[kWarps];
+        if (lane == 0) q_red[warp] = qmax;
+        __syncthreads();
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) qmax = fmaxf(qmax, q_red[w]);
+      }
       const int e = q_exponent(qmax);
       const float qmul = power_of_two(e);
       score_mul *= power_of_two(-e);
@@ -710,7 +752,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 #pragma unroll
     for (int i = 0; i < kSteps; ++i) o[nt][i][0] = o[nt][i][1] = o[nt][i][2] = o[nt][i][3] = 0.f;
 
-  for (int ch = ch0 + warp * TILES; ch < ch1; ch += kWarps * TILES) {
+  int buf = 0;  // split rows: the s_part buffer of this step
+  // Split rows: every warp takes every step (the same trip count: each reaches the barrier below).
+  for (int ch = ch0 + (kSplitD ? 0 : warp * TILES); ch < ch1; ch += (kSplitD ? 1 : kWarps) * TILES) {
     // ---- Fetch every K/V byte and scale of the step before any is used.
     uint32_t kw[TILES][2][kKW], vw[TILES][4][kVW];
     float ksc[TILES][2], vsc[TILES][2];
@@ -728,14 +772,14 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
         if constexpr (NV4) {
           load_words_aligned<kKW, kAlignNV4>(kw[u][j], k_base + row * row_bytes);
           kbs[u][j] = ld_nc_bytes<kKSB>(ks_base + row * row_bytes);
-          ksc[u][j] = nv4_token_scale(ld_nc_bytes<1>(k_exp + row * p.kv_heads + kvh));
-          vsc[u][j] = nv4_token_scale(ld_nc_bytes<1>(v_exp + row * p.kv_heads + kvh));
+          ksc[u][j] = nv4_token_scale(ld_nc_bytes<1>(k_exp + row * p.scale_stride + kvh));
+          vsc[u][j] = nv4_token_scale(ld_nc_bytes<1>(v_exp + row * p.scale_stride + kvh));
         } else {
           load_words(kw[u][j], k_base + row * row_bytes);
         }
         if constexpr (FP8 && !NV4) {
-          ksc[u][j] = ld_scale(p.k_scale + row * p.kv_heads + kvh);
-          vsc[u][j] = ld_scale(p.v_scale + row * p.kv_heads + kvh);
+          ksc[u][j] = ld_scale(p.k_scale + row * p.scale_stride + kvh);
+          vsc[u][j] = ld_scale(p.v_scale + row * p.scale_stride + kvh);
         }
       }
 #pragma unroll
@@ -782,6 +826,28 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) mma_16816<FP8>(s[u][nt], a, qf[nt][kk][0], qf[nt][kk][1]);
       }
+    }
+    if constexpr (kSplitD) {  // ---- Sum the warps' partial scores (128 dims each) in a fixed order.
+#pragma unroll
+      for (int u = 0; u < TILES; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) s_part[buf][warp][(u * NT + nt) * 4 + j][lane] = s[u][nt][j];
+      __syncthreads();  // `buf` is written again two steps on, after every warp has passed the next step's barrier
+#pragma unroll
+      for (int u = 0; u < TILES; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int i = (u * NT + nt) * 4 + j;
+            float total = s_part[buf][0][i][lane];
+#pragma unroll
+            for (int w = 1; w < kWarps; ++w) total += s_part[buf][w][i][lane];
+            s[u][nt][j] = total;
+          }
+      buf ^= 1;
     }
     // ---- Scores in log2 units, masked per column; fragment j: key r + 8 (j / 2), column 2c + (j % 2).
     float mx[NT][2], vmax = 0.f;
@@ -915,6 +981,40 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
       l[nt][1] += __shfl_xor_sync(0xffffffffu, l[nt][1], o_);
     }
   }
+  if constexpr (kSplitD) {
+    const float cv = FP8 && cv_exp > -200 ? __uint_as_float(static_cast<uint32_t>(127 + cv_exp) << 23) : (FP8 ? 0.f : 1.f);
+    // Every warp holds the whole softmax state of its columns and its own quarter of O: rows written directly.
+    // Thread (r, c) holds dims wd0 + r * DW/8 + 2i, +1 of columns 2c, 2c + 1 of each n-tile.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = nt * 8 + 2 * c + h, j = col / G;
+        if (col >= kCols || j >= nq) continue;
+        const long long t = t0 + j;
+        const int head = kvh * G + col % G;
+        const float mul = l[nt][h] > 0.f ? cv / l[nt][h] : 0.f;
+        const int d0 = wd0 + r * (DW / 8);
+        if (p.splits == 1) {
+          __nv_bfloat16* dst = p.out + (t * p.heads + head) * D + d0;
+#pragma unroll
+          for (int i = 0; i < kSteps; ++i)
+            *reinterpret_cast<uint32_t*>(dst + 2 * i) = pack_bf16x2(o[nt][i][h] * mul, o[nt][i][2 + h] * mul);
+        } else {
+          const long long row = (t * p.heads + head) * p.splits + split;
+          float* dst = p.part_out + row * D + d0;
+#pragma unroll
+          for (int i = 0; i < kSteps; ++i)
+            *reinterpret_cast<float2*>(dst + 2 * i) = make_float2(o[nt][i][h] * mul, o[nt][i][2 + h] * mul);
+          if (d0 == 0) p.part_lse[row] = l[nt][h] > 0.f ? m[nt][h] + log2f(l[nt][h]) : -INFINITY;
+        }
+      }
+    }
+    if constexpr (QT == 1) {
+      if (p.splits > 1 && p.counters != nullptr) merge_splits_in_last_block<D, G>(p, t0, kvh);
+    }
+    return;
+  }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -1035,7 +1135,7 @@ __global__ void __launch_bounds__(W * 32, 8 / W) prefill_flash_kernel(const Attn
   const int ctx0 = p.query_ctx ? p.query_ctx[t0] : p.context_lens[seq];
   const int lo = p.window > 0 ? max(0, ctx0 - p.window) : 0, hi = ctx0 + nq - 1;
   const int* table = p.block_tables + static_cast<long long>(seq) * p.table_stride;
-  const long long row_bytes = static_cast<long long>(p.kv_heads) * D * (FP8 ? 1 : 2);
+  const long long row_bytes = static_cast<long long>(p.slot_rows) * D * (FP8 ? 1 : 2);
   const uint8_t* k_cache = static_cast<const uint8_t*>(p.k_cache) + static_cast<long long>(kvh) * D * (FP8 ? 1 : 2);
   const uint8_t* v_cache = static_cast<const uint8_t*>(p.v_cache) + static_cast<long long>(kvh) * D * (FP8 ? 1 : 2);
 
@@ -1112,7 +1212,7 @@ __global__ void __launch_bounds__(W * 32, 8 / W) prefill_flash_kernel(const Attn
       const int key = key0 + tid % KEYS;
       if (tid < 2 * KEYS && key >= lo && key < hi) {
         const long long slot = static_cast<long long>(table[key / p.block_size]) * p.block_size + key % p.block_size;
-        scale_raw = __ldg((tid < KEYS ? p.k_scale : p.v_scale) + slot * p.kv_heads + kvh);
+        scale_raw = __ldg((tid < KEYS ? p.k_scale : p.v_scale) + slot * p.scale_stride + kvh);
       }
     }
   };
@@ -1342,6 +1442,7 @@ static int merge_splits(const AttnParams& p, int tokens, int head_dim, cudaStrea
   if (head_dim == 64) merge_splits_kernel<64><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
   if (head_dim == 128) merge_splits_kernel<128><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
   if (head_dim == 256) merge_splits_kernel<256><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
+  if (head_dim == 512) merge_splits_kernel<512><<<rows, kMergeThreads, smem, stream>>>(p.part_out, p.part_lse, p.out, p.splits);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
@@ -1357,7 +1458,9 @@ void attention_set_variant(int variant) { g_attention_variant = variant; }
 
 // The kernel a shape runs, as a visit: `op.template mma<D, G, TILES, FP8>()` or `op.template v2<D, G, VPL, FP8>()`.
 // Tensor cores: chunks of 16 keys per warp step so that about 256 bytes of raw K/V per thread are in flight
-// (64 registers); bf16 head_dim 256 would need ~300 registers and stays on v2.
+// (64 registers); bf16 head_dim 256 would need ~300 registers and stays on v2. Head dim 512: the warps split the
+// dims (paged_attention_mma_kernel), so each warp's registers are head dim 128's and its chunks per step too (FP8 4,
+// bf16 2); no v2 kernel (pages must hold a multiple of 16 keys, the engine's 16 do).
 template <bool FP8, class Op>
 static int visit_attention(int head_dim, int group, int block_size, Op&& op) {
   const int variant = g_attention_variant;
@@ -1375,6 +1478,7 @@ static int visit_attention(int head_dim, int group, int block_size, Op&& op) {
       ADAQ_ATTN_MMA_G(256, 1)
       ADAQ_ATTN_MMA(256, 6, 1)  // Qwen3.5-27B: 24 query heads over 4 KV heads; 6 of the n-tile's 8 columns used
     }
+    ADAQ_ATTN_MMA_G(512, FP8 ? 4 : 2)
 #undef ADAQ_ATTN_MMA_G
 #undef ADAQ_ATTN_MMA
   }
@@ -1414,6 +1518,7 @@ static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op)
   ADAQ_ATTN_NV4(128, 1, 4) ADAQ_ATTN_NV4(128, 2, 4) ADAQ_ATTN_NV4(128, 4, 3) ADAQ_ATTN_NV4(128, 8, 4)
   ADAQ_ATTN_NV4_G(256, 1)
   ADAQ_ATTN_NV4(256, 6, 1)
+  ADAQ_ATTN_NV4(512, 1, 4) ADAQ_ATTN_NV4(512, 2, 4) ADAQ_ATTN_NV4(512, 4, 2) ADAQ_ATTN_NV4(512, 8, 4)
 #undef ADAQ_ATTN_NV4_G
 #undef ADAQ_ATTN_NV4
   return kUnsupportedShape;
@@ -1421,7 +1526,8 @@ static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op)
 
 // NVFP4 KV, prefill over the cache: v3's prefill (QT consecutive queries per block, as FP8 head_dim 256 runs), for
 // every head dim; the flash kernel (v4) stages K/V tiles in shared memory as FP8/bf16 and has no NVFP4 loader yet.
-// Head dim 256 with 8 heads per KV head has no whole n-tile pair: the per-query decode kernel serves it.
+// Head dim 256 with 8 heads per KV head has no whole n-tile pair: the per-query decode kernel serves it. Head dim
+// 512 splits the dims over the warps: head dim 128's tiling (two n-tiles, 16 / G queries).
 template <class Op>
 static int visit_prefill_nv4(int head_dim, int group, int block_size, Op&& op) {
   if (block_size % 16 != 0 || group < 1 || group > 8) return kUnsupportedShape;
@@ -1432,6 +1538,8 @@ static int visit_prefill_nv4(int head_dim, int group, int block_size, Op&& op) {
   ADAQ_ATTN_PF_NV4(128, 1, 2, 16) ADAQ_ATTN_PF_NV4(128, 2, 2, 8) ADAQ_ATTN_PF_NV4(128, 4, 2, 4)
   ADAQ_ATTN_PF_NV4(128, 8, 2, 2)
   ADAQ_ATTN_PF_NV4(256, 1, 1, 8) ADAQ_ATTN_PF_NV4(256, 2, 1, 4) ADAQ_ATTN_PF_NV4(256, 4, 1, 2)
+  ADAQ_ATTN_PF_NV4(512, 1, 2, 16) ADAQ_ATTN_PF_NV4(512, 2, 2, 8) ADAQ_ATTN_PF_NV4(512, 4, 2, 4)
+  ADAQ_ATTN_PF_NV4(512, 8, 2, 2)
 #undef ADAQ_ATTN_PF_NV4
   return kUnsupportedShape;
 }
@@ -1474,7 +1582,7 @@ struct AttentionKernelInfo {
   template <int D, int G, int TILES, bool FP8, bool NV4 = false>
   int mma() {
     fn = reinterpret_cast<const void*>(paged_attention_mma_kernel<D, G, TILES, FP8, 1, NV4>);
-    round_keys = (kAttnThreads / 32) * TILES * 16;
+    round_keys = (D > 256 ? 1 : kAttnThreads / 32) * TILES * 16;  // head dim 512: the warps share the chunks
     tensor_cores = true;
     return kOk;
   }
@@ -1490,8 +1598,10 @@ static int flash_warps() { return g_attention_variant == 5 ? 12 - kFlashDefaultW
 
 // Prefill over the cache. Head dims 64 and 128: the flash kernel (v4, 64 queries of one head per block). Otherwise
 // (and with attention_set_variant(4), for comparison) v3's prefill: QT consecutive queries of a sequence per block
-// (16 / G for head_dim <= 128: two n-tiles of 8 columns; 8 / G for 256: one), so each K/V chunk is read and
-// converted once per QT queries. bf16 head_dim 256 is not instantiated (per-query decode kernel instead).
+// (16 / G for head_dim <= 128: two n-tiles of 8 columns; 8 / G for 256: one; 16 / G for 512, whose warps split the
+// dims: head dim 128's registers), so each K/V chunk is read and converted once per QT queries. bf16 head_dim 256 is
+// not instantiated (per-query decode kernel instead). No flash kernel for 512: its two f16 tiles of 64 keys would
+// take 133 KB of shared memory (Ada: 100 KB per SM).
 template <bool FP8, class Op>
 static int visit_prefill(int head_dim, int group, int block_size, Op&& op) {
   if (g_attention_variant == 1 || block_size % 16 != 0 || group < 1 || group > 8) return kUnsupportedShape;
@@ -1508,6 +1618,8 @@ static int visit_prefill(int head_dim, int group, int block_size, Op&& op) {
   if constexpr (FP8) {
     ADAQ_ATTN_PF(256, 1, 1, 8) ADAQ_ATTN_PF(256, 2, 1, 4) ADAQ_ATTN_PF(256, 4, 1, 2)
   }
+  ADAQ_ATTN_PF(512, 1, FP8 ? 2 : 1, 16) ADAQ_ATTN_PF(512, 2, FP8 ? 2 : 1, 8)
+  ADAQ_ATTN_PF(512, 4, FP8 ? 2 : 1, 4) ADAQ_ATTN_PF(512, 8, FP8 ? 2 : 1, 2)
 #undef ADAQ_ATTN_PF
   return kUnsupportedShape;
 }
@@ -1597,7 +1709,8 @@ int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, in
 }
 
 int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_cache, const void* v_cache,
-                    const float* k_scale, const float* v_scale, int kv_format, const int* block_tables, int table_stride,
+                    int slot_rows, const float* k_scale, const float* v_scale, int scale_stride, int kv_format,
+                    const int* block_tables, int table_stride,
                     const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
                     float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
                     int block_size, int splits, int window, float scale, float softcap, int* counters,
@@ -1606,6 +1719,7 @@ int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_ca
   if (kv_heads < 1 || heads % kv_heads != 0 || splits < 1) return kUnsupportedShape;
   AttnParams p{};
   p.q = q; p.q_stride = q_stride; p.k_cache = k_cache; p.v_cache = v_cache; p.k_scale = k_scale; p.v_scale = v_scale;
+  p.slot_rows = slot_rows; p.scale_stride = scale_stride;
   p.block_tables = block_tables; p.table_stride = table_stride; p.context_lens = context_lens;
   p.query_seq = query_seq; p.query_ctx = query_ctx; p.out = out; p.part_out = part_out; p.part_lse = part_lse;
   p.block_size = block_size; p.kv_heads = kv_heads; p.heads = heads; p.splits = splits; p.window = window;

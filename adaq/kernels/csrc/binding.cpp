@@ -23,15 +23,16 @@ int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void
                       cudaStream_t stream);
 int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
              void* k_cache, void* v_cache, float* k_scale, float* v_scale, const long long* slots, int tokens,
-             int kv_heads, int head_dim, bool fp8, cudaStream_t stream);
+             int kv_heads, int head_dim, int slot_rows, int scale_stride, bool fp8, cudaStream_t stream);
 int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
                    void* k_cache, void* v_cache, void* k_exp, void* v_exp, const long long* slots, int tokens,
-                   int kv_heads, int head_dim, cudaStream_t stream);
+                   int kv_heads, int head_dim, int slot_rows, int scale_stride, cudaStream_t stream);
 int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, int kv_format,
                      int block_size);
 void attention_set_variant(int variant);
 int paged_attention(const __nv_bfloat16* q, long long q_stride, const void* k_cache, const void* v_cache,
-                    const float* k_scale, const float* v_scale, int kv_format, const int* block_tables, int table_stride,
+                    int slot_rows, const float* k_scale, const float* v_scale, int scale_stride, int kv_format,
+                    const int* block_tables, int table_stride,
                     const int* context_lens, const int* query_seq, const int* query_ctx, __nv_bfloat16* out,
                     float* part_out, float* part_lse, int tokens, int heads, int kv_heads, int head_dim,
                     int block_size, int splits, int window, float scale, float softcap, int* counters,
@@ -142,6 +143,39 @@ torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq,
   return y;
 }
 
+// A layer's cache [blocks, block_size, Hkv, row] (row: head_dim values, or an NVFP4 row's bytes) with dense heads
+// and rows but any whole number of rows (at least Hkv) from one slot (token) to the next: a layer's view into a slot
+// as wide as the widest layer's (Gemma 4, adaq.engine.model_runner.layer_view). K and V alike. Returns that number of
+// rows; `align`: bytes the slots and the base must be a multiple of (the kernels' widest loads).
+int64_t cache_slot_rows(const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t align) {
+  const auto& c = k_cache;
+  TORCH_CHECK(c.dim() == 4 && c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) >= c.size(2) * c.size(3) &&
+                  c.stride(1) % c.size(3) == 0 && c.stride(0) == c.size(1) * c.stride(1) && v_cache.sizes() == c.sizes() &&
+                  v_cache.strides() == c.strides() && v_cache.scalar_type() == c.scalar_type(),
+              "KV caches must be [blocks, block_size, Hkv, row] alike, with dense heads and rows, whole rows per slot "
+              "and pages of block_size slots");
+  const int64_t elem = c.element_size();
+  TORCH_CHECK((c.stride(1) * elem) % align == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % align == 0 &&
+                  reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % align == 0,
+              "KV cache slots must start at multiples of ", align, " bytes");
+  return c.stride(1) / c.size(3);
+}
+
+// Scales (FP8: fp32, NVFP4: E8M0 bytes) [blocks, block_size, Hkv], dense heads, any distance between slots.
+int64_t scale_slot_stride(const torch::Tensor& k_scale, const torch::Tensor& v_scale) {
+  const auto& s = k_scale;
+  TORCH_CHECK(s.dim() == 3 && s.stride(2) == 1 && s.stride(1) >= s.size(2) && s.stride(0) == s.size(1) * s.stride(1) &&
+                  v_scale.sizes() == s.sizes() && v_scale.strides() == s.strides(),
+              "KV scales must be [blocks, block_size, Hkv] alike, with dense heads");
+  return s.stride(1);
+}
+
+// Bytes every slot of a cache must be aligned to: the attention kernels' 16-byte loads; NVFP4 rows of 36 / 72 bytes
+// (head_dim 64 / 128) are loaded in 4 / 8-byte pieces.
+int64_t cache_alignment(bool nvfp4, int64_t head_dim) {
+  return nvfp4 ? (head_dim == 64 ? 4 : head_dim == 128 ? 8 : 16) : 16;
+}
+
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor slots) {
   ADAQ_CHECK_BF16(k);
@@ -149,30 +183,33 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2), "k must be [T, Hkv, D] with dense heads");
   TORCH_CHECK(v.dim() == 3 && v.stride(2) == 1 && v.stride(1) == v.size(2), "v must be [T, Hkv, D] with dense heads");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), "slot_mapping must be int64 [T]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
-  if (k_cache.scalar_type() == at::kByte) {  // NVFP4: rows of D/2 + D/16 bytes, uint8 E8M0 exponents as scales
+  const bool nvfp4 = k_cache.scalar_type() == at::kByte;
+  const int64_t slot_rows = cache_slot_rows(k_cache, v_cache, cache_alignment(nvfp4, k.size(2)));
+  TORCH_CHECK(k_cache.size(2) == k.size(1), "k has ", k.size(1), " KV heads, the cache ", k_cache.size(2));
+  if (nvfp4) {  // NVFP4: rows of D/2 + D/16 bytes, uint8 E8M0 exponents as scales
     const int64_t D = k.size(2);
-    TORCH_CHECK(k_cache.size(-1) == D / 2 + D / 16 && v_cache.scalar_type() == at::kByte,
-                "an NVFP4 KV cache has rows of head_dim / 2 + head_dim / 16 bytes");
-    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kByte && v_scale->scalar_type() == at::kByte &&
-                    k_scale->is_contiguous() && v_scale->is_contiguous(),
+    TORCH_CHECK(k_cache.size(-1) == D / 2 + D / 16, "an NVFP4 KV cache has rows of head_dim / 2 + head_dim / 16 bytes");
+    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kByte && v_scale->scalar_type() == at::kByte,
                 "an NVFP4 KV cache needs its uint8 exponent tensors");
+    const int64_t scale_stride = scale_slot_stride(*k_scale, *v_scale);
     const c10::cuda::CUDAGuard guard(k.device());
     const int status = adaq::store_kv_nvfp4(
         bf16_ptr(k), bf16_ptr(v), k.stride(0), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
         k_scale->data_ptr(), v_scale->data_ptr(), reinterpret_cast<const long long*>(slots.data_ptr<int64_t>()),
-        k.size(0), k.size(1), D, stream());
+        k.size(0), k.size(1), D, slot_rows, scale_stride, stream());
     ADAQ_CHECK_STATUS(status, "store_kv (nvfp4) head_dim=" + std::to_string(D));
     return;
   }
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 || k_cache.scalar_type() == at::kBFloat16, "KV cache must be float8_e4m3fn or bfloat16");
   TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
+  TORCH_CHECK(k_cache.size(3) == k.size(2), "k has head_dim ", k.size(2), ", the cache rows ", k_cache.size(3));
+  const int64_t scale_stride = fp8 ? scale_slot_stride(*k_scale, *v_scale) : 0;
   const c10::cuda::CUDAGuard guard(k.device());
   const int status = adaq::store_kv(bf16_ptr(k), bf16_ptr(v), k.stride(0), v.stride(0), k_cache.data_ptr(),
                                     v_cache.data_ptr(), fp8 ? k_scale->data_ptr<float>() : nullptr,
                                     fp8 ? v_scale->data_ptr<float>() : nullptr, reinterpret_cast<const long long*>(slots.data_ptr<int64_t>()), k.size(0),
-                                    k.size(1), k.size(2), fp8, stream());
+                                    k.size(1), k.size(2), slot_rows, scale_stride, fp8, stream());
   ADAQ_CHECK_STATUS(status, "store_kv head_dim=" + std::to_string(k.size(2)));
 }
 
@@ -230,11 +267,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                               c10::optional<torch::Tensor> counters, c10::optional<torch::Tensor> query_blocks) {
   ADAQ_CHECK_BF16(q);
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, H, D] with dense heads");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: [blocks, bs, Hkv, D]");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   const bool nvfp4 = k_cache.scalar_type() == at::kByte;
+  const int64_t slot_rows = cache_slot_rows(k_cache, v_cache, cache_alignment(nvfp4, q.size(2)));
+  TORCH_CHECK(nvfp4 || k_cache.size(3) == q.size(2), "q has head_dim ", q.size(2), ", the cache rows ", k_cache.size(3));
   TORCH_CHECK(!fp8 || (k_scale && v_scale), "an FP8 KV cache needs its scales");
   TORCH_CHECK(!nvfp4 || (k_cache.size(3) == q.size(2) / 2 + q.size(2) / 16 && k_scale && v_scale &&
                          k_scale->scalar_type() == at::kByte && v_scale->scalar_type() == at::kByte),
@@ -242,6 +280,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(!query_blocks || (query_blocks->scalar_type() == at::kInt && query_blocks->dim() == 2 &&
                                 query_blocks->size(1) == 3 && query_blocks->is_contiguous() && query_ctx),
               "query_blocks must be int32 [blocks, 3] (sequence, first token, count), with query_ctx");
+  const int64_t scale_stride = fp8 || nvfp4 ? scale_slot_stride(*k_scale, *v_scale) : 0;
   const c10::cuda::CUDAGuard guard(q.device());
   const int T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   auto out = torch::empty({T, H, D}, q.options());
@@ -251,9 +290,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     part_lse = torch::empty({T, H, splits}, q.options().dtype(at::kFloat));
   }
   const int status = adaq::paged_attention(
-      bf16_ptr(q), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+      bf16_ptr(q), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slot_rows,
       fp8 || nvfp4 ? static_cast<const float*>(k_scale->data_ptr()) : nullptr,
-      fp8 || nvfp4 ? static_cast<const float*>(v_scale->data_ptr()) : nullptr, nvfp4 ? 2 : fp8 ? 1 : 0,
+      fp8 || nvfp4 ? static_cast<const float*>(v_scale->data_ptr()) : nullptr, scale_stride, nvfp4 ? 2 : fp8 ? 1 : 0,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       context_lens.data_ptr<int>(), query_seq ? query_seq->data_ptr<int>() : nullptr,
       query_ctx ? query_ctx->data_ptr<int>() : nullptr, bf16_mut(out), splits > 1 ? part_out.data_ptr<float>() : nullptr,
