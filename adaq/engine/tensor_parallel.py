@@ -74,6 +74,8 @@ def join_group(config: EngineConfig, rank: int, port: int) -> TPGroup:
     device = rank_device(config, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # ranks share the cores: more threads than cores makes OpenMP's spinning threads fight
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=config.tensor_parallel_size,
                             timeout=timedelta(seconds=timeout_seconds()))
