@@ -63,7 +63,10 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None, model_config: dict | None = None,
-                 tokenizer=None):
+                 tokenizer=None, source_factory=None):
+        """`model`: an already loaded model (one rank); `source_factory(device)`: what the weights are read from
+        instead of the checkpoint folder (a picklable callable: tensor-parallel ranks each call it)."""
+        self.source_factory = source_factory
         self.config = config
         self.model_config = model_config if model_config is not None else _read_model_config(config.model)
         self.tokenizer = tokenizer if tokenizer is not None or config.skip_tokenizer else load_tokenizer(config.model)
@@ -88,15 +91,16 @@ class LLMEngine:
     def _make_runner(self, model: torch.nn.Module | None, fit_context: bool) -> ModelRunner:
         config = self.config
         if config.tensor_parallel_size == 1:
-            model = model if model is not None else load_model(self.model_config, config)
+            model = model if model is not None else load_model(self.model_config, config,
+                                                                source_factory=self.source_factory)
             return ModelRunner(model, self.model_config, config, fit_context)
         if model is not None:
             raise AdaqError("tensor parallelism loads the model on every rank itself: pass no model")
         from adaq.engine.tensor_parallel import Workers
 
-        self.workers = Workers(config, self.model_config, fit_context)
+        self.workers = Workers(config, self.model_config, fit_context, self.source_factory)
         with self._tensor_parallel_step():
-            model = load_model(self.model_config, config, self.workers.tp)
+            model = load_model(self.model_config, config, self.workers.tp, self.source_factory)
             return ModelRunner(model, self.model_config, config, fit_context, link=self.workers.link)
 
     @contextmanager
@@ -391,15 +395,16 @@ def _same_objects(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def load_model(model_config: dict, config: EngineConfig, tp=None) -> torch.nn.Module:
-    """The model on `config.device`, or with `tp` (adaq.backends.parallel.TPGroup) this rank's shard of it."""
+def load_model(model_config: dict, config: EngineConfig, tp=None, source_factory=None) -> torch.nn.Module:
+    """The model on `config.device`, or with `tp` (adaq.backends.parallel.TPGroup) this rank's shard of it; from
+    the checkpoint folder, or from `source_factory(device)`."""
     from adaq.formats.checkpoint import open_checkpoint
     from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
 
     from adaq.backends.fallbacks import Fallbacks
 
-    source = open_checkpoint(config.model)
+    source = open_checkpoint(config.model) if source_factory is None else source_factory(config.device)
     # None: auto choosing the CPU is a fallback; a tensor-parallel rank runs where its rank puts it
     device = config.device if config.device_given or tp is not None else None
     options = {} if tp is None else {"tp": tp}

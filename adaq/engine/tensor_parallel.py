@@ -176,7 +176,7 @@ class WorkerFailure:
 class Workers:
     """Rank 0's view of ranks 1..N-1: spawn, join the group, watch, stop."""
 
-    def __init__(self, config: EngineConfig, model_config: dict, fit_context: bool):
+    def __init__(self, config: EngineConfig, model_config: dict, fit_context: bool, source_factory=None):
         check_devices(config)
         if config.device.type == "cuda":
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off: not every host's driver has it
@@ -184,8 +184,8 @@ class Workers:
         self.errors = context.Queue()
         self.size = config.tensor_parallel_size
         port = free_port()
-        self.processes = [context.Process(target=worker_main, args=(config, model_config, fit_context, rank, port,
-                                                                    self.errors), daemon=True, name=f"adaq-tp{rank}")
+        args = (config, model_config, fit_context, source_factory, port, self.errors)
+        self.processes = [context.Process(target=worker_main, args=(rank, *args), daemon=True, name=f"adaq-tp{rank}")
                           for rank in range(1, self.size)]
         for process in self.processes:
             process.start()
@@ -270,7 +270,8 @@ class Workers:
             dist.destroy_process_group()
 
 
-def worker_main(config: EngineConfig, model_config: dict, fit_context: bool, rank: int, port: int, errors) -> None:
+def worker_main(rank: int, config: EngineConfig, model_config: dict, fit_context: bool, source_factory, port: int,
+                errors) -> None:
     """A spawned rank: join, load its shard, build its runner, then run what rank 0 sends until it says stop."""
     try:
         tp = join_group(config, rank, port)
@@ -279,7 +280,7 @@ def worker_main(config: EngineConfig, model_config: dict, fit_context: bool, ran
         from adaq.engine.llm_engine import load_model
         from adaq.engine.model_runner import ModelRunner
 
-        model = load_model(model_config, worker_config, tp)
+        model = load_model(model_config, worker_config, tp, source_factory)
         runner = ModelRunner(model, model_config, worker_config, fit_context)
         serve_steps(runner, StepLink(tp, worker_config.device), rank)
     except BaseException as error:  # reported to rank 0 whatever it is, then the process ends
