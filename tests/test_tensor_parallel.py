@@ -114,3 +114,35 @@ def test_a_killed_worker_ends_the_command(folders):
 def test_tensor_parallel_size_is_checked(folders):
     with pytest.raises(AdaqError, match="--tensor-parallel-size 0"):
         engine(folders["qwen3"], 0)
+
+
+def test_validate_names_the_linear_a_split_cuts_inside_a_block(tmp_path):
+    from adaq.validate import validate_checkpoint
+
+    folder = make_checkpoint("qwen3_moe", tmp_path) / "nvfp4"  # experts of 32 columns: 16 per rank at TP=2, 8 at 4
+    one, two, four = (validate_checkpoint(folder, gpu="rtx4090", tp=n, level="layout") for n in (1, 2, 4))
+    assert one.valid and two.valid
+    assert not four.valid
+    finding = next(f for f in four.errors if f.rule == "tp-split-16")
+    assert finding.tensor == "model.layers.0.mlp.experts.0.down_proj"
+    assert "input column 8 of 32" in finding.message
+    assert two.budget.weights.total < one.budget.weights.total
+    assert any("tensor parallel over 2 GPUs" in note for note in two.budget.notes)
+    three = validate_checkpoint(folder, gpu="rtx4090", tp=3, level="layout")
+    assert any(f.rule == "tp-split" and "num_attention_heads 4" in f.message for f in three.errors)
+
+
+def test_bench_reports_each_rank_and_the_scaling(folders):
+    from adaq.bench.runner import Workload
+    from adaq.bench.suite import BenchOptions, run_bench
+
+    options = BenchOptions(str(folders["qwen3"]), False, Workload((1,), 8, 4, 1), baselines=(), backend="reference",
+                           device="cpu", tensor_parallel_size=2)
+    report = run_bench(options)
+    single, sharded = report["variants"]
+    assert (single["variant"], sharded["variant"]) == ("nvfp4", "nvfp4-tp2")
+    assert not single["error"] and not sharded["error"], sharded.get("error_detail")
+    assert [rank["rank"] for rank in sharded["rank_memory"]] == [0, 1]
+    assert all(rank["weight_bytes"] > 0 and rank["kv_cache_bytes"] > 0 for rank in sharded["rank_memory"])
+    scaling = sharded["results"][0]["tp_scaling"]
+    assert scaling["over"] == "nvfp4" and scaling["ranks"] == 2 and scaling["decode"] > 0
