@@ -146,3 +146,19 @@ def test_bench_reports_each_rank_and_the_scaling(folders):
     assert all(rank["weight_bytes"] > 0 and rank["kv_cache_bytes"] > 0 for rank in sharded["rank_memory"])
     scaling = sharded["results"][0]["tp_scaling"]
     assert scaling["over"] == "nvfp4" and scaling["ranks"] == 2 and scaling["decode"] > 0
+
+
+def test_loading_refuses_a_cut_inside_an_nvfp4_block(tmp_path):
+    from adaq.backends import get_backend
+    from adaq.backends.parallel import TPGroup
+    from adaq.formats.checkpoint import open_checkpoint
+    from adaq.models import build_model, load_weights
+
+    checkpoint = open_checkpoint(make_checkpoint("qwen3_moe", tmp_path) / "nvfp4")  # 32-wide experts
+    backend = get_backend("reference", "cpu", tp=TPGroup(1, 4))  # loading runs no collective: no group needed
+    model = build_model(checkpoint.config, backend, torch.float32)
+    with pytest.raises(AdaqError, match=r"experts\.0\.down_proj: a tensor-parallel split at input column 8 is not "
+                                        r"a multiple of 16"):
+        load_weights(model, checkpoint)
+    with pytest.raises(AdaqError, match=r"\(32\) does not split over --tensor-parallel-size 3"):
+        build_model(checkpoint.config, get_backend("reference", "cpu", tp=TPGroup(0, 3)), torch.float32)

@@ -92,7 +92,8 @@ class SelfAttention(nn.Module):
         self.qkv_proj.load([reader.linear(n, r) for n, r in zip(names, rows)], reader.dtype,
                            [reader.bias(n, r) for n, r in zip(names, rows)])
         o_cols = self.head_rows(self.q_heads, self.head_dim)
-        self.o_proj.load(reader.linear(f"{prefix}.o_proj", cols=o_cols), reader.dtype, [reader.bias(f"{prefix}.o_proj")])
+        self.o_proj.load(reader.linear(f"{prefix}.o_proj", cols=o_cols), reader.dtype,
+                         [reader.bias(f"{prefix}.o_proj")])
         self.q_norm.load(reader.tensor(f"{prefix}.q_norm.weight"), reader.dtype)
         self.k_norm.load(reader.tensor(f"{prefix}.k_norm.weight"), reader.dtype)
         if self.v_norm is not None:  # scale-free: a unit weight

@@ -49,7 +49,9 @@ class WeightReader:
         if getattr(self.source, "reads_slices", False):
             return read(key, rows=rows, cols=cols)
         whole = read(key)
-        return slice_nvfp4(whole, rows, cols, key) if isinstance(whole, NVFP4Weight) else slice_tensor(whole, rows, cols)
+        if isinstance(whole, NVFP4Weight):
+            return slice_nvfp4(whole, rows, cols, key)
+        return slice_tensor(whole, rows, cols)
 
     def layer_loaded(self, done: int, total: int) -> None:
         if self.progress is not None:

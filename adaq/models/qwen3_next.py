@@ -32,7 +32,8 @@ class FusedGatedDeltaNet(GatedDeltaNet):
         q, k, v, z = grouped_rows(self.num_k_heads, [self.head_k_dim, self.head_k_dim, ratio * self.head_v_dim,
                                                      ratio * self.head_v_dim])
         b, a = grouped_rows(self.num_k_heads, [ratio, ratio])
-        qkvz = reader.linear(f"{prefix}.in_proj_qkvz", self.group_rows(2 * self.head_k_dim + 2 * ratio * self.head_v_dim))
+        group = 2 * self.head_k_dim + 2 * ratio * self.head_v_dim  # rows per key-head group
+        qkvz = reader.linear(f"{prefix}.in_proj_qkvz", self.group_rows(group))
         ba = reader.linear(f"{prefix}.in_proj_ba", self.group_rows(2 * ratio))
         weights = [select_rows(qkvz, torch.cat([q, k, v])), select_rows(qkvz, z), select_rows(ba, b),
                    select_rows(ba, a)]
