@@ -433,7 +433,9 @@ def engine_label(engine, variant: str, kv_dtype: str) -> str:
         prefill = f", {describe(prefill_path_of(variant))}"
     elif is_nvfp4(variant) and prefill_path_of(variant) == "fp8":
         prefill = ", prefill: FP8 PATH emulated (reference backend)"
-    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}{prefill}"
+    ranks = split_tp(variant)[1]
+    sharded = f", tensor parallel over {ranks} ranks" if ranks > 1 else ""
+    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}{prefill}{sharded}"
 
 
 def model_vocab(config: dict) -> int:

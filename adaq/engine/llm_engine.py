@@ -123,7 +123,7 @@ class LLMEngine:
         except Exception as error:
             failure = workers.died(error)
             workers.close()
-            raise failure from None
+            raise failure from error  # the cause's traceback stays in the log (ADAQ_DEBUG=1 raises it)
         finally:
             workers.busy_since = None
 
