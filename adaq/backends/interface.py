@@ -15,11 +15,13 @@ import torch
 
 from adaq.backends.context import Context
 from adaq.backends.handles import ExpertsHandle, LinearHandle, Weight
+from adaq.backends.parallel import TPGroup
 
 
 class Backend(Protocol):
     name: str
     device: torch.device
+    tp: TPGroup  # the tensor-parallel group whose shard this backend runs (adaq.backends.parallel; SINGLE: one rank)
 
     def prepare_linear(self, weight: Weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
         """At load: keep (or repack) one weight. `role` names the projection (qkv_proj, o_proj, gate_up_proj,

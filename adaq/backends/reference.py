@@ -14,6 +14,7 @@ from adaq.backends import prefill_route
 from adaq.backends.fallbacks import Fallbacks
 from adaq.backends.handles import (ExpertsHandle, LinearHandle, Weight, can_fuse, check_shapes, fuse, weight_cols,
                                    weight_rows)
+from adaq.backends.parallel import SINGLE, TPGroup
 from adaq.backends.numerics import activation, attention, gated_delta, moe, norm, rotary
 from adaq.formats import fp8_prefill, nvfp4
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
@@ -31,14 +32,18 @@ class ReferenceBackend:
       least `prefill_fp8_min_tokens` rows; None = on when $ADAQ_PREFILL_PATH is `fp8`.
     - fallbacks: the record (adaq.backends.fallbacks) that this backend, and the engine that runs it, report
       fallbacks into; None = a fresh, non-strict one.
+    - tp: the tensor-parallel group (adaq.backends.parallel) whose shard of the model this backend runs; None = one
+      rank. Layers read their share from it and call `all_reduce` / `gather_columns` through it.
     """
 
     name = "reference"
 
     def __init__(self, device: torch.device | str | None = None, activation_quant: bool = True,
                  dequant_cache_bytes: int | None = None, prefill_fp8: bool | None = None,
-                 prefill_fp8_min_tokens: int = prefill_route.MIN_TOKENS, fallbacks: Fallbacks | None = None):
+                 prefill_fp8_min_tokens: int = prefill_route.MIN_TOKENS, fallbacks: Fallbacks | None = None,
+                 tp: TPGroup | None = None):
         self.fallbacks = Fallbacks() if fallbacks is None else fallbacks
+        self.tp = SINGLE if tp is None else tp
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.activation_quant = activation_quant
         self.prefill_fp8 = os.environ.get(prefill_route.PATH_ENV) == "fp8" if prefill_fp8 is None else prefill_fp8

@@ -49,6 +49,26 @@ def render(report: dict, console: Console | None = None) -> None:
     console.print(prefill_table(report))
     for line in notes(report):
         console.print(Text(line, style="red" if " failed: " in line or " FALLBACK " in line else "dim"))
+    for line in tensor_parallel_lines(report):
+        console.print(Text(line))
+
+
+def tensor_parallel_lines(report: dict) -> list[str]:
+    """Per sharded variant: each rank's memory, and tok/s over the same variant on one GPU."""
+    lines = []
+    for variant in report["variants"]:
+        for rank in variant.get("rank_memory") or []:
+            peak = rank.get("peak_allocated_bytes")
+            lines.append(f"{variant['variant']} rank {rank['rank']} ({rank['device']}): weights "
+                         f"{rank['weight_bytes'] / 2**30:.2f} GiB, KV cache {rank['kv_cache_bytes'] / 2**30:.2f} GiB"
+                         + (f", peak allocated {peak / 2**30:.2f} GiB" if peak is not None else ""))
+        for result in variant.get("results") or []:
+            scaling = result.get("tp_scaling")
+            if scaling:
+                lines.append(f"{variant['variant']} batch {result['batch']}: decode {scaling['decode']:.2f}x, "
+                             f"end to end {scaling['total']:.2f}x {scaling['over']} on one rank "
+                             f"({scaling['ranks']} ranks)")
+    return lines
 
 
 def headline(report: dict) -> str:

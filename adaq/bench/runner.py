@@ -26,12 +26,21 @@ BASELINES = ("bf16", "hf")
 PREFILL_VARIANTS = {"auto": "nvfp4", "fp8": "nvfp4-fp8", "exact": "nvfp4-exact", "nvfp4": "nvfp4-decode"}
 
 
+TP_SUFFIX = "-tp"  # nvfp4-tp2: the nvfp4 variant sharded over 2 GPUs (tensor parallelism)
+
+
+def split_tp(variant: str) -> tuple[str, int]:
+    """(the variant without its tensor-parallel suffix, ranks): nvfp4-tp2 -> (nvfp4, 2), bf16 -> (bf16, 1)."""
+    base, _, size = variant.rpartition(TP_SUFFIX)
+    return (base, int(size)) if base and size.isdigit() else (variant, 1)
+
+
 def is_nvfp4(variant: str) -> bool:
-    return variant in PREFILL_VARIANTS.values()
+    return split_tp(variant)[0] in PREFILL_VARIANTS.values()
 
 
 def prefill_path_of(variant: str) -> str | None:
-    return next((path for path, name in PREFILL_VARIANTS.items() if name == variant), None)
+    return next((path for path, name in PREFILL_VARIANTS.items() if name == split_tp(variant)[0]), None)
 MEMORY_MARGIN = 1 << 30  # activations, CUDA graphs and the allocator's slack, on top of weights and KV cache
 
 
@@ -75,6 +84,10 @@ class VariantSpec:
     device: str = "cuda"
     strict: bool = False  # EngineConfig.strict: a fallback fails the variant
     device_given: bool = True  # False: the device was the default, so auto choosing the CPU is a fallback
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return split_tp(self.variant)[1]
 
 
 @dataclass
@@ -151,6 +164,8 @@ class BatchResult:
     # What fell back by the end of this batch (adaq.backends.fallbacks: "what" of each); None: not our engine (hf)
     fallbacks: list[str] | None = None
     graph_replays: int | None = None  # decode CUDA graphs replayed during this batch's timed runs (None: no graphs)
+    # Tensor parallelism: decode and end-to-end tok/s over the same variant on one GPU, same batch
+    tp_scaling: dict | None = None
 
 
 @dataclass
@@ -166,6 +181,8 @@ class VariantOutcome:
     resident_weight_bytes: int | None = None  # allocator bytes after loading, before any KV cache
     kv_cache_bytes: int | None = None  # the engine's KV allocation (both pools with window-sized KV)
     fallbacks: list[dict] | None = None  # adaq.backends.fallbacks.Fallback as dicts (what, cause, setting)
+    # Tensor parallelism: each rank's weight, KV and state bytes and GPU peak (LLMEngine.memory_per_rank)
+    rank_memory: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,7 +276,8 @@ def _run_engine_variant(spec: VariantSpec) -> VariantOutcome:
     device = torch.device(spec.device)
     config, source, weights = open_source(spec)
     kv_dtype = spec.kv_cache_dtype if is_nvfp4(spec.variant) else "bf16"
-    reason = does_not_fit(weights, config, spec, kv_dtype, device)
+    # sharded over several GPUs, no one GPU holds the whole: the ranks' own allocations decide
+    reason = does_not_fit(weights, config, spec, kv_dtype, device) if spec.tensor_parallel_size == 1 else None
     if reason:
         return VariantOutcome(spec.variant, spec.variant, skipped=reason)
     probe = MemoryProbe(device)
@@ -269,8 +287,18 @@ def _run_engine_variant(spec: VariantSpec) -> VariantOutcome:
         engine = build_engine(spec, config, source, kv_dtype, device)
     except torch.OutOfMemoryError as error:
         return VariantOutcome(spec.variant, spec.variant, skipped=f"out of GPU memory while loading ({error})")
+    try:
+        return _time_variant(spec, engine, config, weights, kv_dtype, device, probe, time.perf_counter() - started)
+    finally:
+        engine.close()
+        del engine
+        _release(device)
+
+
+def _time_variant(spec: VariantSpec, engine, config: dict, weights, kv_dtype: str, device: torch.device,
+                  probe: "MemoryProbe", load_s: float) -> VariantOutcome:
     outcome = VariantOutcome(spec.variant, engine_label(engine, spec.variant, kv_dtype),
-                             load_s=time.perf_counter() - started, weight_bytes=asdict(weights),
+                             load_s=load_s, weight_bytes=asdict(weights),
                              resident_weight_bytes=_allocated(device), kv_cache_bytes=engine.runner.kv_cache_bytes)
     vocab = model_vocab(config)
     for batch in spec.workload.batches:
@@ -283,9 +311,22 @@ def _run_engine_variant(spec: VariantSpec) -> VariantOutcome:
         result.fallbacks, result.graph_replays = engine.fallbacks.names(), probe.graph_replays
         outcome.results.append(result)
     outcome.fallbacks = engine.fallbacks.as_dicts()
-    del engine
-    _release(device)
+    if spec.tensor_parallel_size > 1:
+        outcome.rank_memory = engine.memory_per_rank()
     return outcome
+
+
+@dataclass(frozen=True)
+class SourceOf:
+    """A variant's weight source on a given device: what a tensor-parallel rank loads its shard from (synthetic
+    weights are seeded by tensor name, so every rank makes the same ones)."""
+
+    spec: VariantSpec
+
+    def __call__(self, device: torch.device):
+        from dataclasses import replace
+
+        return open_source(replace(self.spec, device=str(device)))[1]
 
 
 def open_source(spec: VariantSpec):
@@ -371,7 +412,9 @@ def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device:
         model=str(source.path), backend=spec.backend, kv_cache_dtype=kv_dtype, max_model_len=workload.max_len,
         max_num_seqs=max_batch, max_num_batched_tokens=engine_step_tokens(workload),
         num_kv_blocks=max_batch * blocks_per_seq, block_size=16, device=device, skip_tokenizer=True,
-        strict=spec.strict)
+        strict=spec.strict, tensor_parallel_size=spec.tensor_parallel_size)
+    if spec.tensor_parallel_size > 1:  # every rank makes its own source and reads its shard of it
+        return LLMEngine(engine_config, model_config=config, source_factory=SourceOf(spec))
     backend = get_backend(spec.backend, device if spec.device_given else None,
                           fallbacks=Fallbacks(strict=spec.strict))
     model = build_model(config, backend, engine_config.dtype, device)
@@ -390,7 +433,9 @@ def engine_label(engine, variant: str, kv_dtype: str) -> str:
         prefill = f", {describe(prefill_path_of(variant))}"
     elif is_nvfp4(variant) and prefill_path_of(variant) == "fp8":
         prefill = ", prefill: FP8 PATH emulated (reference backend)"
-    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}{prefill}"
+    ranks = split_tp(variant)[1]
+    sharded = f", tensor parallel over {ranks} ranks" if ranks > 1 else ""
+    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}{prefill}{sharded}"
 
 
 def model_vocab(config: dict) -> int:

@@ -6,8 +6,8 @@ import torch
 
 from adaq.bench import roofline
 from adaq.bench.environment import describe
-from adaq.bench.runner import (BASELINES, PREFILL_VARIANTS, VariantOutcome, VariantSpec, Workload, is_nvfp4,
-                               run_guarded)
+from adaq.bench.runner import (BASELINES, PREFILL_VARIANTS, TP_SUFFIX, VariantOutcome, VariantSpec, Workload,
+                               is_nvfp4, run_guarded, split_tp)
 from adaq.bench.shapes import load_model_config, model_tensors, text_config
 from adaq.errors import AdaqError
 
@@ -25,8 +25,12 @@ class BenchOptions:
     device: str | None = None
     prefill_paths: tuple[str, ...] = ("auto",)  # one NVFP4 variant per path: PREFILL_VARIANTS
     strict: bool = False  # a fallback (adaq.backends.fallbacks) fails the variant instead of being measured
+    # > 1: each NVFP4 variant also runs sharded over this many GPUs (variant nvfp4-tp2, ...), beside one GPU
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise AdaqError(f"invalid --tensor-parallel-size {self.tensor_parallel_size}: must be >= 1")
         wrong = [path for path in self.prefill_paths if path not in PREFILL_VARIANTS]
         if wrong or not self.prefill_paths:
             raise AdaqError(f"invalid --prefill-path {wrong[0] if wrong else ''!r}: choose from "
@@ -48,7 +52,10 @@ class BenchOptions:
 
     @property
     def variants(self) -> list[str]:
-        return [*(PREFILL_VARIANTS[path] for path in self.prefill_paths), *self.baselines]
+        nvfp4 = [PREFILL_VARIANTS[path] for path in self.prefill_paths]
+        size = self.tensor_parallel_size
+        sharded = [f"{name}{TP_SUFFIX}{size}" for name in nvfp4] if size > 1 else []
+        return [*nvfp4, *sharded, *self.baselines]
 
 
 def run_bench(options: BenchOptions, on_variant=lambda variant: None, on_partial=lambda report: None) -> dict:
@@ -67,6 +74,7 @@ def run_bench(options: BenchOptions, on_variant=lambda variant: None, on_partial
         add_roofline(outcome, config, options, bandwidth)
         outcomes.append(outcome)
         add_speedups(outcomes)
+        add_tp_scaling(outcomes)
         on_partial(assemble(options, config, environment, bandwidth, outcomes, device))
     if device.type == "cuda":  # the clocks at the start are the idle ones; these are right after the load
         from adaq.bench.environment import nvidia_smi
@@ -120,6 +128,19 @@ def add_speedups(outcomes: list[VariantOutcome]) -> None:
             result.prefill_speedup[baseline] = result.prefill_tokens_per_s / other.prefill_tokens_per_s
 
 
+def add_tp_scaling(outcomes: list[VariantOutcome]) -> None:
+    """A sharded variant's tok/s over the same variant on one GPU, batch by batch."""
+    by_batch = {(outcome.variant, result.batch): result for outcome in outcomes for result in outcome.results}
+    for (variant, batch), result in by_batch.items():
+        base, size = split_tp(variant)
+        single = by_batch.get((base, batch))
+        if size == 1 or single is None:
+            continue
+        result.tp_scaling = {"over": base, "ranks": size,
+                             "decode": result.decode_tokens_per_s / single.decode_tokens_per_s,
+                             "total": result.total_tokens_per_s / single.total_tokens_per_s}
+
+
 def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: float | None,
              outcomes: list[VariantOutcome], device: torch.device) -> dict:
     text = text_config(config)
@@ -131,7 +152,8 @@ def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: 
                   "vocab_size": text["vocab_size"]},
         "workload": {**asdict(options.workload), "batches": list(options.workload.batches),
                      "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype,
-                     "prefill_paths": list(options.prefill_paths), "strict": options.strict},
+                     "prefill_paths": list(options.prefill_paths), "strict": options.strict,
+                     "tensor_parallel_size": options.tensor_parallel_size},
         "on_cpu": device.type != "cuda",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.0 TB/s"

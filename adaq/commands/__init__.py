@@ -5,3 +5,5 @@ PREFILL_PATH_HELP = ("NVFP4 prefill of many tokens: auto (the FP8 path on sm_89 
                      "Default: $ADAQ_PREFILL_PATH, else auto.")
 STRICT_HELP = ("Fail instead of falling back (CUDA graphs to eager, a kernel to the reference path, FP8 prefill to "
                "exact, auto to the CPU): every fallback becomes a one-line error. Env: ADAQ_STRICT=1.")
+TP_HELP = ("Tensor parallelism: run the model sharded over N GPUs (cuda:0..N-1 from --device's index; gloo "
+           "processes on the CPU), one process per rank started by adaq itself.")

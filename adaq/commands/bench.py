@@ -78,6 +78,9 @@ def bench(
     json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),
     plot_path: str = typer.Option(None, "--plot", help="write a PNG: tok/s against batch per variant, VRAM bars"),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="also run each NVFP4 variant "
+                                             "sharded over N GPUs (variant nvfp4-tpN): per-rank memory and the "
+                                             "scaling over one GPU"),
 ):
     if ctx.invoked_subcommand is not None:
         return
@@ -100,7 +103,8 @@ def bench(
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, bench runs
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
-                           backend, kv_cache_dtype, device, parse_baselines(prefill_path), strict)
+                           backend, kv_cache_dtype, device, parse_baselines(prefill_path), strict,
+                           tensor_parallel_size)
     errors = Console(stderr=True)
     partial = (lambda report: bench_report.write_json(report, json_path)) if json_path else (lambda report: None)
     with errors.status("measuring copy bandwidth") as status:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaq.commands import STRICT_HELP
+from adaq.commands import STRICT_HELP, TP_HELP
 from adaq.errors import AdaqError
 
 app = typer.Typer(help="Accuracy of a checkpoint next to its baseline: MMLU-Pro (lm-eval) and perplexity, offline.",
@@ -15,9 +15,10 @@ app = typer.Typer(help="Accuracy of a checkpoint next to its baseline: MMLU-Pro 
 RUNNER_HELP = "engine: adaq's engine (the default); transformers: cross-check through transformers"
 
 
-def _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict: bool = False) -> dict:
+def _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict: bool = False,
+                     tensor_parallel_size: int = 1) -> dict:
     return {"backend": backend, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "max_model_len": max_model_len,
-            "strict": strict or None}
+            "strict": strict or None, "tensor_parallel_size": tensor_parallel_size}
 
 
 def _label(source: str) -> str:
@@ -102,9 +103,14 @@ def mmlu_pro(
     batch_size: int = typer.Option(64, help="requests handed to the engine at once"),
     chunk_size: int = typer.Option(16, help="questions per lm-eval call (samples are saved after each)"),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help=TP_HELP),
 ):
     """MMLU-Pro accuracy of CHECKPOINT (and of --baseline on the same questions), through lm-eval, offline."""
-    _require_positive(limit=limit, batch_size=batch_size, chunk_size=chunk_size, max_model_len=max_model_len)
+    _require_positive(limit=limit, batch_size=batch_size, chunk_size=chunk_size, max_model_len=max_model_len,
+                      tensor_parallel_size=tensor_parallel_size)
+    if tensor_parallel_size > 1 and baseline is not None:
+        raise AdaqError("--tensor-parallel-size with --baseline: MMLU-Pro alternates the two models and one process "
+                        "holds one tensor-parallel engine; evaluate them in two runs with the same --samples file")
     _check_outputs({"checkpoint": checkpoint, "baseline": baseline, "data": data_dir}, json=json_path,
                    samples=samples)
     os.environ["TQDM_DISABLE"] = "1"
@@ -117,7 +123,7 @@ def mmlu_pro(
     run = MMLUProRun(variant=variant, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, samples_path=samples,
                      categories=[c for c in categories.split(",") if c.strip()] if categories else None,
                      chunk_size=chunk_size)
-    settings = _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict)
+    settings = _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict, tensor_parallel_size)
     models = [ModelUnderTest(label, source, _lm_factory(source, runner, batch_size, settings))
               for label, source in _labels(checkpoint, baseline)]
     started = time.perf_counter()
@@ -151,9 +157,10 @@ def ppl(
     dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     batch_size: int = typer.Option(8, help="windows handed to the engine at once"),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help=TP_HELP),
 ):
     """Perplexity over fixed non-overlapping windows (data/README.md's protocol), CHECKPOINT beside --baseline."""
-    _require_positive(batch_size=batch_size, max_windows=max_windows)
+    _require_positive(batch_size=batch_size, max_windows=max_windows, tensor_parallel_size=tensor_parallel_size)
     if window < 2:
         raise AdaqError(f"invalid setting --window {window}: must be >= 2 (BOS and one scored token)")
     _check_outputs({"checkpoint": checkpoint, "baseline": baseline, "text": text}, json=json_path)
@@ -166,7 +173,7 @@ def ppl(
     from adaq.eval.sources import load_scorer
 
     body = read_text(text)
-    settings = _engine_settings(backend, kv_cache_dtype, dtype, max(window, 2), strict)
+    settings = _engine_settings(backend, kv_cache_dtype, dtype, max(window, 2), strict, tensor_parallel_size)
     started = time.perf_counter()
     results = {}
     with _progress() as progress:
@@ -176,6 +183,9 @@ def ppl(
             bar = progress.add_task(f"perplexity {label}", total=total)
             results[label] = (source, perplexity(scorer, body, window, max_windows, batch_size,
                                                  lambda n, bar=bar: progress.advance(bar, n)))
+            close = getattr(scorer, "close", None)
+            if close is not None:  # tensor-parallel workers stop before the next model's start
+                close()
             del scorer
             if json_path:  # a long run keeps what it has measured so far
                 write_json(json_path, perplexity_json(results, text, time.perf_counter() - started))

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
-from adaq.commands import STRICT_HELP
+from adaq.commands import STRICT_HELP, TP_HELP
 
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
 # The demo's decode on a busy 2-core CPU, median tok/s: 4.9 with 1 thread, 3.1 with torch's default (2), 0.87 with
@@ -44,6 +44,7 @@ def run(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help=TP_HELP),
 ) -> None:
     """Generate text with adaq's engine: streams tokens, then prompt and decode tok/s and peak memory."""
     from rich.console import Console
@@ -63,26 +64,28 @@ def run(
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, run runs
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
-                  kv_cache_memory=kv_cache_memory, window_kv=window_kv, strict=strict)
-    chosen = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-    defaults = {**SAMPLING_FALLBACK, **llm.engine.default_sampling_params()}
-    sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}
-    params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, ignore_eos=ignore_eos, **sampling)
-    use_chat = _has_template(llm) if chat is None else chat
-    if json_output and prompt is None:
-        raise _error("--json needs a PROMPT (the interactive chat is for people)")
-    with TemplateRenderer(template_limits) as renderer:
-        if prompt is None:
-            _interactive(llm, params, system, console, chat, renderer)
+                  kv_cache_memory=kv_cache_memory, window_kv=window_kv, strict=strict,
+                  tensor_parallel_size=tensor_parallel_size)
+    with llm:  # stops tensor-parallel workers however the command ends
+        chosen = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        defaults = {**SAMPLING_FALLBACK, **llm.engine.default_sampling_params()}
+        sampling = {key: defaults[key] if value is None else value for key, value in chosen.items()}
+        params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, ignore_eos=ignore_eos, **sampling)
+        use_chat = _has_template(llm) if chat is None else chat
+        if json_output and prompt is None:
+            raise _error("--json needs a PROMPT (the interactive chat is for people)")
+        with TemplateRenderer(template_limits) as renderer:
+            if prompt is None:
+                _interactive(llm, params, system, console, chat, renderer)
+                return
+            token_ids = _encode(llm, _messages(system, prompt) if use_chat else prompt, renderer)
+        if json_output:
+            output = llm.generate(token_ids, params)[0]
+            print(json.dumps({"text": output.text, "token_ids": output.token_ids,
+                              "finish_reason": output.finish_reason, **_figures(llm, output)}, indent=2))
             return
-        token_ids = _encode(llm, _messages(system, prompt) if use_chat else prompt, renderer)
-    if json_output:
-        output = llm.generate(token_ids, params)[0]
-        print(json.dumps({"text": output.text, "token_ids": output.token_ids, "finish_reason": output.finish_reason,
-                          **_figures(llm, output)}, indent=2))
-        return
-    output = _stream_reply(llm, token_ids, params)
-    _print_stats(console, llm, output)
+        output = _stream_reply(llm, token_ids, params)
+        _print_stats(console, llm, output)
 
 
 EXIT_COMMANDS = ("/exit", "/quit", "/bye")

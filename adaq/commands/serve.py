@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
-from adaq.commands import STRICT_HELP
+from adaq.commands import STRICT_HELP, TP_HELP
 from adaq.engine.chat import DEFAULT_TIMEOUT_S
 
 API_KEY_ENV = "ADAQ_API_KEY"
@@ -57,6 +57,7 @@ def serve(
     json_output: bool = typer.Option(False, "--json", help="Print the ready line as one JSON object on stdout."),
     prefill_path: str | None = typer.Option(None, "--prefill-path", help=PATH_HELP),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help=TP_HELP),
     synthetic: str | None = typer.Option(None, "--synthetic", help="Instead of CHECKPOINT: random NVFP4 weights in a "
                                          "real model's shapes (as adaq bench --synthetic), e.g. gemma3-4b."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="With --synthetic: a folder with the tokenizer "
@@ -94,7 +95,8 @@ def serve(
     config = EngineConfig(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
-                          enable_prefix_caching=prefix_caching, dtype=dtype, device=device, strict=strict)
+                          enable_prefix_caching=prefix_caching, dtype=dtype, device=device, strict=strict,
+                          tensor_parallel_size=tensor_parallel_size)
 
     status = console.status(f"loading {checkpoint}")
 

@@ -23,6 +23,8 @@ def validate(
     max_num_batched_tokens: int = typer.Option(8192, help="Tokens per engine step (the chunk that sliding-window "
                                                           "layers hold beyond their windows)."),
     compile: bool = typer.Option(False, "--compile", help="Also compile the CUDA kernels for --arch with nvcc."),
+    tp: int = typer.Option(1, "--tp", "--tensor-parallel-size", help="GPUs to shard the model over: checks the "
+                           "split rules (16-column NVFP4 blocks included) and plans one GPU's share."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check every quantized tensor's layout and scales for the sm_89 kernels and say whether the model fits.
@@ -34,7 +36,7 @@ def validate(
         report = validate_checkpoint(ckpt, arch=arch, gpu=gpu, batch=batch, context=context,
                                      kv_cache_dtype=kv_cache_dtype, compile=compile,
                                      utilization=gpu_memory_utilization, window_kv=window_kv,
-                                     max_num_batched_tokens=max_num_batched_tokens,
+                                     max_num_batched_tokens=max_num_batched_tokens, tp=tp,
                                      compile_progress=_CompileLines(arch) if compile and not as_json else None)
     except CheckpointError as error:
         if as_json:

@@ -40,6 +40,9 @@ class EngineConfig:
     skip_tokenizer: bool = False
     enforce_eager: bool = False  # decode without CUDA graphs, on purpose (not a fallback)
     strict: bool = False  # any fallback (adaq.backends.fallbacks) is an AdaqError instead of a warning
+    # Ranks of tensor parallelism (adaq.engine.tensor_parallel): this process and size - 1 spawned workers, on
+    # cuda:base .. cuda:base+size-1 (gloo processes on the CPU).
+    tensor_parallel_size: int = 1
     # Whether `device` was chosen by the caller: auto picking the CPU because no GPU is visible is a fallback,
     # `--device cpu` is not.
     device_given: bool = field(default=False, init=False, repr=False)
@@ -74,6 +77,8 @@ class EngineConfig:
                  "in (0, 1]")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num-kv-blocks", self.num_kv_blocks, ">= 1")
         _require(self.block_size >= 1, "block-size", self.block_size, ">= 1")
+        _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                 "tensor-parallel-size", self.tensor_parallel_size, "an integer >= 1")
 
     @property
     def kv_dtype(self) -> torch.dtype:

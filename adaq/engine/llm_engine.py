@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,16 +63,18 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None, model_config: dict | None = None,
-                 tokenizer=None):
+                 tokenizer=None, source_factory=None):
+        """`model`: an already loaded model (one rank); `source_factory(device)`: what the weights are read from
+        instead of the checkpoint folder (a picklable callable: tensor-parallel ranks each call it)."""
+        self.source_factory = source_factory
         self.config = config
         self.model_config = model_config if model_config is not None else _read_model_config(config.model)
         self.tokenizer = tokenizer if tokenizer is not None or config.skip_tokenizer else load_tokenizer(config.model)
         self.model_max_len = _model_max_len(self.model_config)
         fit_context = config.max_model_len is None  # the model's own length: the KV cache may cap it
         config.max_model_len = self._resolve_max_model_len()
-        if model is None:
-            model = load_model(self.model_config, config)
-        self.runner = ModelRunner(model, self.model_config, config, fit_context)
+        self.workers = None  # tensor parallelism: ranks 1..N-1 (adaq.engine.tensor_parallel)
+        self.runner = self._make_runner(model, fit_context)
         self.block_manager = make_block_manager(
             self.runner, self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
             self.runner.sliding_window if self.runner.num_sliding_blocks else None, self.runner.num_sliding_blocks)
@@ -84,6 +87,61 @@ class LLMEngine:
         self._ids = itertools.count()
         self._in_flight = None  # a launched step whose tokens the host has not read yet (decode look-ahead)
         self.look_ahead = os.environ.get(LOOK_AHEAD_ENV, "1") != "0"
+
+    def _make_runner(self, model: torch.nn.Module | None, fit_context: bool) -> ModelRunner:
+        config = self.config
+        if config.tensor_parallel_size == 1:
+            model = model if model is not None else load_model(self.model_config, config,
+                                                                source_factory=self.source_factory)
+            return ModelRunner(model, self.model_config, config, fit_context)
+        if model is not None:
+            raise AdaqError("tensor parallelism loads the model on every rank itself: pass no model")
+        from adaq.engine.tensor_parallel import Workers
+
+        self.workers = Workers(config, self.model_config, fit_context, self.source_factory)
+        with self._tensor_parallel_step():
+            model = load_model(self.model_config, config, self.workers.tp, self.source_factory)
+            return ModelRunner(model, self.model_config, config, fit_context, link=self.workers.link)
+
+    @contextmanager
+    def _tensor_parallel_step(self):
+        """Rank 0's side of a step (or of the start) that other ranks share: a dead rank fails it with an
+        AdaqError naming the rank, and the workers are stopped."""
+        workers = self.workers
+        if workers is None:
+            yield
+            return
+        workers.check()
+        workers.busy_since = time.monotonic()
+        try:
+            yield
+        except AdaqError as error:
+            if workers.dead_worker() is None:
+                raise  # the user's error (a prompt, a strict fallback): the ranks stay in step
+            workers.close()
+            raise workers.died(error) from None
+        except Exception as error:
+            failure = workers.died(error)
+            workers.close()
+            raise failure from error  # the cause's traceback stays in the log (ADAQ_DEBUG=1 raises it)
+        finally:
+            workers.busy_since = None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.close()
+
+    def memory_per_rank(self) -> list[dict]:
+        """Each rank's weight, KV-cache and state-cache bytes and its GPU's peak allocation (rank 0 alone without
+        tensor parallelism)."""
+        from adaq.engine.tensor_parallel import memory_of
+
+        mine = memory_of(self.runner)
+        if self.workers is None:
+            return [mine]
+        with self._tensor_parallel_step():
+            return self.workers.link.gather_memory(mine)
 
     @property
     def max_model_len(self) -> int:
@@ -173,15 +231,16 @@ class LLMEngine:
         about to produce (still on the device) before the host reads them, so the host's bookkeeping of a step
         overlaps the device's work on the next. A row whose sequence ends in between is computed and dropped."""
         outputs = self._take_inbox()
-        step, self._in_flight = self._in_flight, None
-        if step is None:
-            batch = self.scheduler.schedule()
-            if batch is None:
-                return outputs
-            step = self._launch(batch)
-        if not outputs and self._can_look_ahead(step):
-            self._in_flight = self._look_ahead(step)
-        return outputs + self._complete(step)
+        with self._tensor_parallel_step():
+            step, self._in_flight = self._in_flight, None
+            if step is None:
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    return outputs
+                step = self._launch(batch)
+            if not outputs and self._can_look_ahead(step):
+                self._in_flight = self._look_ahead(step)
+            return outputs + self._complete(step)
 
     def _launch(self, batch, input_tokens=None):
         started = time.perf_counter()
@@ -336,16 +395,20 @@ def _same_objects(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def load_model(model_config: dict, config: EngineConfig) -> torch.nn.Module:
+def load_model(model_config: dict, config: EngineConfig, tp=None, source_factory=None) -> torch.nn.Module:
+    """The model on `config.device`, or with `tp` (adaq.backends.parallel.TPGroup) this rank's shard of it; from
+    the checkpoint folder, or from `source_factory(device)`."""
     from adaq.formats.checkpoint import open_checkpoint
     from adaq.backends import get_backend
     from adaq.models import build_model, load_weights
 
     from adaq.backends.fallbacks import Fallbacks
 
-    source = open_checkpoint(config.model)
-    device = config.device if config.device_given else None  # None: auto choosing the CPU is a fallback
-    backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict))
+    source = open_checkpoint(config.model) if source_factory is None else source_factory(config.device)
+    # None: auto choosing the CPU is a fallback; a tensor-parallel rank runs where its rank puts it
+    device = config.device if config.device_given or tp is not None else None
+    options = {} if tp is None else {"tp": tp}
+    backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict), **options)
     model = build_model(model_config, backend, config.dtype, config.device)
     load_weights(model, source)
     return model

@@ -38,6 +38,7 @@ from adaq.engine.block_manager import NULL_BLOCK, sliding_pool_blocks
 from adaq.engine.config import EngineConfig, text_config
 from adaq.backends.context import reset_context, set_context
 from adaq.backends.fallbacks import CUDA_GRAPHS_SETTING, backend_fallbacks
+from adaq.backends.parallel import SINGLE
 from adaq.backends.numerics.attention import NVFP4_KV_DTYPE, NVFP4_KV_EXP_BIAS, nvfp4_kv_row_bytes
 from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
@@ -100,6 +101,23 @@ class StepInputs:
 
 
 @dataclass
+class StepPlan:
+    """One step's model inputs as host lists: what rank 0 schedules and every tensor-parallel rank stages alike."""
+
+    is_decode: bool
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    sliding_slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    sliding_tables: list[list[int]] | None = None
+    state_slots: list[int] | None = None
+    graph: bool = False  # a decode step every sequence samples from: staged into a CUDA graph's bucket
+
+
+@dataclass
 class LaunchedStep:
     """A step whose work is queued on the device; `ModelRunner.collect` waits for its tokens."""
 
@@ -132,9 +150,14 @@ class ModelRunner:
     copies into its static buffers and replays (None: no graph for this batch, run eagerly).
     """
 
-    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig, fit_context: bool = False):
-        """`fit_context`: config.max_model_len is the model's own, and may be lowered to what the KV cache holds."""
+    def __init__(self, model: torch.nn.Module, model_config: dict, config: EngineConfig, fit_context: bool = False,
+                 link=None):
+        """`fit_context`: config.max_model_len is the model's own, and may be lowered to what the KV cache holds.
+        `link` (tensor parallelism, rank 0): what sends each step to the other ranks (adaq.engine.tensor_parallel);
+        every rank builds its runner alike, so the warm-up and graph captures run the same collectives everywhere."""
         self.model = model
+        self.link = link
+        self.tp = getattr(getattr(model, "backend", None), "tp", SINGLE)
         self.fit_context = fit_context
         self.config = config
         self.device = config.device
@@ -308,13 +331,24 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         current = torch.cuda.memory_allocated(self.device)
-        budget = int(total * self.config.gpu_memory_utilization - (total - free) - (peak - current))
+        budget = self._least_over_ranks(int(total * self.config.gpu_memory_utilization - (total - free) -
+                                                (peak - current)))
         if budget <= 0:
             used_gib = (total - free + peak - current) / 2**30
             raise AdaqError(f"no GPU memory left for the KV cache: weights and activations take {used_gib:.1f} GiB "
                             f"of {total / 2**30:.1f} GiB; raise --gpu-memory-utilization (now "
                             f"{self.config.gpu_memory_utilization}) or lower --max-num-batched-tokens")
         return budget
+
+    def _least_over_ranks(self, value: int) -> int:
+        """Tensor parallelism: every rank sizes its cache for the same blocks, the fewest any rank can hold."""
+        if not self.tp.sharded:
+            return value
+        import torch.distributed as dist
+
+        least = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN, group=self.tp.group)
+        return int(least.item())
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -398,13 +432,22 @@ class ModelRunner:
             rows = hidden[:len(index)]
         else:
             rows = hidden[torch.tensor(index, device=self.device)]
-        logits = self.model.compute_logits(rows)
+        logits = self._logits(rows)
         return self.sampler(logits, [batch.seqs[row] for row in inputs.sample_rows])
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if inputs.graph_bucket is not None:
-            return self.decode_graphs.replay(inputs.graph_bucket, len(inputs.sample_rows))
-        return self.model(inputs.input_ids, inputs.positions)
+        return self.forward(inputs.input_ids, inputs.positions, inputs.graph_bucket, len(inputs.sample_rows))
+
+    def forward(self, input_ids, positions, graph_bucket=None, batch: int = 0) -> torch.Tensor:
+        """The staged step's hidden states: a graph replay (`batch` rows of its bucket) or an eager forward."""
+        if graph_bucket is not None:
+            return self.decode_graphs.replay(graph_bucket, batch)
+        return self.model(input_ids, positions)
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.link is not None:  # the other ranks compute their vocabulary shares of the same rows
+            self.link.send_logits(rows)
+        return self.model.compute_logits(rows)
 
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, first_position: int) -> None:
         """log p(token[p + 1] | tokens[:p + 1]) and whether it was the argmax, for the given prompt positions."""
@@ -412,31 +455,43 @@ class ModelRunner:
             rows = hidden[start:start + LOGPROB_SLICE_ROWS]
             position = first_position + start
             targets = torch.tensor(seq.token_ids[position + 1:position + 1 + rows.shape[0]], device=self.device)
-            logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
+            logprobs = self._logits(rows).float().log_softmax(dim=-1)
             chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
             seq.prompt_logprobs[position:position + rows.shape[0]] = chosen.cpu()
             seq.prompt_greedy[position:position + rows.shape[0]] = (logprobs.argmax(dim=-1) == targets).cpu()
 
     def _score_candidates(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        logprobs = self.model.compute_logits(hidden).float().log_softmax(dim=-1)[0]
+        logprobs = self._logits(hidden).float().log_softmax(dim=-1)[0]
         seq.candidate_logprobs = logprobs[torch.tensor(seq.candidates, device=self.device)].cpu()
         seq.next_token_argmax = int(logprobs.argmax())
 
     def _prepare(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> StepInputs:
+        plan, rows = self._plan(batch)
+        if self.link is not None:  # tensor parallelism: every rank runs the same step
+            self.link.send_step(plan, input_tokens)
+        rows.input_ids, rows.positions, rows.graph_bucket = self.stage(plan, input_tokens)
+        if plan.graph and rows.graph_bucket is None:  # unreachable by construction (buckets up to max_num_seqs)
+            self.fallbacks.report("decode CUDA graphs -> eager", "a decode step larger than the largest bucket "
+                                  "or with a block table longer than max_model_len", CUDA_GRAPHS_SETTING)
+        return rows
+
+    def _plan(self, batch: ScheduledBatch) -> tuple["StepPlan", StepInputs]:
+        """The step's model inputs as plain lists (what tensor-parallel ranks receive), and which rows sample or
+        score (rank 0's business only)."""
         bs = self.geometry.block_size
         sliding = self.sliding_geometry is not None
-        input_ids, positions, slots, sliding_slots, query_lens, context_lens = [], [], [], [], [], []
+        plan = StepPlan(is_decode=batch.is_decode)
         sample_rows, sample_index, score_rows, candidate_rows = [], [], [], []
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + count
-            first = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            first = len(plan.input_ids)
+            plan.input_ids.extend(seq.token_ids[start:end])
+            plan.positions.extend(range(start, end))
+            plan.slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
             if sliding:
-                sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(count)
-            context_lens.append(end)
+                plan.sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(start, end))
+            plan.query_lens.append(count)
+            plan.context_lens.append(end)
             if end == seq.num_tokens and seq.wants_tokens:
                 sample_rows.append(row)
                 sample_index.append(first + count - 1)
@@ -445,49 +500,50 @@ class ModelRunner:
                 score_rows.append((row, first + scored_start - start, scored_start, scored_end - scored_start))
             if seq.candidates is not None and end == seq.num_tokens:
                 candidate_rows.append((row, first + count - 1))
-        tables = [seq.block_table for seq in batch.seqs]
-        sliding_tables = [seq.sliding_table for seq in batch.seqs] if sliding else None
-        rows = StepInputs(None, None, sample_rows, sample_index, score_rows, candidate_rows)
-        if batch.is_decode and self.decode_graphs is not None and len(sample_rows) == len(batch.seqs):
-            state_slots = None if self.state_slots is None else [self.state_slots.slot_of(s) for s in batch.seqs]
-            rows.graph_bucket = self.decode_graphs.staged(len(batch.seqs), input_ids, positions, slots, context_lens,
-                                                          tables, sliding_slots, sliding_tables, state_slots)
-            if rows.graph_bucket is None:  # unreachable by construction (buckets up to max_num_seqs): said if not
-                self.fallbacks.report("decode CUDA graphs -> eager", "a decode step larger than the largest bucket "
-                                      "or with a block table longer than max_model_len", CUDA_GRAPHS_SETTING)
-        if rows.graph_bucket is not None:
-            bucket = rows.graph_bucket
-            if input_tokens is not None:
-                bucket.input_ids[:len(batch.seqs)].copy_(input_tokens)
-            set_context(is_prefill=False, max_seqlen_q=1, context_lens=bucket.context_lens,
-                        slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
-                        max_context_len=max(context_lens), sliding_slot_mapping=bucket.sliding_slot_mapping,
-                        sliding_block_tables=bucket.sliding_block_tables, state_slots=bucket.state_slots)
-            return rows
+        plan.tables = [seq.block_table for seq in batch.seqs]
+        plan.sliding_tables = [seq.sliding_table for seq in batch.seqs] if sliding else None
+        plan.state_slots = [self.state_slots.slot_of(seq) for seq in batch.seqs] if self.state_slots is not None else None
+        plan.graph = batch.is_decode and self.decode_graphs is not None and len(sample_rows) == len(batch.seqs)
+        return plan, StepInputs(None, None, sample_rows, sample_index, score_rows, candidate_rows)
+
+    def stage(self, plan: "StepPlan", input_tokens: torch.Tensor | None = None):
+        """(input_ids, positions, graph bucket | None) on the device, and the step context set. `input_tokens` (a
+        device tensor, one per sequence) replaces the plan's input ids (decode look-ahead)."""
+        if plan.graph:
+            bucket = self.decode_graphs.staged(len(plan.tables), plan.input_ids, plan.positions, plan.slots,
+                                               plan.context_lens, plan.tables, plan.sliding_slots,
+                                               plan.sliding_tables, plan.state_slots)
+            if bucket is not None:
+                if input_tokens is not None:
+                    bucket.input_ids[:len(plan.tables)].copy_(input_tokens)
+                set_context(is_prefill=False, max_seqlen_q=1, context_lens=bucket.context_lens,
+                            slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
+                            max_context_len=max(plan.context_lens), sliding_slot_mapping=bucket.sliding_slot_mapping,
+                            sliding_block_tables=bucket.sliding_block_tables, state_slots=bucket.state_slots)
+                return None, None, bucket
+        sliding = plan.sliding_tables is not None
+        tables = plan.tables
         width = max(len(table) for table in tables)
         padded = _padded(tables, width, -1)
-        sliding_padded = _padded(sliding_tables, width, NULL_BLOCK) if sliding else []
-        rows.input_ids, rows.positions, slot_mapping, sliding_slot_mapping = self._upload(
-            input_ids + positions + slots + sliding_slots, torch.int64,
-            [len(input_ids)] * 2 + [len(slots), len(sliding_slots)])
+        sliding_padded = _padded(plan.sliding_tables, width, NULL_BLOCK) if sliding else []
+        input_ids, positions, slot_mapping, sliding_slot_mapping = self._upload(
+            plan.input_ids + plan.positions + plan.slots + plan.sliding_slots, torch.int64,
+            [len(plan.input_ids)] * 2 + [len(plan.slots), len(plan.sliding_slots)])
         if input_tokens is not None:
-            rows.input_ids = input_tokens
+            input_ids = input_tokens
         lens, query, flat_tables, flat_sliding = self._upload(
-            context_lens + query_lens + padded + sliding_padded, torch.int32,
-            [len(context_lens), len(query_lens), len(padded), len(sliding_padded)])
-        decode = batch.is_decode
+            plan.context_lens + plan.query_lens + padded + sliding_padded, torch.int32,
+            [len(plan.context_lens), len(plan.query_lens), len(padded), len(sliding_padded)])
+        state_slots = None if plan.state_slots is None else \
+            self._upload(plan.state_slots, torch.int64, [len(plan.state_slots)])[0]
+        decode = plan.is_decode
         set_context(is_prefill=not decode, cu_seqlens_q=None if decode else _offsets(query),
-                    max_seqlen_q=max(query_lens), context_lens=lens, slot_mapping=slot_mapping,
-                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(context_lens),
+                    max_seqlen_q=max(plan.query_lens), context_lens=lens, slot_mapping=slot_mapping,
+                    block_tables=flat_tables.view(len(tables), width), max_context_len=max(plan.context_lens),
                     sliding_slot_mapping=sliding_slot_mapping if sliding else None,
                     sliding_block_tables=flat_sliding.view(len(tables), width) if sliding else None,
-                    state_slots=self._state_slots_of(batch))
-        return rows
-
-    def _state_slots_of(self, batch: ScheduledBatch) -> torch.Tensor | None:
-        if self.state_slots is None:
-            return None
-        return self._upload([self.state_slots.slot_of(seq) for seq in batch.seqs], torch.int64, [len(batch.seqs)])[0]
+                    state_slots=state_slots)
+        return input_ids, positions, None
 
     def _upload(self, values: list[int], dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         """One host-to-device copy (from pinned memory on a GPU) for several index tensors, returned as views."""

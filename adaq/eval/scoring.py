@@ -29,6 +29,9 @@ class EngineScorer:
         self.tokenizer = llm.tokenizer
         self.max_length = int(llm.engine.config.max_model_len)
 
+    def close(self) -> None:
+        self.llm.close()
+
     def score(self, token_lists: list[list[int]], starts: list[int]) -> list[TokenScores]:
         outputs = self.llm.prompt_logprobs(token_lists, with_greedy=True, start=list(starts))
         return [TokenScores(logprobs[s - 1:], greedy[s - 1:]) for (logprobs, greedy), s in zip(outputs, starts)]

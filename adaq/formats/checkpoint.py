@@ -17,6 +17,7 @@ from adaq.formats import modelopt
 from adaq.formats.consistency import bad_block_scales, check_finite, raise_problems, structure_problems
 from adaq.formats.fused_experts import per_expert_view
 from adaq.formats.nvfp4 import GROUP_SIZE, NVFP4Weight
+from adaq.formats.shards import Cols, Rows, packed_columns, read_slice
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 CT_FORMAT = "nvfp4-pack-quantized"
@@ -31,6 +32,7 @@ class Checkpoint:
     """A folder of safetensors shards plus config.json. Tensors are read lazily, one at a time."""
 
     format = "dense"
+    reads_slices = True  # tensor() and nvfp4() take rows / cols (adaq.formats.shards): tensor parallelism
 
     def __init__(self, path: Path, config: dict, index: dict[str, Path], headers: dict[Path, dict] | None = None):
         self.path = path
@@ -45,7 +47,7 @@ class Checkpoint:
     def quantized_prefixes(self) -> list[str]:
         return []
 
-    def nvfp4(self, prefix: str) -> NVFP4Weight:
+    def nvfp4(self, prefix: str, rows: Rows = None, cols: Cols = None) -> NVFP4Weight:
         raise CheckpointError(f"{self.path}: {prefix} is not quantized")
 
     def tensor_names(self) -> list[str]:
@@ -64,13 +66,16 @@ class Checkpoint:
     def names_in(self, shard: Path) -> list[str]:
         return sorted(name for name, file in self._index.items() if file == shard)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor as stored; NaN or inf in a floating tensor is a CheckpointError."""
+    def tensor(self, name: str, rows: Rows = None, cols: Cols = None) -> torch.Tensor:
+        """The tensor as stored (or its `rows` and `cols` only, read alone); NaN or inf in a floating tensor is a
+        CheckpointError."""
         shard = self._index.get(name)
         if shard is None:
             raise CheckpointError(f"{self.path}: tensor {name} is missing")
         with safe_open(shard, framework="pt") as reader:
-            return check_finite(self.path, name, reader.get_tensor(name))
+            if rows is None and cols is None:
+                return check_finite(self.path, name, reader.get_tensor(name))
+            return check_finite(self.path, name, read_slice(reader.get_slice(name), rows, cols))
 
     def specs(self) -> dict[str, tuple[str, list[int]]]:
         """(safetensors dtype, shape) of every tensor, from the shard headers."""
@@ -121,10 +126,11 @@ class CompressedTensorsCheckpoint(Checkpoint):
     def quantized_prefixes(self) -> list[str]:
         return sorted(name.removesuffix(".weight_packed") for name in self._index if name.endswith(".weight_packed"))
 
-    def nvfp4(self, prefix: str) -> NVFP4Weight:
+    def nvfp4(self, prefix: str, rows: Rows = None, cols: Cols = None) -> NVFP4Weight:
+        packed_cols, scale_cols = packed_columns(prefix, cols)
         weight = NVFP4Weight(
-            packed=self.tensor(f"{prefix}.weight_packed"),
-            block_scale=self.tensor(f"{prefix}.weight_scale"),
+            packed=self.tensor(f"{prefix}.weight_packed", rows, packed_cols),
+            block_scale=self.tensor(f"{prefix}.weight_scale", rows, scale_cols),
             global_scale=self.tensor(f"{prefix}.weight_global_scale").float().reshape(1),
             input_global_scale=_scalar(self._raw(f"{prefix}.input_global_scale")),
         )
@@ -156,8 +162,10 @@ class ModelOptCheckpoint(Checkpoint):
     def quantized_prefixes(self) -> list[str]:
         return list(self._prefixes)
 
-    def nvfp4(self, prefix: str) -> NVFP4Weight:
-        weight = modelopt.to_nvfp4(self.tensor(f"{prefix}.weight"), self.tensor(f"{prefix}.weight_scale"),
+    def nvfp4(self, prefix: str, rows: Rows = None, cols: Cols = None) -> NVFP4Weight:
+        packed_cols, scale_cols = packed_columns(prefix, cols)
+        weight = modelopt.to_nvfp4(self.tensor(f"{prefix}.weight", rows, packed_cols),
+                                   self.tensor(f"{prefix}.weight_scale", rows, scale_cols),
                                    self.tensor(f"{prefix}.weight_scale_2"), self._raw(f"{prefix}.input_scale"))
         check_nvfp4(self.path, prefix, weight, ("weight", "weight_scale", "weight_scale_2"))
         return weight

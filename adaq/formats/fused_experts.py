@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from adaq.errors import CheckpointError
+from adaq.formats.shards import Cols, Rows, rows_of
 
 FUSED = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -64,12 +65,16 @@ class PerExpertView:
     def shard_of(self, name: str) -> Path | None:
         return self.base.shard_of(self.parts[name][0] if name in self.parts else name)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: Rows = None, cols: Cols = None) -> torch.Tensor:
         if name not in self.parts:
-            return self.base.tensor(name)
+            return self.base.tensor(name, rows, cols)
         fused, (e, start, end) = self.parts[name]
+        cols = cols or (0, self.base.tensor_spec(fused)[1][2])
         with safe_open(self.base.shard_of(fused), framework="pt") as reader:
-            return reader.get_slice(fused)[e:e + 1, start:end][0]
+            sliced = reader.get_slice(fused)
+            parts = [sliced[e:e + 1, start + a:start + b, cols[0]:cols[1]][0]
+                     for a, b in rows_of(rows) or [(0, end - start)]]
+        return torch.cat(parts)
 
     def tensor_spec(self, name: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
         if name not in self.parts:

@@ -5,6 +5,7 @@ from torch import nn
 
 from adaq.backends.interface import Backend
 from adaq.backends.context import get_context
+from adaq.backends.parallel import kv_head_share
 from adaq.layers.linear import Linear
 from adaq.layers.norm import RMSNorm
 
@@ -48,7 +49,11 @@ class SelfAttention(nn.Module):
     """q/k/v projection (fused when it can be), per-head q/k RMSNorm, RoPE, paged attention, output projection.
 
     Gemma 4 options: `value_from_key` (no v_proj: the key projection, before its norm and RoPE, is the value) and
-    `value_norm` (a scale-free RMSNorm on the values)."""
+    `value_norm` (a scale-free RMSNorm on the values).
+
+    Tensor parallelism (`backend.tp`, N ranks): each rank holds H / N query heads (q/k/v column-parallel) and the KV
+    heads they read: Hkv / N of them, or, with fewer KV heads than ranks, the one its query heads share, replicated
+    (vLLM's rule); o_proj is row-parallel (one all-reduce). Head counts below are this rank's."""
 
     def __init__(self, backend: Backend, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  inv_freq: torch.Tensor, eps: float, scale: float, unit_offset_norm: bool = False,
@@ -56,22 +61,39 @@ class SelfAttention(nn.Module):
                  value_norm: bool = False):
         super().__init__()
         self.backend = backend
+        tp = backend.tp
+        self.q_heads = tp.split(num_heads, "attention heads") if tp.sharded else (0, num_heads)
+        self.kv_heads = kv_head_share(num_kv_heads, tp, "attention") if tp.sharded else (0, num_kv_heads)
+        num_heads, num_kv_heads = self.q_heads[1] - self.q_heads[0], self.kv_heads[1] - self.kv_heads[0]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.projections = "qk" if value_from_key else "qkv"
         kv_size = num_kv_heads * head_dim
         self.qkv_proj = Linear(backend, hidden_size, [num_heads * head_dim] + [kv_size] * (len(self.projections) - 1),
                                role="qkv_proj")
-        self.o_proj = Linear(backend, num_heads * head_dim, hidden_size, role="o_proj")
+        self.o_proj = Linear(backend, num_heads * head_dim, hidden_size, role="o_proj", reduce=True)
         self.q_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
         self.k_norm = RMSNorm(backend, head_dim, eps, unit_offset_norm)
         self.v_norm = RMSNorm(backend, head_dim, eps) if value_norm else None
         self.inv_freq = inv_freq  # fp32 [D/2] on the backend's device, shared by the layers of one RoPE base
         self.attn = PagedAttention(backend, num_heads, num_kv_heads, head_dim, scale, sliding_window, softcap)
 
+    def head_rows(self, heads: tuple[int, int], rows_per_head: int) -> tuple[int, int] | None:
+        """Rows of a projection for the heads [first, stop) (None: one rank holds them all)."""
+        if not self.backend.tp.sharded:
+            return None
+        return heads[0] * rows_per_head, heads[1] * rows_per_head
+
+    def q_rows(self) -> tuple[int, int] | None:
+        return self.head_rows(self.q_heads, self.head_dim)
+
     def load(self, reader, prefix: str) -> None:
         names = [f"{prefix}.{p}_proj" for p in self.projections]
-        self.qkv_proj.load([reader.linear(n) for n in names], reader.dtype, [reader.bias(n) for n in names])
-        self.o_proj.load(reader.linear(f"{prefix}.o_proj"), reader.dtype, [reader.bias(f"{prefix}.o_proj")])
+        rows = [self.q_rows()] + [self.head_rows(self.kv_heads, self.head_dim)] * (len(names) - 1)
+        self.qkv_proj.load([reader.linear(n, r) for n, r in zip(names, rows)], reader.dtype,
+                           [reader.bias(n, r) for n, r in zip(names, rows)])
+        o_cols = self.head_rows(self.q_heads, self.head_dim)
+        self.o_proj.load(reader.linear(f"{prefix}.o_proj", cols=o_cols), reader.dtype,
+                         [reader.bias(f"{prefix}.o_proj")])
         self.q_norm.load(reader.tensor(f"{prefix}.q_norm.weight"), reader.dtype)
         self.k_norm.load(reader.tensor(f"{prefix}.k_norm.weight"), reader.dtype)
         if self.v_norm is not None:  # scale-free: a unit weight
@@ -98,9 +120,12 @@ class GatedSelfAttention(SelfAttention):
                  inv_freq: torch.Tensor, eps: float, scale: float):
         super().__init__(backend, hidden_size, num_heads, num_kv_heads, head_dim, inv_freq, eps, scale,
                          unit_offset_norm=True)
-        self.qkv_proj = Linear(backend, hidden_size, [2 * num_heads * head_dim, num_kv_heads * head_dim,
-                                                      num_kv_heads * head_dim], role="qkv_proj")
+        self.qkv_proj = Linear(backend, hidden_size, [2 * self.num_heads * head_dim, self.num_kv_heads * head_dim,
+                                                      self.num_kv_heads * head_dim], role="qkv_proj")
         self.rotary_dim = 2 * inv_freq.numel()
+
+    def q_rows(self) -> tuple[int, int] | None:
+        return self.head_rows(self.q_heads, 2 * self.head_dim)  # per head: D query rows, then D gate rows
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         tokens = hidden.shape[0]

@@ -15,7 +15,12 @@ from adaq.layers.linear import Linear
 class GatedDeltaNet(nn.Module):
     """The model runner sets `conv_state` [slots, C, Kc-1] (compute dtype) and `ssm_state` [slots, Hv, Dk, Dv]
     (fp32) after it allocates the state cache; while they are None every sequence starts from zero states and
-    nothing is kept (warm-up)."""
+    nothing is kept (warm-up).
+
+    Tensor parallelism splits the heads: a rank holds Hk / N key heads and the Hv / N value heads that read them
+    (value head h reads key head h // (Hv / Hk), so both shares are contiguous), i.e. those rows of in_proj's q, k,
+    v, z, b and a, those conv channels, A_log and dt_bias entries, and those columns of out_proj (row-parallel, one
+    all-reduce); the norm weight (one per value dim) is whole on every rank. Head counts below are this rank's."""
 
     def __init__(self, backend: Backend, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int,
                  head_v_dim: int, conv_kernel: int, eps: float):
@@ -24,6 +29,11 @@ class GatedDeltaNet(nn.Module):
             raise CheckpointError(f"linear_num_value_heads {num_v_heads} is not a multiple of "
                                   f"linear_num_key_heads {num_k_heads}")
         self.backend = backend
+        tp = backend.tp
+        self.k_share = tp.split(num_k_heads, "Gated DeltaNet key heads") if tp.sharded else (0, num_k_heads)
+        self.v_share = tp.split(num_v_heads, "Gated DeltaNet value heads") if tp.sharded else (0, num_v_heads)
+        self.global_key_dim = num_k_heads * head_k_dim
+        num_k_heads, num_v_heads = num_k_heads // tp.size, num_v_heads // tp.size
         self.num_k_heads, self.num_v_heads = num_k_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
@@ -33,7 +43,7 @@ class GatedDeltaNet(nn.Module):
         # q|k|v, z, b, a: one GEMM when the four weights fuse (llm-compressor's recipes keep them all bf16).
         self.in_proj = Linear(backend, hidden_size, [self.conv_dim, self.value_dim, num_v_heads, num_v_heads],
                               role="in_proj")
-        self.out_proj = Linear(backend, self.value_dim, hidden_size, role="out_proj")
+        self.out_proj = Linear(backend, self.value_dim, hidden_size, role="out_proj", reduce=True)
         self.conv_weight: torch.Tensor | None = None  # [C, Kc]
         self.a_log: torch.Tensor | None = None
         self.dt_bias: torch.Tensor | None = None
@@ -47,22 +57,38 @@ class GatedDeltaNet(nn.Module):
     def ssm_state_shape(self) -> tuple[int, int, int]:
         return self.num_v_heads, self.head_k_dim, self.head_v_dim
 
+    @property
+    def sharded(self) -> bool:
+        return self.backend.tp.sharded
+
+    def qkv_rows(self) -> list[tuple[int, int]] | None:
+        """This rank's rows of in_proj_qkv (and channels of conv1d): its q, k and v heads."""
+        if not self.sharded:
+            return None
+        (k0, k1), (v0, v1), dk, dv = self.k_share, self.v_share, self.head_k_dim, self.head_v_dim
+        keys = self.global_key_dim
+        return [(k0 * dk, k1 * dk), (keys + k0 * dk, keys + k1 * dk), (2 * keys + v0 * dv, 2 * keys + v1 * dv)]
+
+    def value_rows(self, per_head: int) -> tuple[int, int] | None:
+        return None if not self.sharded else (self.v_share[0] * per_head, self.v_share[1] * per_head)
+
     def load(self, reader, prefix: str) -> None:
+        rows = [self.qkv_rows(), self.value_rows(self.head_v_dim), self.value_rows(1), self.value_rows(1)]
         names = [f"{prefix}.in_proj_{p}" for p in ("qkv", "z", "b", "a")]
-        self.load_projections([reader.linear(n) for n in names], reader, prefix)
+        self.load_projections([reader.linear(n, r) for n, r in zip(names, rows)], reader, prefix)
 
     def load_projections(self, in_weights: list[Weight], reader, prefix: str) -> None:
         """in_weights: q|k|v [C, hidden], z [Hv Dv, hidden], b and a [Hv, hidden] (de-interleaved already)."""
         device, dtype = self.backend.device, reader.dtype
         self.in_proj.load(in_weights, dtype)
-        self.out_proj.load(reader.linear(f"{prefix}.out_proj"), dtype)
-        conv = reader.tensor(f"{prefix}.conv1d.weight")
+        self.out_proj.load(reader.linear(f"{prefix}.out_proj", cols=self.value_rows(self.head_v_dim)), dtype)
+        conv = reader.tensor(f"{prefix}.conv1d.weight", self.qkv_rows())
         if tuple(conv.shape) != (self.conv_dim, 1, self.conv_kernel):
             raise CheckpointError(f"{prefix}.conv1d.weight of shape {tuple(conv.shape)} where "
                                   f"{(self.conv_dim, 1, self.conv_kernel)} was expected")
         self.conv_weight = conv[:, 0].to(device=device, dtype=dtype)
-        self.a_log = reader.tensor(f"{prefix}.A_log").to(device=device, dtype=dtype)
-        self.dt_bias = reader.tensor(f"{prefix}.dt_bias").to(device=device, dtype=dtype)
+        self.a_log = reader.tensor(f"{prefix}.A_log", self.value_rows(1)).to(device=device, dtype=dtype)
+        self.dt_bias = reader.tensor(f"{prefix}.dt_bias", self.value_rows(1)).to(device=device, dtype=dtype)
         self.norm_weight = reader.tensor(f"{prefix}.norm.weight").to(device=device, dtype=dtype)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,13 @@
 """Sparse mixture of experts: softmax router, top-k experts, optional renormalised top-k weights (Qwen3-MoE), and
-the experts alone for models whose router is their own (Gemma 4: a per-expert scale on the routing weights)."""
+the experts alone for models whose router is their own (Gemma 4: a per-expert scale on the routing weights).
+
+Tensor parallelism splits every expert by its intermediate dimension (vLLM's default), not the experts over ranks:
+each rank routes every token (the router is replicated), runs its share of each chosen expert's gate/up rows and
+down columns, and one all-reduce sums the ranks' partial outputs, the shared expert's included. The work per rank
+is the same whatever the routing (expert parallelism leaves ranks idle when tokens pick a few experts, and needs a
+token exchange before and after), and a batch-1 decode reads 1/N of every chosen expert on each rank. It requires
+the intermediate size to split into shares of 16 columns for NVFP4 down projections (Qwen3-30B-A3B: 768 / 8 = 96;
+Qwen3.5-35B-A3B: 512 / 8 = 64)."""
 
 import torch
 from torch import nn
@@ -18,6 +26,8 @@ class SparseMoE(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
+        tp = backend.tp
+        self.share = tp.split(intermediate_size, "the experts' intermediate size") if tp.sharded else None
         self.top_k = top_k
         self.renormalize = renormalize
         self.activation = activation_kind(activation)
@@ -33,13 +43,19 @@ class SparseMoE(nn.Module):
         gate_up: list[list[Weight]] = []
         down: list[Weight] = []
         for e in range(self.num_experts):
-            gate_up.append([reader.linear(f"{prefix}.{e}.gate_proj"), reader.linear(f"{prefix}.{e}.up_proj")])
-            down.append(reader.linear(f"{prefix}.{e}.down_proj"))
+            gate_up.append([reader.linear(f"{prefix}.{e}.gate_proj", self.share),
+                            reader.linear(f"{prefix}.{e}.up_proj", self.share)])
+            down.append(reader.linear(f"{prefix}.{e}.down_proj", cols=self.share))
         self.experts = self.backend.prepare_experts(gate_up, down, dtype=reader.dtype)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor | None = None,
                 expert_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H]; router_logits [T, E] from the model's own router, else from `gate(x)`."""
+        return self.backend.tp.all_reduce(self.partial(x, router_logits, expert_scale))
+
+    def partial(self, x: torch.Tensor, router_logits: torch.Tensor | None = None,
+                expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's share of the output (the whole output with one rank)."""
         logits = self.gate(x) if router_logits is None else router_logits
         return self.backend.moe(x, logits, self.experts, self.top_k, self.renormalize, activation=self.activation,
                                 expert_scale=expert_scale)
@@ -53,7 +69,7 @@ class SharedExpertMoE(SparseMoE):
         super().__init__(backend, hidden_size, intermediate_size, num_experts, top_k, renormalize)
         from adaq.layers.mlp import GatedMLP
 
-        self.shared_expert = GatedMLP(backend, hidden_size, shared_intermediate_size, activation)
+        self.shared_expert = GatedMLP(backend, hidden_size, shared_intermediate_size, activation, reduce=False)
         self.shared_expert_gate = Linear(backend, hidden_size, 1)
 
     def load(self, reader, prefix: str) -> None:
@@ -62,5 +78,6 @@ class SharedExpertMoE(SparseMoE):
         self.shared_expert_gate.load(reader.linear(f"{prefix}.shared_expert_gate"), reader.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routed = super().forward(x)
-        return self.backend.moe_shared(routed, self.shared_expert(x), self.shared_expert_gate(x))
+        """routed + sigmoid(gate) * shared is linear in both partial sums: one all-reduce for the two."""
+        mixed = self.backend.moe_shared(self.partial(x), self.shared_expert(x), self.shared_expert_gate(x))
+        return self.backend.tp.all_reduce(mixed)

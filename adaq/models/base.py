@@ -7,6 +7,8 @@ from torch import nn
 
 from adaq.errors import CheckpointError
 from adaq.formats.architectures import DECODER_PREFIXES
+from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.formats.shards import Cols, Rows, rows_of, slice_nvfp4, slice_tensor
 from adaq.layers.attention import PagedAttention
 from adaq.backends.handles import Weight
 
@@ -22,19 +24,34 @@ class WeightReader:
         self.names = set(source.tensor_names())
         self.where = getattr(source, "path", "checkpoint")
 
-    def linear(self, prefix: str) -> Weight:
+    def linear(self, prefix: str, rows: Rows = None, cols: Cols = None) -> Weight:
+        """The weight of Linear `prefix`, or (tensor parallelism) its `rows` (output features) and `cols` (input
+        features) only."""
         if prefix in self.quantized:
-            return self.source.nvfp4(prefix)
-        return self.tensor(f"{prefix}.weight")
+            return self._read(self.source.nvfp4, prefix, rows, cols)
+        return self.tensor(f"{prefix}.weight", rows, cols)
 
-    def bias(self, prefix: str) -> torch.Tensor | None:
+    def bias(self, prefix: str, rows: Rows = None) -> torch.Tensor | None:
         name = f"{prefix}.bias"
-        return self.source.tensor(name) if name in self.names else None
+        return self._read(self.source.tensor, name, rows, None) if name in self.names else None
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: Rows = None, cols: Cols = None) -> torch.Tensor:
         if name not in self.names:
             raise CheckpointError(f"{self.where}: tensor {name} is missing")
-        return self.source.tensor(name)
+        return self._read(self.source.tensor, name, rows, cols)
+
+    def _read(self, read, key: str, rows: Rows, cols: Cols):
+        """A checkpoint reads only the part asked for; a source that cannot (random synthetic weights, made in
+        memory anyway) gives the whole tensor and the part is cut from it."""
+        rows = rows_of(rows)
+        if rows is None and cols is None:
+            return read(key)
+        if getattr(self.source, "reads_slices", False):
+            return read(key, rows=rows, cols=cols)
+        whole = read(key)
+        if isinstance(whole, NVFP4Weight):
+            return slice_nvfp4(whole, rows, cols, key)
+        return slice_tensor(whole, rows, cols)
 
     def layer_loaded(self, done: int, total: int) -> None:
         if self.progress is not None:
@@ -78,13 +95,14 @@ class CausalLM(nn.Module):
 
     def load(self, reader: WeightReader) -> None:
         prefix = reader.decoder_prefix()
-        self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight"), reader.dtype)
+        vocab_rows = self.embed_tokens.vocab_rows()
+        self.embed_tokens.load(reader.tensor(f"{prefix}.embed_tokens.weight", vocab_rows), reader.dtype)
         for i, layer in enumerate(self.layers):
             layer.load(reader, f"{prefix}.layers.{i}")
             reader.layer_loaded(i + 1, len(self.layers))
         self.norm.load(reader.tensor(f"{prefix}.norm.weight"), reader.dtype)
         tied = getattr(self.config, "tie_word_embeddings", self.tie_word_embeddings_default)
-        self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head"), reader.dtype)
+        self.lm_head.load(self.embed_tokens.weight if tied else reader.linear("lm_head", vocab_rows), reader.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)

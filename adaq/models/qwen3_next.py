@@ -23,13 +23,18 @@ def grouped_rows(num_groups: int, widths: list[int]) -> list[torch.Tensor]:
 
 
 class FusedGatedDeltaNet(GatedDeltaNet):
+    def group_rows(self, rows_per_group: int) -> tuple[int, int] | None:
+        """Tensor parallelism: this rank's key-head groups are consecutive rows of the interleaved projections."""
+        return None if not self.sharded else (self.k_share[0] * rows_per_group, self.k_share[1] * rows_per_group)
+
     def load(self, reader, prefix: str) -> None:
         ratio = self.num_v_heads // self.num_k_heads
         q, k, v, z = grouped_rows(self.num_k_heads, [self.head_k_dim, self.head_k_dim, ratio * self.head_v_dim,
                                                      ratio * self.head_v_dim])
         b, a = grouped_rows(self.num_k_heads, [ratio, ratio])
-        qkvz = reader.linear(f"{prefix}.in_proj_qkvz")
-        ba = reader.linear(f"{prefix}.in_proj_ba")
+        group = 2 * self.head_k_dim + 2 * ratio * self.head_v_dim  # rows per key-head group
+        qkvz = reader.linear(f"{prefix}.in_proj_qkvz", self.group_rows(group))
+        ba = reader.linear(f"{prefix}.in_proj_ba", self.group_rows(2 * ratio))
         weights = [select_rows(qkvz, torch.cat([q, k, v])), select_rows(qkvz, z), select_rows(ba, b),
                    select_rows(ba, a)]
         self.load_projections(weights, reader, prefix)

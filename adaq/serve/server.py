@@ -79,6 +79,7 @@ def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, l
         raise AdaqError(f"invalid setting --read-timeout {read_timeout_s} / --keep-alive {keep_alive_s}: must be > 0")
     sock = bind(host, port)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, and re-raised by uvicorn after its exit
+    engine = None
     try:
         engine = load_engine() if load_engine is not None else LLMEngine(config)
         app = build_app(engine, settings)
@@ -93,6 +94,8 @@ def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, l
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
+        if engine is not None:
+            engine.close()  # tensor-parallel workers stop with the server
 
 
 def _interrupt(signum, frame) -> None:

@@ -88,5 +88,7 @@ RULES = {
     "fused-group": "q/k/v and gate/up share global scales",
     "context": "context ≤ max_position_embeddings",
     "fits": "fits in the GPU's memory",
+    "tp-split": "heads, KV heads and intermediate sizes split over --tp ranks",
+    "tp-split-16": "row-parallel NVFP4 Linears cut on 16-column blocks",
     "compile": "kernels compile with the intended instructions",
 }

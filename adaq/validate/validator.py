@@ -23,6 +23,8 @@ from adaq.validate.budget import (
     plan,
 )
 from adaq.validate.rules import FORMAT_ROLES, TensorRoles, tile_rules
+from adaq.validate.tensor_parallel import (block_split_problems, budget_note, divisibility_problems, rank_shape,
+                                           rank_weights)
 from adaq.validate.tensors import Checks, Finding, TensorIndex, check_linears
 
 DEFAULT_CONTEXT = 4096
@@ -78,9 +80,10 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
                         context: int | None = None, kv_cache_dtype: str = "fp8", compile: bool = False,
                         utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
                         max_num_batched_tokens: int = MAX_BATCHED_TOKENS, level: str = "full",
-                        compile_progress=None) -> ValidationReport:
+                        compile_progress=None, tp: int = 1) -> ValidationReport:
     """Check a checkpoint folder's layout and values for `arch` and plan its VRAM on `gpu` (None: no plan;
-    `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV).
+    `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV; `tp`:
+    tensor-parallel ranks, whose split rules are checked and whose per-GPU share the plan is).
 
     Raises CheckpointError for a folder that cannot be read at all (corrupt safetensors, no config.json);
     everything else becomes a Finding in the report. `level` "layout" reads headers and config only."""
@@ -105,16 +108,22 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
     if roles is not None:
         checks.merge(check_linears(prefixes, index, roles, tiles, needs_input_scale=checkpoint.scheme == "nvfp4",
                                    read_values=level == "full"))
+    if tp < 1:
+        raise AdaqError(f"invalid setting --tp {tp}: must be >= 1")
     if shape is not None:
         check_structure(checks, shape, checkpoint, set(prefixes))
+        if tp > 1:
+            check_tensor_parallel(checks, shape, index, prefixes, roles, tp)
     if level == "full":
         check_kept_values(checks, index, kept_names(index, prefixes, roles))
     budget = None
     if shape is not None and target is not None:
         context = context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
         weights = weights_from_index(index, prefixes, FORMAT_ROLES.get(checkpoint.format))
-        budget = plan(shape, weights, target, batch, context, kv_cache_dtype, utilization, window_kv,
-                      max_num_batched_tokens)
+        budget = plan(rank_shape(shape, tp), rank_weights(weights, tp), target, batch, context, kv_cache_dtype,
+                      utilization, window_kv, max_num_batched_tokens)
+        if tp > 1:
+            budget.notes.append(budget_note(shape, tp))
         check_budget(checks, budget, shape)
     compiled = compile_check(checks, arch, compile_progress) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
@@ -251,6 +260,20 @@ def quantized_linear_bytes(index: TensorIndex, prefix: str, roles: TensorRoles) 
 
 def kept_bytes(entry: dict) -> int:
     return 2 * math.prod(entry["shape"]) if entry["dtype"] in FLOAT_DTYPES else tensor_nbytes(entry)
+
+
+def check_tensor_parallel(checks: Checks, shape: ModelShape, index: TensorIndex, prefixes: list[str],
+                          roles: TensorRoles | None, size: int) -> None:
+    problems = divisibility_problems(shape, size)
+    checks.check("tp-split", not problems, "", "; ".join(problems))
+    if roles is None:
+        return
+    packed = {p: index.entries.get(f"{p}.{roles.packed}") for p in prefixes}
+    in_features = {p: 2 * e["shape"][1] for p, e in packed.items() if e is not None and len(e["shape"]) == 2}
+    problems = block_split_problems(in_features, size)
+    checks.check("tp-split-16", not problems, *(problems[0] if problems else ("", "")))
+    for prefix, message in problems[1:]:
+        checks.check("tp-split-16", False, prefix, message)
 
 
 def check_budget(checks: Checks, budget: Budget, shape: ModelShape) -> None:
