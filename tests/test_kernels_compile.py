@@ -2,6 +2,7 @@
 ones; the weight repacking is proven by emulating the kernel's bit tricks; the package imports without a GPU."""
 
 import shutil
+import types
 
 import pytest
 import torch
@@ -415,3 +416,25 @@ def test_store_kernel_exponent_matches_the_reference():
     amax = torch.cat([torch.tensor([0.0, 2688.0, 2688.0 * 2, 2688.0 * 2 ** -50, 1e-38, 1e-45, 3e38, 6.0]),
                       torch.exp2(torch.rand(10000) * 200 - 100), torch.rand(1000) * 1e4])
     assert torch.equal(kernel_exponent(amax), nvfp4_kv_exponent(amax).long())
+
+
+@pytest.mark.parametrize("experts,hidden,inter,group_values", [(5, 256, 48, 1 << 26), (7, 128, 32, 3 * 64 * 128)])
+def test_experts_repacked_by_groups_equal_one_repack_each(monkeypatch, experts, hidden, inter, group_values):
+    """The cuda backend repacks a MoE layer's experts a group at a time (rows concatenated); the stacked result is
+    the stack of one repack per expert, bit for bit, whatever the grouping, different global scales included."""
+    from adaq.backends import cuda
+    from adaq.kernels import ops
+
+    monkeypatch.setattr(cuda, "EXPERT_GROUP_VALUES", group_values)
+    gate_up = [[random_weight(inter, hidden, 10 * e), random_weight(inter, hidden, 10 * e + 1)] for e in range(experts)]
+    down = [random_weight(hidden, inter, 10 * e + 2) for e in range(experts)]
+    gate_up[1][1].global_scale = gate_up[1][1].global_scale * 2  # a pair whose scales differ
+    grouped = cuda.stacked_by_groups(gate_up, down, "cpu")
+    backend = types.SimpleNamespace(device=torch.device("cpu"))  # _fused_pair reads only the device
+    fused = [cuda.CudaBackend._fused_pair(backend, pair) for pair in gate_up]
+    one_each = ops.StackedExperts(fused, [layout.repack(w, "cpu") for w in down])
+    assert grouped.num_experts == one_each.num_experts == experts
+    assert (grouped.intermediate, grouped.hidden) == (one_each.intermediate, one_each.hidden) == (inter, hidden)
+    for mine, theirs in ((grouped.gate_up, one_each.gate_up), (grouped.down, one_each.down)):
+        assert all(torch.equal(a, b) for a, b in zip(mine[:3], theirs[:3]))
+        assert mine[3:] == theirs[3:]

@@ -26,6 +26,7 @@ from adaq.kernels import fp8_gemm, layout, ops
 ATTENTION_HEAD_DIMS = (64, 128, 256, 512)
 ATTENTION_GROUPS = (1, 2, 4, 8)
 ATTENTION_EXTRA_SHAPES = ((256, 6),)  # (head_dim, group) beyond the grid above: Qwen3.5-27B's 24 over 4 heads
+EXPERT_GROUP_VALUES = 1 << 26  # weights per expert-group repack (its temporaries: ~20 bytes per weight)
 PAGED_ONLY_HEAD_DIMS = (512,)  # tensor-core kernels only: pages must hold a multiple of 16 keys (the engine's 16 do)
 
 
@@ -144,13 +145,14 @@ class CudaBackend(ReferenceBackend):
                             else f"compute dtype {dtype} (the kernels take bf16)")
             return super().prepare_experts(gate_up, down, dtype=dtype)
         intermediate, hidden = gate_up[0][0].out_features, gate_up[0][0].in_features
-        packed_gate_up, packed_down = [], []
         for pair, down_weight in zip(gate_up, down):
             check_shapes(pair, hidden, [intermediate] * len(pair))
             check_shapes([down_weight], intermediate, [hidden])
-            packed_gate_up.append(self._fused_pair(pair))
-            packed_down.append(layout.repack(down_weight, self.device))
-        handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
+        if (len(gate_up[0]) * intermediate) % layout.TILE_N == 0 and hidden % layout.TILE_N == 0:
+            handle = KernelExpertsHandle(stacked_by_groups(gate_up, down, self.device))
+        else:  # an expert's rows end inside a tile: each expert repacked alone
+            handle = KernelExpertsHandle(ops.StackedExperts([self._fused_pair(pair) for pair in gate_up],
+                                                            [layout.repack(w, self.device) for w in down]))
         # The grouped FP8 path (adaq.backends.prefill_moe) runs both expert projections in FP8, down included, whose
         # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by
         # `auto`. It expands from the decode kernels' layout; shapes that layout cannot serve as one weight (N % 16
@@ -296,6 +298,26 @@ class CudaBackend(ReferenceBackend):
             self._fell_back("RoPE", _elementwise_cause(q, k))
             return super().rotary(q, k, positions, inv_freq)
         return ops.rotary(q, k, positions, inv_freq)
+
+
+def stacked_by_groups(gate_up: list[list[NVFP4Weight]], down: list[NVFP4Weight], device) -> ops.StackedExperts:
+    """A MoE layer's experts in the kernel layout, repacked a group at a time (rows concatenated, per-column global
+    scales: equal to one repack per expert when each expert's rows fill whole tiles), groups of at most
+    EXPERT_GROUP_VALUES weights so the repack's temporaries stay small next to a loaded model."""
+    per_expert = sum(w.out_features for w in gate_up[0]) * gate_up[0][0].in_features
+    size = max(1, EXPERT_GROUP_VALUES // per_expert)
+    groups = [range(i, min(i + size, len(down))) for i in range(0, len(down), size)]
+    return ops.StackedExperts.from_concatenated(
+        [(repack_rows([w for e in group for w in gate_up[e]], device), len(group)) for group in groups],
+        [(repack_rows([down[e] for e in group], device), len(group)) for group in groups])
+
+
+def repack_rows(weights: list[NVFP4Weight], device) -> layout.PackedNVFP4:
+    """Weights of one input width as one, rows one after another, each row keeping its own global scale."""
+    joined = NVFP4Weight(torch.cat([w.packed for w in weights]), torch.cat([w.block_scale for w in weights]),
+                         weights[0].global_scale)
+    columns = torch.cat([w.global_scale.float().reshape(1).expand(w.out_features) for w in weights])
+    return layout.repack(joined, device, column_global_scales=columns)
 
 
 def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:

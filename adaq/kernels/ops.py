@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from adaq.kernels.build import load
-from adaq.kernels.layout import MAX_DECODE_ROWS, PackedNVFP4
+from adaq.kernels.layout import MAX_DECODE_ROWS, TILE_N, PackedNVFP4
 
 COUNTERS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -208,6 +208,32 @@ class StackedExperts:
         self.down = self._stack(down)
         self.intermediate = gate_up[0].out_features // 2
         self.hidden = down[0].out_features
+
+    @classmethod
+    def from_concatenated(cls, gate_up: list[tuple[PackedNVFP4, int]],
+                          down: list[tuple[PackedNVFP4, int]]) -> "StackedExperts":
+        """The experts of one layer repacked a group at a time, each group's experts' rows one after another
+        (gate|up [e * 2I, H], down [e * H, I]) with its expert count. Equal to stacking per-expert repacks when each
+        expert's rows fill whole tiles of TILE_N (the layout walks rows in tiles, so tile t of expert j is tile
+        j * tiles + t of the concatenation): a few repacks per layer instead of three per expert (a 512-expert model
+        has tens of thousands)."""
+        self = cls.__new__(cls)
+        self.num_experts = sum(count for _, count in down)
+        self.gate_up = cls._joined(gate_up)
+        self.down = cls._joined(down)
+        self.intermediate = self.gate_up[3] // 2
+        self.hidden = self.down[3]
+        return self
+
+    @staticmethod
+    def _joined(groups: list[tuple[PackedNVFP4, int]]):
+        for packed, count in groups:
+            if packed.out_features % (count * TILE_N):
+                raise ValueError(f"{packed.out_features} rows of {count} experts do not fill whole tiles")
+        parts = [(p.wq.reshape(n, -1), p.ws.reshape(n, -1), p.colscale.reshape(n, -1)) for p, n in groups]
+        first, count = groups[0]
+        return (*(torch.cat([part[i] for part in parts]) for i in range(3)), first.out_features // count,
+                first.in_features)
 
     @staticmethod
     def _stack(packed: list[PackedNVFP4]):
