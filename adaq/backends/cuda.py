@@ -17,6 +17,7 @@ from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
+from adaq.formats.fp8_prefill import FP8Weight
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
 from adaq.kernels import fp8_gemm, layout, ops
 
@@ -71,6 +72,8 @@ class CudaBackend(ReferenceBackend):
 
     # ---- linear layers ---------------------------------------------------------------------------------------
     def prepare_linear(self, weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
+        if isinstance(weight, FP8Weight):
+            return self._prepare_channel_fp8(weight, dtype)
         if not isinstance(weight, NVFP4Weight):  # dense: cuBLAS through the reference op, by design
             return super().prepare_linear(weight, dtype=dtype, role=role)
         if dtype != torch.bfloat16:
@@ -83,6 +86,8 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
+        if role == prefill_route.OUTPUT_ROLE:  # decode kernels at every M: no workspace the size of the vocabulary
+            return handle
         if prefill_route.covers(role) and prefill_route.fp8_enabled(self.device):  # expanded from the decode layout
             handle.fp8_scales = fp8_gemm.Fp8Scales.of(weight, self.device)
         if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # workspace sized now
@@ -90,7 +95,22 @@ class CudaBackend(ReferenceBackend):
             fp8_gemm.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
         return handle
 
+    def _prepare_channel_fp8(self, weight: FP8Weight, dtype: torch.dtype) -> LinearHandle:
+        """An E4M3 weight with per-channel scales (--lm-head fp8): the FP8 GEMM at every M, or its reference."""
+        handle = LinearHandle(weight.out_features, weight.in_features, dtype,
+                              channel_fp8=weight.to(self.device))
+        cause = _channel_fp8_cause(weight, dtype, self.device)
+        handle.fp8_kind = None if cause else fp8_gemm.gpu_fp8_kind(self.device)
+        if cause:
+            self._fell_back("FP8 linear (per-channel E4M3)", cause)
+        return handle
+
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(handle, "fp8_kind", None) is not None and x.dtype == torch.bfloat16:
+            y = fp8_gemm.fp8_linear_e4m3(x.reshape(-1, x.shape[-1]), handle.channel_fp8.values,
+                                         handle.channel_fp8.col_scale, None if bias is None else bias.to(x.dtype),
+                                         handle.fp8_kind)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if not isinstance(handle, KernelLinearHandle):  # dense, or NVFP4 prepared for another dtype (reported)
             return super().linear(x, handle, bias)
         if x.dtype != torch.bfloat16 or not x.is_cuda:
@@ -251,6 +271,19 @@ class CudaBackend(ReferenceBackend):
             self._fell_back("RoPE", _elementwise_cause(q, k))
             return super().rotary(q, k, positions, inv_freq)
         return ops.rotary(q, k, positions, inv_freq)
+
+
+def _channel_fp8_cause(weight: FP8Weight, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the FP8 GEMM cannot run this per-channel E4M3 weight (its reference emulation runs instead), or None."""
+    if dtype != torch.bfloat16:
+        return f"compute dtype {dtype} (the FP8 GEMM writes bf16)"
+    if weight.in_features % 16 or weight.out_features % 16:
+        return "N or K not a multiple of 16 (the FP8 GEMM's alignment)"
+    if fp8_gemm.gpu_fp8_kind(device) is None:
+        return "this GPU has no FP8 GEMM (sm_89 or sm_90 needed)"
+    if not fp8_gemm.extension_ok():
+        return f"the FP8 extension did not load ({fp8_gemm.extension_error()})"
+    return None
 
 
 def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:

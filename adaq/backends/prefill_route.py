@@ -36,6 +36,9 @@ EXACT_MIN_TOKENS = 96
 # down_proj's inputs, SiLU(gate) * up, have the heaviest tails: on the real Gemma3-270M it alone costs +1.56 %
 # perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 % on 64); docs/KERNELS.md.
 DEFAULT_EXCLUDED = "down_proj"
+# The output layer (an NVFP4 lm_head, --lm-head nvfp4) runs the decode kernels at every M: the format the user chose,
+# exactly, and no prefill workspace the size of the vocabulary.
+OUTPUT_ROLE = "lm_head"
 
 
 def excluded_roles() -> set[str]:
@@ -44,7 +47,7 @@ def excluded_roles() -> set[str]:
 
 def covers(role: str | None) -> bool:
     """Whether a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj; None: unnamed) takes the FP8 path."""
-    return role not in excluded_roles()
+    return role != OUTPUT_ROLE and role not in excluded_roles()
 
 
 def select_path(path: str | None) -> None:

@@ -346,7 +346,7 @@ def load_model(model_config: dict, config: EngineConfig) -> torch.nn.Module:
     source = open_checkpoint(config.model)
     device = config.device if config.device_given else None  # None: auto choosing the CPU is a fallback
     backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict))
-    model = build_model(model_config, backend, config.dtype, config.device)
+    model = build_model(model_config, backend, config.dtype, config.device, lm_head=config.lm_head)
     load_weights(model, source)
     return model
 

@@ -210,6 +210,13 @@ def fp8_linear_packed(x: torch.Tensor, packed, scales: Fp8Scales, bias: torch.Te
     return _fp8_gemm(x, w8, scales.col_scale, bias, kind)
 
 
+def fp8_linear_e4m3(x: torch.Tensor, values: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                    kind: str | None = None) -> torch.Tensor:
+    """bf16 x [M,K] times a weight already in E4M3 with per-channel scales (a quantized output layer): x quantized
+    per token, the FP8 GEMM, its epilogue (adaq.formats.fp8_prefill.fp8_linear_reference)."""
+    return _fp8_gemm(x, values, col_scale, bias, kind)
+
+
 def _fp8_gemm(x: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
               kind: str | None) -> torch.Tensor:
     x8, row_scale = quantize_rows(x)
