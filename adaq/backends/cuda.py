@@ -12,7 +12,7 @@ sync (under --strict it stops the capture).
 
 import torch
 
-from adaq.backends import prefill_moe, prefill_route
+from adaq.backends import prefill_moe, prefill_moe_exact, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
@@ -153,6 +153,9 @@ class CudaBackend(ReferenceBackend):
             packed_gate_up.append(self._fused_pair(pair))
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
+        if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # auto's large prefills
+            handle.exact = prefill_moe_exact.ExactExperts.of(handle.stacked)
+            fp8_gemm.reserve_dense_workspace(self.device, handle.exact.workspace_elements(), 1)
         # The grouped FP8 path (adaq.backends.prefill_moe) runs both expert projections in FP8, down included, whose
         # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by
         # `auto`. It expands from the decode kernels' layout; shapes that layout cannot serve as one weight (N % 16
@@ -182,11 +185,18 @@ class CudaBackend(ReferenceBackend):
             self._fell_back("MoE experts", f"input {x.dtype} (the kernels take bf16)")
             return super().moe(x, router_logits, experts, top_k, renormalize, activation=activation,
                                expert_scale=expert_scale)
+        route = "decode" if torch.cuda.is_current_stream_capturing() else prefill_route.moe_route(x.shape[0],
+                                                                                                   x.device)
         fp8 = getattr(experts, "fp8", None)
         plain = activation == "silu" and expert_scale is None  # what the grouped FP8 path implements
-        if (fp8 is not None and plain and prefill_route.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
-                and not torch.cuda.is_current_stream_capturing()):
+        if route == "fp8" and fp8 is not None and plain:  # --prefill-path fp8: grouped FP8 GEMMs
             return prefill_moe.fp8_moe_forward(x, router_logits, fp8, top_k, renormalize)
+        if route == "fp8":
+            route = prefill_route.moe_route(x.shape[0], x.device, path="exact")
+        exact = getattr(experts, "exact", None)
+        if route == "exact" and exact is not None:  # prefill: grouped dequantize + cuBLAS bf16, exact
+            return prefill_moe_exact.exact_moe_forward(x, router_logits, exact, top_k, renormalize, activation,
+                                                       expert_scale)
         return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize,
                                activation, expert_scale)
 

@@ -27,12 +27,18 @@ PATH_ENV = "ADAQ_PREFILL_PATH"
 MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
 EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
 EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
+MOE_EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_MOE_EXACT_MIN_TOKENS"
 PATHS = ("auto", "fp8", "exact", "nvfp4")
 MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
 # Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
 # (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
 # exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Session 3".
 EXACT_MIN_TOKENS = 96
+# Tokens from which a MoE layer runs the exact grouped path instead of the decode kernels. An estimate, not a
+# measurement: Qwen3-30B-A3B's decode kernels take ~0.23 ms per layer per 64 tokens on the H100 (5.8k tok/s at 2048),
+# the exact path ~1.5-2.5 ms per layer whatever the count (every expert dequantized, ~256 cuBLAS calls), so the
+# crossover is a few hundred tokens; the sweep (python -m adaq.bench.prefill_sweep) replaces it.
+MOE_EXACT_MIN_TOKENS = 512
 # down_proj's inputs, SiLU(gate) * up, have the heaviest tails: on the real Gemma3-270M it alone costs +1.56 %
 # perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 % on 64); docs/KERNELS.md.
 DEFAULT_EXCLUDED = "down_proj"
@@ -131,6 +137,23 @@ def route(rows: int, device: torch.device, path: str | None = None) -> str:
     if path in ("auto", "fp8") and rows >= min_tokens() and fp8_enabled(device):
         return "fp8"
     return "exact" if rows >= exact_min_tokens() else "decode"
+
+
+def moe_exact_min_tokens() -> int:
+    return int(os.environ.get(MOE_EXACT_MIN_TOKENS_ENV, MOE_EXACT_MIN_TOKENS))
+
+
+def moe_route(tokens: int, device: torch.device, path: str | None = None) -> str:
+    """Which path runs a MoE layer of `tokens` tokens: 'fp8' (grouped FP8 GEMMs: only under --prefill-path fp8),
+    'exact' (grouped dequantize + cuBLAS bf16, adaq.backends.prefill_moe_exact: `auto`'s and `exact`'s large
+    prefills) or 'decode' (the NVFP4 grouped decode kernels). A layer without what the chosen path needs (FP8
+    operands, an activation the grouped FP8 path lacks) asks again with path='exact'."""
+    path = path or configured_path()
+    if path == "nvfp4":
+        return "decode"
+    if path == "fp8" and tokens >= min_tokens() and fp8_enabled(device):
+        return "fp8"
+    return "exact" if tokens >= moe_exact_min_tokens() else "decode"
 
 
 def describe(path: str | None = None, device: torch.device | None = None) -> str:
