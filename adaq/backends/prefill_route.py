@@ -17,7 +17,9 @@
 """
 
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -29,16 +31,30 @@ EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
 EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
 MOE_EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_MOE_EXACT_MIN_TOKENS"
 PATHS = ("auto", "fp8", "exact", "nvfp4")
-MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
-# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
-# (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
-# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Session 3".
-EXACT_MIN_TOKENS = 96
-# Tokens from which a MoE layer runs the exact grouped path instead of the decode kernels. An estimate, not a
-# measurement: Qwen3-30B-A3B's decode kernels take ~0.23 ms per layer per 64 tokens on the H100 (5.8k tok/s at 2048),
-# the exact path ~1.5-2.5 ms per layer whatever the count (every expert dequantized, ~256 cuBLAS calls), so the
-# crossover is a few hundred tokens; the sweep (python -m adaq.bench.prefill_sweep) replaces it.
-MOE_EXACT_MIN_TOKENS = 512
+# The rows (tokens) from which each path replaces the decode kernels, read from the JSON file that
+# `python -m adaq.bench.prefill_sweep --write-thresholds` writes from a sweep over M on the GPU (its "note" says
+# where the figures come from); the environment variables above override them (debugging, tests).
+THRESHOLDS_FILE = Path(__file__).with_name("prefill_thresholds.json")
+THRESHOLD_KEYS = ("fp8_min_tokens", "exact_min_tokens", "moe_exact_min_tokens")
+
+
+def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, int]:
+    from adaq.errors import AdaqError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        values = {key: int(data[key]) for key in THRESHOLD_KEYS}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AdaqError(f"{path}: not a prefill thresholds file ({type(error).__name__}: {error})") from None
+    if any(value < 1 for value in values.values()):
+        raise AdaqError(f"{path}: thresholds must be >= 1, got {values}")
+    return values
+
+
+_THRESHOLDS = load_thresholds()
+MIN_TOKENS = _THRESHOLDS["fp8_min_tokens"]  # FP8 GEMM from this many rows; fewer rows: exact or decode kernels
+EXACT_MIN_TOKENS = _THRESHOLDS["exact_min_tokens"]  # dequantize + cuBLAS bf16 instead of the decode kernels
+MOE_EXACT_MIN_TOKENS = _THRESHOLDS["moe_exact_min_tokens"]  # a MoE layer's exact grouped path
 # down_proj's inputs, SiLU(gate) * up, have the heaviest tails: on the real Gemma3-270M it alone costs +1.56 %
 # perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 % on 64); docs/KERNELS.md.
 DEFAULT_EXCLUDED = "down_proj"
@@ -87,8 +103,19 @@ def gemm_kind(device: torch.device) -> str | None:
     return fp8_gemm.gpu_fp8_kind(device)
 
 
+_FP8_ENABLED: dict[tuple[str, torch.device | str], bool] = {}
+
+
 def fp8_enabled(device: torch.device) -> bool:
-    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error."""
+    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error. Memoised per
+    (path, device): it sits on every linear's call, and the GPU and the extension do not change under a process."""
+    key = (configured_path(), device)
+    if key not in _FP8_ENABLED:
+        _FP8_ENABLED[key] = _fp8_enabled(device)
+    return _FP8_ENABLED[key]
+
+
+def _fp8_enabled(device: torch.device) -> bool:
     from adaq.errors import AdaqError
 
     path = configured_path()
