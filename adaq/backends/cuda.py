@@ -90,6 +90,7 @@ class CudaBackend(ReferenceBackend):
             return handle
         if prefill_route.covers(role) and prefill_route.fp8_enabled(self.device):  # expanded from the decode layout
             handle.fp8_scales = fp8_gemm.Fp8Scales.of(weight, self.device)
+            fp8_gemm.workspace(self.device, packed.out_features, packed.in_features)  # grown now, not in a prefill
         if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # workspace sized now
             handle.exact_plan = fp8_gemm.exact_plan(packed)
             fp8_gemm.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)

@@ -136,7 +136,9 @@ _WORKSPACES: dict[torch.device, Fp8Workspace] = {}
 
 
 def workspace(device: torch.device, n: int, k: int) -> Fp8Workspace:
-    """Grows only when a larger layer appears (at warm-up), never inside a captured graph."""
+    """Grows only when a larger layer appears (the cuda backend reserves it at load), never inside a captured graph.
+    Keyed by the device with its index, so `cuda` (the backend's) and `cuda:0` (a tensor's) share one buffer."""
+    device = _key(device)
     current = _WORKSPACES.get(device)
     if current is None or current.values.numel() < n * k or current.col_scale.numel() < n:
         size = max(n * k, 0 if current is None else current.values.numel())
