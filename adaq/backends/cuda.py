@@ -234,6 +234,18 @@ class CudaBackend(ReferenceBackend):
                                    scale=scale, sliding_window=sliding_window, softcap=softcap, query_seq=query_seq,
                                    query_ctx=query_ctx, splits=splits, query_blocks=query_blocks)
 
+    def qk_norm_rope_store(self, q, k, v, q_weight, k_weight, eps: float, unit_offset: bool, positions, inv_freq,
+                           k_cache, v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
+        """One launch (ops.qk_norm_rope_store) where the kernel takes the tensors; else the composition of this
+        backend's own ops (each reporting its own fallback)."""
+        if not (self._kv_kernel_ok(k, k_cache) and all(_dense_heads(t) for t in (q, k, v))
+                and q.shape[-1] == k.shape[-1] == v.shape[-1] and q_weight.dtype == k_weight.dtype == torch.bfloat16
+                and inv_freq.numel() * 2 == q.shape[-1]):
+            return super().qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, unit_offset, positions, inv_freq,
+                                              k_cache, v_cache, k_scale, v_scale, slot_mapping)
+        return ops.qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, unit_offset, positions, inv_freq, k_cache,
+                                      v_cache, k_scale, v_scale, slot_mapping)
+
     @staticmethod
     def _kv_kernel_ok(x: torch.Tensor, cache: torch.Tensor | None) -> bool:
         if cache is None or not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] in ATTENTION_HEAD_DIMS
@@ -295,6 +307,12 @@ def _channel_fp8_cause(weight: FP8Weight, dtype: torch.dtype, device: torch.devi
     if not fp8_gemm.extension_ok():
         return f"the FP8 extension did not load ({fp8_gemm.extension_error()})"
     return None
+
+
+def _dense_heads(x: torch.Tensor) -> bool:
+    """[T, heads, D] bf16 on the GPU whose heads lie back to back (a view of the fused qkv output is)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 3 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2])
 
 
 def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:

@@ -124,6 +124,16 @@ class ReferenceBackend:
         return attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                              sliding_window=sliding_window, softcap=softcap, k=k, v=v)
 
+    def qk_norm_rope_store(self, q, k, v, q_weight, k_weight, eps: float, unit_offset: bool, positions, inv_freq,
+                           k_cache, v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
+        """The attention prologue of a step with a cache: q/k RMSNorm, RoPE, K/V stored; returns q. The composition
+        of the ops below is the spec (the cuda backend runs it as one kernel)."""
+        q = self.rms_norm(q, q_weight, eps, unit_offset=unit_offset)
+        k = self.rms_norm(k, k_weight, eps, unit_offset=unit_offset)
+        q, k = self.rotary(q, k, positions, inv_freq)
+        self.store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+        return q
+
     # Element-wise ops
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, *, unit_offset: bool = False):
         return norm.rms_norm(x, weight, eps, unit_offset)

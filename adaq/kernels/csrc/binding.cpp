@@ -209,9 +209,10 @@ torch::Tensor qk_norm_rope_store(torch::Tensor q, torch::Tensor k, torch::Tensor
   } else {
     TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16, "KV cache must be float8_e4m3fn, bfloat16 or NVFP4 bytes");
   }
-  TORCH_CHECK(!k_scale || (k_scale->is_contiguous() && v_scale->is_contiguous()), "KV scales must be contiguous");
+  TORCH_CHECK((!k_scale || k_scale->is_contiguous()) && (!v_scale || v_scale->is_contiguous()),
+              "KV scales must be contiguous");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto q_out = torch::empty({T, q.size(1), D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto q_out = torch::empty({T, q.size(1), D}, q.options());
   const int status = adaq::qk_norm_rope_store(
       bf16_ptr(q), q.stride(0), bf16_ptr(k), k.stride(0), bf16_ptr(v), v.stride(0), bf16_ptr(q_weight),
       bf16_ptr(k_weight), static_cast<float>(eps), unit_offset,
