@@ -215,8 +215,10 @@ def test_cuda_engine_lm_head_greedy(tmp_path, weight_format):
     logits = {}
     for backend in ("cuda", "reference"):
         llm = LLM(folder, backend=backend, device="cuda", dtype="bf16", kv_cache_dtype="bf16", max_model_len=64,
-                  skip_tokenizer=True, lm_head=weight_format, gpu_memory_utilization=0.3, strict=backend == "cuda")
+                  skip_tokenizer=True, lm_head=weight_format, gpu_memory_utilization=0.3)
         logits[backend] = hidden_and_logits(llm, tokens)[1].float()
+        # the tiny model's head_dim 16 sends attention to the reference; the output layer must not fall back
+        assert not [f for f in llm.engine.fallbacks.as_dicts() if "FP8 linear" in f["what"] or "NVFP4" in f["what"]]
         del llm
     scale = logits["reference"].abs().max().item()
     torch.testing.assert_close(logits["cuda"], logits["reference"], rtol=0.05, atol=0.03 * scale)
