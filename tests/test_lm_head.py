@@ -222,3 +222,27 @@ def test_cuda_engine_lm_head_greedy(tmp_path, weight_format):
         del llm
     scale = logits["reference"].abs().max().item()
     torch.testing.assert_close(logits["cuda"], logits["reference"], rtol=0.05, atol=0.03 * scale)
+
+
+def test_bench_counts_the_quantized_head_for_nvfp4_variants_only():
+    from adaq.bench.runner import Workload
+    from adaq.bench.shapes import load_model_config
+    from adaq.bench.suite import BenchOptions, variant_weights
+
+    config = load_model_config("qwen3-8b")
+    workload = Workload((1,), 16, 16, 1)
+    plain = BenchOptions("qwen3-8b", True, workload, device="cpu")
+    nvfp4_head = BenchOptions("qwen3-8b", True, workload, device="cpu", lm_head="nvfp4")
+    assert variant_weights("nvfp4", config, plain).lm_head == 151936 * 4096 * 2  # 1.24 GB of bf16
+    assert variant_weights("nvfp4", config, nvfp4_head).lm_head == roofline.nvfp4_bytes(151936, 4096)
+    assert variant_weights("bf16", config, nvfp4_head).lm_head == 151936 * 4096 * 2  # baselines keep bf16
+    with pytest.raises(AdaqError, match="--lm-head"):
+        BenchOptions("qwen3-8b", True, workload, device="cpu", lm_head="int4")
+
+
+def test_eval_applies_lm_head_to_the_checkpoint_not_the_baseline():
+    from adaq.commands.eval import _settings_for
+
+    settings = {"backend": "reference"}
+    assert _settings_for("baseline", settings, "nvfp4") == settings
+    assert _settings_for("nvfp4a16", settings, "nvfp4") == {"backend": "reference", "lm_head": "nvfp4"}
