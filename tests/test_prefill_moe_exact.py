@@ -59,18 +59,20 @@ def emulated(monkeypatch):
     monkeypatch.setattr(ops, "gelu_tanh_and_mul", activation.gelu_tanh_and_mul)
     monkeypatch.setattr(ops, "moe_combine", _combine_emulated)
     monkeypatch.setattr(ops, "nvfp4_dequantize", _dequantize_emulated)
+    monkeypatch.setattr(prefill_moe_exact, "bmm_fp32", lambda a, b: a.float() @ b.float())  # CPU: no bmm.dtype
 
 
 @pytest.mark.parametrize("tokens,experts,hidden,intermediate,chunk", [(1, 6, 128, 64, None), (13, 6, 128, 64, 4),
                                                                       (40, 5, 128, 48, None), (70, 8, 64, 32, 1)])
 @pytest.mark.parametrize("distinct", [False, True])  # up 3x larger than gate
+@pytest.mark.parametrize("batched", [True, False])
 def test_orchestration_with_emulated_kernels_is_the_exact_reference(emulated, monkeypatch, tokens, experts, hidden,
-                                                                     intermediate, chunk, distinct):
+                                                                     intermediate, chunk, distinct, batched):
     if chunk is not None:
         monkeypatch.setattr(prefill_moe_exact, "WORKSPACE_ELEMENTS", chunk * 2 * intermediate * hidden)
     gate_up, down = random_experts(experts, hidden, intermediate, seed=tokens, distinct_up_scale=distinct)
     x, logits = routed_inputs(tokens, hidden, experts)
-    handle = prefill_moe_exact.ExactExperts.of(_stacked(gate_up, down))
+    handle = prefill_moe_exact.ExactExperts.of(_stacked(gate_up, down), batched)
     assert len(handle.gate_up.segments[0]) == 2  # gate and up quantized apart: two global scales, two alphas
     fp8_gemm.reserve_dense_workspace(torch.device("cpu"), handle.workspace_elements(), 1).fill_(float("nan"))
     got = prefill_moe_exact.exact_moe_forward(x, logits, handle, 3, True)
@@ -121,7 +123,10 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _check_exact(tokens, experts, top_k, hidden, intermediate, distinct=False, seed=0, act="silu", scale=None):
+def _check_exact(tokens, experts, top_k, hidden, intermediate, distinct=False, seed=0, act="silu", scale=None,
+                 batched=True):
+    import dataclasses
+
     from adaq.backends.cuda import CudaBackend
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -129,8 +134,10 @@ def _check_exact(tokens, experts, top_k, hidden, intermediate, distinct=False, s
                                    distinct_up_scale=distinct)
     x, logits = routed_inputs(tokens, hidden, experts, seed=seed + tokens, device="cuda")
     handle = CudaBackend("cuda").prepare_experts(gate_up, down, dtype=torch.bfloat16)
-    fp8_gemm.reserve_dense_workspace(torch.device("cuda"), handle.exact.workspace_elements(), 1).fill_(float("nan"))
-    got = prefill_moe_exact.exact_moe_forward(x, logits, handle.exact, top_k, True, act, scale)
+    assert handle.exact.batched  # torch on the device has bmm(out_dtype=)
+    exact = dataclasses.replace(handle.exact, batched=batched)
+    fp8_gemm.reserve_dense_workspace(torch.device("cuda"), exact.workspace_elements(), 1).fill_(float("nan"))
+    got = prefill_moe_exact.exact_moe_forward(x, logits, exact, top_k, True, act, scale)
     weights, ids = ops.router_topk(logits, top_k, True)
     if scale is not None:
         weights = weights * scale[ids.long()].to(weights.dtype)
@@ -156,8 +163,9 @@ def _check_exact(tokens, experts, top_k, hidden, intermediate, distinct=False, s
 @needs_cuda
 @pytest.mark.parametrize("tokens", [1, 7, 64, 129, 513])
 @pytest.mark.parametrize("distinct", [False, True])
-def test_gpu_exact_moe_matches_reference_small(tokens, distinct):
-    _check_exact(tokens, experts=16, top_k=4, hidden=256, intermediate=128, distinct=distinct)
+@pytest.mark.parametrize("batched", [True, False])
+def test_gpu_exact_moe_matches_reference_small(tokens, distinct, batched):
+    _check_exact(tokens, experts=16, top_k=4, hidden=256, intermediate=128, distinct=distinct, batched=batched)
 
 
 @gpu
@@ -170,9 +178,9 @@ def test_gpu_exact_moe_odd_shapes_and_gemma4_options():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("tokens", [600, 2048])
-def test_gpu_exact_moe_matches_reference_qwen3_30b_a3b(tokens):
-    _check_exact(tokens, **QWEN3_30B_A3B)
+@pytest.mark.parametrize("tokens,batched", [(600, True), (2048, True), (2048, False)])
+def test_gpu_exact_moe_matches_reference_qwen3_30b_a3b(tokens, batched):
+    _check_exact(tokens, batched=batched, **QWEN3_30B_A3B)
 
 
 @gpu

@@ -155,7 +155,11 @@ class CudaBackend(ReferenceBackend):
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
         if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # auto's large prefills
-            handle.exact = prefill_moe_exact.ExactExperts.of(handle.stacked)
+            batched = prefill_moe_exact.batched_available()
+            handle.exact = prefill_moe_exact.ExactExperts.of(handle.stacked, batched)
+            if not batched:
+                self.fallbacks.report("exact MoE prefill: one batched GEMM per chunk -> one GEMM per expert",
+                                      f"torch {torch.__version__} has no bmm(out_dtype=float32)", PREFILL_SETTING)
             fp8_gemm.reserve_dense_workspace(self.device, handle.exact.workspace_elements(), 1)
         # The grouped FP8 path (adaq.backends.prefill_moe) runs both expert projections in FP8, down included, whose
         # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by

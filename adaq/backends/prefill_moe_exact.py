@@ -16,12 +16,16 @@ GPU (`exact_moe_forward`):
 3. per chunk of experts (as many as the workspace holds): their gate|up weights dequantized in one launch
    (csrc/nvfp4_gemm.cu `nvfp4_dequantize` over the stacked decode layout: the experts' layouts back to back are
    the layout of one [chunk * N, K] weight when N % 16 == 0 and K % 128 == 0, else one launch per expert), then
-   per active expert one `addmm` into its rows of the output (per alpha segment: gate and up may carry different
-   global scales); experts with no rows are neither dequantized nor multiplied;
+   one cuBLAS batched GEMM over the chunk (`bmm` with an fp32 result: each expert's rows gathered into a slab as
+   wide as the chunk's busiest expert, padding rows discarded), times each column's 1/global_scale in fp32 and
+   rounded once (gate and up may carry different global scales); without torch's bmm(out_dtype) one `addmm` per
+   active expert with the scale as its alpha (more launches, the same numbers). A chunk nobody chose is skipped;
 4. the gated activation (moe.cu / elementwise kernels), the down projection the same way;
 5. rows scattered back to (token, slot) order, moe.cu's `moe_combine` (ascending expert order, bf16).
 The decode kernels re-read every active expert once per 64 tokens; this path reads each expert's NVFP4 bytes once
 and writes / reads its bf16 copy once, so it wins from a few hundred tokens (prefill_route.moe_exact_min_tokens).
+Launches per layer (Qwen3-30B-A3B, 2048 tokens): ~6 chunks x (dequantize, gather, bmm, scale, copy) per projection,
+about 70, against ~270 for one GEMM per expert.
 """
 
 from dataclasses import dataclass
@@ -79,6 +83,7 @@ class ExactProjection:
     cols: int  # K
     segments: tuple[tuple[tuple[int, int, float], ...], ...]  # per expert
     chunk: int  # experts per dequantize launch
+    alphas: torch.Tensor  # fp32 [E, N] on the device: 1/global_scale per column (the batched GEMM's epilogue)
 
     @property
     def experts(self) -> int:
@@ -89,11 +94,11 @@ class ExactProjection:
         from adaq.kernels import layout
 
         wq, ws, colscale, n, k = stacked_part
-        alphas = (colscale[:, :n].float().cpu() * 2.0 ** -layout.SCALE_EXPONENT_SHIFT).tolist()
-        segments = tuple(_segments(row) for row in alphas)
+        alphas = (colscale[:, :n].float() * 2.0 ** -layout.SCALE_EXPONENT_SHIFT).contiguous()  # exact: a power of 2
+        segments = tuple(_segments(row) for row in alphas.cpu().tolist())
         back_to_back = n % layout.TILE_N == 0 and k % layout.TILE_K == 0
         chunk = max(1, WORKSPACE_ELEMENTS // (n * k)) if back_to_back else 1
-        return cls(wq, ws, n, k, segments, min(chunk, wq.shape[0]))
+        return cls(wq, ws, n, k, segments, min(chunk, wq.shape[0]), alphas)
 
 
 def _segments(alphas: list[float]) -> tuple[tuple[int, int, float], ...]:
@@ -109,11 +114,13 @@ def _segments(alphas: list[float]) -> tuple[tuple[int, int, float], ...]:
 class ExactExperts:
     gate_up: ExactProjection  # [E, 2I, H]
     down: ExactProjection  # [E, H, I]
+    batched: bool = True  # one padded bmm per chunk of experts (else one addmm per expert: more launches)
 
     @classmethod
-    def of(cls, stacked) -> "ExactExperts":
+    def of(cls, stacked, batched: bool = True) -> "ExactExperts":
         """From ops.StackedExperts (the decode kernels' copy: nothing else is kept)."""
-        return cls(ExactProjection.of(stacked.tensors("gate_up")), ExactProjection.of(stacked.tensors("down")))
+        return cls(ExactProjection.of(stacked.tensors("gate_up")), ExactProjection.of(stacked.tensors("down")),
+                   batched)
 
     def workspace_elements(self) -> int:
         return max(p.chunk * p.rows * p.cols for p in (self.gate_up, self.down))
@@ -131,20 +138,51 @@ def dequantize_experts(projection: ExactProjection, first: int, last: int, out: 
     return ops.nvfp4_dequantize(weight, out).view(count, n, k)
 
 
-def grouped_exact_gemm(rows: torch.Tensor, projection: ExactProjection, bounds: list[int],
-                       workspace: torch.Tensor) -> torch.Tensor:
-    """out [R, N] bf16: rows bounds[e]..bounds[e+1] of `rows` [R, K] times expert e's weight, alpha per segment."""
-    out = torch.empty(rows.shape[0], projection.rows, dtype=torch.bfloat16, device=rows.device)
+def batched_available() -> bool:
+    """Whether torch has bmm with an fp32 output for bf16 inputs (torch >= 2.8 on CUDA): the batched form."""
+    return hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def grouped_exact_gemm(rows: torch.Tensor, projection: ExactProjection, bounds: list[int], offsets: torch.Tensor,
+                       workspace: torch.Tensor, batched: bool = True) -> torch.Tensor:
+    """out [R, N] bf16: rows bounds[e]..bounds[e+1] of `rows` [R, K] times expert e's weight, times its alphas.
+    `offsets`: the same bounds on the device. batched: one padded bmm per chunk of experts; else one addmm each."""
+    out = torch.empty(rows.shape[0] + 1, projection.rows, dtype=torch.bfloat16, device=rows.device)
     for first in range(0, projection.experts, projection.chunk):
         last = min(first + projection.chunk, projection.experts)
         if bounds[last] == bounds[first]:
             continue  # no token chose these experts
         weights = dequantize_experts(projection, first, last, workspace)
+        if batched:
+            width = max(bounds[e + 1] - bounds[e] for e in range(first, last))
+            _chunk_bmm(rows, weights, projection.alphas[first:last], offsets[first:last + 1], width, out)
+            continue
         for expert in range(first, last):
             start, end = bounds[expert], bounds[expert + 1]
             if start < end:
                 _expert_gemm(rows[start:end], weights[expert - first], projection.segments[expert], out[start:end])
-    return out
+    return out[:-1]
+
+
+def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bf16 [c, M, K] @ bf16 [c, K, N] with fp32 accumulation and an fp32 result (cuBLAS; no rounding to bf16)."""
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+def _chunk_bmm(rows: torch.Tensor, weights: torch.Tensor, alphas: torch.Tensor, offsets: torch.Tensor, width: int,
+               out: torch.Tensor) -> None:
+    """Experts first..last as one batched GEMM: each expert's rows gathered into a [width, K] slab (short experts
+    padded with row 0, whose results go to out's spare last row), the fp32 products times each column's alpha,
+    rounded once to bf16, and copied into out's rows of each expert. No host sync: the bounds are on the device."""
+    starts, counts = offsets[:-1].long(), (offsets[1:] - offsets[:-1]).long()
+    lane = torch.arange(width, device=rows.device)
+    valid = lane[None, :] < counts[:, None]
+    source = torch.where(valid, starts[:, None] + lane[None, :], 0).reshape(-1)
+    slab = rows.index_select(0, source).view(weights.shape[0], width, rows.shape[1])
+    product = bmm_fp32(slab, weights.transpose(1, 2)).mul_(alphas[:, None, :]).to(torch.bfloat16)
+    spare = out.shape[0] - 1
+    target = torch.where(valid, starts[:, None] + lane[None, :], spare).reshape(-1)
+    out.index_copy_(0, target, product.view(-1, product.shape[-1]))
 
 
 _ZERO: dict[torch.device, torch.Tensor] = {}
@@ -171,13 +209,13 @@ def exact_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: Exa
     if expert_scale is not None:
         weights = weights * expert_scale[ids.long()].to(weights.dtype)
     offsets, _, row_ids, _ = align_rows_sorted(ids, experts.down.experts)
-    bounds = offsets.tolist()  # the one host sync: the loop below needs each expert's rows
+    bounds = offsets.tolist()  # the one host sync: which experts have rows, and each chunk's widest expert
     row_ids = row_ids.long()
     workspace = fp8_gemm.reserve_dense_workspace(x.device, experts.workspace_elements(), 1)
     rows = x.contiguous().index_select(0, torch.div(row_ids, top_k, rounding_mode="floor"))
-    gate_up = grouped_exact_gemm(rows, experts.gate_up, bounds, workspace)
+    gate_up = grouped_exact_gemm(rows, experts.gate_up, bounds, offsets, workspace, experts.batched)
     hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
-    y_sorted = grouped_exact_gemm(hidden, experts.down, bounds, workspace)
+    y_sorted = grouped_exact_gemm(hidden, experts.down, bounds, offsets, workspace, experts.batched)
     y = torch.empty_like(y_sorted)
     y.index_copy_(0, row_ids, y_sorted)
     return ops.moe_combine(y, weights, ids)
