@@ -155,7 +155,7 @@ class CudaBackend(ReferenceBackend):
             packed_down.append(layout.repack(down_weight, self.device))
         handle = KernelExpertsHandle(ops.StackedExperts(packed_gate_up, packed_down))
         if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # auto's large prefills
-            batched = prefill_moe_exact.batched_available()
+            batched = prefill_moe_exact.batched_available(self.device)
             handle.exact = prefill_moe_exact.ExactExperts.of(handle.stacked, batched)
             if not batched:
                 self.fallbacks.report("exact MoE prefill: one batched GEMM per chunk -> one GEMM per expert",

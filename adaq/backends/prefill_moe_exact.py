@@ -138,9 +138,20 @@ def dequantize_experts(projection: ExactProjection, first: int, last: int, out: 
     return ops.nvfp4_dequantize(weight, out).view(count, n, k)
 
 
-def batched_available() -> bool:
-    """Whether torch has bmm with an fp32 output for bf16 inputs (torch >= 2.8 on CUDA): the batched form."""
-    return hasattr(torch.ops.aten.bmm, "dtype")
+_BATCHED: dict[torch.device, bool] = {}
+
+
+def batched_available(device: torch.device) -> bool:
+    """Whether torch's bmm gives an fp32 result for bf16 inputs on this device (torch >= 2.8 on CUDA), tried once
+    on a tiny product (at load: never inside a CUDA-graph capture)."""
+    device = torch.device(device)
+    if device not in _BATCHED:
+        try:
+            ones = torch.ones(1, 2, 16, dtype=torch.bfloat16, device=device)
+            _BATCHED[device] = bmm_fp32(ones, ones.transpose(1, 2)).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _BATCHED[device] = False
+    return _BATCHED[device]
 
 
 def grouped_exact_gemm(rows: torch.Tensor, projection: ExactProjection, bounds: list[int], offsets: torch.Tensor,
