@@ -14,12 +14,13 @@ sync (under --strict it stops the capture).
 
 import torch
 
-from adaq.backends import gdn_prefill, prefill_moe, prefill_route
+from adaq.backends import gdn_prefill, prefill_moe, prefill_moe_exact, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.numerics import gated_delta
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
+from adaq.formats.fp8_prefill import FP8Weight
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
 from adaq.kernels import fp8_gemm, layout, ops
 
@@ -27,7 +28,8 @@ ATTENTION_HEAD_DIMS = (64, 128, 256, 512)
 ATTENTION_GROUPS = (1, 2, 4, 8)
 ATTENTION_EXTRA_SHAPES = ((256, 6),)  # (head_dim, group) beyond the grid above: Qwen3.5-27B's 24 over 4 heads
 EXPERT_GROUP_VALUES = 1 << 26  # weights per expert-group repack (its temporaries: ~20 bytes per weight)
-PAGED_ONLY_HEAD_DIMS = (512,)  # tensor-core kernels only: pages must hold a multiple of 16 keys (the engine's 16 do)
+PAGED_ONLY_HEAD_DIMS = (512,)
+PROLOGUE_HEAD_DIMS = (64, 128, 256)  # qk_norm_rope_store's instantiations (whole-slot caches only)  # tensor-core kernels only: pages must hold a multiple of 16 keys (the engine's 16 do)
 
 
 def attention_covers(head_dim: int, heads: int, kv_heads: int) -> bool:
@@ -90,6 +92,8 @@ class CudaBackend(ReferenceBackend):
 
     # ---- linear layers ---------------------------------------------------------------------------------------
     def prepare_linear(self, weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
+        if isinstance(weight, FP8Weight):
+            return self._prepare_channel_fp8(weight, dtype)
         if not isinstance(weight, NVFP4Weight):  # dense: cuBLAS through the reference op, by design
             return super().prepare_linear(weight, dtype=dtype, role=role)
         if dtype != torch.bfloat16:
@@ -102,14 +106,32 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
+        if role == prefill_route.OUTPUT_ROLE:  # decode kernels at every M: no workspace the size of the vocabulary
+            return handle
         if prefill_route.covers(role) and prefill_route.fp8_enabled(self.device):  # expanded from the decode layout
             handle.fp8_scales = fp8_gemm.Fp8Scales.of(weight, self.device)
+            fp8_gemm.workspace(self.device, packed.out_features, packed.in_features)  # grown now, not in a prefill
         if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # workspace sized now
             handle.exact_plan = fp8_gemm.exact_plan(packed)
             fp8_gemm.reserve_dense_workspace(self.device, packed.out_features, packed.in_features)
         return handle
 
+    def _prepare_channel_fp8(self, weight: FP8Weight, dtype: torch.dtype) -> LinearHandle:
+        """An E4M3 weight with per-channel scales (--lm-head fp8): the FP8 GEMM at every M, or its reference."""
+        handle = LinearHandle(weight.out_features, weight.in_features, dtype,
+                              channel_fp8=weight.to(self.device))
+        cause = _channel_fp8_cause(weight, dtype, self.device)
+        handle.fp8_kind = None if cause else fp8_gemm.gpu_fp8_kind(self.device)
+        if cause:
+            self._fell_back("FP8 linear (per-channel E4M3)", cause)
+        return handle
+
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(handle, "fp8_kind", None) is not None and x.dtype == torch.bfloat16:
+            y = fp8_gemm.fp8_linear_e4m3(x.reshape(-1, x.shape[-1]), handle.channel_fp8.values,
+                                         handle.channel_fp8.col_scale, None if bias is None else bias.to(x.dtype),
+                                         handle.fp8_kind)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if not isinstance(handle, KernelLinearHandle):  # dense, or NVFP4 prepared for another dtype (reported)
             return super().linear(x, handle, bias)
         if x.dtype != torch.bfloat16 or not x.is_cuda:
@@ -153,6 +175,13 @@ class CudaBackend(ReferenceBackend):
         else:  # an expert's rows end inside a tile: each expert repacked alone
             handle = KernelExpertsHandle(ops.StackedExperts([self._fused_pair(pair) for pair in gate_up],
                                                             [layout.repack(w, self.device) for w in down]))
+        if prefill_route.configured_path() != "nvfp4" and fp8_gemm.exact_available():  # auto's large prefills
+            batched = prefill_moe_exact.batched_available(self.device)
+            handle.exact = prefill_moe_exact.ExactExperts.of(handle.stacked, batched)
+            if not batched:
+                self.fallbacks.report("exact MoE prefill: one batched GEMM per chunk -> one GEMM per expert",
+                                      f"torch {torch.__version__} has no bmm(out_dtype=float32)", PREFILL_SETTING)
+            fp8_gemm.reserve_dense_workspace(self.device, handle.exact.workspace_elements(), 1)
         # The grouped FP8 path (adaq.backends.prefill_moe) runs both expert projections in FP8, down included, whose
         # accuracy no real MoE checkpoint here has measured: only when asked for (--prefill-path fp8), not by
         # `auto`. It expands from the decode kernels' layout; shapes that layout cannot serve as one weight (N % 16
@@ -182,11 +211,18 @@ class CudaBackend(ReferenceBackend):
             self._fell_back("MoE experts", f"input {x.dtype} (the kernels take bf16)")
             return super().moe(x, router_logits, experts, top_k, renormalize, activation=activation,
                                expert_scale=expert_scale)
+        route = "decode" if torch.cuda.is_current_stream_capturing() else prefill_route.moe_route(x.shape[0],
+                                                                                                   x.device)
         fp8 = getattr(experts, "fp8", None)
         plain = activation == "silu" and expert_scale is None  # what the grouped FP8 path implements
-        if (fp8 is not None and plain and prefill_route.use_fp8(x.shape[0], x.device)  # prefill: grouped FP8 GEMMs
-                and not torch.cuda.is_current_stream_capturing()):
+        if route == "fp8" and fp8 is not None and plain:  # --prefill-path fp8: grouped FP8 GEMMs
             return prefill_moe.fp8_moe_forward(x, router_logits, fp8, top_k, renormalize)
+        if route == "fp8":
+            route = prefill_route.moe_route(x.shape[0], x.device, path="exact")
+        exact = getattr(experts, "exact", None)
+        if route == "exact" and exact is not None:  # prefill: grouped dequantize + cuBLAS bf16, exact
+            return prefill_moe_exact.exact_moe_forward(x, router_logits, exact, top_k, renormalize, activation,
+                                                       expert_scale)
         return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize,
                                activation, expert_scale)
 
@@ -222,6 +258,19 @@ class CudaBackend(ReferenceBackend):
         return ops.paged_attention(q, k_cache, v_cache, k_scale, v_scale, ctx.block_tables, ctx.context_lens,
                                    scale=scale, sliding_window=sliding_window, softcap=softcap, query_seq=query_seq,
                                    query_ctx=query_ctx, splits=splits, query_blocks=query_blocks)
+
+    def qk_norm_rope_store(self, q, k, v, q_weight, k_weight, eps: float, unit_offset: bool, positions, inv_freq,
+                           k_cache, v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
+        """One launch (ops.qk_norm_rope_store) where the kernel takes the tensors; else the composition of this
+        backend's own ops (each reporting its own fallback)."""
+        if not (self._kv_kernel_ok(k, k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and q.shape[-1] in PROLOGUE_HEAD_DIMS and all(_dense_heads(t) for t in (q, k, v))
+                and q.shape[-1] == k.shape[-1] == v.shape[-1] and q_weight.dtype == k_weight.dtype == torch.bfloat16
+                and inv_freq.numel() * 2 == q.shape[-1]):
+            return super().qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, unit_offset, positions, inv_freq,
+                                              k_cache, v_cache, k_scale, v_scale, slot_mapping)
+        return ops.qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, unit_offset, positions, inv_freq, k_cache,
+                                      v_cache, k_scale, v_scale, slot_mapping)
 
     @staticmethod
     def _kv_kernel_ok(x: torch.Tensor, cache: torch.Tensor | None) -> bool:
@@ -318,6 +367,25 @@ def repack_rows(weights: list[NVFP4Weight], device) -> layout.PackedNVFP4:
                          weights[0].global_scale)
     columns = torch.cat([w.global_scale.float().reshape(1).expand(w.out_features) for w in weights])
     return layout.repack(joined, device, column_global_scales=columns)
+
+
+def _channel_fp8_cause(weight: FP8Weight, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the FP8 GEMM cannot run this per-channel E4M3 weight (its reference emulation runs instead), or None."""
+    if dtype != torch.bfloat16:
+        return f"compute dtype {dtype} (the FP8 GEMM writes bf16)"
+    if weight.in_features % 16 or weight.out_features % 16:
+        return "N or K not a multiple of 16 (the FP8 GEMM's alignment)"
+    if fp8_gemm.gpu_fp8_kind(device) is None:
+        return "this GPU has no FP8 GEMM (sm_89 or sm_90 needed)"
+    if not fp8_gemm.extension_ok():
+        return f"the FP8 extension did not load ({fp8_gemm.extension_error()})"
+    return None
+
+
+def _dense_heads(x: torch.Tensor) -> bool:
+    """[T, heads, D] bf16 on the GPU whose heads lie back to back (a view of the fused qkv output is)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 3 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2])
 
 
 def _kv_cause(x: torch.Tensor, cache: torch.Tensor | None) -> str | None:

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from adaq.formats import nvfp4
+from adaq.formats import fp8_prefill, nvfp4
+from adaq.formats.fp8_prefill import FP8Weight
 from adaq.formats.nvfp4 import NVFP4Weight
 
-Weight = NVFP4Weight | torch.Tensor
+# FP8Weight: E4M3 with one scale per output channel, run W8A8 at every M (the quantized output layer, --lm-head fp8)
+Weight = NVFP4Weight | FP8Weight | torch.Tensor
 
 
 @dataclass
@@ -24,11 +26,14 @@ class LinearHandle:
     packed: NVFP4Weight | None = None  # NVFP4 weights, on the model's device
     dense: torch.Tensor | None = None  # [N, K] in `dtype`: a bf16 weight or the cached dequantized NVFP4 weight
     input_global_scale: torch.Tensor | None = None  # set only when W4A4 activations are emulated
+    channel_fp8: FP8Weight | None = None  # E4M3 per output channel: x is quantized per token (fp8_prefill)
 
     def weight(self) -> torch.Tensor:
         """The dense [N, K] weight in the compute dtype, dequantizing now if it is not cached."""
         if self.dense is not None:
             return self.dense
+        if self.channel_fp8 is not None:
+            return fp8_prefill.dequantize_expanded(self.channel_fp8, self.dtype)
         return nvfp4.dequantize(self.packed, self.dtype)
 
 
@@ -64,7 +69,7 @@ def fuse(weights: list[Weight]) -> Weight:
 
 
 def weight_shape(weight: Weight) -> tuple[int, int]:
-    if isinstance(weight, NVFP4Weight):
+    if isinstance(weight, NVFP4Weight | FP8Weight):
         return weight.out_features, weight.in_features
     return tuple(weight.shape)
 
@@ -89,11 +94,11 @@ class ExpertsHandle:
 
 
 def weight_rows(weight: Weight) -> int:
-    return weight.out_features if isinstance(weight, NVFP4Weight) else weight.shape[0]
+    return weight_shape(weight)[0]
 
 
 def weight_cols(weight: Weight) -> int:
-    return weight.in_features if isinstance(weight, NVFP4Weight) else weight.shape[1]
+    return weight_shape(weight)[1]
 
 
 def select_rows(weight: Weight, rows: torch.Tensor) -> Weight:

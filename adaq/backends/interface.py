@@ -33,6 +33,13 @@ class Backend(Protocol):
     def prepare_experts(self, gate_up: list[list[Weight]], down: list[Weight], *, dtype: torch.dtype) -> ExpertsHandle:
         """At load: per expert its [gate, up] weights ([I, K] each) and its down weight ([K, I])."""
 
+    def qk_norm_rope_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                           k_weight: torch.Tensor, eps: float, unit_offset: bool, positions: torch.Tensor,
+                           inv_freq: torch.Tensor, k_cache, v_cache, k_scale, v_scale,
+                           slot_mapping: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k, v [T, Hkv, D] -> q: rms_norm of q and k (q_weight, k_weight [D]), rotary, then store_kv
+        of k and v; exactly that composition (one kernel on the cuda backend)."""
+
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
             renormalize: bool, *, activation: str = "silu",
             expert_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,9 @@
 """
 
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -27,15 +29,38 @@ PATH_ENV = "ADAQ_PREFILL_PATH"
 MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
 EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
 EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
+MOE_EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_MOE_EXACT_MIN_TOKENS"
 PATHS = ("auto", "fp8", "exact", "nvfp4")
-MIN_TOKENS = 64  # default: FP8 GEMM from this many rows (prefill); fewer rows run the exact NVFP4 path
-# Rows from which dequantize + cuBLAS bf16 replaces the decode kernels: prefill_bench.threshold_sweep on the H100
-# (session 3, one Qwen3-8B layer, L2 flushed): the decode kernels win up to 64 rows (0.327 ms against 0.345), the
-# exact path from 96 (0.348 against 0.533). docs/KERNELS.md "Session 3".
-EXACT_MIN_TOKENS = 96
+# The rows (tokens) from which each path replaces the decode kernels, read from the JSON file that
+# `python -m adaq.bench.prefill_sweep --write-thresholds` writes from a sweep over M on the GPU (its "note" says
+# where the figures come from); the environment variables above override them (debugging, tests).
+THRESHOLDS_FILE = Path(__file__).with_name("prefill_thresholds.json")
+THRESHOLD_KEYS = ("fp8_min_tokens", "exact_min_tokens", "moe_exact_min_tokens")
+
+
+def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, int]:
+    from adaq.errors import AdaqError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        values = {key: int(data[key]) for key in THRESHOLD_KEYS}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AdaqError(f"{path}: not a prefill thresholds file ({type(error).__name__}: {error})") from None
+    if any(value < 1 for value in values.values()):
+        raise AdaqError(f"{path}: thresholds must be >= 1, got {values}")
+    return values
+
+
+_THRESHOLDS = load_thresholds()
+MIN_TOKENS = _THRESHOLDS["fp8_min_tokens"]  # FP8 GEMM from this many rows; fewer rows: exact or decode kernels
+EXACT_MIN_TOKENS = _THRESHOLDS["exact_min_tokens"]  # dequantize + cuBLAS bf16 instead of the decode kernels
+MOE_EXACT_MIN_TOKENS = _THRESHOLDS["moe_exact_min_tokens"]  # a MoE layer's exact grouped path
 # down_proj's inputs, SiLU(gate) * up, have the heaviest tails: on the real Gemma3-270M it alone costs +1.56 %
 # perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 % on 64); docs/KERNELS.md.
 DEFAULT_EXCLUDED = "down_proj"
+# The output layer (an NVFP4 lm_head, --lm-head nvfp4) runs the decode kernels at every M: the format the user chose,
+# exactly, and no prefill workspace the size of the vocabulary.
+OUTPUT_ROLE = "lm_head"
 
 
 def excluded_roles() -> set[str]:
@@ -44,7 +69,7 @@ def excluded_roles() -> set[str]:
 
 def covers(role: str | None) -> bool:
     """Whether a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj; None: unnamed) takes the FP8 path."""
-    return role not in excluded_roles()
+    return role != OUTPUT_ROLE and role not in excluded_roles()
 
 
 def select_path(path: str | None) -> None:
@@ -78,8 +103,19 @@ def gemm_kind(device: torch.device) -> str | None:
     return fp8_gemm.gpu_fp8_kind(device)
 
 
+_FP8_ENABLED: dict[tuple[str, torch.device | str], bool] = {}
+
+
 def fp8_enabled(device: torch.device) -> bool:
-    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error."""
+    """The FP8 path serves this device's large prefills: `auto` where it can, `fp8` or a clear error. Memoised per
+    (path, device): it sits on every linear's call, and the GPU and the extension do not change under a process."""
+    key = (configured_path(), device)
+    if key not in _FP8_ENABLED:
+        _FP8_ENABLED[key] = _fp8_enabled(device)
+    return _FP8_ENABLED[key]
+
+
+def _fp8_enabled(device: torch.device) -> bool:
     from adaq.errors import AdaqError
 
     path = configured_path()
@@ -128,6 +164,23 @@ def route(rows: int, device: torch.device, path: str | None = None) -> str:
     if path in ("auto", "fp8") and rows >= min_tokens() and fp8_enabled(device):
         return "fp8"
     return "exact" if rows >= exact_min_tokens() else "decode"
+
+
+def moe_exact_min_tokens() -> int:
+    return int(os.environ.get(MOE_EXACT_MIN_TOKENS_ENV, MOE_EXACT_MIN_TOKENS))
+
+
+def moe_route(tokens: int, device: torch.device, path: str | None = None) -> str:
+    """Which path runs a MoE layer of `tokens` tokens: 'fp8' (grouped FP8 GEMMs: only under --prefill-path fp8),
+    'exact' (grouped dequantize + cuBLAS bf16, adaq.backends.prefill_moe_exact: `auto`'s and `exact`'s large
+    prefills) or 'decode' (the NVFP4 grouped decode kernels). A layer without what the chosen path needs (FP8
+    operands, an activation the grouped FP8 path lacks) asks again with path='exact'."""
+    path = path or configured_path()
+    if path == "nvfp4":
+        return "decode"
+    if path == "fp8" and tokens >= min_tokens() and fp8_enabled(device):
+        return "fp8"
+    return "exact" if tokens >= moe_exact_min_tokens() else "decode"
 
 
 def describe(path: str | None = None, device: torch.device | None = None) -> str:

@@ -55,6 +55,8 @@ class ReferenceBackend:
 
     # Linear layers
     def prepare_linear(self, weight: Weight, *, dtype: torch.dtype, role: str | None = None) -> LinearHandle:
+        if isinstance(weight, fp8_prefill.FP8Weight):
+            return self._prepare_channel_fp8(weight, dtype)
         if isinstance(weight, torch.Tensor):
             dense = weight.to(device=self.device, dtype=dtype)
             return LinearHandle(dense.shape[0], dense.shape[1], dtype, dense=dense)
@@ -70,6 +72,15 @@ class ReferenceBackend:
             self._prepare_fp8(handle, packed)
         return handle
 
+    def _prepare_channel_fp8(self, weight: fp8_prefill.FP8Weight, dtype: torch.dtype) -> LinearHandle:
+        handle = LinearHandle(weight.out_features, weight.in_features, dtype, channel_fp8=weight.to(self.device))
+        handle.fp8_f32 = None
+        nbytes = handle.out_features * handle.in_features * 4
+        if self.dequant_cached_bytes + nbytes <= self.dequant_cache_bytes:
+            handle.fp8_f32 = handle.channel_fp8.values.float()
+            self.dequant_cached_bytes += nbytes
+        return handle
+
     def _prepare_fp8(self, handle: LinearHandle, packed: NVFP4Weight) -> None:
         handle.fp8 = fp8_prefill.expand_weight(packed)
         handle.fp8_f32 = None
@@ -79,6 +90,8 @@ class ReferenceBackend:
             self.dequant_cached_bytes += nbytes
 
     def linear(self, x: torch.Tensor, handle: LinearHandle, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if handle.channel_fp8 is not None:
+            return fp8_prefill.fp8_linear_reference(x, handle.channel_fp8, bias, getattr(handle, "fp8_f32", None))
         if handle.input_global_scale is not None:
             x = quantize_activation_nvfp4(x, handle.input_global_scale)
         if getattr(handle, "fp8", None) is not None and x.numel() >= self.prefill_fp8_min_tokens * x.shape[-1]:
@@ -115,6 +128,16 @@ class ReferenceBackend:
                   sliding_window: int | None = None, softcap: float | None = None, k=None, v=None) -> torch.Tensor:
         return attention.attention_reference(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                              sliding_window=sliding_window, softcap=softcap, k=k, v=v)
+
+    def qk_norm_rope_store(self, q, k, v, q_weight, k_weight, eps: float, unit_offset: bool, positions, inv_freq,
+                           k_cache, v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
+        """The attention prologue of a step with a cache: q/k RMSNorm, RoPE, K/V stored; returns q. The composition
+        of the ops below is the spec (the cuda backend runs it as one kernel)."""
+        q = self.rms_norm(q, q_weight, eps, unit_offset=unit_offset)
+        k = self.rms_norm(k, k_weight, eps, unit_offset=unit_offset)
+        q, k = self.rotary(q, k, positions, inv_freq)
+        self.store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+        return q
 
     # Element-wise ops
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, *, unit_offset: bool = False):

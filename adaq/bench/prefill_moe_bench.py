@@ -46,7 +46,8 @@ def run(tokens: tuple[int, ...] = (512, 2048, 8192), ceiling: float | None = Non
     experts, top_k, hidden, inter = shape["experts"], shape["top_k"], shape["hidden"], shape["intermediate"]
     pairs, downs, dense_pairs, dense_down = random_experts(experts, hidden, inter)
     fp8 = prefill_moe.Fp8Experts.from_weights(pairs, downs, "cuda")
-    decode = CudaBackend("cuda").prepare_experts(pairs, downs, dtype=torch.bfloat16).stacked
+    prepared = CudaBackend("cuda").prepare_experts(pairs, downs, dtype=torch.bfloat16)
+    decode, exact = prepared.stacked, getattr(prepared, "exact", None)
     bf16_backend = ReferenceBackend("cuda", dequant_cache_bytes=0)
     bf16 = bf16_backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
     device = torch.device("cuda")
@@ -71,6 +72,12 @@ def run(tokens: tuple[int, ...] = (512, 2048, 8192), ceiling: float | None = Non
         entry["bf16_reference_backend"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
         ms = prefill_bench.median_ms(lambda: ops.moe_forward(x, logits, decode, top_k, True), repeats=5)
         entry["nvfp4_decode_kernels"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9}
+        if exact is not None:  # what `auto` runs from moe_exact_min_tokens (adaq.backends.prefill_moe_exact)
+            from adaq.backends.prefill_moe_exact import exact_moe_forward
+
+            ms = prefill_bench.median_ms(lambda: exact_moe_forward(x, logits, exact, top_k, True), repeats=5)
+            entry["nvfp4_exact_grouped"] = {"ms": ms, "TFLOP/s": flop / ms / 1e9,
+                                            "tokens/s per layer": count / ms * 1e3}
         entry["speedup_vs_bf16"] = entry["bf16_reference_backend"]["ms"] / entry["fp8_total"]["ms"]
         entry["speedup_vs_nvfp4_decode"] = entry["nvfp4_decode_kernels"]["ms"] / entry["fp8_total"]["ms"]
         results["tokens"].append(entry)
@@ -138,7 +145,9 @@ def summary_lines(results: dict) -> list[str]:
             + (f", {100 * eff:.0f}% of ceiling, RTX 4090 projection {projection:.0f}" if eff else "")
             + f"; expansion {e['expand_ms']:.3f} ms) | bf16 {e['bf16_reference_backend']['ms']:.3f} ms "
             f"(x{e['speedup_vs_bf16']:.2f}) | NVFP4 decode kernels {e['nvfp4_decode_kernels']['ms']:.3f} ms "
-            f"(x{e['speedup_vs_nvfp4_decode']:.2f})")
+            f"(x{e['speedup_vs_nvfp4_decode']:.2f})"
+            + (f" | exact grouped (auto) {e['nvfp4_exact_grouped']['ms']:.3f} ms" if "nvfp4_exact_grouped" in e
+               else ""))
         if "stages_ms" in e:
             stages = ", ".join(f"{name} {ms:.3f}" for name, ms in e["stages_ms"].items())
             lines.append(f"           other stages (ms): {stages}")

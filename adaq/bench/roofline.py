@@ -9,7 +9,7 @@ Activations are left out: the figure is a lower bound, and `bytes / bandwidth` i
 
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from adaq.backends.numerics.attention import KV_CACHE_DTYPE_NAMES, kv_bytes_per_token_head
@@ -22,6 +22,7 @@ NVFP4_GLOBAL_SCALE_BYTES = 4
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
                "I64": 8, "BOOL": 1, "U16": 2, "I16": 2}
 KV_CACHE_DTYPES = KV_CACHE_DTYPE_NAMES  # fp8 (E4M3 + fp32 scale), bf16, nvfp4 (E2M1 + E4M3 / 16 + E8M0 exponent)
+LM_HEAD_FORMATS = ("bf16", "fp8", "nvfp4")  # --lm-head (adaq.engine.config.LM_HEADS)
 RTX_4090_BANDWIDTH = 1.0e12  # bytes/s (NOTES; the datasheet says 1.008 TB/s)
 
 
@@ -134,6 +135,26 @@ def _assemble(by_role: dict[str, int], config: dict, embedding_dtype_bytes: int)
         embedding_row=text["hidden_size"] * embedding_dtype_bytes, norm=by_role.get("norm", 0) + by_role.get("gdn", 0),
         num_experts=text.get("num_experts", 0) or 0, experts_per_token=text.get("num_experts_per_tok") or text.get("top_k_experts") or 0,
         tied=tied)
+
+
+# Bytes per weight the output layer reads per decode step under --lm-head (plus 4 bytes of fp32 scale per row for
+# fp8, and one fp32 global scale for nvfp4); "bf16" keeps the stored bytes.
+LM_HEAD_BYTES_PER_WEIGHT = {"fp8": 1.0, "nvfp4": 0.5 + 1 / GROUP_SIZE}
+
+
+def with_lm_head(weights: WeightBytes, config: dict, lm_head: str) -> WeightBytes:
+    """The bytes the output layer actually reads when a dense lm_head is quantized at load (--lm-head fp8 / nvfp4):
+    fp8 1 B per weight + an fp32 scale per row, nvfp4 0.5625 B + the global scale. A checkpoint whose lm_head is
+    already quantized, and bf16, keep their stored bytes."""
+    text = text_config(config)
+    rows, cols = text["vocab_size"], text["hidden_size"]
+    if lm_head == "bf16" or weights.lm_head < rows * cols * 2:
+        return weights
+    if lm_head == "fp8":
+        nbytes = rows * cols + rows * 4
+    else:
+        nbytes = nvfp4_bytes(rows, cols)
+    return replace(weights, lm_head=nbytes)
 
 
 def expected_active_experts(num_experts: int, experts_per_token: int, batch: int) -> float:

@@ -84,6 +84,7 @@ class VariantSpec:
     device: str = "cuda"
     strict: bool = False  # EngineConfig.strict: a fallback fails the variant
     device_given: bool = True  # False: the device was the default, so auto choosing the CPU is a fallback
+    lm_head: str = "bf16"  # the NVFP4 variants' output layer; baselines keep bf16
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -412,12 +413,13 @@ def build_engine(spec: VariantSpec, config: dict, source, kv_dtype: str, device:
         model=str(source.path), backend=spec.backend, kv_cache_dtype=kv_dtype, max_model_len=workload.max_len,
         max_num_seqs=max_batch, max_num_batched_tokens=engine_step_tokens(workload),
         num_kv_blocks=max_batch * blocks_per_seq, block_size=16, device=device, skip_tokenizer=True,
-        strict=spec.strict, tensor_parallel_size=spec.tensor_parallel_size)
+        strict=spec.strict, tensor_parallel_size=spec.tensor_parallel_size,
+        lm_head=spec.lm_head if is_nvfp4(spec.variant) else "bf16")
     if spec.tensor_parallel_size > 1:  # every rank makes its own source and reads its shard of it
         return LLMEngine(engine_config, model_config=config, source_factory=SourceOf(spec))
     backend = get_backend(spec.backend, device if spec.device_given else None,
                           fallbacks=Fallbacks(strict=spec.strict))
-    model = build_model(config, backend, engine_config.dtype, device)
+    model = build_model(config, backend, engine_config.dtype, device, lm_head=engine_config.lm_head)
     load_weights(model, source)
     return LLMEngine(engine_config, model=model, model_config=config)
 
@@ -435,7 +437,9 @@ def engine_label(engine, variant: str, kv_dtype: str) -> str:
         prefill = ", prefill: FP8 PATH emulated (reference backend)"
     ranks = split_tp(variant)[1]
     sharded = f", tensor parallel over {ranks} ranks" if ranks > 1 else ""
-    return f"adaq {backend} backend, {weights}, {kv_dtype} KV{graphs}{prefill}{sharded}"
+    head = engine.config.lm_head
+    output = f", {head} lm_head" if head != "bf16" else ""
+    return f"adaq {backend} backend, {weights}{output}, {kv_dtype} KV{graphs}{prefill}{sharded}"
 
 
 def model_vocab(config: dict) -> int:

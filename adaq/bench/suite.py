@@ -27,6 +27,7 @@ class BenchOptions:
     strict: bool = False  # a fallback (adaq.backends.fallbacks) fails the variant instead of being measured
     # > 1: each NVFP4 variant also runs sharded over this many GPUs (variant nvfp4-tp2, ...), beside one GPU
     tensor_parallel_size: int = 1
+    lm_head: str = "bf16"  # the NVFP4 variants' output layer (EngineConfig.lm_head); baselines keep bf16
 
     def __post_init__(self):
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -40,6 +41,8 @@ class BenchOptions:
             raise AdaqError(f"unknown baseline {unknown[0]!r} in --baselines: choose from {', '.join(BASELINES)}")
         if self.kv_cache_dtype not in roofline.KV_CACHE_DTYPES:
             raise AdaqError(f"invalid --kv-cache-dtype {self.kv_cache_dtype}: choose fp8, nvfp4 or bf16")
+        if self.lm_head not in roofline.LM_HEAD_FORMATS:
+            raise AdaqError(f"invalid --lm-head {self.lm_head}: choose one of {', '.join(roofline.LM_HEAD_FORMATS)}")
         if self.backend not in ("auto", "cuda", "reference"):
             raise AdaqError(f"invalid --backend {self.backend}: choose auto, cuda or reference")
         if self.backend == "cuda" and self.resolved_device().type != "cuda":
@@ -69,7 +72,8 @@ def run_bench(options: BenchOptions, on_variant=lambda variant: None, on_partial
     for variant in options.variants:
         on_variant(variant)
         spec = VariantSpec(variant, options.model, options.synthetic, options.workload, options.backend,
-                           options.kv_cache_dtype, str(device), options.strict, options.device is not None)
+                           options.kv_cache_dtype, str(device), options.strict, options.device is not None,
+                           options.lm_head)
         outcome = run_guarded(spec)
         add_roofline(outcome, config, options, bandwidth)
         outcomes.append(outcome)
@@ -99,8 +103,10 @@ def variant_weights(variant: str, config: dict, options: BenchOptions) -> roofli
     if is_nvfp4(variant) and not options.synthetic:
         from pathlib import Path
 
-        return roofline.checkpoint_weight_bytes(Path(options.model), config)
-    return roofline.weight_bytes(model_tensors(config), config, quantized=is_nvfp4(variant))
+        weights = roofline.checkpoint_weight_bytes(Path(options.model), config)
+    else:
+        weights = roofline.weight_bytes(model_tensors(config), config, quantized=is_nvfp4(variant))
+    return roofline.with_lm_head(weights, config, options.lm_head) if is_nvfp4(variant) else weights
 
 
 def add_roofline(outcome: VariantOutcome, config: dict, options: BenchOptions, bandwidth: float | None) -> None:
@@ -153,7 +159,7 @@ def assemble(options: BenchOptions, config: dict, environment: dict, bandwidth: 
         "workload": {**asdict(options.workload), "batches": list(options.workload.batches),
                      "backend": options.backend, "kv_cache_dtype": options.kv_cache_dtype,
                      "prefill_paths": list(options.prefill_paths), "strict": options.strict,
-                     "tensor_parallel_size": options.tensor_parallel_size},
+                     "tensor_parallel_size": options.tensor_parallel_size, "lm_head": options.lm_head},
         "on_cpu": device.type != "cuda",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rtx_4090_note": "rtx_4090_bound_tokens_per_s: the same bytes per step at the RTX 4090's 1.0 TB/s"

@@ -152,6 +152,6 @@ def synthetic_engine(name: str, config):
     source = SyntheticCheckpoint(load_model_config(name), quantized=True, device=config.device, name=name)
     device = config.device if config.device_given else None  # None: auto choosing the CPU is a fallback
     backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict))
-    model = build_model(source.config, backend, config.dtype, config.device)
+    model = build_model(source.config, backend, config.dtype, config.device, lm_head=config.lm_head)
     load_weights(model, source)
     return LLMEngine(config, model=model, model_config=source.config)

@@ -7,3 +7,5 @@ STRICT_HELP = ("Fail instead of falling back (CUDA graphs to eager, a kernel to 
                "exact, auto to the CPU): every fallback becomes a one-line error. Env: ADAQ_STRICT=1.")
 TP_HELP = ("Tensor parallelism: run the model sharded over N GPUs (cuda:0..N-1 from --device's index; gloo "
            "processes on the CPU), one process per rank started by adaq itself.")
+LM_HEAD_HELP = ("Output layer: bf16 (as the checkpoint stores it), fp8 (E4M3 per output channel, activations per token) "
+                "or nvfp4 (RTN), quantized at load: 1 or 0.56 B per weight read per decode step instead of 2.")

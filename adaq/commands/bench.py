@@ -4,7 +4,7 @@
 import typer
 from typer.core import TyperGroup
 
-from adaq.commands import STRICT_HELP
+from adaq.commands import LM_HEAD_HELP, STRICT_HELP
 from adaq.errors import AdaqError
 
 
@@ -66,6 +66,7 @@ def bench(
     input_len: int = typer.Option(128, help="prompt tokens per request"),
     output_len: int = typer.Option(256, help="generated tokens per request (EOS ignored)"),
     kv_cache_dtype: str = typer.Option("fp8", help="KV cache of the NVFP4 variant: fp8, nvfp4 or bf16 (baselines: bf16)"),
+    lm_head: str = typer.Option("bf16", "--lm-head", help=LM_HEAD_HELP + " NVFP4 variants only (baselines: bf16)."),
     repeats: int = typer.Option(3, help="timed runs per batch size after one warm-up; figures are medians"),
     baselines: str = typer.Option("bf16,hf", help="comma-separated: bf16 (our engine, bf16 weights, cuBLAS), "
                                                   "hf (transformers generate, static cache), or none"),
@@ -104,7 +105,7 @@ def bench(
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
                            backend, kv_cache_dtype, device, parse_baselines(prefill_path), strict,
-                           tensor_parallel_size)
+                           tensor_parallel_size, lm_head)
     errors = Console(stderr=True)
     partial = (lambda report: bench_report.write_json(report, json_path)) if json_path else (lambda report: None)
     with errors.status("measuring copy bandwidth") as status:

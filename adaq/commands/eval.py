@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaq.commands import STRICT_HELP, TP_HELP
+from adaq.commands import LM_HEAD_HELP, STRICT_HELP, TP_HELP
 from adaq.errors import AdaqError
 
 app = typer.Typer(help="Accuracy of a checkpoint next to its baseline: MMLU-Pro (lm-eval) and perplexity, offline.",
@@ -29,6 +29,11 @@ def _label(source: str) -> str:
         scheme = open_checkpoint(path).scheme
         return scheme or "bf16"
     return "bf16"
+
+
+def _settings_for(label: str, settings: dict, lm_head: str | None) -> dict:
+    """--lm-head applies to the checkpoint under test, never to the baseline it is compared with."""
+    return settings if label == "baseline" else {**settings, "lm_head": lm_head}
 
 
 def _labels(checkpoint: str, baseline: str | None) -> list[tuple[str, str]]:
@@ -98,6 +103,7 @@ def mmlu_pro(
     runner: str = typer.Option("engine", help=RUNNER_HELP),
     backend: str = typer.Option(None, help="engine backend: auto, reference, cuda"),
     kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8, nvfp4 or bf16"),
+    lm_head: str = typer.Option(None, "--lm-head", help=LM_HEAD_HELP + " Not applied to --baseline."),
     dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     max_model_len: int = typer.Option(None, help="context length for the engine"),
     batch_size: int = typer.Option(64, help="requests handed to the engine at once"),
@@ -124,7 +130,8 @@ def mmlu_pro(
                      categories=[c for c in categories.split(",") if c.strip()] if categories else None,
                      chunk_size=chunk_size)
     settings = _engine_settings(backend, kv_cache_dtype, dtype, max_model_len, strict, tensor_parallel_size)
-    models = [ModelUnderTest(label, source, _lm_factory(source, runner, batch_size, settings))
+    models = [ModelUnderTest(label, source, _lm_factory(source, runner, batch_size,
+                                                        _settings_for(label, settings, lm_head)))
               for label, source in _labels(checkpoint, baseline)]
     started = time.perf_counter()
     with _progress() as progress:
@@ -154,6 +161,7 @@ def ppl(
     runner: str = typer.Option("engine", help=RUNNER_HELP),
     backend: str = typer.Option(None, help="engine backend: auto, reference, cuda"),
     kv_cache_dtype: str = typer.Option(None, help="engine KV cache: fp8, nvfp4 or bf16"),
+    lm_head: str = typer.Option(None, "--lm-head", help=LM_HEAD_HELP + " Not applied to --baseline."),
     dtype: str = typer.Option(None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     batch_size: int = typer.Option(8, help="windows handed to the engine at once"),
     strict: bool = typer.Option(False, "--strict", envvar="ADAQ_STRICT", help=STRICT_HELP),
@@ -178,7 +186,7 @@ def ppl(
     results = {}
     with _progress() as progress:
         for label, source in _labels(checkpoint, baseline):
-            scorer = load_scorer(source, runner=runner, **settings)
+            scorer = load_scorer(source, runner=runner, **_settings_for(label, settings, lm_head))
             total = len(make_windows(scorer.tokenizer, body, window, max_windows))
             bar = progress.add_task(f"perplexity {label}", total=total)
             results[label] = (source, perplexity(scorer, body, window, max_windows, batch_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
-from adaq.commands import STRICT_HELP, TP_HELP
+from adaq.commands import LM_HEAD_HELP, STRICT_HELP, TP_HELP
 
 SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}  # llama.cpp's defaults
 # The demo's decode on a busy 2-core CPU, median tok/s: 4.9 with 1 thread, 3.1 with torch's default (2), 0.87 with
@@ -28,6 +28,7 @@ def run(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
     kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales), nvfp4 (E2M1 + E4M3 per 16, 0.57 B/value) or bf16."),
     backend: str = typer.Option("auto", help="auto (cuda when a GPU and the kernels are there), cuda, reference."),
+    lm_head: str = typer.Option("bf16", "--lm-head", help=LM_HEAD_HELP),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size, e.g. 2GiB."),
@@ -62,7 +63,8 @@ def run(
     _set_threads(threads)
     with console.status(f"loading {checkpoint}"):
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, run runs
-        llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+        llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head,
+                  max_model_len=max_model_len,
                   max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
                   kv_cache_memory=kv_cache_memory, window_kv=window_kv, strict=strict,
                   tensor_parallel_size=tensor_parallel_size)
@@ -180,6 +182,7 @@ def _figures(llm, output) -> dict:
         "device": torch.cuda.get_device_name() if on_gpu else "CPU",
         "backend": llm.engine.runner.model.backend.name if hasattr(llm.engine.runner.model, "backend") else None,
         "kv_cache_dtype": llm.engine.config.kv_cache_dtype,
+        "lm_head": llm.engine.config.lm_head,
         "kv_cache_bytes": llm.engine.runner.kv_cache_bytes,
         "cuda_graphs": llm.engine.runner.decode_graphs is not None,
         "fallbacks": llm.engine.fallbacks.as_dicts(),

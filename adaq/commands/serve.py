@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from adaq.commands import PREFILL_PATH_HELP as PATH_HELP
-from adaq.commands import STRICT_HELP, TP_HELP
+from adaq.commands import LM_HEAD_HELP, STRICT_HELP, TP_HELP
 from adaq.engine.chat import DEFAULT_TIMEOUT_S
 
 API_KEY_ENV = "ADAQ_API_KEY"
@@ -35,6 +35,7 @@ def serve(
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),
     kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales), nvfp4 (E2M1 + E4M3 per 16, 0.57 B/value) or bf16."),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size on CPU, e.g. 2GiB."),
+    lm_head: str = typer.Option("bf16", "--lm-head", help=LM_HEAD_HELP),
     backend: str = typer.Option("auto", help="auto (cuda when a GPU and the kernels are there), cuda, reference."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     dtype: str | None = typer.Option(None, help="Compute dtype: bf16, fp16, fp32 (default bf16 GPU, fp32 CPU)."),
@@ -92,7 +93,8 @@ def serve(
     if not api_key and not is_loopback(host):
         console.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use "
                       f"the model", style="yellow", soft_wrap=True)
-    config = EngineConfig(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+    config = EngineConfig(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head,
+                          max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
                           enable_prefix_caching=prefix_caching, dtype=dtype, device=device, strict=strict,

@@ -20,8 +20,10 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1, **settings):
-        config = EngineConfig(path, backend=backend, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1, lm_head: str = "bf16",
+                 **settings):
+        config = EngineConfig(path, backend=backend, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head,
+                              max_model_len=max_model_len,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
                               enable_prefix_caching=enable_prefix_caching,

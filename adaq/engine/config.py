@@ -13,6 +13,7 @@ KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "nvfp4": 
 MODEL_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                 "fp32": torch.float32, "float32": torch.float32}
 BACKENDS = ("auto", "reference", "cuda")
+LM_HEADS = ("bf16", "fp8", "nvfp4")  # adaq.layers.embedding.LM_HEAD_FORMATS (a test keeps them equal)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -22,6 +23,9 @@ class EngineConfig:
     model: str | Path
     backend: str = "auto"
     kv_cache_dtype: str = "fp8"
+    # The output layer: bf16 (as stored; llm-compressor keeps lm_head), or quantized at load to fp8 (E4M3 per output
+    # channel, activations per token) or nvfp4 (RTN): fewer bytes per decode step, some accuracy (docs/KERNELS.md).
+    lm_head: str = "bf16"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int | None = None  # None: 256 on GPU, 32 on CPU
     max_num_batched_tokens: int | None = None  # None: 8192 on GPU, 2048 on CPU
@@ -70,6 +74,7 @@ class EngineConfig:
         _require(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv-cache-dtype", self.kv_cache_dtype,
                  f"one of {', '.join(KV_CACHE_DTYPES)}")
+        _require(self.lm_head in LM_HEADS, "lm-head", self.lm_head, f"one of {', '.join(LM_HEADS)}")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max-model-len", self.max_model_len, ">= 1")
         _require(self.max_num_seqs >= 1, "max-num-seqs", self.max_num_seqs, ">= 1")
         _require(self.max_num_batched_tokens >= 1, "max-num-batched-tokens", self.max_num_batched_tokens, ">= 1")

@@ -409,7 +409,7 @@ def load_model(model_config: dict, config: EngineConfig, tp=None, source_factory
     device = config.device if config.device_given or tp is not None else None
     options = {} if tp is None else {"tp": tp}
     backend = get_backend(config.backend, device, fallbacks=Fallbacks(strict=config.strict), **options)
-    model = build_model(model_config, backend, config.dtype, config.device)
+    model = build_model(model_config, backend, config.dtype, config.device, lm_head=config.lm_head)
     load_weights(model, source)
     return model
 

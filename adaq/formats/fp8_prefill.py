@@ -49,6 +49,20 @@ class FP8Weight:
     values: torch.Tensor  # float8_e4m3fn [N, K]
     col_scale: torch.Tensor  # float32 [N]
 
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.values.shape[1]
+
+    def to(self, device: torch.device | str) -> "FP8Weight":
+        return FP8Weight(self.values.to(device), self.col_scale.to(device))
+
+    def nbytes(self) -> int:
+        return self.values.numel() + self.col_scale.numel() * 4
+
 
 def channel_scales(w: NVFP4Weight, global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_mul fp32 [N] = 64 / c[n], col_scale fp32 [N]); `global_scale` overrides the weight's (a [N] tensor: one
@@ -111,3 +125,13 @@ def exact_linear_reference(x: torch.Tensor, w: NVFP4Weight, bias: torch.Tensor |
     alpha = (1.0 / w.global_scale.float().reshape(1)).to(x.device)
     y = ((x.float() @ unscaled_weight(w).to(x.device).T) * alpha).to(x.dtype)
     return y if bias is None else y + bias
+
+
+def quantize_per_channel(weight: torch.Tensor) -> FP8Weight:
+    """A dense [N, K] weight -> E4M3 values with one fp32 scale per output channel (a quantized output layer):
+    `col_scale[n] = max(amax(|W[n]|) / 448, 1e-12)` in fp32, `values = e4m3(W / col_scale[n])` (IEEE division,
+    RNE). Multiplied by `fp8_linear_reference` / the FP8 GEMM like any expanded weight."""
+    wf = weight.float()
+    col_scale = (wf.abs().amax(dim=1) / E4M3_MAX).clamp(min=MIN_ROW_SCALE)
+    values = (wf / col_scale.unsqueeze(1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return FP8Weight(values, col_scale)

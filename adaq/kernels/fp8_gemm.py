@@ -136,7 +136,9 @@ _WORKSPACES: dict[torch.device, Fp8Workspace] = {}
 
 
 def workspace(device: torch.device, n: int, k: int) -> Fp8Workspace:
-    """Grows only when a larger layer appears (at warm-up), never inside a captured graph."""
+    """Grows only when a larger layer appears (the cuda backend reserves it at load), never inside a captured graph.
+    Keyed by the device with its index, so `cuda` (the backend's) and `cuda:0` (a tensor's) share one buffer."""
+    device = _key(device)
     current = _WORKSPACES.get(device)
     if current is None or current.values.numel() < n * k or current.col_scale.numel() < n:
         size = max(n * k, 0 if current is None else current.values.numel())
@@ -208,6 +210,13 @@ def fp8_linear_packed(x: torch.Tensor, packed, scales: Fp8Scales, bias: torch.Te
     n, k = packed.out_features, packed.in_features
     w8 = ops.nvfp4_expand_e4m3(packed, scales.row_mul, workspace(x.device, n, k).values)
     return _fp8_gemm(x, w8, scales.col_scale, bias, kind)
+
+
+def fp8_linear_e4m3(x: torch.Tensor, values: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                    kind: str | None = None) -> torch.Tensor:
+    """bf16 x [M,K] times a weight already in E4M3 with per-channel scales (a quantized output layer): x quantized
+    per token, the FP8 GEMM, its epilogue (adaq.formats.fp8_prefill.fp8_linear_reference)."""
+    return _fp8_gemm(x, values, col_scale, bias, kind)
 
 
 def _fp8_gemm(x: torch.Tensor, w8: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -82,6 +82,16 @@ def store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:
     ext().store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping.long())
 
 
+def qk_norm_rope_store(q, k, v, q_weight, k_weight, eps: float, unit_offset: bool, positions, inv_freq, k_cache,
+                       v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
+    """The decode prologue in one launch (csrc/attention.cu qk_norm_rope_store_kernel): q/k RMSNorm, RoPE, K/V into
+    the cache (bf16, FP8 or NVFP4; slot -1 skipped); returns the queries [T, H, D]. q, k, v: [T, heads, D] views with
+    dense heads (the fused qkv output's)."""
+    return ext().qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, unit_offset, positions.long(),
+                                    inv_freq.float().contiguous(), k_cache, v_cache, k_scale, v_scale,
+                                    slot_mapping.long())
+
+
 def kv_format(fp8: bool, nvfp4: bool = False) -> int:
     """The kernels' cache format code: 0 bf16, 1 FP8, 2 NVFP4 (csrc/attention.cu KvFormat)."""
     return 2 if nvfp4 else int(bool(fp8))

@@ -33,16 +33,33 @@ class PagedAttention(nn.Module):
         self.v_scale: torch.Tensor | None = None
         self.in_sliding_pool = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    @property
+    def has_cache(self) -> bool:
+        return self.k_cache is not None and self.k_cache.numel() > 0
+
+    def context(self):
         ctx = get_context()
-        if self.in_sliding_pool:
-            ctx = ctx.for_sliding_pool()
-        has_cache = self.k_cache is not None and self.k_cache.numel() > 0
+        return ctx.for_sliding_pool() if self.in_sliding_pool else ctx
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = self.context()
+        has_cache = self.has_cache
         if has_cache:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, ctx.slot_mapping)
         caches = (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if has_cache else (None,) * 4
         return self.backend.attention(q, *caches, ctx, scale=self.scale, sliding_window=self.sliding_window,
                                       softcap=self.softcap, k=k, v=v)
+
+    def forward_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                         positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Raw q [T, H, D], k and v [T, Hkv, D] (a cache must be set): q/k RMSNorm, RoPE and the K/V store as one
+        backend op (one launch on the cuda backend instead of four), then attention over the cache."""
+        ctx = self.context()
+        q = self.backend.qk_norm_rope_store(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, q_norm.unit_offset,
+                                            positions, inv_freq, self.k_cache, self.v_cache, self.k_scale,
+                                            self.v_scale, ctx.slot_mapping)
+        return self.backend.attention(q, self.k_cache, self.v_cache, self.k_scale, self.v_scale, ctx,
+                                      scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap)
 
 
 class SelfAttention(nn.Module):
@@ -103,6 +120,11 @@ class SelfAttention(nn.Module):
         tokens = hidden.shape[0]
         q, k, *v = self.qkv_proj(hidden).split(self.qkv_proj.out_sizes, dim=-1)
         v = (v[0] if v else k).reshape(tokens, self.num_kv_heads, self.head_dim)
+        if self.v_norm is None and self.attn.has_cache and self.q_norm.eps == self.k_norm.eps:
+            out = self.attn.forward_prologue(q.reshape(tokens, self.num_heads, self.head_dim),
+                                             k.reshape(tokens, self.num_kv_heads, self.head_dim), v, self.q_norm,
+                                             self.k_norm, positions, self.inv_freq)
+            return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
         q = self.q_norm(q.reshape(tokens, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim))
         if self.v_norm is not None:

@@ -11,7 +11,14 @@ from torch import nn
 
 from adaq.backends.interface import Backend
 from adaq.backends.handles import Weight
+from adaq.formats import fp8_prefill, nvfp4
+from adaq.formats.fp8_prefill import FP8Weight
+from adaq.formats.nvfp4 import NVFP4Weight
 from adaq.layers.linear import Linear
+
+# How a dense output layer runs (--lm-head): as stored (bf16, what llm-compressor writes), or quantized at load.
+LM_HEAD_FORMATS = ("bf16", "fp8", "nvfp4")
+QUANTIZE_ROWS = 16384  # rows quantized at a time: the fp32 temporaries of a 150k x 4k vocabulary stay small
 
 
 class Embedding(nn.Module):
@@ -61,10 +68,15 @@ class LMHead(nn.Module):
         self.tp = backend.tp
         self.vocab_size = vocab_size
         start, stop, self.share = self.tp.padded_split(vocab_size)
-        self.linear = Linear(backend, hidden_size, stop - start)
+        self.linear = Linear(backend, hidden_size, stop - start, role="lm_head")
         self.softcap = softcap
+        self.weight_format = "bf16"  # LM_HEAD_FORMATS; set by build_model before load
 
     def load(self, weight: Weight, dtype: torch.dtype) -> None:
+        """A dense weight (a tied embedding included: the embedding keeps its own copy) is quantized here when
+        `weight_format` asks; a checkpoint's quantized lm_head runs as stored."""
+        if isinstance(weight, torch.Tensor) and self.weight_format != "bf16":
+            weight = quantize_output_layer(weight.to(self.linear.backend.device), self.weight_format)
         self.linear.load(weight, dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -74,3 +86,22 @@ class LMHead(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def quantize_output_layer(weight: torch.Tensor, weight_format: str) -> NVFP4Weight | FP8Weight:
+    """RTN NVFP4 (one global scale from the whole tensor, adaq.formats.nvfp4.quantize) or E4M3 per output channel
+    (adaq.formats.fp8_prefill.quantize_per_channel), computed a slab of rows at a time."""
+    from adaq.errors import AdaqError
+
+    if weight.shape[1] % nvfp4.GROUP_SIZE:
+        raise AdaqError(f"--lm-head {weight_format} needs the hidden size to be a multiple of {nvfp4.GROUP_SIZE}, "
+                        f"got {weight.shape[1]}")
+    slabs = weight.split(QUANTIZE_ROWS)
+    if weight_format == "fp8":
+        parts = [fp8_prefill.quantize_per_channel(slab) for slab in slabs]
+        return FP8Weight(torch.cat([p.values for p in parts]), torch.cat([p.col_scale for p in parts]))
+    if weight_format != "nvfp4":
+        raise AdaqError(f"invalid --lm-head {weight_format}: choose one of {', '.join(LM_HEAD_FORMATS)}")
+    global_scale = nvfp4.global_scale_from_amax(nvfp4.tensor_amax(weight))
+    parts = [nvfp4.quantize(slab, global_scale) for slab in slabs]
+    return NVFP4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.block_scale for p in parts]), global_scale)

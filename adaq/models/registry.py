@@ -7,6 +7,7 @@ import torch
 
 from adaq.errors import AdaqError
 from adaq.formats.architectures import SUPPORTED_ARCHITECTURES, architecture_of
+from adaq.layers.embedding import LM_HEAD_FORMATS
 from adaq.models.base import CausalLM, WeightReader
 from adaq.models.gemma3 import Gemma3ForCausalLM
 from adaq.models.gemma4 import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
@@ -50,16 +51,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build_model(config: dict, backend, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+def build_model(config: dict, backend, dtype: torch.dtype | None = None, device=None,
+                lm_head: str = "bf16") -> CausalLM:
     """An empty model (no weights yet) for config.json's architecture; compute dtype defaults to bf16 on a GPU
-    and fp32 on the CPU. `device` must agree with the backend's (the backend places every tensor)."""
+    and fp32 on the CPU. `device` must agree with the backend's (the backend places every tensor). `lm_head`
+    (adaq.layers.embedding.LM_HEAD_FORMATS): how a dense output layer runs, quantized at load when not bf16."""
     if device is not None and torch.device(device).type != backend.device.type:
         raise AdaqError(f"device {device} differs from the backend's device {backend.device}")
+    if lm_head not in LM_HEAD_FORMATS:
+        raise AdaqError(f"invalid --lm-head {lm_head}: choose one of {', '.join(LM_HEAD_FORMATS)}")
     architecture = architecture_of(config)
     if architecture in VISION_TOWER_IGNORED:
         warnings.warn(f"{architecture}: running its text model; the vision tower's weights are ignored", stacklevel=2)
     model_class = MODEL_CLASSES[architecture]
     model = model_class(text_config(config), backend, dtype or default_dtype(backend.device))
+    model.lm_head.weight_format = lm_head
     return model.eval()
 
 

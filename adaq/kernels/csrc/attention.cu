@@ -24,9 +24,42 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kAttnThreads = 128;
 
 // ---- KV store ------------------------------------------------------------------------------------------------
+//
+// One warp per (token, KV head, K-or-V) row of D values, D/32 per lane (lane L holds values L*D/32 ..), in fp32
+// registers; `store_row_*` write the bytes the reference writes (adaq.backends.numerics.attention), bit for bit:
+// the store kernels below and the fused decode prologue (qk_norm_rope_store_kernel) share them.
 
-// One warp per (token, kv head, K-or-V): amax by warp reduction, then e4m3(x / s) with IEEE division as the
-// reference computes it (no reciprocal multiply: the stored bytes match the reference bit for bit).
+// bf16 cache: the values as they are (each x[i] is a bf16 value widened, so the rounding is exact).
+template <int D>
+__device__ __forceinline__ void store_row_bf16(const float (&x)[D / 32], __nv_bfloat16* __restrict__ cache,
+                                               long long row, int lane) {
+  __nv_bfloat16* dst = cache + row * D + lane * (D / 32);
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) dst[i] = __float2bfloat16_rn(x[i]);
+}
+
+// FP8 cache: amax by warp reduction, then e4m3(x / s) with IEEE division as the reference computes it (no
+// reciprocal multiply: the stored bytes match the reference bit for bit); s to the fp32 scale tensor.
+template <int D>
+__device__ __forceinline__ void store_row_fp8(const float (&x)[D / 32], uint8_t* __restrict__ cache,
+                                              float* __restrict__ scale, long long row, long long scale_at,
+                                              int lane) {
+  constexpr int kPerLane = D / 32;
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) amax = fmaxf(amax, fabsf(x[i]));
+  amax = warp_max(amax);
+  const float s = fmaxf(amax / 448.f, 1e-12f);
+  uint8_t* dst = cache + row * D + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; i += 2) {
+    const uint16_t two = static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i], s))) |
+                         static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i + 1], s)) << 8);
+    *reinterpret_cast<uint16_t*>(dst + i) = two;
+  }
+  if (lane == 0) scale[scale_at] = s;
+}
+
 template <int D, bool FP8>
 __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
                                 long long k_tok_stride, long long v_tok_stride,  // elements between tokens
@@ -45,27 +78,12 @@ __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_
   float x[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) x[i] = __bfloat162float(src[i]);
-  const long long row = (slot * slot_rows + h) * D;  // first element of this (token, head) in the cache
-  const long long scale_at = slot * scale_stride + h;
-  if constexpr (FP8) {
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) amax = fmaxf(amax, fabsf(x[i]));
-    amax = warp_max(amax);
-    const float s = fmaxf(amax / 448.f, 1e-12f);
-    uint8_t* dst = static_cast<uint8_t*>(which ? v_cache : k_cache) + row + lane * kPerLane;
-#pragma unroll
-    for (int i = 0; i < kPerLane; i += 2) {
-      const uint16_t two = static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i], s))) |
-                           static_cast<uint16_t>(float_to_e4m3_exact(__fdiv_rn(x[i + 1], s)) << 8);
-      *reinterpret_cast<uint16_t*>(dst + i) = two;
-    }
-    if (lane == 0) (which ? v_scale : k_scale)[scale_at] = s;
-  } else {
-    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(which ? v_cache : k_cache) + row + lane * kPerLane;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) dst[i] = src[i];
-  }
+  const long long row = slot * slot_rows + h;  // this (token, head)'s row; slots may be wider than kv_heads rows
+  if constexpr (FP8)
+    store_row_fp8<D>(x, static_cast<uint8_t*>(which ? v_cache : k_cache), which ? v_scale : k_scale, row,
+                     slot * scale_stride + h, lane);
+  else
+    store_row_bf16<D>(x, static_cast<__nv_bfloat16*>(which ? v_cache : k_cache), row, lane);
 }
 
 int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
@@ -122,29 +140,15 @@ __device__ __forceinline__ int nvfp4_kv_exponent(float amax) {
 }
 
 template <int D>
-__global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
-                                      long long k_tok_stride, long long v_tok_stride,  // elements between tokens
-                                      uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,  // rows
-                                      uint8_t* __restrict__ k_exp, uint8_t* __restrict__ v_exp,  // [slot, Hkv]
-                                      const long long* __restrict__ slots, int tokens, int kv_heads,
-                                      int slot_rows, int scale_stride) {  // rows / exponents between slots
+__device__ __forceinline__ void store_row_nvfp4(const float (&x)[D / 32], uint8_t* __restrict__ cache,
+                                                uint8_t* __restrict__ exps, long long row, long long exp_at,
+                                                int lane) {
   constexpr int kPerLane = D / 32;          // 2, 4, 8, 16 values: 1, 2, 4, 8 packed bytes
   constexpr int kBlockLanes = 16 / kPerLane;  // lanes of one 16-value block: 8, 4, 2, 1
   constexpr int kRow = D / 2 + D / 16;
-  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-  const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
-  const int t = pair / kv_heads, h = pair % kv_heads;
-  if (t >= tokens) return;
-  const long long slot = slots[t];
-  if (slot < 0) return;
-  const __nv_bfloat16* src = (which ? v + t * v_tok_stride : k + t * k_tok_stride) + h * D + lane * kPerLane;
-  float x[kPerLane];
   float bmax = 0.f;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    x[i] = __bfloat162float(src[i]);
-    bmax = fmaxf(bmax, fabsf(x[i]));
-  }
+  for (int i = 0; i < kPerLane; ++i) bmax = fmaxf(bmax, fabsf(x[i]));
   const int e = nvfp4_kv_exponent(warp_max(bmax));
 #pragma unroll
   for (int o = 1; o < kBlockLanes; o <<= 1) bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, o));
@@ -156,7 +160,7 @@ __global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i)
     packed |= static_cast<unsigned long long>(e2m1_encode(__fdiv_rn(x[i], step))) << (4 * i);
-  uint8_t* dst = (which ? v_cache : k_cache) + (slot * slot_rows + h) * kRow;
+  uint8_t* dst = cache + row * kRow;
   if constexpr (kPerLane == 2) {
     dst[lane] = static_cast<uint8_t>(packed);
   } else if constexpr (kPerLane == 4) {
@@ -168,7 +172,29 @@ __global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const
         make_uint2(static_cast<uint32_t>(packed), static_cast<uint32_t>(packed >> 32));
   }
   if (lane % kBlockLanes == 0) dst[D / 2 + lane / kBlockLanes] = sbyte;
-  if (lane == 0) (which ? v_exp : k_exp)[slot * scale_stride + h] = static_cast<uint8_t>(e + 127);
+  if (lane == 0) exps[exp_at] = static_cast<uint8_t>(e + 127);
+}
+
+template <int D>
+__global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+                                      long long k_tok_stride, long long v_tok_stride,  // elements between tokens
+                                      uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,  // rows
+                                      uint8_t* __restrict__ k_exp, uint8_t* __restrict__ v_exp,  // [slot, Hkv]
+                                      const long long* __restrict__ slots, int tokens, int kv_heads,
+                                      int slot_rows, int scale_stride) {  // rows / exponents between slots
+  constexpr int kPerLane = D / 32;
+  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+  const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
+  const int t = pair / kv_heads, h = pair % kv_heads;
+  if (t >= tokens) return;
+  const long long slot = slots[t];
+  if (slot < 0) return;
+  const __nv_bfloat16* src = (which ? v + t * v_tok_stride : k + t * k_tok_stride) + h * D + lane * kPerLane;
+  float x[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) x[i] = __bfloat162float(src[i]);
+  store_row_nvfp4<D>(x, which ? v_cache : k_cache, which ? v_exp : k_exp, slot * slot_rows + h,
+                     slot * scale_stride + h, lane);
 }
 
 int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
@@ -189,6 +215,131 @@ int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_t
   ADAQ_STORE_NV4(256)
   ADAQ_STORE_NV4(512)
 #undef ADAQ_STORE_NV4
+  return kUnsupportedShape;
+}
+
+// ---- Fused decode prologue: q/k RMSNorm + RoPE + KV store in one launch -----------------------------------------
+//
+// A decode step's attention prologue was four launches per layer (q norm, k norm, RoPE, KV store), each a few us of
+// fixed cost on a few KB of data. Here one warp per (token, head slot): slots [0, H) are query heads (norm with
+// q_weight, RoPE, written to q_out), [H, H + Hkv) key heads (norm with k_weight, RoPE, stored to the K cache),
+// [H + Hkv, H + 2 Hkv) value heads (stored as they are). Lane L holds values [L * D/32, (L + 1) * D/32) in fp32
+// registers; the RoPE partner of value j (j + D/2, rotate-half) sits in lane L + 16 at the same offset, one shuffle
+// away, so a row is read once and never goes through memory between the three steps. Rounding is the reference
+// composition's, op after op: rms_norm (fp32, bf16 rounding in the model's order: elementwise.cu normalize8), RoPE
+// (cos/sin of the fp32 angle rounded to bf16, each product and the sum rounded to bf16: elementwise.cu
+// rotary_kernel), then the cache format's store (store_row_*). Only the order of the sum of squares differs from
+// torch's mean (fp32), as for the RMSNorm kernels. Padded rows (slot -1) store nothing; their queries are computed.
+
+// The warp's row (D/32 values per lane) RMS-normalised and weighted, rounded to bf16 as the reference rounds it.
+template <int D, bool UNIT_OFFSET>
+__device__ __forceinline__ void rms_norm_row(float (&x)[D / 32], const __nv_bfloat16* __restrict__ w, float eps,
+                                             int lane) {
+  constexpr int kPerLane = D / 32;
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) sq = fmaf(x[i], x[i], sq);
+  const float inv = rsqrtf(warp_sum(sq) / D + eps);
+  auto bf16 = [](float v) { return __bfloat162float(__float2bfloat16_rn(v)); };
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const float normed = x[i] * inv, weight = __bfloat162float(w[lane * kPerLane + i]);
+    x[i] = UNIT_OFFSET ? bf16(normed * (1.f + weight)) : bf16(weight * bf16(normed));
+  }
+}
+
+// Rotate-half RoPE of the warp's row at `position`: lanes 0-15 hold the first half (x1), lanes 16-31 the second (x2).
+template <int D>
+__device__ __forceinline__ void rope_row(float (&x)[D / 32], long long position, const float* __restrict__ inv_freq,
+                                         int lane) {
+  constexpr int kPerLane = D / 32;
+  auto bf16 = [](float v) { return __bfloat162float(__float2bfloat16_rn(v)); };
+  const bool second = lane >= 16;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const float partner = __shfl_xor_sync(0xffffffffu, x[i], 16);
+    const float angle = static_cast<float>(position) * inv_freq[(lane & 15) * kPerLane + i];
+    const float c = bf16(cosf(angle)), s = bf16(sinf(angle));
+    x[i] = second ? bf16(bf16(x[i] * c) + bf16(partner * s))     // x2 c + x1 s
+                  : bf16(bf16(x[i] * c) + bf16(-partner * s));   // x1 c - x2 s
+  }
+}
+
+template <int D, int FORMAT, bool UNIT_OFFSET>  // FORMAT: the cache's KvFormat (0 bf16, 1 FP8, 2 NVFP4)
+__global__ void qk_norm_rope_store_kernel(
+    const __nv_bfloat16* __restrict__ q, long long q_tok_stride,  // [T, H, D], dense heads; elements between tokens
+    const __nv_bfloat16* __restrict__ k, long long k_tok_stride,  // [T, Hkv, D]
+    const __nv_bfloat16* __restrict__ v, long long v_tok_stride,  // [T, Hkv, D]
+    const __nv_bfloat16* __restrict__ q_weight,                   // [D] q_norm weight
+    const __nv_bfloat16* __restrict__ k_weight,                   // [D] k_norm weight
+    float eps,                                                    // RMSNorm epsilon
+    const long long* __restrict__ positions,                      // [T] token positions
+    const float* __restrict__ inv_freq,                           // [D/2] RoPE inverse frequencies
+    __nv_bfloat16* __restrict__ q_out,                            // [T, H, D] contiguous: normed, rotated queries
+    void* __restrict__ k_cache, void* __restrict__ v_cache,       // this layer's cache rows (FORMAT)
+    void* __restrict__ k_scale, void* __restrict__ v_scale,       // fp32 scales (FP8) or uint8 exponents (NVFP4)
+    const long long* __restrict__ slots,                          // [T] cache slot per token, -1 = skip
+    int tokens, int heads, int kv_heads) {
+  constexpr int kPerLane = D / 32;
+  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+  const int per_token = heads + 2 * kv_heads;
+  const int t = warp_global / per_token, head_slot = warp_global % per_token;
+  if (t >= tokens) return;
+  const int kind = head_slot < heads ? 0 : (head_slot < heads + kv_heads ? 1 : 2);  // q, k, v (warp-uniform)
+  const int h = head_slot - (kind == 0 ? 0 : (kind == 1 ? heads : heads + kv_heads));
+  const long long slot = slots[t];
+  if (kind != 0 && slot < 0) return;
+  const __nv_bfloat16* src = (kind == 0 ? q + t * q_tok_stride : kind == 1 ? k + t * k_tok_stride
+                                                                           : v + t * v_tok_stride) + h * D;
+  float x[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) x[i] = __bfloat162float(src[lane * kPerLane + i]);
+  if (kind != 2) {
+    rms_norm_row<D, UNIT_OFFSET>(x, kind == 0 ? q_weight : k_weight, eps, lane);
+    rope_row<D>(x, positions[t], inv_freq, lane);
+  }
+  if (kind == 0) {
+    __nv_bfloat16* dst = q_out + (static_cast<long long>(t) * heads + h) * D + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[i] = __float2bfloat16_rn(x[i]);
+    return;
+  }
+  const long long row = slot * kv_heads + h;
+  void* cache = kind == 1 ? k_cache : v_cache;
+  void* scale = kind == 1 ? k_scale : v_scale;
+  if constexpr (FORMAT == 0) store_row_bf16<D>(x, static_cast<__nv_bfloat16*>(cache), row, lane);
+  if constexpr (FORMAT == 1)
+    store_row_fp8<D>(x, static_cast<uint8_t*>(cache), static_cast<float*>(scale), row, row, lane);
+  if constexpr (FORMAT == 2)
+    store_row_nvfp4<D>(x, static_cast<uint8_t*>(cache), static_cast<uint8_t*>(scale), row, row, lane);
+}
+
+// Instantiations: D in {64, 128, 256} x format {bf16, FP8, NVFP4} x norm {w * x, (1 + w) * x}; anything else is
+// kUnsupportedShape (the binding names head_dim).
+int qk_norm_rope_store(const __nv_bfloat16* q, long long q_tok_stride, const __nv_bfloat16* k, long long k_tok_stride,
+                       const __nv_bfloat16* v, long long v_tok_stride, const __nv_bfloat16* q_weight,
+                       const __nv_bfloat16* k_weight, float eps, bool unit_offset, const long long* positions,
+                       const float* inv_freq, __nv_bfloat16* q_out, void* k_cache, void* v_cache, void* k_scale,
+                       void* v_scale, const long long* slots, int tokens, int heads, int kv_heads, int head_dim,
+                       int kv_format, cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  if (kv_format < 0 || kv_format > 2) return kUnsupportedShape;
+  const int blocks = ceil_div(tokens * (heads + 2 * kv_heads) * 32, 256);
+#define ADAQ_PROLOGUE(DIM, FORMAT, UNIT)                                                                          \
+  if (head_dim == DIM && kv_format == FORMAT && unit_offset == UNIT) {                                           \
+    qk_norm_rope_store_kernel<DIM, FORMAT, UNIT><<<blocks, 256, 0, stream>>>(                                     \
+        q, q_tok_stride, k, k_tok_stride, v, v_tok_stride, q_weight, k_weight, eps, positions, inv_freq, q_out,   \
+        k_cache, v_cache, k_scale, v_scale, slots, tokens, heads, kv_heads);                                      \
+    return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;                                                 \
+  }
+#define ADAQ_PROLOGUE_DIM(DIM)                                                                                    \
+  ADAQ_PROLOGUE(DIM, 0, false) ADAQ_PROLOGUE(DIM, 1, false) ADAQ_PROLOGUE(DIM, 2, false)                          \
+  ADAQ_PROLOGUE(DIM, 0, true) ADAQ_PROLOGUE(DIM, 1, true) ADAQ_PROLOGUE(DIM, 2, true)
+  ADAQ_PROLOGUE_DIM(64)
+  ADAQ_PROLOGUE_DIM(128)
+  ADAQ_PROLOGUE_DIM(256)
+#undef ADAQ_PROLOGUE_DIM
+#undef ADAQ_PROLOGUE
   return kUnsupportedShape;
 }
 

@@ -27,6 +27,12 @@ int store_kv(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_str
 int store_kv_nvfp4(const __nv_bfloat16* k, const __nv_bfloat16* v, long long k_tok_stride, long long v_tok_stride,
                    void* k_cache, void* v_cache, void* k_exp, void* v_exp, const long long* slots, int tokens,
                    int kv_heads, int head_dim, int slot_rows, int scale_stride, cudaStream_t stream);
+int qk_norm_rope_store(const __nv_bfloat16* q, long long q_tok_stride, const __nv_bfloat16* k, long long k_tok_stride,
+                       const __nv_bfloat16* v, long long v_tok_stride, const __nv_bfloat16* q_weight,
+                       const __nv_bfloat16* k_weight, float eps, bool unit_offset, const long long* positions,
+                       const float* inv_freq, __nv_bfloat16* q_out, void* k_cache, void* v_cache, void* k_scale,
+                       void* v_scale, const long long* slots, int tokens, int heads, int kv_heads, int head_dim,
+                       int kv_format, cudaStream_t stream);
 int attention_splits(int tokens, int kv_heads, int max_context, int head_dim, int group, int kv_format,
                      int block_size);
 void attention_set_variant(int variant);
@@ -211,6 +217,58 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
                                     fp8 ? v_scale->data_ptr<float>() : nullptr, reinterpret_cast<const long long*>(slots.data_ptr<int64_t>()), k.size(0),
                                     k.size(1), k.size(2), slot_rows, scale_stride, fp8, stream());
   ADAQ_CHECK_STATUS(status, "store_kv head_dim=" + std::to_string(k.size(2)));
+}
+
+// The fused decode prologue (attention.cu qk_norm_rope_store_kernel): q/k RMSNorm, RoPE and the KV store in one
+// launch; returns the normed, rotated queries [T, H, D]. q, k, v may be views of the fused qkv output (dense heads).
+torch::Tensor qk_norm_rope_store(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor q_weight,
+                                 torch::Tensor k_weight, double eps, bool unit_offset, torch::Tensor positions,
+                                 torch::Tensor inv_freq, torch::Tensor k_cache, torch::Tensor v_cache,
+                                 c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                                 torch::Tensor slots) {
+  for (const auto* t : {&q, &k, &v}) {
+    ADAQ_CHECK_BF16(*t);
+    TORCH_CHECK(t->is_cuda() && t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2),
+                "qk_norm_rope_store: q, k, v must be [T, heads, D] CUDA tensors with dense heads");
+  }
+  const int64_t T = q.size(0), D = q.size(2);
+  TORCH_CHECK(k.size(0) == T && v.size(0) == T && k.size(2) == D && v.size(2) == D && v.size(1) == k.size(1),
+              "qk_norm_rope_store: q [T, H, D], k and v [T, Hkv, D] of one T and D");
+  ADAQ_CHECK_BF16(q_weight);
+  ADAQ_CHECK_BF16(k_weight);
+  TORCH_CHECK(q_weight.is_contiguous() && k_weight.is_contiguous() && q_weight.numel() == D && k_weight.numel() == D,
+              "qk_norm_rope_store: norm weights must be contiguous [D]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == T,
+              "qk_norm_rope_store: positions must be contiguous int64 [T]");
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
+              "qk_norm_rope_store: inv_freq must be contiguous fp32 [D/2]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == T, "slot_mapping must be int64 [T]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  int kv_format = 0;
+  if (k_cache.scalar_type() == at::kByte) {
+    TORCH_CHECK(k_cache.size(-1) == D / 2 + D / 16 && v_cache.scalar_type() == at::kByte && k_scale && v_scale &&
+                    k_scale->scalar_type() == at::kByte && v_scale->scalar_type() == at::kByte,
+                "an NVFP4 KV cache has rows of head_dim / 2 + head_dim / 16 bytes and uint8 exponent tensors");
+    kv_format = 2;
+  } else if (k_cache.scalar_type() == at::kFloat8_e4m3fn) {
+    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kFloat, "an FP8 KV cache needs its fp32 scales");
+    kv_format = 1;
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16, "KV cache must be float8_e4m3fn, bfloat16 or NVFP4 bytes");
+  }
+  TORCH_CHECK((!k_scale || k_scale->is_contiguous()) && (!v_scale || v_scale->is_contiguous()),
+              "KV scales must be contiguous");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto q_out = torch::empty({T, q.size(1), D}, q.options());
+  const int status = adaq::qk_norm_rope_store(
+      bf16_ptr(q), q.stride(0), bf16_ptr(k), k.stride(0), bf16_ptr(v), v.stride(0), bf16_ptr(q_weight),
+      bf16_ptr(k_weight), static_cast<float>(eps), unit_offset,
+      reinterpret_cast<const long long*>(positions.data_ptr<int64_t>()), inv_freq.data_ptr<float>(), bf16_mut(q_out),
+      k_cache.data_ptr(), v_cache.data_ptr(), kv_format ? k_scale->data_ptr() : nullptr,
+      kv_format ? v_scale->data_ptr() : nullptr, reinterpret_cast<const long long*>(slots.data_ptr<int64_t>()), T,
+      q.size(1), k.size(1), D, kv_format, stream());
+  ADAQ_CHECK_STATUS(status, "qk_norm_rope_store head_dim=" + std::to_string(D) + " (kernels: 64, 128, 256)");
+  return q_out;
 }
 
 void gemm_set_variant(int64_t variant) { adaq::nvfp4_gemm_set_variant(variant); }
@@ -511,6 +569,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_dequantize", &gemm_dequantize);
   m.def("gemm_expand_e4m3", &gemm_expand_e4m3);
   m.def("store_kv", &store_kv);
+  m.def("qk_norm_rope_store", &qk_norm_rope_store);
   m.def("attention_splits", &attention_splits);
   m.def("attention_set_variant", &attention_set_variant);
   m.def("attention_prefill_block_tokens", &attention_prefill_block_tokens);

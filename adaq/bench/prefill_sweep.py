@@ -1,0 +1,140 @@
+"""The prefill routing sweep: every prefill path at M = 16 .. 4096 rows on the GPU at hand, and the thresholds the
+route reads (adaq/backends/prefill_thresholds.json) computed from it.
+
+Dense: one Qwen3-8B layer's four projections (qkv, o, gate_up, down) through the NVFP4 decode kernels, the exact
+path (dequantize + cuBLAS bf16), the FP8 path and cuBLAS bf16 on a dense weight (prefill_bench.threshold_sweep:
+L2 flushed before each call, medians). MoE: one Qwen3-30B-A3B MoE layer (128 experts, top-8) at the same M, through
+the decode kernels, the exact grouped path, the grouped FP8 path and per-expert cuBLAS bf16. Thresholds: the
+smallest M of the sweep from which a path is at least as fast as what would run instead at that M and at every
+larger M (a crossover that holds, not a lucky point).
+
+    python -m adaq.bench.prefill_sweep --json sweep.json [--write-thresholds [PATH]] [--rows 16,32,...]
+"""
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+
+from adaq.backends import prefill_route
+from adaq.bench import prefill_bench, prefill_moe_bench
+
+SWEEP_ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def dense_sweep(rows: tuple[int, ...] = SWEEP_ROWS) -> dict:
+    return prefill_bench.threshold_sweep(rows)
+
+
+def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> dict:
+    """ms per MoE layer at each M, per path (random experts generated on the GPU, random router logits)."""
+    from adaq.backends import prefill_moe
+    from adaq.backends.cuda import CudaBackend
+    from adaq.backends.prefill_moe_exact import exact_moe_forward
+    from adaq.backends.reference import ReferenceBackend
+    from adaq.kernels import ops
+
+    shape = shape or prefill_moe_bench.QWEN3_30B_A3B
+    experts, top_k, hidden = shape["experts"], shape["top_k"], shape["hidden"]
+    pairs, downs, dense_pairs, dense_down = prefill_moe_bench.random_experts(experts, hidden, shape["intermediate"])
+    prepared = CudaBackend("cuda").prepare_experts(pairs, downs, dtype=torch.bfloat16)
+    fp8 = _fp8_experts(prefill_moe, pairs, downs)
+    bf16_backend = ReferenceBackend("cuda", dequant_cache_bytes=0)
+    bf16 = bf16_backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
+    entries = []
+    for m in rows:
+        generator = torch.Generator(device="cuda").manual_seed(m)
+        x = torch.randn(m, hidden, device="cuda", generator=generator).to(torch.bfloat16)
+        logits = torch.randn(m, experts, device="cuda", generator=generator).to(torch.bfloat16)
+        paths = {"decode": lambda: ops.moe_forward(x, logits, prepared.stacked, top_k, True),
+                 "exact": lambda: exact_moe_forward(x, logits, prepared.exact, top_k, True),
+                 "bf16_cublas": lambda: bf16_backend.moe(x, logits, bf16, top_k, True)}
+        if fp8 is not None:
+            paths["fp8"] = lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True)
+        entry = {"M": m}
+        for name, step in paths.items():
+            entry[f"{name}_ms"] = prefill_bench.median_ms(step, repeats=5, warmup=2)
+        entries.append(entry)
+    return {"shape": shape, "rows": entries, "fp8": fp8 is not None}
+
+
+def _fp8_experts(prefill_moe, pairs, downs):
+    if prefill_route.fp8_unavailable(torch.device("cuda")) is not None:
+        return None
+    return prefill_moe.Fp8Experts.from_weights(pairs, downs, "cuda")
+
+
+def crossover(entries: list[dict], path: str, others: tuple[str, ...]) -> int | None:
+    """The smallest M from which `path` is no slower than every one of `others` at that M and all larger M."""
+    threshold = None
+    for entry in reversed(entries):
+        if f"{path}_ms" not in entry or any(entry[f"{path}_ms"] > entry[f"{other}_ms"] for other in others
+                                            if f"{other}_ms" in entry):
+            break
+        threshold = entry["M"]
+    return threshold
+
+
+def thresholds(dense: dict, moe: dict | None) -> dict:
+    """What the route should use, from a sweep; None where a path never won (the current value is then kept)."""
+    rows = dense["rows"]
+    return {"exact_min_tokens": crossover(rows, "exact", ("decode",)),
+            "fp8_min_tokens": crossover(rows, "fp8", ("decode", "exact")),
+            "moe_exact_min_tokens": crossover(moe["rows"], "exact", ("decode",)) if moe else None}
+
+
+def write_thresholds(found: dict, path: Path, device_name: str, command: str) -> dict:
+    """The route's JSON: a found value replaces the file's, a None keeps it (and the note says so)."""
+    current = prefill_route.load_thresholds(path) if Path(path).is_file() else prefill_route.load_thresholds()
+    kept = [key for key in prefill_route.THRESHOLD_KEYS if found.get(key) is None]
+    values = {key: found.get(key) or current[key] for key in prefill_route.THRESHOLD_KEYS}
+    note = (f"written by `{command}` on {device_name}, {datetime.date.today().isoformat()}: the smallest M of the "
+            f"sweep from which each path is no slower than the decode kernels (fp8: nor than exact) at every larger M"
+            + (f"; kept from before (the path never won): {', '.join(kept)}" if kept else ""))
+    data = {"note": note, "measured": True, "device": device_name, **values}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = prefill_bench.sweep_lines(report["dense"])
+    moe = report.get("moe")
+    if moe:
+        lines.append(f"MoE layer {moe['shape']}, ms:")
+        lines.append(f"{'M':>5} {'decode':>8} {'exact':>8} {'fp8':>8} {'bf16':>8}")
+        for e in moe["rows"]:
+            fp8 = f"{e['fp8_ms']:8.3f}" if "fp8_ms" in e else f"{'-':>8}"
+            lines.append(f"{e['M']:>5} {e['decode_ms']:8.3f} {e['exact_ms']:8.3f} {fp8} {e['bf16_cublas_ms']:8.3f}")
+    lines.append(f"thresholds: {report['thresholds']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m adaq.bench.prefill_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write every figure as JSON")
+    parser.add_argument("--rows", default=",".join(map(str, SWEEP_ROWS)), help="M values, comma-separated")
+    parser.add_argument("--no-moe", action="store_true", help="the dense projections only")
+    parser.add_argument("--write-thresholds", nargs="?", const=str(prefill_route.THRESHOLDS_FILE), default=None,
+                        metavar="PATH", help=f"write the route's thresholds (default {prefill_route.THRESHOLDS_FILE})")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_sweep: needs a CUDA GPU (the paths are timed on it)")
+    rows = tuple(int(m) for m in args.rows.split(","))
+    report = {"device": torch.cuda.get_device_name(), "dense": dense_sweep(rows)}
+    report["moe"] = None if args.no_moe else moe_sweep(rows)
+    report["thresholds"] = thresholds(report["dense"], report["moe"])
+    if args.write_thresholds:
+        command = "python -m adaq.bench.prefill_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+        report["written"] = write_thresholds(report["thresholds"], Path(args.write_thresholds), report["device"],
+                                             command)
+    print("\n".join(summary_lines(report)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
