@@ -142,6 +142,21 @@ def test_quantize(family, quantized):
     if multimodal:
         tower = "model.visual." if arch == "qwen3_5" else "model.vision_tower."
         assert any(name.startswith(tower) for name in checkpoint.tensor_names())
+        ignored = set(checkpoint.config["quantization_config"]["ignore"])
+        assert tower_linears(out) <= ignored  # kept in bf16 and said so, or a reader expects them quantized
+
+
+def tower_linears(folder: Path) -> set[str]:
+    """The nn.Linear modules outside the language model in transformers' own model of the folder: what
+    llm-compressor lists in `ignore` for the towers."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])._from_config(config)
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and not name.startswith("model.language_model.") and name != "lm_head"}
 
 
 def test_quantize_keeps_the_mtp_head_in_bf16(quantized):
