@@ -1,7 +1,7 @@
-"""The 2026 model families end to end through the real CLI (`adaq.cli.main`, and `python -m adaq` where the output
-of a separate process is the point), on the CPU, as a user runs them (issues 15 and 16): a tiny random bf16 Hugging
-Face folder with a tokenizer -> `adaq quantize` (rtn) -> `adaq validate` (+ --json) -> `adaq run` -> `adaq eval ppl`
-(beside the bf16 folder) -> `adaq bench` -> `adaq serve`.
+"""The 2026 model families end to end through the real CLI (`adaq.cli.main` in this process; `adaq serve` in a child
+process), on the CPU, as a user runs them (issues 15 and 16): a tiny random bf16 Hugging Face folder with a tokenizer
+-> `adaq quantize` (rtn) -> `adaq validate` (+ --json) -> `adaq run` -> `adaq eval ppl` (beside the bf16 folder) ->
+`adaq bench` -> `adaq serve`.
 
 Families: Qwen3.5 dense (`Qwen3_5ForCausalLM`) and MoE (`Qwen3_5MoeForCausalLM`), Qwen3-Next, Qwen3.5 packaged as
 `Qwen3_5ForConditionalGeneration` (nested text_config, `model.language_model.*`, a vision tower, an `mtp.*` head),
@@ -12,8 +12,8 @@ each: they load a checkpoint through the same engine (`LLMEngine`: model registr
 scheduler, sampler) that `run` and `eval ppl` drive here on every family, and what they add (the bench runner and its
 dequantized bf16 baseline, the HTTP server) does not depend on the family. serve runs on the two multimodal
 packagings, whose one-line notices (towers ignored; prefix caching off for hybrids) must appear once in its log, as
-they must in `run`'s output on every family. The numerics of each family against transformers are
-tested in test_hybrid_models.py and test_gemma4.py; here, that each command works and says the right things.
+they must in `run`'s output on every family. The numerics of each family against transformers are tested in
+test_hybrid_models.py and test_gemma4.py; here, that each command works and says the right things.
 """
 
 import io
