@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from adaq.errors import AdaqError
+from adaq.errors import AdaqError, AdaqNotice
 
 app = typer.Typer(
     name="adaq",
@@ -103,13 +103,16 @@ def main() -> None:
 
 
 def _one_line_warnings() -> None:
-    """adaq's own warnings (a fallback, a capped context) read as one `warning:` line, not Python's file:line and
-    source echo; other libraries' warnings keep their form."""
+    """adaq's own warnings (a fallback, a capped context) read as one `warning:` line and its notices (a vision tower
+    ignored, prefix caching off) as one `notice:` line, not Python's file:line and source echo; other libraries'
+    warnings keep their form."""
     import warnings
 
     default = warnings.formatwarning
 
     def one_line(message, category, filename, lineno, line=None):
+        if issubclass(category, AdaqNotice):
+            return f"notice: {message}\n"
         if category.__module__.startswith("adaq."):
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)

@@ -18,3 +18,8 @@ class CheckpointError(AdaqError):
 
 class UnsupportedArchitecture(AdaqError):
     """A model architecture adaq does not run or quantize."""
+
+
+class AdaqNotice(UserWarning):
+    """Something a user should know once, not a problem: a part of the checkpoint that is ignored, a feature that is
+    off for this model. The CLI prints it as one `notice:` line (Python shows a warning once per place)."""

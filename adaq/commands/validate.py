@@ -94,10 +94,23 @@ def summary_table(report):
     table.add_column()
     table.add_row("format", f"{report.format}" + (f" ({report.scheme})" if report.scheme else ""))
     table.add_row("architecture", escape(report.architecture))
+    if report.shape is not None:
+        table.add_row("layers", layers_line(report.shape))
     table.add_row("kernel target", report.arch)
     table.add_row("quantized linears", str(report.quantized_linears))
     table.add_row("tensors", str(report.tensors))
     return table
+
+
+LAYER_KINDS = {"linear_attention": "Gated DeltaNet", "sliding_attention": "sliding-window attention",
+               "full_attention": "full attention"}
+
+
+def layers_line(shape) -> str:
+    """'4: 3 Gated DeltaNet, 1 full attention; 4 MoE' from the model's shape."""
+    kinds = ", ".join(f"{count} {LAYER_KINDS[kind]}" for kind, count in shape.layer_types().items())
+    moe = f"; {shape.moe_layers} MoE" if shape.moe_layers else ""
+    return f"{shape.layers}: {kinds}{moe}"
 
 
 def rules_table(report):

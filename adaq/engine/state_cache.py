@@ -20,6 +20,7 @@ import torch
 
 from adaq.engine.block_manager import BlockManager
 from adaq.engine.sequence import Sequence
+from adaq.errors import AdaqNotice
 
 MAX_STATE_SHARE = 0.5  # of the cache budget: the rest stays for the KV cache
 
@@ -121,5 +122,5 @@ def make_block_manager(runner, num_blocks: int, block_size: int, enable_prefix_c
         return BlockManager(num_blocks, block_size, enable_prefix_caching, sliding_window, num_sliding_blocks)
     if enable_prefix_caching:
         warnings.warn("prefix caching is off for hybrid (Gated DeltaNet) models: their recurrent state is not "
-                      "snapshotted per block", stacklevel=2)
+                      "snapshotted per block", AdaqNotice, stacklevel=2)
     return HybridBlockManager(num_blocks, block_size, slots)

@@ -89,6 +89,12 @@ class ModelShape:
         heads = max(h for h, _ in shapes)
         return heads, -(-max(h * d for h, d in shapes) // heads)
 
+    def layer_types(self) -> dict[str, int]:
+        """Decoder layers by kind, as config.json's layer_types names them (kinds with no layer left out)."""
+        counts = {"linear_attention": self.linear_layers, "sliding_attention": self.sliding_layers,
+                  "full_attention": self.layers - self.linear_layers - self.sliding_layers}
+        return {kind: count for kind, count in counts.items() if count}
+
     @property
     def kv_layers(self) -> int:
         """Layers with a KV cache (all but the Gated DeltaNet ones)."""

@@ -16,8 +16,6 @@ Refused: per-layer inputs (E2B/E4B: `hidden_size_per_layer_input` > 0), KV share
 attention over all tokens.
 """
 
-import sys
-
 import torch
 from torch import nn
 
@@ -142,9 +140,5 @@ class Gemma4ForCausalLM(CausalLM):
 
 
 class Gemma4ForConditionalGeneration(Gemma4ForCausalLM):
-    """The multimodal packaging (weights under model.language_model.*): its text model only."""
-
-    def __init__(self, config, backend, dtype: torch.dtype):
-        super().__init__(config, backend, dtype)
-        print("Gemma4ForConditionalGeneration: running the text model; vision and audio towers are ignored",
-              file=sys.stderr)
+    """The multimodal packaging (weights under model.language_model.*): its text model only (build_model's notice
+    says the towers are ignored)."""

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from adaq.errors import AdaqError
+from adaq.errors import AdaqError, AdaqNotice
 from adaq.formats.architectures import SUPPORTED_ARCHITECTURES, architecture_of
 from adaq.layers.embedding import LM_HEAD_FORMATS
 from adaq.models.base import CausalLM, WeightReader
@@ -28,8 +28,10 @@ MODEL_CLASSES = {
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
     "Gemma4ForCausalLM": Gemma4ForCausalLM, "Gemma4ForConditionalGeneration": Gemma4ForConditionalGeneration,
 }
-# Vision-language packagings whose text model runs alone: a notice says the vision tower is ignored.
-VISION_TOWER_IGNORED = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+# Multimodal packagings whose text model runs alone, and what a one-line notice says is ignored.
+TOWERS_IGNORED = {"Qwen3_5ForConditionalGeneration": "the vision tower's weights are ignored",
+                  "Qwen3_5MoeForConditionalGeneration": "the vision tower's weights are ignored",
+                  "Gemma4ForConditionalGeneration": "the vision and audio towers are ignored"}
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 
 
@@ -61,8 +63,9 @@ def build_model(config: dict, backend, dtype: torch.dtype | None = None, device=
     if lm_head not in LM_HEAD_FORMATS:
         raise AdaqError(f"invalid --lm-head {lm_head}: choose one of {', '.join(LM_HEAD_FORMATS)}")
     architecture = architecture_of(config)
-    if architecture in VISION_TOWER_IGNORED:
-        warnings.warn(f"{architecture}: running its text model; the vision tower's weights are ignored", stacklevel=2)
+    if architecture in TOWERS_IGNORED:
+        warnings.warn(f"{architecture}: running its text model; {TOWERS_IGNORED[architecture]}", AdaqNotice,
+                      stacklevel=2)
     model_class = MODEL_CLASSES[architecture]
     model = model_class(text_config(config), backend, dtype or default_dtype(backend.device))
     model.lm_head.weight_format = lm_head

@@ -5,7 +5,7 @@ Linear modules of the supported architectures: attention q/k/v/o_proj, MLP and e
 experts seen per expert, adaq.formats.fused_experts), the MoE router (`mlp.gate`, Gemma 4's `router.proj`) and lm_head
 (a module even when tied to the embedding, as llm-compressor lists it); in hybrid models (Qwen3.5, Qwen3-Next) also
 the Gated DeltaNet projections (`linear_attn.in_proj_*`, `out_proj`) and the shared expert's gate
-(`shared_expert_gate`).
+(`shared_expert_gate`); in multimodal checkpoints the towers' Linears (TOWER_LINEARS).
 """
 
 import re
@@ -19,6 +19,12 @@ from adaq.quant.recipe import Recipe
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                "out_proj", "fc1", "fc2", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz",
                "in_proj_ba", "shared_expert_gate")
+# Multimodal towers (Qwen3.5's `visual`, Gemma 4's `vision_tower`, `audio_tower`, `embed_vision`): their Linears have
+# names of their own (`attn.qkv`, `attn.proj`, `linear_fc1`, a `linear` inside Gemma 4's clippable wrappers,
+# `input_proj`, `embedding_projection`); the recipes keep them in bf16 and `ignore` must list them, as llm-compressor
+# does, or a reader such as vLLM expects them quantized.
+TOWER = re.compile(r"(^|\.)(visual|vision_tower|audio_tower|embed_vision|embed_audio)\.")
+TOWER_LINEARS = ("qkv", "proj", "linear", "linear_fc1", "linear_fc2", "input_proj", "embedding_projection")
 # Siblings that read the same input and are fused into one GEMM at run time: one global scale each group.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
@@ -51,7 +57,7 @@ def module_order(name: str) -> tuple:
 def is_linear_prefix(prefix: str) -> bool:
     last = prefix.rsplit(".", 1)[-1]
     return (last in PROJECTIONS or last == "lm_head" or prefix.endswith(("mlp.gate", ".router.proj"))
-            or last in ("w1", "w2", "w3"))
+            or last in ("w1", "w2", "w3") or (last in TOWER_LINEARS and TOWER.search(prefix) is not None))
 
 
 def router_modules(prefixes: list[str]) -> list[str]:

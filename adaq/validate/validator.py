@@ -46,6 +46,7 @@ class ValidationReport:
     rules_applied: Counter = field(default_factory=Counter)
     budget: Budget | None = None
     compile: dict | None = None
+    shape: ModelShape | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -64,6 +65,8 @@ class ValidationReport:
             "path": str(self.path), "valid": self.valid, "format": self.format, "scheme": self.scheme,
             "architecture": self.architecture, "arch": self.arch,
             "quantized_linears": self.quantized_linears, "tensors": self.tensors,
+            "layer_types": self.shape.layer_types() if self.shape else None,
+            "moe_layers": self.shape.moe_layers if self.shape else None,
             "errors": len(self.errors), "warnings": len(self.warnings),
             "findings": [vars(f) for f in self.findings],
             "rules": {rule: {"checked": self.rules_applied[rule], "failed": self.failed(rule)}
@@ -127,7 +130,7 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
         check_budget(checks, budget, shape)
     compiled = compile_check(checks, arch, compile_progress) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
-                            len(index.entries), checks.findings, checks.applied, budget, compiled)
+                            len(index.entries), checks.findings, checks.applied, budget, compiled, shape)
 
 
 def check_checkpoint(path: str | Path, level: str = "full") -> ValidationReport:

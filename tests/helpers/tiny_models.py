@@ -236,3 +236,45 @@ def hybrid_bf16_folders(tmp_path_factory) -> dict[str, "Path"]:
         write_tokenizer(folder)
         folders[arch] = folder
     return folders
+
+
+def multimodal_bf16_folder(arch: str, folder: Path) -> Path:
+    """The tiny text model of `arch` packaged as its vision-language checkpoint, in bf16 with the tiny tokenizer, as
+    transformers saves it: nested text_config, the decoder under model.language_model.*, a one-layer vision tower
+    (Gemma 4: plus embed_vision); Qwen3.5 also gets the multi-token-prediction head (mtp.*) that its real
+    checkpoints carry and transformers drops (one layer, a copy of the first full-attention layer)."""
+    from helpers.tiny_tokenizer import write_tokenizer
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration, Qwen3_5ForConditionalGeneration
+
+    text = random_model(arch, seed=1)
+    if arch == "qwen3_5":
+        vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16,
+                      temporal_patch_size=2, out_hidden_size=text.config.hidden_size)
+        config = AutoConfig.for_model("qwen3_5", text_config=text.config.to_dict(), vision_config=vision,
+                                      tie_word_embeddings=False)
+        model = Qwen3_5ForConditionalGeneration(config)
+    elif arch == "gemma4_moe":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16)
+        config = AutoConfig.for_model("gemma4", text_config=text.config.to_dict(), vision_config=vision)
+        model = Gemma4ForConditionalGeneration(config)
+    else:
+        raise ValueError(f"no multimodal packaging for {arch}")
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    model.to(torch.bfloat16).eval().save_pretrained(folder)
+    if arch == "qwen3_5":
+        add_mtp_head(folder / "model.safetensors", text.config)
+    return write_tokenizer(folder)
+
+
+def add_mtp_head(shard: Path, config) -> None:
+    tensors = load_file(shard)
+    layer = f"model.language_model.layers.{config.layer_types.index('full_attention')}."
+    hidden = config.hidden_size
+    mtp = {f"mtp.layers.0.{name.removeprefix(layer)}": tensor.clone() for name, tensor in tensors.items()
+           if name.startswith(layer)}
+    mtp["mtp.fc.weight"] = (torch.randn(hidden, 2 * hidden) * LINEAR_STD["qwen3_5"]).to(torch.bfloat16)
+    for norm in ("mtp.norm.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight"):
+        mtp[norm] = torch.zeros(hidden, dtype=torch.bfloat16)
+    save_file({**tensors, **mtp}, shard, metadata={"format": "pt"})
