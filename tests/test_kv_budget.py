@@ -105,3 +105,21 @@ def test_activations_follow_the_prefill_chunk():
     assert sum(activation_bytes(shape, 1, 32768, 2048).values()) < sum(activation_bytes(shape, 1, 32768).values())
     budget = plan(shape, estimate_weight_bytes(shape), Gpu.parse("rtx4090"), 1, 32768, batched_tokens=2048)
     assert budget.step_tokens == 2048 and any("chunks of max_num_batched_tokens 2048" in n for n in budget.notes)
+
+
+def test_the_committed_context_fit_table_is_what_adaq_validate_prints(capsys, monkeypatch):
+    """bench/results/window_kv: one row rerun through the command line it names (`adaq validate CONFIG --json`,
+    from the repository root)."""
+    from test_run_cli import adaq
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "window_kv"
+    rows = json.loads((results / "context_fit.json").read_text())["rows"]
+    row = next(r for r in rows if (r["model"], r["kv_cache_dtype"], r["max_num_batched_tokens"], r["window_kv"]) ==
+               ("gemma4-31b", "fp8", 2048, True))
+    monkeypatch.chdir(results.parents[2])
+    code, out, err = adaq(row["command"].split()[1:], capsys, monkeypatch)
+    budget = json.loads(out)["budget"]
+    assert code == 1 and not budget["fits"]  # batch 1 x 32768 tokens does not fit: the report says how much does
+    assert budget["max_context_by_batch"] == row["max_context_by_batch"]
+    assert budget["kv_cache_bytes"] == row["kv_cache_bytes_32k_batch1"]
+    assert row["max_context_by_batch"]["1"]["max_context"] == 28_608
