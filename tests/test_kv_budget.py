@@ -123,3 +123,32 @@ def test_the_committed_context_fit_table_is_what_adaq_validate_prints(capsys, mo
     assert budget["max_context_by_batch"] == row["max_context_by_batch"]
     assert budget["kv_cache_bytes"] == row["kv_cache_bytes_32k_batch1"]
     assert row["max_context_by_batch"]["1"]["max_context"] == 28_608
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("chunk,most", ((8192, 0.41), (2048, 0.25)))
+def test_gemma3_27b_32k_kv_as_the_engine_allocates_it_on_a_gpu(chunk, most):
+    """Issue 16: Gemma3-27B (all 62 layers' shapes, no weights needed), FP8 KV, one sequence of 32k tokens: the bytes
+    the runner allocates on the GPU are the budget's, and window-sized KV takes at most `most` of the full
+    allocation (a quarter with a 2048-token prefill chunk)."""
+    config = real_config("gemma3-27b")
+    shape = ModelShape.from_config(config)
+    device = torch.device("cuda")
+    measured = {}
+    for window_kv in (False, True):
+        model = build_model(config, get_backend("reference", device), torch.bfloat16, device)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        settings = EngineConfig(model="shapes-only", device=device, kv_cache_dtype="fp8", window_kv=window_kv,
+                                max_num_seqs=1, max_num_batched_tokens=chunk, max_model_len=32768,
+                                num_kv_blocks=32768 // KV_BLOCK_SIZE, skip_tokenizer=True, enforce_eager=True)
+        runner = ModelRunner(model, config, settings)
+        measured[window_kv] = torch.cuda.memory_allocated(device) - before
+        expected = kv_cache_bytes(shape, 1, 32768, "fp8", window_kv, chunk)
+        assert 0 <= measured[window_kv] - expected < 2**20, (measured[window_kv], expected)
+        print(json.dumps({"chunk": chunk, "window_kv": window_kv, "allocated_bytes": measured[window_kv],
+                          "budget_bytes": expected}))
+        del runner, model
+        torch.cuda.empty_cache()
+    assert measured[True] <= most * measured[False]
