@@ -182,14 +182,20 @@ def test_synthetic_source_loads_into_the_model(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_validate_knows_gemma4(checkpoints, arch):
     """Global layers' own q/k/o shapes (and no v_proj with k_eq_v) pass the shape check; the KV budget counts the
-    slot the engine gives every layer (the widest layer's K or V) and says so."""
+    slots the engine gives: with window-sized KV each pool's own layers' shape, without it one slot for every layer
+    as wide as the widest layer's K or V; it says so."""
     from adaq.validate.validator import validate_checkpoint
 
     report = validate_checkpoint(checkpoints[arch] / "nvfp4")
     assert report.valid, [f.message for f in report.findings if f.severity == "error"]
     assert any("Gemma 4: 1 global layers" in note for note in report.budget.notes)
-    heads, dim = (2, 16) if arch == "gemma4" else (1, 32)  # 2 x 16 sliding vs 1 x 32 global; 1 x 16 vs 1 x 32
-    assert report.budget.kv_per_token == 6 * 2 * heads * (dim * 1 + 4)  # fp8 values + fp32 scale per head
+    sliding_heads = 2 if arch == "gemma4" else 1  # 2 x 16 sliding and 1 x 32 global; 1 x 16 and 1 x 32
+    per_head = lambda dim: dim * 1 + 4  # noqa: E731 (fp8 values + an fp32 scale per head)
+    assert report.budget.kv_per_token == 5 * 2 * sliding_heads * per_head(16) + 1 * 2 * 1 * per_head(32)
+    full = validate_checkpoint(checkpoints[arch] / "nvfp4", window_kv=False)
+    heads, dim = (2, 16) if arch == "gemma4" else (1, 32)
+    assert full.budget.kv_per_token == 6 * 2 * heads * per_head(dim)
+    assert any("one KV pool, each layer's slot" in note for note in full.budget.notes)
 
 
 def test_validate_shapes_of_the_real_models():

@@ -5,7 +5,7 @@ import pytest
 from helpers.tiny_models import HYBRIDS, hybrid_bf16_folders
 
 from adaq.quant.pipeline import quantize_model
-from adaq.validate.budget import estimate_weight_bytes, plan, Gpu
+from adaq.validate.budget import estimate_weight_bytes, plan, state_bytes_per_sequence, Gpu
 from adaq.formats.shapes import ModelShape
 from adaq.validate.validator import validate_checkpoint
 
@@ -40,7 +40,7 @@ def test_qwen3_5_35b_a3b_shape_from_transformers_defaults():
     shape = ModelShape.from_config(config)
     assert (shape.layers, shape.linear_layers, shape.kv_layers, shape.moe_layers) == (40, 30, 10, 40)
     per_layer = (2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4
-    assert shape.state_bytes_per_sequence() == 30 * per_layer  # about 61 MiB per sequence
+    assert state_bytes_per_sequence(shape) == 30 * per_layer  # about 61 MiB per sequence
     assert shape.expected_linear_shape("model.layers.3.self_attn.q_proj") == (2 * 16 * 256, 2048)
     assert shape.expected_linear_shape("model.layers.0.linear_attn.in_proj_qkv") == (8192, 2048)
     assert shape.expected_linear_shape("model.layers.0.mlp.shared_expert.down_proj") == (2048, 512)

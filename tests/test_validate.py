@@ -570,15 +570,16 @@ def test_qwen3_8b_nvfp4_kv_cache(qwen3_8b):
 
 
 def test_qwen3_8b_nvfp4_kv_on_an_rtx4090(qwen3_8b):
-    # Batch 16, t >= 8192: fixed 7,332,308,992 B; KV 16 · ceil16(t) · 42,048 and 102,404 B of activations per token.
-    # t = 20,433 (KV of 20,448 tokens): 7,332,308,992 + 13,756,760,064 + 2,092,420,932 = 23,181,489,988 B, 8,789
-    # under the usable 23,181,498,777; one token more adds 102,404. FP8: 12,016 (1.70x at batch 16: activations
-    # per token do not shrink with the cache). Batch 1: both reach the model's 40,960 positions.
+    # Batch 16: prompts are prefilled in chunks of 8192 tokens, so the activations stay those of an 8192-token step
+    # (963,362,816 B) whatever the context: fixed 6,402,533,376 (weights) + 963,362,816 + 805,306,368 (CUDA
+    # context) = 8,171,202,560 B, leaving 15,010,296,217 of the usable 23,181,498,777 for KV 16 · ceil16(t) · 42,048
+    # = 672,768 B per token: 22,311.4 tokens, in blocks of 16: 22,304. FP8 (1,216,512 B per token): 12,338.9 → 12,336
+    # (1.81x, the caches' ratio 132 / 73). Batch 1: both reach the model's 40,960 positions.
     weights = estimate_weight_bytes(qwen3_8b)
     fp8 = {b: plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=b, context=4096) for b in (1, 16)}
     nvfp4 = {b: plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=b, context=4096, kv_dtype="nvfp4")
              for b in (1, 16)}
-    assert nvfp4[16].max_context == 20_433 and fp8[16].max_context == 12_016
+    assert nvfp4[16].max_context == 22_304 and fp8[16].max_context == 12_336
     assert nvfp4[1].max_context == fp8[1].max_context == 40_960 and nvfp4[1].max_context_capped
     assert nvfp4[16].max_batch == 86 and fp8[16].max_batch == 48  # at 4096 tokens each
     assert nvfp4[16].kv_cache == 16 * 4096 * 42_048
@@ -604,15 +605,17 @@ def test_qwen3_8b_on_an_rtx4090(qwen3_8b):
     # Past batch 2 the step is 8192 tokens, so each more sequence costs its KV (311,427,072) + logits (1,215,488)
     # + partials (266,240) = 312,908,800 B over a fixed 8,147,494,912 B:
     # (23,181,498,777 − 8,147,494,912) / 312,908,800 = 48.05 → 48 sequences.
-    # At batch 16 a context t ≥ 8192 costs 16·76,032 (KV) + 102,404 (activations) = 1,318,916 B per token over a
-    # fixed 7,332,308,992 B: t ≤ 12,016.8; KV grows in blocks of 16 tokens, so 12,016 (23,180,403,648 B; 12,017
-    # tokens hold 12,032 in KV: 23,199,970,244 B, too much).
+    # At batch 16 a longer context costs only its KV, 16·76,032 = 1,216,512 B per token (prompts are prefilled in
+    # chunks of 8192 tokens: the activations stay 963,362,816 B) over a fixed 8,171,202,560 B: t ≤ 12,338.9; KV
+    # grows in blocks of 16 tokens, so 12,336 (23,178,094,592 B; 12,337 tokens hold 12,352 in KV: 23,197,558,784 B,
+    # too much).
     budget = plan(qwen3_8b, estimate_weight_bytes(qwen3_8b), Gpu.parse("rtx4090"), batch=16, context=4096)
     assert budget.usable == 23_181_498_777
     assert budget.kv_cache == 4_982_833_152
     assert budget.total == 13_154_035_712 and budget.fits
     assert budget.max_batch == 48
-    assert budget.max_context == 12_016 and not budget.max_context_capped
+    assert budget.max_context == 12_336 and not budget.max_context_capped
+    assert budget.context_fit == {1: 40_960, 16: 12_336} and budget.capped(40_960)
 
 
 def test_qwen3_8b_bf16_kv_and_small_gpus(qwen3_8b):

@@ -11,7 +11,8 @@ MAX_FINDINGS_SHOWN = 40
 
 
 def validate(
-    ckpt: Path = typer.Argument(..., help="Checkpoint folder (config.json + *.safetensors)."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder (config.json + *.safetensors), or a config.json alone "
+                                          "to plan its VRAM with every Linear estimated in NVFP4."),
     arch: str = typer.Option("sm_89", help="Target of the kernels' layout rules: sm_89 (Ada) or sm_90."),
     gpu: str = typer.Option("rtx4090", help="GPU for the VRAM budget: rtx4090, rtx4080, l40s, h100 or a size in GiB."),
     batch: int = typer.Option(1, help="Concurrent sequences for the VRAM budget."),
@@ -151,8 +152,9 @@ def budget_table(budget):
     from adaq.tables import Table
 
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    window = "window-sized" if budget.window_kv else "full-context"
     table = Table(title=f"VRAM on {budget.gpu.name}: batch {budget.batch} × context {budget.context}, "
-                        f"KV {budget.kv_dtype}")
+                        f"KV {budget.kv_dtype} ({window}), prefill chunk {budget.batched_tokens}")
     table.add_column("part")
     table.add_column("GiB", justify="right")
     if budget.weights.quantized:
@@ -164,14 +166,16 @@ def budget_table(budget):
     if budget.state_cache:
         table.add_row(f"state cache (Gated DeltaNet, {budget.state_cache // budget.batch:,} B/sequence)",
                       gib(budget.state_cache))
-    table.add_row("activations + workspace", gib(sum(budget.activations.values())))
+    table.add_row(f"activations + workspace (a step of {budget.step_tokens} tokens)",
+                  gib(sum(budget.activations.values())))
     table.add_row("CUDA context", gib(budget.cuda_context))
     table.add_row("[bold]total[/bold]", f"[bold]{gib(budget.total)}[/bold]")
     table.add_row(f"usable ({budget.utilization:g} × {gib(budget.gpu.memory)})", gib(budget.usable))
     table.add_row("fits", "[green]yes[/green]" if budget.fits else "[red]no[/red]")
     table.add_row(f"largest batch at context {budget.context}", str(budget.max_batch))
-    capped = " (model max)" if budget.max_context_capped else ""
-    table.add_row(f"largest context at batch {budget.batch}", f"{budget.max_context}{capped}")
+    for batch, context in budget.context_fit.items():
+        capped = " (model max)" if budget.capped(context) else ""
+        table.add_row(f"largest context at batch {batch}", f"{context}{capped}")
     table.caption = escape("; ".join(budget.notes))
     return table
 

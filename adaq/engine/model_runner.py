@@ -16,7 +16,8 @@ capped to what fits, with one line that says so: a config claiming a 1e9-token c
 Window-sized KV (`EngineConfig.window_kv`, on by default): a model with both sliding-window and global layers
 gets two such tensors, one per group, each with its own blocks (block_manager.py). The sliding pool holds what
 `max_num_seqs` windows and one step's chunks need (`sliding_pool_blocks`), never more blocks than the global pool;
-the rest of the memory goes to the global pool.
+the rest of the memory goes to the global pool. The pools' shapes and sizes follow adaq.engine.kv_layout, the rule
+that `adaq validate`'s budget computes with too.
 
 Hybrid models (Gated DeltaNet layers) also get a per-sequence state cache (adaq.engine.state_cache), sized from
 the same budget: its slots first (up to one per `max_num_seqs`, at most half the budget), the KV cache from the
@@ -34,12 +35,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaq.engine.block_manager import NULL_BLOCK, sliding_pool_blocks
+from adaq.engine.block_manager import NULL_BLOCK
 from adaq.engine.config import EngineConfig, text_config
+from adaq.engine.kv_layout import KVGeometry, KVPools, LayerKV, split_pools
 from adaq.backends.context import reset_context, set_context
 from adaq.backends.fallbacks import CUDA_GRAPHS_SETTING, backend_fallbacks
 from adaq.backends.parallel import SINGLE
-from adaq.backends.numerics.attention import NVFP4_KV_DTYPE, NVFP4_KV_EXP_BIAS, nvfp4_kv_row_bytes
+from adaq.backends.numerics.attention import NVFP4_KV_EXP_BIAS, nvfp4_kv_row_bytes
 from adaq.engine.sampler import Sampler
 from adaq.engine.sampling_params import SamplingParams
 from adaq.engine.scheduler import ScheduledBatch
@@ -52,41 +54,6 @@ log = logging.getLogger("adaq.engine")
 CPU_DEFAULT_KV_BYTES = 2**30
 HOST_MEMORY_SHARE = 0.8  # of the free RAM, at most, for a CPU KV cache: the rest is the activations' and the OS's
 LOGPROB_SLICE_ROWS = 64  # 64 x a 262k vocabulary in fp32: 67 MB per slice
-
-
-@dataclass
-class KVGeometry:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-
-    @property
-    def nvfp4(self) -> bool:
-        return self.dtype == NVFP4_KV_DTYPE
-
-    @property
-    def has_scales(self) -> bool:
-        return self.dtype == torch.float8_e4m3fn or self.nvfp4
-
-    @property
-    def row_width(self) -> int:
-        """Last dimension of the cache: head_dim values, or an NVFP4 row's bytes (values, then block scales)."""
-        return nvfp4_kv_row_bytes(self.head_dim) if self.nvfp4 else self.head_dim
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        """fp32 per (token, head) for FP8, the E8M0 exponent byte for NVFP4."""
-        return torch.uint8 if self.nvfp4 else torch.float32
-
-    def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.row_width)
-
-    def bytes_per_block(self) -> int:
-        values = self.num_kv_heads * self.row_width * self.dtype.itemsize
-        scales = self.num_kv_heads * self.scale_dtype.itemsize if self.has_scales else 0
-        return 2 * self.num_layers * self.block_size * (values + scales)
 
 
 @dataclass
@@ -169,9 +136,12 @@ class ModelRunner:
         if not self.attention_layers:
             raise AdaqError("the model has no attention layers with a k_cache attribute: cannot attach a KV cache")
         self.global_layers, self.sliding_layers = _kv_groups(self.attention_layers, config.window_kv)
-        self.sliding_window = max((layer.sliding_window for layer in self.sliding_layers), default=None)
-        self.geometry = _kv_geometry(model_config, self.global_layers, config)
-        self.sliding_geometry = _kv_geometry(model_config, self.sliding_layers, config) if self.sliding_layers else None
+        self.kv_pools = KVPools.plan(_layer_kv(model_config, self.attention_layers), window_kv=config.window_kv,
+                                     block_size=config.block_size, dtype=config.kv_dtype,
+                                     max_num_seqs=config.max_num_seqs,
+                                     max_step_tokens=config.max_num_batched_tokens)
+        self.sliding_window = self.kv_pools.sliding_window
+        self.geometry, self.sliding_geometry = self.kv_pools.geometry, self.kv_pools.sliding
         self.state_layers = [module for module in model.modules() if hasattr(module, "ssm_state")]
         state_dtype = getattr(model, "dtype", config.dtype)  # conv states hold the model's activations
         self.state_geometry = StateGeometry.of(self.state_layers, state_dtype) if self.state_layers else None
@@ -195,8 +165,7 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------------------
     @property
     def kv_cache_bytes(self) -> int:
-        sliding = self.num_sliding_blocks * self.sliding_geometry.bytes_per_block() if self.sliding_geometry else 0
-        return self.num_blocks * self.geometry.bytes_per_block() + sliding
+        return self.kv_pools.nbytes(self.num_blocks)
 
     def _plan_num_blocks(self) -> tuple[int, int]:
         """(global blocks, sliding blocks including the null block; 0 without a sliding pool)."""
@@ -234,27 +203,11 @@ class ModelRunner:
                         f"--gpu-memory-utilization) to change it")
             self.max_model_len = self.config.max_model_len = capacity
 
-    def _sliding_pool_need(self) -> int:
-        return sliding_pool_blocks(self.sliding_window, self.geometry.block_size, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens)
-
     def _sliding_blocks_beside(self, num_blocks: int) -> int:
-        """The sliding pool next to `num_blocks` global blocks: what it needs, never more than the global pool
-        (a sequence never holds more sliding blocks than global ones), plus the null block."""
-        return min(num_blocks, self._sliding_pool_need()) + 1 if self.sliding_geometry else 0
+        return self.kv_pools.sliding_blocks_beside(num_blocks)
 
     def _global_blocks_in(self, budget: int) -> int:
-        """Global blocks when `budget` bytes hold both pools: the sliding pool takes what it needs (or as many blocks
-        as the global pool, when the budget is too small for that), the global pool the rest."""
-        global_bytes = self.geometry.bytes_per_block()
-        if self.sliding_geometry is None:
-            return budget // global_bytes
-        sliding_bytes = self.sliding_geometry.bytes_per_block()
-        equal = (budget - sliding_bytes) // (global_bytes + sliding_bytes)
-        need = self._sliding_pool_need()
-        if equal <= need:
-            return max(equal, 0)
-        return (budget - (need + 1) * sliding_bytes) // global_bytes
+        return self.kv_pools.global_blocks_in(budget)
 
     def _plan_state_slots(self, budget: int | None) -> int:
         """Hybrid models: choose the state slots (all of max_num_seqs when `budget` is None) and return the bytes
@@ -574,12 +527,9 @@ def _cache_tensors(g: "KVGeometry", num_blocks: int, device, unit_scales: bool =
 
 
 def _kv_groups(layers: list[torch.nn.Module], window_kv: bool) -> tuple[list, list]:
-    """(global-pool layers, sliding-pool layers): the sliding-window layers get a pool of their own when window_kv
-    is on and the model has global layers too (a model of sliding layers only keeps one full-size pool)."""
-    sliding = [layer for layer in layers if getattr(layer, "sliding_window", None)]
-    if not window_kv or not sliding or len(sliding) == len(layers):
-        return layers, []
-    return [layer for layer in layers if not getattr(layer, "sliding_window", None)], sliding
+    """(global-pool layers, sliding-pool layers), as kv_layout.split_pools splits them."""
+    global_, sliding = split_pools([getattr(layer, "sliding_window", None) for layer in layers], window_kv)
+    return [layers[index] for index in global_], [layers[index] for index in sliding]
 
 
 def _physical_memory_bytes() -> int:
@@ -593,18 +543,15 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
-def _kv_geometry(model_config: dict, layers: list[torch.nn.Module], config: EngineConfig) -> KVGeometry:
-    """Cache geometry from the attention layers themselves (num_kv_heads, head_dim), else from config.json; with
-    layers of different shapes, the most KV heads and a head_dim that makes the slot as wide as the widest layer."""
+def _layer_kv(model_config: dict, layers: list[torch.nn.Module]) -> list[LayerKV]:
+    """Each attention layer's KV heads, head_dim and window, from the layer itself, else from config.json."""
     text = text_config(model_config)
     num_heads = text["num_attention_heads"]
     default_dim = text.get("head_dim") or text["hidden_size"] // num_heads
     default_heads = text.get("num_key_value_heads") or num_heads
-    shapes = [(getattr(layer, "num_kv_heads", None) or default_heads, getattr(layer, "head_dim", None) or default_dim)
-              for layer in layers]
-    num_kv_heads = max(heads for heads, _ in shapes)
-    head_dim = -(-max(heads * dim for heads, dim in shapes) // num_kv_heads)
-    return KVGeometry(len(layers), num_kv_heads, head_dim, config.block_size, config.kv_dtype)
+    return [LayerKV(getattr(layer, "num_kv_heads", None) or default_heads,
+                    getattr(layer, "head_dim", None) or default_dim, getattr(layer, "sliding_window", None))
+            for layer in layers]
 
 
 def layer_view(cache: torch.Tensor, heads: int, dim: int) -> torch.Tensor:

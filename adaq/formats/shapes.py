@@ -10,7 +10,6 @@ TIED_BY_DEFAULT = {"Gemma3ForCausalLM": True, "Gemma3ForConditionalGeneration": 
 NORMS_PER_LAYER = {"Gemma3": 4}  # hidden-sized norms per layer: Gemma3 adds pre/post-feedforward norms
 HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_next")  # Gated DeltaNet + gated attention (q_proj twice as wide)
 DEFAULT_FULL_ATTENTION_INTERVAL = 4  # transformers' default when config.json leaves out layer_types
-STATE_DTYPE_BYTES = {"conv": 2, "recurrent": 4}  # conv state in the compute dtype (bf16), recurrent state fp32
 
 
 @dataclass(frozen=True)
@@ -103,13 +102,6 @@ class ModelShape:
     @property
     def linear_conv_dim(self) -> int:
         return 2 * self.linear_key_heads * self.linear_key_dim + self.linear_value_heads * self.linear_value_dim
-
-    def state_bytes_per_sequence(self) -> int:
-        """Every Gated DeltaNet layer's conv state [C, Kc-1] (bf16) and recurrent state [Hv, Dk, Dv] (fp32)."""
-        conv = self.linear_conv_dim * (self.linear_conv_kernel - 1) * STATE_DTYPE_BYTES["conv"]
-        recurrent = self.linear_value_heads * self.linear_key_dim * self.linear_value_dim * STATE_DTYPE_BYTES[
-            "recurrent"]
-        return self.linear_layers * (conv + recurrent)
 
     def linear_attention_linears(self) -> dict[str, tuple[int, int]]:
         """(N, K) of each Linear of a Gated DeltaNet layer."""

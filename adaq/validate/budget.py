@@ -2,25 +2,28 @@
 
 Every figure is in bytes and follows a stated formula, so a user can redo it by hand:
 - weights: quantized Linears in the decode kernel's layout (nvfp4_linear_bytes), kept tensors at bf16;
-- KV cache: tokens × 2 (K and V) × kv_heads × bytes per (token, kv head): bf16 2 × head_dim, FP8 head_dim + a
-  4-byte scale, NVFP4 head_dim / 2 + head_dim / 16 + a 1-byte exponent
-  (adaq.backends.numerics.attention.kv_bytes_per_token_head, docs/ARCHITECTURE.md), summed over layers. Global layers hold batch × context
-  rounded up to KV_BLOCK_SIZE; with window-sized KV (the engine's default) sliding-window layers hold what the
-  engine's sliding pool holds at max_num_seqs = batch: the lesser of that and batch × (window + 2 blocks) + one
-  step's tokens, plus its null block (adaq.engine.block_manager.sliding_pool_blocks);
-  every layer's KV sits in a slot as wide as the widest layer's (Gemma 4's global layers have their own
-  kv_heads × head_dim: ModelShape.kv_slot);
+- KV cache: the engine's own layout and sizing (adaq.engine.kv_layout, the rule model_runner.py allocates with):
+  each layer's (KV heads, head_dim, window) from config.json; one pool, or with window-sized KV (the engine's
+  default) a global pool and a pool of the sliding-window layers; per layer and token a slot as wide as its pool's
+  widest layer, 2 (K and V) x kv_heads x bytes per (token, kv head): bf16 2 x head_dim, FP8 head_dim + a 4-byte
+  scale, NVFP4 head_dim / 2 + head_dim / 16 + a 1-byte exponent (kv_bytes_per_token_head, docs/ARCHITECTURE.md).
+  The global pool holds batch x context rounded up to KV_BLOCK_SIZE; the sliding pool what the engine's holds at
+  max_num_seqs = batch: the lesser of that and batch x (window + 2 blocks) + one step's tokens, plus its null block
+  (adaq.engine.block_manager.sliding_pool_blocks);
 - activations/workspace at the largest step the engine runs (see activation_bytes);
 - CUDA context: the driver context and loaded kernels outside torch's allocator, a constant measured on a GPU;
 - hybrid models (Gated DeltaNet): KV only in the full-attention layers, plus the state cache, batch × every GDN
-  layer's conv state (C × (Kc-1) × 2 bytes) and recurrent state (Hv × Dk × Dv × 4 bytes) per sequence.
+  layer's conv state (C × (Kc-1) × 2 bytes) and recurrent state (Hv × Dk × Dv × 4 bytes) per sequence
+  (adaq.engine.state_cache.StateGeometry, as the engine allocates it).
 """
 
 import math
 from dataclasses import dataclass, field
 
 from adaq.backends.numerics.attention import KV_CACHE_DTYPE_NAMES, kv_bytes_per_token_head
-from adaq.engine.block_manager import sliding_pool_blocks
+from adaq.engine.config import KV_CACHE_DTYPES
+from adaq.engine.kv_layout import KVPools, LayerKV
+from adaq.engine.state_cache import StateGeometry
 from adaq.errors import AdaqError
 from adaq.formats.nvfp4 import GROUP_SIZE
 from adaq.formats.shapes import ModelShape
@@ -29,7 +32,8 @@ from adaq.validate.rules import kernel_tiles
 GiB = 1024**3
 MiB = 1024**2
 KV_BLOCK_SIZE = 16  # tokens per paged KV block
-MAX_BATCHED_TOKENS = 8192  # tokens the engine prefills in one step (at least one whole prompt)
+MAX_BATCHED_TOKENS = 8192  # the engine's max_num_batched_tokens on a GPU: longer prompts are prefilled in chunks
+FIT_BATCHES = (1, 16)  # batches whose largest context every budget reports
 DECODE_SPLITS = 16  # flash-decoding partial results per (sequence, head)
 # Memory outside torch's allocator, measured on the H100 (driver 580, torch 2.11 + CUDA 13, lazy module loading):
 # 619 MiB for the bare context, 695 MiB once cuBLAS/cuBLASLt (bf16 and FP8 GEMM), SDPA and elementwise kernels
@@ -109,51 +113,60 @@ def linear_attention_params(shape: ModelShape) -> int:
     return shape.linear_layers * (projections + conv + 2 * shape.linear_value_heads + shape.linear_value_dim)
 
 
-def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
-    """One token's K and V in every layer with a KV cache, with the FP8 scheme's fp32 scale per (token, kv head)."""
-    return kv_bytes_per_token_per_layer(shape, kv_dtype) * shape.kv_layers
+def kv_layer_shapes(shape: ModelShape) -> list[LayerKV]:
+    """Each layer with a KV cache as the engine sees it: KV heads, head_dim, sliding window (None: global)."""
+    if shape.global_layers:  # Gemma 4: global layers have their own KV heads and head_dim
+        return [LayerKV(*shape.attention_shape(layer), None if layer in shape.global_layers else shape.sliding_window)
+                for layer in range(shape.layers)]
+    sliding = min(shape.sliding_layers, shape.kv_layers)
+    return [LayerKV(shape.kv_heads, shape.head_dim, shape.sliding_window if layer < sliding else None)
+            for layer in range(shape.kv_layers)]
 
 
-def kv_bytes_per_token_per_layer(shape: ModelShape, kv_dtype: str) -> int:
-    kv_heads, head_dim = shape.kv_slot
-    return 2 * kv_heads * kv_bytes_per_token_head(kv_dtype, head_dim)
+def kv_pools(shape: ModelShape, kv_dtype: str, window_kv: bool = True, batch: int = 1,
+             batched_tokens: int = MAX_BATCHED_TOKENS) -> KVPools:
+    """The engine's KV pools for this model at max_num_seqs = batch and max_num_batched_tokens = batched_tokens."""
+    return KVPools.plan(kv_layer_shapes(shape), window_kv=window_kv, block_size=KV_BLOCK_SIZE,
+                        dtype=KV_CACHE_DTYPES[kv_dtype], max_num_seqs=batch, max_step_tokens=batched_tokens)
 
 
-def windowed_layers(shape: ModelShape, window_kv: bool) -> int:
-    """Layers whose KV the engine sizes to their window: the sliding ones, when global layers exist beside them."""
-    return shape.sliding_layers if window_kv and 0 < shape.sliding_layers < shape.layers else 0
-
-
-def sliding_kv_tokens(shape: ModelShape, batch: int, context: int, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
-    """Tokens a sliding-window layer holds: the engine's sliding pool at max_num_seqs = batch, its null block
-    included, never more blocks than the global layers hold."""
-    global_blocks = batch * math.ceil(context / KV_BLOCK_SIZE)
-    need = sliding_pool_blocks(shape.sliding_window, KV_BLOCK_SIZE, batch, batched_tokens)
-    return (min(global_blocks, need) + 1) * KV_BLOCK_SIZE
+def kv_bytes_per_token(shape: ModelShape, kv_dtype: str, window_kv: bool = True) -> int:
+    """One token's K and V in every layer with a KV cache (in its pool's slot), scales included."""
+    return kv_pools(shape, kv_dtype, window_kv).bytes_per_token()
 
 
 def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str, window_kv: bool = True,
                    batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
-    per_layer = kv_bytes_per_token_per_layer(shape, kv_dtype)
-    windowed = windowed_layers(shape, window_kv)
-    tokens = batch * math.ceil(context / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
-    sliding = sliding_kv_tokens(shape, batch, context, batched_tokens) if windowed else 0
-    return per_layer * ((shape.kv_layers - windowed) * tokens + windowed * sliding)
+    """Both pools when the global one holds `batch` sequences of `context` tokens."""
+    return kv_pools(shape, kv_dtype, window_kv, batch, batched_tokens).nbytes(batch * math.ceil(context /
+                                                                                                KV_BLOCK_SIZE))
 
 
-def step_tokens(batch: int, context: int) -> int:
-    """Tokens in the largest step: a prefill batch of up to MAX_BATCHED_TOKENS, never less than one prompt."""
-    return min(batch * context, max(context, MAX_BATCHED_TOKENS))
+def state_geometry(shape: ModelShape) -> StateGeometry:
+    """The Gated DeltaNet state slots as the engine allocates them on a GPU (conv states in bf16)."""
+    conv = (shape.linear_conv_dim, shape.linear_conv_kernel - 1)
+    ssm = (shape.linear_value_heads, shape.linear_key_dim, shape.linear_value_dim)
+    return StateGeometry(shape.linear_layers, conv, ssm, KV_CACHE_DTYPES["bf16"])
 
 
-def activation_bytes(shape: ModelShape, batch: int, context: int) -> dict[str, int]:
-    """Peak activations and workspace of one step with T = step_tokens(batch, context), bf16 = 2 bytes:
-    residual stream 2·T·H·2; the wider of attention T·(2·Hq + 2·Hkv)·D·2 (q/k/v and attention output) and
+def state_bytes_per_sequence(shape: ModelShape) -> int:
+    return state_geometry(shape).bytes_per_slot() if shape.linear_layers else 0
+
+
+def step_tokens(batch: int, context: int, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+    """Tokens in the largest step: the scheduler cuts prompts into chunks so that no step exceeds batched_tokens."""
+    return min(batch * context, batched_tokens)
+
+
+def activation_bytes(shape: ModelShape, batch: int, context: int,
+                     batched_tokens: int = MAX_BATCHED_TOKENS) -> dict[str, int]:
+    """Peak activations and workspace of one step with T = step_tokens(batch, context, batched_tokens), bf16 = 2
+    bytes: residual stream 2·T·H·2; the wider of attention T·(2·Hq + 2·Hkv)·D·2 (q/k/v and attention output) and
     MLP T·3·I·2 (gate/up output + activated; I = top-k × expert width for MoE, plus fp32 router logits T·E·4);
     the FP8 copy of a GEMM input T·Kmax + T·4; one NVFP4 weight expanded to FP8 for the prefill GEMM, fused
     gate/up or q/k/v, N·K + N·4; fp32 logits and sampling probabilities of the last token of each sequence
     2·B·V·4; flash-decoding partials B·Hq·DECODE_SPLITS·(D + 2)·4. Attention is fused (no T×T scores)."""
-    t = step_tokens(batch, context)
+    t = step_tokens(batch, context, batched_tokens)
     attention = t * (2 * shape.q_width + 2 * shape.kv_width) * 2
     mlp = t * 3 * shape.mlp_width * 2 + t * shape.experts * 4
     k_max = max(shape.hidden, shape.q_width, shape.dense_intermediate, shape.moe_intermediate)
@@ -179,7 +192,7 @@ class Budget:
     kv_dtype: str
     weights: WeightBytes
     kv_cache: int
-    kv_per_token: int  # every layer, as if each held the whole context
+    kv_per_token: int  # every layer (in its pool's slot), as if each held the whole context
     activations: dict[str, int]
     cuda_context: int
     max_batch: int  # at this context
@@ -187,6 +200,10 @@ class Budget:
     max_context_capped: bool  # max_context stopped at the model's max_position_embeddings
     notes: list[str] = field(default_factory=list)
     state_cache: int = 0  # hybrid models: the Gated DeltaNet states of `batch` sequences
+    window_kv: bool = True
+    batched_tokens: int = MAX_BATCHED_TOKENS  # max_num_batched_tokens: the prefill chunk
+    context_fit: dict[int, int] = field(default_factory=dict)  # batch -> largest context (FIT_BATCHES and `batch`)
+    context_limit: int | None = None  # the model's max_position_embeddings, where every search stops
 
     @property
     def usable(self) -> int:
@@ -209,17 +226,29 @@ class Budget:
             "kv_cache_bytes": self.kv_cache, "kv_bytes_per_token": self.kv_per_token,
             "state_cache_bytes": self.state_cache,
             "activations_bytes": sum(self.activations.values()), "activations": self.activations,
+            "activation_step_tokens": self.step_tokens,
             "cuda_context_bytes": self.cuda_context, "total_bytes": self.total, "fits": self.fits,
             "max_batch_at_context": self.max_batch, "max_context_at_batch": self.max_context,
-            "max_context_capped_by_model": self.max_context_capped, "notes": self.notes,
+            "max_context_capped_by_model": self.max_context_capped, "window_kv": self.window_kv,
+            "max_num_batched_tokens": self.batched_tokens,
+            "max_context_by_batch": {str(batch): {"max_context": context, "capped_by_model": self.capped(context)}
+                                     for batch, context in self.context_fit.items()},
+            "notes": self.notes,
         }
+
+    @property
+    def step_tokens(self) -> int:
+        return step_tokens(self.batch, self.context, self.batched_tokens)
+
+    def capped(self, context: int) -> bool:
+        return self.context_limit is not None and context == self.context_limit
 
 
 def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str,
                 window_kv: bool = True, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
     return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype, window_kv, batched_tokens)
-            + batch * shape.state_bytes_per_sequence()
-            + sum(activation_bytes(shape, batch, context).values()) + CUDA_CONTEXT_BYTES)
+            + batch * state_bytes_per_sequence(shape)
+            + sum(activation_bytes(shape, batch, context, batched_tokens).values()) + CUDA_CONTEXT_BYTES)
 
 
 def largest(fits, limit: int = MAX_SEARCH) -> int:
@@ -244,45 +273,61 @@ def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context:
          utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
          batched_tokens: int = MAX_BATCHED_TOKENS) -> Budget:
     """`window_kv`: the engine's window-sized KV for sliding layers (EngineConfig.window_kv); `batched_tokens`: its
-    max_num_batched_tokens (the chunk a sliding layer holds beyond its windows)."""
+    max_num_batched_tokens (the prefill chunk: the largest step's activations, and what a sliding layer holds beyond
+    its windows). The engine is taken to run with max_num_seqs = batch."""
     check_plan_options(batch, context, kv_dtype, utilization)
+    if batched_tokens < 1:
+        raise AdaqError(f"--max-num-batched-tokens {batched_tokens}: must be at least 1")
     usable = int(gpu.memory * utilization)
     kv_options = (kv_dtype, window_kv, batched_tokens)
     fits = lambda b, t: total_bytes(shape, weights, b, t, *kv_options) <= usable  # noqa: E731
     context_limit = shape.max_position or MAX_SEARCH
-    max_context = largest(lambda t: t == 0 or fits(batch, t), context_limit)
+    context_fit = {b: largest(lambda t, b=b: t == 0 or fits(b, t), context_limit)
+                   for b in sorted({*FIT_BATCHES, batch})}
     return Budget(
         gpu=gpu, utilization=utilization, batch=batch, context=context, kv_dtype=kv_dtype, weights=weights,
-        kv_cache=kv_cache_bytes(shape, batch, context, *kv_options), kv_per_token=kv_bytes_per_token(shape, kv_dtype),
-        activations=activation_bytes(shape, batch, context), cuda_context=CUDA_CONTEXT_BYTES,
+        kv_cache=kv_cache_bytes(shape, batch, context, *kv_options),
+        kv_per_token=kv_bytes_per_token(shape, kv_dtype, window_kv),
+        activations=activation_bytes(shape, batch, context, batched_tokens), cuda_context=CUDA_CONTEXT_BYTES,
         max_batch=largest(lambda b: b == 0 or fits(b, context)),
-        max_context=max_context, max_context_capped=max_context == context_limit and shape.max_position is not None,
-        notes=budget_notes(shape, batch, context, window_kv, batched_tokens),
-        state_cache=batch * shape.state_bytes_per_sequence(),
+        max_context=context_fit[batch],
+        max_context_capped=context_fit[batch] == context_limit and shape.max_position is not None,
+        notes=budget_notes(shape, batch, context, window_kv, batched_tokens, kv_dtype),
+        state_cache=batch * state_bytes_per_sequence(shape), window_kv=window_kv, batched_tokens=batched_tokens,
+        context_fit=context_fit, context_limit=shape.max_position,
     )
 
 
 def budget_notes(shape: ModelShape, batch: int = 1, context: int = 0, window_kv: bool = True,
-                 batched_tokens: int = MAX_BATCHED_TOKENS) -> list[str]:
-    notes = [f"activations at up to {MAX_BATCHED_TOKENS} prefill tokens per step (never less than one prompt); "
-             f"CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
+                 batched_tokens: int = MAX_BATCHED_TOKENS, kv_dtype: str = "fp8") -> list[str]:
+    notes = [f"activations of a step of {step_tokens(batch, context, batched_tokens)} tokens: prompts are prefilled "
+             f"in chunks of max_num_batched_tokens {batched_tokens}, the step at which the engine's warm-up measures "
+             f"its activation peak (max_num_seqs = batch); CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
+    pools = kv_pools(shape, kv_dtype, window_kv, batch, batched_tokens)
     if shape.global_layers:
-        heads, dim = shape.kv_slot
         notes.append(f"Gemma 4: {len(shape.global_layers)} global layers (head_dim {shape.global_head_dim}, "
                      f"{shape.global_kv_heads} KV heads{', K used as V' if shape.k_eq_v else ''}) and "
                      f"{shape.layers - len(shape.global_layers)} others (head_dim {shape.head_dim}, {shape.kv_heads} "
-                     f"KV heads); each layer's KV slot holds {heads} heads x {dim}, the widest layer's K or V")
-    if windowed_layers(shape, window_kv):
-        tokens = sliding_kv_tokens(shape, batch, context, batched_tokens)
-        notes.append(f"window-sized KV: the {shape.sliding_layers} sliding-window layers (window "
-                     f"{shape.sliding_window}) hold {min(tokens, batch * context)} tokens at most (windows of {batch} "
-                     f"sequence(s) + a step of {batched_tokens}), the {shape.layers - shape.sliding_layers} global "
-                     f"layers the whole context")
+                     f"KV heads); {pool_slots(pools)}")
+    if pools.sliding:
+        blocks = pools.sliding_blocks_beside(batch * math.ceil(context / KV_BLOCK_SIZE))
+        notes.append(f"window-sized KV: the {pools.sliding.num_layers} sliding-window layers (window "
+                     f"{pools.sliding_window}) hold {blocks * KV_BLOCK_SIZE} tokens at most (windows of {batch} "
+                     f"sequence(s) + a step of {batched_tokens} + the null block), the {pools.geometry.num_layers} "
+                     f"global layers the whole context")
     elif shape.sliding_layers:
         notes.append(f"KV at full context in all {shape.layers} layers: the {shape.sliding_layers} sliding-window "
                      f"layers (window {shape.sliding_window}) allocated like the others (window-sized KV off)")
     if shape.linear_layers:
         notes.append(f"KV in the {shape.kv_layers} full-attention layers only; the {shape.linear_layers} Gated "
-                     f"DeltaNet layers keep {shape.state_bytes_per_sequence() / MiB:.2f} MiB of state per sequence "
+                     f"DeltaNet layers keep {state_bytes_per_sequence(shape) / MiB:.2f} MiB of state per sequence "
                      f"(conv bf16, recurrent fp32), whatever its length")
     return notes
+
+
+def pool_slots(pools: KVPools) -> str:
+    """The engine's KV slots, e.g. 'KV slots of 4 heads x 512 (global pool) and 16 x 256 (sliding pool)'."""
+    slot = lambda g: f"{g.num_kv_heads} heads x {g.head_dim}"  # noqa: E731
+    if pools.sliding:
+        return f"KV slots of {slot(pools.geometry)} (global pool) and {slot(pools.sliding)} (sliding pool)"
+    return f"one KV pool, each layer's slot {slot(pools.geometry)}, the widest layer's K or V"

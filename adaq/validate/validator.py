@@ -1,5 +1,6 @@
 """`adaq validate` as a library call: is this checkpoint runnable by adaq's sm_89 kernels, and does it fit?"""
 
+import json
 import math
 import shutil
 from collections import Counter
@@ -19,6 +20,7 @@ from adaq.validate.budget import (
     Gpu,
     WeightBytes,
     check_plan_options,
+    estimate_weight_bytes,
     nvfp4_linear_bytes,
     plan,
 )
@@ -84,7 +86,8 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
                         utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
                         max_num_batched_tokens: int = MAX_BATCHED_TOKENS, level: str = "full",
                         compile_progress=None, tp: int = 1) -> ValidationReport:
-    """Check a checkpoint folder's layout and values for `arch` and plan its VRAM on `gpu` (None: no plan;
+    """Check a checkpoint folder's layout and values for `arch` and plan its VRAM on `gpu` (None: no plan; a
+    config.json path instead of a folder: the config checks and the plan only, weights estimated;
     `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV; `tp`:
     tensor-parallel ranks, whose split rules are checked and whose per-GPU share the plan is).
 
@@ -97,6 +100,12 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
         raise AdaqError(f"unknown validation level {level!r}: one of {', '.join(LEVELS)}")
     tiles, target = tile_rules(arch), None if gpu is None else Gpu.parse(gpu)
     check_plan_options(batch, context, kv_cache_dtype, utilization)
+    if tp < 1:
+        raise AdaqError(f"invalid setting --tp {tp}: must be >= 1")
+    plan_options = PlanOptions(target, batch, context, kv_cache_dtype, utilization, window_kv,
+                               max_num_batched_tokens, tp)
+    if path.is_file() and path.suffix == ".json":
+        return validate_config(path, arch, plan_options, compile, compile_progress)
     require_folder(path)
     headers = check_safetensors_folder(path)
     checkpoint = open_checkpoint(path, check=False)
@@ -111,8 +120,6 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
     if roles is not None:
         checks.merge(check_linears(prefixes, index, roles, tiles, needs_input_scale=checkpoint.scheme == "nvfp4",
                                    read_values=level == "full"))
-    if tp < 1:
-        raise AdaqError(f"invalid setting --tp {tp}: must be >= 1")
     if shape is not None:
         check_structure(checks, shape, checkpoint, set(prefixes))
         if tp > 1:
@@ -121,21 +128,72 @@ def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None =
         check_kept_values(checks, index, kept_names(index, prefixes, roles))
     budget = None
     if shape is not None and target is not None:
-        context = context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
         weights = weights_from_index(index, prefixes, FORMAT_ROLES.get(checkpoint.format))
-        budget = plan(rank_shape(shape, tp), rank_weights(weights, tp), target, batch, context, kv_cache_dtype,
-                      utilization, window_kv, max_num_batched_tokens)
-        if tp > 1:
-            budget.notes.append(budget_note(shape, tp))
-        check_budget(checks, budget, shape)
+        budget = plan_budget(checks, shape, weights, plan_options)
     compiled = compile_check(checks, arch, compile_progress) if compile else None
     return ValidationReport(path, checkpoint.format, checkpoint.scheme, architecture, arch, len(prefixes),
                             len(index.entries), checks.findings, checks.applied, budget, compiled, shape)
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    gpu: Gpu | None
+    batch: int
+    context: int | None
+    kv_cache_dtype: str
+    utilization: float
+    window_kv: bool
+    max_num_batched_tokens: int
+    tp: int
+
+
+def plan_budget(checks: Checks, shape: ModelShape, weights: WeightBytes, options: PlanOptions) -> Budget:
+    """The VRAM plan on options.gpu (one GPU's share with --tp), and the findings it gives."""
+    o = options
+    context = o.context or min(DEFAULT_CONTEXT, shape.max_position or DEFAULT_CONTEXT)
+    budget = plan(rank_shape(shape, o.tp), rank_weights(weights, o.tp), o.gpu, o.batch, context, o.kv_cache_dtype,
+                  o.utilization, o.window_kv, o.max_num_batched_tokens)
+    if o.tp > 1:
+        budget.notes.append(budget_note(shape, o.tp))
+    check_budget(checks, budget, shape)
+    return budget
+
+
+def validate_config(path: Path, arch: str, options: PlanOptions, compile: bool = False,
+                    compile_progress=None) -> ValidationReport:
+    """A config.json without weights: the architecture and config checks, the split rules of --tp, and the VRAM plan
+    with weights estimated from the config (every attention/MLP/expert Linear NVFP4 W4A16, the rest bf16)."""
+    config = read_config(path)
+    checks = Checks()
+    architecture = check_architecture(checks, config)
+    shape = model_shape(checks, config)
+    budget = None
+    if shape is not None and options.tp > 1:
+        problems = divisibility_problems(shape, options.tp)
+        checks.check("tp-split", not problems, "", "; ".join(problems))
+    if shape is not None and options.gpu is not None:
+        budget = plan_budget(checks, shape, estimate_weight_bytes(shape), options)
+        budget.notes.append("weights estimated from config.json alone: every attention, MLP and expert Linear in "
+                            "NVFP4 (the decode kernel's layout), everything else in bf16")
+    compiled = compile_check(checks, arch, compile_progress) if compile else None
+    return ValidationReport(path, "config.json only", None, architecture, arch, 0, 0, checks.findings, checks.applied,
+                            budget, compiled)
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({str(error).splitlines()[0][:200]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a config.json (a JSON object is expected)")
+    return config
+
+
 def check_checkpoint(path: str | Path, level: str = "full") -> ValidationReport:
     """The checks every command runs before it uses a checkpoint (those of `adaq validate`, without the VRAM plan):
     a CheckpointError naming the first problem when there is one, else the report (warnings included)."""
+    require_folder(Path(path))
     report = validate_checkpoint(path, gpu=None, level=level)
     errors = report.errors
     if errors:
