@@ -323,14 +323,16 @@ def test_graph_safety_follows_kernel_coverage():
 
 @needs_nvcc
 def test_nvfp4_kv_kernels_exist(report):
-    """Store per head dim; decode (QT 1) and prefill (QT > 1) attention with NV4 = true for every head dim and
-    group (tiles per csrc/attention.cu visit_attention_nv4 / visit_prefill_nv4); none spills (checked above)."""
+    """Store per head dim; decode (QT 1, default and variant 2 tiling) and prefill (QT > 1) attention with NV4 = true
+    for every head dim and group (tiles per csrc/attention.cu visit_attention_nv4 / visit_prefill_nv4); none spills
+    (checked above)."""
     names = report["sources"]["attention.cu"]["kernels"]
     for dim in (64, 128, 256):
         assert any(f"store_kv_nvfp4_kernelILi{dim}E" in n for n in names), dim
     tiles = {(64, g): 4 for g in (1, 2, 4, 8)} | {(128, g): 4 for g in (1, 2, 8)} | {(128, 4): 2} \
         | {(256, g): 1 for g in (1, 2, 4, 6, 8)}
-    for (dim, group), t in tiles.items():
+    other_tiles = {(128, g): 2 for g in (1, 2, 8)} | {(128, 4): 4} | {(256, g): 2 for g in (1, 2, 4, 6, 8)}  # variant 2
+    for (dim, group), t in [*tiles.items(), *other_tiles.items()]:
         name = f"paged_attention_mma_kernelILi{dim}ELi{group}ELi{t}ELb1ELi1ELb1E"
         assert any(name in n for n in names), name
     for dim, group, t, queries in ((64, 1, 2, 16), (128, 4, 2, 4), (128, 8, 2, 2), (256, 4, 1, 2)):

@@ -1493,7 +1493,8 @@ static int merge_splits(const AttnParams& p, int tokens, int head_dim, cudaStrea
 // Which decode-attention kernel runs (attention_set_variant, for measurements): 0 = the default per shape (tensor
 // cores wherever instantiated and block_size % 16 == 0, else v2), 1 = v2 (CUDA cores), 2 = tensor cores with the
 // other chunks per warp step (head_dim 128: 2 for FP8, 1 for bf16, instead of 4 and 2; measured slower in device
-// run 2), 3 = the default with the splits merged by the last block (in-kernel, counters) instead of a merge kernel.
+// run 2; NVFP4: see visit_attention_nv4), 3 = the default with the splits merged by the last block (in-kernel,
+// counters) instead of a merge kernel.
 static int g_attention_variant = 0;
 
 bool attention_fused_merge() { return g_attention_variant == 3; }
@@ -1550,7 +1551,12 @@ enum KvFormat : int { kKvBf16 = 0, kKvFp8 = 1, kKvNvfp4 = 2 };
 // ptxas spilled (sm_89, nvcc 13: 8 bytes at 168 registers for 128 x 4, 28-40 bytes at 255 for 256 x 2 tiles).
 // 128 x 4 with 3 tiles (no spill) ran 11 % slower than with 2 at 32k keys x batch 16 on the H100 (456 against
 // 411 us, bench/results/session5): the kernel is bound by its dequantizing instructions there, not by the bytes
-// in flight.
+// in flight; 2 tiles also take 128 registers, 4 blocks per SM (3 tiles: 168, 3 blocks).
+// Since the codes convert as 16-bit-apart pairs (27 % fewer instructions in 128 x 4's loop), ptxas fits more
+// tiles without spills: 128 x 4 with 4 tiles (184 registers, 2 blocks per SM: the same chunks in flight per SM as
+// 2 tiles x 4 blocks, half the warps) and 256 with 2 (221-229 registers, 2 blocks; 1 tile: 168, 3 blocks). Which
+// wins is a measurement: variant 2 runs them (head_dim 128: 4 tiles at 4 heads per KV head, 2 at 1, 2, 8; head dim
+// 256: 2), so that one device run compares both tilings without a rebuild.
 template <class Op>
 static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op) {
   if (block_size % 16 != 0) return kUnsupportedShape;
@@ -1558,6 +1564,11 @@ static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op)
   if (head_dim == DIM && group == GRP) return op.template mma<DIM, GRP, TILES, true, true>();
 #define ADAQ_ATTN_NV4_G(DIM, TILES) \
   ADAQ_ATTN_NV4(DIM, 1, TILES) ADAQ_ATTN_NV4(DIM, 2, TILES) ADAQ_ATTN_NV4(DIM, 4, TILES) ADAQ_ATTN_NV4(DIM, 8, TILES)
+  if (g_attention_variant == 2) {
+    ADAQ_ATTN_NV4(128, 1, 2) ADAQ_ATTN_NV4(128, 2, 2) ADAQ_ATTN_NV4(128, 4, 4) ADAQ_ATTN_NV4(128, 8, 2)
+    ADAQ_ATTN_NV4_G(256, 2)
+    ADAQ_ATTN_NV4(256, 6, 2)
+  }
   ADAQ_ATTN_NV4_G(64, 4)
   ADAQ_ATTN_NV4(128, 1, 4) ADAQ_ATTN_NV4(128, 2, 4) ADAQ_ATTN_NV4(128, 4, 2) ADAQ_ATTN_NV4(128, 8, 4)
   ADAQ_ATTN_NV4_G(256, 1)
