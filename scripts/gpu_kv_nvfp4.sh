@@ -25,13 +25,13 @@ if [ "$MODE" != bench ]; then
     -k "(attention or store_kv) and not long_prompts" 2>&1 | tail -n 15 | tee -a "$OUT/kv_nvfp4.log"
 fi
 if [ "$MODE" != tests ]; then
-  log "decode attention microbenchmark: FP8 vs NVFP4, Qwen3-8B heads, 8k / 32k, batch 1 / 16"
+  log "decode attention microbenchmark: FP8 vs NVFP4 (default and variant 2 tiling), Qwen3-8B heads, 8k / 32k, batch 1 / 16"
   timeout 200 python3 -c "
 import json
 from adaq.bench import microbench
-rows = microbench.kv_nvfp4_suite()
+rows = microbench.kv_nvfp4_suite(nvfp4_variants=(None, 2))
 json.dump({'device': __import__('torch').cuda.get_device_name(), 'rows': rows}, open('$OUT/kv_nvfp4_attention.json', 'w'), indent=1)
 for r in rows:
-    print(f\"{r['kv_dtype']:6} batch {r['batch']:3} ctx {r['context']:6} {r['us']:9.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f} % of copy, splits {r['splits']}\")
+    print(f\"{r['kv_dtype']:6} v{r['variant']} batch {r['batch']:3} ctx {r['context']:6} {r['us']:9.1f} us {r['GB/s']:7.0f} GB/s {r.get('pct_of_copy', 0):5.1f} % of copy, splits {r['splits']}\")
 " 2>&1 | tail -n 20 | tee -a "$OUT/kv_nvfp4.log"
 fi

@@ -323,14 +323,16 @@ def test_graph_safety_follows_kernel_coverage():
 
 @needs_nvcc
 def test_nvfp4_kv_kernels_exist(report):
-    """Store per head dim; decode (QT 1) and prefill (QT > 1) attention with NV4 = true for every head dim and
-    group (tiles per csrc/attention.cu visit_attention_nv4 / visit_prefill_nv4); none spills (checked above)."""
+    """Store per head dim; decode (QT 1, default and variant 2 tiling) and prefill (QT > 1) attention with NV4 = true
+    for every head dim and group (tiles per csrc/attention.cu visit_attention_nv4 / visit_prefill_nv4); none spills
+    (checked above)."""
     names = report["sources"]["attention.cu"]["kernels"]
     for dim in (64, 128, 256):
         assert any(f"store_kv_nvfp4_kernelILi{dim}E" in n for n in names), dim
     tiles = {(64, g): 4 for g in (1, 2, 4, 8)} | {(128, g): 4 for g in (1, 2, 8)} | {(128, 4): 2} \
         | {(256, g): 1 for g in (1, 2, 4, 6, 8)}
-    for (dim, group), t in tiles.items():
+    other_tiles = {(128, g): 2 for g in (1, 2, 8)} | {(128, 4): 4} | {(256, g): 2 for g in (1, 2, 4, 6, 8)}  # variant 2
+    for (dim, group), t in [*tiles.items(), *other_tiles.items()]:
         name = f"paged_attention_mma_kernelILi{dim}ELi{group}ELi{t}ELb1ELi1ELb1E"
         assert any(name in n for n in names), name
     for dim, group, t, queries in ((64, 1, 2, 16), (128, 4, 2, 4), (128, 8, 2, 2), (256, 4, 1, 2)):
@@ -338,9 +340,10 @@ def test_nvfp4_kv_kernels_exist(report):
         assert any(name in n for n in names), name
 
 
-def e2m1x2_to_f16x2(x: torch.Tensor) -> torch.Tensor:
-    """csrc/attention.cu e2m1x2_to_f16x2 on int64 words: two f16 per word (low half first)."""
-    bits = ((x & 0x7) << 9) | ((x & 0x8) << 12) | ((x & 0x70) << 21) | ((x & 0x80) << 24)
+def e2m1_pair_f16x2(w: torch.Tensor, i: int) -> torch.Tensor:
+    """csrc/attention.cu e2m1_pair_f16x2 on int64 words of 32 bits: codes i and i + 4 as two f16 (code i first)."""
+    magnitude = w << (9 - 4 * i) if i < 3 else w >> 3
+    bits = (magnitude & 0x0E000E00) | ((w << (12 - 4 * i)) & 0x80008000)
     return _u16_to_f16(torch.stack([bits & 0xFFFF, bits >> 16], dim=-1))
 
 
@@ -349,20 +352,47 @@ def _u16_to_f16(halves: torch.Tensor) -> torch.Tensor:
     return signed.view(torch.float16)
 
 
-def test_e2m1_to_f16_bit_trick_is_exact_for_every_byte():
-    """Every byte (two E2M1 codes) becomes f16 pairs equal to e2m1 * 2^-14 (subnormal f16 for +-0.5 * 2^-14)."""
-    byte = torch.arange(256, dtype=torch.int64)
-    pairs = e2m1x2_to_f16x2(byte).double() * 2.0 ** 14
-    expected = torch.stack([nvfp4.e2m1_decode(byte & 0xF), nvfp4.e2m1_decode(byte >> 4)], dim=-1).double()
-    assert torch.equal(pairs, expected)
-    assert torch.equal(torch.signbit(pairs), ((byte[:, None] >> torch.tensor([3, 7])) & 1).bool())  # -0 kept
+def byte_perm(x: torch.Tensor, y: torch.Tensor, selector: int) -> torch.Tensor:
+    """__byte_perm (prmt): byte n of the result is byte (selector >> 4n) & 7 of the 8 bytes y:x."""
+    out = torch.zeros_like(x)
+    for n in range(4):
+        pick = (selector >> (4 * n)) & 7
+        out |= (((x if pick < 4 else y) >> (8 * (pick % 4))) & 0xFF) << (8 * n)
+    return out
+
+
+def nibbles(words: torch.Tensor) -> torch.Tensor:
+    """[..., n] 32-bit words -> [..., 8n] E2M1 codes, code 8w + i = bits [4i, 4i + 4) of word w."""
+    return torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).flatten(-2)
+
+
+def e4m3_byte_values(byte: torch.Tensor) -> torch.Tensor:
+    return byte.to(torch.uint8).view(torch.float8_e4m3fn).double()
+
+
+def _words_with_every_code_everywhere(gen: torch.Generator) -> torch.Tensor:
+    """Random 32-bit words, plus for each position and each of the 16 codes words holding that code there."""
+    rand = torch.randint(0, 2**32, (4096,), dtype=torch.int64, generator=gen)
+    placed = [(rand[:64] & ~(0xF << (4 * pos))) | (code << (4 * pos)) for pos in range(8) for code in range(16)]
+    return torch.cat([rand, *placed, torch.tensor([0, 0xFFFFFFFF, 0x88888888, 0x77777777])])
+
+
+def test_e2m1_pair_bit_trick_is_exact_for_every_code_at_every_position():
+    """Pair i of a word (codes i and i + 4, 16 bits apart) becomes f16 e2m1 * 2^-14 exactly, -0 kept."""
+    words = _words_with_every_code_everywhere(torch.Generator().manual_seed(0))
+    codes = nibbles(words[:, None])
+    for i in range(4):
+        pair = e2m1_pair_f16x2(words, i).double()
+        expected = torch.stack([nvfp4.e2m1_decode(codes[:, i]), nvfp4.e2m1_decode(codes[:, i + 4])], -1).double()
+        assert torch.equal(pair * 2.0 ** 14, expected), i
+        assert torch.equal(torch.signbit(pair), torch.stack([codes[:, i] >= 8, codes[:, i + 4] >= 8], -1))
 
 
 def test_e2m1_times_block_scale_is_exact_in_f16():
     """mul.rn.f16x2(e2m1 * 2^-14, s * 2^7) = e2m1 * s * 2^-7 exactly for every code and every finite positive E4M3
     scale, subnormals included (emulated with torch's f16 multiply: fp32 product, one rounding to f16)."""
     codes = torch.arange(16, dtype=torch.int64)
-    values = _u16_to_f16(((codes & 7) << 9) | ((codes & 8) << 12))  # the low half of the trick
+    values = e2m1_pair_f16x2(codes, 0)[:, 0]  # code 0 of each word
     scale_bytes = torch.arange(1, 0x7F, dtype=torch.uint8)  # 0x7F is NaN
     scales = scale_bytes.view(torch.float8_e4m3fn).to(torch.float16) * 128  # nv4_scales_f16x2: exact (<= 57344)
     assert torch.isfinite(scales).all()
@@ -372,17 +402,110 @@ def test_e2m1_times_block_scale_is_exact_in_f16():
     assert torch.equal(product.double(), exact)
 
 
-def test_v_nibble_regrouping_pairs_keys_per_dim():
-    """The V path's masks: from bytes x (key 2c) and y (key 2c+1), byte 0 pairs their dim 2i (low nibbles), byte 1
-    their dim 2i + 1 (high nibbles), low nibble = key 2c."""
-    gen = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, 2**32, (1000,), dtype=torch.int64, generator=gen) for _ in range(2))
-    for i in range(4):
-        xb, yb = (x >> (8 * i)) & 0xFF, (y >> (8 * i)) & 0xFF
-        low = (xb & 0x0F) | ((yb & 0x0F) << 4)
-        high = ((xb >> 4) & 0x0F) | (yb & 0xF0)
-        assert torch.equal(low & 0xF, xb & 0xF) and torch.equal(low >> 4, yb & 0xF)
-        assert torch.equal(high & 0xF, xb >> 4) and torch.equal(high >> 4, yb >> 4)
+def _bf16_halves(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    as_f32 = lambda bits: bits.to(torch.int32).view(torch.float32).double()  # noqa: E731
+    return as_f32((words & 0xFFFF) << 16), as_f32(words & 0xFFFF0000)
+
+
+def kernel_nv4_k_dot_q(k_words: torch.Tensor, k_scale_bytes: torch.Tensor, q_words: torch.Tensor) -> torch.Tensor:
+    """paged_attention_mma_kernel<NV4>: one thread's share of one key's score, its K A fragment (a[j], a[2 + j])
+    times Q's B fragment (qf[kk][0], qf[kk][1]) over the k16 steps, element by element in the MMA's k order.
+    k_words [n, S/8] (the key's slice of S dims), k_scale_bytes [n, S/16] (its block scales), q_words [n, S/2]."""
+    total = torch.zeros(k_words.shape[0], dtype=torch.float64)
+    for kk in range(k_words.shape[1] * 2):
+        w = k_words[:, kk // 2]
+        kbs = pack_bytes(k_scale_bytes)  # the 1, 2 or 4 scale bytes as one register
+        scale = e4m3_byte_values(byte_perm(kbs, torch.zeros_like(kbs), (kk // 4) * 0x11) & 0xFF) * 128  # (s, s)
+        a = torch.cat([e2m1_pair_f16x2(w, 2 * (kk & 1)), e2m1_pair_f16x2(w, 2 * (kk & 1) + 1)], -1).double()
+        lo, hi = q_words[:, 4 * (kk // 2) + (kk & 1)], q_words[:, 4 * (kk // 2) + 2 + (kk & 1)]
+        (lo0, lo1), (hi0, hi1) = _bf16_halves(lo), _bf16_halves(hi)
+        b = torch.stack([lo0, hi0, lo1, hi1], -1)  # qf[kk][0] = (lo0, hi0), qf[kk][1] = (lo1, hi1)
+        total += (a * scale[:, None] * b).sum(-1)
+    return total
+
+
+def pack_bytes(b: torch.Tensor) -> torch.Tensor:
+    """[n, m <= 4] bytes -> [n] little-endian 32-bit words (as the kernel's ld_nc_bytes / load_words read them)."""
+    return sum(b[:, i].long() << (8 * i) for i in range(b.shape[1]))
+
+
+def kernel_nv4_v_fragments(v_words: torch.Tensor, v_scale_bytes: torch.Tensor) -> torch.Tensor:
+    """paged_attention_mma_kernel<NV4>: the V A fragments of one thread, [n, S/2 m-tiles, 4 registers, 2 halves],
+    as e2m1 * s * 2^-7. v_words [n, 4 keys (2c, 2c+1, 2c+8, 2c+9), S/8] (the keys' slices of S dims),
+    v_scale_bytes [n, 4 keys, max(1, S/16)]."""
+    steps = v_words.shape[2] * 4
+    out = torch.empty(v_words.shape[0], steps, 4, 2, dtype=torch.float64)
+    for i in range(0, steps, 2):
+        for h in range(2):
+            b = i // 8
+            z = byte_perm(v_words[:, 2 * h, i // 4], v_words[:, 2 * h + 1, i // 4], 0x7632 if i & 2 else 0x5410)
+            two = byte_perm(pack_bytes(v_scale_bytes[:, 2 * h]), pack_bytes(v_scale_bytes[:, 2 * h + 1]),
+                            b | ((b + 4) << 4))
+            scale = torch.stack([e4m3_byte_values(two & 0xFF), e4m3_byte_values((two >> 8) & 0xFF)], -1) * 128
+            for t in range(2):
+                out[:, i + t, 2 * h] = e2m1_pair_f16x2(z, 2 * t).double() * scale
+                out[:, i + t, 2 * h + 1] = e2m1_pair_f16x2(z, 2 * t + 1).double() * scale
+    return out
+
+
+# A thread's K slice is D/4 dims, its V slice D/8 (head dim 512: the 128 dims of its warp): 64, 128, 256, 512.
+NV4_SLICES = [(16, 8), (32, 16), (64, 32), (32, 16)]
+
+
+def _random_scale_bytes(shape, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(1, 0x7F, shape, generator=gen)  # every finite positive E4M3, subnormals included
+
+
+def _bf16_words(q: torch.Tensor) -> torch.Tensor:
+    bits = q.to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
+    return bits[:, 0::2] | (bits[:, 1::2] << 16)
+
+
+def _one_code_per_row(dims: int, code: int) -> torch.Tensor:
+    """[dims, dims/8] words: row d holds `code` at dim d, 0 elsewhere."""
+    d = torch.arange(dims)
+    words = torch.zeros(dims, dims // 8, dtype=torch.int64)
+    words[d, d // 8] = code << (4 * (d % 8))
+    return words
+
+
+@pytest.mark.parametrize("k_dims", sorted({k for k, _ in NV4_SLICES}))
+def test_nv4_k_fragments_meet_q_in_the_same_dim_order(k_dims):
+    """QK^T: K's pairs (codes i, i + 4 of a word) against Q's B fragments built in the same permuted order give
+    exactly the dot product of the dequantized slice with q (random codes, scales and q; exact in float64), and a
+    key with one nonzero dim d scores q[d] * 2^-7 for every d (each dim meets its own q, once)."""
+    gen = torch.Generator().manual_seed(k_dims)
+    n = 2000
+    k_words = torch.randint(0, 2**32, (n, k_dims // 8), dtype=torch.int64, generator=gen)
+    scale_bytes = _random_scale_bytes((n, k_dims // 16), gen)
+    q = torch.randint(-128, 128, (n, k_dims), generator=gen).double()
+    values = nvfp4.e2m1_decode(nibbles(k_words)).double() * e4m3_byte_values(scale_bytes).repeat_interleave(16, 1)
+    expected = (values * q).sum(-1) * 2.0 ** -7
+    assert torch.equal(kernel_nv4_k_dot_q(k_words, scale_bytes, _bf16_words(q)), expected)
+
+    dims = torch.arange(k_dims)
+    unit = torch.full((k_dims, k_dims // 16), 0x38)  # E4M3 1.0
+    q_trace = (dims + 1).double().expand(k_dims, -1)
+    scores = kernel_nv4_k_dot_q(_one_code_per_row(k_dims, 2), unit, _bf16_words(q_trace))  # code 2: 1.0
+    assert torch.equal(scores, (dims + 1).double() * 2.0 ** -7)
+
+
+@pytest.mark.parametrize("v_dims", sorted({v for _, v in NV4_SLICES}))
+def test_nv4_v_fragments_pair_two_keys_per_dim(v_dims):
+    """PV: m-tile i's registers a0..a3 hold (key 2c, key 2c+1) of dim 2i, the same of dim 2i + 1, then keys
+    (2c+8, 2c+9) of dims 2i, 2i + 1 (the A layout of V^T [dims x keys]), each key with its own block scale."""
+    gen = torch.Generator().manual_seed(100 + v_dims)
+    words = _words_with_every_code_everywhere(gen)
+    v_words = words[torch.randperm(words.numel(), generator=gen)][: words.numel() // (v_dims // 2) * (v_dims // 2)]
+    v_words = v_words.view(-1, 4, v_dims // 8)
+    scale_bytes = _random_scale_bytes((v_words.shape[0], 4, max(1, v_dims // 16)), gen)
+    values = nvfp4.e2m1_decode(nibbles(v_words)).double() \
+        * e4m3_byte_values(scale_bytes).repeat_interleave(16, -1)[..., :v_dims] * 2.0 ** -7  # [n, key, dim]
+    frags = kernel_nv4_v_fragments(v_words, scale_bytes)
+    layout_of_a = (((0, 1), 0), ((0, 1), 1), ((2, 3), 0), ((2, 3), 1))  # (keys, dim - 2i) of a0..a3
+    for i in range(v_dims // 2):
+        for reg, (keys, dim) in enumerate(layout_of_a):
+            assert torch.equal(frags[:, i, reg], values[:, keys, 2 * i + dim]), (i, reg)
 
 
 def kernel_e2m1_encode(q: torch.Tensor) -> torch.Tensor:

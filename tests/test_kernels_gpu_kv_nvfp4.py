@@ -200,6 +200,18 @@ def test_decode_attention_nvfp4_in_kernel_merge(variant):
         test_decode_attention_nvfp4(32, 8, 128, None, None, [5000, 33, 2049, 4096])
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", [
+    (32, 8, 128, None, None), (32, 4, 128, None, None), (32, 16, 128, 1024, None), (16, 16, 128, None, 30.0),
+    (4, 1, 256, 512, None), (16, 2, 256, None, None), (16, 8, 256, None, None), (24, 4, 256, None, None),
+    (32, 32, 256, None, None)])
+def test_decode_attention_nvfp4_other_tiling(heads, kv_heads, dim, window, softcap):
+    """Variant 2 runs head dims 128 and 256 with the other chunks per warp step (csrc/attention.cu
+    visit_attention_nv4): the same bound, every group."""
+    with ops.attention_variant(2):
+        test_decode_attention_nvfp4(heads, kv_heads, dim, window, softcap, [5000, 33, 2049, 4096])
+        test_decode_attention_nvfp4(heads, kv_heads, dim, window, softcap, [1])
+
+
 @pytest.mark.parametrize("q_mul,v_shift", [(1.0, 0), (3e4, 0), (1e-6, 0), (1.0, -30), (30.0, 30)])
 @pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (256, 16, 2), (64, 8, 8)])
 def test_attention_nvfp4_error_bound_over_ranges(q_mul, v_shift, dim, heads, kv_heads):

@@ -116,7 +116,7 @@ def paged_attention(batch: int, context: int, heads: int = 32, kv_heads: int = 8
                     kv_dtype: str = "fp8", copy_gbs: float | None = None, block_size: int = 16,
                     variant: int | None = None, name: str = "") -> dict:
     """Decode attention of `batch` sequences of `context` keys each (Qwen3-8B heads by default); `variant` picks
-    the kernel (ops.ATTENTION_VARIANTS; None = default; NVFP4 has one kernel). kv_dtype: fp8, bf16 or nvfp4."""
+    the kernel (ops.ATTENTION_VARIANTS; None = default; NVFP4: 0, 2, 3). kv_dtype: fp8, bf16 or nvfp4."""
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
     per_token_head = kv_bytes_per_token_head(kv_dtype, head_dim)
@@ -186,16 +186,20 @@ def run_all(quick: bool = False, compare_v1: bool = False) -> dict:
     return {"device": torch.cuda.get_device_name(), "copy": copy, "gemm": gemms, "attention": attn, "moe": moe}
 
 
-def kv_nvfp4_suite(contexts=(8192, 32768), batches=(1, 16), copy_gbs: float | None = None) -> list[dict]:
+def kv_nvfp4_suite(contexts=(8192, 32768), batches=(1, 16), copy_gbs: float | None = None,
+                   nvfp4_variants=(None,)) -> list[dict]:
     """Issue 18's measurement: decode attention of Qwen3-8B's heads (32 q / 8 KV of 128) over FP8 and NVFP4 caches
-    at 8k and 32k keys, batch 1 and 16 (goal: >= 70 % of copy bandwidth at 32k x 16)."""
+    at 8k and 32k keys, batch 1 and 16 (goal: >= 70 % of copy bandwidth at 32k x 16). `nvfp4_variants`: the NVFP4
+    kernel variants to time (None: the default; 2: the other chunks per warp step)."""
     if copy_gbs is None:
         copy_gbs = copy_bandwidth()["GB/s"]
     out = []
     for context in contexts:
         for batch in batches:
-            for kv_dtype in ("fp8", "nvfp4"):
-                out.append(paged_attention(batch, context, copy_gbs=copy_gbs, kv_dtype=kv_dtype, name="qwen3-8b"))
+            cases = [("fp8", None)] + [("nvfp4", variant) for variant in nvfp4_variants]
+            for kv_dtype, variant in cases:
+                out.append(paged_attention(batch, context, copy_gbs=copy_gbs, kv_dtype=kv_dtype, variant=variant,
+                                           name="qwen3-8b"))
                 torch.cuda.empty_cache()
     return out
 

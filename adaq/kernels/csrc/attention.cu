@@ -640,12 +640,17 @@ __device__ __forceinline__ float ld_scale(const float* ptr) {
   return v;
 }
 
-// NVFP4 KV: two E2M1 codes (bits [0, 4) and [4, 8) of x) -> f16x2 of e2m1 * 2^-14, exact, by placing each code's
-// 3 magnitude bits as the f16's low 2 exponent bits and top mantissa bit (exponent field e = 1..3 gives 2^(e-15) *
-// (1 + m/2) = 2^-14 * e2m1; e = 0 is the f16 subnormal m * 2^-15 = 2^-14 * (m / 2)) and its sign as the f16's.
-// Four bit-field moves (LOP3/SHF), no table, no conversion instruction.
-__device__ __forceinline__ uint32_t e2m1x2_to_f16x2(uint32_t x) {
-  return ((x & 0x7u) << 9) | ((x & 0x8u) << 12) | ((x & 0x70u) << 21) | ((x & 0x80u) << 24);
+// NVFP4 KV: E2M1 codes I and I + 4 of a word of 8 (bits [4I, 4I + 4) and [16 + 4I, 20 + 4I)) -> f16x2 of
+// e2m1 * 2^-14 (low half: code I), exact, by placing each code's 3 magnitude bits as the f16's low 2 exponent bits
+// and top mantissa bit (exponent field e = 1..3 gives 2^(e-15) * (1 + m/2) = 2^-14 * e2m1; e = 0 is the f16
+// subnormal m * 2^-15 = 2^-14 * (m / 2)) and its sign bit as the f16's. The two codes of the pair lie 16 bits apart,
+// as the two halves of an f16x2 do, so one shift places both magnitudes (bits 9-11 and 25-27) and one both signs
+// (bits 15 and 31): 2 shifts and 2 logic ops (1 for I = 3) for two values, where one byte's two adjacent codes
+// would need a shift, a mask and an OR per code. The kernel lays its dims out so that it only ever needs such
+// pairs (paged_attention_mma_kernel: K's dims permuted with Q's, V's bytes of two keys merged by one prmt).
+__device__ __forceinline__ uint32_t e2m1_pair_f16x2(uint32_t w, int i) {  // i: compile-time after unrolling
+  const uint32_t magnitude = i < 3 ? w << (9 - 4 * i) : w >> 3;
+  return (magnitude & 0x0E000E00u) | ((w << (12 - 4 * i)) & 0x80008000u);
 }
 
 // f16x2 product (round to nearest; every product the NVFP4 path forms is exact: see paged_attention_mma_kernel).
@@ -750,11 +755,18 @@ __device__ __forceinline__ void merge_splits_in_last_block(const AttnParams& p, 
 // NV4 (with FP8 = true: the same scaled-f16 path): the NVFP4 cache (docs/ARCHITECTURE.md). A thread loads the
 // packed bytes of the same dims as for FP8 (D/8 bytes of K for its D/4 dims, D/16 bytes of V for its D/8 dims: half
 // the registers), the E4M3 scales of the 16-dim blocks those dims lie in, and each token's E8M0 exponent. Values
-// become f16 as e2m1x2_to_f16x2 (e2m1 * 2^-14) times the block scale as f16 s * 2^7 (one mul.f16x2 per pair):
+// become f16 as e2m1_pair_f16x2 (e2m1 * 2^-14) times the block scale as f16 s * 2^7 (one mul.f16x2 per pair):
 // e2m1 * s * 2^-7, exact (|e2m1| <= 6 has 2 significant bits, s 4; the smallest nonzero product 0.5 * 2^-9 * 2^-7
 // = 2^-17 is a multiple of f16's subnormal step 2^-24 and the largest, 21, is far from f16's max). The per-token
 // factor 2^(e + 7) then takes the FP8 scale's place exactly: on the fp32 scores for K, on P (relative to the running
 // power of two cv) for V. So the kernel computes on exactly the reference's dequantized values, as for FP8.
+// Why the dims are permuted: the kernel is bound by these conversions, not by its bytes (at 32k keys x batch 16 on
+// the H100, 3 chunks per warp step instead of 2 ran 11 % slower). Codes 16 bits apart in a word convert as a pair
+// in 4 integer ops (e2m1_pair_f16x2), adjacent codes of one byte would take ~11 (a shift to select the byte, then
+// a shift, a mask and an OR per code), and V's pairs run along keys, across two tokens' bytes, which cost 4 more
+// to regroup. So K's dims 8w + {0..7} of the slice (one word) enter the k16 steps as pairs (0, 4), (1, 5) | (2, 6),
+// (3, 7), with Q's B fragments built in the same order (a dot product does not care); V's bytes of two keys are
+// merged by one prmt per 2 m-tiles into a word whose 16-bit-apart codes are exactly (key x, key y) of one dim.
 //
 // Head dim 512 (Gemma 4's global layers; kSplitD): the warps split D instead of the keys. Kept whole per warp, a
 // 512-dim row would need 64 registers of Q, 128 of the O accumulator and 128 of raw FP8 K/V for a single chunk (320
@@ -844,8 +856,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
     }
   }
 
-  // ---- Q^T as the B fragment of every k16 step: column r of each n-tile (zero where unused), dims
-  // c*D/4 + 4kk + {0,1} | {2,3}.
+  // ---- Q^T as the B fragment of every k16 step: column r of each n-tile (zero where unused), dims of the thread's
+  // slice c*D/4 + 4kk + {0,1} | {2,3}; NVFP4: 8w + {p, p + 4} | {p + 1, p + 5} with w = kk / 2, p = 2 (kk % 2), the
+  // order in which its K fragments come out of the packed words (see QK^T below).
   uint32_t qf[NT][kSteps][2];
   float score_mul = p.scale_log2;  // raw MMA score -> log2 units (softcap off) or true q.k (softcap on)
   {
@@ -879,12 +892,24 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
       const int e = q_exponent(qmax);
       const float qmul = power_of_two(e);
       score_mul *= power_of_two(-e);
+      if constexpr (NV4) {  // words 4w + {0, 1, 2, 3} hold dims 8w + {0,1}, {2,3}, {4,5}, {6,7}
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 2 * kSteps; ++i)
-          qf[nt][i / 2][i % 2] = pack_f16x2(__uint_as_float(qw[nt][i] << 16) * qmul,
-                                            __uint_as_float(qw[nt][i] & 0xFFFF0000u) * qmul);
+          for (int kk = 0; kk < kSteps; ++kk) {
+            const uint32_t lo = qw[nt][4 * (kk / 2) + (kk & 1)], hi = qw[nt][4 * (kk / 2) + 2 + (kk & 1)];
+            qf[nt][kk][0] = pack_f16x2(__uint_as_float(lo << 16) * qmul, __uint_as_float(hi << 16) * qmul);
+            qf[nt][kk][1] = pack_f16x2(__uint_as_float(lo & 0xFFFF0000u) * qmul,
+                                       __uint_as_float(hi & 0xFFFF0000u) * qmul);
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 2 * kSteps; ++i)
+            qf[nt][i / 2][i % 2] = pack_f16x2(__uint_as_float(qw[nt][i] << 16) * qmul,
+                                              __uint_as_float(qw[nt][i] & 0xFFFF0000u) * qmul);
+      }
     } else {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -954,14 +979,16 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
 #pragma unroll
       for (int kk = 0; kk < kSteps; ++kk) {
         uint32_t a[4];
-        if constexpr (NV4) {  // dims 4kk + {0,1} | {2,3}: bytes 2kk, 2kk + 1 of the slice; block kk / 4
-          const int sh = 16 * (kk & 1);
+        if constexpr (NV4) {
+          // Word kk / 2 holds the slice's dims 8 (kk / 2) + 0..7 as codes 0..7: even kk takes the pairs of codes
+          // (0, 4) and (1, 5), odd kk (2, 6) and (3, 7), in Q's order above. All 8 dims lie in one 16-dim block
+          // (slices start at multiples of 16), block kk / 4 of the slice: one scale for the whole word.
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const uint32_t sb = (kbs[u][j] >> (8 * (kk / 4))) & 0xFFu;
-            const uint32_t sc = nv4_scales_f16x2(sb | (sb << 8));
-            a[j] = hmul2_u32(e2m1x2_to_f16x2(kw[u][j][kk / 2] >> sh), sc);
-            a[2 + j] = hmul2_u32(e2m1x2_to_f16x2(kw[u][j][kk / 2] >> (sh + 8)), sc);
+            const uint32_t w = kw[u][j][kk / 2];
+            const uint32_t sc = nv4_scales_f16x2(__byte_perm(kbs[u][j], 0u, (kk / 4) * 0x11u));  // (s, s)
+            a[j] = hmul2_u32(e2m1_pair_f16x2(w, 2 * (kk & 1)), sc);
+            a[2 + j] = hmul2_u32(e2m1_pair_f16x2(w, 2 * (kk & 1) + 1), sc);
           }
         } else if constexpr (FP8) {
           a[0] = e4m3x2_to_f16x2(kw[u][0][kk]);
@@ -1088,37 +1115,54 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_mma_kernel(const
           b1[nt] = transpose8x8(pack_bf16x2(pr[2], pr[3]));
         }
       }
+      if constexpr (NV4) {
+        // Byte b of the slice holds dims r*D/8 + 2b (low code: m-tile b, row r) and + 1 (high: row r + 8). One prmt
+        // takes bytes b, b + 1 (b even) of keys x = 2c (+8) and y = 2c + 1 (+9) into one word (x's at codes 0-3,
+        // y's at codes 4-7), whose code pairs (0, 4), (1, 5), (2, 6), (3, 7) are then exactly the A fragments'
+        // (key x, key y) pairs of m-tiles b (rows r, r + 8) and b + 1. The scale pair (x's, y's block scale) of
+        // block b / 8 multiplies them: the 4 dims lie in one block.
 #pragma unroll
-      for (int i = 0; i < kSteps; ++i) {
-        uint32_t a[4];
-        if constexpr (NV4) {
-          // Byte i of the slice holds dims r*D/8 + 2i (low nibble: row r) and + 1 (high: row r + 8). Regroup the
-          // nibbles of keys (2c, 2c+1) and (2c+8, 2c+9) into bytes (key x, key y) of one dim; block (2i) / 16.
+        for (int i = 0; i < kSteps; i += 2) {
+          uint32_t z[2], sc[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t x = vw[u][2 * h][i / 4] >> (8 * (i & 3)), y = vw[u][2 * h + 1][i / 4] >> (8 * (i & 3));
-            const int b = (2 * i) / 16;
-            const uint32_t sc = nv4_scales_f16x2(((vbs[u][2 * h] >> (8 * b)) & 0xFFu) |
-                                                 (((vbs[u][2 * h + 1] >> (8 * b)) & 0xFFu) << 8));
-            a[2 * h] = hmul2_u32(e2m1x2_to_f16x2((x & 0x0Fu) | ((y & 0x0Fu) << 4)), sc);
-            a[2 * h + 1] = hmul2_u32(e2m1x2_to_f16x2(((x >> 4) & 0x0Fu) | (y & 0xF0u)), sc);
+            const int b = i / 8;
+            z[h] = __byte_perm(vw[u][2 * h][i / 4], vw[u][2 * h + 1][i / 4], (i & 2) ? 0x7632u : 0x5410u);
+            sc[h] = nv4_scales_f16x2(__byte_perm(vbs[u][2 * h], vbs[u][2 * h + 1], b | ((b + 4) << 4)));
           }
-        } else if constexpr (FP8) {  // dims r*D/8 + 2i (row r) and + 1 (row r + 8) of keys (2c, 2c+1), (2c+8, 2c+9)
-          const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
-          const uint32_t z01 = __byte_perm(vw[u][0][i / 2], vw[u][1][i / 2], sel);
-          const uint32_t z23 = __byte_perm(vw[u][2][i / 2], vw[u][3][i / 2], sel);
-          a[0] = e4m3x2_to_f16x2(z01);
-          a[1] = e4m3x2_to_f16x2(z01 >> 16);
-          a[2] = e4m3x2_to_f16x2(z23);
-          a[3] = e4m3x2_to_f16x2(z23 >> 16);
-        } else {
-          a[0] = __byte_perm(vw[u][0][i], vw[u][1][i], 0x5410u);
-          a[1] = __byte_perm(vw[u][0][i], vw[u][1][i], 0x7632u);
-          a[2] = __byte_perm(vw[u][2][i], vw[u][3][i], 0x5410u);
-          a[3] = __byte_perm(vw[u][2][i], vw[u][3][i], 0x7632u);
-        }
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_16816<FP8>(o[nt][i], a, b0[nt], b1[nt]);
+          for (int t = 0; t < 2; ++t) {
+            uint32_t a[4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              a[2 * h] = hmul2_u32(e2m1_pair_f16x2(z[h], 2 * t), sc[h]);
+              a[2 * h + 1] = hmul2_u32(e2m1_pair_f16x2(z[h], 2 * t + 1), sc[h]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_16816<FP8>(o[nt][i + t], a, b0[nt], b1[nt]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kSteps; ++i) {
+          uint32_t a[4];
+          if constexpr (FP8) {  // dims r*D/8 + 2i (row r) and + 1 (row r + 8) of keys (2c, 2c+1), (2c+8, 2c+9)
+            const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
+            const uint32_t z01 = __byte_perm(vw[u][0][i / 2], vw[u][1][i / 2], sel);
+            const uint32_t z23 = __byte_perm(vw[u][2][i / 2], vw[u][3][i / 2], sel);
+            a[0] = e4m3x2_to_f16x2(z01);
+            a[1] = e4m3x2_to_f16x2(z01 >> 16);
+            a[2] = e4m3x2_to_f16x2(z23);
+            a[3] = e4m3x2_to_f16x2(z23 >> 16);
+          } else {
+            a[0] = __byte_perm(vw[u][0][i], vw[u][1][i], 0x5410u);
+            a[1] = __byte_perm(vw[u][0][i], vw[u][1][i], 0x7632u);
+            a[2] = __byte_perm(vw[u][2][i], vw[u][3][i], 0x5410u);
+            a[3] = __byte_perm(vw[u][2][i], vw[u][3][i], 0x7632u);
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816<FP8>(o[nt][i], a, b0[nt], b1[nt]);
+        }
       }
     }
   }
@@ -1600,7 +1644,8 @@ static int merge_splits(const AttnParams& p, int tokens, int head_dim, cudaStrea
 // Which decode-attention kernel runs (attention_set_variant, for measurements): 0 = the default per shape (tensor
 // cores wherever instantiated and block_size % 16 == 0, else v2), 1 = v2 (CUDA cores), 2 = tensor cores with the
 // other chunks per warp step (head_dim 128: 2 for FP8, 1 for bf16, instead of 4 and 2; measured slower in device
-// run 2), 3 = the default with the splits merged by the last block (in-kernel, counters) instead of a merge kernel.
+// run 2; NVFP4: see visit_attention_nv4), 3 = the default with the splits merged by the last block (in-kernel,
+// counters) instead of a merge kernel.
 static int g_attention_variant = 0;
 
 bool attention_fused_merge() { return g_attention_variant == 3; }
@@ -1657,7 +1702,12 @@ enum KvFormat : int { kKvBf16 = 0, kKvFp8 = 1, kKvNvfp4 = 2 };
 // ptxas spilled (sm_89, nvcc 13: 8 bytes at 168 registers for 128 x 4, 28-40 bytes at 255 for 256 x 2 tiles).
 // 128 x 4 with 3 tiles (no spill) ran 11 % slower than with 2 at 32k keys x batch 16 on the H100 (456 against
 // 411 us, bench/results/session5): the kernel is bound by its dequantizing instructions there, not by the bytes
-// in flight.
+// in flight; 2 tiles also take 128 registers, 4 blocks per SM (3 tiles: 168, 3 blocks).
+// Since the codes convert as 16-bit-apart pairs (27 % fewer instructions in 128 x 4's loop), ptxas fits more
+// tiles without spills: 128 x 4 with 4 tiles (184 registers, 2 blocks per SM: the same chunks in flight per SM as
+// 2 tiles x 4 blocks, half the warps) and 256 with 2 (221-229 registers, 2 blocks; 1 tile: 168, 3 blocks). Which
+// wins is a measurement: variant 2 runs them (head_dim 128: 4 tiles at 4 heads per KV head, 2 at 1, 2, 8; head dim
+// 256: 2), so that one device run compares both tilings without a rebuild.
 template <class Op>
 static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op) {
   if (block_size % 16 != 0) return kUnsupportedShape;
@@ -1665,6 +1715,11 @@ static int visit_attention_nv4(int head_dim, int group, int block_size, Op&& op)
   if (head_dim == DIM && group == GRP) return op.template mma<DIM, GRP, TILES, true, true>();
 #define ADAQ_ATTN_NV4_G(DIM, TILES) \
   ADAQ_ATTN_NV4(DIM, 1, TILES) ADAQ_ATTN_NV4(DIM, 2, TILES) ADAQ_ATTN_NV4(DIM, 4, TILES) ADAQ_ATTN_NV4(DIM, 8, TILES)
+  if (g_attention_variant == 2) {
+    ADAQ_ATTN_NV4(128, 1, 2) ADAQ_ATTN_NV4(128, 2, 2) ADAQ_ATTN_NV4(128, 4, 4) ADAQ_ATTN_NV4(128, 8, 2)
+    ADAQ_ATTN_NV4_G(256, 2)
+    ADAQ_ATTN_NV4(256, 6, 2)
+  }
   ADAQ_ATTN_NV4_G(64, 4)
   ADAQ_ATTN_NV4(128, 1, 4) ADAQ_ATTN_NV4(128, 2, 4) ADAQ_ATTN_NV4(128, 4, 2) ADAQ_ATTN_NV4(128, 8, 4)
   ADAQ_ATTN_NV4_G(256, 1)
