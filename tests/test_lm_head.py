@@ -158,7 +158,7 @@ def test_roofline_counts_the_bytes_read():
 # ---- GPU: the cuda backend's output layer against the reference -----------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU_SHAPES = [(1, 151936 // 16, 4096), (3, 4096, 640), (16, 2064, 1024), (129, 1024, 2048)]
+GPU_SHAPES = [(1, 151936 // 8, 4096), (3, 4096, 640), (16, 2064, 1024), (129, 1024, 2048)]
 
 
 def _poisoned(shape, device):
@@ -183,6 +183,24 @@ def test_cuda_fp8_lm_head_matches_reference(m, n, k):
     expected = fp8_prefill.fp8_linear_reference(x.cuda(), fp8_prefill.FP8Weight(fp8.values, fp8.col_scale)).float()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp8_lm_head_off_alignment_is_reported_and_exact():
+    """A vocabulary that is not a multiple of 16 cannot take the FP8 GEMM: the reference emulation runs, said."""
+    from adaq.backends.cuda import CudaBackend
+
+    generator = torch.Generator().manual_seed(7)
+    weight = (torch.randn(1000 + 8, 640, generator=generator) * 0.05).bfloat16()
+    x = torch.randn(3, 640, generator=generator).bfloat16().cuda()
+    fp8 = quantize_output_layer(weight.cuda(), "fp8")
+    backend = CudaBackend("cuda")
+    handle = backend.prepare_linear(fp8, dtype=torch.bfloat16, role="lm_head")
+    out = backend.linear(x, handle).float()
+    assert any("FP8 linear" in f["what"] for f in backend.fallbacks.as_dicts()), backend.fallbacks.as_dicts()
+    expected = fp8_prefill.fp8_linear_reference(x, fp8_prefill.FP8Weight(fp8.values, fp8.col_scale)).float()
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
 @pytest.mark.gpu

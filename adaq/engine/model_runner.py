@@ -28,6 +28,7 @@ every prompt position of a request that asked for prompt log-probabilities (in s
 holds a full [T, vocab] tensor).
 """
 
+import gc
 import logging
 import os
 import time
@@ -275,6 +276,9 @@ class ModelRunner:
             layer.in_sliding_pool = in_sliding_pool
 
     def _gpu_free_bytes_after_warmup(self) -> int:
+        # An engine dropped earlier in this process may still hold its cache through a reference cycle (a captured
+        # decode graph's closures name its model): collected now, its memory is this engine's to take.
+        gc.collect()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
