@@ -112,14 +112,14 @@ def _rows(caches, slots, fmt):
     return rows
 
 
-NVFP4_PROLOGUE_FAILED = ("the fused kernel's NVFP4 cases failed on the H100 in session 5 (the traceback was not kept); "
-                         "the cuda backend runs NVFP4 caches through the composition until this passes")
+FP8_PROLOGUE_FAILED = ("the fused kernel's FP8 cases failed on the H100 in session 5 (the traceback was not kept; bf16 "
+                       "and NVFP4 passed): the cuda backend runs FP8 caches through the composition until this passes")
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", pytest.param("nvfp4", marks=pytest.mark.xfail(
-    reason=NVFP4_PROLOGUE_FAILED, strict=True))])
+@pytest.mark.parametrize("fmt", ["bf16", pytest.param("fp8", marks=pytest.mark.xfail(
+    reason=FP8_PROLOGUE_FAILED, strict=True)), "nvfp4"])
 @pytest.mark.parametrize("unit_offset", [False, True])
 @pytest.mark.parametrize("tokens,heads,kv_heads,dim", SHAPES)
 def test_gpu_fused_prologue_matches_reference(fmt, unit_offset, tokens, heads, kv_heads, dim):
@@ -133,7 +133,7 @@ def test_gpu_fused_prologue_matches_reference(fmt, unit_offset, tokens, heads, k
     freqs = inv_freq(dim, "cuda")
     ours, theirs = make_caches(fmt, kv_heads, dim, "cuda"), make_caches(fmt, kv_heads, dim, "cuda")
     torch.cuda.empty_cache()
-    fused = backend.qk_norm_rope_store if fmt != "nvfp4" else ops.qk_norm_rope_store
+    fused = backend.qk_norm_rope_store if fmt != "fp8" else ops.qk_norm_rope_store
     got = fused(q, k, v, weights[0], weights[1], 1e-6, unit_offset, positions, freqs, *ours, slots)
     expected = reference.qk_norm_rope_store(q, k, v, weights[0], weights[1], 1e-6, unit_offset, positions, freqs,
                                             *theirs, slots)
@@ -159,15 +159,15 @@ def test_gpu_fused_prologue_matches_reference(fmt, unit_offset, tokens, heads, k
 
 @gpu
 @needs_cuda
-def test_gpu_nvfp4_cache_takes_the_composition():
-    """Until the fused kernel's NVFP4 store passes, an NVFP4 cache goes through the separate kernels (no fallback:
-    every op of the composition runs on its own kernel) and matches the reference."""
+def test_gpu_fp8_cache_takes_the_composition():
+    """Until the fused kernel's FP8 cases pass, an FP8 cache goes through the separate kernels (no fallback: every
+    op of the composition runs on its own kernel) and matches the reference."""
     from adaq.backends.cuda import CudaBackend
 
     backend, reference = CudaBackend("cuda"), ReferenceBackend("cuda")
     (q, k, v), weights, positions, slots = step_inputs(5, 16, 8, 128, False, "cuda", seed=3)
     freqs = inv_freq(128, "cuda")
-    ours, theirs = make_caches("nvfp4", 8, 128, "cuda"), make_caches("nvfp4", 8, 128, "cuda")
+    ours, theirs = make_caches("fp8", 8, 128, "cuda"), make_caches("fp8", 8, 128, "cuda")
     got = backend.qk_norm_rope_store(q, k, v, weights[0], weights[1], 1e-6, False, positions, freqs, *ours, slots)
     expected = reference.qk_norm_rope_store(q, k, v, weights[0], weights[1], 1e-6, False, positions, freqs,
                                             *theirs, slots)

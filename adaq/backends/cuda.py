@@ -263,9 +263,9 @@ class CudaBackend(ReferenceBackend):
                            k_cache, v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
         """One launch (ops.qk_norm_rope_store) where the kernel takes the tensors; else the composition of this
         backend's own ops (each reporting its own fallback)."""
-        # NVFP4 caches take the composition: the fused kernel's NVFP4 cases failed their GPU test in session 5
-        # (tests/test_decode_prologue.py, cause not yet diagnosed), and a wrong cache byte is a wrong answer.
-        if not (self._kv_kernel_ok(k, k_cache) and k_cache.dtype != torch.uint8
+        # FP8 caches take the composition: the fused kernel's FP8 cases failed their GPU test in session 5
+        # (tests/test_decode_prologue.py; bf16 and NVFP4 passed), and a wrong cache byte is a wrong answer.
+        if not (self._kv_kernel_ok(k, k_cache) and k_cache.dtype != torch.float8_e4m3fn
                 and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and q.shape[-1] in PROLOGUE_HEAD_DIMS and all(_dense_heads(t) for t in (q, k, v))
                 and q.shape[-1] == k.shape[-1] == v.shape[-1] and q_weight.dtype == k_weight.dtype == torch.bfloat16
