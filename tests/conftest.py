@@ -40,6 +40,19 @@ def _write_tiny_folder(arch: str, folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture
+def exact_prefill(monkeypatch):
+    """GPU engine tests: prefill on the exact path (no FP8 rounding in the comparison), decode graphs as configured;
+    the GPU's cached memory handed back after each test."""
+    import torch
+
+    monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
+    monkeypatch.delenv("ADAQ_CUDA_GRAPHS", raising=False)
+    yield
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"

@@ -13,7 +13,7 @@ Prefill runs the exact path (ADAQ_PREFILL_PATH=exact): graphs are decode-only, a
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_prefill")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -33,14 +33,6 @@ GPU_SHAPES = {
     "gemma3": dict(hidden_size=128, intermediate_size=256, head_dim=64, query_pre_attn_scalar=64),
 }
 
-
-@pytest.fixture(autouse=True)
-def exact_prefill(monkeypatch):
-    monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
-    monkeypatch.delenv("ADAQ_CUDA_GRAPHS", raising=False)
-    yield
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 @pytest.fixture

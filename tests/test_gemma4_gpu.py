@@ -15,14 +15,14 @@ test_kernels_gpu_kv_nvfp4.py (their shape lists).
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_prefill")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers.tiny_models import make_checkpoint  # noqa: E402
 
-from adaq.backends.context import Context  # noqa: E402
+from helpers.paged import decode_context  # noqa: E402
 from adaq.backends.numerics import attention  # noqa: E402
 from adaq.engine.model_runner import layer_view  # noqa: E402
 from adaq.engine.sampling_params import SamplingParams  # noqa: E402
@@ -75,18 +75,6 @@ def fill_layer(heads: int, dim: int, kind: str, num_blocks: int, block_size: int
     attention.store_kv_reference(k, v, k_view, v_view, ks, vs, slots)
     return cache, scales, (k_view, v_view, ks, vs)
 
-
-def decode_context(lens, block_size, num_blocks, gen):
-    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    max_blocks = max(-(-n // block_size) for n in lens)
-    perm = torch.randperm(num_blocks, device=DEV, generator=gen)
-    tables = torch.full((len(lens), max_blocks + 2), -1, dtype=torch.int32, device=DEV)
-    used = 0
-    for b, n in enumerate(lens):
-        count = -(-n // block_size)
-        tables[b, :count] = perm[used:used + count]
-        used += count
-    return Context(is_prefill=False, context_lens=lens_t, block_tables=tables, max_context_len=max(lens))
 
 
 # ---- a layer's view into a wider slot ----------------------------------------------------------------------------
@@ -201,14 +189,6 @@ def gemma4_folders(tmp_path_factory):
                                   **(MOE_SHAPES if arch == "gemma4_moe" else {})) / "nvfp4"
             for arch in ("gemma4", "gemma4_moe")}
 
-
-@pytest.fixture(autouse=True)
-def exact_prefill(monkeypatch):
-    monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
-    monkeypatch.delenv("ADAQ_CUDA_GRAPHS", raising=False)
-    yield
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 def engine_for(folder, backend: str, kv: str, window_kv: bool):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from adaq.backends.context import Context  # noqa: E402
+from helpers.paged import decode_context  # noqa: E402
 from adaq.formats import nvfp4  # noqa: E402
 from adaq.formats.nvfp4 import NVFP4Weight  # noqa: E402
 from adaq.kernels import layout, ops  # noqa: E402
@@ -311,18 +311,6 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (6, 3, 512, None, None),  # 2 heads per KV head, odd KV heads
 ]
 
-
-def decode_context(lens, block_size, num_blocks, gen):
-    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    max_blocks = max(-(-n // block_size) for n in lens)
-    perm = torch.randperm(num_blocks, device=DEV, generator=gen)
-    tables = torch.full((len(lens), max_blocks + 2), -1, dtype=torch.int32, device=DEV)
-    used = 0
-    for b, n in enumerate(lens):
-        count = -(-n // block_size)
-        tables[b, :count] = perm[used:used + count]
-        used += count
-    return Context(is_prefill=False, context_lens=lens_t, block_tables=tables, max_context_len=max(lens))
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])

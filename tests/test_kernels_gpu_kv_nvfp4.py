@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from adaq.backends.context import Context  # noqa: E402
+from helpers.paged import decode_context  # noqa: E402
 from adaq.backends.numerics import attention  # noqa: E402
 from adaq.kernels import ops  # noqa: E402
 
@@ -77,18 +77,6 @@ def make_nvfp4_cache(num_blocks, block_size, kv_heads, dim, gen, spread: int = V
     rows, exps = attention.quantize_kv_nvfp4(x)
     return rows.contiguous(), exps.contiguous()
 
-
-def decode_context(lens, block_size, num_blocks, gen):
-    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    max_blocks = max(-(-n // block_size) for n in lens)
-    perm = torch.randperm(num_blocks, device=DEV, generator=gen)
-    tables = torch.full((len(lens), max_blocks + 2), -1, dtype=torch.int32, device=DEV)
-    used = 0
-    for b, n in enumerate(lens):
-        count = -(-n // block_size)
-        tables[b, :count] = perm[used:used + count]
-        used += count
-    return Context(is_prefill=False, context_lens=lens_t, block_tables=tables, max_context_len=max(lens))
 
 
 def poison_page_tails(rows, exps, ctx, lens, block_size):

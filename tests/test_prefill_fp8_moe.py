@@ -16,6 +16,7 @@ from adaq.backends.numerics import moe
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats import fp8_prefill, nvfp4
 from adaq.kernels import fp8_gemm
+from helpers.moe_emulation import combine_emulated
 
 KERNELS = Path(__file__).resolve().parent.parent / "adaq" / "kernels"
 QWEN3_30B_A3B = {"experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768}
@@ -177,13 +178,6 @@ class _KernelsEmulated:
                                                              col_scale[expert], torch.bfloat16)
 
 
-def _combine_emulated(y, weights, ids):
-    out = torch.zeros(ids.shape[0], y.shape[1], dtype=torch.bfloat16)
-    for t in range(ids.shape[0]):
-        for slot in sorted(range(ids.shape[1]), key=lambda j: int(ids[t, j])):
-            out[t] += y[t * ids.shape[1] + slot] * weights[t, slot]
-    return out
-
 
 @pytest.mark.parametrize("tokens", [1, 13, 70])
 def test_moe_orchestration_with_emulated_kernels_is_the_reference(monkeypatch, tokens):
@@ -193,7 +187,7 @@ def test_moe_orchestration_with_emulated_kernels_is_the_reference(monkeypatch, t
     monkeypatch.setattr(ops, "router_topk", lambda logits, k, renorm: (lambda w, e: (w, e.int()))(
         *moe.route(logits, k, renorm)))
     monkeypatch.setattr(ops, "silu_and_mul", lambda x: torch.nn.functional.silu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
-    monkeypatch.setattr(ops, "moe_combine", _combine_emulated)
+    monkeypatch.setattr(ops, "moe_combine", combine_emulated)
     gate_up, down = random_experts(6, 64, 32, distinct_up_scale=True)
     x, logits = routed_inputs(tokens, 64, 6)
     fp8 = prefill_moe.Fp8Experts.from_weights(gate_up, down, "cpu")

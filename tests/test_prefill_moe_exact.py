@@ -9,6 +9,7 @@ from adaq.backends import prefill_moe_exact, prefill_route
 from adaq.backends.numerics import activation, moe
 from adaq.backends.reference import ReferenceBackend
 from adaq.kernels import fp8_gemm, layout, ops
+from helpers.moe_emulation import combine_emulated
 
 
 def test_exact_reference_is_the_reference_backend_up_to_bf16_rounding():
@@ -35,13 +36,6 @@ def _dequantize_emulated(weight, out):
     return out[:n * k].view(n, k)
 
 
-def _combine_emulated(y, weights, ids):
-    out = torch.zeros(ids.shape[0], y.shape[1], dtype=torch.bfloat16)
-    for t in range(ids.shape[0]):
-        for slot in sorted(range(ids.shape[1]), key=lambda j: int(ids[t, j])):
-            out[t] += y[t * ids.shape[1] + slot] * weights[t, slot]
-    return out
-
 
 def _stacked(gate_up, down):
     columns = [torch.cat([w.global_scale.float().reshape(1).expand(w.out_features) for w in pair]) for pair in gate_up]
@@ -57,7 +51,7 @@ def emulated(monkeypatch):
         *moe.route(logits, k, renorm)))
     monkeypatch.setattr(ops, "silu_and_mul", activation.silu_and_mul)
     monkeypatch.setattr(ops, "gelu_tanh_and_mul", activation.gelu_tanh_and_mul)
-    monkeypatch.setattr(ops, "moe_combine", _combine_emulated)
+    monkeypatch.setattr(ops, "moe_combine", combine_emulated)
     monkeypatch.setattr(ops, "nvfp4_dequantize", _dequantize_emulated)
     monkeypatch.setattr(prefill_moe_exact, "bmm_fp32", lambda a, b: a.float() @ b.float())  # CPU: no bmm.dtype
 

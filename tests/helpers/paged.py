@@ -8,7 +8,7 @@ sequence's first step hold NaN, so a read of a state that is not the sequence's 
 
 import torch
 
-from adaq.backends.context import reset_context, set_context
+from adaq.backends.context import Context, reset_context, set_context
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 
 
@@ -84,3 +84,20 @@ def prefill_logits(model, tokens: list[int], block_size: int = 4, kv_dtype: torc
     chunk = chunk or len(tokens)
     pieces = [runner.step({0: tokens[i:i + chunk]}, logits_for_all=True) for i in range(0, len(tokens), chunk)]
     return torch.cat(pieces)
+
+
+def decode_context(lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator,
+                   device: str | torch.device = "cuda") -> Context:
+    """A decode step's context over a shared pool of `num_blocks` blocks: sequence b holds lens[b] keys in blocks
+    drawn at random without repeats (so a kernel that ignores the table reads the wrong keys), its table padded with
+    two -1 entries past its last block."""
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    max_blocks = max(-(-n // block_size) for n in lens)
+    perm = torch.randperm(num_blocks, device=device, generator=gen)
+    tables = torch.full((len(lens), max_blocks + 2), -1, dtype=torch.int32, device=device)
+    used = 0
+    for b, n in enumerate(lens):
+        count = -(-n // block_size)
+        tables[b, :count] = perm[used:used + count]
+        used += count
+    return Context(is_prefill=False, context_lens=lens_t, block_tables=tables, max_context_len=max(lens))
