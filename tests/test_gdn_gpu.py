@@ -18,6 +18,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from helpers.gpu_checks import poison_allocator  # noqa: E402
 from helpers.tiny_models import make_checkpoint  # noqa: E402
 
 from adaq.backends.context import Context  # noqa: E402
@@ -32,12 +33,6 @@ BF16 = torch.bfloat16
 DECODE_SHAPES = [(1, 16, 32, 128, 128), (3, 16, 48, 128, 128), (17, 2, 4, 128, 128), (5, 2, 2, 64, 32),
                  (7, 1, 3, 32, 64), (2, 4, 8, 256, 128), (33, 16, 32, 128, 128)]
 CONV_SHAPES = [(1, 8192, 4), (3, 10240, 4), (17, 96, 4), (5, 200, 3), (2, 64, 2)]
-
-
-def poison_allocator(nbytes: int = 1 << 28) -> None:
-    """Fill free cached memory with NaN so that outputs the kernels allocate start as garbage."""
-    junk = torch.full((nbytes // 4,), float("nan"), device=DEV)
-    del junk
 
 
 def decode_rows(batch: int, num_slots: int, seed: int):

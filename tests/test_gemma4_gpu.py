@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 from helpers.tiny_models import make_checkpoint  # noqa: E402
 
 from helpers.paged import decode_context  # noqa: E402
+from helpers.gpu_checks import poison_allocator, rel_error, run_requests  # noqa: E402
 from adaq.backends.numerics import attention  # noqa: E402
 from adaq.engine.model_runner import layer_view  # noqa: E402
 from adaq.engine.sampling_params import SamplingParams  # noqa: E402
@@ -33,16 +34,6 @@ BOUND = 4e-3  # the bf16 output's rounding and f16 P (tests/test_kernels_gpu.py)
 NEAR_TIE_NATS = 0.1
 SLOT_HEADS, SLOT_DIM = 16, 256  # Gemma4-31B's sliding layers: the slot a global layer's view lives in
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "nvfp4": torch.uint8}
-
-
-def poison_allocator(nbytes: int = 1 << 28) -> None:
-    junk = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
-    junk.fill_(float("nan"))
-    del junk
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
 
 
 def wide_slots(num_blocks: int, block_size: int, kind: str):
@@ -199,16 +190,6 @@ def engine_for(folder, backend: str, kv: str, window_kv: bool):
                           max_model_len=256, max_num_seqs=8, max_num_batched_tokens=512, num_kv_blocks=96,
                           skip_tokenizer=True, strict=backend == "cuda")
     return LLMEngine(config)
-
-
-def run_requests(engine, prompts, params):
-    ids = [engine.add_request(list(prompt), params) for prompt in prompts]
-    final = {}
-    while engine.has_unfinished():
-        for output in engine.step():
-            if output.finished:
-                final[output.request_id] = output
-    return [final[i] for i in ids]
 
 
 def record_logits(engine) -> list[torch.Tensor]:

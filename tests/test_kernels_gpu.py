@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers.paged import decode_context  # noqa: E402
+from helpers.gpu_checks import poison_allocator, rel_error, run_requests  # noqa: E402
 from adaq.formats import nvfp4  # noqa: E402
 from adaq.formats.nvfp4 import NVFP4Weight  # noqa: E402
 from adaq.kernels import layout, ops  # noqa: E402
@@ -46,13 +47,6 @@ def ext():
     return ops.ext()
 
 
-def poison_allocator(nbytes: int = 1 << 28) -> None:
-    """Fill free cached memory with NaN so that an output the kernel forgets to write is caught."""
-    junk = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
-    junk.fill_(float("nan"))
-    del junk
-
-
 def random_nvfp4(n: int, k: int, generator: torch.Generator) -> NVFP4Weight:
     """Every E2M1 code, E4M3 scales over the whole range (subnormals and zeros included), a random global scale."""
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV, generator=generator)
@@ -62,10 +56,6 @@ def random_nvfp4(n: int, k: int, generator: torch.Generator) -> NVFP4Weight:
     scales[torch.rand(scales.shape, device=DEV, generator=generator) < 0.01] = 0
     global_scale = torch.rand(1, device=DEV, generator=generator) * 1000 + 1
     return NVFP4Weight(packed, scales.to(torch.float8_e4m3fn), global_scale)
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
 
 
 # ---- NVFP4 GEMM ------------------------------------------------------------------------------------------------
@@ -633,16 +623,6 @@ def test_graph_capture_of_kernels_replays_fresh_inputs():
 # ---- end to end ----------------------------------------------------------------------------------------------------
 
 NEAR_TIE_NATS = 0.1  # a divergence is accepted when the reference's top two tokens were this close
-
-
-def run_requests(engine, token_lists, params):
-    ids = [engine.add_request(list(tokens), params) for tokens in token_lists]
-    final = {}
-    while engine.has_unfinished():
-        for output in engine.step():
-            if output.finished:
-                final[output.request_id] = output
-    return [final[i] for i in ids]
 
 
 def build_engine(source, backend_name):

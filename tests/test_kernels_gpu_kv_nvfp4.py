@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers.paged import decode_context  # noqa: E402
+from helpers.gpu_checks import poison_allocator, rel_error  # noqa: E402
 from adaq.backends.numerics import attention  # noqa: E402
 from adaq.kernels import ops  # noqa: E402
 
@@ -43,16 +44,6 @@ PREFILL_CASES = [  # heads, kv_heads, head_dim, sliding_window, softcap
     (24, 4, 256, None, None),
     (32, 4, 512, None, None), (16, 2, 512, 100, None), (4, 4, 512, None, 30.0), (12, 3, 512, None, None),
 ]
-
-
-def poison_allocator(nbytes: int = 1 << 28) -> None:
-    junk = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
-    junk.fill_(float("nan"))
-    del junk
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
 
 
 def wide_values(shape, gen, spread: int = 3, shift: int = 0) -> torch.Tensor:
