@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 from helpers.tiny_models import make_checkpoint  # noqa: E402
 
 from helpers.paged import decode_context  # noqa: E402
-from helpers.gpu_checks import poison_allocator, rel_error, run_requests  # noqa: E402
+from helpers.gpu_checks import check_divergences, poison_allocator, rel_error, run_requests  # noqa: E402
 from adaq.backends.numerics import attention  # noqa: E402
 from adaq.engine.model_runner import layer_view  # noqa: E402
 from adaq.engine.sampling_params import SamplingParams  # noqa: E402
@@ -240,14 +240,5 @@ def test_tiny_gemma4_decodes_through_graphs_and_matches_reference(gemma4_folders
     errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(cuda_rows, ref_rows)]
     assert max(errors) < LOGIT_BOUND, f"logits row {errors.index(max(errors))}: {max(errors):.2e}"
     report = [f"max |delta logit| / max |logit| {max(errors):.2e} over {len(errors)} rows"]
-    for prompt, ref, out in zip(prompts, ref_tokens, cuda_tokens):
-        same = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref))
-        if same == len(ref):
-            continue
-        prefix = prompt + ref[:same]
-        score = SamplingParams(max_tokens=0, prompt_logprobs=True)
-        scored = run_requests(reference, [prefix + [ref[same]], prefix + [out[same]]], score)
-        gap = (scored[0].prompt_logprobs[-1] - scored[1].prompt_logprobs[-1]).item()
-        report.append(f"diverges at token {same}, reference top-2 gap {gap:.4f} nats")
-        assert gap <= NEAR_TIE_NATS, f"divergence at token {same} without a near-tie (gap {gap:.3f} nats)"
+    report += check_divergences(reference, prompts, ref_tokens, cuda_tokens, NEAR_TIE_NATS)
     print(f"{arch} {kv} window_kv={window_kv}: cuda vs reference:", "; ".join(report))

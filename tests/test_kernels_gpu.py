@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers.paged import decode_context  # noqa: E402
-from helpers.gpu_checks import poison_allocator, rel_error, run_requests  # noqa: E402
+from helpers.gpu_checks import check_divergences, poison_allocator, rel_error, run_requests  # noqa: E402
 from adaq.formats import nvfp4  # noqa: E402
 from adaq.formats.nvfp4 import NVFP4Weight  # noqa: E402
 from adaq.kernels import layout, ops  # noqa: E402
@@ -661,16 +661,5 @@ def test_end_to_end_greedy_matches_reference(layers, lengths, monkeypatch):
     cuda = build_engine(source, "cuda")
     assert cuda.runner.decode_graphs is not None, "the cuda backend should decode through CUDA graphs"
     cuda_tokens = [o.token_ids for o in run_requests(cuda, prompts, greedy)]
-    report = []
-    for prompt, ref, out in zip(prompts, ref_tokens, cuda_tokens):
-        same = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref))
-        if same == len(ref):
-            report.append("64/64 equal")
-            continue
-        prefix = prompt + ref[:same]
-        score = SamplingParams(max_tokens=0, prompt_logprobs=True)
-        scored = run_requests(reference, [prefix + [ref[same]], prefix + [out[same]]], score)
-        gap = (scored[0].prompt_logprobs[-1] - scored[1].prompt_logprobs[-1]).item()
-        report.append(f"diverges at token {same}, reference top-2 gap {gap:.4f} nats")
-        assert gap <= NEAR_TIE_NATS, f"divergence at token {same} without a near-tie (gap {gap:.3f} nats)"
+    report = check_divergences(reference, prompts, ref_tokens, cuda_tokens, NEAR_TIE_NATS)
     print("end-to-end cuda vs reference:", "; ".join(report))

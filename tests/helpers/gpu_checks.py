@@ -24,3 +24,24 @@ def run_requests(engine, token_lists, params) -> list:
             if output.finished:
                 final[output.request_id] = output
     return [final[i] for i in ids]
+
+
+def check_divergences(reference, prompts, ref_tokens, out_tokens, near_tie_nats: float) -> list[str]:
+    """Greedy tokens against the reference engine's: where a sequence first differs, the reference's log-probability
+    gap between its token and ours must be a near-tie (<= near_tie_nats), else an assertion fails. One line per
+    sequence."""
+    from adaq.engine.sampling_params import SamplingParams
+
+    report = []
+    for prompt, ref, out in zip(prompts, ref_tokens, out_tokens):
+        same = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref))
+        if same == len(ref):
+            report.append(f"{len(ref)}/{len(ref)} equal")
+            continue
+        prefix = list(prompt) + list(ref[:same])
+        score = SamplingParams(max_tokens=0, prompt_logprobs=True)
+        scored = run_requests(reference, [prefix + [ref[same]], prefix + [out[same]]], score)
+        gap = (scored[0].prompt_logprobs[-1] - scored[1].prompt_logprobs[-1]).item()
+        report.append(f"diverges at token {same}, reference top-2 gap {gap:.4f} nats")
+        assert gap <= near_tie_nats, f"divergence at token {same} without a near-tie (gap {gap:.3f} nats)"
+    return report
