@@ -20,6 +20,7 @@ import io
 import json
 import math
 import shutil
+import subprocess
 import sys
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -207,6 +208,16 @@ def test_run(family, quantized):
     assert code == 0, err
     assert "prompt: 6 tokens" in err and "decode: 4 tokens" in err
     assert_notices_once(family, err)
+
+
+def test_run_sharded_prints_each_notice_once(quantized):
+    """Tensor parallelism (two gloo ranks on the CPU): every rank builds the model, rank 0 alone says the notices."""
+    out, _ = quantized("qwen3.5-vl")
+    result = subprocess.run([sys.executable, "-m", "adaq", "run", str(out), "Hello", "--no-chat", "--temperature", "0",
+                             "--max-tokens", "2", "--ignore-eos", "--max-model-len", "256", *CPU,
+                             "--tensor-parallel-size", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_notices_once("qwen3.5-vl", result.stderr)
 
 
 def assert_notices_once(family: str, output: str) -> None:

@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,7 +31,7 @@ import torch
 
 from adaq.backends.parallel import TPGroup
 from adaq.engine.config import EngineConfig
-from adaq.errors import AdaqError
+from adaq.errors import AdaqError, AdaqNotice
 
 TIMEOUT_ENV = "ADAQ_TP_TIMEOUT"
 GRACE_ENV = "ADAQ_TP_GRACE"
@@ -272,7 +273,9 @@ class Workers:
 
 def worker_main(rank: int, config: EngineConfig, model_config: dict, fit_context: bool, source_factory, port: int,
                 errors) -> None:
-    """A spawned rank: join, load its shard, build its runner, then run what rank 0 sends until it says stop."""
+    """A spawned rank: join, load its shard, build its runner, then run what rank 0 sends until it says stop.
+    Notices (a tower ignored, prefix caching off) are rank 0's to print, once: the other ranks keep quiet."""
+    warnings.filterwarnings("ignore", category=AdaqNotice)
     try:
         tp = join_group(config, rank, port)
         worker_config = copy.copy(config)
