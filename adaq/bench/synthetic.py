@@ -82,8 +82,7 @@ def random_nvfp4(shape: tuple[int, int], std: float, generator: torch.Generator,
     lut = _byte_table(device)
     draws = torch.randint(0, lut.numel(), (rows, cols // 2), generator=generator, device=device, dtype=torch.int32)
     packed = _with_block_maxima(lut[draws], generator)
-    global_scale = torch.tensor([FP8_MAX * FP4_MAX / (TENSOR_AMAX_STDS * std)], device=device)
-    global_scale = global_scale.to(torch.bfloat16).float()  # stored scales are rounded through the model dtype
+    global_scale = torch.full((1,), _global_scale(std), dtype=torch.float32, device=device)  # a fill: no host sync
     log_amax = torch.randn((rows, cols // GROUP_SIZE), generator=generator, device=device)
     block_amax = (log_amax * BLOCK_AMAX_LOG_STD + BLOCK_AMAX_LOG_MEAN).exp().clamp(max=TENSOR_AMAX_STDS) * std
     block_scale = (global_scale * block_amax / FP4_MAX).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
@@ -104,6 +103,12 @@ def _with_block_maxima(packed: torch.Tensor, generator: torch.Generator) -> torc
     kept = flat[byte] & (0xF0 >> shift)
     flat[byte] = kept | (code << shift)
     return packed
+
+
+@functools.cache
+def _global_scale(std: float) -> float:
+    """The tensor's global scale, rounded through bf16 as stored scales are (the model dtype), once per std."""
+    return torch.tensor([FP8_MAX * FP4_MAX / (TENSOR_AMAX_STDS * std)]).to(torch.bfloat16).float().item()
 
 
 @functools.cache
