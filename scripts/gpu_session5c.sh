@@ -2,7 +2,9 @@
 # Device script, session 5 third call: every GPU test (three pytest processes side by side on the one GPU), then the
 # figures of issues 15-18: NVFP4 KV decode attention (8k/32k) and Qwen3-8B at batch 16 x 8k per KV dtype, the hybrid
 # and Gemma 4 bench shapes (strict), the prefill sweep (thresholds). Carry .whl (nvidia-cutlass, fla-core, einops).
-# Bench JSON go into one tarball (the device tool returns at most 8 files). Usage: OUT=$OUT bash scripts/gpu_session5c.sh
+# Bench JSON go into one tarball, rewritten after every bench (the device tool returns at most 8 files, and a call cut
+# at its 10-minute limit keeps what is under $OUT). Knobs: SKIP_TESTS=1, TEST_BUDGET, BENCHES, BENCH_LIMIT,
+# PREFILL_MODELS, SWEEP=0. Usage: OUT=$OUT bash scripts/gpu_session5c.sh
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT" /tmp/bench
@@ -29,6 +31,7 @@ bench() {  # name limit args...
   log "bench $name"
   timeout $limit python3 -m adaq bench "$@" --backend cuda --strict --json "/tmp/bench/$name.json" 2>&1 \
     | grep -E "│ (nvfp4|bf16)|FALLBACK|rror|failed" | head -12 | tee -a "$LOG"
+  tar -czf "$OUT/bench.tgz" -C /tmp bench  # after every bench: a call cut at its limit keeps what it measured
 }
 log "NVFP4 KV decode attention microbenchmark"
 timeout 120 python3 -c "
