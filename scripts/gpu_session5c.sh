@@ -4,7 +4,7 @@
 # and Gemma 4 bench shapes (strict), the prefill sweep (thresholds). Carry .whl (nvidia-cutlass, fla-core, einops).
 # Bench JSON go into one tarball, rewritten after every bench (the device tool returns at most 8 files, and a call cut
 # at its 10-minute limit keeps what is under $OUT). Knobs: SKIP_TESTS=1, TEST_BUDGET, BENCHES, BENCH_LIMIT,
-# PREFILL_MODELS, SWEEP=0. Usage: OUT=$OUT bash scripts/gpu_session5c.sh
+# BASELINES (bf16 for the side by side), PREFILL_MODELS, SWEEP=0. Usage: OUT=$OUT bash scripts/gpu_session5c.sh
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT" /tmp/bench
@@ -47,7 +47,7 @@ for dtype in fp8 nvfp4; do
     --baselines none --kv-cache-dtype $dtype
 done
 for model in ${BENCHES:-gemma4-31b gemma4-26b-a4b qwen3.6-35b-a3b qwen3-next-80b-a3b}; do
-  bench $model ${BENCH_LIMIT:-110} --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines none
+  bench $model ${BENCH_LIMIT:-110} --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines ${BASELINES:-none}
 done
 for model in ${PREFILL_MODELS:-qwen3.6-35b-a3b qwen3-8b}; do
   bench $model-prefill2048 100 --synthetic $model --batch 1 --input-len 2048 --output-len 8 --repeats 2 --baselines none
