@@ -209,3 +209,31 @@ def test_unknown_demo_lists_the_demo_names(tmp_path, monkeypatch, capsys):
     code, err = run_main(monkeypatch, capsys, "quantize", "demo:gemma3-4b", "-o", str(tmp_path / "out"))
     assert_clean_failure(code, err, "demo:gemma3-4b", "no such demo model", "available: demo:gemma3-270m")
     assert_nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 0), ("num_hidden_layers", -1), ("hidden_size", "abc"),
+                                         ("num_attention_heads", 0), ("vocab_size", -5), ("num_experts", -1),
+                                         ("head_dim", True)])
+def test_nonsense_config_sizes_are_refused_in_one_line(tiny_folder, tmp_path, monkeypatch, capsys, field, value):
+    """A size config.json gives as no positive integer (a count: below 0) stops quantize before any work, in one
+    line naming the field, exit 2; validate reports it as a `config` finding and exits 1."""
+    from helpers.cli import run_main
+
+    from adaq.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder("qwen3"), bad)
+    config = json.loads((bad / "config.json").read_text())
+    config[field] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    code, err = run_main(monkeypatch, capsys, "quantize", bad, "-o", tmp_path / "out", "--method", "rtn")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and field in last and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(sys, "argv", ["adaq", "validate", str(bad), "--json"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    findings = json.loads(out)["findings"]
+    assert any(f["rule"] == "config" and field in f["message"] for f in findings), findings

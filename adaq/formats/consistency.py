@@ -33,16 +33,40 @@ class Problem:
 
 
 def structure_problems(config: dict, specs: dict[str, tuple[str, list[int]]], quantized: set[str]) -> list[Problem]:
-    """Layers and Linear shapes against config.json, from (dtype, shape) of each tensor. Nothing to say (here) about a
-    config whose architecture adaq does not run or that lacks the sizes: `architecture_of` and
-    `ModelShape.from_config` report those."""
+    """Layers and Linear shapes against config.json, from (dtype, shape) of each tensor; a size config.json gives as
+    no positive integer (0, -1, "abc") is a problem of its own. Nothing to say (here) about a config whose
+    architecture adaq does not run or that lacks the sizes: `architecture_of` and `ModelShape.from_config` report
+    those where a model is built."""
     try:
         architecture_of(config)
+    except UnsupportedArchitecture:
+        return []
+    if invalid := size_problems(config):
+        return invalid
+    try:
         shape = ModelShape.from_config(config)
-    except (UnsupportedArchitecture, CheckpointError):
+    except CheckpointError:
         return []
     return (layer_problems(shape, specs) + linear_problems(shape, specs, quantized) + missing_linear_problems(shape, specs)
             + embedding_problems(shape, specs))
+
+
+POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "vocab_size")
+COUNTS = ("intermediate_size", "num_experts", "moe_intermediate_size", "num_experts_per_tok")  # 0: none (dense)
+
+
+def size_problems(config: dict) -> list[Problem]:
+    """Sizes config.json (or its text_config) gives that are not positive integers (counts: not >= 0)."""
+    text = {**config, **(config.get("text_config") or {})}
+    bad = [(key, "a positive integer") for key in POSITIVE_SIZES if key in text and not _integer_from(text[key], 1)]
+    bad += [(key, "an integer >= 0") for key in COUNTS if key in text and not _integer_from(text[key], 0)]
+    return [Problem("config", "", f"{key} is not {what} (got {text[key]!r})") for key, what in bad]
+
+
+def _integer_from(value, least: int) -> bool:
+    """None (unset, as transformers writes defaults) or an int >= least (not a bool)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
 
 
 def layer_problems(shape: ModelShape, specs: dict) -> list[Problem]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from adaq.errors import AdaqError, CheckpointError, UnsupportedArchitecture
 from adaq.formats.architectures import architecture_of
 from adaq.formats.consistency import (embedding_problems, layer_problems, linear_shapes, missing_linear_problems,
-                                     nonfinite, shape_problem)
+                                     nonfinite, shape_problem, size_problems)
 from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pickle, tensor_nbytes
 from adaq.formats.shapes import ModelShape
 from adaq.validate.budget import (
@@ -222,6 +222,10 @@ def check_architecture(checks: Checks, config: dict) -> str:
 
 
 def model_shape(checks: Checks, config: dict) -> ModelShape | None:
+    if invalid := size_problems(config):  # open_checkpoint's own rule
+        for problem in invalid:
+            checks.check("config", False, "", f"config.json: {problem.message}")
+        return None
     try:
         shape = ModelShape.from_config(config)
     except CheckpointError as error:
