@@ -1,10 +1,10 @@
 """The engine end to end on tiny random NVFP4 checkpoints (reference backend, CPU), against transformers."""
 
-import itertools
 import sys
 
 import pytest
 import torch
+from helpers.engine_runs import run_with_staggered_arrivals
 from helpers.tiny_models import make_checkpoint
 from helpers.tiny_tokenizer import write_tokenizer
 
@@ -93,17 +93,7 @@ def test_batch_invariance_with_preemption(checkpoints):
     alone = make_llm(checkpoints["qwen3"] / "nvfp4").generate(target, greedy(24))[0].token_ids
     llm = make_llm(checkpoints["qwen3"] / "nvfp4", num_kv_blocks=40, max_model_len=64, max_num_batched_tokens=16)
     engine = llm.engine
-    others = [[(7 * i + j) % 240 + 1 for j in range(5 + 3 * i)] for i in range(7)]
-    engine.add_request(others[0], greedy(30))
-    target_id = engine.add_request(target, greedy(24))
-    finished = {}
-    for step in itertools.count():
-        if step + 1 < len(others):
-            engine.add_request(others[step + 1], greedy(20 + step))
-        for output in engine.step():
-            finished[output.request_id] = output
-        if not engine.has_unfinished():
-            break
+    target_id, finished = run_with_staggered_arrivals(engine, target, greedy)
     assert engine.scheduler.num_preemptions > 0, "the tiny cache should have forced preemption"
     assert len(finished) == 8 and all(output.finished for output in finished.values())
     assert finished[target_id].token_ids == alone

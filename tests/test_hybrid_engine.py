@@ -1,11 +1,11 @@
 """The engine on tiny random NVFP4 hybrid (Gated DeltaNet) checkpoints: the state cache through continuous batching,
 chunked prefill and preemption, against transformers and against each sequence alone; `adaq run` end to end."""
 
-import itertools
 import warnings
 
 import pytest
 import torch
+from helpers.engine_runs import run_with_staggered_arrivals
 from helpers.tiny_models import make_checkpoint
 from helpers.tiny_tokenizer import write_tokenizer
 from test_engine import greedy, make_llm, record_logits, transformers_logits
@@ -62,18 +62,11 @@ def test_batch_invariance_with_preemption_and_few_state_slots(checkpoints, cache
     llm = make_llm(folder, max_model_len=64, max_num_batched_tokens=16, **cache)
     engine = llm.engine
     assert engine.runner.num_state_slots == (3 if "kv_cache_memory" in cache else 32)
-    others = [[(7 * i + j) % 240 + 1 for j in range(5 + 3 * i)] for i in range(7)]
-    engine.add_request(others[0], greedy(30))
-    target_id = engine.add_request(target, greedy(24))
-    finished = {}
-    for step in itertools.count():
-        if step + 1 < len(others):
-            engine.add_request(others[step + 1], greedy(20 + step))
-        for output in engine.step():
-            finished[output.request_id] = output
+
+    def within_state_slots(engine):
         assert len(engine.scheduler.running) <= engine.runner.num_state_slots
-        if not engine.has_unfinished():
-            break
+
+    target_id, finished = run_with_staggered_arrivals(engine, target, greedy, within_state_slots)
     if "num_kv_blocks" in cache:
         assert engine.scheduler.num_preemptions > 0, "the tiny cache should have forced preemption"
     assert len(finished) == 8 and all(output.finished for output in finished.values())

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers.paged import decode_context  # noqa: E402
-from helpers.gpu_checks import check_divergences, poison_allocator, rel_error, run_requests  # noqa: E402
+from helpers.gpu_checks import (  # noqa: E402
+    check_decode_against_fp32, check_divergences, poison_allocator, rel_error, run_requests)
 from adaq.formats import nvfp4  # noqa: E402
 from adaq.formats.nvfp4 import NVFP4Weight  # noqa: E402
 from adaq.kernels import layout, ops  # noqa: E402
@@ -405,13 +406,7 @@ def test_attention_fp8_error_bound_over_ranges(q_mul, v_mul, dim, heads, kv_head
     scale = dim ** -0.5
     poison_allocator()
     out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale)
-    for b, n in enumerate(lens):
-        keys = attention.gather_kv(k_cache, k_scale, ctx.block_tables[b], n)
-        values = attention.gather_kv(v_cache, v_scale, ctx.block_tables[b], n)
-        ref = attention.attend(q[b:b + 1], keys, values, n - 1, scale, None, None)  # fp32
-        assert torch.isfinite(out[b]).all()
-        error = rel_error(out[b:b + 1], ref)
-        assert error < FP8_ATTENTION_BOUND, f"sequence {b} ({n} keys): relative error {error:.2e}"
+    check_decode_against_fp32(out, q, (k_cache, k_scale, v_cache, v_scale), ctx, lens, scale, FP8_ATTENTION_BOUND)
 
 
 @pytest.mark.parametrize("variant", [0, 3])

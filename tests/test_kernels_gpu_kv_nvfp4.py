@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers.paged import decode_context  # noqa: E402
-from helpers.gpu_checks import poison_allocator, rel_error  # noqa: E402
+from helpers.gpu_checks import (  # noqa: E402
+    check_decode_against_fp32, poison_allocator, rel_error)
 from adaq.backends.numerics import attention  # noqa: E402
 from adaq.kernels import ops  # noqa: E402
 
@@ -208,13 +209,7 @@ def test_attention_nvfp4_error_bound_over_ranges(q_mul, v_shift, dim, heads, kv_
 
     poison_allocator()
     out = CudaBackend(DEV).attention(q, k_cache, v_cache, k_exp, v_exp, ctx, scale=scale)
-    for b, n in enumerate(lens):
-        keys = attention.gather_kv(k_cache, k_exp, ctx.block_tables[b], n)
-        values = attention.gather_kv(v_cache, v_exp, ctx.block_tables[b], n)
-        ref = attention.attend(q[b:b + 1], keys, values, n - 1, scale, None, None)  # fp32
-        assert torch.isfinite(out[b]).all()
-        error = rel_error(out[b:b + 1], ref)
-        assert error < NVFP4_ATTENTION_BOUND, f"sequence {b} ({n} keys): relative error {error:.2e}"
+    check_decode_against_fp32(out, q, (k_cache, k_exp, v_cache, v_exp), ctx, lens, scale, NVFP4_ATTENTION_BOUND)
 
 
 @pytest.mark.parametrize("block_size", [8, 32, 48])

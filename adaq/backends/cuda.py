@@ -238,10 +238,9 @@ class CudaBackend(ReferenceBackend):
         if k_cache is None:  # a prefill before any cache exists (warm-up, tests): attends over its own K/V
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
-        if not self._kv_kernel_ok(q, k_cache) or not attention_covers(q.shape[2], q.shape[1], k_cache.shape[2]):
-            self._fell_back("attention", _kv_cause(q, k_cache) or f"{q.shape[1]} query heads over "
-                            f"{k_cache.shape[2]} KV heads of {q.shape[2]} (kernels: groups of {ATTENTION_GROUPS}, "
-                            f"and {ATTENTION_EXTRA_SHAPES} as (head_dim, group))")
+        cause = _kv_cause(q, k_cache) or attention_kernel_cause(q.shape[1], k_cache.shape[2], q.shape[2], None)
+        if cause:
+            self._fell_back("attention", cause)
             return super().attention(q, k_cache, v_cache, k_scale, v_scale, ctx, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap, k=k, v=v)
         tokens, group, fp8 = q.shape[0], q.shape[1] // k_cache.shape[2], k_cache.dtype == torch.float8_e4m3fn

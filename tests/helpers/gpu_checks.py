@@ -45,3 +45,18 @@ def check_divergences(reference, prompts, ref_tokens, out_tokens, near_tie_nats:
         report.append(f"diverges at token {same}, reference top-2 gap {gap:.4f} nats")
         assert gap <= near_tie_nats, f"divergence at token {same} without a near-tie (gap {gap:.3f} nats)"
     return report
+
+
+def check_decode_against_fp32(out, q, caches, ctx, lens, scale: float, bound: float) -> None:
+    """Each sequence's decode attention output against fp32 attention over its dequantized cache rows
+    (adaq.backends.numerics.attention): finite, relative error below `bound`. caches: (k, k_scale, v, v_scale)."""
+    from adaq.backends.numerics import attention
+
+    k_cache, k_scale, v_cache, v_scale = caches
+    for b, n in enumerate(lens):
+        keys = attention.gather_kv(k_cache, k_scale, ctx.block_tables[b], n)
+        values = attention.gather_kv(v_cache, v_scale, ctx.block_tables[b], n)
+        ref = attention.attend(q[b:b + 1], keys, values, n - 1, scale, None, None)  # fp32
+        assert torch.isfinite(out[b]).all()
+        error = rel_error(out[b:b + 1], ref)
+        assert error < bound, f"sequence {b} ({n} keys): relative error {error:.2e}"
