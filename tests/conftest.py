@@ -40,6 +40,15 @@ def _write_tiny_folder(arch: str, folder: Path) -> Path:
     return folder
 
 
+def pytest_runtest_teardown(item):
+    """After a GPU test, its cached GPU memory goes back to the driver: the device scripts run several pytest
+    processes on one GPU, and an engine sizes its KV cache by what the others leave free."""
+    torch = sys.modules.get("torch")
+    if item.get_closest_marker("gpu") and torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture
 def exact_prefill(monkeypatch):
     """GPU engine tests: prefill on the exact path (no FP8 rounding in the comparison), decode graphs as configured;

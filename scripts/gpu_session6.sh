@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Device script, session 6: one call does the steps named in STEPS, in order, while time is left (DEADLINE seconds
+# from the start; each bench gets what is left, at most its own limit). Carry .whl (nvidia-cutlass, fla-core, einops).
+# Optional trees beside the working tree, built into the same kernel cache (keyed by source hash):
+# - moe3: the working tree with .moe3.patch (else wip/moe3-three-launch-moe.patch) applied (three-launch MoE);
+# - pretp: .pretp.tgz, `git archive e26dd9b^1 adaq pyproject.toml` (the engine before tensor parallelism).
+# Steps: tests (every GPU test, three pytest processes; moe3's GPU tests beside them when moe3 is in TREES),
+# bench:NAME (see bench_step), sweep. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
+# Usage: OUT=$OUT STEPS="tests bench:qwen3.6" TREES="moe3" bash scripts/gpu_session6.sh
+set -uo pipefail
+OUT=${OUT:-out}
+START=$(date +%s)
+DEADLINE=${DEADLINE:-560}
+ROOT=$(pwd)
+mkdir -p "$OUT" /tmp/bench
+LOG="$OUT/session6.log"
+log() { echo "== $(date -u +%T) +$(( $(date +%s) - START ))s $*" | tee -a "$LOG"; }
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+. scripts/gpu_setup.sh
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee -a "$LOG"
+
+make_tree() {  # name: a copy of the working tree in /tmp/NAME
+  case $1 in
+    moe3) local patch=$ROOT/.moe3.patch; [ -f "$patch" ] || patch=$ROOT/wip/moe3-three-launch-moe.patch
+          mkdir -p /tmp/moe3 && tar -C "$ROOT" --exclude=./.whl --exclude=./.git -cf - . | tar -C /tmp/moe3 -xf - \
+            && (cd /tmp/moe3 && git apply "$patch") ;;
+    pretp) mkdir -p /tmp/pretp && tar -C /tmp/pretp -xzf .pretp.tgz ;;
+  esac
+}
+build_tree() {  # name: its kernels (the FP8 extension is shared when its sources are the same)
+  (cd /tmp/$1 && PYTHONPATH=/tmp/$1:${PYTHONPATH#$ROOT} python3 -c "
+from adaq.kernels import build, fp8_gemm
+build.load(); fp8_gemm.ext(); print('built', build.source_hash())") > /tmp/build_$1.log 2>&1
+  echo $? > /tmp/build_$1.rc
+}
+in_tree() {  # name command...: run a command in that tree (the working tree for "main")
+  local name=$1; shift
+  if [ "$name" = main ]; then "$@"; else (cd /tmp/$name && PYTHONPATH=/tmp/$name:${PYTHONPATH#$ROOT} "$@"); fi
+}
+
+log "build"
+for tree in ${TREES:-}; do make_tree $tree; done
+build_both
+[ "$MAIN_RC" -ne 0 ] && { grep -m 20 -B2 -A6 error /tmp/build_main.log | tee -a "$LOG"; exit 1; }
+for tree in ${TREES:-}; do build_tree $tree & done
+
+PT="python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short -rfE"
+tests_step() {
+  local budget=${TEST_BUDGET:-330}
+  log "gpu tests: three processes (+ moe3's when built)"
+  local big="tests/test_kernels_gpu.py" mid="tests/test_kernels_gpu_kv_nvfp4.py tests/test_gemma4_gpu.py tests/test_gdn_gpu.py"
+  timeout $budget $PT $big > /tmp/g1.log 2>&1 &
+  timeout $budget $PT $mid > /tmp/g2.log 2>&1 &
+  timeout $budget $PT tests $(for f in $big $mid; do echo --ignore=$f; done) > /tmp/g3.log 2>&1 &
+  if [[ " ${TREES:-} " == *" moe3 "* ]]; then
+    wait_built moe3 && in_tree moe3 timeout $(( budget - 20 )) $PT tests/test_moe_fused_gpu.py tests/test_kernels_gpu.py \
+      tests/test_decode_graphs_gpu.py tests/test_gemma4_gpu.py tests/test_gdn_gpu.py > /tmp/g4.log 2>&1 &
+  fi
+  wait
+  for g in 1 2 3 4; do [ -f /tmp/g$g.log ] && { echo "##### group $g"; cat /tmp/g$g.log; }; done > "$OUT/gpu_tests.log"
+  grep -hE "^FAILED|^ERROR|passed|failed" /tmp/g[1-4].log | tail -n 40 | tee -a "$LOG"
+}
+wait_built() {
+  while [ ! -f /tmp/build_$1.rc ]; do sleep 2; done
+  [ "$(cat /tmp/build_$1.rc)" = 0 ] || { log "$1 build failed"; tail -n 20 /tmp/build_$1.log | tee -a "$LOG"; return 1; }
+}
+bench() {  # tree name limit args...
+  local tree=$1 name=$2 limit=$3; shift 3
+  local budget=$(( $(left) < limit ? $(left) : limit ))
+  [ $budget -lt 40 ] && { log "skip $tree/$name: ${budget}s left"; return; }
+  [ "$tree" = main ] || wait_built $tree || return
+  log "bench $tree/$name (limit ${budget}s)"
+  in_tree $tree timeout $budget python3 -m adaq bench "$@" --backend cuda --strict --json "/tmp/bench/${tree}_$name.json" \
+    > "/tmp/bench/${tree}_$name.log" 2>&1
+  grep -E "│ (nvfp4|bf16)|FALLBACK|rror|failed" "/tmp/bench/${tree}_$name.log" | head -14 | tee -a "$LOG"
+  tar -czf "$OUT/bench.tgz" -C /tmp bench
+}
+bench_step() {  # NAME[@tree]
+  local what=${1%@*} tree=main
+  [[ $1 == *@* ]] && tree=${1#*@}
+  case $what in
+    qwen3.6|gemma4-26b|qwen3-30b)
+      local model=$what; [ $what = qwen3.6 ] && model=qwen3.6-35b-a3b; [ $what = gemma4-26b ] && model=gemma4-26b-a4b
+      [ $what = qwen3-30b ] && model=qwen3-30b-a3b
+      bench $tree $model 120 --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines ${BASELINES:-none} ;;
+    profile-qwen3.6)
+      log "profile qwen3.6-35b-a3b b1 ($tree)"
+      in_tree $tree timeout $(( $(left) < 100 ? $(left) : 100 )) python3 scripts/profile_decode_step.py \
+        --model qwen3.6-35b-a3b --batch 1 > /tmp/bench/${tree}_profile_qwen3.6.txt 2>&1
+      tail -n 30 /tmp/bench/${tree}_profile_qwen3.6.txt | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
+    qwen3-next) bench $tree qwen3-next-80b-a3b 300 --synthetic qwen3-next-80b-a3b --batch 1,16 --output-len 128 \
+                  --repeats 2 --baselines none ;;
+    qwen3-8b) bench $tree qwen3-8b 120 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 3 --baselines none ;;
+    qwen3-8b-bf16) bench $tree qwen3-8b-bf16 150 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 3 \
+                  --baselines bf16 ;;
+    *-prefill2048) local model=${what%-prefill2048}
+      bench $tree $what 100 --synthetic $model --batch 1 --input-len 2048 --output-len 8 --repeats 2 --baselines none ;;
+    *-bf16) local model=${what%-bf16}
+      bench $tree $what 240 --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines bf16 ;;
+    *) bench $tree $what 150 --synthetic $what --batch 1,16 --output-len 128 --repeats 2 --baselines none ;;
+  esac
+}
+retest_step() {  # TESTS_MAIN in the working tree, then TESTS_MOE3 in the moe3 tree (one process each, in turn)
+  local budget=${TEST_BUDGET:-200} file=$OUT/gpu_retest.log
+  if [ -n "${TESTS_MAIN:-}" ]; then
+    log "retest main: $TESTS_MAIN"
+    timeout $budget $PT $TESTS_MAIN > /tmp/r1.log 2>&1; grep -hE "^FAILED|^ERROR|passed|failed" /tmp/r1.log | tee -a "$LOG"
+  fi
+  if [ -n "${TESTS_MOE3:-}" ] && wait_built moe3; then
+    log "retest moe3: $TESTS_MOE3"
+    in_tree moe3 timeout $budget $PT $TESTS_MOE3 > /tmp/r2.log 2>&1
+    grep -hE "^FAILED|^ERROR|passed|failed" /tmp/r2.log | tee -a "$LOG"
+  fi
+  cat /tmp/r[12].log > "$file" 2>/dev/null
+}
+sweep_step() {
+  log "prefill sweep"
+  timeout $(( $(left) < 200 ? $(left) : 200 )) python3 -m adaq.bench.prefill_sweep --json "$OUT/prefill_sweep.json" \
+    --write-thresholds 2>&1 | tail -n 30 | tee -a "$LOG"
+  cp adaq/backends/prefill_thresholds.json "$OUT/"
+}
+
+for step in ${STEPS:-tests}; do
+  [ $(left) -lt 30 ] && { log "out of time before $step"; break; }
+  case $step in
+    tests) tests_step ;;
+    retest) retest_step ;;
+    sweep) sweep_step ;;
+    bench:*) bench_step ${step#bench:} ;;
+    *) log "unknown step $step" ;;
+  esac
+done
+tar -czf "$OUT/bench.tgz" -C /tmp bench
+cp /tmp/build_*.log "$OUT/" 2>/dev/null; ls /tmp/build_*.log >/dev/null 2>&1 && tar -czf "$OUT/build_logs.tgz" -C /tmp $(cd /tmp && ls build_*.log) && rm -f "$OUT"/build_*.log
+log "done"
