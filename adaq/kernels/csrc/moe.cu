@@ -6,6 +6,9 @@
 namespace adaq {
 
 constexpr int kMaxExperts = 512;
+// Grouping takes one more run of 32 experts than routing: the fused route appends a shared expert as expert E, so
+// a 512-expert model with a shared expert (Qwen3-Next) groups 513.
+constexpr int kMaxAlignExperts = kMaxExperts + 32;
 constexpr int kMaxTopK = 16;
 
 // One warp per token: softmax in fp32 over E logits, then top_k rounds of warp argmax (ties: lowest expert, as
@@ -99,14 +102,14 @@ __global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int
 // One block: counts per expert, the list of experts in use (ascending), their row ranges, and the rows (t * k + j)
 // sorted by expert, ascending row order within an expert (a stable order keeps runs reproducible).
 // Whole block (at least 32 threads); ids may live in global or shared memory (visible to every thread of the block).
-// The exclusive scan over experts is one warp's: each lane sums a run of kMaxExperts / 32 consecutive counts, a warp
+// The exclusive scan over experts is one warp's: each lane sums a run of kMaxAlignExperts / 32 consecutive counts, a warp
 // scan of those sums, then each lane walks its run (a single thread walking 128-512 experts took microseconds).
 __device__ __forceinline__ void align_rows(const int* ids, int rows, int experts, int* __restrict__ group_offsets,
                                            int* __restrict__ group_expert, int* __restrict__ row_ids,
                                            int* __restrict__ num_groups) {
-  constexpr int kRun = kMaxExperts / 32;
-  __shared__ int count[kMaxExperts], start[kMaxExperts];
-  for (int e = threadIdx.x; e < kMaxExperts; e += blockDim.x) count[e] = 0;
+  constexpr int kRun = kMaxAlignExperts / 32;
+  __shared__ int count[kMaxAlignExperts], start[kMaxAlignExperts];
+  for (int e = threadIdx.x; e < kMaxAlignExperts; e += blockDim.x) count[e] = 0;
   __syncthreads();
   for (int r = threadIdx.x; r < rows; r += blockDim.x) atomicAdd(&count[ids[r]], 1);
   __syncthreads();
@@ -288,7 +291,7 @@ int moe_route_fused(const __nv_bfloat16* logits, int ld, int tokens, int experts
                     int* group_expert, int* row_ids, int* num_groups, cudaStream_t stream) {
   if (tokens == 0) return kOk;
   const int slots = top_k + (shared ? 1 : 0);
-  if (experts + (shared ? 1 : 0) > kMaxExperts || slots > 32 || top_k < 1 || top_k > kMaxTopK || top_k > experts ||
+  if (experts > kMaxExperts || slots > 32 || top_k < 1 || top_k > kMaxTopK || top_k > experts ||
       tokens * slots > kMaxRouteRows || ld < experts + (shared ? 1 : 0))
     return kUnsupportedShape;
   const int threads = 32 * min(tokens, kRouteThreads / 32);
