@@ -18,6 +18,7 @@ from adaq.backends import gdn_prefill, prefill_moe, prefill_moe_exact, prefill_r
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.numerics import gated_delta
+from adaq.backends.numerics import moe as moe_numerics
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats.fp8_prefill import FP8Weight
@@ -60,6 +61,17 @@ class KernelExpertsHandle:
     def __init__(self, stacked: ops.StackedExperts):
         self.stacked = stacked
         self.intermediate_size = stacked.intermediate
+        self._scale_source: torch.Tensor | None = None
+        self._scale_f32: torch.Tensor | None = None
+
+    def expert_scale_f32(self, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """Gemma 4's per-expert scale as the route kernel reads it (fp32, contiguous), converted once per tensor:
+        the first (eager) call converts, the decode steps captured later reuse it (no launch per layer)."""
+        if scale is None:
+            return None
+        if self._scale_source is not scale:
+            self._scale_source, self._scale_f32 = scale, scale.float().contiguous()
+        return self._scale_f32
 
 
 class CudaBackend(ReferenceBackend):
@@ -203,28 +215,44 @@ class CudaBackend(ReferenceBackend):
         return layout.repack(fused, self.device, column_global_scales=None if can_fuse(pair) else columns)
 
     def moe(self, x, router_logits, experts, top_k: int, renormalize: bool, *, activation: str = "silu",
-            expert_scale=None):
+            expert_scale=None, shared_expert: bool = False):
+        options = dict(activation=activation, expert_scale=expert_scale, shared_expert=shared_expert)
         if not isinstance(experts, KernelExpertsHandle):  # prepared on the reference path (reported there)
-            return super().moe(x, router_logits, experts, top_k, renormalize, activation=activation,
-                               expert_scale=expert_scale)
+            return super().moe(x, router_logits, experts, top_k, renormalize, **options)
         if x.dtype != torch.bfloat16:
             self._fell_back("MoE experts", f"input {x.dtype} (the kernels take bf16)")
-            return super().moe(x, router_logits, experts, top_k, renormalize, activation=activation,
-                               expert_scale=expert_scale)
+            return super().moe(x, router_logits, experts, top_k, renormalize, **options)
         route = "decode" if torch.cuda.is_current_stream_capturing() else prefill_route.moe_route(x.shape[0],
                                                                                                    x.device)
-        fp8 = getattr(experts, "fp8", None)
+        logits = router_logits.to(torch.bfloat16)
+        path = self._moe_path(route, experts, x, activation, expert_scale)
+        if path == "decode":
+            return ops.moe_forward(x, logits, experts.stacked, top_k, renormalize, activation,
+                                   experts.expert_scale_f32(expert_scale), shared_expert)
+        if shared_expert:  # the prefill paths route the experts before it; the shared one runs on the decode GEMMs
+            shared = experts.stacked.num_experts - 1
+            routed = self._moe_prefill(path, x, logits[:, :shared], experts, top_k, renormalize, activation)
+            return moe_numerics.add_shared_expert(routed, ops.expert_forward(x, experts.stacked, shared, activation),
+                                                  logits[:, shared:])
+        return self._moe_prefill(path, x, logits, experts, top_k, renormalize, activation, expert_scale)
+
+    @staticmethod
+    def _moe_path(route: str, experts, x: torch.Tensor, activation: str, expert_scale) -> str:
+        """fp8 (--prefill-path fp8: grouped FP8 GEMMs), exact (grouped dequantize + cuBLAS bf16) or decode."""
         plain = activation == "silu" and expert_scale is None  # what the grouped FP8 path implements
-        if route == "fp8" and fp8 is not None and plain:  # --prefill-path fp8: grouped FP8 GEMMs
-            return prefill_moe.fp8_moe_forward(x, router_logits, fp8, top_k, renormalize)
+        if route == "fp8" and getattr(experts, "fp8", None) is not None and plain:
+            return "fp8"
         if route == "fp8":
             route = prefill_route.moe_route(x.shape[0], x.device, path="exact")
-        exact = getattr(experts, "exact", None)
-        if route == "exact" and exact is not None:  # prefill: grouped dequantize + cuBLAS bf16, exact
-            return prefill_moe_exact.exact_moe_forward(x, router_logits, exact, top_k, renormalize, activation,
-                                                       expert_scale)
-        return ops.moe_forward(x, router_logits.to(torch.bfloat16), experts.stacked, top_k, renormalize,
-                               activation, expert_scale)
+        return "exact" if route == "exact" and getattr(experts, "exact", None) is not None else "decode"
+
+    @staticmethod
+    def _moe_prefill(path: str, x, router_logits, experts, top_k: int, renormalize: bool, activation: str,
+                     expert_scale=None):
+        if path == "fp8":
+            return prefill_moe.fp8_moe_forward(x, router_logits, experts.fp8, top_k, renormalize)
+        return prefill_moe_exact.exact_moe_forward(x, router_logits, experts.exact, top_k, renormalize, activation,
+                                                   expert_scale)
 
     # ---- KV cache and attention ------------------------------------------------------------------------------
     def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:

@@ -41,11 +41,13 @@ class Backend(Protocol):
         of k and v; exactly that composition (one kernel on the cuda backend)."""
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
-            renormalize: bool, *, activation: str = "silu",
-            expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+            renormalize: bool, *, activation: str = "silu", expert_scale: torch.Tensor | None = None,
+            shared_expert: bool = False) -> torch.Tensor:
         """x [T, K], router_logits [T, E] -> [T, K]: softmax in fp32, top-k, optional renormalisation, experts'
         outputs summed in ascending expert order. `activation` gates the experts ("silu" or "gelu_tanh");
-        `expert_scale` [E] (Gemma 4) multiplies each chosen expert's fp32 weight after renormalisation."""
+        `expert_scale` [E] (Gemma 4) multiplies each chosen expert's fp32 weight after renormalisation.
+        `shared_expert`: the last of the E + 1 experts is a shared expert that every token runs, weighted by
+        sigmoid of the logits' last column (adaq.backends.numerics.moe.moe_shared_reference)."""
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:

@@ -113,12 +113,15 @@ class ReferenceBackend:
         return ExpertsHandle(handles_gate_up, handles_down, intermediate)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertsHandle, top_k: int,
-            renormalize: bool, *, activation: str = "silu", expert_scale: torch.Tensor | None = None) -> torch.Tensor:
-        options = dict(activation=activation, expert_scale=expert_scale)
-        if self.prefill_fp8 and x.shape[0] >= self.prefill_fp8_min_tokens:  # the GPU's grouped FP8 path: the layer's
-            return moe.moe_reference(_ExpertsOnFp8(self), x, router_logits, experts, top_k, renormalize,  # size
-                                     **options)
-        return moe.moe_reference(self, x, router_logits, experts, top_k, renormalize, **options)
+            renormalize: bool, *, activation: str = "silu", expert_scale: torch.Tensor | None = None,
+            shared_expert: bool = False) -> torch.Tensor:
+        fp8 = self.prefill_fp8 and x.shape[0] >= self.prefill_fp8_min_tokens  # the GPU's grouped FP8 path: the
+        backend = _ExpertsOnFp8(self) if fp8 else self  # layer's size decides
+        if shared_expert:
+            return moe.moe_shared_reference(backend, x, router_logits, experts, top_k, renormalize, activation,
+                                            shared_backend=self)
+        return moe.moe_reference(backend, x, router_logits, experts, top_k, renormalize, activation=activation,
+                                 expert_scale=expert_scale)
 
     # KV cache and attention
     def store_kv(self, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping) -> None:

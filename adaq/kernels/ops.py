@@ -260,24 +260,83 @@ class StackedExperts:
         return sum(t.numel() * t.element_size() for part in (self.gate_up, self.down) for t in part[:3])
 
 
+FUSED_MOE_MAX_TOKENS = 16  # the fused epilogues' limit: their TW 2 / combine kernels serve <= 16 rows per expert
+
+
+def moe_route_fused(router_logits: torch.Tensor, experts: int, top_k: int, renormalize: bool, shared: bool,
+                    expert_scale: torch.Tensor | None, max_groups: int):
+    """(weights fp32 [T, S], ids [T, S], order [T, S], *align) with S = top_k (+ 1: the shared expert, expert
+    `experts`, whose gate logit is column `experts` of the logits)."""
+    return ext().moe_route_fused(router_logits, experts, top_k, renormalize, shared, expert_scale, max_groups)
+
+
+def moe_gate_up_act(x: torch.Tensor, x_row_div: int, experts: "StackedExperts", align, activation: str,
+                    out_rows: int, max_rows: int, splits: int = 0) -> torch.Tensor:
+    """act(gate) * up [out_rows, I] straight from the grouped gate|up GEMM's epilogue (<= 16 rows per expert)."""
+    wq, ws, colscale, n, k = experts.tensors("gate_up")
+    offsets, group_expert, row_ids, num_groups = align
+    return ext().moe_gate_up_act(x, x_row_div, wq, ws, colscale, counters(x.device), offsets, group_expert, row_ids,
+                                 num_groups, group_expert.numel(), max_rows, out_rows, n, k,
+                                 0 if activation == "silu" else 1, splits)
+
+
+def moe_down_combine(hidden: torch.Tensor, experts: "StackedExperts", align, weights: torch.Tensor,
+                     order: torch.Tensor, max_rows: int, splits: int = 0) -> torch.Tensor:
+    """[T, H]: the grouped down GEMM, its last block per column block summing the tokens' slots in `order`."""
+    wq, ws, colscale, n, k = experts.tensors("down")
+    offsets, group_expert, row_ids, num_groups = align
+    return ext().moe_down_combine(hidden, wq, ws, colscale, counters(hidden.device), offsets, group_expert, row_ids,
+                                  num_groups, group_expert.numel(), max_rows, weights, order, n, k, splits)
+
+
+def fused_moe_fits(experts: "StackedExperts", tokens: int) -> bool:
+    """Whether the three-launch decode MoE serves this call: <= 16 tokens, gate and up each filling whole column
+    tiles (I % 16), rows of 16-byte pieces for the combine (H % 8)."""
+    return tokens <= FUSED_MOE_MAX_TOKENS and experts.intermediate % TILE_N == 0 and experts.hidden % 8 == 0
+
+
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: StackedExperts, top_k: int,
-                renormalize: bool, activation: str = "silu", expert_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode MoE: fused router, rows grouped by expert, two grouped NVFP4 GEMMs, weighted combine (<= 64 tokens
-    per call; more run in chunks). `expert_scale` [E] (Gemma 4) multiplies the routing weights after the router."""
+                renormalize: bool, activation: str = "silu", expert_scale: torch.Tensor | None = None,
+                shared: bool = False) -> torch.Tensor:
+    """Decode MoE (<= 64 tokens per call; more run in chunks). Up to 16 tokens, three launches: the fused router
+    (top-k, fp32 weights, the combine's order, rows grouped by expert), the grouped gate|up GEMM with the gated
+    activation in its epilogue, the grouped down GEMM with the combine in its epilogue. Above, the gated activation
+    and the combine are launches of their own. `expert_scale` [E] fp32 (Gemma 4) multiplies the routing weights in
+    the router. `shared`: the last stacked expert is the shared expert and the logits' last column its gate logit
+    (adaq.backends.numerics.moe.moe_shared_reference)."""
     tokens = x.shape[0]
     if tokens > MAX_DECODE_ROWS:
         return torch.cat([moe_forward(x[i:i + MAX_DECODE_ROWS], router_logits[i:i + MAX_DECODE_ROWS], experts,
-                                      top_k, renormalize, activation, expert_scale)
+                                      top_k, renormalize, activation, expert_scale, shared)
                           for i in range(0, tokens, MAX_DECODE_ROWS)])
-    weights, ids, *align = ext().moe_route(router_logits, top_k, renormalize, min(experts.num_experts,
-                                                                               tokens * top_k))
-    if expert_scale is not None:
-        weights = weights * expert_scale[ids.long()].to(weights.dtype)
-    rows = tokens * top_k
-    gate_up = grouped_linear(x.contiguous(), top_k, experts, "gate_up", align, rows, tokens)
+    slots = top_k + int(shared)
+    rows = tokens * slots
+    weights, ids, order, *align = moe_route_fused(router_logits, experts.num_experts - int(shared), top_k,
+                                                  renormalize, shared, expert_scale,
+                                                  min(experts.num_experts, rows))
+    x = x.contiguous()
+    if fused_moe_fits(experts, tokens):
+        hidden = moe_gate_up_act(x, slots, experts, align, activation, rows, tokens)
+        return moe_down_combine(hidden, experts, align, weights, order, tokens)
+    gate_up = grouped_linear(x, slots, experts, "gate_up", align, rows, tokens)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
     y = grouped_linear(hidden, 1, experts, "down", align, rows, tokens)
-    return moe_combine(y, weights, ids)
+    return moe_combine(y, weights.to(torch.bfloat16), ids)
+
+
+def expert_forward(x: torch.Tensor, experts: StackedExperts, expert: int, activation: str = "silu") -> torch.Tensor:
+    """One stacked expert on every row of x [T, H] (the shared expert beside a prefill path that routes the rest):
+    the grouped GEMMs with a one-group table made on the device, 64 rows per launch."""
+    if x.shape[0] > MAX_DECODE_ROWS:
+        return torch.cat([expert_forward(x[i:i + MAX_DECODE_ROWS], experts, expert, activation)
+                          for i in range(0, x.shape[0], MAX_DECODE_ROWS)])
+    rows, device = x.shape[0], x.device
+    align = (torch.arange(2, dtype=torch.int32, device=device) * rows,
+             torch.full((1,), expert, dtype=torch.int32, device=device),
+             torch.arange(rows, dtype=torch.int32, device=device), torch.ones(1, dtype=torch.int32, device=device))
+    gate_up = grouped_linear(x.contiguous(), 1, experts, "gate_up", align, rows, rows)
+    hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
+    return grouped_linear(hidden, 1, experts, "down", align, rows, rows)
 
 
 # ---- Gated DeltaNet decode (csrc/gated_delta.cu) -------------------------------------------------------------------

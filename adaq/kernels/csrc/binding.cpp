@@ -8,7 +8,7 @@
 namespace adaq {
 void nvfp4_gemm_set_variant(int variant);
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override,
-                         long long* partial_floats, int* counters);
+                         long long* partial_floats, int* counters, int epilogue);
 int nvfp4_gemm(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
                const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, float* partial, long long partial_floats,
                int* counters, int num_counters, int M, int N, int K, int splits_override, cudaStream_t stream);
@@ -18,6 +18,19 @@ int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const voi
                        int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
                        const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
                        int splits_override, cudaStream_t stream);
+int nvfp4_moe_gate_up_act(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                          const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                          __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                          int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                          const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                          int act, int splits_override, cudaStream_t stream);
+int nvfp4_moe_down_combine(const __nv_bfloat16* x, int ldx, const void* wq, long long expert_wq_bytes, const void* ws,
+                           long long expert_ws_bytes, const float* colscale, int expert_colscale, __nv_bfloat16* y,
+                           float* partial, long long partial_floats, int* counters, int num_counters,
+                           const int* group_offsets, const int* group_expert, const int* row_ids,
+                           const int* num_groups, int max_groups, int max_rows_per_group, int tokens, int top_k,
+                           const float* weights, const int* order, __nv_bfloat16* out, int N, int K,
+                           int splits_override, cudaStream_t stream);
 int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream);
 int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void* out, int n, int k,
                       cudaStream_t stream);
@@ -59,6 +72,9 @@ int router_topk(const __nv_bfloat16* logits, int tokens, int experts, int top_k,
 int moe_route(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
               __nv_bfloat16* weights, int* ids, int* group_offsets, int* group_expert, int* row_ids, int* num_groups,
               cudaStream_t stream);
+int moe_route_fused(const __nv_bfloat16* logits, int ld, int tokens, int experts, int top_k, bool renormalize,
+                    bool shared, const float* expert_scale, float* weights, int* ids, int* order, int* group_offsets,
+                    int* group_expert, int* row_ids, int* num_groups, cudaStream_t stream);
 int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* group_expert, int* row_ids,
               int* num_groups, cudaStream_t stream);
 int moe_combine(const __nv_bfloat16* y, const __nv_bfloat16* w, const int* ids, __nv_bfloat16* out, int tokens,
@@ -109,7 +125,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::T
   if (M == 0) return y;
   long long partial_floats = 0;
   int num_counters = 0;
-  adaq::nvfp4_gemm_workspace(M, M, N, K, 1, splits_override, &partial_floats, &num_counters);
+  adaq::nvfp4_gemm_workspace(M, M, N, K, 1, splits_override, &partial_floats, &num_counters, 0);
   TORCH_CHECK(num_counters <= counters.numel(), "GEMM needs ", num_counters, " counters");
   auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
   const int status = adaq::nvfp4_gemm(bf16_ptr(x), x.stride(0), wq.data_ptr(), ws.data_ptr(), colscale.data_ptr<float>(),
@@ -135,7 +151,7 @@ torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq,
   long long partial_floats = 0;
   int num_counters = 0;
   adaq::nvfp4_gemm_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, &partial_floats,
-                             &num_counters);
+                             &num_counters, 0);
   TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
   auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
   const int status = adaq::nvfp4_gemm_grouped(
@@ -147,6 +163,71 @@ torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq,
   ADAQ_CHECK_STATUS(status, "nvfp4_gemm_grouped rows=" + std::to_string(out_rows) + " N=" + std::to_string(N) +
                                 " K=" + std::to_string(K));
   return y;
+}
+
+// The fused MoE decode GEMMs (nvfp4_gemm.cu): gated gate|up -> hidden [out_rows, N / 2]; down + combine -> out
+// [tokens, N]. Same tables and weights as gemm_grouped.
+torch::Tensor moe_gate_up_act(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
+                              torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
+                              torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
+                              int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
+                              int64_t act, int64_t splits_override) {
+  ADAQ_CHECK_CUDA(x);
+  ADAQ_CHECK_BF16(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
+  TORCH_CHECK(wq.dim() == 2 && ws.dim() == 2 && colscale.dim() == 2, "expert weights must be stacked [E, ...]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({out_rows, N / 2}, x.options());
+  if (out_rows == 0) return y;
+  long long partial_floats = 0;
+  int num_counters = 0;
+  adaq::nvfp4_gemm_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, &partial_floats,
+                             &num_counters, 1);
+  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
+  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  const int status = adaq::nvfp4_moe_gate_up_act(
+      bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
+      colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N / 2, partial.data_ptr<float>(), partial_floats,
+      counters.data_ptr<int>(), counters.numel(), group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
+      row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups, max_rows_per_group, out_rows, N, K, act,
+      splits_override, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_moe_gate_up_act rows=" + std::to_string(out_rows) + " N=" + std::to_string(N) +
+                                " K=" + std::to_string(K) + " rows/group=" + std::to_string(max_rows_per_group));
+  return y;
+}
+
+torch::Tensor moe_down_combine(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
+                               torch::Tensor counters, torch::Tensor group_offsets, torch::Tensor group_expert,
+                               torch::Tensor row_ids, torch::Tensor num_groups, int64_t max_groups,
+                               int64_t max_rows_per_group, torch::Tensor weights, torch::Tensor order, int64_t N,
+                               int64_t K, int64_t splits_override) {
+  ADAQ_CHECK_CUDA(x);
+  ADAQ_CHECK_BF16(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 && weights.is_contiguous() &&
+                  order.scalar_type() == at::kInt && order.sizes() == weights.sizes() && order.is_contiguous(),
+              "combine needs fp32 weights and int32 order, both [tokens, slots]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int tokens = weights.size(0), slots = weights.size(1);
+  TORCH_CHECK(x.size(0) == static_cast<int64_t>(tokens) * slots, "x must have tokens x slots rows");
+  auto out = torch::empty({tokens, N}, x.options());
+  if (tokens == 0) return out;
+  auto y = torch::empty({static_cast<int64_t>(tokens) * slots, N}, x.options());
+  long long partial_floats = 0;
+  int num_counters = 0;
+  adaq::nvfp4_gemm_workspace(max_rows_per_group, tokens * slots, N, K, max_groups, splits_override, &partial_floats,
+                             &num_counters, 2);
+  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
+  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  const int status = adaq::nvfp4_moe_down_combine(
+      bf16_ptr(x), x.stride(0), wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0), colscale.data_ptr<float>(),
+      colscale.stride(0), bf16_mut(y), partial.data_ptr<float>(), partial_floats, counters.data_ptr<int>(),
+      counters.numel(), group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(), row_ids.data_ptr<int>(),
+      num_groups.data_ptr<int>(), max_groups, max_rows_per_group, tokens, slots, weights.data_ptr<float>(),
+      order.data_ptr<int>(), bf16_mut(out), N, K, splits_override, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_moe_down_combine tokens=" + std::to_string(tokens) + " N=" + std::to_string(N) +
+                                " K=" + std::to_string(K) + " rows/group=" + std::to_string(max_rows_per_group));
+  return out;
 }
 
 // A layer's cache [blocks, block_size, Hkv, row] (row: head_dim values, or an NVFP4 row's bytes) with dense heads
@@ -470,6 +551,33 @@ std::vector<torch::Tensor> moe_route(torch::Tensor logits, int64_t top_k, bool r
   return {weights, ids, offsets, group_expert, row_ids, num_groups};
 }
 
+// Router top-k with fp32 weights, the combine's slot order and the grouping, one launch:
+// {weights, ids, order, offsets, group_expert, row_ids, num_groups}. logits [T, E (+1: the shared expert's gate)].
+std::vector<torch::Tensor> moe_route_fused(torch::Tensor logits, int64_t experts, int64_t top_k, bool renormalize,
+                                           bool shared, c10::optional<torch::Tensor> expert_scale,
+                                           int64_t max_groups) {
+  ADAQ_CHECK_BF16(logits);
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [T, E] with unit column stride");
+  if (expert_scale)
+    TORCH_CHECK(expert_scale->scalar_type() == at::kFloat && expert_scale->is_contiguous() &&
+                    expert_scale->numel() == experts, "expert_scale must be fp32 [E]");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int T = logits.size(0), slots = top_k + (shared ? 1 : 0);
+  auto opts = logits.options().dtype(at::kInt);
+  auto weights = torch::empty({T, slots}, logits.options().dtype(at::kFloat));
+  auto ids = torch::empty({T, slots}, opts), order = torch::empty({T, slots}, opts);
+  auto offsets = torch::empty({max_groups + 1}, opts), group_expert = torch::empty({max_groups}, opts);
+  auto row_ids = torch::empty({T * slots}, opts), num_groups = torch::empty({1}, opts);
+  const int status = adaq::moe_route_fused(
+      bf16_ptr(logits), logits.stride(0), T, experts, top_k, renormalize, shared,
+      expert_scale ? expert_scale->data_ptr<float>() : nullptr, weights.data_ptr<float>(), ids.data_ptr<int>(),
+      order.data_ptr<int>(), offsets.data_ptr<int>(), group_expert.data_ptr<int>(), row_ids.data_ptr<int>(),
+      num_groups.data_ptr<int>(), stream());
+  ADAQ_CHECK_STATUS(status, "moe_route_fused tokens=" + std::to_string(T) + " experts=" + std::to_string(experts) +
+                                " top_k=" + std::to_string(top_k) + (shared ? " + shared" : ""));
+  return {weights, ids, order, offsets, group_expert, row_ids, num_groups};
+}
+
 torch::Tensor moe_combine(torch::Tensor y, torch::Tensor w, torch::Tensor ids) {
   ADAQ_CHECK_BF16(y);
   ADAQ_CHECK_BF16(w);
@@ -582,6 +690,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_align", &moe_align);
   m.def("moe_route", &moe_route);
   m.def("moe_combine", &moe_combine);
+  m.def("moe_route_fused", &moe_route_fused);
+  m.def("moe_gate_up_act", &moe_gate_up_act);
+  m.def("moe_down_combine", &moe_down_combine);
   m.def("gdn_conv_update", &gdn_conv_update);
   m.def("gdn_decode", &gdn_decode);
   m.def("gated_rms_norm", &gated_rms_norm);

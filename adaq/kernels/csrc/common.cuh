@@ -126,6 +126,15 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The gate's activation in fp32 (0: silu, 1: gelu tanh), as torch computes its bf16 silu / gelu before rounding:
+// the elementwise gated kernel and the grouped MoE GEMM's gated epilogue share it, so the two round alike.
+template <int KIND>
+__device__ __forceinline__ float gate_act(float g) {
+  if (KIND == 0) return g / (1.f + expf(-g));
+  const float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
+  return 0.5f * g * (1.f + tanhf(kBeta * (g + kKappa * g * g * g)));
+}
+
 __device__ __forceinline__ float bf16_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {

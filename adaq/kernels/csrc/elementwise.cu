@@ -198,13 +198,7 @@ int rms_norm(const __nv_bfloat16* x, long long outer_stride, long long inner_str
 
 // ---- Gated activations on x [T, 2I] (gate | up) -> [T, I]: act computed in fp32 and rounded to bf16 (as torch's
 // bf16 silu / gelu do), then the bf16 product rounded once more. 8 outputs per thread, 16-byte accesses.
-template <int KIND>  // 0: silu, 1: gelu tanh
-__device__ __forceinline__ float gate_act(float g) {
-  if (KIND == 0) return g / (1.f + expf(-g));
-  const float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
-  return 0.5f * g * (1.f + tanhf(kBeta * (g + kKappa * g * g * g)));
-}
-
+// (gate_act, the activation itself, lives in common.cuh: the grouped MoE GEMM applies it in its epilogue too.)
 template <int KIND>
 __global__ void gated_act_kernel(const __nv_bfloat16* __restrict__ x, long long ldx, __nv_bfloat16* __restrict__ y,
                                  int rows, int inter) {

@@ -6,6 +6,9 @@
 namespace adaq {
 
 constexpr int kMaxExperts = 512;
+// Grouping takes one more run of 32 experts than routing: the fused route appends a shared expert as expert E, so
+// a 512-expert model with a shared expert (Qwen3-Next) groups 513.
+constexpr int kMaxAlignExperts = kMaxExperts + 32;
 constexpr int kMaxTopK = 16;
 
 // One warp per token: softmax in fp32 over E logits, then top_k rounds of warp argmax (ties: lowest expert, as
@@ -14,17 +17,18 @@ constexpr int kMaxTopK = 16;
 // PER_LANE = ceil(E / 32) rounded up to 4, 8 or 16: each top-k round scans PER_LANE registers per lane before its
 // 5 shuffle steps, so a 128-expert router does 4 compares per round, not the 16 that 512 experts need (the decode
 // step profile of Qwen3-30B-A3B had this kernel at 9.5 us, the largest non-GEMM launch of a MoE layer).
+// topk_token: the selection alone (row: the token's logits); lane j < top_k gets round j's probability and expert
+// and every lane the sum of the k probabilities.
 template <int PER_LANE>
-__device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ logits, int t, int experts, int top_k,
-                                            bool renormalize, __nv_bfloat16* __restrict__ weights,
-                                            int* __restrict__ ids, int* ids_copy) {
+__device__ __forceinline__ void topk_token(const __nv_bfloat16* __restrict__ row, int experts, int top_k,
+                                           float& my_w, int& my_e, float& total) {
   const int lane = threadIdx.x & 31;
   float p[PER_LANE];
   float mx = -INFINITY;
 #pragma unroll
   for (int i = 0; i < PER_LANE; ++i) {
     const int e = lane + 32 * i;
-    p[i] = e < experts ? __bfloat162float(logits[static_cast<long long>(t) * experts + e]) : -INFINITY;
+    p[i] = e < experts ? __bfloat162float(row[e]) : -INFINITY;
     mx = fmaxf(mx, p[i]);
   }
   mx = warp_max(mx);
@@ -36,9 +40,9 @@ __device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ lo
   }
   sum = warp_sum(sum);
   // Lane j keeps round j's choice: registers indexed by a loop counter would live in local memory.
-  float my_w = 0.f;
-  int my_e = 0;
-  float total = 0.f;
+  my_w = 0.f;
+  my_e = 0;
+  total = 0.f;
   for (int j = 0; j < top_k; ++j) {
     float best = -1.f;
     int best_i = 0;
@@ -61,6 +65,16 @@ __device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ lo
     if (lane == j) { my_w = w; my_e = best_e; }
     total += w;
   }
+}
+
+template <int PER_LANE>
+__device__ __forceinline__ void route_token(const __nv_bfloat16* __restrict__ logits, int t, int experts, int top_k,
+                                            bool renormalize, __nv_bfloat16* __restrict__ weights,
+                                            int* __restrict__ ids, int* ids_copy) {
+  const int lane = threadIdx.x & 31;
+  float my_w, total;
+  int my_e;
+  topk_token<PER_LANE>(logits + static_cast<long long>(t) * experts, experts, top_k, my_w, my_e, total);
   if (lane < top_k) {
     const float w = renormalize ? my_w / total : my_w;
     weights[static_cast<long long>(t) * top_k + lane] = __float2bfloat16_rn(w);
@@ -88,14 +102,14 @@ __global__ void router_topk_kernel(const __nv_bfloat16* __restrict__ logits, int
 // One block: counts per expert, the list of experts in use (ascending), their row ranges, and the rows (t * k + j)
 // sorted by expert, ascending row order within an expert (a stable order keeps runs reproducible).
 // Whole block (at least 32 threads); ids may live in global or shared memory (visible to every thread of the block).
-// The exclusive scan over experts is one warp's: each lane sums a run of kMaxExperts / 32 consecutive counts, a warp
+// The exclusive scan over experts is one warp's: each lane sums a run of kMaxAlignExperts / 32 consecutive counts, a warp
 // scan of those sums, then each lane walks its run (a single thread walking 128-512 experts took microseconds).
 __device__ __forceinline__ void align_rows(const int* ids, int rows, int experts, int* __restrict__ group_offsets,
                                            int* __restrict__ group_expert, int* __restrict__ row_ids,
                                            int* __restrict__ num_groups) {
-  constexpr int kRun = kMaxExperts / 32;
-  __shared__ int count[kMaxExperts], start[kMaxExperts];
-  for (int e = threadIdx.x; e < kMaxExperts; e += blockDim.x) count[e] = 0;
+  constexpr int kRun = kMaxAlignExperts / 32;
+  __shared__ int count[kMaxAlignExperts], start[kMaxAlignExperts];
+  for (int e = threadIdx.x; e < kMaxAlignExperts; e += blockDim.x) count[e] = 0;
   __syncthreads();
   for (int r = threadIdx.x; r < rows; r += blockDim.x) atomicAdd(&count[ids[r]], 1);
   __syncthreads();
@@ -162,6 +176,63 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(
   align_rows(ids_s, tokens * top_k, experts, group_offsets, group_expert, row_ids, num_groups);
 }
 
+// ---- The decode MoE in three launches (route, gated gate|up, down + combine; nvfp4_gemm.cu has the other two).
+// Per token, slots 0..top_k-1 are the routed experts in the router's order and, with a shared expert (Qwen3.5 /
+// Qwen3.6 / Qwen3-Next), slot top_k is expert E (its weights appended to the stacked experts) with weight
+// bf16(sigmoid(logit E)): the router GEMM's weight carries shared_expert_gate as row E, so its logit is column E.
+// Weights come out in fp32 as the combine multiplies them: bf16 values (the reference rounds routed weights to the
+// logits' dtype), or fp32 times expert_scale[e] for Gemma 4 (whose reference keeps them fp32). order[t] lists the
+// token's slots in ascending expert order (the combine's summation order): a slot's rank is the number of the
+// token's experts below its own (distinct per token), one shuffle per slot.
+template <int PER_LANE>
+__device__ __forceinline__ void route_token_fused(const __nv_bfloat16* __restrict__ logits, int ld, int t,
+                                                  int experts, int top_k, bool renormalize, bool shared,
+                                                  const float* __restrict__ expert_scale, float* __restrict__ weights,
+                                                  int* __restrict__ ids, int* __restrict__ order, int* ids_copy) {
+  const int lane = threadIdx.x & 31, slots = top_k + (shared ? 1 : 0);
+  const __nv_bfloat16* row = logits + static_cast<long long>(t) * ld;
+  float my_w, total;
+  int my_e;
+  topk_token<PER_LANE>(row, experts, top_k, my_w, my_e, total);
+  int rank = 0;
+  for (int q = 0; q < top_k; ++q) rank += __shfl_sync(0xffffffffu, my_e, q) < my_e;
+  float w = renormalize ? my_w / total : my_w;
+  if (lane < top_k) w = expert_scale != nullptr ? w * expert_scale[my_e] : __bfloat162float(__float2bfloat16_rn(w));
+  if (shared && lane == top_k) {
+    const float logit = __bfloat162float(row[experts]);
+    w = __bfloat162float(__float2bfloat16_rn(1.f / (1.f + expf(-logit))));
+    my_e = experts;
+    rank = top_k;
+  }
+  if (lane < slots) {
+    const long long at = static_cast<long long>(t) * slots;
+    weights[at + lane] = w;
+    ids[at + lane] = my_e;
+    order[at + rank] = lane;
+    ids_copy[t * slots + lane] = my_e;
+  }
+}
+
+__global__ void __launch_bounds__(kRouteThreads) moe_route_fused_kernel(
+    const __nv_bfloat16* __restrict__ logits, int ld, int tokens, int experts, int top_k, bool renormalize,
+    bool shared, const float* __restrict__ expert_scale, float* __restrict__ weights, int* __restrict__ ids,
+    int* __restrict__ order, int* __restrict__ group_offsets, int* __restrict__ group_expert,
+    int* __restrict__ row_ids, int* __restrict__ num_groups) {
+  __shared__ int ids_s[kMaxRouteRows];
+  for (int t = threadIdx.x >> 5; t < tokens; t += blockDim.x / 32) {
+    if (experts <= 128)
+      route_token_fused<4>(logits, ld, t, experts, top_k, renormalize, shared, expert_scale, weights, ids, order, ids_s);
+    else if (experts <= 256)
+      route_token_fused<8>(logits, ld, t, experts, top_k, renormalize, shared, expert_scale, weights, ids, order, ids_s);
+    else
+      route_token_fused<16>(logits, ld, t, experts, top_k, renormalize, shared, expert_scale, weights, ids, order,
+                            ids_s);
+  }
+  __syncthreads();
+  align_rows(ids_s, tokens * (top_k + (shared ? 1 : 0)), experts + (shared ? 1 : 0), group_offsets, group_expert,
+             row_ids, num_groups);
+}
+
 // out[t] = sum over the token's k experts in ascending expert order of bf16(y[t*k+j] * w[t,j]), accumulated in
 // bf16 as the reference's index_add_ into a bf16 tensor does.
 __global__ void moe_combine_kernel(const __nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ w,
@@ -211,6 +282,22 @@ int moe_route(const __nv_bfloat16* logits, int tokens, int experts, int top_k, b
   const int threads = 32 * min(tokens, kRouteThreads / 32);
   moe_route_kernel<<<1, threads, 0, stream>>>(logits, tokens, experts, top_k, renormalize, weights, ids,
                                                     group_offsets, group_expert, row_ids, num_groups);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+// logits [tokens, ld] with ld >= experts (+ 1 with a shared expert: its gate logit at column `experts`).
+int moe_route_fused(const __nv_bfloat16* logits, int ld, int tokens, int experts, int top_k, bool renormalize,
+                    bool shared, const float* expert_scale, float* weights, int* ids, int* order, int* group_offsets,
+                    int* group_expert, int* row_ids, int* num_groups, cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  const int slots = top_k + (shared ? 1 : 0);
+  if (experts > kMaxExperts || slots > 32 || top_k < 1 || top_k > kMaxTopK || top_k > experts ||
+      tokens * slots > kMaxRouteRows || ld < experts + (shared ? 1 : 0))
+    return kUnsupportedShape;
+  const int threads = 32 * min(tokens, kRouteThreads / 32);
+  moe_route_fused_kernel<<<1, threads, 0, stream>>>(logits, ld, tokens, experts, top_k, renormalize, shared,
+                                                    expert_scale, weights, ids, order, group_offsets, group_expert,
+                                                    row_ids, num_groups);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 

@@ -74,6 +74,17 @@ struct GemmParams {
   int st_per_split;            // super-tiles per split (the last split may have fewer)
   int splits;
   int n_blocks;                // column blocks: tiles / (8 / ks), rounded up
+  // Fused MoE epilogues (grouped form, <= 16 rows per group; csrc/moe.cu's route kernel makes the tables):
+  int pair_tiles;              // > 0, gated gate|up (TW = 2): a warp's two tiles are gate tile t and up tile
+                               // t + pair_tiles of the same columns, N = 2I with I = 16 pair_tiles, and y [rows, I]
+                               // gets act(gate) * up rounded as gated_act_kernel rounds it
+  int act;                     // pair_tiles > 0: 0 silu, 1 gelu tanh
+  __nv_bfloat16* combine_out;  // non-null, down + combine: out [combine_tokens, N] = sum over the token's slots in
+                               // ascending expert order of bf16(y * w), bf16 after each add (moe_combine_kernel's sum)
+  const float* combine_w;      // [tokens, combine_k] routing weights, fp32 (bf16 values for Qwen, Gemma 4's scaled)
+  const int* combine_order;    // [tokens, combine_k] the token's slots in ascending expert order
+  int combine_k, combine_tokens;
+  int* combine_counters;       // [n_blocks] blocks of every group that have written a column block of y
 };
 
 __device__ __forceinline__ uint32_t rotr(uint32_t w, int d) { return __funnelshift_r(w, w, d); }
@@ -240,9 +251,11 @@ __device__ __forceinline__ void gemm_warp_tiles(const uint4* __restrict__ wq, co
 
 // MINB: blocks per SM the register budget must allow (launch bounds).
 // f(row in group, column, value) for each of a warp's accumulator elements inside the output: element i of tile tw,
-// token tile nt is column (tile0 + tw) * 16 + 8 (i >> 1) + lane/4, token 8 nt + 2 (lane%4) + (i & 1).
+// token tile nt is column (tile0 + tw * step) * 16 + 8 (i >> 1) + lane/4, token 8 nt + 2 (lane%4) + (i & 1).
+// step: 1, or pair_tiles for a gated gate|up warp (its up tile lies I columns after its gate tile).
 template <int TW, int NT, typename F>
-__device__ __forceinline__ void for_each_output(const float (&acc)[TW][NT][4], int tile0, int rows, int N, F&& f) {
+__device__ __forceinline__ void for_each_output(const float (&acc)[TW][NT][4], int tile0, int step, int rows, int N,
+                                                F&& f) {
   const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
   for (int tw = 0; tw < TW; ++tw)
@@ -250,7 +263,7 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[TW][NT][4], i
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int r = nt * 8 + c2 + (i & 1), n = (tile0 + tw) * kTileN + 8 * (i >> 1) + g;
+        const int r = nt * 8 + c2 + (i & 1), n = (tile0 + tw * step) * kTileN + 8 * (i >> 1) + g;
         if (r < rows && n < N) f(r, n, acc[tw][nt][i]);
       }
 }
@@ -262,12 +275,63 @@ __device__ __forceinline__ void store_output(const GemmParams& p, const float* c
   p.y[static_cast<long long>(dst) * p.ldy + n] = __float2bfloat16_rn(v);
 }
 
-// TW: adjacent column tiles per warp (each x piece read once for all of them).
+// y[dst, n] = bf16(bf16(act(g)) * u) with g, u = the gate and up outputs (column n and I + n) rounded as
+// store_output rounds them: the unfused gate|up GEMM + gated_act_kernel, bit for bit.
+__device__ __forceinline__ void store_gated(const GemmParams& p, const float* colscale, int dst, int n, float gate_sum,
+                                            float up_sum) {
+  const int inter = p.pair_tiles * kTileN;
+  const float g = __bfloat162float(__float2bfloat16_rn(gate_sum * colscale[n]));
+  const float u = __bfloat162float(__float2bfloat16_rn(up_sum * colscale[inter + n]));
+  const float a = __bfloat162float(__float2bfloat16_rn(p.act == 0 ? gate_act<0>(g) : gate_act<1>(g)));
+  p.y[static_cast<long long>(dst) * p.ldy + n] = __float2bfloat16_rn(a * u);
+}
+
+// Down + combine: called by every block once its y columns [nb * cols, + cols) are written (all threads). The block
+// that arrives last for this column block, of all groups, sums the column block for every token: each token's slots
+// in ascending expert order, bf16(y * w) added and rounded to bf16 one by one (moe_combine_kernel's arithmetic, so
+// no atomics and a fixed order). y comes from other blocks through L2 (ld.global.cg: never a stale L1 line).
+// 8 columns per thread, 16-byte loads: at 16 tokens one pass of a 256-thread block over a 128-column block.
+__device__ __forceinline__ void combine_when_last(const GemmParams& p, int nb, int cols, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(p.combine_counters + nb, 1) == *p.num_groups - 1;
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  const int chunks = cols / 8, k = p.combine_k;
+  for (int i = threadIdx.x; i < p.combine_tokens * chunks; i += blockDim.x) {
+    const int t = i / chunks, n = nb * cols + (i % chunks) * 8;
+    if (n >= p.N) continue;
+    float acc[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) acc[q] = 0.f;
+    for (int j = 0; j < k; ++j) {
+      const int slot = p.combine_order[t * k + j];
+      const float w = p.combine_w[t * k + slot];
+      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p.y + static_cast<long long>(t * k + slot) * p.ldy + n));
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float lo = __bfloat162float(__float2bfloat16_rn(__uint_as_float(words[q] << 16) * w));
+        const float hi = __bfloat162float(__float2bfloat16_rn(__uint_as_float(words[q] & 0xFFFF0000u) * w));
+        acc[2 * q] = __bfloat162float(__float2bfloat16_rn(acc[2 * q] + lo));
+        acc[2 * q + 1] = __bfloat162float(__float2bfloat16_rn(acc[2 * q + 1] + hi));
+      }
+    }
+    *reinterpret_cast<uint4*>(p.combine_out + static_cast<long long>(t) * p.N + n) =
+        make_uint4(pack_bf16x2(acc[0], acc[1]), pack_bf16x2(acc[2], acc[3]), pack_bf16x2(acc[4], acc[5]),
+                   pack_bf16x2(acc[6], acc[7]));
+  }
+  if (threadIdx.x == 0) p.combine_counters[nb] = 0;  // zero again for the next launch
+}
+
+// TW: adjacent column tiles per warp (each x piece read once for all of them); with pair_tiles > 0 (TW = 2 only)
+// the warp's gate tile and up tile instead.
 template <int NT, int ST, int MINB, int TW>
 __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const GemmParams p) {
   __shared__ int src_row[kMaxRowsPerGroup], dst_row[kMaxRowsPerGroup];
   __shared__ float red[kGemmWarps][TW * NT * 4][32];  // k-slice partial sums (slices >= 1)
-  __shared__ int is_last;
+  __shared__ int is_last, combine_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nb = blockIdx.x, split = blockIdx.y, group = blockIdx.z;
@@ -294,8 +358,14 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
 
   const int ct_count = kGemmWarps / p.ks;
   const int ct = warp % ct_count, ks = warp / ct_count;
-  const int tile0 = (nb * ct_count + ct) * TW;  // this warp's first column tile
-  const int tiles_ok = min(TW, p.tiles - tile0);
+  // The fused MoE epilogues exist in the variants the MoE plans pick (kFusedEpilogue: 1/3, 5, 8); the others
+  // (3 or 4 blocks per SM, four tiles per warp) have no registers to spare for them (ptxas spilled v2 and v7).
+  constexpr bool kFusedEpilogue = MINB <= 2 && TW <= 2;
+  const bool paired = kFusedEpilogue && TW == 2 && p.pair_tiles > 0;  // gated gate|up (activation in the epilogue)
+  const bool combine = kFusedEpilogue && p.combine_out != nullptr;    // down + combine
+  const int step = paired ? p.pair_tiles : 1;
+  const int tile0 = paired ? nb * ct_count + ct : (nb * ct_count + ct) * TW;  // this warp's first column tile
+  const int tiles_ok = paired ? (tile0 < p.pair_tiles ? 2 : 0) : min(TW, p.tiles - tile0);
   const int split_begin = split * p.st_per_split;
   const int split_end = min(split_begin + p.st_per_split, p.kst);
   const int per_warp = ceil_div(split_end - split_begin, p.ks);
@@ -318,7 +388,7 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[tw][nt][i] = 0.f;
-  gemm_warp_tiles<NT, ST, TW>(wq, ws, p.kst, tiles_ok, s0, s1, p.kst, xrow, p.K, acc);
+  gemm_warp_tiles<NT, ST, TW>(wq, ws, static_cast<long long>(p.kst) * step, tiles_ok, s0, s1, p.kst, xrow, p.K, acc);
 
   // ---- k-slices of a column tile meet in shared memory; slice 0 adds them in slice order (deterministic).
   if (p.ks > 1) {
@@ -341,16 +411,29 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
   }
 
   const float* colscale = p.colscale + expert * p.expert_colscale;
+  const int cols = ct_count * (paired ? 1 : TW) * kTileN;  // this block's output columns (gate columns if paired)
   if (p.splits == 1) {
-    if (ks == 0)
-      for_each_output(acc, tile0, rows, p.N, [&](int r, int n, float v) { store_output(p, colscale, dst_row[r], n, v); });
+    if (ks == 0 && paired && tiles_ok == 2) {
+      const int g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = nt * 8 + c2 + (i & 1);
+          if (r < rows)
+            store_gated(p, colscale, dst_row[r], tile0 * kTileN + 8 * (i >> 1) + g, acc[0][nt][i], acc[TW - 1][nt][i]);
+        }
+    } else if (ks == 0 && !paired) {
+      for_each_output(acc, tile0, 1, rows, p.N, [&](int r, int n, float v) { store_output(p, colscale, dst_row[r], n, v); });
+    }
+    if (combine) combine_when_last(p, nb, cols, &combine_last);
     return;
   }
 
   // ---- Split-K over blocks: park fp32 partials; the block that arrives last for this column block sums them in
   // split order (deterministic), scales, and writes bf16. Its counter goes back to zero for the next launch.
-  if (ks == 0)
-    for_each_output(acc, tile0, rows, p.N, [&](int r, int n, float v) {
+  if (ks == 0 && (!paired || tiles_ok == 2))  // a paired warp past the last pair would land in up's columns
+    for_each_output(acc, tile0, step, rows, p.N, [&](int r, int n, float v) {
       p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + n] = v;
     });
   __threadfence();
@@ -360,16 +443,24 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const int cols = ct_count * TW * kTileN;
+  const int inter = p.pair_tiles * kTileN;
   for (int i = tid; i < rows * cols; i += kGemmThreads) {
     const int r = i / cols, n = nb * cols + i % cols;
-    if (n >= p.N) continue;
-    float sum = 0.f;
-    for (int s = 0; s < p.splits; ++s)
-      sum += __ldcg(p.partial + (static_cast<long long>(s) * p.out_rows + dst_row[r]) * p.N + n);
-    store_output(p, colscale, dst_row[r], n, sum);
+    if (n >= (paired ? inter : p.N)) continue;
+    const float* part = p.partial + static_cast<long long>(dst_row[r]) * p.N + n;
+    const long long split_stride = static_cast<long long>(p.out_rows) * p.N;
+    float sum = 0.f, up = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      sum += __ldcg(part + s * split_stride);
+      if (paired) up += __ldcg(part + s * split_stride + inter);
+    }
+    if (paired)
+      store_gated(p, colscale, dst_row[r], n, sum, up);
+    else
+      store_output(p, colscale, dst_row[r], n, sum);
   }
   if (tid == 0) *counter = 0;
+  if (combine) combine_when_last(p, nb, cols, &combine_last);
 }
 
 // Dense bf16 [N, K] = e2m1 x block_scale (exact: <= 6 significant bits in [2^-10, 2688]; 1/global_scale NOT
@@ -509,15 +600,24 @@ static int num_sms() {
 // k-slices first (free: reduced in shared memory), then split-K over blocks only when the column blocks of all
 // groups still leave SMs idle, never so far that the fp32 partials (8 bytes per output per split) cost more than a
 // quarter of the weight bytes. M > 16 always runs variant-independent kernels (TW 1).
-static GemmPlan plan_gemm(int rows, int tiles, int kst, int groups, int splits_override) {
+// epilogue 1, gated gate|up (M <= 16): a TW 2 variant whose warp holds one gate tile and its up tile, so a column
+// position is a pair of tiles: 5 (ring of 3, the deepest TW 2 ring: v3's four super-tiles in flight per warp are
+// what the grouped GEMM measured best with), or 8 when ADAQ_GEMM_VARIANT asks for it. Epilogue 2, down + combine
+// (M <= 16): the variants that carry it (kFusedEpilogue): 3 unless ADAQ_GEMM_VARIANT asks for 1, 5 or 8.
+static GemmPlan plan_gemm(int rows, int tiles, int kst, int groups, int splits_override, int epilogue = 0) {
   GemmPlan plan{};
+  const bool paired = epilogue == 1;
   plan.nt = ceil_div(rows, 8);
   plan.variant = g_variant != 0 ? g_variant : default_variant(plan.nt, tiles * kTileN, kst * kSuperK, groups > 1);
   if (plan.nt > 2) plan.variant = 1;
+  if (paired) plan.variant = g_variant == 8 ? 8 : 5;
+  const bool carries_combine = plan.variant == 1 || plan.variant == 3 || plan.variant == 5 || plan.variant == 8;
+  if (epilogue == 2 && !carries_combine) plan.variant = 3;
   const int min_per_warp = plan.variant == 3 ? 8 : 2;
   plan.ks = kGemmWarps;
   while (plan.ks > 1 && kst < min_per_warp * plan.ks) plan.ks /= 2;
-  plan.n_blocks = ceil_div(tiles, kGemmWarps / plan.ks * tiles_per_warp(plan.variant));
+  const int positions = paired ? tiles / 2 : tiles;  // column positions of one warp each
+  plan.n_blocks = ceil_div(positions, kGemmWarps / plan.ks * (paired ? 1 : tiles_per_warp(plan.variant)));
   int splits = splits_override;
   if (splits <= 0) {
     const int slots = blocks_per_sm(plan.variant) * num_sms();
@@ -582,12 +682,13 @@ static void apply_plan(GemmParams& p, const GemmPlan& plan) {
 void nvfp4_gemm_set_variant(int variant) { g_variant = (variant >= 0 && variant <= kVariants) ? variant : 0; }
 
 // Sizes the caller must provide for a launch: partial floats and counters. Returns the plan's splits.
+// epilogue: 0 plain, 1 gated gate|up (paired tiles), 2 down + combine (one more counter per column block).
 int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override, long long* partial_floats,
-                         int* counters) {
+                         int* counters, int epilogue) {
   const int tiles = ceil_div(N, kTileN), kst = ceil_div(K, kSuperK);
-  GemmPlan plan = plan_gemm(rows, tiles, kst, groups, splits_override);
+  GemmPlan plan = plan_gemm(rows, tiles, kst, groups, splits_override, epilogue);
   *partial_floats = plan.splits > 1 ? static_cast<long long>(plan.splits) * out_rows * N : 0;
-  *counters = groups * plan.n_blocks;
+  *counters = (groups + (epilogue == 2 ? 1 : 0)) * plan.n_blocks;
   return plan.splits;
 }
 
@@ -609,17 +710,33 @@ int nvfp4_gemm(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, 
   return dispatch(p, plan, 1, stream);
 }
 
-// Grouped (MoE): for each group g < *num_groups (at most max_groups), rows row_ids[offsets[g]..offsets[g+1]) go
-// through expert group_expert[g]. max_rows_per_group (<= 64) picks the tile; out_rows = rows of y.
-int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
-                       const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
-                       __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
-                       int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
-                       const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
-                       int splits_override, cudaStream_t stream) {
+// The fused MoE epilogues of the grouped GEMM (GemmParams: pair_tiles, act, combine_*). act >= 0: gated gate|up,
+// y [out_rows, N / 2]; combine_out: down + combine into [combine_tokens, N] (y [out_rows, N] is its scratch).
+struct MoeEpilogue {
+  int act = -1;
+  const float* combine_w = nullptr;
+  const int* combine_order = nullptr;
+  int combine_k = 0, combine_tokens = 0;
+  __nv_bfloat16* combine_out = nullptr;
+};
+
+static int grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                   const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                   __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                   int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                   const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                   int splits_override, const MoeEpilogue& epi, cudaStream_t stream) {
   if (max_rows_per_group < 1 || max_rows_per_group > kMaxRowsPerGroup || N < 1 || K % 16 != 0 || max_groups < 1)
     return kUnsupportedShape;
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || expert_wq_bytes % 16 || expert_ws_bytes % 4)
+    return kBadAlignment;
+  const bool paired = epi.act >= 0, combine = epi.combine_out != nullptr;
+  // Gated: gate and up tiles pair up only when I fills whole tiles, and only the M <= 16 kernels have TW 2.
+  if (paired && (N % (2 * kTileN) != 0 || max_rows_per_group > 16 || epi.act > 1)) return kUnsupportedShape;
+  if (combine && (epi.combine_k < 1 || epi.combine_tokens * epi.combine_k != out_rows || max_rows_per_group > 16))
+    return kUnsupportedShape;
+  if (combine && (N % 8 != 0 || ldy % 8 != 0 || (reinterpret_cast<uintptr_t>(y) & 15) != 0 ||
+                  (reinterpret_cast<uintptr_t>(epi.combine_out) & 15) != 0))
     return kBadAlignment;
   GemmParams p{};
   p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint32_t*>(ws); p.colscale = colscale;
@@ -629,12 +746,66 @@ int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const voi
   p.expert_colscale = expert_colscale;
   p.M = 0; p.out_rows = out_rows; p.N = N; p.K = K; p.ldx = ldx; p.ldy = ldy;
   p.tiles = ceil_div(N, kTileN); p.kst = ceil_div(K, kSuperK);
-  const GemmPlan plan = plan_gemm(max_rows_per_group, p.tiles, p.kst, max_groups, splits_override);
+  p.pair_tiles = paired ? p.tiles / 2 : 0;
+  p.act = paired ? epi.act : 0;
+  p.combine_out = epi.combine_out; p.combine_w = epi.combine_w; p.combine_order = epi.combine_order;
+  p.combine_k = epi.combine_k; p.combine_tokens = epi.combine_tokens;
+  const GemmPlan plan = plan_gemm(max_rows_per_group, p.tiles, p.kst, max_groups, splits_override,
+                                  paired ? 1 : combine ? 2 : 0);
   apply_plan(p, plan);
-  if (plan.splits > 1 &&
-      (partial_floats < static_cast<long long>(plan.splits) * out_rows * N || num_counters < max_groups * plan.n_blocks))
+  const int split_counters = plan.splits > 1 ? max_groups * plan.n_blocks : 0;
+  p.combine_counters = counters + max_groups * plan.n_blocks;
+  if (plan.splits > 1 && partial_floats < static_cast<long long>(plan.splits) * out_rows * N)
+    return kWorkspaceTooSmall;
+  if (num_counters < split_counters || (combine && num_counters < (max_groups + 1) * plan.n_blocks))
     return kWorkspaceTooSmall;
   return dispatch(p, plan, max_groups, stream);
+}
+
+// Grouped (MoE): for each group g < *num_groups (at most max_groups), rows row_ids[offsets[g]..offsets[g+1]) go
+// through expert group_expert[g]. max_rows_per_group (<= 64) picks the tile; out_rows = rows of y.
+int nvfp4_gemm_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                       const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                       __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                       int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                       const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                       int splits_override, cudaStream_t stream) {
+  return grouped(x, ldx, x_row_div, wq, expert_wq_bytes, ws, expert_ws_bytes, colscale, expert_colscale, y, ldy,
+                 partial, partial_floats, counters, num_counters, group_offsets, group_expert, row_ids, num_groups,
+                 max_groups, max_rows_per_group, out_rows, N, K, splits_override, MoeEpilogue{}, stream);
+}
+
+// Gated gate|up (N = 2I, I % 16 == 0, <= 16 rows per group): y [out_rows, I] = act(x W_gate^T) * (x W_up^T), act
+// 0 silu / 1 gelu tanh, one launch instead of the GEMM and gated_act_kernel.
+int nvfp4_moe_gate_up_act(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                          const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                          __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                          int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                          const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                          int act, int splits_override, cudaStream_t stream) {
+  MoeEpilogue epi;
+  epi.act = act < 0 ? 2 : act;  // a negative kind is the caller's error, not "no activation"
+  return grouped(x, ldx, x_row_div, wq, expert_wq_bytes, ws, expert_ws_bytes, colscale, expert_colscale, y, ldy,
+                 partial, partial_floats, counters, num_counters, group_offsets, group_expert, row_ids, num_groups,
+                 max_groups, max_rows_per_group, out_rows, N, K, splits_override, epi, stream);
+}
+
+// Down + combine (<= 16 rows per group): y [tokens * top_k, N] per slot (scratch), out [tokens, N] = the weighted
+// sum of each token's slots in ascending expert order (order: moe_route_fused's table), one launch instead of two.
+int nvfp4_moe_down_combine(const __nv_bfloat16* x, int ldx, const void* wq, long long expert_wq_bytes, const void* ws,
+                           long long expert_ws_bytes, const float* colscale, int expert_colscale, __nv_bfloat16* y,
+                           float* partial, long long partial_floats, int* counters, int num_counters,
+                           const int* group_offsets, const int* group_expert, const int* row_ids,
+                           const int* num_groups, int max_groups, int max_rows_per_group, int tokens, int top_k,
+                           const float* weights, const int* order, __nv_bfloat16* out, int N, int K,
+                           int splits_override, cudaStream_t stream) {
+  if (out == nullptr || weights == nullptr || order == nullptr) return kUnsupportedShape;
+  MoeEpilogue epi;
+  epi.combine_w = weights; epi.combine_order = order; epi.combine_k = top_k; epi.combine_tokens = tokens;
+  epi.combine_out = out;
+  return grouped(x, ldx, 1, wq, expert_wq_bytes, ws, expert_ws_bytes, colscale, expert_colscale, y, N, partial,
+                 partial_floats, counters, num_counters, group_offsets, group_expert, row_ids, num_groups, max_groups,
+                 max_rows_per_group, tokens * top_k, N, K, splits_override, epi, stream);
 }
 
 template <typename OUT>
