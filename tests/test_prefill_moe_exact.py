@@ -94,8 +94,11 @@ def test_orchestration_gelu_and_expert_scale(emulated):
 
 # ---- routing (CPU) --------------------------------------------------------------------------------------------------
 
+MOE_EXACT = prefill_route.MOE_EXACT_MIN_TOKENS
+
+
 @pytest.mark.parametrize("path,tokens,fp8,expected", [
-    ("auto", 1, True, "decode"), ("auto", 511, True, "decode"), ("auto", 512, True, "exact"),
+    ("auto", 1, True, "decode"), ("auto", MOE_EXACT - 1, True, "decode"), ("auto", MOE_EXACT, True, "exact"),
     ("auto", 4096, False, "exact"), ("exact", 2048, True, "exact"), ("nvfp4", 4096, True, "decode"),
     ("fp8", 64, True, "fp8"), ("fp8", 2048, False, "exact"), ("fp8", 63, True, "decode")])
 def test_moe_route(monkeypatch, path, tokens, fp8, expected):

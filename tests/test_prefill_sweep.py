@@ -37,10 +37,11 @@ def test_thresholds_and_the_file_they_go_to(tmp_path):
     assert data["measured"] and "kept from before" in data["note"] and "moe_exact_min_tokens" in data["note"]
 
 
-def test_shipped_file_is_the_initial_content():
+def test_shipped_file_is_a_measured_sweep():
     data = json.loads(prefill_route.THRESHOLDS_FILE.read_text())
-    assert data["measured"] is False and "INITIAL" in data["note"]
-    assert (prefill_route.MIN_TOKENS, prefill_route.EXACT_MIN_TOKENS) == (64, 96)
+    assert data["measured"] is True and data["device"] and "prefill_sweep" in data["note"]
+    assert (prefill_route.MIN_TOKENS, prefill_route.EXACT_MIN_TOKENS, prefill_route.MOE_EXACT_MIN_TOKENS) == (
+        data["fp8_min_tokens"], data["exact_min_tokens"], data["moe_exact_min_tokens"])
     assert prefill_route.min_tokens() == 64 or "ADAQ_PREFILL_FP8_MIN_TOKENS" in __import__("os").environ
 
 

@@ -9,7 +9,7 @@
   (`torch._scaled_mm`, row-wise scales), because Ada's FP8 mma.sync is slow there. Roles in
   `ADAQ_PREFILL_FP8_EXCLUDE` (default down_proj, whose heavy-tailed input costs most of the accuracy) take the exact
   path. Cost on the real Gemma3-270M: +0.47 % perplexity (docs/KERNELS.md). Fewer rows: decode kernels.
-- exact: M >= `exact_min_tokens()` rows (96, the H100 sweep's crossover with the decode kernels): the layer's NVFP4
+- exact: M >= `exact_min_tokens()` rows (128, the H100 sweep's crossover with the decode kernels): the layer's NVFP4
   weight dequantized into one reused bf16 workspace per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in
   bf16), cuBLAS bf16 GEMM, 1/global_scale applied as the GEMM's fp32 alpha before its single bf16 rounding; fewer
   rows: the NVFP4 decode kernels (bytes-bound).
