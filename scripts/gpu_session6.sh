@@ -6,7 +6,9 @@
 # - pretp: .pretp.tgz, `git archive e26dd9b^1 adaq pyproject.toml` (the engine before tensor parallelism).
 # Steps: tests (every GPU test, three pytest processes; moe3's GPU tests beside them when moe3 is in TREES),
 # bench:NAME (see bench_step), sweep. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
-# Usage: OUT=$OUT STEPS="tests bench:qwen3.6" TREES="moe3" bash scripts/gpu_session6.sh
+# Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
+# qwen3-next, kernels (adaq bench kernels, the peers), profile-qwen3.6; NAME@TREE runs it in that tree.
+# Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:gemma4-31b-bf16" TREES="moe3" bash scripts/gpu_session6.sh
 set -uo pipefail
 OUT=${OUT:-out}
 START=$(date +%s)
@@ -93,8 +95,14 @@ bench_step() {  # NAME[@tree]
     qwen3-8b) bench $tree qwen3-8b 120 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 3 --baselines none ;;
     qwen3-8b-bf16) bench $tree qwen3-8b-bf16 150 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 3 \
                   --baselines bf16 ;;
+    qwen3-8b-lmhead-*) bench $tree $what 90 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 2 \
+                  --baselines none --lm-head ${what#qwen3-8b-lmhead-} ;;
+    kernels) log "adaq bench kernels"
+      in_tree $tree timeout $(( $(left) < 150 ? $(left) : 150 )) python3 -m adaq bench kernels \
+        --json /tmp/bench/${tree}_kernels.json > /tmp/bench/${tree}_kernels.log 2>&1
+      tail -n 40 /tmp/bench/${tree}_kernels.log | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
     *-prefill2048) local model=${what%-prefill2048}
-      bench $tree $what 100 --synthetic $model --batch 1 --input-len 2048 --output-len 8 --repeats 2 --baselines none ;;
+      bench $tree $what 200 --synthetic $model --batch 1 --input-len 2048 --output-len 8 --repeats 2 --baselines none ;;
     *-bf16) local model=${what%-bf16}
       bench $tree $what 240 --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines bf16 ;;
     *) bench $tree $what 150 --synthetic $what --batch 1,16 --output-len 128 --repeats 2 --baselines none ;;
