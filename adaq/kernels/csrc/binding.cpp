@@ -136,24 +136,38 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::T
   return y;
 }
 
+// What every grouped-GEMM entry point checks of x and the stacked weights, and its split-K scratch: partial sums
+// (fp32) sized by nvfp4_gemm_workspace for this shape and epilogue (0 plain, 1 gated gate|up, 2 down + combine).
+void check_grouped_inputs(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& ws,
+                          const torch::Tensor& colscale, int64_t K) {
+  ADAQ_CHECK_CUDA(x);
+  ADAQ_CHECK_BF16(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
+  TORCH_CHECK(wq.dim() == 2 && ws.dim() == 2 && colscale.dim() == 2, "expert weights must be stacked [E, ...]");
+}
+
+torch::Tensor grouped_partials(const torch::Tensor& x, const torch::Tensor& counters, int64_t max_rows_per_group,
+                               int64_t out_rows, int64_t N, int64_t K, int64_t max_groups, int64_t splits_override,
+                               int epilogue, long long* partial_floats) {
+  int num_counters = 0;
+  adaq::nvfp4_gemm_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, partial_floats,
+                             &num_counters, epilogue);
+  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
+  return torch::empty({std::max<long long>(*partial_floats, 1)}, x.options().dtype(at::kFloat));
+}
+
 torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
                            torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
                            torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
                            int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
                            int64_t splits_override) {
-  ADAQ_CHECK_CUDA(x);
-  ADAQ_CHECK_BF16(x);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
-  TORCH_CHECK(wq.dim() == 2 && ws.dim() == 2 && colscale.dim() == 2, "expert weights must be stacked [E, ...]");
+  check_grouped_inputs(x, wq, ws, colscale, K);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({out_rows, N}, x.options());
   if (out_rows == 0) return y;
   long long partial_floats = 0;
-  int num_counters = 0;
-  adaq::nvfp4_gemm_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, &partial_floats,
-                             &num_counters, 0);
-  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
-  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  auto partial = grouped_partials(x, counters, max_rows_per_group, out_rows, N, K, max_groups, splits_override, 0,
+                                  &partial_floats);
   const int status = adaq::nvfp4_gemm_grouped(
       bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
       colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N, partial.data_ptr<float>(), partial_floats,
@@ -172,19 +186,13 @@ torch::Tensor moe_gate_up_act(torch::Tensor x, int64_t x_row_div, torch::Tensor 
                               torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
                               int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
                               int64_t act, int64_t splits_override) {
-  ADAQ_CHECK_CUDA(x);
-  ADAQ_CHECK_BF16(x);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
-  TORCH_CHECK(wq.dim() == 2 && ws.dim() == 2 && colscale.dim() == 2, "expert weights must be stacked [E, ...]");
+  check_grouped_inputs(x, wq, ws, colscale, K);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({out_rows, N / 2}, x.options());
   if (out_rows == 0) return y;
   long long partial_floats = 0;
-  int num_counters = 0;
-  adaq::nvfp4_gemm_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, &partial_floats,
-                             &num_counters, 1);
-  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
-  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  auto partial = grouped_partials(x, counters, max_rows_per_group, out_rows, N, K, max_groups, splits_override, 1,
+                                  &partial_floats);
   const int status = adaq::nvfp4_moe_gate_up_act(
       bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
       colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N / 2, partial.data_ptr<float>(), partial_floats,
@@ -201,9 +209,7 @@ torch::Tensor moe_down_combine(torch::Tensor x, torch::Tensor wq, torch::Tensor 
                                torch::Tensor row_ids, torch::Tensor num_groups, int64_t max_groups,
                                int64_t max_rows_per_group, torch::Tensor weights, torch::Tensor order, int64_t N,
                                int64_t K, int64_t splits_override) {
-  ADAQ_CHECK_CUDA(x);
-  ADAQ_CHECK_BF16(x);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [rows, ", K, "]");
+  check_grouped_inputs(x, wq, ws, colscale, K);
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 && weights.is_contiguous() &&
                   order.scalar_type() == at::kInt && order.sizes() == weights.sizes() && order.is_contiguous(),
               "combine needs fp32 weights and int32 order, both [tokens, slots]");
@@ -214,11 +220,8 @@ torch::Tensor moe_down_combine(torch::Tensor x, torch::Tensor wq, torch::Tensor 
   if (tokens == 0) return out;
   auto y = torch::empty({static_cast<int64_t>(tokens) * slots, N}, x.options());
   long long partial_floats = 0;
-  int num_counters = 0;
-  adaq::nvfp4_gemm_workspace(max_rows_per_group, tokens * slots, N, K, max_groups, splits_override, &partial_floats,
-                             &num_counters, 2);
-  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
-  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  auto partial = grouped_partials(x, counters, max_rows_per_group, static_cast<int64_t>(tokens) * slots, N, K,
+                                  max_groups, splits_override, 2, &partial_floats);
   const int status = adaq::nvfp4_moe_down_combine(
       bf16_ptr(x), x.stride(0), wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0), colscale.data_ptr<float>(),
       colscale.stride(0), bf16_mut(y), partial.data_ptr<float>(), partial_floats, counters.data_ptr<int>(),
