@@ -1,5 +1,6 @@
 """CPU checks of adaq's kernels: every .cu compiles for sm_89 with the intended instructions and no Hopper-only
-ones; the host bindings compile (g++ syntax check); the weight repacking is proven by emulating the kernel's bit tricks; the package imports without a GPU."""
+ones; the host bindings compile (g++ syntax check); the weight repacking is proven by emulating the kernel's bit
+tricks; the package imports without a GPU."""
 
 import shutil
 from pathlib import Path
