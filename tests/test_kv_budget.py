@@ -81,29 +81,30 @@ def test_gemma4_31b_global_layers_get_their_own_slots_only_with_window_kv():
     """Window-sized KV: global layers in 4 x 512 slots, sliding layers in 16 x 256; without it every layer in
     16 x 256, twice what a global layer needs."""
     shape = ModelShape.from_config(real_config("gemma4-31b"))
-    pools = kv_pools(shape, "fp8")
+    pools = kv_pools(shape, "fp8", True, 1, 2048)
     assert (pools.geometry.num_layers, pools.geometry.num_kv_heads, pools.geometry.head_dim) == (10, 4, 512)
     assert (pools.sliding.num_layers, pools.sliding.num_kv_heads, pools.sliding.head_dim) == (50, 16, 256)
-    full = kv_pools(shape, "fp8", window_kv=False)
+    full = kv_pools(shape, "fp8", False, 1, 2048)
     assert (full.geometry.num_layers, full.geometry.num_kv_heads, full.geometry.head_dim) == (60, 16, 256)
     assert full.sliding is None
     context = 32768
     global_fp8 = 10 * 2 * 4 * (512 + 4) * context  # the global layers' KV at 32k, one sequence
-    assert kv_cache_bytes(shape, 1, context, "fp8") - 50 * 2 * 16 * 260 * 16 * (
+    assert kv_cache_bytes(shape, 1, context, "fp8", True, 2048) - 50 * 2 * 16 * 260 * 16 * (
         pools.sliding_blocks_beside(context // 16)) == global_fp8
-    assert kv_cache_bytes(shape, 1, context, "fp8", window_kv=False) == 60 * 2 * 16 * 260 * context
+    assert kv_cache_bytes(shape, 1, context, "fp8", False, 2048) == 60 * 2 * 16 * 260 * context
 
 
 def test_activations_follow_the_prefill_chunk():
-    """Chunked prefill: a 32k prompt is computed 8192 (or --max-num-batched-tokens) tokens at a time, so the
-    activation reserve is that of one chunk, whatever the context; a step never holds more than batch x context."""
+    """Chunked prefill: a 32k prompt is computed max_num_batched_tokens tokens at a time, so the activation reserve
+    is that of one chunk, whatever the context; a step never holds more than batch x context."""
     from adaq.validate.budget import activation_bytes
 
     shape = ModelShape.from_config(real_config("gemma3-27b"))
-    assert activation_bytes(shape, 1, 32768) == activation_bytes(shape, 1, 8192)
+    assert activation_bytes(shape, 1, 32768, 8192) == activation_bytes(shape, 1, 8192, 8192)
     assert activation_bytes(shape, 1, 32768, 2048) == activation_bytes(shape, 1, 2048, 2048)
-    assert sum(activation_bytes(shape, 1, 32768, 2048).values()) < sum(activation_bytes(shape, 1, 32768).values())
-    budget = plan(shape, estimate_weight_bytes(shape), Gpu.parse("rtx4090"), 1, 32768, batched_tokens=2048)
+    smaller, larger = (sum(activation_bytes(shape, 1, 32768, chunk).values()) for chunk in (2048, 8192))
+    assert smaller < larger
+    budget = plan(shape, estimate_weight_bytes(shape), Gpu.parse("h100"), 1, 32768, batched_tokens=2048)
     assert budget.step_tokens == 2048 and any("chunks of max_num_batched_tokens 2048" in n for n in budget.notes)
 
 

@@ -440,8 +440,9 @@ def test_not_nvfp4_quantization(tiny, tmp_path, capsys):
 
 def test_does_not_fit_names_the_largest_batch_and_context(tiny, capsys):
     # 0.8567 GiB × 0.9 = 827,887,158 B leaves the tiny model 3.3 MB past its weights, 768 MiB CUDA context and
-    # 19 MB of activations: 20 sequences of 512 tokens (158,208 B each), or 128 tokens for 64 sequences.
-    args = ["--gpu", "0.8567", "--batch", "64", "--context", "512"]
+    # 19 MB of activations (a step of 8192 tokens): 20 sequences of 512 tokens (158,208 B each), or 128 tokens for
+    # 64 sequences.
+    args = ["--gpu", "0.8567", "--batch", "64", "--context", "512", "--max-num-batched-tokens", "8192"]
     code, out, _ = run_cli(capsys, "validate", str(tiny), *args)
     assert code == 1 and "[fits]" in out.strip().splitlines()[-1]
     code, report = json_report(capsys, tiny, *args)
@@ -570,23 +571,25 @@ def test_qwen3_8b_nvfp4_kv_cache(qwen3_8b):
 
 
 def test_qwen3_8b_nvfp4_kv_on_an_rtx4090(qwen3_8b):
-    # Batch 16: prompts are prefilled in chunks of 8192 tokens, so the activations stay those of an 8192-token step
-    # (963,362,816 B) whatever the context: fixed 6,402,533,376 (weights) + 963,362,816 + 805,306,368 (CUDA
-    # context) = 8,171,202,560 B, leaving 15,010,296,217 of the usable 23,181,498,777 for KV 16 · ceil16(t) · 42,048
-    # = 672,768 B per token: 22,311.4 tokens, in blocks of 16: 22,304. FP8 (1,216,512 B per token): 12,338.9 → 12,336
-    # (1.81x, the caches' ratio 132 / 73). Batch 1: both reach the model's 40,960 positions.
+    # A 24 GB card: the engine's default chunk is 2048 tokens, so the activations stay those of a 2048-token step
+    # (334,192,640 B) whatever the context: fixed 6,402,533,376 (weights) + 334,192,640 + 805,306,368 (CUDA
+    # context) = 7,542,032,384 B, leaving 15,639,466,393 of the usable 23,181,498,777 for KV 16 · ceil16(t) · 42,048
+    # = 672,768 B per token: 23,246.4 tokens, in blocks of 16: 23,232. FP8 (1,216,512 B per token): 12,855.99 →
+    # 12,848 (1.81x, the caches' ratio 132 / 73). Batch 1: both reach the model's 40,960 positions.
     weights = estimate_weight_bytes(qwen3_8b)
     fp8 = {b: plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=b, context=4096) for b in (1, 16)}
     nvfp4 = {b: plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=b, context=4096, kv_dtype="nvfp4")
              for b in (1, 16)}
-    assert nvfp4[16].max_context == 22_304 and fp8[16].max_context == 12_336
+    assert nvfp4[16].batched_tokens == fp8[16].batched_tokens == 2048
+    assert nvfp4[16].max_context == 23_232 and fp8[16].max_context == 12_848
     assert nvfp4[1].max_context == fp8[1].max_context == 40_960 and nvfp4[1].max_context_capped
-    assert nvfp4[16].max_batch == 86 and fp8[16].max_batch == 48  # at 4096 tokens each
+    # fixed 7,518,324,736 (as below) + b · (4096·42,048 + 1,481,728) ≤ usable → b ≤ 90.17
+    assert nvfp4[16].max_batch == 90 and fp8[16].max_batch == 50  # at 4096 tokens each
     assert nvfp4[16].kv_cache == 16 * 4096 * 42_048
 
 def test_qwen3_8b_activations(qwen3_8b):
-    # batch 16 × 4096: the largest step holds T = 8192 tokens.
-    parts = activation_bytes(qwen3_8b, 16, 4096)
+    # batch 16 × 4096 with 8192-token chunks (a GPU of 70 GiB or more): the largest step holds T = 8192 tokens.
+    parts = activation_bytes(qwen3_8b, 16, 4096, 8192)
     assert parts == {
         "residual stream": 2 * 8192 * 4096 * 2,  # 134,217,728
         "attention or MLP": 8192 * 3 * 12288 * 2,  # MLP 603,979,776 > attention 8192·10240·2
@@ -596,41 +599,67 @@ def test_qwen3_8b_activations(qwen3_8b):
         "decode partials": 16 * 32 * 16 * 130 * 4,  # 4,259,840
     }
     assert sum(parts.values()) == 963_362_816
+    # With 2048-token chunks (a smaller GPU) the parts that scale with T shrink 4x; weights, logits, partials stay.
+    small = activation_bytes(qwen3_8b, 16, 4096, 2048)
+    assert small["residual stream"] == parts["residual stream"] // 4 == 33_554_432
+    assert small["attention or MLP"] == 2048 * 3 * 12288 * 2 == 150_994_944
+    assert small["FP8 GEMM input"] == 2048 * 12288 + 2048 * 4 == 25_174_016
+    assert sum(small.values()) == 334_192_640
 
 
 def test_qwen3_8b_on_an_rtx4090(qwen3_8b):
-    # usable = 0.9 · 24564 MiB = 23,181,498,777 B. Total at batch 16 × 4096, fp8 KV:
-    # 3,912,597,504 + 2,489,935,872 (weights) + 16·4096·76,032 = 4,982,833,152 (KV) + 963,362,816 (activations)
-    # + 768 MiB (CUDA context) = 13,154,035,712 B.
-    # Past batch 2 the step is 8192 tokens, so each more sequence costs its KV (311,427,072) + logits (1,215,488)
-    # + partials (266,240) = 312,908,800 B over a fixed 8,147,494,912 B:
-    # (23,181,498,777 − 8,147,494,912) / 312,908,800 = 48.05 → 48 sequences.
-    # At batch 16 a longer context costs only its KV, 16·76,032 = 1,216,512 B per token (prompts are prefilled in
-    # chunks of 8192 tokens: the activations stay 963,362,816 B) over a fixed 8,171,202,560 B: t ≤ 12,338.9; KV
-    # grows in blocks of 16 tokens, so 12,336 (23,178,094,592 B; 12,337 tokens hold 12,352 in KV: 23,197,558,784 B,
-    # too much).
+    # usable = 0.9 · 24564 MiB = 23,181,498,777 B; under 70 GiB, so the engine's chunk is 2048 tokens. Total at
+    # batch 16 × 4096, fp8 KV: 3,912,597,504 + 2,489,935,872 (weights) + 16·4096·76,032 = 4,982,833,152 (KV)
+    # + 334,192,640 (activations) + 768 MiB (CUDA context) = 12,524,865,536 B.
+    # Every batch fills the 2048-token step, so each more sequence costs its KV (311,427,072) + logits (1,215,488)
+    # + partials (266,240) = 312,908,800 B over a fixed 7,518,324,736 B:
+    # (23,181,498,777 − 7,518,324,736) / 312,908,800 = 50.06 → 50 sequences.
+    # At batch 16 a longer context costs only its KV, 16·76,032 = 1,216,512 B per token (the activations stay
+    # 334,192,640 B) over a fixed 7,542,032,384 B: t ≤ 12,855.99; KV grows in blocks of 16 tokens, so 12,848
+    # (23,171,778,560 B; 12,849 tokens hold 12,864 in KV: 23,191,242,752 B, too much).
     budget = plan(qwen3_8b, estimate_weight_bytes(qwen3_8b), Gpu.parse("rtx4090"), batch=16, context=4096)
     assert budget.usable == 23_181_498_777
+    assert budget.batched_tokens == 2048
     assert budget.kv_cache == 4_982_833_152
-    assert budget.total == 13_154_035_712 and budget.fits
-    assert budget.max_batch == 48
-    assert budget.max_context == 12_336 and not budget.max_context_capped
-    assert budget.context_fit == {1: 40_960, 16: 12_336} and budget.capped(40_960)
+    assert budget.total == 12_524_865_536 and budget.fits
+    assert budget.max_batch == 50
+    assert budget.max_context == 12_848 and not budget.max_context_capped
+    assert budget.context_fit == {1: 40_960, 16: 12_848} and budget.capped(40_960)
+
+
+def test_qwen3_8b_on_an_h100_keeps_8192_token_chunks(qwen3_8b):
+    # 81,559 MiB ≥ 70 GiB: 8192-token chunks, the activations of test_qwen3_8b_activations (963,362,816 B).
+    budget = plan(qwen3_8b, estimate_weight_bytes(qwen3_8b), Gpu.parse("h100"), batch=16, context=4096)
+    assert budget.batched_tokens == 8192 and budget.step_tokens == 8192
+    assert sum(budget.activations.values()) == 963_362_816
+    assert budget.total == 6_402_533_376 + 4_982_833_152 + 963_362_816 + 805_306_368
+    explicit = plan(qwen3_8b, estimate_weight_bytes(qwen3_8b), Gpu.parse("h100"), 16, 4096, batched_tokens=2048)
+    assert explicit.batched_tokens == 2048 and sum(explicit.activations.values()) == 334_192_640
+
+
+@pytest.mark.parametrize("args,chunk", [(("--gpu", "rtx4090"), 2048), (("--gpu", "h100"), 8192),
+                                        (("--gpu", "rtx4090", "--max-num-batched-tokens", "8192"), 8192),
+                                        (("--gpu", "h100", "--max-num-batched-tokens", "512"), 512)])
+def test_the_cli_plans_with_the_engines_chunk_for_the_gpu(capsys, args, chunk):
+    code, report = json_report(capsys, FIXTURES / "qwen3-8b" / "config.json", "--batch", "16", *args)
+    budget = report["budget"]
+    assert code == 0 and budget["max_num_batched_tokens"] == budget["activation_step_tokens"] == chunk
+    assert any(f"max_num_batched_tokens {chunk} (default 2048 on GPUs under 70 GiB" in note for note in budget["notes"])
 
 
 def test_qwen3_8b_bf16_kv_and_small_gpus(qwen3_8b):
     weights = estimate_weight_bytes(qwen3_8b)
     bf16 = plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=16, context=4096, kv_dtype="bf16")
     assert bf16.kv_cache == 16 * 4096 * 147_456 == 9_663_676_416
-    assert bf16.total == 13_154_035_712 - 4_982_833_152 + 9_663_676_416
-    # fixed 8,147,494,912 + b · (4096·147,456 + 1,481,728) ≤ usable → b ≤ 24.83
-    assert bf16.max_batch == 24
+    assert bf16.total == 12_524_865_536 - 4_982_833_152 + 9_663_676_416
+    # fixed 7,518,324,736 + b · (4096·147,456 + 1,481,728) ≤ usable → b ≤ 25.87
+    assert bf16.max_batch == 25
     one = plan(qwen3_8b, weights, Gpu.parse("rtx4090"), batch=1, context=4096)
     assert one.max_context == 40_960 and one.max_context_capped  # the model's max_position_embeddings
-    # 9 GiB, 8,697,308,774 usable: weights + CUDA context take 7,207,839,744, batch 1 at 4096 8,040,956,928 in
-    # all; batch 2 adds 2·311,427,072 (KV) + 939,655,168 + 2·1,481,728 (activations): 8,773,312,512, too much.
+    # 9 GiB, 8,697,308,774 usable: fixed 7,518,324,736 (weights, CUDA context, a 2048-token step) + b · 312,908,800
+    # (as above) → b ≤ 3.77: 3 sequences of 4096 (8,457,051,136 B), 4 take 8,769,959,936.
     small = plan(qwen3_8b, weights, Gpu.parse("9"), batch=1, context=4096)
-    assert small.fits and small.max_batch == 1
+    assert small.fits and small.max_batch == 3
     tiny_gpu = plan(qwen3_8b, weights, Gpu.parse("6"), batch=1, context=4096)
     assert not tiny_gpu.fits and tiny_gpu.max_batch == 0 and tiny_gpu.max_context == 0
 

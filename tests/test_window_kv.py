@@ -195,13 +195,13 @@ def test_gemma3_27b_kv_at_32k_is_a_quarter_with_a_2k_step():
     from adaq.validate.budget import kv_cache_bytes
 
     shape, _ = gemma3_27b()
-    full = kv_cache_bytes(shape, 1, 32768, "fp8", window_kv=False)
+    full = kv_cache_bytes(shape, 1, 32768, "fp8", False, 2048)
     assert full == 62 * 32768 * 2 * 16 * (128 + 4)
-    windowed = kv_cache_bytes(shape, 1, 32768, "fp8", batched_tokens=2048)
+    windowed = kv_cache_bytes(shape, 1, 32768, "fp8", True, 2048)
     assert windowed <= full / 4
     sliding_tokens = (sliding_pool_blocks(1024, 16, 1, 2048) + 1) * 16
     assert windowed == 2 * 16 * 132 * (10 * 32768 + 52 * sliding_tokens)
-    assert kv_cache_bytes(shape, 1, 32768, "fp8") < 0.4 * full  # the default 8192-token step: window + 8k
+    assert kv_cache_bytes(shape, 1, 32768, "fp8", True, 8192) < 0.4 * full  # 8192-token steps: window + 8k
 
 
 def test_budget_fits_a_longer_context_and_says_why():

@@ -30,8 +30,9 @@ def serve(
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
     max_num_seqs: int | None = typer.Option(None, "--max-num-seqs",
                                             help="Sequences decoded together (default 256 GPU, 32 CPU)."),
-    max_num_batched_tokens: int | None = typer.Option(None, "--max-num-batched-tokens",
-                                                      help="Token budget of one step (default 8192 GPU, 2048 CPU)."),
+    max_num_batched_tokens: int | None = typer.Option(
+        None, "--max-num-batched-tokens",
+        help="Token budget of one step (default 2048 on GPUs under 70 GiB and on the CPU, 8192 on larger ones)."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="GPU share adaq may use."),
     kv_cache_dtype: str = typer.Option("fp8", "--kv-cache-dtype", help="fp8 (E4M3 + per-token scales), nvfp4 (E2M1 + E4M3 per 16, 0.57 B/value) or bf16."),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV cache size on CPU, e.g. 2GiB."),

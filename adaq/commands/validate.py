@@ -21,8 +21,9 @@ def validate(
     gpu_memory_utilization: float = typer.Option(0.9, help="Share of GPU memory the engine may use (as `adaq run`)."),
     window_kv: bool = typer.Option(True, "--window-kv/--no-window-kv",
                                    help="Size sliding-window layers' KV to their window, as the engine does."),
-    max_num_batched_tokens: int = typer.Option(8192, help="Tokens per engine step (the chunk that sliding-window "
-                                                          "layers hold beyond their windows)."),
+    max_num_batched_tokens: int | None = typer.Option(
+        None, "--max-num-batched-tokens", help="Tokens per engine step (the chunk that sliding-window layers hold "
+        "beyond their windows); default as the engine: 2048 on GPUs under 70 GiB, 8192 on larger ones."),
     compile: bool = typer.Option(False, "--compile", help="Also compile the CUDA kernels for --arch with nvcc."),
     tp: int = typer.Option(1, "--tp", "--tensor-parallel-size", help="GPUs to shard the model over: checks the "
                            "split rules (16-column NVFP4 blocks included) and plans one GPU's share."),

@@ -14,6 +14,11 @@ MODEL_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torc
                 "fp32": torch.float32, "float32": torch.float32}
 BACKENDS = ("auto", "reference", "cuda")
 LM_HEADS = ("bf16", "fp8", "nvfp4")  # adaq.layers.embedding.LM_HEAD_FORMATS (a test keeps them equal)
+# vLLM V1's default max_num_batched_tokens (EngineArgs, its OpenAI server): 2048 on a GPU under 70 GiB, 8192 on a
+# larger one. A smaller chunk keeps less in the sliding-window layers' KV and in the largest step's activations.
+LARGE_GPU_BYTES = 70 * 2**30
+SMALL_BATCHED_TOKENS, LARGE_BATCHED_TOKENS = 2048, 8192
+BATCHED_TOKENS_RULE = "2048 on GPUs under 70 GiB and on the CPU, 8192 on larger GPUs"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -28,7 +33,7 @@ class EngineConfig:
     lm_head: str = "bf16"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int | None = None  # None: 256 on GPU, 32 on CPU
-    max_num_batched_tokens: int | None = None  # None: 8192 on GPU, 2048 on CPU
+    max_num_batched_tokens: int | None = None  # None: default_batched_tokens of the device's memory
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | str | None = None  # bytes, or "4GiB"; CPU default: see ModelRunner
     num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory rules
@@ -59,7 +64,7 @@ class EngineConfig:
         self.kv_cache_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
         on_gpu = self.device.type == "cuda"
         self.max_num_seqs = self.max_num_seqs or (256 if on_gpu else 32)
-        self.max_num_batched_tokens = self.max_num_batched_tokens or (8192 if on_gpu else 2048)
+        self.max_num_batched_tokens = self.max_num_batched_tokens or default_batched_tokens(device_memory(self.device))
         self._check()
 
     def _resolve_dtype(self) -> torch.dtype:
@@ -88,6 +93,18 @@ class EngineConfig:
     @property
     def kv_dtype(self) -> torch.dtype:
         return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
+
+def default_batched_tokens(device_memory_bytes: int | None) -> int:
+    """max_num_batched_tokens when none is given, for a GPU of this many bytes (None: the CPU): BATCHED_TOKENS_RULE."""
+    if device_memory_bytes is not None and device_memory_bytes >= LARGE_GPU_BYTES:
+        return LARGE_BATCHED_TOKENS
+    return SMALL_BATCHED_TOKENS
+
+
+def device_memory(device: torch.device) -> int | None:
+    """A GPU's total memory in bytes; None for the CPU. Tensor-parallel ranks use GPUs of the same kind."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from adaq.backends.numerics.attention import KV_CACHE_DTYPE_NAMES, kv_bytes_per_token_head
-from adaq.engine.config import KV_CACHE_DTYPES
+from adaq.engine.config import BATCHED_TOKENS_RULE, KV_CACHE_DTYPES, default_batched_tokens
 from adaq.engine.kv_layout import KVPools, LayerKV
 from adaq.engine.state_cache import StateGeometry
 from adaq.errors import AdaqError
@@ -32,7 +32,6 @@ from adaq.validate.rules import kernel_tiles
 GiB = 1024**3
 MiB = 1024**2
 KV_BLOCK_SIZE = 16  # tokens per paged KV block
-MAX_BATCHED_TOKENS = 8192  # the engine's max_num_batched_tokens on a GPU: longer prompts are prefilled in chunks
 FIT_BATCHES = (1, 16)  # batches whose largest context every budget reports
 DECODE_SPLITS = 16  # flash-decoding partial results per (sequence, head)
 # Memory outside torch's allocator, measured on the H100 (driver 580, torch 2.11 + CUDA 13, lazy module loading):
@@ -123,8 +122,7 @@ def kv_layer_shapes(shape: ModelShape) -> list[LayerKV]:
             for layer in range(shape.kv_layers)]
 
 
-def kv_pools(shape: ModelShape, kv_dtype: str, window_kv: bool = True, batch: int = 1,
-             batched_tokens: int = MAX_BATCHED_TOKENS) -> KVPools:
+def kv_pools(shape: ModelShape, kv_dtype: str, window_kv: bool, batch: int, batched_tokens: int) -> KVPools:
     """The engine's KV pools for this model at max_num_seqs = batch and max_num_batched_tokens = batched_tokens."""
     return KVPools.plan(kv_layer_shapes(shape), window_kv=window_kv, block_size=KV_BLOCK_SIZE,
                         dtype=KV_CACHE_DTYPES[kv_dtype], max_num_seqs=batch, max_step_tokens=batched_tokens)
@@ -132,11 +130,11 @@ def kv_pools(shape: ModelShape, kv_dtype: str, window_kv: bool = True, batch: in
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str, window_kv: bool = True) -> int:
     """One token's K and V in every layer with a KV cache (in its pool's slot), scales included."""
-    return kv_pools(shape, kv_dtype, window_kv).bytes_per_token()
+    return kv_pools(shape, kv_dtype, window_kv, batch=1, batched_tokens=1).bytes_per_token()  # whatever the step
 
 
-def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str, window_kv: bool = True,
-                   batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kv_dtype: str, window_kv: bool,
+                   batched_tokens: int) -> int:
     """Both pools when the global one holds `batch` sequences of `context` tokens."""
     return kv_pools(shape, kv_dtype, window_kv, batch, batched_tokens).nbytes(batch * math.ceil(context /
                                                                                                 KV_BLOCK_SIZE))
@@ -153,13 +151,12 @@ def state_bytes_per_sequence(shape: ModelShape) -> int:
     return state_geometry(shape).bytes_per_slot() if shape.linear_layers else 0
 
 
-def step_tokens(batch: int, context: int, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+def step_tokens(batch: int, context: int, batched_tokens: int) -> int:
     """Tokens in the largest step: the scheduler cuts prompts into chunks so that no step exceeds batched_tokens."""
     return min(batch * context, batched_tokens)
 
 
-def activation_bytes(shape: ModelShape, batch: int, context: int,
-                     batched_tokens: int = MAX_BATCHED_TOKENS) -> dict[str, int]:
+def activation_bytes(shape: ModelShape, batch: int, context: int, batched_tokens: int) -> dict[str, int]:
     """Peak activations and workspace of one step with T = step_tokens(batch, context, batched_tokens), bf16 = 2
     bytes: residual stream 2·T·H·2; the wider of attention T·(2·Hq + 2·Hkv)·D·2 (q/k/v and attention output) and
     MLP T·3·I·2 (gate/up output + activated; I = top-k × expert width for MoE, plus fp32 router logits T·E·4);
@@ -198,10 +195,10 @@ class Budget:
     max_batch: int  # at this context
     max_context: int  # at this batch
     max_context_capped: bool  # max_context stopped at the model's max_position_embeddings
+    batched_tokens: int  # max_num_batched_tokens: the prefill chunk
     notes: list[str] = field(default_factory=list)
     state_cache: int = 0  # hybrid models: the Gated DeltaNet states of `batch` sequences
     window_kv: bool = True
-    batched_tokens: int = MAX_BATCHED_TOKENS  # max_num_batched_tokens: the prefill chunk
     context_fit: dict[int, int] = field(default_factory=dict)  # batch -> largest context (FIT_BATCHES and `batch`)
     context_limit: int | None = None  # the model's max_position_embeddings, where every search stops
 
@@ -245,7 +242,7 @@ class Budget:
 
 
 def total_bytes(shape: ModelShape, weights: WeightBytes, batch: int, context: int, kv_dtype: str,
-                window_kv: bool = True, batched_tokens: int = MAX_BATCHED_TOKENS) -> int:
+                window_kv: bool, batched_tokens: int) -> int:
     return (weights.total + kv_cache_bytes(shape, batch, context, kv_dtype, window_kv, batched_tokens)
             + batch * state_bytes_per_sequence(shape)
             + sum(activation_bytes(shape, batch, context, batched_tokens).values()) + CUDA_CONTEXT_BYTES)
@@ -271,11 +268,12 @@ def check_plan_options(batch: int, context: int | None, kv_dtype: str, utilizati
 
 def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context: int, kv_dtype: str = "fp8",
          utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
-         batched_tokens: int = MAX_BATCHED_TOKENS) -> Budget:
+         batched_tokens: int | None = None) -> Budget:
     """`window_kv`: the engine's window-sized KV for sliding layers (EngineConfig.window_kv); `batched_tokens`: its
     max_num_batched_tokens (the prefill chunk: the largest step's activations, and what a sliding layer holds beyond
-    its windows). The engine is taken to run with max_num_seqs = batch."""
+    its windows), None for the engine's default on this GPU. The engine is taken to run with max_num_seqs = batch."""
     check_plan_options(batch, context, kv_dtype, utilization)
+    batched_tokens = default_batched_tokens(gpu.memory) if batched_tokens is None else batched_tokens
     if batched_tokens < 1:
         raise AdaqError(f"--max-num-batched-tokens {batched_tokens}: must be at least 1")
     usable = int(gpu.memory * utilization)
@@ -298,11 +296,12 @@ def plan(shape: ModelShape, weights: WeightBytes, gpu: Gpu, batch: int, context:
     )
 
 
-def budget_notes(shape: ModelShape, batch: int = 1, context: int = 0, window_kv: bool = True,
-                 batched_tokens: int = MAX_BATCHED_TOKENS, kv_dtype: str = "fp8") -> list[str]:
+def budget_notes(shape: ModelShape, batch: int, context: int, window_kv: bool, batched_tokens: int,
+                 kv_dtype: str) -> list[str]:
     notes = [f"activations of a step of {step_tokens(batch, context, batched_tokens)} tokens: prompts are prefilled "
-             f"in chunks of max_num_batched_tokens {batched_tokens}, the step at which the engine's warm-up measures "
-             f"its activation peak (max_num_seqs = batch); CUDA context {CUDA_CONTEXT_BYTES // MiB} MiB"]
+             f"in chunks of max_num_batched_tokens {batched_tokens} (default {BATCHED_TOKENS_RULE}), the step at "
+             f"which the engine's warm-up measures its activation peak (max_num_seqs = batch); CUDA context "
+             f"{CUDA_CONTEXT_BYTES // MiB} MiB"]
     pools = kv_pools(shape, kv_dtype, window_kv, batch, batched_tokens)
     if shape.global_layers:
         notes.append(f"Gemma 4: {len(shape.global_layers)} global layers (head_dim {shape.global_head_dim}, "

@@ -15,7 +15,6 @@ from adaq.formats.safetensors_check import check_safetensors_folder, refuse_pick
 from adaq.formats.shapes import ModelShape
 from adaq.validate.budget import (
     DEFAULT_UTILIZATION,
-    MAX_BATCHED_TOKENS,
     Budget,
     Gpu,
     WeightBytes,
@@ -84,12 +83,13 @@ class ValidationReport:
 def validate_checkpoint(path: str | Path, arch: str = "sm_89", gpu: str | None = "rtx4090", batch: int = 1,
                         context: int | None = None, kv_cache_dtype: str = "fp8", compile: bool = False,
                         utilization: float = DEFAULT_UTILIZATION, window_kv: bool = True,
-                        max_num_batched_tokens: int = MAX_BATCHED_TOKENS, level: str = "full",
+                        max_num_batched_tokens: int | None = None, level: str = "full",
                         compile_progress=None, tp: int = 1) -> ValidationReport:
     """Check a checkpoint folder's layout and values for `arch` and plan its VRAM on `gpu` (None: no plan; a
     config.json path instead of a folder: the config checks and the plan only, weights estimated;
-    `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV; `tp`:
-    tensor-parallel ranks, whose split rules are checked and whose per-GPU share the plan is).
+    `window_kv`, `max_num_batched_tokens`: the engine's settings that size the sliding-window layers' KV (None: the
+    engine's default on `gpu`); `tp`: tensor-parallel ranks, whose split rules are checked and whose per-GPU share
+    the plan is).
 
     Raises CheckpointError for a folder that cannot be read at all (corrupt safetensors, no config.json);
     everything else becomes a Finding in the report. `level` "layout" reads headers and config only."""
@@ -143,7 +143,7 @@ class PlanOptions:
     kv_cache_dtype: str
     utilization: float
     window_kv: bool
-    max_num_batched_tokens: int
+    max_num_batched_tokens: int | None  # None: the engine's default on gpu
     tp: int
 
 
