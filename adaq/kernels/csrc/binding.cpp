@@ -156,52 +156,60 @@ torch::Tensor grouped_partials(const torch::Tensor& x, const torch::Tensor& coun
   return torch::empty({std::max<long long>(*partial_floats, 1)}, x.options().dtype(at::kFloat));
 }
 
+// The grouped GEMM with a plain epilogue (act < 0: y [out_rows, N]) or the fused MoE decode gated gate|up
+// (act 0 silu / 1 gelu tanh: y [out_rows, N / 2], nvfp4_gemm.cu's pair_tiles). Same tables and weights either way.
+torch::Tensor grouped_gemm(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
+                           torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
+                           torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
+                           int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
+                           int64_t act, int64_t splits_override) {
+  check_grouped_inputs(x, wq, ws, colscale, K);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool gated = act >= 0;
+  const int64_t width = gated ? N / 2 : N;
+  auto y = torch::empty({out_rows, width}, x.options());
+  if (out_rows == 0) return y;
+  long long partial_floats = 0;
+  auto partial = grouped_partials(x, counters, max_rows_per_group, out_rows, N, K, max_groups, splits_override,
+                                  gated ? 1 : 0, &partial_floats);
+  const auto* xp = bf16_ptr(x);
+  float* pp = partial.data_ptr<float>();
+  const int status =
+      gated ? adaq::nvfp4_moe_gate_up_act(xp, x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(),
+                                          ws.stride(0), colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y),
+                                          width, pp, partial_floats, counters.data_ptr<int>(), counters.numel(),
+                                          group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
+                                          row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups,
+                                          max_rows_per_group, out_rows, N, K, act, splits_override, stream())
+            : adaq::nvfp4_gemm_grouped(xp, x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(),
+                                       ws.stride(0), colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y),
+                                       width, pp, partial_floats, counters.data_ptr<int>(), counters.numel(),
+                                       group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
+                                       row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups,
+                                       max_rows_per_group, out_rows, N, K, splits_override, stream());
+  ADAQ_CHECK_STATUS(status, std::string(gated ? "nvfp4_moe_gate_up_act" : "nvfp4_gemm_grouped") + " rows=" +
+                                std::to_string(out_rows) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                                " rows/group=" + std::to_string(max_rows_per_group));
+  return y;
+}
+
 torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
                            torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
                            torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
                            int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
                            int64_t splits_override) {
-  check_grouped_inputs(x, wq, ws, colscale, K);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({out_rows, N}, x.options());
-  if (out_rows == 0) return y;
-  long long partial_floats = 0;
-  auto partial = grouped_partials(x, counters, max_rows_per_group, out_rows, N, K, max_groups, splits_override, 0,
-                                  &partial_floats);
-  const int status = adaq::nvfp4_gemm_grouped(
-      bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
-      colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N, partial.data_ptr<float>(), partial_floats,
-      counters.data_ptr<int>(), counters.numel(), group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
-      row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups, max_rows_per_group, out_rows, N, K,
-      splits_override, stream());
-  ADAQ_CHECK_STATUS(status, "nvfp4_gemm_grouped rows=" + std::to_string(out_rows) + " N=" + std::to_string(N) +
-                                " K=" + std::to_string(K));
-  return y;
+  return grouped_gemm(x, x_row_div, wq, ws, colscale, counters, group_offsets, group_expert, row_ids, num_groups,
+                      max_groups, max_rows_per_group, out_rows, N, K, -1, splits_override);
 }
 
-// The fused MoE decode GEMMs (nvfp4_gemm.cu): gated gate|up -> hidden [out_rows, N / 2]; down + combine -> out
-// [tokens, N]. Same tables and weights as gemm_grouped.
 torch::Tensor moe_gate_up_act(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
                               torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
                               torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
                               int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
                               int64_t act, int64_t splits_override) {
-  check_grouped_inputs(x, wq, ws, colscale, K);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({out_rows, N / 2}, x.options());
-  if (out_rows == 0) return y;
-  long long partial_floats = 0;
-  auto partial = grouped_partials(x, counters, max_rows_per_group, out_rows, N, K, max_groups, splits_override, 1,
-                                  &partial_floats);
-  const int status = adaq::nvfp4_moe_gate_up_act(
-      bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
-      colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N / 2, partial.data_ptr<float>(), partial_floats,
-      counters.data_ptr<int>(), counters.numel(), group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
-      row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups, max_rows_per_group, out_rows, N, K, act,
-      splits_override, stream());
-  ADAQ_CHECK_STATUS(status, "nvfp4_moe_gate_up_act rows=" + std::to_string(out_rows) + " N=" + std::to_string(N) +
-                                " K=" + std::to_string(K) + " rows/group=" + std::to_string(max_rows_per_group));
-  return y;
+  TORCH_CHECK(act >= 0, "moe_gate_up_act needs an activation (0 silu, 1 gelu tanh)");
+  return grouped_gemm(x, x_row_div, wq, ws, colscale, counters, group_offsets, group_expert, row_ids, num_groups,
+                      max_groups, max_rows_per_group, out_rows, N, K, act, splits_override);
 }
 
 torch::Tensor moe_down_combine(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
