@@ -2,13 +2,15 @@
 # Device script, session 6: one call does the steps named in STEPS, in order, while time is left (DEADLINE seconds
 # from the start; each bench gets what is left, at most its own limit). Carry .whl (nvidia-cutlass, fla-core, einops).
 # Optional trees beside the working tree, built into the same kernel cache (keyed by source hash):
-# - moe3: the working tree with .moe3.patch (else wip/moe3-three-launch-moe.patch) applied (three-launch MoE);
+# - wip-NAME: the working tree with wip/NAME.patch applied (code that waits for its GPU tests);
 # - pretp: .pretp.tgz, `git archive e26dd9b^1 adaq pyproject.toml` (the engine before tensor parallelism).
-# Steps: tests (every GPU test, three pytest processes; moe3's GPU tests beside them when moe3 is in TREES),
+# Steps: tests (every GPU test, three pytest processes; TESTS_TREE in TREE beside them when TREE is set), retest
+# (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
 # bench:NAME (see bench_step), sweep. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
 # Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
 # qwen3-next, kernels (adaq bench kernels, the peers), profile-qwen3.6; NAME@TREE runs it in that tree.
-# Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:gemma4-31b-bf16" TREES="moe3" bash scripts/gpu_session6.sh
+# Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:qwen3.6@wip-X" TREES="wip-X" TREE=wip-X TESTS_TREE="tests/..." \
+#   bash scripts/gpu_session6.sh
 set -uo pipefail
 OUT=${OUT:-out}
 START=$(date +%s)
@@ -23,9 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 
 make_tree() {  # name: a copy of the working tree in /tmp/NAME
   case $1 in
-    moe3) local patch=$ROOT/.moe3.patch; [ -f "$patch" ] || patch=$ROOT/wip/moe3-three-launch-moe.patch
-          mkdir -p /tmp/moe3 && tar -C "$ROOT" --exclude=./.whl --exclude=./.git -cf - . | tar -C /tmp/moe3 -xf - \
-            && (cd /tmp/moe3 && git apply "$patch") ;;
+    wip-*) mkdir -p /tmp/$1 && tar -C "$ROOT" --exclude=./.whl --exclude=./.git -cf - . | tar -C /tmp/$1 -xf - \
+             && (cd /tmp/$1 && git apply "wip/${1#wip-}.patch") ;;
     pretp) mkdir -p /tmp/pretp && tar -C /tmp/pretp -xzf .pretp.tgz ;;
   esac
 }
@@ -49,14 +50,13 @@ for tree in ${TREES:-}; do build_tree $tree & done
 PT="python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short -rfE"
 tests_step() {
   local budget=${TEST_BUDGET:-330}
-  log "gpu tests: three processes (+ moe3's when built)"
+  log "gpu tests: three processes (+ TESTS_TREE in $TREE when set)"
   local big="tests/test_kernels_gpu.py" mid="tests/test_kernels_gpu_kv_nvfp4.py tests/test_gemma4_gpu.py tests/test_gdn_gpu.py"
   timeout $budget $PT $big > /tmp/g1.log 2>&1 &
   timeout $budget $PT $mid > /tmp/g2.log 2>&1 &
   timeout $budget $PT tests $(for f in $big $mid; do echo --ignore=$f; done) > /tmp/g3.log 2>&1 &
-  if [[ " ${TREES:-} " == *" moe3 "* ]]; then
-    wait_built moe3 && in_tree moe3 timeout $(( budget - 20 )) $PT tests/test_moe_fused_gpu.py tests/test_kernels_gpu.py \
-      tests/test_decode_graphs_gpu.py tests/test_gemma4_gpu.py tests/test_gdn_gpu.py > /tmp/g4.log 2>&1 &
+  if [ -n "${TREE:-}" ] && [ -n "${TESTS_TREE:-}" ]; then
+    wait_built $TREE && in_tree $TREE timeout $(( budget - 20 )) $PT $TESTS_TREE > /tmp/g4.log 2>&1 &
   fi
   wait
   for g in 1 2 3 4; do [ -f /tmp/g$g.log ] && { echo "##### group $g"; cat /tmp/g$g.log; }; done > "$OUT/gpu_tests.log"
@@ -101,14 +101,14 @@ bench_step() {  # NAME[@tree]
       in_tree $tree timeout $(( $(left) < 150 ? $(left) : 150 )) python3 -m adaq bench kernels \
         --json /tmp/bench/${tree}_kernels.json > /tmp/bench/${tree}_kernels.log 2>&1
       tail -n 40 /tmp/bench/${tree}_kernels.log | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
-    *-prefill2048) local model=${what%-prefill2048}
+    *-prefill2048|*-prefill2048x) local model=${what%-prefill2048*}
       bench $tree $what 200 --synthetic $model --batch 1 --input-len 2048 --output-len 8 --repeats 2 --baselines none ;;
     *-bf16) local model=${what%-bf16}
       bench $tree $what 240 --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines bf16 ;;
     *) bench $tree $what 150 --synthetic $what --batch 1,16 --output-len 128 --repeats 2 --baselines none ;;
   esac
 }
-retest_step() {  # TESTS_MAIN in the working tree, then TESTS_MOE3 in the moe3 tree (one process each, in turn)
+retest_step() {  # TESTS_MAIN in the working tree, then TESTS_TREE in TREE (one process each, in turn)
   local budget=${TEST_BUDGET:-200} file=$OUT/gpu_retest.log
   if [ -n "${TESTS_MAIN:-}" ]; then
     local part; : > /tmp/r1.log
@@ -119,9 +119,9 @@ retest_step() {  # TESTS_MAIN in the working tree, then TESTS_MOE3 in the moe3 t
     done
     grep -hE "^FAILED|^ERROR|passed|failed" /tmp/r1.log | tee -a "$LOG"
   fi
-  if [ -n "${TESTS_MOE3:-}" ] && wait_built moe3; then
-    log "retest moe3: $TESTS_MOE3"
-    in_tree moe3 timeout $budget $PT $TESTS_MOE3 > /tmp/r2.log 2>&1
+  if [ -n "${TREE:-}" ] && [ -n "${TESTS_TREE:-}" ] && wait_built $TREE; then
+    log "retest $TREE: $TESTS_TREE"
+    in_tree $TREE timeout $budget $PT $TESTS_TREE > /tmp/r2.log 2>&1
     grep -hE "^FAILED|^ERROR|passed|failed" /tmp/r2.log | tee -a "$LOG"
   fi
   cat /tmp/r[12].log > "$file" 2>/dev/null
