@@ -205,3 +205,21 @@ def test_threads_default_to_one(tiny, capsys, monkeypatch):
     code, _, err = adaq(["run", tiny / "nvfp4", "Hello", "--max-tokens", "1", "--json", *FAST], capsys, monkeypatch)
     assert code == 0, err
     assert torch.get_num_threads() == DEFAULT_THREADS == 1
+
+
+def test_run_plans_one_sequence(tiny, capsys, monkeypatch):
+    """run answers one prompt at a time: its engine holds one sequence (validate's batch-1 budget: a sliding-window
+    model reserves one window, not four)."""
+    from adaq.engine import api
+
+    engines = []
+    build = api.LLM.__init__
+
+    def recording(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        engines.append(self.engine)
+
+    monkeypatch.setattr(api.LLM, "__init__", recording)
+    code, _, err = adaq(["run", tiny / "nvfp4", "Hello", "--max-tokens", "2", "--json", *FAST], capsys, monkeypatch)
+    assert code == 0, err
+    assert [engine.config.max_num_seqs for engine in engines] == [1]

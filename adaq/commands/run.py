@@ -13,6 +13,9 @@ SAMPLING_FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.
 # The demo's decode on a busy 2-core CPU, median tok/s: 4.9 with 1 thread, 3.1 with torch's default (2), 0.87 with
 # an explicit 2 (README's --threads figures).
 DEFAULT_THREADS = 1
+# run answers one prompt (or one conversation) at a time: one sequence, so sliding-window layers reserve a single
+# window (+ chunk) and the KV budget is what `adaq validate --batch 1` plans.
+RUN_SEQUENCES = 1
 
 
 def run(
@@ -65,7 +68,7 @@ def run(
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, run runs
         llm = LLM(checkpoint, backend=backend, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head,
                   max_model_len=max_model_len,
-                  max_num_seqs=4, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
+                  max_num_seqs=RUN_SEQUENCES, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, device=device,
                   kv_cache_memory=kv_cache_memory, window_kv=window_kv, strict=strict,
                   tensor_parallel_size=tensor_parallel_size)
     with llm:  # stops tensor-parallel workers however the command ends
