@@ -8,7 +8,7 @@
 # (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
 # bench:NAME (see bench_step), sweep. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
 # Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
-# qwen3-next, kernels (adaq bench kernels, the peers), profile-qwen3.6; NAME@TREE runs it in that tree.
+# qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH; NAME@TREE runs it in that tree.
 # Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:qwen3.6@wip-X" TREES="wip-X" TREE=wip-X TESTS_TREE="tests/..." \
 #   bash scripts/gpu_session6.sh
 set -uo pipefail
@@ -85,11 +85,12 @@ bench_step() {  # NAME[@tree]
       local model=$what; [ $what = qwen3.6 ] && model=qwen3.6-35b-a3b; [ $what = gemma4-26b ] && model=gemma4-26b-a4b
       [ $what = qwen3-30b ] && model=qwen3-30b-a3b
       bench $tree $model 120 --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines ${BASELINES:-none} ;;
-    profile-qwen3.6)
-      log "profile qwen3.6-35b-a3b b1 ($tree)"
+    profile-*)  # profile-MODEL-bBATCH: the decode step's profile (scripts/profile_decode_step.py)
+      local spec=${what#profile-}; local model=${spec%-b*} batch=${spec##*-b}
+      log "profile $model batch $batch ($tree)"
       in_tree $tree timeout $(( $(left) < 100 ? $(left) : 100 )) python3 scripts/profile_decode_step.py \
-        --model qwen3.6-35b-a3b --batch 1 > /tmp/bench/${tree}_profile_qwen3.6.txt 2>&1
-      tail -n 30 /tmp/bench/${tree}_profile_qwen3.6.txt | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
+        --model $model --batch $batch > /tmp/bench/${tree}_profile_${model}_b$batch.txt 2>&1
+      tail -n 30 /tmp/bench/${tree}_profile_${model}_b$batch.txt | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
     qwen3-next) bench $tree qwen3-next-80b-a3b 300 --synthetic qwen3-next-80b-a3b --batch 1,16 --output-len 128 \
                   --repeats 2 --baselines none ;;
     qwen3-8b) bench $tree qwen3-8b 120 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 3 --baselines none ;;
