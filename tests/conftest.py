@@ -51,15 +51,10 @@ def pytest_runtest_teardown(item):
 
 @pytest.fixture
 def exact_prefill(monkeypatch):
-    """GPU engine tests: prefill on the exact path (no FP8 rounding in the comparison), decode graphs as configured;
-    the GPU's cached memory handed back after each test."""
-    import torch
-
+    """GPU engine tests: prefill on the exact path (no FP8 rounding in the comparison), decode graphs as configured
+    (pytest_runtest_teardown hands the GPU's cached memory back after each one)."""
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
     monkeypatch.delenv("ADAQ_CUDA_GRAPHS", raising=False)
-    yield
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -572,8 +572,8 @@ def _binding_flags(stub: "Path") -> list[str] | None:
     from torch.utils.cpp_extension import include_paths
     import sysconfig
 
-    cuda_include = next((p for p in ("/usr/local/cuda/include",) if (Path(p) / "cuda_runtime_api.h").exists()), None)
-    if shutil.which("g++") is None or cuda_include is None:
+    cuda_include = Path("/usr/local/cuda/include")
+    if shutil.which("g++") is None or not (cuda_include / "cuda_runtime_api.h").exists():
         return None
     (stub / "c10/cuda/impl").mkdir(parents=True)
     (stub / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n")

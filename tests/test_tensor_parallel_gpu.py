@@ -10,7 +10,7 @@
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_prefill")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -28,12 +28,6 @@ SHAPES = {  # kernel-friendly widths that still split over 2 ranks on 16-column 
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 8, 9], list(range(20, 53))]
 MAX_TOKENS = 24
 LOGPROB_TOLERANCE = 0.05  # nats: bf16 partial sums all-reduced against one bf16 GEMM
-
-
-@pytest.fixture(autouse=True)
-def exact_prefill(monkeypatch):
-    monkeypatch.setenv("ADAQ_PREFILL_PATH", "exact")
-    monkeypatch.delenv("ADAQ_CUDA_GRAPHS", raising=False)
 
 
 def llm(folder, size: int, **settings):

@@ -60,6 +60,32 @@ __device__ __forceinline__ void store_row_fp8(const float (&x)[D / 32], uint8_t*
   if (lane == 0) scale[scale_at] = s;
 }
 
+// The store kernels' warp: one (token, KV head, K or V) row per warp, D / 32 consecutive values per lane read as
+// fp32 into x. False for warps past the last row and for tokens whose slot is -1 (padding): nothing to store.
+struct StoreRow {
+  int which, h, lane;  // which: 0 = K, 1 = V
+  long long slot;
+};
+template <int D>
+__device__ __forceinline__ bool load_store_row(const __nv_bfloat16* __restrict__ k,
+                                               const __nv_bfloat16* __restrict__ v, long long k_tok_stride,
+                                               long long v_tok_stride, const long long* __restrict__ slots,
+                                               int tokens, int kv_heads, float (&x)[D / 32], StoreRow& row) {
+  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  row.lane = threadIdx.x & 31;
+  row.which = warp_global & 1;
+  const int pair = warp_global >> 1, t = pair / kv_heads;
+  row.h = pair % kv_heads;
+  if (t >= tokens) return false;
+  row.slot = slots[t];
+  if (row.slot < 0) return false;
+  const __nv_bfloat16* src =
+      (row.which ? v + t * v_tok_stride : k + t * k_tok_stride) + row.h * D + row.lane * (D / 32);
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) x[i] = __bfloat162float(src[i]);
+  return true;
+}
+
 template <int D, bool FP8>
 __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
                                 long long k_tok_stride, long long v_tok_stride,  // elements between tokens
@@ -67,17 +93,11 @@ __global__ void store_kv_kernel(const __nv_bfloat16* __restrict__ k, const __nv_
                                 float* __restrict__ k_scale, float* __restrict__ v_scale,
                                 const long long* __restrict__ slots, int tokens, int kv_heads,
                                 int slot_rows, int scale_stride) {  // rows / scales from one cache slot to the next
-  constexpr int kPerLane = D / 32;
-  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-  const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
-  const int t = pair / kv_heads, h = pair % kv_heads;
-  if (t >= tokens) return;
-  const long long slot = slots[t];
-  if (slot < 0) return;
-  const __nv_bfloat16* src = (which ? v + t * v_tok_stride : k + t * k_tok_stride) + h * D + lane * kPerLane;
-  float x[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) x[i] = __bfloat162float(src[i]);
+  float x[D / 32];
+  StoreRow r;
+  if (!load_store_row<D>(k, v, k_tok_stride, v_tok_stride, slots, tokens, kv_heads, x, r)) return;
+  const int which = r.which, h = r.h, lane = r.lane;
+  const long long slot = r.slot;
   const long long row = slot * slot_rows + h;  // this (token, head)'s row; slots may be wider than kv_heads rows
   if constexpr (FP8)
     store_row_fp8<D>(x, static_cast<uint8_t*>(which ? v_cache : k_cache), which ? v_scale : k_scale, row,
@@ -182,17 +202,11 @@ __global__ void store_kv_nvfp4_kernel(const __nv_bfloat16* __restrict__ k, const
                                       uint8_t* __restrict__ k_exp, uint8_t* __restrict__ v_exp,  // [slot, Hkv]
                                       const long long* __restrict__ slots, int tokens, int kv_heads,
                                       int slot_rows, int scale_stride) {  // rows / exponents between slots
-  constexpr int kPerLane = D / 32;
-  const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-  const int which = warp_global & 1, pair = warp_global >> 1;  // which: 0 = K, 1 = V
-  const int t = pair / kv_heads, h = pair % kv_heads;
-  if (t >= tokens) return;
-  const long long slot = slots[t];
-  if (slot < 0) return;
-  const __nv_bfloat16* src = (which ? v + t * v_tok_stride : k + t * k_tok_stride) + h * D + lane * kPerLane;
-  float x[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) x[i] = __bfloat162float(src[i]);
+  float x[D / 32];
+  StoreRow r;
+  if (!load_store_row<D>(k, v, k_tok_stride, v_tok_stride, slots, tokens, kv_heads, x, r)) return;
+  const int which = r.which, h = r.h, lane = r.lane;
+  const long long slot = r.slot;
   store_row_nvfp4<D>(x, which ? v_cache : k_cache, which ? v_exp : k_exp, slot * slot_rows + h,
                      slot * scale_stride + h, lane);
 }
