@@ -111,3 +111,18 @@ def test_shared_expert_joins_the_experts_when_it_can(shared_inter, joined):
     separate.load(reader, "mlp")
     assert not separate.shared_in_experts
     torch.testing.assert_close(layer(x), separate(x), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 130, 2048])
+def test_one_expert_table_covers_every_row_in_order(rows):
+    """ops.expert_forward's tables (made on any device): groups of at most 64 rows, in order, all naming the expert,
+    as the grouped GEMM reads them (group g: rows row_ids[offsets[g]:offsets[g + 1]] through group_expert[g])."""
+    from adaq.kernels import ops
+
+    offsets, group_expert, row_ids, num_groups = ops.one_expert_table(rows, 5, torch.device("cpu"))
+    groups = int(num_groups.item())
+    assert groups == -(-rows // 64) == group_expert.numel() and (group_expert == 5).all()
+    sizes = offsets[1:] - offsets[:-1]
+    assert int(offsets[0]) == 0 and int(offsets[-1]) == rows and (sizes >= 1).all() and (sizes <= 64).all()
+    assert torch.equal(row_ids, torch.arange(rows, dtype=torch.int32))
+    assert all(t.dtype == torch.int32 for t in (offsets, group_expert, row_ids, num_groups))
