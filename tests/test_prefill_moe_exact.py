@@ -75,6 +75,35 @@ def test_orchestration_with_emulated_kernels_is_the_exact_reference(emulated, mo
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def skewed_inputs(tokens: int, hidden: int, experts: int, hot: int, share: float, seed: int = 1,
+                  device: str = "cpu"):
+    """routed_inputs, but expert `hot` ranks first for the first `share` of the tokens (a hot expert, as a random
+    model's collapsed hidden states or a repetitive prompt give)."""
+    x, logits = routed_inputs(tokens, hidden, experts, seed=seed)
+    favoured = int(tokens * share)
+    logits[:favoured, hot] = logits.max() + 1.0 / 16  # still distinct: above every other logit, exact in bf16
+    return x.to(device), logits.to(device)
+
+
+@pytest.mark.parametrize("counts,width", [
+    ([], 0), ([0, 0], 0), ([5], 5), ([10, 10, 10, 10], 10),
+    ([3, 4, 500, 2], 4),  # one hot expert runs alone: 4 x 4 + 500 + 64 rows against 4 x 500
+    ([100, 90, 110, 95], 110),  # even routing: one slab as wide as the busiest
+    ([1, 200], 1),  # 2 x 1 + 200 + 64 = 266 < 2 x 200
+    ([60, 70], 70)])  # 2 x 70 = 140 < 2 x 60 + 70 + 64
+def test_slab_width(counts, width):
+    assert prefill_moe_exact.slab_width(counts, launch_rows=64) == width
+
+
+def test_slab_width_minimises_the_rows_multiplied():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        counts = torch.randint(0, 300, (int(torch.randint(1, 12, (1,), generator=generator)),),
+                               generator=generator).tolist()
+        cost = lambda w: len(counts) * w + sum(c + prefill_moe_exact.LAUNCH_ROWS for c in counts if c > w)
+        assert cost(prefill_moe_exact.slab_width(counts)) == min(cost(w) for w in range(0, max(counts) + 1))
+
+
 def test_orchestration_gelu_and_expert_scale(emulated):
     gate_up, down = random_experts(5, 64, 32, seed=3)
     x, logits = routed_inputs(9, 64, 5)
@@ -121,7 +150,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _check_exact(tokens, experts, top_k, hidden, intermediate, distinct=False, seed=0, act="silu", scale=None,
-                 batched=True):
+                 batched=True, skew=None):
     import dataclasses
 
     from adaq.backends.cuda import CudaBackend
@@ -129,7 +158,8 @@ def _check_exact(tokens, experts, top_k, hidden, intermediate, distinct=False, s
     torch.backends.cuda.matmul.allow_tf32 = False
     gate_up, down = random_experts(experts, hidden, intermediate, seed=seed, device="cuda",
                                    distinct_up_scale=distinct)
-    x, logits = routed_inputs(tokens, hidden, experts, seed=seed + tokens, device="cuda")
+    x, logits = (routed_inputs(tokens, hidden, experts, seed=seed + tokens, device="cuda") if skew is None else
+                 skewed_inputs(tokens, hidden, experts, hot=experts // 3, share=skew, seed=seed, device="cuda"))
     handle = CudaBackend("cuda").prepare_experts(gate_up, down, dtype=torch.bfloat16)
     assert handle.exact.batched  # torch on the device has bmm(out_dtype=)
     exact = dataclasses.replace(handle.exact, batched=batched)
