@@ -328,6 +328,17 @@ def test_bench_puts_prefill_paths_side_by_side_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "-c", "from adaq.cli import main; main()", "bench", "--synthetic",
                           "qwen3-8b", "--prefill-path", "fast"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--prefill-path" in bad.stderr and "Traceback" not in bad.stderr
+    env = {**__import__("os").environ, "ADAQ_PREFILL_PATH": "exact"}  # no --prefill-path: the variable's path
+    result = subprocess.run([sys.executable, "-c", "from adaq.cli import main; main()", "bench", "--synthetic",
+                             str(tmp_path / "tiny.json"), "--batch", "1", "--input-len", "8", "--output-len", "2",
+                             "--repeats", "1", "--baselines", "none", "--json", str(out)], capture_output=True,
+                            text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert [variant["variant"] for variant in json.loads(out.read_text())["variants"]] == ["nvfp4-exact"]
+    bad = subprocess.run([sys.executable, "-c", "from adaq.cli import main; main()", "bench", "--synthetic",
+                          "qwen3-8b"], capture_output=True, text=True, timeout=120,
+                         env={**env, "ADAQ_PREFILL_PATH": "fast"})
+    assert bad.returncode != 0 and "ADAQ_PREFILL_PATH" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ---- GPU: kernels against the reference -------------------------------------------------------------------------

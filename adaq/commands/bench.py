@@ -43,6 +43,13 @@ def parse_batches(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(batches)))
 
 
+def default_prefill_path() -> str:
+    """What `run` and `serve` take without --prefill-path: $ADAQ_PREFILL_PATH (checked), else auto."""
+    from adaq.backends.prefill_route import configured_path
+
+    return configured_path()
+
+
 def parse_baselines(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
 
@@ -71,10 +78,11 @@ def bench(
     baselines: str = typer.Option("bf16,hf", help="comma-separated: bf16 (our engine, bf16 weights, cuBLAS), "
                                                   "hf (transformers generate, static cache), or none"),
     backend: str = typer.Option("auto", help="engine backend: auto, cuda or reference"),
-    prefill_path: str = typer.Option("auto", help="NVFP4 prefill path(s), comma-separated, one NVFP4 variant each: "
-                                                  "auto (variant nvfp4: FP8 on sm_89 / sm_90, else exact), fp8 "
-                                                  "(nvfp4-fp8), exact (nvfp4-exact: dequantize + cuBLAS bf16), "
-                                                  "nvfp4 (nvfp4-decode: decode kernels at every M)"),
+    prefill_path: str = typer.Option(None, help="NVFP4 prefill path(s), comma-separated, one NVFP4 variant each: "
+                                                "auto (variant nvfp4: FP8 on sm_89 / sm_90, else exact), fp8 "
+                                                "(nvfp4-fp8), exact (nvfp4-exact: dequantize + cuBLAS bf16), "
+                                                "nvfp4 (nvfp4-decode: decode kernels at every M); default: "
+                                                "$ADAQ_PREFILL_PATH, else auto"),
     device: str = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)"),
     json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),
     plot_path: str = typer.Option(None, "--plot", help="write a PNG: tok/s against batch per variant, VRAM bars"),
@@ -103,9 +111,9 @@ def bench(
 
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, bench runs
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
+    prefill_paths = parse_baselines(prefill_path or default_prefill_path())
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
-                           backend, kv_cache_dtype, device, parse_baselines(prefill_path), strict,
-                           tensor_parallel_size, lm_head)
+                           backend, kv_cache_dtype, device, prefill_paths, strict, tensor_parallel_size, lm_head)
     errors = Console(stderr=True)
     partial = (lambda report: bench_report.write_json(report, json_path)) if json_path else (lambda report: None)
     with errors.status("measuring copy bandwidth") as status:
