@@ -8,7 +8,8 @@
 # (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
 # bench:NAME (see bench_step), sweep. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
 # Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
-# qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH; NAME@TREE runs it in that tree.
+# qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH, exact-skew (the exact MoE path under a
+# hot expert); NAME@TREE runs it in that tree.
 # Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:qwen3.6@wip-X" TREES="wip-X" TREE=wip-X TESTS_TREE="tests/..." \
 #   bash scripts/gpu_session6.sh
 set -uo pipefail
@@ -98,6 +99,10 @@ bench_step() {  # NAME[@tree]
                   --baselines bf16 ;;
     qwen3-8b-lmhead-*) bench $tree $what 90 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 2 \
                   --baselines none --lm-head ${what#qwen3-8b-lmhead-} ;;
+    exact-skew) log "exact MoE path under skewed routing ($tree)"  # scripts/exact_moe_skew_bench.py
+      in_tree $tree timeout $(( $(left) < 120 ? $(left) : 120 )) python3 scripts/exact_moe_skew_bench.py \
+        --json /tmp/bench/${tree}_exact_skew.json > /tmp/bench/${tree}_exact_skew.log 2>&1
+      tail -n 5 /tmp/bench/${tree}_exact_skew.log | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
     kernels) log "adaq bench kernels"
       in_tree $tree timeout $(( $(left) < 150 ? $(left) : 150 )) python3 -m adaq bench kernels \
         --json /tmp/bench/${tree}_kernels.json > /tmp/bench/${tree}_kernels.log 2>&1

@@ -176,6 +176,21 @@ def test_synthetic_nvfp4_looks_like_quantized_gaussian_weights():
     assert torch.equal(requantized.block_scale.view(torch.uint8), big.block_scale.view(torch.uint8))
 
 
+def test_synthetic_attention_output_is_drawn_at_a_tenth_of_the_std():
+    """So that a long prompt's tokens stay distinct and a MoE router spreads them as a trained one does
+    (adaq.bench.synthetic.ATTENTION_OUTPUT_STD_FACTOR); every other weight keeps initializer_range."""
+    config = {**TINY_QWEN3, "hidden_size": 1024, "intermediate_size": 2048, "num_attention_heads": 16,
+              "head_dim": 64}
+    quantized = SyntheticCheckpoint(config, quantized=True, device="cpu")
+    o_proj = nvfp4.dequantize(quantized.nvfp4("model.layers.0.self_attn.o_proj"))
+    q_proj = nvfp4.dequantize(quantized.nvfp4("model.layers.0.self_attn.q_proj"))
+    assert o_proj.std().item() == pytest.approx(0.002, rel=0.15)
+    assert q_proj.std().item() == pytest.approx(0.02, rel=0.15)
+    dense = SyntheticCheckpoint(config, quantized=False, device="cpu")
+    assert dense.tensor("model.layers.0.self_attn.o_proj.weight").float().std().item() == pytest.approx(0.002, rel=0.1)
+    assert dense.tensor("model.layers.0.mlp.up_proj.weight").float().std().item() == pytest.approx(0.02, rel=0.1)
+
+
 def test_synthetic_sources_name_every_tensor_a_checkpoint_has():
     quantized = SyntheticCheckpoint(TINY_QWEN3, quantized=True, device="cpu")
     dense = SyntheticCheckpoint(TINY_QWEN3, quantized=False, device="cpu")

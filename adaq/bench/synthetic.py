@@ -19,6 +19,13 @@ from adaq.formats.nvfp4 import FP4_MAX, FP8_MAX, GROUP_SIZE, NVFP4Weight, quanti
 # of tens of millions Gaussian values tops out near 6 standard deviations: the global scale maps that to 448 * 6.
 BLOCK_AMAX_LOG_MEAN, BLOCK_AMAX_LOG_STD = 0.70, 0.23
 TENSOR_AMAX_STDS = 6.0
+# Random attention averages the prefix, and through an N(0, initializer_range) o_proj that average outweighs the
+# embeddings in the residual stream: one long prompt's tokens end up alike and a MoE router sends nearly all of them
+# to a few experts (Qwen3-30B-A3B, 2048 tokens: up to 2,024 on one expert, 88 of 128 experts idle), which no trained,
+# load-balanced router does -- and routing is the one thing about the weights' values that changes a step's time.
+# Attention output projections are drawn at a tenth of the std: the busiest expert then holds ~2x the mean
+# (scripts/moe_routing_skew.py; docs/KERNELS.md, session 7).
+ATTENTION_OUTPUT_STD_FACTOR = 0.1
 
 
 class SyntheticCheckpoint:
@@ -53,7 +60,7 @@ class SyntheticCheckpoint:
         spec = self._by_name.get(prefix)
         if not self.quantized or spec is None or not spec.quantizable:
             raise KeyError(f"{self.path}: {prefix} is not a quantized Linear")
-        return random_nvfp4(spec.shape, self._std, self._generator(prefix), self.device)
+        return random_nvfp4(spec.shape, self.std_of(prefix), self._generator(prefix), self.device)
 
     def tensor(self, name: str) -> torch.Tensor:
         spec = self._by_name.get(name.removesuffix(".weight")) or self._by_name.get(name)
@@ -64,7 +71,13 @@ class SyntheticCheckpoint:
             offset = 1.0 if spec.role == "gdn" else self._norm_offset
             noise = torch.randn(spec.shape, generator=generator, device=self.device) * 0.05
             return (noise + offset).to(self.dtype)
-        return (torch.randn(spec.shape, generator=generator, device=self.device) * self._std).to(self.dtype)
+        return (torch.randn(spec.shape, generator=generator, device=self.device) * self.std_of(name)).to(self.dtype)
+
+    def std_of(self, name: str) -> float:
+        """The std a weight is drawn with: initializer_range, attention output projections a tenth of it."""
+        if name.removesuffix(".weight").endswith("self_attn.o_proj"):
+            return self._std * ATTENTION_OUTPUT_STD_FACTOR
+        return self._std
 
     def _tensor_name(self, spec: TensorSpec) -> str:
         return f"{spec.name}.weight" if spec.quantizable else spec.name
