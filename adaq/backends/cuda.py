@@ -29,8 +29,8 @@ ATTENTION_HEAD_DIMS = (64, 128, 256, 512)
 ATTENTION_GROUPS = (1, 2, 4, 8)
 ATTENTION_EXTRA_SHAPES = ((256, 6),)  # (head_dim, group) beyond the grid above: Qwen3.5-27B's 24 over 4 heads
 EXPERT_GROUP_VALUES = 1 << 26  # weights per expert-group repack (its temporaries: ~20 bytes per weight)
-PAGED_ONLY_HEAD_DIMS = (512,)
-PROLOGUE_HEAD_DIMS = (64, 128, 256)  # qk_norm_rope_store's instantiations (whole-slot caches only)  # tensor-core kernels only: pages must hold a multiple of 16 keys (the engine's 16 do)
+PAGED_ONLY_HEAD_DIMS = (512,)  # tensor-core kernels only: pages must hold a multiple of 16 keys (the engine's 16 do)
+PROLOGUE_HEAD_DIMS = (64, 128, 256)  # qk_norm_rope_store's instantiations (whole-slot caches only)
 
 
 def attention_covers(head_dim: int, heads: int, kv_heads: int) -> bool:
