@@ -2,7 +2,7 @@
 # Device script, session 6: one call does the steps named in STEPS, in order, while time is left (DEADLINE seconds
 # from the start; each bench gets what is left, at most its own limit). Carry .whl (nvidia-cutlass, fla-core, einops).
 # Optional trees beside the working tree, built into the same kernel cache (keyed by source hash):
-# - wip-NAME: the working tree with wip/NAME.patch applied (code that waits for its GPU tests);
+# - wip-NAME: the working tree with wip/NAME.patch applied (code that waits for its GPU tests); wip-A+B: both;
 # - pretp: .pretp.tgz, `git archive e26dd9b^1 adaq pyproject.toml` (the engine before tensor parallelism).
 # Steps: tests (every GPU test, three pytest processes; TESTS_TREE in TREE beside them when TREE is set), retest
 # (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
@@ -27,7 +27,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 make_tree() {  # name: a copy of the working tree in /tmp/NAME
   case $1 in
     wip-*) mkdir -p /tmp/$1 && tar -C "$ROOT" --exclude=./.whl --exclude=./.git -cf - . | tar -C /tmp/$1 -xf - \
-             && (cd /tmp/$1 && git apply "wip/${1#wip-}.patch") ;;
+             && (cd /tmp/$1 && IFS=+ read -ra patches <<< "${1#wip-}" \
+                 && for patch in "${patches[@]}"; do git apply "wip/$patch.patch" || exit 1; done) ;;
     pretp) mkdir -p /tmp/pretp && tar -C /tmp/pretp -xzf .pretp.tgz ;;
   esac
 }
