@@ -5,7 +5,7 @@ leaving its final state there. Without fla the cuda backend runs the reference's
 
 fla normalises q and k inside its kernel (`use_qk_l2norm_in_kernel`, eps 1e-6 as the reference) and scales q by
 Dk^-0.5; it takes the grouped key heads as they are (GVA: Hv a multiple of Hk) and the log-decay g in fp32. Its
-`fused_recurrent_gated_delta_rule` is not used (NaN outputs on the device, /work/shared/NOTES.md); decode runs on
+`fused_recurrent_gated_delta_rule` is not used (it gave NaN outputs on the H100 in our runs); decode runs on
 adaq's own kernel (csrc/gated_delta.cu).
 """
 
