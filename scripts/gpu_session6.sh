@@ -6,7 +6,7 @@
 # - pretp: .pretp.tgz, `git archive e26dd9b^1 adaq pyproject.toml` (the engine before tensor parallelism).
 # Steps: tests (every GPU test, three pytest processes; TESTS_TREE in TREE beside them when TREE is set), retest
 # (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
-# bench:NAME (see bench_step), sweep. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
+# bench:NAME (see bench_step; NAME_mid: with the mid-size NVFP4 kernels' thresholds set), sweep[@TREE]. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
 # Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
 # qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH, exact-skew (the exact MoE path under a
 # hot expert); NAME@TREE runs it in that tree.
@@ -69,19 +69,30 @@ wait_built() {
   [ "$(cat /tmp/build_$1.rc)" = 0 ] || { log "$1 build failed"; tail -n 20 /tmp/build_$1.log | tee -a "$LOG"; return 1; }
 }
 bench() {  # tree name limit args...
-  local tree=$1 name=$2 limit=$3; shift 3
+  local tree=$1 name=$2${BENCH_ENV:+_mid} limit=$3; shift 3
   local budget=$(( $(left) < limit ? $(left) : limit ))
   [ $budget -lt 40 ] && { log "skip $tree/$name: ${budget}s left"; return; }
   [ "$tree" = main ] || wait_built $tree || return
   log "bench $tree/$name (limit ${budget}s)"
-  in_tree $tree timeout $budget python3 -m adaq bench "$@" --backend cuda --strict --json "/tmp/bench/${tree}_$name.json" \
+  in_tree $tree env ${BENCH_ENV:-} timeout $budget python3 -m adaq bench "$@" --backend cuda --strict \
+    --json "/tmp/bench/${tree}_$name.json" \
     > "/tmp/bench/${tree}_$name.log" 2>&1
   grep -E "│ (nvfp4|bf16)|FALLBACK|rror|failed" "/tmp/bench/${tree}_$name.log" | head -14 | tee -a "$LOG"
   tar -czf "$OUT/bench.tgz" -C /tmp bench
 }
-bench_step() {  # NAME[@tree]
+bench_step() {  # NAME[_mid][@tree]; _mid: prefill path nvfp4, the mid-size kernels from MID_FROM / MOE_MID_FROM rows (17)
   local what=${1%@*} tree=main
   [[ $1 == *@* ]] && tree=${1#*@}
+  BENCH_ENV=
+  if [[ $what == *_mid ]]; then
+    BENCH_ENV="ADAQ_PREFILL_PATH=nvfp4 ADAQ_PREFILL_MID_MIN_TOKENS=${MID_FROM:-17}"
+    BENCH_ENV+=" ADAQ_PREFILL_MOE_MID_MIN_TOKENS=${MOE_MID_FROM:-17}"
+    what=${what%_mid}
+  fi
+  bench_named $what $tree
+}
+bench_named() {  # what tree
+  local what=$1 tree=$2
   case $what in
     qwen3.6|gemma4-26b|qwen3-30b)
       local model=$what; [ $what = qwen3.6 ] && model=qwen3.6-35b-a3b; [ $what = gemma4-26b ] && model=gemma4-26b-a4b
@@ -133,11 +144,13 @@ retest_step() {  # TESTS_MAIN in the working tree, then TESTS_TREE in TREE (one 
   fi
   cat /tmp/r[12].log > "$file" 2>/dev/null
 }
-sweep_step() {
-  log "prefill sweep"
-  timeout $(( $(left) < 200 ? $(left) : 200 )) python3 -m adaq.bench.prefill_sweep --json "$OUT/prefill_sweep.json" \
-    --write-thresholds 2>&1 | tail -n 30 | tee -a "$LOG"
-  cp adaq/backends/prefill_thresholds.json "$OUT/"
+sweep_step() {  # [tree]: the prefill sweep, its thresholds written into that tree's file
+  local tree=${1:-main}
+  [ "$tree" = main ] || wait_built $tree || return
+  log "prefill sweep ($tree)"
+  in_tree $tree timeout $(( $(left) < 200 ? $(left) : 200 )) python3 -m adaq.bench.prefill_sweep \
+    --json "$OUT/prefill_sweep_$tree.json" --write-thresholds 2>&1 | tail -n 34 | tee -a "$LOG"
+  in_tree $tree cp adaq/backends/prefill_thresholds.json "$OUT/prefill_thresholds_$tree.json"
 }
 
 for step in ${STEPS:-tests}; do
@@ -146,6 +159,7 @@ for step in ${STEPS:-tests}; do
     tests) tests_step ;;
     retest) retest_step ;;
     sweep) sweep_step ;;
+    sweep@*) sweep_step ${step#sweep@} ;;
     bench:*) bench_step ${step#bench:} ;;
     *) log "unknown step $step" ;;
   esac
