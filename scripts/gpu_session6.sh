@@ -80,13 +80,13 @@ bench() {  # tree name limit args...
   grep -E "│ (nvfp4|bf16)|FALLBACK|rror|failed" "/tmp/bench/${tree}_$name.log" | head -14 | tee -a "$LOG"
   tar -czf "$OUT/bench.tgz" -C /tmp bench
 }
-bench_step() {  # NAME[_mid][@tree]; _mid: prefill path nvfp4, the mid-size kernels from MID_FROM / MOE_MID_FROM rows (17)
+bench_step() {  # NAME[_mid][@tree]; _mid: prefill path nvfp4, the mid-size kernels from MID_FROM / MOE_MID_FROM rows (16)
   local what=${1%@*} tree=main
   [[ $1 == *@* ]] && tree=${1#*@}
   BENCH_ENV=
   if [[ $what == *_mid ]]; then
-    BENCH_ENV="ADAQ_PREFILL_PATH=nvfp4 ADAQ_PREFILL_MID_MIN_TOKENS=${MID_FROM:-17}"
-    BENCH_ENV+=" ADAQ_PREFILL_MOE_MID_MIN_TOKENS=${MOE_MID_FROM:-17}"
+    BENCH_ENV="ADAQ_PREFILL_PATH=nvfp4 ADAQ_PREFILL_MID_MIN_TOKENS=${MID_FROM:-16}"
+    BENCH_ENV+=" ADAQ_PREFILL_MOE_MID_MIN_TOKENS=${MOE_MID_FROM:-16}"
     what=${what%_mid}
   fi
   bench_named $what $tree
