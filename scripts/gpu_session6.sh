@@ -126,7 +126,7 @@ bench_named() {  # what tree
     *) bench $tree $what 150 --synthetic $what --batch 1,16 --output-len 128 --repeats 2 --baselines none ;;
   esac
 }
-retest_step() {  # TESTS_MAIN in the working tree, then TESTS_TREE in TREE (one process each, in turn)
+retest_step() {  # TESTS_MAIN in the working tree, then TESTS_TREE in TREE; ';' in TESTS_TREE: parallel processes
   local budget=${TEST_BUDGET:-200} file=$OUT/gpu_retest.log
   if [ -n "${TESTS_MAIN:-}" ]; then
     local part; : > /tmp/r1.log
@@ -138,8 +138,17 @@ retest_step() {  # TESTS_MAIN in the working tree, then TESTS_TREE in TREE (one 
     grep -hE "^FAILED|^ERROR|passed|failed" /tmp/r1.log | tee -a "$LOG"
   fi
   if [ -n "${TREE:-}" ] && [ -n "${TESTS_TREE:-}" ] && wait_built $TREE; then
-    log "retest $TREE: $TESTS_TREE"
-    in_tree $TREE timeout $budget $PT $TESTS_TREE > /tmp/r2.log 2>&1
+    local part group=0 tree_parts pids=()
+    rm -f /tmp/r2_*.log
+    IFS=';' read -ra tree_parts <<< "$TESTS_TREE"
+    for part in "${tree_parts[@]}"; do
+      group=$(( group + 1 ))
+      log "retest $TREE ($group): $part"
+      in_tree $TREE timeout $budget $PT $part > /tmp/r2_$group.log 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"  # not the other trees' builds, which may still run in the background
+    cat /tmp/r2_*.log > /tmp/r2.log
     grep -hE "^FAILED|^ERROR|passed|failed" /tmp/r2.log | tee -a "$LOG"
   fi
   cat /tmp/r[12].log > "$file" 2>/dev/null
