@@ -155,11 +155,12 @@ retest_step() {  # TESTS_MAIN in the working tree, then TESTS_TREE in TREE; ';' 
 }
 sweep_step() {  # [tree]: the prefill sweep, its thresholds written into that tree's file
   local tree=${1:-main}
+  local tag=${tree//+/_}  # files under $OUT: plain names
   [ "$tree" = main ] || wait_built $tree || return
   log "prefill sweep ($tree)"
   in_tree $tree timeout $(( $(left) < 200 ? $(left) : 200 )) python3 -m adaq.bench.prefill_sweep \
-    --json "$OUT/prefill_sweep_$tree.json" --write-thresholds 2>&1 | tail -n 34 | tee -a "$LOG"
-  in_tree $tree cp adaq/backends/prefill_thresholds.json "$OUT/prefill_thresholds_$tree.json"
+    --json "$OUT/prefill_sweep_$tag.json" --write-thresholds 2>&1 | tail -n 40 | tee -a "$LOG"
+  in_tree $tree cp adaq/backends/prefill_thresholds.json "$OUT/prefill_thresholds_$tag.json"
 }
 
 for step in ${STEPS:-tests}; do
