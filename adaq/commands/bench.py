@@ -43,13 +43,6 @@ def parse_batches(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(batches)))
 
 
-def default_prefill_path() -> str:
-    """What `run` and `serve` take without --prefill-path: $ADAQ_PREFILL_PATH (checked), else auto."""
-    from adaq.backends.prefill_route import configured_path
-
-    return configured_path()
-
-
 def parse_baselines(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
 
@@ -95,6 +88,7 @@ def bench(
         return
     from rich.console import Console
 
+    from adaq.backends.prefill_route import configured_path  # $ADAQ_PREFILL_PATH (checked), else auto, as run/serve
     from adaq.bench import report as bench_report
     from adaq.bench.runner import Workload
     from adaq.bench.suite import BenchOptions, run_bench
@@ -111,7 +105,7 @@ def bench(
 
         check_checkpoint(checkpoint, level="layout")  # validate's own rules: what it calls valid, bench runs
     workload = Workload(parse_batches(batch), input_len, output_len, repeats)
-    prefill_paths = parse_baselines(prefill_path or default_prefill_path())
+    prefill_paths = parse_baselines(prefill_path or configured_path())
     options = BenchOptions(checkpoint or synthetic, synthetic is not None, workload, parse_baselines(baselines),
                            backend, kv_cache_dtype, device, prefill_paths, strict, tensor_parallel_size, lm_head)
     errors = Console(stderr=True)
