@@ -43,6 +43,27 @@ def test_packed_conv_without_a_state_cache_starts_from_zeros():
     torch.testing.assert_close(gd.conv_packed(x, weight, None, ctx), gd.conv_step(x, weight, None, ctx))
 
 
+def test_packed_conv_takes_the_projections_strided_slice():
+    """The layer hands the conv the q|k|v columns of the fused in_proj output as they are (a strided view, no copy):
+    the prefill conv and the decode conv give what they give a contiguous copy."""
+    torch.manual_seed(3)
+    wide, weight = torch.randn(9, 40), torch.randn(24, 4)
+    view = wide[:, 8:32]
+    assert not view.is_contiguous()
+    ctx = packed_step([4, 5], [6, 5], [2, 0])
+    states = torch.randn(3, 24, 3)
+    states_copy = states.clone()
+    torch.testing.assert_close(gd.conv_packed(view, weight, states, ctx),
+                               gd.conv_packed(view.contiguous(), weight, states_copy, ctx), atol=0, rtol=0)
+    torch.testing.assert_close(states, states_copy, atol=0, rtol=0)
+    slots, continued = torch.tensor([1, 2]), torch.tensor([True, False])
+    decode_states = torch.randn(3, 24, 3)
+    copy_states = decode_states.clone()
+    torch.testing.assert_close(gd.conv_decode(view[:2], weight, decode_states, slots, continued),
+                               gd.conv_decode(view[:2].contiguous(), weight, copy_states, slots, continued),
+                               atol=0, rtol=0)
+
+
 def test_decode_graph_state_slots_land_in_their_view():
     from adaq.engine.cuda_graph import _Bucket, pack_decode_inputs
 
@@ -78,3 +99,19 @@ def test_graph_blocker_names_the_gdn_layers_the_kernels_do_not_take(layer, block
 
     cause = graph_blocker(torch.nn.Sequential(layer))
     assert cause is None if blocked is None else (blocked in cause and "Gated DeltaNet" in cause)
+
+
+def test_a_step_hands_every_gdn_layer_the_same_offsets_tensor():
+    """gdn_prefill passes fla one int64 cu_seqlens per step (fla caches its chunk indices by tensor identity)."""
+    from adaq.backends.context import get_context, reset_context, set_context
+
+    offsets = torch.tensor([0, 3, 7], dtype=torch.int32)
+    step = set_context(True, offsets, 4, torch.tensor([3, 4], dtype=torch.int32))
+    try:
+        first = get_context().query_offsets_long()
+        assert first is step.query_offsets_long() and first.dtype == torch.int64
+        assert torch.equal(first, offsets.long())
+        assert first is step.for_sliding_pool().query_offsets_long()
+        assert set_context(True, offsets, 4, torch.tensor([3, 4], dtype=torch.int32)).query_offsets_long() is not first
+    finally:
+        reset_context()

@@ -61,7 +61,8 @@ def random_nvfp4(n: int, k: int, generator: torch.Generator) -> NVFP4Weight:
 
 # ---- NVFP4 GEMM ------------------------------------------------------------------------------------------------
 
-def check_gemm(m: int, n: int, k: int, seed: int, splits: int = 0, bias: bool = False) -> None:
+def check_gemm(m: int, n: int, k: int, seed: int, splits: int = 0, bias: bool = False, linear=None) -> None:
+    linear = linear or ops.nvfp4_linear
     gen = torch.Generator(device=DEV).manual_seed(seed)
     weight = random_nvfp4(n, k, gen)
     packed = layout.repack(weight, DEV)
@@ -71,13 +72,13 @@ def check_gemm(m: int, n: int, k: int, seed: int, splits: int = 0, bias: bool = 
     if b is not None:
         ref = ref + b.float()
     poison_allocator()
-    out = ops.nvfp4_linear(x, packed, b, splits=splits)
+    out = linear(x, packed, b, splits=splits)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
     # The output is bf16: compare with the fp32 result rounded once to bf16 (kernel error, not output rounding).
     error = rel_error(out, ref.to(torch.bfloat16))
     assert error <= 1e-3, f"M={m} N={n} K={k}: relative error {error:.2e} vs fp32 math on dequantized weights"
-    again = ops.nvfp4_linear(x, packed, b, splits=splits)
+    again = linear(x, packed, b, splits=splits)
     assert torch.equal(out, again), "split-K result changed between runs (counters not reset, or a race)"
 
 
@@ -112,6 +113,101 @@ def test_gemm_other_variants(variant, m, n, k):
         ops.set_gemm_variant(default)
 
 
+# ---- The mid-size NVFP4 GEMM (prefill: x staged in shared memory, 64 rows per block) ---------------------------
+
+MID_ROWS = [1, 9, 16, 17, 31, 32, 33, 63, 64, 65, 100, 128, 129, 200, 256, 511]
+
+
+@pytest.mark.parametrize("m", MID_ROWS)
+@pytest.mark.parametrize("n,k", ODD_SHAPES)
+def test_gemm_mid_odd_shapes(m, n, k):
+    check_gemm(m, n, k, seed=m * 1000 + n + k + 1, linear=ops.nvfp4_linear_mid)
+
+
+@pytest.mark.parametrize("m", [16, 32, 128, 512])
+@pytest.mark.parametrize("n,k", LAYER_SHAPES)
+def test_gemm_mid_layer_shapes(m, n, k):
+    check_gemm(m, n, k, seed=7 * m + n + 3 * k + 1, linear=ops.nvfp4_linear_mid)
+
+
+@pytest.mark.parametrize("m", [12, 100])
+@pytest.mark.parametrize("splits", [1, 2, 3, 8, 32])
+def test_gemm_mid_forced_splits_and_bias(m, splits):
+    """Split-K down to one super-tile per split (shorter than the x ring), bias in the last block's sum."""
+    check_gemm(m, 4096, 4096, seed=splits + m, splits=splits, bias=True, linear=ops.nvfp4_linear_mid)
+
+
+@pytest.mark.parametrize("rows,tw", [(16, 1), (16, 2), (32, 1), (32, 2), (64, 1), (64, 2)])
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 1040), (100, 4096, 4096), (33, 257, 2064)])
+def test_gemm_mid_overrides(rows, tw, m, n, k):
+    """Every row block and tile width the sweep times (ops.mid_override) computes the same function."""
+    with ops.mid_override(rows, tw):
+        check_gemm(m, n, k, seed=rows + tw + m, linear=ops.nvfp4_linear_mid)
+
+
+def test_gemm_mid_strided_rows():
+    """x as a view with a row stride (a fused projection's slice) gives the contiguous copy's result."""
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    weight = random_nvfp4(1000, 1040, gen)
+    packed = layout.repack(weight, DEV)
+    wide = torch.randn(130, 1040 + 24, device=DEV, generator=gen).to(torch.bfloat16)
+    x = wide[:, 8:8 + 1040]
+    assert torch.equal(ops.nvfp4_linear_mid(x, packed), ops.nvfp4_linear_mid(x.contiguous(), packed))
+
+
+def expert_groups(rows_per_expert: list[int], device, size: int = 64) -> tuple:
+    """Tables for the grouped kernels: each expert's rows (consecutive row ids, experts in order) cut into groups of
+    at most `size`; experts with no rows get no group."""
+    offsets, group_expert, start = [0], [], 0
+    for expert, count in enumerate(rows_per_expert):
+        for first in range(0, count, size):
+            offsets.append(start + min(count, first + size))
+            group_expert.append(expert)
+        start += count
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return (as_int(offsets), as_int(group_expert), torch.arange(start, dtype=torch.int32, device=device),
+            as_int([len(group_expert)]))
+
+
+@pytest.mark.parametrize("rows_per_expert,hidden,inter,size", [
+    ([0, 1, 64, 65, 200, 7], 512, 256, 64), ([130] * 3, 2048, 768, 64), ([3, 0, 0, 129], 272, 144, 64),
+    ([5, 16, 0, 40], 256, 128, 16), ([33, 1, 70], 512, 256, 32)])
+def test_gemm_mid_grouped_experts(rows_per_expert, hidden, inter, size):
+    """The mid-size kernel's grouped form against fp32 math: each group through its expert's dequantized weights
+    (groups of at most 16, 32 or 64 rows: the kernel's three row-block sizes)."""
+    gen = torch.Generator(device=DEV).manual_seed(sum(rows_per_expert) + hidden)
+    experts = len(rows_per_expert)
+    gate_up = [random_nvfp4(2 * inter, hidden, gen) for _ in range(experts)]
+    down = [random_nvfp4(hidden, inter, gen) for _ in range(experts)]
+    stacked = ops.StackedExperts([layout.repack(w, DEV) for w in gate_up], [layout.repack(w, DEV) for w in down])
+    rows = sum(rows_per_expert)
+    x = torch.randn(rows, hidden, device=DEV, generator=gen).to(torch.bfloat16)
+    table = expert_groups(rows_per_expert, DEV, size)
+    poison_allocator()
+    out = ops.grouped_linear_mid(x, 1, stacked, "gate_up", table, rows, size)
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    ref = torch.empty(rows, 2 * inter, device=DEV)
+    start = 0
+    for expert, count in enumerate(rows_per_expert):
+        ref[start:start + count] = x[start:start + count].float() @ nvfp4.dequantize(gate_up[expert], torch.float32).T
+        start += count
+    assert rel_error(out, ref.to(torch.bfloat16)) <= 1e-3
+
+
+def test_gemm_mid_shared_expert_table():
+    """one_expert_table's groups of 64 (the prefill shared expert) through the grouped mid-size kernel equal the
+    dense mid-size GEMM on that expert, bit for bit (same kernel, same split plan per row block)."""
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    gate_up = [random_nvfp4(512, 256, gen) for _ in range(3)]
+    down = [random_nvfp4(256, 256, gen) for _ in range(3)]
+    packed = [layout.repack(w, DEV) for w in gate_up]
+    stacked = ops.StackedExperts(packed, [layout.repack(w, DEV) for w in down])
+    x = torch.randn(300, 256, device=DEV, generator=gen).to(torch.bfloat16)
+    grouped = ops.grouped_linear_mid(x, 1, stacked, "gate_up", ops.one_expert_table(300, 2, DEV), 300, 64, splits=1)
+    dense = ops.nvfp4_linear_mid(x, packed[2], splits=1)
+    assert torch.equal(grouped, dense)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1000, 1040), (40, 272, 2064)])
 def test_gemm_special_block_scales(m, n, k):
     """Negative, zero and subnormal E4M3 block scales (the layout folds signs into the codes, zeroes the codes of
@@ -127,10 +223,11 @@ def test_gemm_special_block_scales(m, n, k):
     packed = layout.repack(weight, DEV)
     x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
     ref = (x.float() @ nvfp4.dequantize(weight, torch.float32).T).to(torch.bfloat16)
-    poison_allocator()
-    out = ops.nvfp4_linear(x, packed)
-    assert torch.isfinite(out).all()
-    assert rel_error(out, ref) <= 1e-3
+    for linear in (ops.nvfp4_linear, ops.nvfp4_linear_mid):
+        poison_allocator()
+        out = linear(x, packed)
+        assert torch.isfinite(out).all()
+        assert rel_error(out, ref) <= 1e-3
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (40, 272), (13, 4112), (2048, 768)])

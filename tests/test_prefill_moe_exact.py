@@ -104,6 +104,30 @@ def test_slab_width_minimises_the_rows_multiplied():
         assert cost(prefill_moe_exact.slab_width(counts)) == min(cost(w) for w in range(0, max(counts) + 1))
 
 
+@pytest.mark.parametrize("share,chunk", [(0.9, None), (0.6, 3), (1.0, 2)])
+def test_orchestration_with_a_hot_expert_is_the_exact_reference(emulated, monkeypatch, share, chunk):
+    """A hot expert runs alone beside its chunk's slab: the same numbers as the reference."""
+    tokens, experts, hidden, intermediate = 300, 8, 128, 128  # K % 128 == 0: experts back to back, chunks > 1
+    if chunk is not None:
+        monkeypatch.setattr(prefill_moe_exact, "WORKSPACE_ELEMENTS", chunk * 2 * intermediate * hidden)
+    gate_up, down = random_experts(experts, hidden, intermediate, seed=5, distinct_up_scale=True)
+    x, logits = skewed_inputs(tokens, hidden, experts, hot=2, share=share)
+    handle = prefill_moe_exact.ExactExperts.of(_stacked(gate_up, down), batched=True)
+    calls = []
+    monkeypatch.setattr(prefill_moe_exact, "_expert_gemm", _recording(prefill_moe_exact._expert_gemm, calls))
+    got = prefill_moe_exact.exact_moe_forward(x, logits, handle, 3, True)
+    expected = prefill_moe_exact.moe_exact_reference(x, logits, gate_up, down, 3, True)
+    assert calls and max(calls) >= int(tokens * share)  # the hot expert took the lone launch
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _recording(function, calls: list):
+    def record(x, *args):
+        calls.append(x.shape[0])
+        return function(x, *args)
+    return record
+
+
 def test_orchestration_gelu_and_expert_scale(emulated):
     gate_up, down = random_experts(5, 64, 32, seed=3)
     x, logits = routed_inputs(9, 64, 5)
@@ -208,6 +232,13 @@ def test_gpu_exact_moe_odd_shapes_and_gemma4_options():
 @pytest.mark.parametrize("tokens,batched", [(600, True), (2048, True), (2048, False)])
 def test_gpu_exact_moe_matches_reference_qwen3_30b_a3b(tokens, batched):
     _check_exact(tokens, batched=batched, **QWEN3_30B_A3B)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("share", [0.5, 0.95])
+def test_gpu_exact_moe_with_a_hot_expert(share):
+    _check_exact(2048, skew=share, **QWEN3_30B_A3B)
 
 
 @gpu

@@ -28,13 +28,48 @@ def test_thresholds_and_the_file_they_go_to(tmp_path):
                           fp8=[5, 5, 5, 5, 5, 8, 12, 20, 40])}
     moe = {"rows": rows(decode=[1, 2, 4, 8, 16, 32, 64, 128, 256], exact=[20] * 9)}
     found = prefill_sweep.thresholds(dense, moe)
-    assert found == {"exact_min_tokens": 64, "fp8_min_tokens": 256, "moe_exact_min_tokens": 512}
+    assert found == {"exact_min_tokens": 64, "fp8_min_tokens": 256, "moe_exact_min_tokens": 512,
+                     "mid_min_tokens": None, "moe_mid_min_tokens": None}  # the mid-size kernel was not timed
     path = tmp_path / "thresholds.json"
     path.write_text((prefill_route.THRESHOLDS_FILE).read_text())
     data = prefill_sweep.write_thresholds({**found, "moe_exact_min_tokens": None}, path, "NVIDIA H100", "cmd")
     assert prefill_route.load_thresholds(path) == {"fp8_min_tokens": 256, "exact_min_tokens": 64,
-                                                   "moe_exact_min_tokens": prefill_route.MOE_EXACT_MIN_TOKENS}
+                                                   "moe_exact_min_tokens": prefill_route.MOE_EXACT_MIN_TOKENS,
+                                                   "mid_min_tokens": None, "moe_mid_min_tokens": None}
     assert data["measured"] and "kept from before" in data["note"] and "moe_exact_min_tokens" in data["note"]
+
+
+def test_thresholds_with_the_mid_size_kernel(tmp_path):
+    """Each path against those the route would take instead; a path timed that never won lands past the sweep."""
+    dense = {"rows": rows(decode=[1, 2, 4, 8, 16, 32, 64, 128, 256], mid=[2, 1.5, 2, 3, 5, 9, 17, 33, 65],
+                          exact=[3, 3, 3, 4, 6, 9.5, 18, 34, 70], fp8=[5, 5, 5, 5, 5, 8, 12, 20, 40])}
+    moe = {"rows": rows(decode=[1, 2, 4, 8, 16, 32, 64, 128, 256], mid=[3, 3, 3, 4, 5, 8, 14, 26, 50],
+                        exact=[20, 20, 20, 20, 20, 20, 20, 25, 45])}
+    found = prefill_sweep.thresholds(dense, moe)
+    assert found == {"mid_min_tokens": 32, "exact_min_tokens": 8192, "fp8_min_tokens": 256,
+                     "moe_mid_min_tokens": 64, "moe_exact_min_tokens": 2048}
+    path = tmp_path / "thresholds.json"
+    path.write_text((prefill_route.THRESHOLDS_FILE).read_text())
+    prefill_sweep.write_thresholds(found, path, "NVIDIA H100", "cmd")
+    assert prefill_route.load_thresholds(path) == found
+
+
+def test_route_takes_the_mid_size_kernel_from_its_threshold(monkeypatch):
+    cpu = torch.device("cpu")  # no FP8 path here: exact, mid or decode
+    monkeypatch.setenv(prefill_route.EXACT_MIN_TOKENS_ENV, "512")
+    monkeypatch.setenv(prefill_route.MOE_EXACT_MIN_TOKENS_ENV, "1024")
+    monkeypatch.delenv(prefill_route.MID_MIN_TOKENS_ENV, raising=False)
+    monkeypatch.delenv(prefill_route.MOE_MID_MIN_TOKENS_ENV, raising=False)
+    monkeypatch.setattr(prefill_route, "MID_MIN_TOKENS", None)
+    monkeypatch.setattr(prefill_route, "MOE_MID_MIN_TOKENS", None)
+    assert [prefill_route.route(m, cpu, "auto") for m in (16, 100, 600)] == ["decode", "decode", "exact"]
+    assert prefill_route.route(600, cpu, "nvfp4") == "decode"
+    monkeypatch.setenv(prefill_route.MID_MIN_TOKENS_ENV, "64")
+    monkeypatch.setenv(prefill_route.MOE_MID_MIN_TOKENS_ENV, "128")
+    assert [prefill_route.route(m, cpu, "auto") for m in (16, 64, 511, 512)] == ["decode", "mid", "mid", "exact"]
+    assert [prefill_route.route(m, cpu, "nvfp4") for m in (63, 64, 5000)] == ["decode", "mid", "mid"]
+    assert [prefill_route.moe_route(m, cpu, "exact") for m in (127, 128, 1024)] == ["decode", "mid", "exact"]
+    assert "mid-size kernel from M >= 64" in prefill_route.describe("nvfp4", cpu)
 
 
 def test_shipped_file_is_a_measured_sweep():
@@ -46,7 +81,8 @@ def test_shipped_file_is_a_measured_sweep():
 
 
 @pytest.mark.parametrize("content", ["{", '{"fp8_min_tokens": 64}', '{"fp8_min_tokens": 0, "exact_min_tokens": 9, '
-                                     '"moe_exact_min_tokens": 9}'])
+                                     '"moe_exact_min_tokens": 9}', '[]', '{"fp8_min_tokens": 1, "exact_min_tokens": 9, '
+                                     '"moe_exact_min_tokens": 9, "mid_min_tokens": "many"}'])
 def test_bad_thresholds_file_is_one_line(tmp_path, content):
     path = tmp_path / "t.json"
     path.write_text(content)

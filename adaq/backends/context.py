@@ -36,6 +36,7 @@ class Context:
     sliding_slot_mapping: torch.Tensor | None = None
     sliding_block_tables: torch.Tensor | None = None
     _sliding_view: "Context | None" = field(default=None, repr=False, compare=False)
+    _offsets_long: "torch.Tensor | None" = field(default=None, repr=False, compare=False)
 
     def for_sliding_pool(self) -> "Context":
         """This step as the sliding-pool layers see it: the sliding slots and tables in place of the global ones.
@@ -47,6 +48,14 @@ class Context:
                                          block_tables=self.sliding_block_tables, sliding_slot_mapping=None,
                                          sliding_block_tables=None)
         return self._sliding_view
+
+    def query_offsets_long(self) -> torch.Tensor:
+        """query_offsets() as int64, made once per step: every layer of the step gets the same tensor, so caches
+        keyed by tensor identity (fla's chunk indices, each a host sync to build) are built once per step, not once
+        per layer."""
+        if self._offsets_long is None:
+            self._offsets_long = self.query_offsets().long()
+        return self._offsets_long
 
     @property
     def num_seqs(self) -> int:

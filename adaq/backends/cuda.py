@@ -14,7 +14,7 @@ sync (under --strict it stops the capture).
 
 import torch
 
-from adaq.backends import gdn_prefill, prefill_moe, prefill_moe_exact, prefill_route
+from adaq.backends import gdn_prefill, prefill_moe, prefill_moe_exact, prefill_moe_mid, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.numerics import gated_delta
@@ -118,7 +118,7 @@ class CudaBackend(ReferenceBackend):
         if self.activation_quant and weight.input_global_scale is not None:
             scale = weight.input_global_scale.float().reshape(1).to(self.device)
         handle = KernelLinearHandle(packed, dtype, scale)
-        if role == prefill_route.OUTPUT_ROLE:  # decode kernels at every M: no workspace the size of the vocabulary
+        if role == prefill_route.OUTPUT_ROLE:  # NVFP4 kernels at every M: no workspace the size of the vocabulary
             return handle
         if prefill_route.covers(role) and prefill_route.fp8_enabled(self.device):  # expanded from the decode layout
             handle.fp8_scales = fp8_gemm.Fp8Scales.of(weight, self.device)
@@ -162,12 +162,15 @@ class CudaBackend(ReferenceBackend):
         if route == "fp8":  # a role the FP8 path excludes: the exact path where it beats the decode kernels
             route = prefill_route.route(rows, x.device, path="exact")
         plan = getattr(handle, "exact_plan", None)
-        if route != "decode" and plan is not None and not torch.cuda.is_current_stream_capturing():
+        if route == "exact" and (plan is None or torch.cuda.is_current_stream_capturing()):
+            route = prefill_route.route(rows, x.device, path="nvfp4")  # the output layer; graphs: NVFP4 kernels
+        if route == "exact":
             y = fp8_gemm.exact_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight, plan,
                                          None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, y.shape[-1])
-        y = ops.nvfp4_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight,
-                             None if bias is None else bias.to(torch.bfloat16))
+        nvfp4_linear = ops.nvfp4_linear_mid if route == "mid" else ops.nvfp4_linear
+        y = nvfp4_linear(x.reshape(-1, x.shape[-1]), handle.kernel_weight,
+                         None if bias is None else bias.to(torch.bfloat16))
         return y.reshape(*lead, y.shape[-1])
 
     # ---- mixture of experts ----------------------------------------------------------------------------------
@@ -229,28 +232,34 @@ class CudaBackend(ReferenceBackend):
         if path == "decode":
             return ops.moe_forward(x, logits, experts.stacked, top_k, renormalize, activation,
                                    experts.expert_scale_f32(expert_scale), shared_expert)
-        if shared_expert:  # the prefill paths route the experts before it; the shared one runs on the decode GEMMs
+        if shared_expert:  # the prefill paths route the experts before it; the shared one runs on the NVFP4 GEMMs
             shared = experts.stacked.num_experts - 1
             routed = self._moe_prefill(path, x, logits[:, :shared], experts, top_k, renormalize, activation)
-            return moe_numerics.add_shared_expert(routed, ops.expert_forward(x, experts.stacked, shared, activation),
-                                                  logits[:, shared:])
+            alone = ops.expert_forward(x, experts.stacked, shared, activation, mid=path == "mid")
+            return moe_numerics.add_shared_expert(routed, alone, logits[:, shared:])
         return self._moe_prefill(path, x, logits, experts, top_k, renormalize, activation, expert_scale)
 
     @staticmethod
     def _moe_path(route: str, experts, x: torch.Tensor, activation: str, expert_scale) -> str:
-        """fp8 (--prefill-path fp8: grouped FP8 GEMMs), exact (grouped dequantize + cuBLAS bf16) or decode."""
+        """fp8 (--prefill-path fp8: grouped FP8 GEMMs), exact (grouped dequantize + cuBLAS bf16), mid (the grouped
+        mid-size NVFP4 kernel) or decode."""
         plain = activation == "silu" and expert_scale is None  # what the grouped FP8 path implements
         if route == "fp8" and getattr(experts, "fp8", None) is not None and plain:
             return "fp8"
         if route == "fp8":
             route = prefill_route.moe_route(x.shape[0], x.device, path="exact")
-        return "exact" if route == "exact" and getattr(experts, "exact", None) is not None else "decode"
+        if route == "exact" and getattr(experts, "exact", None) is None:
+            route = prefill_route.moe_route(x.shape[0], x.device, path="nvfp4")
+        return route
 
     @staticmethod
     def _moe_prefill(path: str, x, router_logits, experts, top_k: int, renormalize: bool, activation: str,
                      expert_scale=None):
         if path == "fp8":
             return prefill_moe.fp8_moe_forward(x, router_logits, experts.fp8, top_k, renormalize)
+        if path == "mid":
+            return prefill_moe_mid.mid_moe_forward(x, router_logits, experts.stacked, top_k, renormalize, activation,
+                                                   expert_scale)
         return prefill_moe_exact.exact_moe_forward(x, router_logits, experts.exact, top_k, renormalize, activation,
                                                    expert_scale)
 
@@ -290,10 +299,7 @@ class CudaBackend(ReferenceBackend):
                            k_cache, v_cache, k_scale, v_scale, slot_mapping) -> torch.Tensor:
         """One launch (ops.qk_norm_rope_store) where the kernel takes the tensors; else the composition of this
         backend's own ops (each reporting its own fallback)."""
-        # FP8 caches take the composition: the fused kernel's FP8 cases failed their GPU test in session 5
-        # (tests/test_decode_prologue.py; bf16 and NVFP4 passed), and a wrong cache byte is a wrong answer.
-        if not (self._kv_kernel_ok(k, k_cache) and k_cache.dtype != torch.float8_e4m3fn
-                and k_cache.is_contiguous() and v_cache.is_contiguous()
+        if not (self._kv_kernel_ok(k, k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and q.shape[-1] in PROLOGUE_HEAD_DIMS and all(_dense_heads(t) for t in (q, k, v))
                 and q.shape[-1] == k.shape[-1] == v.shape[-1] and q_weight.dtype == k_weight.dtype == torch.bfloat16
                 and inv_freq.numel() * 2 == q.shape[-1]):

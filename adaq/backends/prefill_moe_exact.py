@@ -18,8 +18,10 @@ GPU (`exact_moe_forward`):
    the layout of one [chunk * N, K] weight when N % 16 == 0 and K % 128 == 0, else one launch per expert), then
    one cuBLAS batched GEMM over the chunk (`bmm` with an fp32 result: each expert's rows gathered into a slab as
    wide as the chunk's busiest expert, padding rows discarded), times each column's 1/global_scale in fp32 and
-   rounded once (gate and up may carry different global scales); without torch's bmm(out_dtype) one `addmm` per
-   active expert with the scale as its alpha (more launches, the same numbers). A chunk nobody chose is skipped;
+   rounded once (gate and up may carry different global scales); an expert with many more rows than the others of
+   its chunk (skewed routing) runs alone as one `addmm` rather than widening every expert's slab to its rows
+   (`slab_width`); without torch's bmm(out_dtype) one `addmm` per active expert with the scale as its alpha (more
+   launches, the same numbers). A chunk nobody chose is skipped;
 4. the gated activation (moe.cu / elementwise kernels), the down projection the same way;
 5. rows scattered back to (token, slot) order, moe.cu's `moe_combine` (ascending expert order, bf16).
 The decode kernels re-read every active expert once per 64 tokens; this path reads each expert's NVFP4 bytes once
@@ -164,13 +166,12 @@ def grouped_exact_gemm(rows: torch.Tensor, projection: ExactProjection, bounds: 
         if bounds[last] == bounds[first]:
             continue  # no token chose these experts
         weights = dequantize_experts(projection, first, last, workspace)
-        if batched:
-            width = max(bounds[e + 1] - bounds[e] for e in range(first, last))
+        width = slab_width([bounds[e + 1] - bounds[e] for e in range(first, last)]) if batched else 0
+        if width:
             _chunk_bmm(rows, weights, projection.alphas[first:last], offsets[first:last + 1], width, out)
-            continue
-        for expert in range(first, last):
+        for expert in range(first, last):  # the experts the slab leaves out: one addmm each
             start, end = bounds[expert], bounds[expert + 1]
-            if start < end:
+            if end - start > width:
                 _expert_gemm(rows[start:end], weights[expert - first], projection.segments[expert], out[start:end])
     return out[:-1]
 
@@ -184,8 +185,7 @@ LAUNCH_ROWS = 256
 def slab_width(counts: list[int], launch_rows: int = LAUNCH_ROWS) -> int:
     """Rows per expert of a chunk's batched GEMM, given each expert's rows: every expert with more runs alone (one
     addmm). The width that minimises the rows multiplied, len(counts) x width for the slab (empty and short experts
-    padded) plus each lone expert's rows and launch_rows for its launch. 0: every expert alone (no slab).
-    (wip/exact-hot-experts.patch puts it on the GPU path, which today pads every slab to its busiest expert.)"""
+    padded) plus each lone expert's rows and launch_rows for its launch. 0: every expert alone (no slab)."""
     def cost(width: int) -> int:
         return len(counts) * width + sum(count + launch_rows for count in counts if count > width)
 
@@ -200,9 +200,11 @@ def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _chunk_bmm(rows: torch.Tensor, weights: torch.Tensor, alphas: torch.Tensor, offsets: torch.Tensor, width: int,
                out: torch.Tensor) -> None:
     """Experts first..last as one batched GEMM: each expert's rows gathered into a [width, K] slab (short experts
-    padded with row 0, whose results go to out's spare last row), the fp32 products times each column's alpha,
+    padded with row 0, whose results go to out's spare last row; an expert of more than `width` rows is all padding
+    here, another launch's), the fp32 products times each column's alpha,
     rounded once to bf16, and copied into out's rows of each expert. No host sync: the bounds are on the device."""
     starts, counts = offsets[:-1].long(), (offsets[1:] - offsets[:-1]).long()
+    counts = counts.masked_fill(counts > width, 0)  # experts wider than the slab run alone (grouped_exact_gemm)
     lane = torch.arange(width, device=rows.device)
     valid = lane[None, :] < counts[:, None]
     source = torch.where(valid, starts[:, None] + lane[None, :], 0).reshape(-1)

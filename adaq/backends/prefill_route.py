@@ -13,7 +13,11 @@
   weight dequantized into one reused bf16 workspace per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in
   bf16), cuBLAS bf16 GEMM, 1/global_scale applied as the GEMM's fp32 alpha before its single bf16 rounding; fewer
   rows: the NVFP4 decode kernels (bytes-bound).
-- nvfp4: the decode kernels only, at every M.
+- nvfp4: the NVFP4 kernels only, at every M: the decode kernel, and from `mid_min_tokens()` rows the mid-size one.
+Below the exact and FP8 thresholds every path runs the NVFP4 kernels: the decode kernel, or from
+`mid_min_tokens()` rows (`ADAQ_PREFILL_MID_MIN_TOKENS`) the mid-size kernel (csrc/nvfp4_gemm.cu
+`nvfp4_gemm_mid_kernel`: x staged in shared memory, the weights read once per 64 rows, no dense copy); the mid-size
+thresholds are optional keys of the file, and a file without them never picks that kernel.
 """
 
 
@@ -30,23 +34,27 @@ MIN_TOKENS_ENV = "ADAQ_PREFILL_FP8_MIN_TOKENS"
 EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_EXACT_MIN_TOKENS"
 EXCLUDE_ENV = "ADAQ_PREFILL_FP8_EXCLUDE"
 MOE_EXACT_MIN_TOKENS_ENV = "ADAQ_PREFILL_MOE_EXACT_MIN_TOKENS"
+MID_MIN_TOKENS_ENV = "ADAQ_PREFILL_MID_MIN_TOKENS"
+MOE_MID_MIN_TOKENS_ENV = "ADAQ_PREFILL_MOE_MID_MIN_TOKENS"
 PATHS = ("auto", "fp8", "exact", "nvfp4")
 # The rows (tokens) from which each path replaces the decode kernels, read from the JSON file that
 # `python -m adaq.bench.prefill_sweep --write-thresholds` writes from a sweep over M on the GPU (its "note" says
 # where the figures come from); the environment variables above override them (debugging, tests).
 THRESHOLDS_FILE = Path(__file__).with_name("prefill_thresholds.json")
 THRESHOLD_KEYS = ("fp8_min_tokens", "exact_min_tokens", "moe_exact_min_tokens")
+OPTIONAL_THRESHOLD_KEYS = ("mid_min_tokens", "moe_mid_min_tokens")  # absent or null: that kernel is never picked
 
 
-def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, int]:
+def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, int | None]:
     from adaq.errors import AdaqError
 
     try:
         data = json.loads(Path(path).read_text())
         values = {key: int(data[key]) for key in THRESHOLD_KEYS}
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        values.update({key: None if data.get(key) is None else int(data[key]) for key in OPTIONAL_THRESHOLD_KEYS})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise AdaqError(f"{path}: not a prefill thresholds file ({type(error).__name__}: {error})") from None
-    if any(value < 1 for value in values.values()):
+    if any(value is not None and value < 1 for value in values.values()):
         raise AdaqError(f"{path}: thresholds must be >= 1, got {values}")
     return values
 
@@ -55,11 +63,13 @@ _THRESHOLDS = load_thresholds()
 MIN_TOKENS = _THRESHOLDS["fp8_min_tokens"]  # FP8 GEMM from this many rows; fewer rows: exact or decode kernels
 EXACT_MIN_TOKENS = _THRESHOLDS["exact_min_tokens"]  # dequantize + cuBLAS bf16 instead of the decode kernels
 MOE_EXACT_MIN_TOKENS = _THRESHOLDS["moe_exact_min_tokens"]  # a MoE layer's exact grouped path
+MID_MIN_TOKENS = _THRESHOLDS["mid_min_tokens"]  # the mid-size NVFP4 kernel instead of the decode kernel (None: never)
+MOE_MID_MIN_TOKENS = _THRESHOLDS["moe_mid_min_tokens"]  # a MoE layer's grouped mid-size path (None: never)
 # down_proj's inputs, SiLU(gate) * up, have the heaviest tails: on the real Gemma3-270M it alone costs +1.56 %
 # perplexity where q/k/v, o and gate/up together cost +0.35 % (16 windows; +0.47 % on 64); docs/KERNELS.md.
 DEFAULT_EXCLUDED = "down_proj"
-# The output layer (an NVFP4 lm_head, --lm-head nvfp4) runs the decode kernels at every M: the format the user chose,
-# exactly, and no prefill workspace the size of the vocabulary.
+# The output layer (an NVFP4 lm_head, --lm-head nvfp4) runs the NVFP4 kernels at every M (decode, or the mid-size one
+# from its threshold): the format the user chose, exactly, and no prefill workspace the size of the vocabulary.
 OUTPUT_ROLE = "lm_head"
 
 
@@ -154,16 +164,33 @@ def exact_min_tokens() -> int:
     return int(os.environ.get(EXACT_MIN_TOKENS_ENV, EXACT_MIN_TOKENS))
 
 
+def _optional_threshold(env: str, default: int | None) -> int | None:
+    value = os.environ.get(env)
+    return default if value is None else int(value)
+
+
+def mid_min_tokens() -> int | None:
+    return _optional_threshold(MID_MIN_TOKENS_ENV, MID_MIN_TOKENS)
+
+
+def moe_mid_min_tokens() -> int | None:
+    return _optional_threshold(MOE_MID_MIN_TOKENS_ENV, MOE_MID_MIN_TOKENS)
+
+
+def _nvfp4_kernel(rows: int, mid_from: int | None) -> str:
+    return "mid" if mid_from is not None and rows >= mid_from else "decode"
+
+
 def route(rows: int, device: torch.device, path: str | None = None) -> str:
-    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16) or 'decode'.
-    'fp8' only where the FP8 path is enabled; a layer without FP8 operands (an excluded role) asks again with
-    path='exact'."""
+    """Which kernel runs an NVFP4 linear of `rows` rows: 'fp8', 'exact' (dequantize + cuBLAS bf16), 'mid' (the
+    mid-size NVFP4 kernel) or 'decode'. 'fp8' only where the FP8 path is enabled; a layer without FP8 operands (an
+    excluded role) asks again with path='exact'."""
     path = path or configured_path()
     if path == "nvfp4":
-        return "decode"
+        return _nvfp4_kernel(rows, mid_min_tokens())
     if path in ("auto", "fp8") and rows >= min_tokens() and fp8_enabled(device):
         return "fp8"
-    return "exact" if rows >= exact_min_tokens() else "decode"
+    return "exact" if rows >= exact_min_tokens() else _nvfp4_kernel(rows, mid_min_tokens())
 
 
 def moe_exact_min_tokens() -> int:
@@ -173,22 +200,26 @@ def moe_exact_min_tokens() -> int:
 def moe_route(tokens: int, device: torch.device, path: str | None = None) -> str:
     """Which path runs a MoE layer of `tokens` tokens: 'fp8' (grouped FP8 GEMMs: only under --prefill-path fp8),
     'exact' (grouped dequantize + cuBLAS bf16, adaq.backends.prefill_moe_exact: `auto`'s and `exact`'s large
-    prefills) or 'decode' (the NVFP4 grouped decode kernels). A layer without what the chosen path needs (FP8
+    prefills), 'mid' (the grouped mid-size NVFP4 kernel, adaq.backends.prefill_moe_mid) or 'decode' (the NVFP4
+    grouped decode kernels). A layer without what the chosen path needs (FP8
     operands, an activation the grouped FP8 path lacks) asks again with path='exact'."""
     path = path or configured_path()
     if path == "nvfp4":
-        return "decode"
+        return _nvfp4_kernel(tokens, moe_mid_min_tokens())
     if path == "fp8" and tokens >= min_tokens() and fp8_enabled(device):
         return "fp8"
-    return "exact" if tokens >= moe_exact_min_tokens() else "decode"
+    return "exact" if tokens >= moe_exact_min_tokens() else _nvfp4_kernel(tokens, moe_mid_min_tokens())
 
 
 def describe(path: str | None = None, device: torch.device | None = None) -> str:
     """One line for labels: what runs prefill (large M) under `path` on `device` (default: the current GPU)."""
     path = path or configured_path()
+    mid = mid_min_tokens()
+    mid_note = "" if mid is None else f"; NVFP4 mid-size kernel from M >= {mid}"
     if path == "nvfp4":
-        return "prefill: NVFP4 decode kernels at every M"
-    exact = f"dequantize + cuBLAS bf16 (exact) from M >= {exact_min_tokens()}"
+        return ("prefill: NVFP4 decode kernels at every M" if mid is None else
+                f"prefill: NVFP4 kernels at every M (the mid-size kernel from M >= {mid})")
+    exact = f"dequantize + cuBLAS bf16 (exact) from M >= {exact_min_tokens()}{mid_note}"
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if path == "exact" or device is None or not fp8_enabled(device):
@@ -198,4 +229,4 @@ def describe(path: str | None = None, device: torch.device | None = None) -> str
     excluded = ", ".join(sorted(excluded_roles())) or "none"
     gemm = "cuBLASLt FP8" if gemm_kind(device) == "hopper" else "CUTLASS sm_89 FP8 GEMM"
     return (f"prefill: FP8 PATH ({gemm}; E4M3 weights per channel, E4M3 activations per token) from M >= "
-            f"{min_tokens()}; exact for {excluded}")
+            f"{min_tokens()}; exact for {excluded}{mid_note}")

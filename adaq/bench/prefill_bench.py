@@ -182,6 +182,20 @@ def _median_cold_ms(step, flush: torch.Tensor, repeats: int = 10, warmup: int = 
     return median_ms(step, repeats, warmup, flush)
 
 
+MID_VARIANTS = tuple((rows, tw) for rows in (16, 32, 64) for tw in (1, 2))  # rows per block, column tiles per warp
+
+
+def _mid_variants(x: torch.Tensor, packed, flush: torch.Tensor) -> dict[str, float]:
+    """The mid-size kernel at every row block and tile width (ops.mid_override), for tuning its plan."""
+    from adaq.kernels import ops
+
+    times = {}
+    for rows, tw in MID_VARIANTS:
+        with ops.mid_override(rows, tw):
+            times[f"mid_r{rows}_tw{tw}"] = _median_cold_ms(lambda: ops.nvfp4_linear_mid(x, packed), flush)
+    return times
+
+
 def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = None) -> dict:
     """Per M: one Qwen3-8B transformer layer's four linears through the decode kernels, the exact path (dequantize
     + cuBLAS bf16), the FP8 path and cuBLAS bf16 on a dense weight, in ms (sums over the four). `threshold`: the
@@ -208,6 +222,8 @@ def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = Non
             x = torch.randn(m, dense.shape[1], device="cuda", generator=generator).to(torch.bfloat16)
             times = {
                 "decode": _median_cold_ms(lambda: ops.nvfp4_linear(x, packed), flush),
+                "mid": _median_cold_ms(lambda: ops.nvfp4_linear_mid(x, packed), flush),
+                **_mid_variants(x, packed, flush),
                 "exact": _median_cold_ms(lambda: fp8_gemm.exact_linear(x, packed, plan), flush),
                 "dequantize_only": _median_cold_ms(lambda: fp8_gemm.dequantize_packed(packed), flush),
                 "bf16_cublas": _median_cold_ms(lambda: torch.nn.functional.linear(x, dense), flush),
@@ -238,11 +254,21 @@ def threshold_sweep(rows: tuple[int, ...] = SWEEP_ROWS, layer: dict | None = Non
 
 def sweep_lines(sweep: dict) -> list[str]:
     lines = [f"one Qwen3-8B layer (qkv, o, gate_up, down), ms; L2 flushed; FP8 = {sweep['fp8_kind']}",
-             f"{'M':>5} {'decode':>8} {'exact':>8} {'fp8':>8} {'bf16':>8}  exact/bf16"]
+             f"{'M':>5} {'decode':>8} {'mid':>8} {'exact':>8} {'fp8':>8} {'bf16':>8}  exact/bf16  mid/bf16"]
     for entry in sweep["rows"]:
         fp8 = f"{entry['fp8_ms']:8.3f}" if "fp8_ms" in entry else f"{'-':>8}"
-        lines.append(f"{entry['M']:>5} {entry['decode_ms']:8.3f} {entry['exact_ms']:8.3f} {fp8} "
-                     f"{entry['bf16_cublas_ms']:8.3f}  {entry['exact_ms'] / entry['bf16_cublas_ms']:.2f}")
+        mid = f"{entry['mid_ms']:8.3f}" if "mid_ms" in entry else f"{'-':>8}"
+        mid_ratio = f"{entry['mid_ms'] / entry['bf16_cublas_ms']:8.2f}" if "mid_ms" in entry else f"{'-':>8}"
+        exact_ratio = entry['exact_ms'] / entry['bf16_cublas_ms']
+        lines.append(f"{entry['M']:>5} {entry['decode_ms']:8.3f} {mid} {entry['exact_ms']:8.3f} {fp8} "
+                     f"{entry['bf16_cublas_ms']:8.3f}  {exact_ratio:10.2f}  {mid_ratio}")
+    variants = [f"mid_r{rows}_tw{tw}" for rows, tw in MID_VARIANTS]
+    for entry in sweep["rows"]:
+        timed = {name: entry[f"{name}_ms"] for name in variants if f"{name}_ms" in entry}
+        if timed:
+            best = min(timed, key=timed.get)
+            lines.append(f"M = {entry['M']}: mid-size variants, best {best} {timed[best]:.3f} ms (plan's: "
+                         f"{entry['mid_ms']:.3f}); " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in timed.items()))
     lines.append(f"threshold (exact path from M =): {sweep['threshold']}; dequantize GB/s: "
                  + ", ".join(f"{k} {v:.0f}" for k, v in sweep["dequantize_GB/s (read + written)"].items()))
     return lines

@@ -1,12 +1,13 @@
 """The prefill routing sweep: every prefill path at M = 16 .. 4096 rows on the GPU at hand, and the thresholds the
 route reads (adaq/backends/prefill_thresholds.json) computed from it.
 
-Dense: one Qwen3-8B layer's four projections (qkv, o, gate_up, down) through the NVFP4 decode kernels, the exact
-path (dequantize + cuBLAS bf16), the FP8 path and cuBLAS bf16 on a dense weight (prefill_bench.threshold_sweep:
-L2 flushed before each call, medians). MoE: one Qwen3-30B-A3B MoE layer (128 experts, top-8) at the same M, through
-the decode kernels, the exact grouped path, the grouped FP8 path and per-expert cuBLAS bf16. Thresholds: the
-smallest M of the sweep from which a path is at least as fast as what would run instead at that M and at every
-larger M (a crossover that holds, not a lucky point).
+Dense: one Qwen3-8B layer's four projections (qkv, o, gate_up, down) through the NVFP4 decode kernel, the mid-size
+NVFP4 kernel, the exact path (dequantize + cuBLAS bf16), the FP8 path and cuBLAS bf16 on a dense weight
+(prefill_bench.threshold_sweep: L2 flushed before each call, medians). MoE: one Qwen3-30B-A3B MoE layer (128
+experts, top-8) at the same M, through the decode kernels, the grouped mid-size kernel, the exact grouped path, the
+grouped FP8 path and per-expert cuBLAS bf16. Thresholds: the smallest M of the sweep from which a path is at least as
+fast as what would run instead at that M and at every larger M (a crossover that holds, not a lucky point); a path
+that was timed and never won gets twice the largest M swept ("not within the sweep").
 
     python -m adaq.bench.prefill_sweep --json sweep.json [--write-thresholds [PATH]] [--rows 16,32,...]
 """
@@ -32,6 +33,7 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
     from adaq.backends import prefill_moe
     from adaq.backends.cuda import CudaBackend
     from adaq.backends.prefill_moe_exact import exact_moe_forward
+    from adaq.backends.prefill_moe_mid import mid_moe_forward
     from adaq.backends.reference import ReferenceBackend
     from adaq.kernels import ops
 
@@ -48,6 +50,7 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
         x = torch.randn(m, hidden, device="cuda", generator=generator).to(torch.bfloat16)
         logits = torch.randn(m, experts, device="cuda", generator=generator).to(torch.bfloat16)
         paths = {"decode": lambda: ops.moe_forward(x, logits, prepared.stacked, top_k, True),
+                 "mid": lambda: mid_moe_forward(x, logits, prepared.stacked, top_k, True),
                  "exact": lambda: exact_moe_forward(x, logits, prepared.exact, top_k, True),
                  "bf16_cublas": lambda: bf16_backend.moe(x, logits, bf16, top_k, True)}
         if fp8 is not None:
@@ -76,22 +79,39 @@ def crossover(entries: list[dict], path: str, others: tuple[str, ...]) -> int | 
     return threshold
 
 
+def threshold(entries: list[dict], path: str, others: tuple[str, ...]) -> int | None:
+    """crossover(), or twice the largest M swept where `path` was timed and never won; None where it was not timed
+    (the current value is then kept)."""
+    if not any(f"{path}_ms" in entry for entry in entries):
+        return None
+    found = crossover(entries, path, others)
+    return found if found is not None else 2 * max(entry["M"] for entry in entries)
+
+
 def thresholds(dense: dict, moe: dict | None) -> dict:
-    """What the route should use, from a sweep; None where a path never won (the current value is then kept)."""
+    """What the route should use, from a sweep. The route tries fp8, exact, the mid-size kernel, the decode kernel
+    in that order, so each is compared with those after it."""
     rows = dense["rows"]
-    return {"exact_min_tokens": crossover(rows, "exact", ("decode",)),
-            "fp8_min_tokens": crossover(rows, "fp8", ("decode", "exact")),
-            "moe_exact_min_tokens": crossover(moe["rows"], "exact", ("decode",)) if moe else None}
+    found = {"exact_min_tokens": threshold(rows, "exact", ("decode", "mid")),
+             "fp8_min_tokens": threshold(rows, "fp8", ("decode", "mid", "exact")),
+             "mid_min_tokens": threshold(rows, "mid", ("decode",)),
+             "moe_exact_min_tokens": None, "moe_mid_min_tokens": None}
+    if moe:
+        found["moe_exact_min_tokens"] = threshold(moe["rows"], "exact", ("decode", "mid"))
+        found["moe_mid_min_tokens"] = threshold(moe["rows"], "mid", ("decode",))
+    return found
 
 
 def write_thresholds(found: dict, path: Path, device_name: str, command: str) -> dict:
     """The route's JSON: a found value replaces the file's, a None keeps it (and the note says so)."""
     current = prefill_route.load_thresholds(path) if Path(path).is_file() else prefill_route.load_thresholds()
-    kept = [key for key in prefill_route.THRESHOLD_KEYS if found.get(key) is None]
-    values = {key: found.get(key) or current[key] for key in prefill_route.THRESHOLD_KEYS}
+    keys = prefill_route.THRESHOLD_KEYS + prefill_route.OPTIONAL_THRESHOLD_KEYS
+    kept = [key for key in keys if found.get(key) is None and current.get(key) is not None]
+    values = {key: found.get(key) or current.get(key) for key in keys}
     note = (f"written by `{command}` on {device_name}, {datetime.date.today().isoformat()}: the smallest M of the "
-            f"sweep from which each path is no slower than the decode kernels (fp8: nor than exact) at every larger M"
-            + (f"; kept from before (the path never won): {', '.join(kept)}" if kept else ""))
+            f"sweep from which each path is no slower than the paths the route would otherwise take (decode, mid, "
+            f"exact, fp8 in that order) at every larger M; twice the largest M where it never was"
+            + (f"; kept from before (the path was not timed): {', '.join(kept)}" if kept else ""))
     data = {"note": note, "measured": True, "device": device_name, **values}
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
     return data
@@ -102,10 +122,11 @@ def summary_lines(report: dict) -> list[str]:
     moe = report.get("moe")
     if moe:
         lines.append(f"MoE layer {moe['shape']}, ms:")
-        lines.append(f"{'M':>5} {'decode':>8} {'exact':>8} {'fp8':>8} {'bf16':>8}")
+        lines.append(f"{'M':>5} {'decode':>8} {'mid':>8} {'exact':>8} {'fp8':>8} {'bf16':>8}")
         for e in moe["rows"]:
-            fp8 = f"{e['fp8_ms']:8.3f}" if "fp8_ms" in e else f"{'-':>8}"
-            lines.append(f"{e['M']:>5} {e['decode_ms']:8.3f} {e['exact_ms']:8.3f} {fp8} {e['bf16_cublas_ms']:8.3f}")
+            fp8, mid = (f"{e[key]:8.3f}" if key in e else f"{'-':>8}" for key in ("fp8_ms", "mid_ms"))
+            lines.append(f"{e['M']:>5} {e['decode_ms']:8.3f} {mid} {e['exact_ms']:8.3f} {fp8} "
+                         f"{e['bf16_cublas_ms']:8.3f}")
     lines.append(f"thresholds: {report['thresholds']}")
     return lines
 

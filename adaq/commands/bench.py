@@ -74,7 +74,7 @@ def bench(
     prefill_path: str = typer.Option(None, help="NVFP4 prefill path(s), comma-separated, one NVFP4 variant each: "
                                                 "auto (variant nvfp4: FP8 on sm_89 / sm_90, else exact), fp8 "
                                                 "(nvfp4-fp8), exact (nvfp4-exact: dequantize + cuBLAS bf16), "
-                                                "nvfp4 (nvfp4-decode: decode kernels at every M); default: "
+                                                "nvfp4 (nvfp4-decode: NVFP4 kernels at every M); default: "
                                                 "$ADAQ_PREFILL_PATH, else auto"),
     device: str = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)"),
     json_path: str = typer.Option(None, "--json", help="write every figure, the GPU, versions and command as JSON"),

@@ -58,6 +58,28 @@ def nvfp4_linear(x: torch.Tensor, w: PackedNVFP4, bias: torch.Tensor | None = No
                       for i in range(0, x.shape[0], MAX_DECODE_ROWS)])
 
 
+def nvfp4_linear_mid(x: torch.Tensor, w: PackedNVFP4, bias: torch.Tensor | None = None,
+                     splits: int = 0) -> torch.Tensor:
+    """y [M, N] = x [M, K] (bf16) @ W^T for any M in one launch (csrc/nvfp4_gemm.cu nvfp4_gemm_mid_kernel: x staged in
+    shared memory 64 rows at a time, the weights read once per 64 rows and dequantized in registers): the prefill
+    form of `nvfp4_linear`, with no dense copy of the weight."""
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.contiguous()
+    return ext().gemm_mid(x, w.wq, w.ws, w.colscale, bias, counters(x.device), w.out_features, w.in_features, splits)
+
+
+@contextmanager
+def mid_override(rows: int = 0, tw: int = 0):
+    """The mid-size kernel with a fixed row block (16, 32 or 64 rows; a grouped launch never below its largest group)
+    and column tiles per warp (1 or 2) instead of its plan's, for measurements (the prefill sweep's variants)."""
+    module = ext()
+    module.gemm_mid_set_override(rows, tw)
+    try:
+        yield
+    finally:
+        module.gemm_mid_set_override(0, 0)
+
+
 def nvfp4_dequantize(w: PackedNVFP4, out: torch.Tensor | None = None) -> torch.Tensor:
     """bf16 [N, K] = e2m1 x block_scale from the kernel layout (exact; 1/global_scale = colscale / 2^20 not applied),
     into `out` (>= N*K bf16 elements; a view of it is returned) or a new tensor. For dense-GEMM paths (prefill)."""
@@ -205,6 +227,36 @@ def grouped_linear(x: torch.Tensor, x_row_div: int, experts: "StackedExperts", w
                               num_groups, group_expert.numel(), max_rows, out_rows, n, k, splits)
 
 
+def grouped_linear_mid(x: torch.Tensor, x_row_div: int, experts: "StackedExperts", which: str, align, out_rows: int,
+                       max_rows: int = MAX_DECODE_ROWS, splits: int = 0) -> torch.Tensor:
+    """`grouped_linear` on the mid-size kernel: every group of the tables holds <= max_rows <= 64 rows
+    (one_expert_table's, or an expert's rows cut by split_groups), all groups in one launch."""
+    wq, ws, colscale, n, k = experts.tensors(which)
+    offsets, group_expert, row_ids, num_groups = align
+    return ext().gemm_mid_grouped(x, x_row_div, wq, ws, colscale, counters(x.device), offsets, group_expert, row_ids,
+                                  num_groups, group_expert.numel(), max_rows, out_rows, n, k, splits)
+
+
+def split_groups(align, rows: int, max_rows: int = MAX_DECODE_ROWS):
+    """The grouped tables with every group cut into pieces of at most `max_rows` rows (same expert, same row order),
+    on the device and without a host sync: a bound of ceil(rows / max_rows) + G groups, the count in use in
+    num_groups. `align`: (offsets [G+1], group_expert [G], row_ids, num_groups [1]), groups >= num_groups unused."""
+    offsets, group_expert, row_ids, num_groups = align
+    device, groups = offsets.device, group_expert.numel()
+    starts, ends = offsets[:-1].long(), offsets[1:].long()
+    in_use = torch.arange(groups, device=device) < num_groups.long()
+    pieces = torch.where(in_use, (ends - starts + max_rows - 1) // max_rows, 0)
+    last = pieces.cumsum(0)  # one past each group's last piece
+    bound = -(-rows // max_rows) + groups
+    piece = torch.arange(bound, device=device)
+    owner = torch.searchsorted(last, piece, right=True).clamp_(max=max(groups - 1, 0))
+    total = last[-1:]
+    end = offsets.long().gather(0, num_groups.long())
+    first = starts[owner] + (piece - (last[owner] - pieces[owner])) * max_rows
+    new_offsets = torch.cat([torch.where(piece < total, first, end), end]).int()
+    return new_offsets, group_expert[owner], row_ids, total.int()
+
+
 def moe_combine(y: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return ext().moe_combine(y, weights, ids)
 
@@ -324,15 +376,21 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: StackedEx
     return moe_combine(y, weights.to(torch.bfloat16), ids)
 
 
-def expert_forward(x: torch.Tensor, experts: StackedExperts, expert: int, activation: str = "silu") -> torch.Tensor:
+def expert_forward(x: torch.Tensor, experts: StackedExperts, expert: int, activation: str = "silu",
+                   mid: bool = False) -> torch.Tensor:
     """One stacked expert on every row of x [T, H] (the shared expert beside a prefill path that routes the rest):
     one grouped launch per projection, the rows cut into groups of 64 that all name this expert (a 2048-token
-    prompt: 32 groups side by side, where a launch per 64 rows left most SMs idle and cost ~8 launches each)."""
+    prompt: 32 groups side by side, where a launch per 64 rows left most SMs idle and cost ~8 launches each), on
+    the decode kernels or (mid) the mid-size kernel."""
     rows, per_group = x.shape[0], min(x.shape[0], MAX_DECODE_ROWS)
     table = one_expert_table(rows, expert, x.device)
-    gate_up = grouped_linear(x.contiguous(), 1, experts, "gate_up", table, rows, per_group)
+    if mid:
+        project = lambda a, which: grouped_linear_mid(a, 1, experts, which, table, rows, per_group)  # noqa: E731
+    else:
+        project = lambda a, which: grouped_linear(a, 1, experts, which, table, rows, per_group)  # noqa: E731
+    gate_up = project(x.contiguous(), "gate_up")
     hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
-    return grouped_linear(hidden, 1, experts, "down", table, rows, per_group)
+    return project(hidden, "down")
 
 
 def one_expert_table(rows: int, expert: int, device: torch.device):

@@ -94,7 +94,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         ctx, backend, tokens = get_context(), self.backend, hidden.shape[0]
         qkv, z, b, a = self.in_proj(hidden).split(self.in_proj.out_sizes, dim=-1)
-        qkv = backend.causal_conv1d(qkv.contiguous(), self.conv_weight, self.conv_state, ctx)
+        qkv = backend.causal_conv1d(qkv, self.conv_weight, self.conv_state, ctx)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         out = backend.gated_delta_rule(q.reshape(tokens, self.num_k_heads, self.head_k_dim),
                                        k.reshape(tokens, self.num_k_heads, self.head_k_dim),

@@ -31,6 +31,18 @@ int nvfp4_moe_down_combine(const __nv_bfloat16* x, int ldx, const void* wq, long
                            const int* num_groups, int max_groups, int max_rows_per_group, int tokens, int top_k,
                            const float* weights, const int* order, __nv_bfloat16* out, int N, int K,
                            int splits_override, cudaStream_t stream);
+void nvfp4_gemm_mid_set_override(int rows, int tw);
+int nvfp4_gemm_mid_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override,
+                             long long* partial_floats, int* counters);
+int nvfp4_gemm_mid(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
+                   const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, float* partial, long long partial_floats,
+                   int* counters, int num_counters, int M, int N, int K, int splits_override, cudaStream_t stream);
+int nvfp4_gemm_mid_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                           const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                           __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                           int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                           const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                           int splits_override, cudaStream_t stream);
 int nvfp4_dequantize(const void* wq, const void* ws, void* out, int n, int k, cudaStream_t stream);
 int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void* out, int n, int k,
                       cudaStream_t stream);
@@ -113,9 +125,10 @@ const __nv_bfloat16* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<
 __nv_bfloat16* bf16_mut(torch::Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data_ptr()); }
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
-                   c10::optional<torch::Tensor> bias, torch::Tensor counters, int64_t N, int64_t K,
-                   int64_t splits_override) {
+// Dense y [M, N] = x W^T (+ bias): the decode kernel (mid = false, M <= 64) or the mid-size one (any M).
+torch::Tensor dense_gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
+                         c10::optional<torch::Tensor> bias, torch::Tensor counters, int64_t N, int64_t K,
+                         int64_t splits_override, bool mid) {
   ADAQ_CHECK_CUDA(x);
   ADAQ_CHECK_BF16(x);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "x must be [M, ", K, "] with unit column stride");
@@ -125,15 +138,32 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::T
   if (M == 0) return y;
   long long partial_floats = 0;
   int num_counters = 0;
-  adaq::nvfp4_gemm_workspace(M, M, N, K, 1, splits_override, &partial_floats, &num_counters, 0);
+  if (mid)
+    adaq::nvfp4_gemm_mid_workspace(M, M, N, K, 0, splits_override, &partial_floats, &num_counters);
+  else
+    adaq::nvfp4_gemm_workspace(M, M, N, K, 1, splits_override, &partial_floats, &num_counters, 0);
   TORCH_CHECK(num_counters <= counters.numel(), "GEMM needs ", num_counters, " counters");
   auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
-  const int status = adaq::nvfp4_gemm(bf16_ptr(x), x.stride(0), wq.data_ptr(), ws.data_ptr(), colscale.data_ptr<float>(),
-                                      bias ? bf16_ptr(*bias) : nullptr, bf16_mut(y), N, partial.data_ptr<float>(),
-                                      partial_floats, counters.data_ptr<int>(), counters.numel(), M, N, K,
-                                      splits_override, stream());
-  ADAQ_CHECK_STATUS(status, "nvfp4_gemm M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  const auto launch = mid ? adaq::nvfp4_gemm_mid : adaq::nvfp4_gemm;
+  const int status = launch(bf16_ptr(x), x.stride(0), wq.data_ptr(), ws.data_ptr(), colscale.data_ptr<float>(),
+                            bias ? bf16_ptr(*bias) : nullptr, bf16_mut(y), N, partial.data_ptr<float>(),
+                            partial_floats, counters.data_ptr<int>(), counters.numel(), M, N, K, splits_override,
+                            stream());
+  ADAQ_CHECK_STATUS(status, std::string(mid ? "nvfp4_gemm_mid" : "nvfp4_gemm") + " M=" + std::to_string(M) +
+                                " N=" + std::to_string(N) + " K=" + std::to_string(K));
   return y;
+}
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
+                   c10::optional<torch::Tensor> bias, torch::Tensor counters, int64_t N, int64_t K,
+                   int64_t splits_override) {
+  return dense_gemm(x, wq, ws, colscale, bias, counters, N, K, splits_override, false);
+}
+
+torch::Tensor gemm_mid(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor colscale,
+                       c10::optional<torch::Tensor> bias, torch::Tensor counters, int64_t N, int64_t K,
+                       int64_t splits_override) {
+  return dense_gemm(x, wq, ws, colscale, bias, counters, N, K, splits_override, true);
 }
 
 // What every grouped-GEMM entry point checks of x and the stacked weights, and its split-K scratch: partial sums
@@ -200,6 +230,33 @@ torch::Tensor gemm_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq,
                            int64_t splits_override) {
   return grouped_gemm(x, x_row_div, wq, ws, colscale, counters, group_offsets, group_expert, row_ids, num_groups,
                       max_groups, max_rows_per_group, out_rows, N, K, -1, splits_override);
+}
+
+// The mid-size kernel's grouped form: groups of <= max_rows_per_group <= 64 rows (MoE prefill), y [out_rows, N].
+torch::Tensor gemm_mid_grouped(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
+                               torch::Tensor colscale, torch::Tensor counters, torch::Tensor group_offsets,
+                               torch::Tensor group_expert, torch::Tensor row_ids, torch::Tensor num_groups,
+                               int64_t max_groups, int64_t max_rows_per_group, int64_t out_rows, int64_t N, int64_t K,
+                               int64_t splits_override) {
+  check_grouped_inputs(x, wq, ws, colscale, K);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({out_rows, N}, x.options());
+  if (out_rows == 0) return y;
+  long long partial_floats = 0;
+  int num_counters = 0;
+  adaq::nvfp4_gemm_mid_workspace(max_rows_per_group, out_rows, N, K, max_groups, splits_override, &partial_floats,
+                                 &num_counters);
+  TORCH_CHECK(num_counters <= counters.numel(), "grouped GEMM needs ", num_counters, " counters");
+  auto partial = torch::empty({std::max<long long>(partial_floats, 1)}, x.options().dtype(at::kFloat));
+  const int status = adaq::nvfp4_gemm_mid_grouped(
+      bf16_ptr(x), x.stride(0), x_row_div, wq.data_ptr(), wq.stride(0), ws.data_ptr(), ws.stride(0),
+      colscale.data_ptr<float>(), colscale.stride(0), bf16_mut(y), N, partial.data_ptr<float>(), partial_floats,
+      counters.data_ptr<int>(), counters.numel(), group_offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
+      row_ids.data_ptr<int>(), num_groups.data_ptr<int>(), max_groups, max_rows_per_group, out_rows, N, K,
+      splits_override, stream());
+  ADAQ_CHECK_STATUS(status, "nvfp4_gemm_mid_grouped rows=" + std::to_string(out_rows) + " N=" + std::to_string(N) +
+                                " K=" + std::to_string(K) + " groups=" + std::to_string(max_groups));
+  return y;
 }
 
 torch::Tensor moe_gate_up_act(torch::Tensor x, int64_t x_row_div, torch::Tensor wq, torch::Tensor ws,
@@ -364,6 +421,7 @@ torch::Tensor qk_norm_rope_store(torch::Tensor q, torch::Tensor k, torch::Tensor
 }
 
 void gemm_set_variant(int64_t variant) { adaq::nvfp4_gemm_set_variant(variant); }
+void gemm_mid_set_override(int64_t rows, int64_t tw) { adaq::nvfp4_gemm_mid_set_override(rows, tw); }
 
 // wq/ws as layout.PackedNVFP4 holds them -> out (bf16, >= n*k elements, 16-byte aligned) as a row-major [n, k]
 // matrix of e2m1 x block_scale (exact; 1/global_scale not applied).
@@ -685,6 +743,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm);
   m.def("gemm_set_variant", &gemm_set_variant);
   m.def("gemm_grouped", &gemm_grouped);
+  m.def("gemm_mid", &gemm_mid);
+  m.def("gemm_mid_grouped", &gemm_mid_grouped);
+  m.def("gemm_mid_set_override", &gemm_mid_set_override);
   m.def("gemm_dequantize", &gemm_dequantize);
   m.def("gemm_expand_e4m3", &gemm_expand_e4m3);
   m.def("store_kv", &store_kv);

@@ -150,13 +150,12 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 }
 
 // One super-tile of TW column tiles: dequantize each tile's 2 x 16 bytes per lane with its four block scales and
-// multiply them with x (pieces at xp[nt] + 8i, i = 0..3) for every token tile; each x piece serves all TW tiles.
-// TAIL: K % 128 != 0 and this is the last super-tile, so pieces at k >= K are zeros (never read: the row may end,
-// or hold non-finite padding).
-template <int NT, int TW, bool TAIL>
+// multiply them with x for every token tile; each x piece serves all TW tiles. x_piece(nt, i), i = 0..3: the lane's
+// 16 bytes of token tile nt at k = 32 (lane % 4) + 8i of the super-tile (the B fragments of steps 2i and 2i+1),
+// from global memory (decode) or from a shared-memory stage (nvfp4_gemm_mid_kernel).
+template <int NT, int TW, typename XPiece>
 __device__ __forceinline__ void multiply_super_tile(const uint4 (&w)[TW][2], const uint32_t (&sc)[TW],
-                                                    const __nv_bfloat16* const (&xp)[NT], int k_lane, int K,
-                                                    float (&acc)[TW][NT][4]) {
+                                                    XPiece&& x_piece, float (&acc)[TW][NT][4]) {
   uint32_t sa[TW], sb[TW];
 #pragma unroll
   for (int tw = 0; tw < TW; ++tw) {
@@ -167,8 +166,7 @@ __device__ __forceinline__ void multiply_super_tile(const uint4 (&w)[TW][2], con
   for (int i = 0; i < 4; ++i) {
     uint4 xv[NT];  // piece i of each token tile: 16 bytes = the B fragments of steps 2i and 2i+1
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      xv[nt] = (!TAIL || k_lane + 8 * i < K) ? ld_x_v4(xp[nt] + 8 * i) : make_uint4(0, 0, 0, 0);
+    for (int nt = 0; nt < NT; ++nt) xv[nt] = x_piece(nt, i);
 #pragma unroll
     for (int tw = 0; tw < TW; ++tw) {
       uint32_t step0[4], step1[4];
@@ -183,6 +181,20 @@ __device__ __forceinline__ void multiply_super_tile(const uint4 (&w)[TW][2], con
       }
     }
   }
+}
+
+// A lane's share of one super-tile of TW column tiles, tile_stride super-tiles apart (w, sc: the first tile's, lane
+// included): 2 x 16 bytes of codes and 4 bytes of block scales per tile. Tile tw is absent when tw >= tiles_ok.
+template <int TW>
+__device__ __forceinline__ void fetch_tiles(const uint4* w, const uint32_t* sc, long long tile_stride, int tiles_ok,
+                                            uint64_t policy, uint4 (&wr)[TW][2], uint32_t (&sr)[TW]) {
+#pragma unroll
+  for (int tw = 0; tw < TW; ++tw)
+    if (TW == 1 || tw < tiles_ok) {
+      wr[tw][0] = ld_stream_v4p(w + tw * tile_stride * 64, policy);
+      wr[tw][1] = ld_stream_v4p(w + tw * tile_stride * 64 + 32, policy);
+      sr[tw] = ld_stream_u32p(sc + tw * tile_stride * 32, policy);
+    }
 }
 
 // One warp's share of TW adjacent column tiles: super-tiles [s0, s1) (tiles at wq + tw * tile_stride; tile tw
@@ -207,13 +219,7 @@ __device__ __forceinline__ void gemm_warp_tiles(const uint4* __restrict__ wq, co
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) xp[nt] = xrow[nt] + s0 * kSuperK + (lane & 3) * 32;
   auto fetch = [&](const uint4* w, const uint32_t* sc, uint4 (&wr)[TW][2], uint32_t (&sr)[TW]) {
-#pragma unroll
-    for (int tw = 0; tw < TW; ++tw)
-      if (TW == 1 || tw < tiles_ok) {
-        wr[tw][0] = ld_stream_v4p(w + tw * tile_stride * 64, policy);
-        wr[tw][1] = ld_stream_v4p(w + tw * tile_stride * 64 + 32, policy);
-        sr[tw] = ld_stream_u32p(sc + tw * tile_stride * 32, policy);
-      }
+    fetch_tiles<TW>(w, sc, tile_stride, tiles_ok, policy, wr, sr);
   };
 
   uint4 wr[ST][TW][2];
@@ -228,10 +234,8 @@ __device__ __forceinline__ void gemm_warp_tiles(const uint4* __restrict__ wq, co
       if (b + j + kAhead < n) fetch(wp + (j + kAhead) * 64, sp + (j + kAhead) * 32, wr[(j + kAhead) % ST],
                                     sr[(j + kAhead) % ST]);
       if (b + j >= n) break;  // uniform across the warp
-      const __nv_bfloat16* xj[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) xj[nt] = xp[nt] + j * kSuperK;
-      multiply_super_tile<NT, TW, false>(wr[j], sr[j], xj, 0, K, acc);
+      multiply_super_tile<NT, TW>(wr[j], sr[j], [&](int nt, int i) { return ld_x_v4(xp[nt] + j * kSuperK + 8 * i); },
+                                  acc);
     }
     wp += ST * 64;
     sp += ST * 32;
@@ -242,10 +246,14 @@ __device__ __forceinline__ void gemm_warp_tiles(const uint4* __restrict__ wq, co
     uint4 w[TW][2];
     uint32_t sc[TW];
     fetch(wq + static_cast<long long>(s1 - 1) * 64 + lane, ws + static_cast<long long>(s1 - 1) * 32 + lane, w, sc);
+    // Pieces at k >= K are zeros, never read: the row may end, or hold non-finite padding.
+    const int k_lane = (s1 - 1) * kSuperK + (lane & 3) * 32;
     const __nv_bfloat16* xt[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xt[nt] = xrow[nt] + (s1 - 1) * kSuperK + (lane & 3) * 32;
-    multiply_super_tile<NT, TW, true>(w, sc, xt, (s1 - 1) * kSuperK + (lane & 3) * 32, K, acc);
+    for (int nt = 0; nt < NT; ++nt) xt[nt] = xrow[nt] + k_lane;
+    multiply_super_tile<NT, TW>(w, sc, [&](int nt, int i) {
+      return k_lane + 8 * i < K ? ld_x_v4(xt[nt] + 8 * i) : make_uint4(0, 0, 0, 0);
+    }, acc);
   }
 }
 
@@ -325,6 +333,73 @@ __device__ __forceinline__ void combine_when_last(const GemmParams& p, int nb, i
   if (threadIdx.x == 0) p.combine_counters[nb] = 0;  // zero again for the next launch
 }
 
+// Split-K over blocks, after every block parked its fp32 partials (partial[split][out_rows][N]): the block that
+// arrives last at `counter` (all threads call this) sums columns [col0, col0 + cols) of its rows in split order
+// (deterministic), scales, and writes bf16 (gated: act(gate) * up), then zeroes the counter for the next launch.
+// Returns whether this block was the last.
+__device__ __forceinline__ bool sum_splits_when_last(const GemmParams& p, const float* colscale, const int* dst_row,
+                                                     int rows, int* counter, int col0, int cols, bool paired,
+                                                     int* is_last) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *is_last = atomicAdd(counter, 1) == p.splits - 1;
+  __syncthreads();
+  if (!*is_last) return false;
+  __threadfence();
+  const int inter = p.pair_tiles * kTileN;
+  const long long split_stride = static_cast<long long>(p.out_rows) * p.N;
+  for (int i = threadIdx.x; i < rows * cols; i += kGemmThreads) {
+    const int r = i / cols, n = col0 + i % cols;
+    if (n >= (paired ? inter : p.N)) continue;
+    const float* part = p.partial + static_cast<long long>(dst_row[r]) * p.N + n;
+    float sum = 0.f, up = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      sum += __ldcg(part + s * split_stride);
+      if (paired) up += __ldcg(part + s * split_stride + inter);
+    }
+    if (paired)
+      store_gated(p, colscale, dst_row[r], n, sum, up);
+    else
+      store_output(p, colscale, dst_row[r], n, sum);
+  }
+  if (threadIdx.x == 0) *counter = 0;
+  return true;
+}
+
+// The rows a block serves, at most `limit`: group `group`'s (grouped form; an idle group has none) or rows
+// [dense_block * limit, + limit) of the dense form. Writes their x rows (src_row) and y rows (dst_row) into the
+// block's tables, sets *expert, returns the count (<= 0: none, and the caller's whole block returns). No barrier.
+__device__ __forceinline__ int block_rows(const GemmParams& p, int group, int dense_block, int limit, int* src_row,
+                                          int* dst_row, int* expert) {
+  const int tid = threadIdx.x;
+  if (p.group_offsets == nullptr) {
+    *expert = 0;
+    const int rows = min(p.M - dense_block * limit, limit);
+    if (tid < rows) src_row[tid] = dst_row[tid] = dense_block * limit + tid;
+    return rows;
+  }
+  if (group >= *p.num_groups) return 0;
+  const int first = p.group_offsets[group];
+  const int rows = min(p.group_offsets[group + 1] - first, limit);
+  *expert = p.group_expert[group];
+  if (tid < rows) {
+    const int r = p.row_ids[first + tid];
+    src_row[tid] = r / p.x_row_div;
+    dst_row[tid] = r;
+  }
+  return rows;
+}
+
+template <int TW, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[TW][NT][4]) {
+#pragma unroll
+  for (int tw = 0; tw < TW; ++tw)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[tw][nt][i] = 0.f;
+}
+
 // TW: adjacent column tiles per warp (each x piece read once for all of them); with pair_tiles > 0 (TW = 2 only)
 // the warp's gate tile and up tile instead.
 template <int NT, int ST, int MINB, int TW>
@@ -336,24 +411,10 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nb = blockIdx.x, split = blockIdx.y, group = blockIdx.z;
 
-  // ---- Which rows and which expert this block serves.
-  int rows = p.M, expert = 0;
-  if (p.group_offsets != nullptr) {
-    if (group >= *p.num_groups) return;  // uniform across the block: no barrier is skipped by half of it
-    const int first = p.group_offsets[group];
-    rows = p.group_offsets[group + 1] - first;
-    expert = p.group_expert[group];
-    if (tid < rows) {
-      const int r = p.row_ids[first + tid];
-      src_row[tid] = r / p.x_row_div;
-      dst_row[tid] = r;
-    }
-  } else if (tid < rows) {
-    src_row[tid] = tid;
-    dst_row[tid] = tid;
-  }
-  if (rows <= 0) return;
-  rows = min(rows, NT * 8);
+  // ---- Which rows and which expert this block serves (dense: one group, blockIdx.z = 0).
+  int expert = 0;
+  const int rows = block_rows(p, group, 0, NT * 8, src_row, dst_row, &expert);
+  if (rows <= 0) return;  // uniform across the block: no barrier is skipped by half of it
   __syncthreads();
 
   const int ct_count = kGemmWarps / p.ks;
@@ -382,12 +443,7 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
   const uint32_t* ws = p.ws + expert * p.expert_ws + tile_base * 32;
 
   float acc[TW][NT][4];
-#pragma unroll
-  for (int tw = 0; tw < TW; ++tw)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[tw][nt][i] = 0.f;
+  zero_acc(acc);
   gemm_warp_tiles<NT, ST, TW>(wq, ws, static_cast<long long>(p.kst) * step, tiles_ok, s0, s1, p.kst, xrow, p.K, acc);
 
   // ---- k-slices of a column tile meet in shared memory; slice 0 adds them in slice order (deterministic).
@@ -436,31 +492,10 @@ __global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_kernel(const Ge
     for_each_output(acc, tile0, step, rows, p.N, [&](int r, int n, float v) {
       p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + n] = v;
     });
-  __threadfence();
-  __syncthreads();
-  int* counter = p.counters + group * p.n_blocks + nb;
-  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  const int inter = p.pair_tiles * kTileN;
-  for (int i = tid; i < rows * cols; i += kGemmThreads) {
-    const int r = i / cols, n = nb * cols + i % cols;
-    if (n >= (paired ? inter : p.N)) continue;
-    const float* part = p.partial + static_cast<long long>(dst_row[r]) * p.N + n;
-    const long long split_stride = static_cast<long long>(p.out_rows) * p.N;
-    float sum = 0.f, up = 0.f;
-    for (int s = 0; s < p.splits; ++s) {
-      sum += __ldcg(part + s * split_stride);
-      if (paired) up += __ldcg(part + s * split_stride + inter);
-    }
-    if (paired)
-      store_gated(p, colscale, dst_row[r], n, sum, up);
-    else
-      store_output(p, colscale, dst_row[r], n, sum);
-  }
-  if (tid == 0) *counter = 0;
-  if (combine) combine_when_last(p, nb, cols, &combine_last);
+  if (sum_splits_when_last(p, colscale, dst_row, rows, p.counters + group * p.n_blocks + nb, nb * cols, cols, paired,
+                           &is_last) &&
+      combine)
+    combine_when_last(p, nb, cols, &combine_last);
 }
 
 // Dense bf16 [N, K] = e2m1 x block_scale (exact: <= 6 significant bits in [2^-10, 2688]; 1/global_scale NOT
@@ -547,6 +582,112 @@ __global__ void __launch_bounds__(kGemmThreads) nvfp4_dequantize_kernel(const ui
     __syncwarp();
     w0 = n0; w1 = n1; sc = nsc;
   }
+}
+
+// ---- Mid-size M (prefill chunks of up to a few hundred rows; perhaps decode batches of 9-16). The decode kernel
+// reads the weights once per 64 rows and, with 64 rows at 1 block of 8 warps per SM, keeps too few bytes in flight:
+// 0.33 ms per Qwen3-8B layer at M = 64 against 0.09 at M = 16 (session-6 sweep), below cuBLAS bf16 from M = 32 on.
+// And every one of its warps reads x itself: at M = 16 a warp's x per super-tile (4 KB) outweighs its weights
+// (2.3 KB at TW 2), so x traffic from L1/L2 may be what holds M = 16 at 40 % of copy. This kernel keeps the weight
+// path (each byte read once per column block and row block, straight into a register ring, dequantized there: no
+// dense copy of the weight, no per-prompt expansion) and stages x instead: a block of 8 warps serves ROWS rows,
+// each super-tile's x slice (ROWS x 128 k, 16 KB at 64 rows) comes through a kMidStages-deep cp.async ring in
+// shared memory, read from L2 once per block and by all 8 warps from there, so a dequantized weight fragment feeds
+// NT = ROWS / 8 token tiles of mma. Row blocks of a column block are adjacent in the grid (blockIdx.x), so the later
+// ones find the weights in L2. Split-K over blockIdx.z when column x row blocks leave SMs idle; the last block sums
+// (sum_splits_when_last). Staging slots use the dequantize kernel's swizzle: a quarter-warp's 8 lanes (rows g,
+// g + 1; chunks 4c + i, c = 0..3) read 8 distinct bank groups. Grouped form (MoE): row block b is group b (<= ROWS
+// rows of one expert). ROWS 16 or 32 (M <= 32, or small groups) wastes no mma on padding rows and leaves registers
+// for two blocks per SM.
+constexpr int kMidMaxRows = 64;  // rows per block: 16, 32 or 64 (ROWS), the fewest that hold M (dense)
+constexpr int kMidStages = 3;
+constexpr int kMidRing = 3;       // weight super-tiles per warp in registers
+constexpr int mid_stage_chunks(int rows) { return rows * (kSuperK * 2 / 16); }  // 16-byte chunks per stage
+constexpr int mid_smem_bytes(int rows) { return kMidStages * mid_stage_chunks(rows) * 16; }
+
+// x at k = s * 128 .. + 127 of the block's rows into a stage; rows past the block's and k past K are zero-filled
+// (K % 16 == 0: a chunk of 8 is wholly inside or outside).
+template <int ROWS>
+__device__ __forceinline__ void stage_x(uint4* stage, const GemmParams& p, const int* src_row, int rows, int s) {
+  for (int q = threadIdx.x; q < mid_stage_chunks(ROWS); q += kGemmThreads) {
+    const int r = q >> 4, chunk = q & 15, k = s * kSuperK + chunk * 8;
+    const bool ok = r < rows && k < p.K;
+    const __nv_bfloat16* src = ok ? p.x + static_cast<long long>(src_row[r]) * p.ldx + k : p.x;
+    cp_async16_zfill(stage + dequant_slot(r, chunk), src, ok ? 16 : 0);
+  }
+}
+
+// MINB 2 where the registers allow (ROWS <= 32): two blocks of 8 warps per SM keep more weight bytes in flight.
+template <int ROWS, int TW, int ST, int MINB>
+__global__ void __launch_bounds__(kGemmThreads, MINB) nvfp4_gemm_mid_kernel(const GemmParams p) {
+  extern __shared__ uint4 x_stages[];  // [kMidStages][mid_stage_chunks(ROWS)]
+  __shared__ int src_row[ROWS], dst_row[ROWS];
+  __shared__ int is_last;
+  constexpr int NT = ROWS / 8, kStageChunks = mid_stage_chunks(ROWS);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int rb = blockIdx.x, nb = blockIdx.y, split = blockIdx.z;
+
+  int expert = 0;
+  const int rows = block_rows(p, rb, rb, ROWS, src_row, dst_row, &expert);
+  if (rows <= 0) return;  // uniform across the block
+  __syncthreads();
+
+  const int tile0 = (nb * kGemmWarps + warp) * TW;
+  const int tiles_ok = min(TW, p.tiles - tile0);  // <= 0: the warp only stages x and meets the barriers
+  const int s0 = split * p.st_per_split, n = min(s0 + p.st_per_split, p.kst) - s0;
+  const long long first_st = static_cast<long long>(tiles_ok > 0 ? tile0 : 0) * p.kst + s0;
+  const uint4* wp = p.wq + expert * p.expert_wq + first_st * 64 + lane;
+  const uint32_t* sp = p.ws + expert * p.expert_ws + first_st * 32 + lane;
+  const uint64_t policy = evict_first_policy();
+
+  float acc[TW][NT][4];
+  zero_acc(acc);
+
+  // One cp.async group per super-tile, committed even when empty, so wait_group counts super-tiles.
+#pragma unroll
+  for (int j = 0; j < kMidStages - 1; ++j) {
+    if (j < n) stage_x<ROWS>(x_stages + j * kStageChunks, p, src_row, rows, s0 + j);
+    cp_async_commit();
+  }
+  uint4 wr[ST][TW][2];
+  uint32_t sr[ST][TW];
+#pragma unroll
+  for (int j = 0; j < ST - 1; ++j)
+    if (j < n && tiles_ok > 0) fetch_tiles<TW>(wp + j * 64, sp + j * 32, p.kst, tiles_ok, policy, wr[j], sr[j]);
+  for (int b = 0; b < n; b += ST) {
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
+      const int s = b + j;
+      if (s >= n) break;  // uniform across the block
+      constexpr int kAhead = ST - 1;
+      if (s + kAhead < n && tiles_ok > 0)
+        fetch_tiles<TW>(wp + (s + kAhead) * 64, sp + (s + kAhead) * 32, p.kst, tiles_ok, policy,
+                        wr[(j + kAhead) % ST], sr[(j + kAhead) % ST]);
+      cp_async_wait_group<kMidStages - 2>();
+      __syncthreads();  // stage s is in for every thread, and every warp is done with stage s - 1 (refilled next)
+      if (s + kMidStages - 1 < n)
+        stage_x<ROWS>(x_stages + ((s + kMidStages - 1) % kMidStages) * kStageChunks, p, src_row, rows,
+                      s0 + s + kMidStages - 1);
+      cp_async_commit();
+      const uint4* stage = x_stages + (s % kMidStages) * kStageChunks;
+      if (tiles_ok > 0)
+        multiply_super_tile<NT, TW>(wr[j], sr[j],
+                                    [&](int nt, int i) { return stage[dequant_slot(nt * 8 + g, 4 * c + i)]; }, acc);
+    }
+  }
+
+  const float* colscale = p.colscale + expert * p.expert_colscale;
+  constexpr int kCols = kGemmWarps * TW * kTileN;  // this block's output columns
+  if (p.splits == 1) {
+    for_each_output(acc, tile0, 1, rows, p.N,
+                    [&](int r, int col, float v) { store_output(p, colscale, dst_row[r], col, v); });
+    return;
+  }
+  for_each_output(acc, tile0, 1, rows, p.N, [&](int r, int col, float v) {
+    p.partial[(static_cast<long long>(split) * p.out_rows + dst_row[r]) * p.N + col] = v;
+  });
+  sum_splits_when_last(p, colscale, dst_row, rows, p.counters + rb * p.n_blocks + nb, nb * kCols, kCols, false,
+                       &is_last);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -692,17 +833,44 @@ int nvfp4_gemm_workspace(int rows, int out_rows, int N, int K, int groups, int s
   return plan.splits;
 }
 
+// The parameters every dense launch shares (decode and mid-size kernels).
+static GemmParams dense_params(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
+                               const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, float* partial, int* counters,
+                               int M, int N, int K) {
+  GemmParams p{};
+  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint32_t*>(ws); p.colscale = colscale;
+  p.bias = bias; p.y = y; p.partial = partial; p.counters = counters;
+  p.x_row_div = 1; p.M = M; p.out_rows = M; p.N = N; p.K = K; p.ldx = ldx; p.ldy = ldy;
+  p.tiles = ceil_div(N, kTileN); p.kst = ceil_div(K, kSuperK);
+  return p;
+}
+
+// The parameters every grouped launch shares: the tables, the stacked experts' strides (bytes in, elements out).
+static GemmParams grouped_params(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq,
+                                 long long expert_wq_bytes, const void* ws, long long expert_ws_bytes,
+                                 const float* colscale, int expert_colscale, __nv_bfloat16* y, int ldy, float* partial,
+                                 int* counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                                 const int* num_groups, int out_rows, int N, int K) {
+  GemmParams p = dense_params(x, ldx, wq, ws, colscale, nullptr, y, ldy, partial, counters, 0, N, K);
+  p.group_offsets = group_offsets; p.group_expert = group_expert; p.row_ids = row_ids; p.num_groups = num_groups;
+  p.x_row_div = x_row_div; p.expert_wq = expert_wq_bytes / 16; p.expert_ws = expert_ws_bytes / 4;
+  p.expert_colscale = expert_colscale;
+  p.out_rows = out_rows;
+  return p;
+}
+
+static bool grouped_aligned(const __nv_bfloat16* x, int ldx, long long expert_wq_bytes, long long expert_ws_bytes) {
+  return (reinterpret_cast<uintptr_t>(x) & 15) == 0 && ldx % 8 == 0 && expert_wq_bytes % 16 == 0 &&
+         expert_ws_bytes % 4 == 0;
+}
+
 // Dense: y[M, N] = x[M, K] * W^T. M in 1..64.
 int nvfp4_gemm(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
                const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, float* partial, long long partial_floats,
                int* counters, int num_counters, int M, int N, int K, int splits_override, cudaStream_t stream) {
   if (M < 1 || M > kMaxRowsPerGroup || N < 1 || K < 16 || K % 16 != 0) return kUnsupportedShape;
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0) return kBadAlignment;
-  GemmParams p{};
-  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint32_t*>(ws); p.colscale = colscale;
-  p.bias = bias; p.y = y; p.partial = partial; p.counters = counters;
-  p.x_row_div = 1; p.M = M; p.out_rows = M; p.N = N; p.K = K; p.ldx = ldx; p.ldy = ldy;
-  p.tiles = ceil_div(N, kTileN); p.kst = ceil_div(K, kSuperK);
+  GemmParams p = dense_params(x, ldx, wq, ws, colscale, bias, y, ldy, partial, counters, M, N, K);
   const GemmPlan plan = plan_gemm(M, p.tiles, p.kst, 1, splits_override);
   apply_plan(p, plan);
   if (plan.splits > 1 && (partial_floats < static_cast<long long>(plan.splits) * M * N || num_counters < plan.n_blocks))
@@ -728,8 +896,7 @@ static int grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* w
                    int splits_override, const MoeEpilogue& epi, cudaStream_t stream) {
   if (max_rows_per_group < 1 || max_rows_per_group > kMaxRowsPerGroup || N < 1 || K % 16 != 0 || max_groups < 1)
     return kUnsupportedShape;
-  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || expert_wq_bytes % 16 || expert_ws_bytes % 4)
-    return kBadAlignment;
+  if (!grouped_aligned(x, ldx, expert_wq_bytes, expert_ws_bytes)) return kBadAlignment;
   const bool paired = epi.act >= 0, combine = epi.combine_out != nullptr;
   // Gated: gate and up tiles pair up only when I fills whole tiles, and only the M <= 16 kernels have TW 2.
   if (paired && (N % (2 * kTileN) != 0 || max_rows_per_group > 16 || epi.act > 1)) return kUnsupportedShape;
@@ -738,14 +905,9 @@ static int grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* w
   if (combine && (N % 8 != 0 || ldy % 8 != 0 || (reinterpret_cast<uintptr_t>(y) & 15) != 0 ||
                   (reinterpret_cast<uintptr_t>(epi.combine_out) & 15) != 0))
     return kBadAlignment;
-  GemmParams p{};
-  p.x = x; p.wq = static_cast<const uint4*>(wq); p.ws = static_cast<const uint32_t*>(ws); p.colscale = colscale;
-  p.y = y; p.partial = partial; p.counters = counters;
-  p.group_offsets = group_offsets; p.group_expert = group_expert; p.row_ids = row_ids; p.num_groups = num_groups;
-  p.x_row_div = x_row_div; p.expert_wq = expert_wq_bytes / 16; p.expert_ws = expert_ws_bytes / 4;
-  p.expert_colscale = expert_colscale;
-  p.M = 0; p.out_rows = out_rows; p.N = N; p.K = K; p.ldx = ldx; p.ldy = ldy;
-  p.tiles = ceil_div(N, kTileN); p.kst = ceil_div(K, kSuperK);
+  GemmParams p = grouped_params(x, ldx, x_row_div, wq, expert_wq_bytes, ws, expert_ws_bytes, colscale,
+                                expert_colscale, y, ldy, partial, counters, group_offsets, group_expert, row_ids,
+                                num_groups, out_rows, N, K);
   p.pair_tiles = paired ? p.tiles / 2 : 0;
   p.act = paired ? epi.act : 0;
   p.combine_out = epi.combine_out; p.combine_w = epi.combine_w; p.combine_order = epi.combine_order;
@@ -835,6 +997,126 @@ int nvfp4_expand_e4m3(const void* wq, const void* ws, const float* row_mul, void
                       cudaStream_t stream) {
   if (row_mul == nullptr) return kUnsupportedShape;
   return dequantize_layout<uint8_t>(wq, ws, row_mul, out, n, k, stream);
+}
+
+// ---- Mid-size M (nvfp4_gemm_mid_kernel). Rows per block: the fewest of 16, 32, 64 that hold M (dense) or the
+// largest group. TW 2 (256 columns per block) when the grid fills every SM with it, else TW 1 and split-K up to the
+// resident blocks: >= 4 super-tiles per split (the rings fill), and the fp32 partials (8 bytes per output per split,
+// written and read once, mostly in L2) at most twice the weight bytes.
+// Overrides for measurements (the prefill sweep's variants; 0: the plan's choice): rows per block (16, 32 or 64;
+// a grouped launch never below its largest group) and column tiles per warp (1 or 2).
+static int g_mid_rows = 0, g_mid_tw = 0;
+void nvfp4_gemm_mid_set_override(int rows, int tw) {
+  g_mid_rows = (rows == 16 || rows == 32 || rows == kMidMaxRows) ? rows : 0;
+  g_mid_tw = (tw == 1 || tw == 2) ? tw : 0;
+}
+static int mid_rows(int rows, bool grouped) {
+  const int fit = rows <= 16 ? 16 : rows <= 32 ? 32 : kMidMaxRows;
+  if (g_mid_rows == 0) return fit;
+  return grouped ? max(g_mid_rows, fit) : g_mid_rows;
+}
+static int mid_blocks_per_sm(int rows_per_block) { return rows_per_block <= 32 ? 2 : 1; }
+
+static GemmPlan plan_mid(int rows_per_block, int row_blocks, int out_rows, int tiles, int kst, int splits_override) {
+  GemmPlan plan{};
+  plan.nt = rows_per_block / 8;
+  plan.ks = 1;
+  const int slots = mid_blocks_per_sm(rows_per_block) * num_sms();
+  plan.variant = g_mid_tw != 0 ? g_mid_tw : ceil_div(tiles, kGemmWarps * 2) * row_blocks >= slots ? 2 : 1;  // TW
+  plan.n_blocks = ceil_div(tiles, kGemmWarps * plan.variant);
+  int splits = splits_override;
+  if (splits <= 0) {
+    const int blocks = plan.n_blocks * row_blocks;
+    splits = blocks >= slots ? 1 : slots / blocks;
+    splits = min(splits, max(1, kst / 4));
+    const double weight_bytes = 16.0 * tiles * kst * 128 * 0.5625;
+    while (splits > 1 && splits * 8.0 * out_rows * tiles * 16 > 2 * weight_bytes) --splits;
+  }
+  splits = splits < 1 ? 1 : splits > kst ? kst : splits;
+  plan.st_per_split = ceil_div(kst, splits);
+  plan.splits = ceil_div(kst, plan.st_per_split);
+  return plan;
+}
+
+template <int ROWS, int TW>
+static int launch_mid(const GemmParams& p, int row_blocks, cudaStream_t stream) {
+  constexpr int kBytes = mid_smem_bytes(ROWS);
+  // Two blocks per SM below 64 rows; at 32 rows x TW 2 that register budget holds a ring of 2 (3 spilled).
+  auto kernel = nvfp4_gemm_mid_kernel<ROWS, TW, ROWS == 32 && TW == 2 ? 2 : kMidRing, ROWS <= 32 ? 2 : 1>;
+  // 64 rows: 48 KB of dynamic shared memory plus the static tables pass the 48 KB default: opt in (per device).
+  static bool opted_in[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return kCudaError;
+  if (!opted_in[dev]) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) != cudaSuccess)
+      return kCudaError;
+    opted_in[dev] = true;
+  }
+  dim3 grid(row_blocks, p.n_blocks, p.splits);
+  kernel<<<grid, kGemmThreads, kBytes, stream>>>(p);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+template <int ROWS>
+static int launch_mid_rows(const GemmParams& p, int tw, int row_blocks, cudaStream_t stream) {
+  return tw == 2 ? launch_mid<ROWS, 2>(p, row_blocks, stream) : launch_mid<ROWS, 1>(p, row_blocks, stream);
+}
+
+static int run_mid(GemmParams& p, int rows_per_block, int row_blocks, long long partial_floats, int num_counters,
+                   int splits_override, cudaStream_t stream) {
+  const GemmPlan plan = plan_mid(rows_per_block, row_blocks, p.out_rows, p.tiles, p.kst, splits_override);
+  apply_plan(p, plan);
+  if (plan.splits > 1 && (partial_floats < static_cast<long long>(plan.splits) * p.out_rows * p.N ||
+                          num_counters < row_blocks * plan.n_blocks))
+    return kWorkspaceTooSmall;
+  switch (rows_per_block) {
+    case 16: return launch_mid_rows<16>(p, plan.variant, row_blocks, stream);
+    case 32: return launch_mid_rows<32>(p, plan.variant, row_blocks, stream);
+    default: return launch_mid_rows<kMidMaxRows>(p, plan.variant, row_blocks, stream);
+  }
+}
+
+// Workspace of a mid-size launch. Dense: groups = 0, rows = M = out_rows; grouped: groups = max groups, rows = the
+// largest group's rows (<= 64).
+int nvfp4_gemm_mid_workspace(int rows, int out_rows, int N, int K, int groups, int splits_override,
+                             long long* partial_floats, int* counters) {
+  const int tiles = ceil_div(N, kTileN), kst = ceil_div(K, kSuperK), per_block = mid_rows(rows, groups > 0);
+  const int row_blocks = groups > 0 ? groups : ceil_div(rows, per_block);
+  const GemmPlan plan = plan_mid(per_block, row_blocks, out_rows, tiles, kst, splits_override);
+  *partial_floats = plan.splits > 1 ? static_cast<long long>(plan.splits) * out_rows * N : 0;
+  *counters = plan.splits > 1 ? row_blocks * plan.n_blocks : 0;  // run_mid touches counters only when split
+  return plan.splits;
+}
+
+// Dense, any M >= 1 (16, 32 or 64 rows per block): y[M, N] = x[M, K] * W^T (+ bias), the weights read once per
+// row block.
+int nvfp4_gemm_mid(const __nv_bfloat16* x, int ldx, const void* wq, const void* ws, const float* colscale,
+                   const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, float* partial, long long partial_floats,
+                   int* counters, int num_counters, int M, int N, int K, int splits_override, cudaStream_t stream) {
+  if (M < 1 || N < 1 || K < 16 || K % 16 != 0) return kUnsupportedShape;
+  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0) return kBadAlignment;
+  GemmParams p = dense_params(x, ldx, wq, ws, colscale, bias, y, ldy, partial, counters, M, N, K);
+  const int per_block = mid_rows(M, false);
+  return run_mid(p, per_block, ceil_div(M, per_block), partial_floats, num_counters, splits_override, stream);
+}
+
+// Grouped (MoE prefill): group g < *num_groups (at most max_groups, each <= max_rows_per_group <= 64 rows)
+// multiplies rows row_ids[offsets[g] .. offsets[g+1]) (x row r / x_row_div) by expert group_expert[g] into y row r.
+int nvfp4_gemm_mid_grouped(const __nv_bfloat16* x, int ldx, int x_row_div, const void* wq, long long expert_wq_bytes,
+                           const void* ws, long long expert_ws_bytes, const float* colscale, int expert_colscale,
+                           __nv_bfloat16* y, int ldy, float* partial, long long partial_floats, int* counters,
+                           int num_counters, const int* group_offsets, const int* group_expert, const int* row_ids,
+                           const int* num_groups, int max_groups, int max_rows_per_group, int out_rows, int N, int K,
+                           int splits_override, cudaStream_t stream) {
+  if (max_groups < 1 || max_rows_per_group < 1 || max_rows_per_group > kMidMaxRows || N < 1 || K < 16 || K % 16 != 0)
+    return kUnsupportedShape;
+  if (!grouped_aligned(x, ldx, expert_wq_bytes, expert_ws_bytes)) return kBadAlignment;
+  GemmParams p = grouped_params(x, ldx, x_row_div, wq, expert_wq_bytes, ws, expert_ws_bytes, colscale,
+                                expert_colscale, y, ldy, partial, counters, group_offsets, group_expert, row_ids,
+                                num_groups, out_rows, N, K);
+  return run_mid(p, mid_rows(max_rows_per_group, true), max_groups, partial_floats, num_counters, splits_override,
+                 stream);
 }
 
 }  // namespace adaq

@@ -1,0 +1,37 @@
+"""MoE prefill on the mid-size NVFP4 kernel (csrc/nvfp4_gemm.cu `nvfp4_gemm_mid_kernel`, grouped form): no copy of
+any expert's weights, each active expert's NVFP4 bytes read once per 64 of its rows, every group of every expert in
+one launch per projection, and no host sync.
+
+Numerics: the decode path's (`ops.moe_forward` above 16 tokens): each expert linear accumulates x times the exact
+products e2m1 x block_scale in fp32 and is rounded to bf16 once after its column scale; the gated activation in
+bf16; the weighted outputs summed in ascending expert order in bf16 (moe.cu `moe_combine`).
+
+1. the router (moe.cu `router_topk`; Gemma 4's expert_scale applied as the exact path applies it), rows
+   (token, slot) sorted by expert (prefill_moe.align_rows_sorted), every expert's rows cut into groups of <= 64
+   (ops.split_groups, on the device);
+2. gate|up: group g reads x rows row / top_k and writes its rows in (token, slot) order, so nothing is gathered
+   or scattered; the gated activation; down the same way;
+3. moe.cu `moe_combine`.
+"""
+
+import torch
+
+from adaq.backends.prefill_moe import align_rows_sorted
+
+
+def mid_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, stacked, top_k: int, renormalize: bool,
+                    activation_name: str = "silu", expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] bf16, router_logits [T, E] -> [T, H] bf16 through `stacked` (ops.StackedExperts) experts 0..E-1."""
+    from adaq.kernels import ops
+
+    experts = router_logits.shape[1]
+    weights, ids = ops.router_topk(router_logits.to(torch.bfloat16).contiguous(), top_k, renormalize)
+    if expert_scale is not None:
+        weights = weights * expert_scale[ids.long()].to(weights.dtype)
+    rows = ids.numel()
+    table = ops.split_groups(align_rows_sorted(ids, experts), rows)
+    per_group = min(rows, ops.MAX_DECODE_ROWS)
+    gate_up = ops.grouped_linear_mid(x.contiguous(), top_k, stacked, "gate_up", table, rows, per_group)
+    hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
+    y = ops.grouped_linear_mid(hidden, 1, stacked, "down", table, rows, per_group)
+    return ops.moe_combine(y, weights, ids)
