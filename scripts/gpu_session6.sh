@@ -69,7 +69,7 @@ wait_built() {
   [ "$(cat /tmp/build_$1.rc)" = 0 ] || { log "$1 build failed"; tail -n 20 /tmp/build_$1.log | tee -a "$LOG"; return 1; }
 }
 bench() {  # tree name limit args...
-  local tree=$1 name=$2${BENCH_ENV:+_mid} limit=$3; shift 3
+  local tree=$1 name=$2${BENCH_MID:+_mid}${BENCH_TAG:-} limit=$3; shift 3
   local budget=$(( $(left) < limit ? $(left) : limit ))
   [ $budget -lt 40 ] && { log "skip $tree/$name: ${budget}s left"; return; }
   [ "$tree" = main ] || wait_built $tree || return
@@ -80,14 +80,19 @@ bench() {  # tree name limit args...
   grep -E "│ (nvfp4|bf16)|FALLBACK|rror|failed" "/tmp/bench/${tree}_$name.log" | head -14 | tee -a "$LOG"
   tar -czf "$OUT/bench.tgz" -C /tmp bench
 }
-bench_step() {  # NAME[_mid][@tree]; _mid: prefill path nvfp4, the mid-size kernels from MID_FROM / MOE_MID_FROM rows (16)
+bench_step() {  # NAME[_mid][~VAR=VALUE...][@tree]; _mid: prefill path nvfp4, the mid-size kernels from MID_FROM /
+  # MOE_MID_FROM rows (16); ~VAR=VALUE: that environment for this bench (its files named with the assignments)
   local what=${1%@*} tree=main
   [[ $1 == *@* ]] && tree=${1#*@}
-  BENCH_ENV=
+  BENCH_ENV= BENCH_TAG= BENCH_MID=
+  if [[ $what == *~* ]]; then
+    BENCH_TAG=_${what#*~}; BENCH_ENV=${what#*~}; BENCH_ENV=${BENCH_ENV//\~/ }; BENCH_TAG=${BENCH_TAG//[~=]/_}
+    what=${what%%~*}
+  fi
   if [[ $what == *_mid ]]; then
-    BENCH_ENV="ADAQ_PREFILL_PATH=nvfp4 ADAQ_PREFILL_MID_MIN_TOKENS=${MID_FROM:-16}"
+    BENCH_ENV+=" ADAQ_PREFILL_PATH=nvfp4 ADAQ_PREFILL_MID_MIN_TOKENS=${MID_FROM:-16}"
     BENCH_ENV+=" ADAQ_PREFILL_MOE_MID_MIN_TOKENS=${MOE_MID_FROM:-16}"
-    what=${what%_mid}
+    what=${what%_mid}; BENCH_MID=1
   fi
   bench_named $what $tree
 }
@@ -102,7 +107,8 @@ bench_named() {  # what tree
       local spec=${what#profile-}; local model=${spec%-b*} batch=${spec##*-b}
       log "profile $model batch $batch ($tree)"
       in_tree $tree timeout $(( $(left) < 100 ? $(left) : 100 )) python3 scripts/profile_decode_step.py \
-        --model $model --batch $batch > /tmp/bench/${tree}_profile_${model}_b$batch.txt 2>&1
+        --model $model --batch $batch --out /tmp/bench/${tree}_profile_${model}_b$batch \
+        > /tmp/bench/${tree}_profile_${model}_b$batch.txt 2>&1
       tail -n 30 /tmp/bench/${tree}_profile_${model}_b$batch.txt | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
     qwen3-next) bench $tree qwen3-next-80b-a3b 300 --synthetic qwen3-next-80b-a3b --batch 1,16 --output-len 128 \
                   --repeats 2 --baselines none ;;
