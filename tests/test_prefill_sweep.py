@@ -35,7 +35,8 @@ def test_thresholds_and_the_file_they_go_to(tmp_path):
     data = prefill_sweep.write_thresholds({**found, "moe_exact_min_tokens": None}, path, "NVIDIA H100", "cmd")
     assert prefill_route.load_thresholds(path) == {"fp8_min_tokens": 256, "exact_min_tokens": 64,
                                                    "moe_exact_min_tokens": prefill_route.MOE_EXACT_MIN_TOKENS,
-                                                   "mid_min_tokens": None, "moe_mid_min_tokens": None}
+                                                   "mid_min_tokens": prefill_route.MID_MIN_TOKENS,
+                                                   "moe_mid_min_tokens": prefill_route.MOE_MID_MIN_TOKENS}
     assert data["measured"] and "kept from before" in data["note"] and "moe_exact_min_tokens" in data["note"]
 
 
@@ -77,7 +78,10 @@ def test_shipped_file_is_a_measured_sweep():
     assert data["measured"] is True and data["device"] and "prefill_sweep" in data["note"]
     assert (prefill_route.MIN_TOKENS, prefill_route.EXACT_MIN_TOKENS, prefill_route.MOE_EXACT_MIN_TOKENS) == (
         data["fp8_min_tokens"], data["exact_min_tokens"], data["moe_exact_min_tokens"])
-    assert prefill_route.min_tokens() == 64 or "ADAQ_PREFILL_FP8_MIN_TOKENS" in __import__("os").environ
+    assert (prefill_route.MID_MIN_TOKENS, prefill_route.MOE_MID_MIN_TOKENS) == (
+        data.get("mid_min_tokens"), data.get("moe_mid_min_tokens"))
+    overridden = prefill_route.MIN_TOKENS_ENV in __import__("os").environ
+    assert prefill_route.min_tokens() == data["fp8_min_tokens"] or overridden
 
 
 @pytest.mark.parametrize("content", ["{", '{"fp8_min_tokens": 64}', '{"fp8_min_tokens": 0, "exact_min_tokens": 9, '

@@ -62,8 +62,10 @@ def grouped_gemm_reference(x: torch.Tensor, weights: torch.Tensor, chosen: torch
 
     x [R, K] bf16; weights [E, N, K] bf16; chosen: the slots' experts (T*k of them); slot_scale [T*k] fp32 or None."""
     flat = chosen.reshape(-1).long()
-    rows = x[torch.arange(flat.numel(), device=x.device) // rows_per_input].float()
-    out = torch.einsum("sk,snk->sn", rows, weights[flat].float())
+    out = torch.empty(flat.numel(), weights.shape[1], dtype=torch.float32, device=x.device)
+    for expert in torch.unique(flat).tolist():
+        slots = torch.nonzero(flat == expert).flatten()
+        out[slots] = x[slots // rows_per_input].float() @ weights[expert].float().T
     if slot_scale is not None:
         out = out * slot_scale.reshape(-1, 1).float()
     return out.to(torch.bfloat16)
@@ -108,8 +110,8 @@ def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, sorted_slots: torch.Ten
 if triton is not None:
     @triton.jit
     def _grouped_kernel(x_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr, scale_ptr, slots, rows_per_input,
-                        n: tl.constexpr, k: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        n: tl.constexpr, k: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # n, k compile-time: a model has two (N, K) pairs per MoE, and constant strides fold into the addressing.
         # One program: BLOCK_M sorted slots of one expert x BLOCK_N output columns. Padding slots (id == slots)
         # load zero rows and store nothing; a block past the last run (expert -1) returns before any load.
