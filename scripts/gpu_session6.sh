@@ -8,7 +8,7 @@
 # (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
 # bench:NAME (see bench_step; NAME_mid: with the mid-size NVFP4 kernels' thresholds set), sweep[@TREE]. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
 # Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
-# qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH, exact-skew (the exact MoE path under a
+# qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH, pprofile-MODEL-LEN (a prefill), exact-skew (the exact MoE path under a
 # hot expert); NAME@TREE runs it in that tree.
 # Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:qwen3.6@wip-X" TREES="wip-X" TREE=wip-X TESTS_TREE="tests/..." \
 #   bash scripts/gpu_session6.sh
@@ -110,6 +110,14 @@ bench_named() {  # what tree
         --model $model --batch $batch --out /tmp/bench/${tree}_profile_${model}_b$batch \
         > /tmp/bench/${tree}_profile_${model}_b$batch.txt 2>&1
       tail -n 30 /tmp/bench/${tree}_profile_${model}_b$batch.txt | tee -a "$LOG"; tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
+    pprofile-*)  # pprofile-MODEL-LEN: one prompt's prefill profile (scripts/profile_prefill_step.py), NVFP4 auto only
+      local spec=${what#pprofile-}; local model=${spec%-*} len=${spec##*-}
+      log "prefill profile $model $len tokens ($tree)"
+      in_tree $tree timeout $(( $(left) < 120 ? $(left) : 120 )) python3 scripts/profile_prefill_step.py \
+        --model $model --input-len $len --batch 1 --variants nvfp4 --out /tmp/bench/${tree}_pprofile_${model}_$len \
+        > /tmp/bench/${tree}_pprofile_${model}_$len.txt 2>&1
+      grep -v Warn /tmp/bench/${tree}_pprofile_${model}_$len.txt | tail -n 30 | tee -a "$LOG"
+      tar -czf "$OUT/bench.tgz" -C /tmp bench ;;
     qwen3-next) bench $tree qwen3-next-80b-a3b 300 --synthetic qwen3-next-80b-a3b --batch 1,16 --output-len 128 \
                   --repeats 2 --baselines none ;;
     qwen3-8b) bench $tree qwen3-8b 120 --synthetic qwen3-8b --batch 1,16 --output-len 128 --repeats 3 --baselines none ;;
