@@ -293,6 +293,8 @@ def test_route_by_path_and_rows(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("ADAQ_PREFILL_EXACT_MIN_TOKENS", "100")
     monkeypatch.delenv("ADAQ_PREFILL_PATH", raising=False)
+    monkeypatch.delenv(prefill_route.MID_MIN_TOKENS_ENV, raising=False)
+    monkeypatch.setattr(prefill_route, "MID_MIN_TOKENS", None)  # the mid-size kernel: test_prefill_sweep.py
     assert prefill_route.route(99, cpu) == "decode" and prefill_route.route(100, cpu) == "exact"
     monkeypatch.setenv("ADAQ_PREFILL_PATH", "nvfp4")
     assert prefill_route.route(4096, cpu) == "decode"

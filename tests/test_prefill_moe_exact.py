@@ -148,19 +148,36 @@ def test_orchestration_gelu_and_expert_scale(emulated):
 # ---- routing (CPU) --------------------------------------------------------------------------------------------------
 
 MOE_EXACT = prefill_route.MOE_EXACT_MIN_TOKENS
+FP8 = prefill_route.MIN_TOKENS
+
+
+@pytest.fixture
+def no_mid_kernel(monkeypatch):
+    """The route as it was before the mid-size kernel (its thresholds absent): exact, FP8 or decode."""
+    monkeypatch.delenv(prefill_route.MOE_MID_MIN_TOKENS_ENV, raising=False)
+    monkeypatch.setattr(prefill_route, "MOE_MID_MIN_TOKENS", None)
 
 
 @pytest.mark.parametrize("path,tokens,fp8,expected", [
     ("auto", 1, True, "decode"), ("auto", MOE_EXACT - 1, True, "decode"), ("auto", MOE_EXACT, True, "exact"),
-    ("auto", 4096, False, "exact"), ("exact", 2048, True, "exact"), ("nvfp4", 4096, True, "decode"),
-    ("fp8", 64, True, "fp8"), ("fp8", 2048, False, "exact"), ("fp8", 63, True, "decode")])
-def test_moe_route(monkeypatch, path, tokens, fp8, expected):
+    ("auto", MOE_EXACT, False, "exact"), ("exact", MOE_EXACT, True, "exact"), ("nvfp4", MOE_EXACT, True, "decode"),
+    ("fp8", FP8, True, "fp8"), ("fp8", MOE_EXACT, False, "exact"), ("fp8", FP8 - 1, True, "decode")])
+def test_moe_route(monkeypatch, no_mid_kernel, path, tokens, fp8, expected):
     monkeypatch.setenv(prefill_route.PATH_ENV, path)
     monkeypatch.setattr(prefill_route, "fp8_enabled", lambda device: fp8 and path in ("auto", "fp8"))
     assert prefill_route.moe_route(tokens, torch.device("cpu")) == expected
 
 
-def test_moe_threshold_env(monkeypatch):
+@pytest.mark.parametrize("path", ["auto", "exact", "nvfp4"])
+def test_moe_route_takes_the_shipped_mid_threshold(monkeypatch, path):
+    monkeypatch.delenv(prefill_route.MOE_MID_MIN_TOKENS_ENV, raising=False)
+    monkeypatch.setenv(prefill_route.PATH_ENV, path)
+    mid = prefill_route.MOE_MID_MIN_TOKENS
+    assert mid is not None and mid < MOE_EXACT
+    assert [prefill_route.moe_route(m, torch.device("cpu")) for m in (mid - 1, mid)] == ["decode", "mid"]
+
+
+def test_moe_threshold_env(monkeypatch, no_mid_kernel):
     monkeypatch.setenv(prefill_route.MOE_EXACT_MIN_TOKENS_ENV, "100")
     monkeypatch.setenv(prefill_route.PATH_ENV, "auto")
     assert prefill_route.moe_route(100, torch.device("cpu")) == "exact"
