@@ -260,7 +260,7 @@ def test_gpu_exact_moe_with_a_hot_expert(share):
 
 @gpu
 @needs_cuda
-def test_gpu_cuda_backend_routes_large_moe_prefill_through_exact(monkeypatch):
+def test_gpu_cuda_backend_routes_large_moe_prefill_through_exact(monkeypatch, no_mid_kernel):
     from adaq.backends.cuda import CudaBackend
 
     monkeypatch.setenv(prefill_route.PATH_ENV, "auto")
