@@ -22,8 +22,9 @@ class DenseExperts:
 
     @classmethod
     def of(cls, gate_up: list[list[torch.Tensor]], down: list[torch.Tensor], device: torch.device) -> "DenseExperts":
-        intermediate, hidden = gate_up[0][0].shape
-        stacked_gate_up = torch.empty(len(down), 2 * intermediate, hidden, dtype=torch.bfloat16, device=device)
+        gate_up_rows, hidden = sum(w.shape[0] for w in gate_up[0]), gate_up[0][0].shape[1]  # gate|up, or fused
+        intermediate = gate_up_rows // 2
+        stacked_gate_up = torch.empty(len(down), gate_up_rows, hidden, dtype=torch.bfloat16, device=device)
         stacked_down = torch.empty(len(down), hidden, intermediate, dtype=torch.bfloat16, device=device)
         for expert, (pair, down_weight) in enumerate(zip(gate_up, down)):
             stacked_gate_up[expert].copy_(torch.cat(pair))
