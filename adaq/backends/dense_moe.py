@@ -54,15 +54,11 @@ def dense_moe_forward(backend, x: torch.Tensor, router_logits: torch.Tensor, exp
     block_m = moe_bf16.block_rows(slots, experts.num_experts)
     layout = (*moe_bf16.align_slots(chosen, experts.num_experts, block_m), block_m, slots)
     gate_up = gemm(x, experts.gate_up, *layout, rows_per_input=top_k)
-    hidden = _gated(backend, activation)(gate_up)
+    hidden = moe_numerics.gated_activation(backend, activation)(gate_up)
     out = gemm(hidden, experts.down, *layout, rows_per_input=1, slot_scale=weights)
     return out.reshape(x.shape[0], top_k, -1).float().sum(dim=1).to(x.dtype)
 
 
-def _gated(backend, activation: str):
-    return backend.silu_and_mul if activation == "silu" else backend.gelu_tanh_and_mul
-
-
 def _expert_mlp(backend, x: torch.Tensor, experts: DenseExperts, expert: int, activation: str) -> torch.Tensor:
     gate_up = torch.nn.functional.linear(x, experts.gate_up[expert])
-    return torch.nn.functional.linear(_gated(backend, activation)(gate_up), experts.down[expert])
+    return torch.nn.functional.linear(moe_numerics.gated_activation(backend, activation)(gate_up), experts.down[expert])

@@ -204,6 +204,18 @@ def align_rows(ids: torch.Tensor, experts: int):
     return align_rows_sorted(ids, experts)
 
 
+def routed_weights(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                   expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused router (moe.cu `router_topk`): (weights, ids) [T, top_k], each weight times its expert's
+    `expert_scale` (Gemma 4) where given."""
+    from adaq.kernels import ops
+
+    weights, ids = ops.router_topk(router_logits.to(torch.bfloat16).contiguous(), top_k, renormalize)
+    if expert_scale is not None:
+        weights = weights * expert_scale[ids.long()].to(weights.dtype)
+    return weights, ids
+
+
 def align_rows_sorted(ids: torch.Tensor, experts: int):
     """moe_align's layout from a stable sort (every expert is a group, empty ones too); no host sync."""
     flat = ids.reshape(-1).int()
@@ -254,7 +266,7 @@ def fp8_moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ex
     a, a_scale = _gather_rows(x8, row_scale, torch.div(row_ids, top_k, rounding_mode="floor"))
     w8, col_scale = expand_projection(experts.gate_up, x.device)
     gate_up = grouped_gemm(a, a_scale, w8, col_scale, align, tile)
-    hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
+    hidden = ops.gated(gate_up, activation_name)
     h8, h_scale = fp8_gemm.quantize_rows(hidden)
     w8, col_scale = expand_projection(experts.down, x.device)
     y_sorted = grouped_gemm(h8, h_scale, w8, col_scale, align, tile)
@@ -266,7 +278,5 @@ def fp8_moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ex
 def fp8_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: Fp8Experts, top_k: int,
                     renormalize: bool, activation_name: str = "silu", tile: int | None = None) -> torch.Tensor:
     """The FP8 prefill MoE: x [T, H] bf16, router_logits [T, E] bf16 -> [T, H] bf16."""
-    from adaq.kernels import ops
-
-    weights, ids = ops.router_topk(router_logits.to(torch.bfloat16).contiguous(), top_k, renormalize)
+    weights, ids = routed_weights(router_logits, top_k, renormalize)
     return fp8_moe_routed(x, weights, ids, experts, activation_name, tile)

@@ -36,7 +36,7 @@ import torch
 
 from adaq.backends.handles import ExpertsHandle
 from adaq.backends.numerics import activation, moe
-from adaq.backends.prefill_moe import align_rows_sorted
+from adaq.backends.prefill_moe import align_rows_sorted, routed_weights
 from adaq.formats import fp8_prefill
 from adaq.formats.nvfp4 import NVFP4Weight
 
@@ -235,16 +235,14 @@ def exact_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: Exa
     """The exact prefill MoE: x [T, H] bf16, router_logits [T, E] -> [T, H] bf16 (module doc, 1-5)."""
     from adaq.kernels import fp8_gemm, ops
 
-    weights, ids = ops.router_topk(router_logits.to(torch.bfloat16).contiguous(), top_k, renormalize)
-    if expert_scale is not None:
-        weights = weights * expert_scale[ids.long()].to(weights.dtype)
+    weights, ids = routed_weights(router_logits, top_k, renormalize, expert_scale)
     offsets, _, row_ids, _ = align_rows_sorted(ids, experts.down.experts)
     bounds = offsets.tolist()  # the one host sync: which experts have rows, and each chunk's widest expert
     row_ids = row_ids.long()
     workspace = fp8_gemm.reserve_dense_workspace(x.device, experts.workspace_elements(), 1)
     rows = x.contiguous().index_select(0, torch.div(row_ids, top_k, rounding_mode="floor"))
     gate_up = grouped_exact_gemm(rows, experts.gate_up, bounds, offsets, workspace, experts.batched)
-    hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
+    hidden = ops.gated(gate_up, activation_name)
     y_sorted = grouped_exact_gemm(hidden, experts.down, bounds, offsets, workspace, experts.batched)
     y = torch.empty_like(y_sorted)
     y.index_copy_(0, row_ids, y_sorted)

@@ -16,7 +16,7 @@ bf16; the weighted outputs summed in ascending expert order in bf16 (moe.cu `moe
 
 import torch
 
-from adaq.backends.prefill_moe import align_rows_sorted
+from adaq.backends.prefill_moe import align_rows_sorted, routed_weights
 
 
 def mid_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, stacked, top_k: int, renormalize: bool,
@@ -25,13 +25,11 @@ def mid_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, stacked, top_k
     from adaq.kernels import ops
 
     experts = router_logits.shape[1]
-    weights, ids = ops.router_topk(router_logits.to(torch.bfloat16).contiguous(), top_k, renormalize)
-    if expert_scale is not None:
-        weights = weights * expert_scale[ids.long()].to(weights.dtype)
+    weights, ids = routed_weights(router_logits, top_k, renormalize, expert_scale)
     rows = ids.numel()
     table = ops.split_groups(align_rows_sorted(ids, experts), rows)
     per_group = min(rows, ops.MAX_DECODE_ROWS)
     gate_up = ops.grouped_linear_mid(x.contiguous(), top_k, stacked, "gate_up", table, rows, per_group)
-    hidden = ops.silu_and_mul(gate_up) if activation_name == "silu" else ops.gelu_tanh_and_mul(gate_up)
+    hidden = ops.gated(gate_up, activation_name)
     y = ops.grouped_linear_mid(hidden, 1, stacked, "down", table, rows, per_group)
     return ops.moe_combine(y, weights, ids)

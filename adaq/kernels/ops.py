@@ -371,9 +371,13 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, experts: StackedEx
         hidden = moe_gate_up_act(x, slots, experts, align, activation, rows, tokens)
         return moe_down_combine(hidden, experts, align, weights, order, tokens)
     gate_up = grouped_linear(x, slots, experts, "gate_up", align, rows, tokens)
-    hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
-    y = grouped_linear(hidden, 1, experts, "down", align, rows, tokens)
+    y = grouped_linear(gated(gate_up, activation), 1, experts, "down", align, rows, tokens)
     return moe_combine(y, weights.to(torch.bfloat16), ids)
+
+
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of gate|up rows: SiLU for "silu", else gelu-tanh (the MoE paths' one switch)."""
+    return silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
 
 
 def expert_forward(x: torch.Tensor, experts: StackedExperts, expert: int, activation: str = "silu",
@@ -384,13 +388,9 @@ def expert_forward(x: torch.Tensor, experts: StackedExperts, expert: int, activa
     the decode kernels or (mid) the mid-size kernel."""
     rows, per_group = x.shape[0], min(x.shape[0], MAX_DECODE_ROWS)
     table = one_expert_table(rows, expert, x.device)
-    if mid:
-        project = lambda a, which: grouped_linear_mid(a, 1, experts, which, table, rows, per_group)  # noqa: E731
-    else:
-        project = lambda a, which: grouped_linear(a, 1, experts, which, table, rows, per_group)  # noqa: E731
-    gate_up = project(x.contiguous(), "gate_up")
-    hidden = silu_and_mul(gate_up) if activation == "silu" else gelu_tanh_and_mul(gate_up)
-    return project(hidden, "down")
+    linear = grouped_linear_mid if mid else grouped_linear
+    gate_up = linear(x.contiguous(), 1, experts, "gate_up", table, rows, per_group)
+    return linear(gated(gate_up, activation), 1, experts, "down", table, rows, per_group)
 
 
 def one_expert_table(rows: int, expert: int, device: torch.device):

@@ -33,9 +33,14 @@ def moe_reference(backend, x: torch.Tensor, router_logits: torch.Tensor, experts
     return out
 
 
+def gated_activation(backend, activation: str):
+    """The backend's act(gate) * up op: SiLU for "silu", else gelu-tanh."""
+    return backend.silu_and_mul if activation == "silu" else backend.gelu_tanh_and_mul
+
+
 def expert_mlp(backend, x: torch.Tensor, experts: ExpertsHandle, expert: int, activation: str = "silu") -> torch.Tensor:
     """down(act(gate(x)) * up(x)) of one expert, each linear through the backend."""
-    gated = backend.silu_and_mul if activation == "silu" else backend.gelu_tanh_and_mul
+    gated = gated_activation(backend, activation)
     gate_up = [backend.linear(x, handle) for handle in experts.gate_up[expert]]
     gate_up = gate_up[0] if len(gate_up) == 1 else torch.cat(gate_up, dim=-1)
     return backend.linear(gated(gate_up), experts.down[expert])
