@@ -116,6 +116,9 @@ def _ask(console) -> str | None:
         line = Prompt.ask("[bold green]>>>[/]", console=console)
     except (EOFError, KeyboardInterrupt):
         return None
+    except BaseException:  # SIGTERM at the prompt: the error said next starts a line of its own, not after ">>>:"
+        console.print()
+        raise
     return None if line.strip() in EXIT_COMMANDS else line
 
 

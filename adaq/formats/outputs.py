@@ -2,14 +2,15 @@
 temp folders that name their run, and the temp folders of killed runs cleaned at the next one.
 
 Beside an output folder OUT, adaq uses only names of its own: `.OUT.adaq-lock` (held with flock while a run writes
-OUT) and `.OUT.adaq-{tmp,src,old}-PID-XXXXXXXX/` (a run's temp folders: its process id and mkdtemp's random
-suffix). Nothing else beside OUT is ever touched, so a user's own `OUT.old` or `.OUT-notes` stays.
+OUT) and `.OUT.adaq-{tmp,src,old}-PID-XXXXXXXX/` (a run's temp folders: its process id and 8 random
+characters). Nothing else beside OUT is ever touched, so a user's own `OUT.old` or `.OUT-notes` stays.
 """
 
 import fcntl
 import glob
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -108,12 +109,20 @@ def _still_linked(path: Path, handle: int) -> bool:
         return False
 
 
-def temp_folder(out: Path, kind: str) -> Path:
-    """A fresh folder beside OUT (same filesystem, so renames are atomic), named after this run."""
+def temp_name(out: Path, kind: str) -> Path:
+    """A fresh name beside OUT (same filesystem, so renames are atomic), named after this run: this process's pid
+    and 8 random characters (what `remove_stale_temps` recognises)."""
+    while True:
+        folder = out.parent / f".{out.name}.adaq-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        if not os.path.lexists(folder):
+            return folder
+
+
+def make_temp(folder: Path) -> None:
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.adaq-{kind}-{os.getpid()}-", dir=out.parent))
+        folder.mkdir(mode=0o700)
     except OSError as error:
-        raise AdaqError(f"cannot write into {out.parent}: {error.strerror}") from None
+        raise AdaqError(f"cannot write into {folder.parent}: {error.strerror}") from None
 
 
 def _temp_pattern(out: Path) -> re.Pattern:
@@ -154,15 +163,18 @@ def staged_folder(out: Path, force: bool):
         remove_stale_temps(out)
         with scratch_folder(out, "tmp") as tmp:
             yield tmp
-            tmp.chmod(0o755)  # mkdtemp makes 0700; OUT is an ordinary folder
+            tmp.chmod(0o755)  # make_temp makes 0700; OUT is an ordinary folder
             replace_folder(tmp, out)
 
 
 @contextmanager
 def scratch_folder(out: Path, kind: str = "src"):
-    """A temp folder beside OUT for the duration of the block."""
-    folder = temp_folder(out, kind)
+    """A temp folder beside OUT for the duration of the block, removed whatever happens: its name is chosen before
+    the mkdir, so a signal (raised as an exception at any bytecode) cannot fall between the folder's creation and
+    the `try` that removes it."""
+    folder = temp_name(out, kind)
     try:
+        make_temp(folder)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -174,16 +186,14 @@ def replace_folder(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    backup = temp_folder(out, "old")
-    previous = backup / out.name
-    out.rename(previous)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        previous.rename(out)
-        raise
-    finally:
-        shutil.rmtree(backup, ignore_errors=True)
+    with scratch_folder(out, "old") as backup:
+        previous = backup / out.name
+        out.rename(previous)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            previous.rename(out)
+            raise
 
 
 def check_writable_file(path: str | Path | None, flag: str, inputs: dict[str, str | Path | None] | None = None) -> None:
