@@ -179,7 +179,7 @@ def hear_sigint() -> None:
 def start_slow_quantize(source: Path, out: Path, calib_text: Path) -> subprocess.Popen:
     """W4A4 with calibration: slow enough to be caught with its temp folder in place."""
     process = adaq_process("quantize", source, "-o", out, "--scheme", "nvfp4", "--calib-data", calib_text,
-                           "--num-samples", "4", "--seq-len", "64", "--device", "cpu", "--json",
+                           "--num-samples", "16", "--seq-len", "64", "--device", "cpu", "--json",
                            preexec_fn=hear_sigint)
     deadline = time.monotonic() + 60
     while not list(out.parent.glob(f".{out.name}.adaq-tmp-*")) and time.monotonic() < deadline:
