@@ -52,7 +52,7 @@ for tree in ${TREES:-}; do build_tree $tree & done
 PT="python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short -rfE"
 tests_step() {
   local budget=${TEST_BUDGET:-330}
-  log "gpu tests: three processes (+ TESTS_TREE in $TREE when set)"
+  log "gpu tests: three processes (+ TESTS_TREE in ${TREE:-no tree} when set)"
   local big="tests/test_kernels_gpu.py" mid="tests/test_kernels_gpu_kv_nvfp4.py tests/test_gemma4_gpu.py tests/test_gdn_gpu.py"
   timeout $budget $PT $big > /tmp/g1.log 2>&1 &
   timeout $budget $PT $mid > /tmp/g2.log 2>&1 &

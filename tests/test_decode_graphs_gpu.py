@@ -140,7 +140,9 @@ NO_GRAPHS_YET: dict[str, str] = {}
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.xfail(reason=NO_GRAPHS_YET[name], strict=True)) if name in NO_GRAPHS_YET
     else name for name in _bundled_names()])
-def test_every_bench_config_captures_under_strict(name):
+@pytest.mark.parametrize("quantized", [True, False], ids=["nvfp4", "bf16"])
+def test_every_bench_config_captures_under_strict(name, quantized):
+    """NVFP4, and the bf16 engine the bench sets beside it (bf16 MoE experts: adaq.backends.dense_moe)."""
     from adaq.backends import get_backend
     from adaq.backends.fallbacks import Fallbacks
     from adaq.bench.shapes import text_config
@@ -150,7 +152,7 @@ def test_every_bench_config_captures_under_strict(name):
     from adaq.engine.llm_engine import LLMEngine
     from adaq.models import build_model, load_weights
 
-    source = SyntheticCheckpoint(scaled_down(name), quantized=True, device=DEV, name=name)
+    source = SyntheticCheckpoint(scaled_down(name), quantized=quantized, device=DEV, name=name)
     model = build_model(source.config, get_backend("cuda", DEV, fallbacks=Fallbacks(strict=True)), torch.bfloat16,
                         DEV)
     load_weights(model, source)

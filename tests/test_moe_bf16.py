@@ -86,6 +86,17 @@ def test_the_dense_moe_matches_the_reference_moe(activation, scaled, shared, tok
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_experts_do_not_block_decode_graphs_and_reference_experts_do():
+    from adaq.engine.cuda_graph import graph_blocker
+
+    gate_up, down = random_experts(4, 32, 16, torch.Generator().manual_seed(0))
+    layer = torch.nn.Module()
+    layer.experts = dense_moe.DenseExperts.of(gate_up, down, "cpu")
+    assert graph_blocker(torch.nn.Sequential(layer)) is None
+    layer.experts = ReferenceBackend("cpu").prepare_experts(gate_up, down, dtype=torch.bfloat16)
+    assert "MoE experts on the reference path" in graph_blocker(torch.nn.Sequential(layer))
+
+
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and moe_bf16.triton is not None),
                                reason="needs a CUDA GPU and Triton")
 GPU_SHAPES = SHAPES + [(1, 8, 128, 2048, 768), (16, 8, 256, 2048, 512), (9, 8, 128, 2816, 704),
@@ -109,3 +120,36 @@ def test_gpu_grouped_gemm_matches_its_reference(tokens, top_k, experts, hidden, 
     moe_bf16.grouped_gemm(x, weights, *layout, rows_per_input=top_k, slot_scale=scale, out=out)
     want = moe_bf16.grouped_gemm_reference(x, weights, chosen, top_k, scale)
     torch.testing.assert_close(out.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("activation,scaled,shared", [("silu", False, False), ("gelu_tanh", True, False),
+                                                      ("silu", False, True)])
+@pytest.mark.parametrize("tokens", [1, 16, 129])
+def test_gpu_backend_runs_bf16_experts_without_fallback_and_in_a_graph(activation, scaled, shared, tokens):
+    from adaq.backends.cuda import CudaBackend
+
+    dev = torch.device("cuda")
+    experts, top_k, hidden, inter = 16, 4, 256, 128
+    gen = torch.Generator().manual_seed(tokens + len(activation))
+    gate_up, down = random_experts(experts + int(shared), hidden, inter, gen)
+    backend = CudaBackend(dev)
+    handle = backend.prepare_experts(gate_up, down, dtype=torch.bfloat16)
+    assert isinstance(handle, dense_moe.DenseExperts) and len(backend.fallbacks) == 0
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16().to(dev)
+    logits = torch.randn(tokens, experts + int(shared), generator=gen).bfloat16().to(dev)
+    scale = (torch.rand(experts, generator=gen) + 0.5).to(dev) if scaled else None
+    options = dict(activation=activation, expert_scale=scale, shared_expert=shared)
+    eager = backend.moe(x, logits, handle, top_k, True, **options)
+    want = reference_moe(ReferenceBackend(dev), x, logits, gate_up, down, top_k, activation, scale, shared)
+    # both sides round to bf16 at different points (the kernel scales a slot in fp32 before its bf16 store)
+    torch.testing.assert_close(eager.float(), want.float(), rtol=0, atol=1e-2 * want.float().abs().max().item())
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        captured = backend.moe(x, logits, handle, top_k, True, **options)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    assert len(backend.fallbacks) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.sass import cuobjdump, sass_of
 
-from adaq.backends import prefill_moe
+from adaq.backends import prefill_moe, prefill_route
 from adaq.backends.numerics import moe
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats import fp8_prefill, nvfp4
@@ -337,7 +337,7 @@ def test_gpu_cuda_backend_routes_prefill_moe_through_fp8(monkeypatch):
     backend = CudaBackend("cuda")
     handle = backend.prepare_experts(gate_up, down, dtype=torch.bfloat16)
     assert getattr(handle, "fp8", None) is not None
-    x, logits = routed_inputs(100, 256, 16, device="cuda")
+    x, logits = routed_inputs(max(100, prefill_route.min_tokens()), 256, 16, device="cuda")
     got = backend.moe(x, logits, handle, 4, True)
     expected = prefill_moe.fp8_moe_forward(x, logits, handle.fp8, 4, True)
     assert torch.equal(got, expected)

@@ -54,20 +54,29 @@ def test_split_groups_small_pieces():
         pieces_expected([5, 0, 3], 2)
 
 
+@pytest.mark.parametrize("rows,experts,cut", [(16, 128, 16), (1024, 128, 16), (2048, 128, 16), (2049, 128, 32),
+                                               (4096, 128, 32), (4097, 128, 64), (16384, 128, 64), (1024, 256, 16),
+                                               (300, 12, 32), (7, 1, 16)])
+def test_group_rows_holds_an_experts_mean_share(rows, experts, cut):
+    from adaq.backends.prefill_moe_mid import group_rows
+
+    assert group_rows(rows, experts) == cut
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _check_mid(tokens, experts, top_k, hidden, intermediate, act="silu", scale=None, seed=0):
+def _check_mid(tokens, experts, top_k, hidden, intermediate, act="silu", scale=None, seed=0, max_group_rows=None):
     from adaq.backends.cuda import CudaBackend
     from adaq.backends.prefill_moe_mid import mid_moe_forward
 
     gate_up, down = random_experts(experts, hidden, intermediate, seed=seed, device="cuda")
     x, logits = routed_inputs(tokens, hidden, experts, seed=seed + tokens, device="cuda")
     handle = CudaBackend("cuda").prepare_experts(gate_up, down, dtype=torch.bfloat16)
-    got = mid_moe_forward(x, logits, handle.stacked, top_k, True, act, scale)
+    got = mid_moe_forward(x, logits, handle.stacked, top_k, True, act, scale, max_group_rows)
     weights, ids = ops.router_topk(logits, top_k, True)
     if scale is not None:
         weights = weights * scale[ids.long()].to(weights.dtype)
@@ -87,8 +96,9 @@ def _check_mid(tokens, experts, top_k, hidden, intermediate, act="silu", scale=N
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("tokens", [1, 17, 64, 129, 513])
-def test_gpu_mid_moe_matches_reference(tokens):
-    _check_mid(tokens, experts=16, top_k=4, hidden=256, intermediate=128)
+@pytest.mark.parametrize("max_group_rows", [None, 16, 32, 64])
+def test_gpu_mid_moe_matches_reference(tokens, max_group_rows):
+    _check_mid(tokens, experts=16, top_k=4, hidden=256, intermediate=128, max_group_rows=max_group_rows)
 
 
 @gpu

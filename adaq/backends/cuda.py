@@ -14,7 +14,7 @@ sync (under --strict it stops the capture).
 
 import torch
 
-from adaq.backends import gdn_prefill, prefill_moe, prefill_moe_exact, prefill_moe_mid, prefill_route
+from adaq.backends import dense_moe, gdn_prefill, prefill_moe, prefill_moe_exact, prefill_moe_mid, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
 from adaq.backends.numerics import gated_delta
@@ -23,7 +23,7 @@ from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
 from adaq.formats.fp8_prefill import FP8Weight
 from adaq.formats.nvfp4 import NVFP4Weight, quantize_activation_nvfp4
-from adaq.kernels import fp8_gemm, layout, ops
+from adaq.kernels import fp8_gemm, layout, moe_bf16, ops
 
 ATTENTION_HEAD_DIMS = (64, 128, 256, 512)
 ATTENTION_GROUPS = (1, 2, 4, 8)
@@ -177,8 +177,10 @@ class CudaBackend(ReferenceBackend):
     def prepare_experts(self, gate_up, down, *, dtype: torch.dtype):
         weights = [w for pair in gate_up for w in pair] + list(down)
         quantized = all(isinstance(w, NVFP4Weight) and w.input_global_scale is None for w in weights)
+        if all(isinstance(w, torch.Tensor) for w in weights) and dtype == torch.bfloat16:
+            return self._prepare_dense_experts(gate_up, down)
         if not quantized or dtype != torch.bfloat16:
-            self._fell_back("MoE experts", "experts not all NVFP4A16 (bf16 or W4A4 weights)" if not quantized
+            self._fell_back("MoE experts", "experts neither all NVFP4A16 nor all bf16 (W4A4 or mixed)" if not quantized
                             else f"compute dtype {dtype} (the kernels take bf16)")
             return super().prepare_experts(gate_up, down, dtype=dtype)
         intermediate, hidden = gate_up[0][0].out_features, gate_up[0][0].in_features
@@ -210,6 +212,13 @@ class CudaBackend(ReferenceBackend):
                                       f"{intermediate} not a multiple of 16", PREFILL_SETTING)
         return handle
 
+    def _prepare_dense_experts(self, gate_up, down):
+        """bf16 experts (the bf16 engine): stacked for the grouped Triton GEMM, or the reference where no Triton."""
+        if not moe_bf16.available(self.device):
+            self._fell_back("MoE experts (bf16)", "Triton is not installed (the grouped bf16 GEMM is a Triton kernel)")
+            return super().prepare_experts(gate_up, down, dtype=torch.bfloat16)
+        return dense_moe.DenseExperts.of(gate_up, down, self.device)
+
     def _fused_pair(self, pair: list[NVFP4Weight]) -> layout.PackedNVFP4:
         """gate|up as one weight; per-column global scales keep it exact even when the two scales differ."""
         fused = NVFP4Weight(torch.cat([w.packed for w in pair]), torch.cat([w.block_scale for w in pair]),
@@ -220,6 +229,8 @@ class CudaBackend(ReferenceBackend):
     def moe(self, x, router_logits, experts, top_k: int, renormalize: bool, *, activation: str = "silu",
             expert_scale=None, shared_expert: bool = False):
         options = dict(activation=activation, expert_scale=expert_scale, shared_expert=shared_expert)
+        if isinstance(experts, dense_moe.DenseExperts):
+            return dense_moe.dense_moe_forward(self, x, router_logits, experts, top_k, renormalize, **options)
         if not isinstance(experts, KernelExpertsHandle):  # prepared on the reference path (reported there)
             return super().moe(x, router_logits, experts, top_k, renormalize, **options)
         if x.dtype != torch.bfloat16:

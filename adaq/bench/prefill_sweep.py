@@ -28,6 +28,9 @@ def dense_sweep(rows: tuple[int, ...] = SWEEP_ROWS) -> dict:
     return prefill_bench.threshold_sweep(rows)
 
 
+MOE_GROUP_ROWS = (16, 32, 64)  # the grouped mid path's variants beside its plan (prefill_moe_mid.group_rows)
+
+
 def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> dict:
     """ms per MoE layer at each M, per path (random experts generated on the GPU, random router logits)."""
     from adaq.backends import prefill_moe
@@ -53,6 +56,9 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
                  "mid": lambda: mid_moe_forward(x, logits, prepared.stacked, top_k, True),
                  "exact": lambda: exact_moe_forward(x, logits, prepared.exact, top_k, True),
                  "bf16_cublas": lambda: bf16_backend.moe(x, logits, bf16, top_k, True)}
+        for cut in MOE_GROUP_ROWS:
+            paths[f"mid_g{cut}"] = (lambda cut=cut: mid_moe_forward(x, logits, prepared.stacked, top_k, True,
+                                                                    max_group_rows=cut))
         if fp8 is not None:
             paths["fp8"] = lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True)
         entry = {"M": m}
@@ -126,9 +132,15 @@ def summary_lines(report: dict) -> list[str]:
         for e in moe["rows"]:
             fp8, mid = (f"{e[key]:8.3f}" if key in e else f"{'-':>8}" for key in ("fp8_ms", "mid_ms"))
             lines.append(f"{e['M']:>5} {e['decode_ms']:8.3f} {mid} {e['exact_ms']:8.3f} {fp8} "
-                         f"{e['bf16_cublas_ms']:8.3f}")
+                         f"{e['bf16_cublas_ms']:8.3f}{_group_variants(e)}")
     lines.append(f"thresholds: {report['thresholds']}")
     return lines
+
+
+def _group_variants(entry: dict) -> str:
+    """The grouped mid path at each group size, where timed: '  g16 0.31 g32 0.35 g64 0.66'."""
+    timed = [f"g{cut} {entry[f'mid_g{cut}_ms']:.3f}" for cut in MOE_GROUP_ROWS if f"mid_g{cut}_ms" in entry]
+    return "  " + " ".join(timed) if timed else ""
 
 
 def main(argv: list[str] | None = None) -> None:

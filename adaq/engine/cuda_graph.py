@@ -203,10 +203,12 @@ class DecodeGraphs:
 
 def graph_blocker(model: torch.nn.Module) -> str | None:
     """Why a decode step of this model cannot be captured, or None when every op of it runs on a kernel: the
-    reference fallbacks of attention (head shapes or caches the kernels do not take) and of MoE (bf16 or W4A4
-    experts) and of the Gated DeltaNet ops read device values on the host, which a capture cannot contain. Layers of different KV shapes (Gemma
-    4) are fine: the kernels take a layer's view into a wider cache slot."""
+    reference fallbacks of attention (head shapes or caches the kernels do not take), of MoE (W4A4 experts, bf16
+    experts off the GPU) and of the Gated DeltaNet ops read device values on the host, which a capture cannot
+    contain. Layers of different KV shapes (Gemma 4) are fine: the kernels take a layer's view into a wider cache
+    slot."""
     from adaq.backends.cuda import KernelExpertsHandle, attention_kernel_cause
+    from adaq.backends.dense_moe import DenseExperts
 
     for module in model.modules():
         if hasattr(module, "ssm_state") and (cause := _gdn_blocker(module)):
@@ -218,8 +220,8 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
             if cause is not None:
                 return cause
         experts = getattr(module, "experts", None)
-        if experts is not None and not isinstance(experts, (KernelExpertsHandle, torch.nn.Module, list)):
-            return "MoE experts on the reference path (bf16 or W4A4 experts)"
+        if experts is not None and not isinstance(experts, (KernelExpertsHandle, DenseExperts, torch.nn.Module, list)):
+            return "MoE experts on the reference path (W4A4 experts, or bf16 experts off the GPU)"
     return None
 
 
