@@ -7,7 +7,7 @@
 # Steps: tests (every GPU test, three pytest processes; TESTS_TREE in TREE beside them when TREE is set), retest
 # (TESTS_MAIN, ';' between pytest runs, then TESTS_TREE in TREE),
 # bench:NAME (see bench_step; NAME_mid: with the mid-size NVFP4 kernels' thresholds set), sweep[@TREE]. Bench JSON and logs go into $OUT/bench.tgz, rewritten after every bench.
-# Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
+# Bench steps: MODEL (b1,16), MODEL-bf16 (beside the bf16 engine; BF16_ARGS replaces its batch/length arguments), MODEL-prefill2048, qwen3-8b-lmhead-FMT,
 # qwen3-next, kernels (adaq bench kernels, the peers), profile-MODEL-bBATCH, pprofile-MODEL-LEN (a prefill), exact-skew (the exact MoE path under a
 # hot expert); NAME@TREE runs it in that tree.
 # Usage: OUT=$OUT STEPS="tests bench:qwen3.6 bench:qwen3.6@wip-X" TREES="wip-X" TREE=wip-X TESTS_TREE="tests/..." \
@@ -136,7 +136,7 @@ bench_named() {  # what tree
     *-prefill2048|*-prefill2048x) local model=${what%-prefill2048*}
       bench $tree $what 200 --synthetic $model --batch 1 --input-len 2048 --output-len 8 --repeats 2 --baselines none ;;
     *-bf16) local model=${what%-bf16}
-      bench $tree $what 240 --synthetic $model --batch 1,16 --output-len 128 --repeats 2 --baselines bf16 ;;
+      bench $tree $what 240 --synthetic $model ${BF16_ARGS:---batch 1,16 --output-len 128 --repeats 2} --baselines bf16 ;;
     *) bench $tree $what 150 --synthetic $what --batch 1,16 --output-len 128 --repeats 2 --baselines none ;;
   esac
 }
