@@ -5,7 +5,10 @@ variant (bf16 engine, NVFP4 exact path, NVFP4 FP8 path), profiled with torch.pro
 
 Prints per variant: prefill wall ms and GPU ms per kind (GEMM, attention, KV store, weight expansion, activation
 quantization, dequantization, norms, element-wise, other), the top kernels and the top host-side ops (self CPU
-time: where a wall time above the GPU time goes). Writes prefill_profile.json.
+time: where a wall time above the GPU time goes), then the backend ops' own times over two more prefills: host ms
+(the time to issue each op, nothing synchronised) and synced ms (a device sync before and after each op: its wall
+including the GPU), with the rest of the step (layers' Python, torch ops outside the backend) as "outside ops".
+Writes prefill_profile.json.
 """
 
 import argparse
@@ -57,6 +60,48 @@ def prefill_once(engine, prompts) -> float:
     return elapsed
 
 
+BACKEND_OPS = ("linear", "moe", "qk_norm_rope_store", "store_kv", "attention", "rms_norm", "add_rms_norm",
+               "silu_and_mul", "gelu_tanh_and_mul", "rotary", "moe_shared", "sigmoid_gate", "gdn_gates",
+               "causal_conv1d", "gated_delta_rule", "gated_rms_norm")
+
+
+def backend_op_times(engine, prompts, synced: bool) -> dict:
+    """{op: [ms, calls]} for one prefill, each outermost backend op timed on the host (synced: with a device sync
+    before and after it), and "outside ops": the step's wall minus the ops'."""
+    backend = engine.runner.model.backend
+    times, depth = {}, [0]
+
+    def timed(name, method):
+        def call(*args, **kwargs):
+            if depth[0]:
+                return method(*args, **kwargs)
+            depth[0] += 1
+            if synced:
+                synchronize()
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if synced:
+                    synchronize()
+                entry = times.setdefault(name, [0.0, 0])
+                entry[0] += (time.perf_counter() - start) * 1e3
+                entry[1] += 1
+                depth[0] -= 1
+        return call
+
+    wrapped = [name for name in BACKEND_OPS if callable(getattr(backend, name, None))]
+    for name in wrapped:
+        setattr(backend, name, timed(name, getattr(backend, name)))
+    try:
+        wall = prefill_once(engine, prompts) * 1e3
+    finally:
+        for name in wrapped:
+            delattr(backend, name)
+    times["outside ops"] = [wall - sum(ms for ms, _ in times.values()), 1]
+    return {"wall_ms": wall, "ops_ms": dict(sorted(times.items(), key=lambda item: -item[1][0]))}
+
+
 def profile_variant(spec: VariantSpec, prompts) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -78,12 +123,15 @@ def profile_variant(spec: VariantSpec, prompts) -> dict:
     top = sorted(kernels.items(), key=lambda item: -item[1])[:25]
     host = sorted(((event.key, event.self_cpu_time_total / 1e3, event.count) for event in prof.key_averages()),
                   key=lambda item: -item[1])[:25]
+    host_ops = backend_op_times(engine, prompts, synced=False)
+    synced_ops = backend_op_times(engine, prompts, synced=True)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
     return {"wall_ms": walls[1] * 1e3, "gpu_ms": sum(kernels.values()), "kinds_ms": kinds,
             "top_kernels_ms": [[name[:120], ms] for name, ms in top],
-            "top_host_ms": [[name[:120], ms, count] for name, ms, count in host]}
+            "top_host_ms": [[name[:120], ms, count] for name, ms, count in host],
+            "backend_ops_host": host_ops, "backend_ops_synced": synced_ops}
 
 
 def main() -> None:
@@ -117,6 +165,11 @@ def main() -> None:
         print("    host (self CPU time):")
         for name, ms, count in r["top_host_ms"][:12]:
             print(f"    {ms:8.2f} ms  {count:6d}x  {name}")
+        host, synced = r["backend_ops_host"], r["backend_ops_synced"]
+        print(f"    backend ops, host ms (prefill wall {host['wall_ms']:.1f}) / synced ms (wall "
+              f"{synced['wall_ms']:.1f}) / calls:")
+        for name, (ms, calls) in synced["ops_ms"].items():
+            print(f"    {host['ops_ms'].get(name, [0.0])[0]:8.2f} {ms:8.2f} {calls:6d}x  {name}")
     (out / "prefill_profile.json").write_text(json.dumps({"model": args.model, "input_len": args.input_len,
                                                           "batch": args.batch, "variants": results}, indent=1))
 
