@@ -99,3 +99,15 @@ def test_sweep_needs_a_gpu():
         pytest.skip("a GPU is here")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         prefill_sweep.main(["--rows", "16"])
+
+
+def test_the_moe_table_shows_the_grouped_bf16_column_where_it_was_timed():
+    from pathlib import Path
+
+    sweep = Path(__file__).parents[1] / "bench/results/session10/call1/prefill_sweep_main.json"  # an H100 sweep
+    report = json.loads(sweep.read_text())
+    report["moe"]["rows"][0]["bf16_grouped_ms"] = 0.25
+    lines = prefill_sweep.summary_lines(report)
+    header = next(i for i, line in enumerate(lines) if "bf16 grp" in line)
+    assert " 0.250 " in lines[header + 1] and lines[header + 1].split()[0] == "16"
+    assert lines[header + 2].split()[6] == "-"  # M = 32: not timed

@@ -5,9 +5,10 @@ Dense: one Qwen3-8B layer's four projections (qkv, o, gate_up, down) through the
 NVFP4 kernel, the exact path (dequantize + cuBLAS bf16), the FP8 path and cuBLAS bf16 on a dense weight
 (prefill_bench.threshold_sweep: L2 flushed before each call, medians). MoE: one Qwen3-30B-A3B MoE layer (128
 experts, top-8) at the same M, through the decode kernels, the grouped mid-size kernel, the exact grouped path, the
-grouped FP8 path and per-expert cuBLAS bf16. Thresholds: the smallest M of the sweep from which a path is at least as
-fast as what would run instead at that M and at every larger M (a crossover that holds, not a lucky point); a path
-that was timed and never won gets twice the largest M swept ("not within the sweep").
+grouped FP8 path, per-expert cuBLAS bf16 (the reference loop) and the bf16 engine's grouped bf16 MoE
+(adaq.backends.dense_moe, where Triton is there). Thresholds: the smallest M of the sweep from which a path is at
+least as fast as what would run instead at that M and at every larger M (a crossover that holds, not a lucky point);
+a path that was timed and never won gets twice the largest M swept ("not within the sweep").
 
     python -m adaq.bench.prefill_sweep --json sweep.json [--write-thresholds [PATH]] [--rows 16,32,...]
 """
@@ -33,7 +34,7 @@ MOE_GROUP_ROWS = (16, 32, 64)  # the grouped mid path's variants beside its plan
 
 def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> dict:
     """ms per MoE layer at each M, per path (random experts generated on the GPU, random router logits)."""
-    from adaq.backends import prefill_moe
+    from adaq.backends import dense_moe, prefill_moe
     from adaq.backends.cuda import CudaBackend
     from adaq.backends.prefill_moe_exact import exact_moe_forward
     from adaq.backends.prefill_moe_mid import mid_moe_forward
@@ -47,6 +48,9 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
     fp8 = _fp8_experts(prefill_moe, pairs, downs)
     bf16_backend = ReferenceBackend("cuda", dequant_cache_bytes=0)
     bf16 = bf16_backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
+    grouped_backend = CudaBackend("cuda")
+    grouped = grouped_backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
+    grouped_ok = isinstance(grouped, dense_moe.DenseExperts)  # else no Triton: the fallback is reported, not timed
     entries = []
     for m in rows:
         generator = torch.Generator(device="cuda").manual_seed(m)
@@ -59,6 +63,8 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
         for cut in MOE_GROUP_ROWS:
             paths[f"mid_g{cut}"] = (lambda cut=cut: mid_moe_forward(x, logits, prepared.stacked, top_k, True,
                                                                     max_group_rows=cut))
+        if grouped_ok:
+            paths["bf16_grouped"] = lambda: grouped_backend.moe(x, logits, grouped, top_k, True)
         if fp8 is not None:
             paths["fp8"] = lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True)
         entry = {"M": m}
@@ -128,11 +134,12 @@ def summary_lines(report: dict) -> list[str]:
     moe = report.get("moe")
     if moe:
         lines.append(f"MoE layer {moe['shape']}, ms:")
-        lines.append(f"{'M':>5} {'decode':>8} {'mid':>8} {'exact':>8} {'fp8':>8} {'bf16':>8}")
+        lines.append(f"{'M':>5} {'decode':>8} {'mid':>8} {'exact':>8} {'fp8':>8} {'bf16':>8} {'bf16 grp':>8}")
         for e in moe["rows"]:
-            fp8, mid = (f"{e[key]:8.3f}" if key in e else f"{'-':>8}" for key in ("fp8_ms", "mid_ms"))
+            fp8, mid, grouped = (f"{e[key]:8.3f}" if key in e else f"{'-':>8}"
+                                 for key in ("fp8_ms", "mid_ms", "bf16_grouped_ms"))
             lines.append(f"{e['M']:>5} {e['decode_ms']:8.3f} {mid} {e['exact_ms']:8.3f} {fp8} "
-                         f"{e['bf16_cublas_ms']:8.3f}{_group_variants(e)}")
+                         f"{e['bf16_cublas_ms']:8.3f} {grouped}{_group_variants(e)}")
     lines.append(f"thresholds: {report['thresholds']}")
     return lines
 
