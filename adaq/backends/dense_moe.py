@@ -18,7 +18,6 @@ class DenseExperts:
 
     gate_up: torch.Tensor
     down: torch.Tensor
-    intermediate_size: int
 
     @classmethod
     def of(cls, gate_up: list[list[torch.Tensor]], down: list[torch.Tensor], device: torch.device) -> "DenseExperts":
@@ -29,14 +28,14 @@ class DenseExperts:
         for expert, (pair, down_weight) in enumerate(zip(gate_up, down)):
             stacked_gate_up[expert].copy_(torch.cat(pair))
             stacked_down[expert].copy_(down_weight)
-        return cls(stacked_gate_up, stacked_down, intermediate)
+        return cls(stacked_gate_up, stacked_down)
 
     @property
     def num_experts(self) -> int:
         return self.down.shape[0]
 
     def first(self, count: int) -> "DenseExperts":
-        return DenseExperts(self.gate_up[:count], self.down[:count], self.intermediate_size)
+        return DenseExperts(self.gate_up[:count], self.down[:count])
 
 
 def dense_moe_forward(backend, x: torch.Tensor, router_logits: torch.Tensor, experts: DenseExperts, top_k: int,

@@ -44,12 +44,12 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
     shape = shape or prefill_moe_bench.QWEN3_30B_A3B
     experts, top_k, hidden = shape["experts"], shape["top_k"], shape["hidden"]
     pairs, downs, dense_pairs, dense_down = prefill_moe_bench.random_experts(experts, hidden, shape["intermediate"])
-    prepared = CudaBackend("cuda").prepare_experts(pairs, downs, dtype=torch.bfloat16)
+    backend = CudaBackend("cuda")
+    prepared = backend.prepare_experts(pairs, downs, dtype=torch.bfloat16)
     fp8 = _fp8_experts(prefill_moe, pairs, downs)
     bf16_backend = ReferenceBackend("cuda", dequant_cache_bytes=0)
     bf16 = bf16_backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
-    grouped_backend = CudaBackend("cuda")
-    grouped = grouped_backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
+    grouped = backend.prepare_experts(dense_pairs, dense_down, dtype=torch.bfloat16)
     grouped_ok = isinstance(grouped, dense_moe.DenseExperts)  # else no Triton: the fallback is reported, not timed
     entries = []
     for m in rows:
@@ -64,7 +64,7 @@ def moe_sweep(rows: tuple[int, ...] = SWEEP_ROWS, shape: dict | None = None) -> 
             paths[f"mid_g{cut}"] = (lambda cut=cut: mid_moe_forward(x, logits, prepared.stacked, top_k, True,
                                                                     max_group_rows=cut))
         if grouped_ok:
-            paths["bf16_grouped"] = lambda: grouped_backend.moe(x, logits, grouped, top_k, True)
+            paths["bf16_grouped"] = lambda: backend.moe(x, logits, grouped, top_k, True)
         if fp8 is not None:
             paths["fp8"] = lambda: prefill_moe.fp8_moe_forward(x, logits, fp8, top_k, True)
         entry = {"M": m}
