@@ -114,6 +114,40 @@ def test_conv_update_kernel_matches_the_reference(batch, channels, width):
     torch.testing.assert_close(states, expected_states, atol=0, rtol=0, equal_nan=True)  # copies, bit for bit
 
 
+# (q_lens, context_lens, channels, width): fresh (context == q_len) and continued sequences, sequences shorter than
+# the conv's history, one token, long ones, odd channel counts
+PREFILL_CONV_STEPS = [([1], [1], 64, 4), ([2], [9], 96, 4), ([70], [70], 8192, 4),
+                      ([1, 130, 9, 64], [5, 130, 200, 64], 200, 4), ([3, 1, 2, 17, 1], [3, 4, 9, 17, 1], 96, 3),
+                      ([5, 33], [40, 33], 72, 2),
+                      ([257, 1, 1, 4], [300, 1, 7, 4], 10240, 4)]
+
+
+@pytest.mark.parametrize("q_lens, context_lens, channels, width", PREFILL_CONV_STEPS)
+@pytest.mark.parametrize("with_state", [True, False])
+def test_conv_prefill_kernel_matches_the_packed_reference(q_lens, context_lens, channels, width, with_state):
+    """ops.gdn_conv_prefill against numerics.gated_delta.conv_packed on a strided x, permuted slots, fresh slots
+    holding NaN, the output from NaN-filled memory; new states bit for bit, other slots untouched."""
+    torch.manual_seed(sum(q_lens) + channels + width)
+    seqs, num_slots = len(q_lens), len(q_lens) + 3
+    slots = torch.randperm(num_slots)[:seqs].to(DEV)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEV)
+    ctx = Context(is_prefill=True, cu_seqlens_q=torch.tensor([0] + q_lens).cumsum(0).int().to(DEV),
+                  max_seqlen_q=max(q_lens), context_lens=lens, state_slots=slots if with_state else None)
+    x = torch.randn(sum(q_lens), channels + 24, device=DEV, dtype=BF16)[:, 16:16 + channels]  # a strided view
+    weight = torch.randn(channels, width, device=DEV, dtype=BF16)
+    states = (torch.randn(num_slots, channels, width - 1, device=DEV) * 0.3).to(BF16)
+    fresh = slots[lens <= torch.tensor(q_lens, dtype=torch.int32, device=DEV)]
+    states[fresh] = float("nan")  # a fresh sequence must never read its slot
+    expected_states = states.clone()
+    expected = gd.conv_packed(x, weight, expected_states if with_state else None, ctx)
+    poison_allocator()
+    out = ops.gdn_conv_prefill(x, weight, states if with_state else None, ctx.state_slots, lens,
+                               ctx.query_offsets().int())
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and relative_error(out, expected) < 1e-2
+    torch.testing.assert_close(states, expected_states, atol=0, rtol=0, equal_nan=True)  # copies, bit for bit
+
+
 @pytest.mark.parametrize("rows, dim", [(1, 128), (3 * 32, 128), (17 * 48, 128), (5, 64), (7, 96)])
 def test_gated_rms_norm_kernel_matches_the_reference(rows, dim):
     x = torch.randn(rows, dim, device=DEV, dtype=BF16)

@@ -63,6 +63,35 @@ def test_group_rows_holds_an_experts_mean_share(rows, experts, cut):
     assert group_rows(rows, experts) == cut
 
 
+def random_ids(tokens: int, top_k: int, experts: int, skew: bool, gen: torch.Generator) -> torch.Tensor:
+    """Distinct experts per token; skew: half the tokens pick among the first top_k + 1 experts (hot experts)."""
+    ids = torch.rand(tokens, experts, generator=gen).argsort(dim=-1)[:, :top_k]
+    if skew:
+        hot = torch.rand(tokens // 2, top_k + 1, generator=gen).argsort(dim=-1)[:, :top_k]
+        ids[: tokens // 2] = hot
+    return ids.int()
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,size,skew", [(1, 1, 1, 16, False), (5, 2, 8, 16, False),
+                                                            (33, 4, 16, 16, True), (64, 8, 128, 32, False),
+                                                            (129, 8, 128, 64, True), (7, 3, 257, 16, False)])
+def test_expert_pieces_reference_cuts_the_sorted_rows_per_expert(tokens, top_k, experts, size, skew):
+    gen = torch.Generator().manual_seed(tokens * experts + size)
+    ids = random_ids(tokens, top_k, experts, skew, gen)
+    offsets, group_expert, row_ids, num_groups = ops.expert_pieces_reference(ids, experts, size)
+    rows, used = ids.numel(), int(num_groups)
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=experts).tolist()
+    got = [(int(group_expert[g]), int(offsets[g]), int(offsets[g + 1])) for g in range(used)]
+    assert got == pieces_expected(counts, size)
+    assert group_expert.numel() == -(-rows // size) + experts == offsets.numel() - 1
+    assert (offsets[used:] == rows).all() and (group_expert[used:] == experts - 1).all()
+    flat = ids.reshape(-1)
+    assert torch.equal(flat[row_ids.long()], flat.sort(stable=True).values)  # sorted by expert
+    for expert in range(experts):  # ascending rows within an expert (the stable sort)
+        mine = row_ids[flat[row_ids.long()] == expert]
+        assert torch.equal(mine, mine.sort().values)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.gpu
@@ -137,3 +166,24 @@ def test_gpu_cuda_backend_routes_moe_prefill_to_the_mid_kernel(monkeypatch):
     mid = backend.moe(x, logits, handle, 4, True).float()
     assert calls, "the mid-size path did not run"
     assert float((mid - decode).norm() / decode.norm()) < 1e-2
+
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens,top_k,experts,size,skew", [
+    (1, 1, 1, 16, False), (1, 8, 128, 16, False), (5, 8, 128, 64, True), (16, 8, 128, 16, False),
+    (33, 10, 257, 16, True), (128, 8, 128, 16, True), (300, 4, 512, 32, False), (513, 8, 128, 32, True),
+    (2048, 8, 128, 64, False), (4097, 8, 128, 64, True), (1000, 1, 2048, 16, False), (77, 2, 3, 16, True)])
+def test_gpu_expert_pieces_match_their_reference(tokens, top_k, experts, size, skew):
+    """moe.cu moe_piece_table against the plain-torch tables, every element (unused pieces too), the allocator's
+    free memory poisoned first so an element the kernel leaves unwritten shows."""
+    from helpers.gpu_checks import poison_allocator
+
+    gen = torch.Generator().manual_seed(tokens + experts + size)
+    ids = random_ids(tokens, top_k, experts, skew, gen)
+    want = ops.expert_pieces_reference(ids, experts, size)
+    poison_allocator(1 << 20)  # 1 MB: the small-block pool the tables come from
+    got = ops.expert_pieces(ids.cuda(), experts, size)
+    for name, g, w in zip(("offsets", "group_expert", "row_ids", "num_groups"), got, want):
+        assert g.dtype == torch.int32 and torch.equal(g.cpu(), w), name

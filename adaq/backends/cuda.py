@@ -17,7 +17,6 @@ import torch
 from adaq.backends import dense_moe, gdn_prefill, prefill_moe, prefill_moe_exact, prefill_moe_mid, prefill_route
 from adaq.backends.fallbacks import KERNEL_SETTING, PREFILL_SETTING
 from adaq.backends.handles import LinearHandle, can_fuse, check_shapes
-from adaq.backends.numerics import gated_delta
 from adaq.backends.numerics import moe as moe_numerics
 from adaq.backends.numerics.attention import nvfp4_kv_row_bytes
 from adaq.backends.reference import ReferenceBackend
@@ -363,8 +362,9 @@ class CudaBackend(ReferenceBackend):
         if cause:
             self._fell_back("GDN conv1d", cause)
             return super().causal_conv1d(x, weight, conv_states, ctx)
-        if ctx.is_prefill:  # batched torch ops over the packed step, no per-sequence loop
-            return gated_delta.conv_packed(x, weight, conv_states, ctx)
+        if ctx.is_prefill:  # the packed step in two launches (numerics: gated_delta.conv_packed)
+            return ops.gdn_conv_prefill(x, weight, conv_states, _slots(ctx, conv_states), ctx.context_lens,
+                                        ctx.query_offsets().int().contiguous())
         return ops.gdn_conv_update(x, weight, conv_states, _slots(ctx, conv_states), ctx.context_lens)
 
     def gated_delta_rule(self, q, k, v, a, b, a_log, dt_bias, ssm_states, ctx):

@@ -27,6 +27,7 @@ from adaq.backends.numerics import activation, moe
 from adaq.formats import fp8_prefill
 from adaq.formats.nvfp4 import NVFP4Weight
 from adaq.kernels import fp8_gemm
+from adaq.kernels.ops import align_rows_sorted  # noqa: F401 (the exact and FP8 paths' grouping, re-exported)
 
 MOE_ALIGN_MAX_ROWS = 2048  # moe_align's stable placement costs O(rows^2 / threads): sort-based grouping above
 MOE_TILE_ENV = "ADAQ_PREFILL_MOE_TILE"
@@ -214,17 +215,6 @@ def routed_weights(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if expert_scale is not None:
         weights = weights * expert_scale[ids.long()].to(weights.dtype)
     return weights, ids
-
-
-def align_rows_sorted(ids: torch.Tensor, experts: int):
-    """moe_align's layout from a stable sort (every expert is a group, empty ones too); no host sync."""
-    flat = ids.reshape(-1).int()
-    sorted_ids, row_ids = torch.sort(flat, stable=True)
-    bounds = torch.arange(experts + 1, dtype=torch.int32, device=ids.device)
-    offsets = torch.searchsorted(sorted_ids, bounds).int()
-    group_expert = torch.arange(experts, dtype=torch.int32, device=ids.device)
-    num_groups = torch.full((1,), experts, dtype=torch.int32, device=ids.device)
-    return offsets, group_expert, row_ids.int(), num_groups
 
 
 def choose_grouped_tile(rows: int, experts: int) -> int:

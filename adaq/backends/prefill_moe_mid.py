@@ -7,8 +7,9 @@ products e2m1 x block_scale in fp32 and is rounded to bf16 once after its column
 bf16; the weighted outputs summed in ascending expert order in bf16 (moe.cu `moe_combine`).
 
 1. the router (moe.cu `router_topk`; Gemma 4's expert_scale applied as the exact path applies it), rows
-   (token, slot) sorted by expert (prefill_moe.align_rows_sorted), every expert's rows cut into groups of <= 16,
-   32 or 64 rows (`group_rows`; ops.split_groups, on the device);
+   (token, slot) sorted by expert (a stable sort), every expert's rows cut into groups of <= 16, 32 or 64 rows
+   (`group_rows`), the whole table in one launch (ops.expert_pieces; its plain-torch form
+   ops.expert_pieces_reference);
 2. gate|up: group g reads x rows row / top_k and writes its rows in (token, slot) order, so nothing is gathered
    or scattered; the gated activation; down the same way;
 3. moe.cu `moe_combine`.
@@ -16,7 +17,7 @@ bf16; the weighted outputs summed in ascending expert order in bf16 (moe.cu `moe
 
 import torch
 
-from adaq.backends.prefill_moe import align_rows_sorted, routed_weights
+from adaq.backends.prefill_moe import routed_weights
 
 
 def group_rows(rows: int, experts: int) -> int:
@@ -38,7 +39,7 @@ def mid_moe_forward(x: torch.Tensor, router_logits: torch.Tensor, stacked, top_k
     weights, ids = routed_weights(router_logits, top_k, renormalize, expert_scale)
     rows = ids.numel()
     per_group = min(rows, max_group_rows or group_rows(rows, experts))
-    table = ops.split_groups(align_rows_sorted(ids, experts), rows, per_group)
+    table = ops.expert_pieces(ids, experts, per_group)
     gate_up = ops.grouped_linear_mid(x.contiguous(), top_k, stacked, "gate_up", table, rows, per_group)
     hidden = ops.gated(gate_up, activation_name)
     y = ops.grouped_linear_mid(hidden, 1, stacked, "down", table, rows, per_group)

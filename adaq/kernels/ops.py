@@ -237,6 +237,32 @@ def grouped_linear_mid(x: torch.Tensor, x_row_div: int, experts: "StackedExperts
                                   num_groups, group_expert.numel(), max_rows, out_rows, n, k, splits)
 
 
+def align_rows_sorted(ids: torch.Tensor, experts: int):
+    """moe_align's layout from a stable sort (every expert is a group, empty ones too); no host sync:
+    (offsets [E+1], group_expert [E], row_ids [rows] (ascending within an expert), num_groups [1]), int32."""
+    flat = ids.reshape(-1).int()
+    sorted_ids, row_ids = torch.sort(flat, stable=True)
+    bounds = torch.arange(experts + 1, dtype=torch.int32, device=ids.device)
+    offsets = torch.searchsorted(sorted_ids, bounds).int()
+    group_expert = torch.arange(experts, dtype=torch.int32, device=ids.device)
+    num_groups = torch.full((1,), experts, dtype=torch.int32, device=ids.device)
+    return offsets, group_expert, row_ids.int(), num_groups
+
+
+def expert_pieces_reference(ids: torch.Tensor, experts: int, max_rows: int):
+    """The grouped mid path's tables: the rows (token, slot) of `ids` [T, k] sorted by expert (stable), every
+    expert's rows cut into pieces of <= max_rows (split_groups' layout and its unused pieces). Plain torch."""
+    return split_groups(align_rows_sorted(ids, experts), ids.numel(), max_rows)
+
+
+def expert_pieces(ids: torch.Tensor, experts: int, max_rows: int):
+    """expert_pieces_reference on the GPU: the stable sort, then the whole table in one launch (moe.cu
+    moe_piece_table) instead of ~35 small ops."""
+    sorted_ids, row_ids = torch.sort(ids.reshape(-1).int(), stable=True)
+    offsets, group_expert, num_groups = ext().moe_piece_table(sorted_ids, experts, max_rows)
+    return offsets, group_expert, row_ids.int(), num_groups
+
+
 def split_groups(align, rows: int, max_rows: int = MAX_DECODE_ROWS):
     """The grouped tables with every group cut into pieces of at most `max_rows` rows (same expert, same row order),
     on the device and without a host sync: a bound of ceil(rows / max_rows) + G groups, the count in use in
@@ -409,6 +435,17 @@ def gdn_conv_update(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Ten
     """x [B, C] -> silu(conv) [B, C]; conv_state [slots, C, Kc-1] read (sequences with context_len > 1) and written
     in place at `slots` (int64 [B], -1 skipped); None state or slots: zero states, nothing written."""
     return ext().gdn_conv_update(x, weight, conv_state, slots, context_lens)
+
+
+def gdn_conv_prefill(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None,
+                     slots: torch.Tensor | None, context_lens: torch.Tensor | None,
+                     offsets: torch.Tensor) -> torch.Tensor:
+    """A packed prefill step: x [T, C] (sequences back to back at `offsets` int32 [B+1]) -> silu(conv) [T, C];
+    a sequence continues its slot's state when context_len > q_len, and its slot gets its last Kc-1 inputs
+    (numerics.gated_delta.conv_packed). No state (or no slots): zeros before each sequence, nothing written."""
+    if conv_state is None or slots is None:
+        conv_state = slots = context_lens = None
+    return ext().gdn_conv_prefill(x, weight, conv_state, slots, context_lens, offsets)
 
 
 def gdn_decode(q, k, v, a, b, a_log, dt_bias, ssm_state: torch.Tensor | None, slots: torch.Tensor | None,

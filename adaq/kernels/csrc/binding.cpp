@@ -89,11 +89,16 @@ int moe_route_fused(const __nv_bfloat16* logits, int ld, int tokens, int experts
                     int* group_expert, int* row_ids, int* num_groups, cudaStream_t stream);
 int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* group_expert, int* row_ids,
               int* num_groups, cudaStream_t stream);
+int moe_piece_table(const int* sorted_ids, int rows, int experts, int max_rows, int* offsets, int* group_expert,
+                    int* num_groups, cudaStream_t stream);
 int moe_combine(const __nv_bfloat16* y, const __nv_bfloat16* w, const int* ids, __nv_bfloat16* out, int tokens,
                 int top_k, int hidden, cudaStream_t stream);
 int gdn_conv_update(const __nv_bfloat16* x, long long ldx, const __nv_bfloat16* weight, __nv_bfloat16* state,
                     const long long* slots, const int* context_lens, __nv_bfloat16* out, int rows, int channels,
                     int kernel_width, cudaStream_t stream);
+int gdn_conv_prefill(const __nv_bfloat16* x, long long ldx, const __nv_bfloat16* weight, __nv_bfloat16* state,
+                     const long long* slots, const int* context_lens, const int* offsets, int seqs,
+                     __nv_bfloat16* out, int tokens, int channels, int kernel_width, cudaStream_t stream);
 int gdn_decode(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, long long q_stride,
                long long k_stride, long long v_stride, const __nv_bfloat16* a, const __nv_bfloat16* b,
                long long a_stride, long long b_stride, const __nv_bfloat16* a_log, const __nv_bfloat16* dt_bias,
@@ -647,6 +652,25 @@ std::vector<torch::Tensor> moe_route_fused(torch::Tensor logits, int64_t experts
   return {weights, ids, order, offsets, group_expert, row_ids, num_groups};
 }
 
+// The grouped mid path's piece table from expert-sorted ids: {offsets [bound+1], group_expert [bound], num_groups [1]}
+// with bound = ceil(rows / max_rows) + experts (ops.split_groups' layout).
+std::vector<torch::Tensor> moe_piece_table(torch::Tensor sorted_ids, int64_t experts, int64_t max_rows) {
+  TORCH_CHECK(sorted_ids.scalar_type() == at::kInt && sorted_ids.dim() == 1 && sorted_ids.is_contiguous(),
+              "moe_piece_table: sorted_ids must be a contiguous int32 vector");
+  const c10::cuda::CUDAGuard guard(sorted_ids.device());
+  const int rows = sorted_ids.numel();
+  TORCH_CHECK(max_rows > 0, "moe_piece_table: max_rows must be positive");
+  const int64_t bound = (rows + max_rows - 1) / max_rows + experts;
+  auto opts = sorted_ids.options();
+  auto offsets = torch::empty({bound + 1}, opts), group_expert = torch::empty({bound}, opts);
+  auto num_groups = torch::empty({1}, opts);
+  const int status = adaq::moe_piece_table(sorted_ids.data_ptr<int>(), rows, experts, max_rows,
+                                           offsets.data_ptr<int>(), group_expert.data_ptr<int>(),
+                                           num_groups.data_ptr<int>(), stream());
+  ADAQ_CHECK_STATUS(status, "moe_piece_table rows=" + std::to_string(rows) + " experts=" + std::to_string(experts));
+  return {offsets, group_expert, num_groups};
+}
+
 torch::Tensor moe_combine(torch::Tensor y, torch::Tensor w, torch::Tensor ids) {
   ADAQ_CHECK_BF16(y);
   ADAQ_CHECK_BF16(w);
@@ -689,6 +713,38 @@ torch::Tensor gdn_conv_update(torch::Tensor x, torch::Tensor weight, c10::option
                                            state ? bf16_mut(*state) : nullptr, slots_ptr(slots),
                                            context_lens.data_ptr<int>(), bf16_mut(out), B, C, K, stream());
   ADAQ_CHECK_STATUS(status, "gdn_conv_update channels=" + std::to_string(C) + " kernel=" + std::to_string(K) +
+                                " (kernel widths 2, 3, 4)");
+  return out;
+}
+
+// The packed prefill step's conv: x [T, C] (unit column stride), offsets int32 [B+1]; with a state cache, slots
+// int64 [B] and context_lens int32 [B] (a sequence continues its slot's state when context_len > q_len).
+torch::Tensor gdn_conv_prefill(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> state,
+                               c10::optional<torch::Tensor> slots, c10::optional<torch::Tensor> context_lens,
+                               torch::Tensor offsets) {
+  ADAQ_CHECK_BF16(x);
+  ADAQ_CHECK_BF16(weight);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, C] with unit column stride");
+  const int64_t T = x.size(0), C = x.size(1), K = weight.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C && weight.is_contiguous(), "conv weight must be [", C, ", K]");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 2 &&
+              offsets.is_contiguous(), "offsets must be a contiguous int32 [B + 1]");
+  const int64_t B = offsets.numel() - 1;
+  if (state) {
+    TORCH_CHECK(state->scalar_type() == at::kBFloat16 && state->dim() == 3 && state->size(1) == C &&
+                state->size(2) == K - 1 && state->is_contiguous(), "conv state must be bf16 [slots, ", C, ", ", K - 1, "]");
+    TORCH_CHECK(slots && slots->scalar_type() == at::kLong && slots->numel() == B && slots->is_contiguous(),
+                "a conv state needs int64 slots [", B, "]");
+    TORCH_CHECK(context_lens && context_lens->scalar_type() == at::kInt && context_lens->numel() == B &&
+                context_lens->is_contiguous(), "a conv state needs int32 context_lens [", B, "]");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({T, C}, x.options());
+  const int status = adaq::gdn_conv_prefill(
+      bf16_ptr(x), x.stride(0), bf16_ptr(weight), state ? bf16_mut(*state) : nullptr,
+      state ? slots_ptr(slots) : nullptr, state ? context_lens->data_ptr<int>() : nullptr, offsets.data_ptr<int>(),
+      B, bf16_mut(out), T, C, K, stream());
+  ADAQ_CHECK_STATUS(status, "gdn_conv_prefill channels=" + std::to_string(C) + " kernel=" + std::to_string(K) +
                                 " (kernel widths 2, 3, 4)");
   return out;
 }
@@ -762,10 +818,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_align", &moe_align);
   m.def("moe_route", &moe_route);
   m.def("moe_combine", &moe_combine);
+  m.def("moe_piece_table", &moe_piece_table);
   m.def("moe_route_fused", &moe_route_fused);
   m.def("moe_gate_up_act", &moe_gate_up_act);
   m.def("moe_down_combine", &moe_down_combine);
   m.def("gdn_conv_update", &gdn_conv_update);
+  m.def("gdn_conv_prefill", &gdn_conv_prefill);
   m.def("gdn_decode", &gdn_decode);
   m.def("gated_rms_norm", &gated_rms_norm);
 }

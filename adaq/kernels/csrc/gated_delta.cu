@@ -1,6 +1,8 @@
 // Gated DeltaNet decode (Qwen3.5 / Qwen3.6 / Qwen3-Next linear attention): one token of each of B sequences, their
-// states living in slots of the engine's state cache (adaq/engine/state_cache.py). Three kernels:
+// states living in slots of the engine's state cache (adaq/engine/state_cache.py). Three kernels, and the conv's
+// prefill form:
 //   gdn_conv_update   the depthwise causal conv1d over q|k|v with its per-slot conv state, then SiLU;
+//   gdn_conv_prefill  the same over a packed prefill step (two launches: outputs, then the new states);
 //   gdn_decode        the gates (g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b)), the q/k L2 norms and
 //                     the recurrent delta-rule update of the fp32 state S [Hv, Dk, Dv], with o = S^T q;
 //   gated_rms_norm    the output norm: w * rms_norm(x) * silu(z).
@@ -62,6 +64,79 @@ __global__ void gdn_conv_update_kernel(const __nv_bfloat16* __restrict__ x,  // 
 #pragma unroll
     for (int j = 0; j < KC - 1; ++j) dst[j] = window[j + 1];
   }
+}
+
+// ---- causal conv1d over a packed prefill step --------------------------------------------------------------------
+// The prefill form of the conv (numerics.gated_delta.conv_packed, which is ~60 small torch ops per layer: on a short
+// prompt their host launches, not the GPU, set the layer's time). Tokens of B sequences packed back to back
+// (offsets [B+1]); a tap before a sequence's first token reads the slot's conv state when the sequence continues a
+// cached one (context_len > q_len), else zero (a fresh slot may hold NaN: never read). Same fp32 order as the
+// reference: acc = (((0 + t0 w0) + t1 w1) + ...), each product and sum rounded on its own, silu, bf16.
+// Two launches, because the state is updated in place: every output of the step reads the old state, so the new
+// one (each sequence's last KC-1 inputs, or old state values when the sequence is shorter than that) is written
+// only after. One thread per (token, channel), then one per (sequence, channel); channels contiguous in a warp.
+__device__ __forceinline__ int sequence_of(const int* __restrict__ offsets, int seqs, int token) {
+  int lo = 0, hi = seqs - 1;  // the last s with offsets[s] <= token
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (offsets[mid] <= token) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ const __nv_bfloat16* previous_state(const __nv_bfloat16* state, const long long* slots,
+                                                               const int* context_lens, int seq, int q_len,
+                                                               int channels, int c, int history) {
+  const bool cached = state != nullptr && slots != nullptr && slots[seq] >= 0 && context_lens[seq] > q_len;
+  return cached ? state + (slots[seq] * channels + c) * history : nullptr;
+}
+
+template <int KC>
+__global__ void gdn_conv_prefill_kernel(const __nv_bfloat16* __restrict__ x, long long ldx,
+                                        const __nv_bfloat16* __restrict__ weight,  // [C, KC]
+                                        const __nv_bfloat16* __restrict__ state,   // [slots, C, KC-1] or null
+                                        const long long* __restrict__ slots, const int* __restrict__ context_lens,
+                                        const int* __restrict__ offsets, int seqs,
+                                        __nv_bfloat16* __restrict__ out, int tokens, int channels) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long long>(tokens) * channels) return;
+  const int t = i / channels, c = i % channels;
+  const int s = sequence_of(offsets, seqs, t);
+  const int local = t - offsets[s], q_len = offsets[s + 1] - offsets[s];
+  const __nv_bfloat16* previous = previous_state(state, slots, context_lens, s, q_len, channels, c, KC - 1);
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < KC; ++j) {
+    const int back = KC - 1 - j;  // this tap reads the input `back` tokens before the current one
+    float tap = 0.f;
+    if (local >= back) tap = __bfloat162float(x[static_cast<long long>(t - back) * ldx + c]);
+    else if (previous != nullptr) tap = __bfloat162float(previous[local - back + KC - 1]);
+    acc = add_rn(acc, mul_rn(tap, __bfloat162float(weight[c * KC + j])));
+  }
+  out[static_cast<long long>(t) * channels + c] = __float2bfloat16_rn(silu(acc));
+}
+
+template <int KC>
+__global__ void gdn_conv_prefill_state_kernel(const __nv_bfloat16* __restrict__ x, long long ldx,
+                                              __nv_bfloat16* __restrict__ state, const long long* __restrict__ slots,
+                                              const int* __restrict__ context_lens, const int* __restrict__ offsets,
+                                              int seqs, int channels) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long long>(seqs) * channels) return;
+  const int s = i / channels, c = i % channels;
+  if (slots[s] < 0) return;
+  const int q_len = offsets[s + 1] - offsets[s];
+  const __nv_bfloat16* previous = previous_state(state, slots, context_lens, s, q_len, channels, c, KC - 1);
+  __nv_bfloat16 window[KC - 1];  // read it all before writing: a short sequence keeps part of its old state
+#pragma unroll
+  for (int m = 0; m < KC - 1; ++m) {
+    const int source = q_len - (KC - 1) + m;  // the window value's index within the sequence's tokens
+    if (source >= 0) window[m] = x[static_cast<long long>(offsets[s] + source) * ldx + c];
+    else window[m] = previous != nullptr ? previous[q_len + m] : __float2bfloat16_rn(0.f);
+  }
+  __nv_bfloat16* dst = state + (slots[s] * channels + c) * (KC - 1);
+#pragma unroll
+  for (int m = 0; m < KC - 1; ++m) dst[m] = window[m];
 }
 
 // ---- the recurrent gated delta rule, one token --------------------------------------------------------------------
@@ -211,6 +286,32 @@ int gdn_conv_update(const __nv_bfloat16* x, long long ldx, const __nv_bfloat16* 
     case 4: gdn_conv_update_kernel<4><<<blocks, 256, 0, stream>>>(x, ldx, weight, state, slots, context_lens, out, rows, channels); break;
     default: return kUnsupportedShape;
   }
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+// Prefill conv: outputs, then (with a state cache and slots) the new states.
+int gdn_conv_prefill(const __nv_bfloat16* x, long long ldx, const __nv_bfloat16* weight, __nv_bfloat16* state,
+                     const long long* slots, const int* context_lens, const int* offsets, int seqs,
+                     __nv_bfloat16* out, int tokens, int channels, int kernel_width, cudaStream_t stream) {
+  if (tokens == 0) return kOk;
+  if (seqs < 1 || (state != nullptr && (slots == nullptr || context_lens == nullptr))) return kUnsupportedShape;
+  const int blocks = static_cast<int>((static_cast<long long>(tokens) * channels + 255) / 256);
+  const int state_blocks = static_cast<int>((static_cast<long long>(seqs) * channels + 255) / 256);
+  const bool update = state != nullptr && slots != nullptr;
+#define ADAQ_GDN_CONV_PREFILL(KC)                                                                                 \
+  gdn_conv_prefill_kernel<KC><<<blocks, 256, 0, stream>>>(x, ldx, weight, state, slots, context_lens, offsets,    \
+                                                          seqs, out, tokens, channels);                          \
+  if (update)                                                                                                     \
+    gdn_conv_prefill_state_kernel<KC><<<state_blocks, 256, 0, stream>>>(x, ldx, state, slots, context_lens,       \
+                                                                        offsets, seqs, channels);                 \
+  break;
+  switch (kernel_width) {
+    case 2: ADAQ_GDN_CONV_PREFILL(2)
+    case 3: ADAQ_GDN_CONV_PREFILL(3)
+    case 4: ADAQ_GDN_CONV_PREFILL(4)
+    default: return kUnsupportedShape;
+  }
+#undef ADAQ_GDN_CONV_PREFILL
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 

@@ -258,6 +258,80 @@ __global__ void moe_combine_kernel(const __nv_bfloat16* __restrict__ y, const __
   out[i] = __float2bfloat16_rn(acc);
 }
 
+// The grouped mid path's piece table straight from the expert-sorted slots (prefill_moe_mid): what
+// ops.split_groups(align_rows_sorted(ids)) builds in ~35 small torch ops, whose host launches were most of the
+// path's ~0.6 ms floor per MoE layer at 16-128 tokens (session 10's sweep: 0.58 ms where the three decode launches
+// take 0.17). Piece j of expert e covers sorted rows [first_e + j * max_rows, min(first_e + (j + 1) * max_rows,
+// first_{e+1})); pieces are numbered in ascending expert order; pieces past the count are empty at `rows` and
+// belong to the last expert, exactly as the torch form leaves them, so both forms give the same tables.
+// One block: each thread binary-searches its experts' first rows in the sorted ids (no atomics, so nothing to
+// reorder), scans a contiguous run of experts' piece counts, the block scans the thread totals (warp shuffles,
+// then the warp sums), and each expert writes its own pieces.
+constexpr int kPieceThreads = 1024;
+constexpr int kMaxPieceExperts = 2048;
+
+__global__ void __launch_bounds__(kPieceThreads) moe_piece_table_kernel(
+    const int* __restrict__ sorted_ids, int rows, int experts, int max_rows, int bound, int* __restrict__ offsets,
+    int* __restrict__ group_expert, int* __restrict__ num_groups) {
+  __shared__ int first_row[kMaxPieceExperts + 1];
+  __shared__ int piece_end[kMaxPieceExperts];  // inclusive scan of the piece counts
+  __shared__ int warp_sums[kPieceThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int e = tid; e <= experts; e += blockDim.x) {
+    int lo = 0, hi = rows;  // the first row whose expert is >= e
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (sorted_ids[mid] < e) lo = mid + 1; else hi = mid;
+    }
+    first_row[e] = lo;
+  }
+  __syncthreads();
+  const int per = (experts + blockDim.x - 1) / blockDim.x;
+  const int begin = min(tid * per, experts), end = min(begin + per, experts);
+  int local = 0;
+  for (int e = begin; e < end; ++e) {
+    local += (first_row[e + 1] - first_row[e] + max_rows - 1) / max_rows;
+    piece_end[e] = local;
+  }
+  int inclusive = local;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int up = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += up;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    int sum = lane < warps ? warp_sums[lane] : 0;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, sum, d);
+      if (lane >= d) sum += up;
+    }
+    if (lane < warps) warp_sums[lane] = sum;
+  }
+  __syncthreads();
+  const int before = (warp > 0 ? warp_sums[warp - 1] : 0) + inclusive - local;
+  for (int e = begin; e < end; ++e) piece_end[e] += before;
+  __syncthreads();
+  const int total = piece_end[experts - 1];
+  for (int e = tid; e < experts; e += blockDim.x) {
+    const int pieces = (first_row[e + 1] - first_row[e] + max_rows - 1) / max_rows;
+    const int first_piece = piece_end[e] - pieces;
+    for (int j = 0; j < pieces; ++j) {
+      offsets[first_piece + j] = first_row[e] + j * max_rows;
+      group_expert[first_piece + j] = e;
+    }
+  }
+  for (int p = total + tid; p < bound; p += blockDim.x) {
+    offsets[p] = rows;
+    group_expert[p] = experts - 1;
+  }
+  if (tid == 0) {
+    offsets[bound] = rows;
+    num_groups[0] = total;
+  }
+}
+
 int router_topk(const __nv_bfloat16* logits, int tokens, int experts, int top_k, bool renormalize,
                 __nv_bfloat16* weights, int* ids, cudaStream_t stream) {
   if (tokens == 0) return kOk;
@@ -270,6 +344,15 @@ int moe_align(const int* ids, int rows, int experts, int* group_offsets, int* gr
               int* num_groups, cudaStream_t stream) {
   if (experts > kMaxExperts) return kUnsupportedShape;
   moe_align_kernel<<<1, 512, 0, stream>>>(ids, rows, experts, group_offsets, group_expert, row_ids, num_groups);
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+int moe_piece_table(const int* sorted_ids, int rows, int experts, int max_rows, int* offsets, int* group_expert,
+                    int* num_groups, cudaStream_t stream) {
+  if (rows < 1 || experts < 1 || experts > kMaxPieceExperts || max_rows < 1) return kUnsupportedShape;
+  const int bound = (rows + max_rows - 1) / max_rows + experts;
+  moe_piece_table_kernel<<<1, kPieceThreads, 0, stream>>>(sorted_ids, rows, experts, max_rows, bound, offsets,
+                                                          group_expert, num_groups);
   return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
