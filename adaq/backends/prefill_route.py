@@ -3,13 +3,13 @@
 `ADAQ_PREFILL_PATH` (`--prefill-path` of run / serve / bench):
 - auto (default): the FP8 path where the GPU has an FP8 GEMM and the FP8 extension builds (sm_89 Ada, sm_90
   Hopper), the exact path elsewhere (other GPUs, or nvidia-cutlass missing).
-- fp8: the FP8 path; an error where it cannot run. M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default 64, the H100 sweep's
-  crossover with the decode kernels) through FP8 -- sm_89: the CUTLASS-generated FP8 GEMM
+- fp8: the FP8 path; an error where it cannot run. M >= `ADAQ_PREFILL_FP8_MIN_TOKENS` (default: the sweep's `fp8_min_tokens`, its
+  crossover with the decode and mid-size kernels) through FP8 -- sm_89: the CUTLASS-generated FP8 GEMM
   (adaq/kernels/generated/); sm_90: the same E4M3 operands and scales through cuBLASLt's FP8 GEMM
   (`torch._scaled_mm`, row-wise scales), because Ada's FP8 mma.sync is slow there. Roles in
   `ADAQ_PREFILL_FP8_EXCLUDE` (default down_proj, whose heavy-tailed input costs most of the accuracy) take the exact
   path. Cost on the real Gemma3-270M: +0.47 % perplexity (docs/KERNELS.md). Fewer rows: decode kernels.
-- exact: M >= `exact_min_tokens()` rows (128, the H100 sweep's crossover with the decode kernels): the layer's NVFP4
+- exact: M >= `exact_min_tokens()` rows (the sweep's crossover with the decode and mid-size kernels): the layer's NVFP4
   weight dequantized into one reused bf16 workspace per device (ops.nvfp4_dequantize: e2m1 x block_scale, exact in
   bf16), cuBLAS bf16 GEMM, 1/global_scale applied as the GEMM's fp32 alpha before its single bf16 rounding; fewer
   rows: the NVFP4 decode kernels (bytes-bound).
