@@ -27,7 +27,7 @@ from adaq.backends.numerics import activation, moe
 from adaq.formats import fp8_prefill
 from adaq.formats.nvfp4 import NVFP4Weight
 from adaq.kernels import fp8_gemm
-from adaq.kernels.ops import align_rows_sorted  # noqa: F401 (the exact and FP8 paths' grouping, re-exported)
+from adaq.kernels.ops import align_rows_sorted
 
 MOE_ALIGN_MAX_ROWS = 2048  # moe_align's stable placement costs O(rows^2 / threads): sort-based grouping above
 MOE_TILE_ENV = "ADAQ_PREFILL_MOE_TILE"

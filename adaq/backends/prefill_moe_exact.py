@@ -10,7 +10,7 @@ exactly (<= 6 significant bits), and the global scale multiplies the fp32 sum on
 
 GPU (`exact_moe_forward`):
 1. the fused router (moe.cu `router_topk`; Gemma 4's expert_scale applied as the decode path applies it), rows
-   (token, slot) grouped by expert with a stable sort (prefill_moe.align_rows_sorted: ascending rows within an
+   (token, slot) grouped by expert with a stable sort (ops.align_rows_sorted: ascending rows within an
    expert, every expert a group); ONE host sync per layer: the E + 1 group offsets, which the loop of GEMMs needs;
 2. the token rows gathered into expert order (bf16);
 3. per chunk of experts (as many as the workspace holds): their gate|up weights dequantized in one launch
@@ -36,9 +36,10 @@ import torch
 
 from adaq.backends.handles import ExpertsHandle
 from adaq.backends.numerics import activation, moe
-from adaq.backends.prefill_moe import align_rows_sorted, routed_weights
+from adaq.backends.prefill_moe import routed_weights
 from adaq.formats import fp8_prefill
 from adaq.formats.nvfp4 import NVFP4Weight
+from adaq.kernels.ops import align_rows_sorted
 
 # Elements of the bf16 workspace one chunk of experts may fill (128 MiB); a single expert larger than it gets its
 # own chunk. Qwen3-30B-A3B: 21 experts' gate|up (1536 x 2048) or 42 experts' down per launch.

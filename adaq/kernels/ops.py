@@ -237,16 +237,21 @@ def grouped_linear_mid(x: torch.Tensor, x_row_div: int, experts: "StackedExperts
                                   num_groups, group_expert.numel(), max_rows, out_rows, n, k, splits)
 
 
+def sort_by_expert(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (token, slot) of `ids` [T, k] in expert order, stable: (their expert ids, the row numbers), int32."""
+    sorted_ids, row_ids = torch.sort(ids.reshape(-1).int(), stable=True)
+    return sorted_ids, row_ids.int()
+
+
 def align_rows_sorted(ids: torch.Tensor, experts: int):
     """moe_align's layout from a stable sort (every expert is a group, empty ones too); no host sync:
     (offsets [E+1], group_expert [E], row_ids [rows] (ascending within an expert), num_groups [1]), int32."""
-    flat = ids.reshape(-1).int()
-    sorted_ids, row_ids = torch.sort(flat, stable=True)
+    sorted_ids, row_ids = sort_by_expert(ids)
     bounds = torch.arange(experts + 1, dtype=torch.int32, device=ids.device)
     offsets = torch.searchsorted(sorted_ids, bounds).int()
     group_expert = torch.arange(experts, dtype=torch.int32, device=ids.device)
     num_groups = torch.full((1,), experts, dtype=torch.int32, device=ids.device)
-    return offsets, group_expert, row_ids.int(), num_groups
+    return offsets, group_expert, row_ids, num_groups
 
 
 def expert_pieces_reference(ids: torch.Tensor, experts: int, max_rows: int):
@@ -258,9 +263,9 @@ def expert_pieces_reference(ids: torch.Tensor, experts: int, max_rows: int):
 def expert_pieces(ids: torch.Tensor, experts: int, max_rows: int):
     """expert_pieces_reference on the GPU: the stable sort, then the whole table in one launch (moe.cu
     moe_piece_table) instead of ~35 small ops."""
-    sorted_ids, row_ids = torch.sort(ids.reshape(-1).int(), stable=True)
+    sorted_ids, row_ids = sort_by_expert(ids)
     offsets, group_expert, num_groups = ext().moe_piece_table(sorted_ids, experts, max_rows)
-    return offsets, group_expert, row_ids.int(), num_groups
+    return offsets, group_expert, row_ids, num_groups
 
 
 def split_groups(align, rows: int, max_rows: int = MAX_DECODE_ROWS):
